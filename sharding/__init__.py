@@ -1,0 +1,1 @@
+"""The offline sharding stage: whole-slide images + spatial transcriptomics → WebDataset shards."""

@@ -1,0 +1,114 @@
+"""The cohort file: which samples to shard, with what technology and which files.
+
+```yaml
+samples:
+  - id: lung01                 # [A-Za-z0-9_-]; becomes the WebDataset key prefix
+    patient: P01
+    technology: visium         # visium | visium_hd | xenium | hest | image_only
+    slide: lung01/he.svs       # the H&E (SVS, pyramidal TIFF, OME-TIFF; PNG/JPEG for small images)
+    data: lung01/outs          # visium/visium_hd: Space Ranger outs/; xenium: the output bundle;
+                               # hest: the HEST root (st/, wsis/, metadata/); image_only: unused
+    mpp: null                  # µm/px of the slide's level 0, overriding its metadata
+    image_scale: fullres       # visium: which image `slide` is (fullres | hires | lowres)
+    bin_size_um: 2             # visium_hd: which binned output (2, 8 or 16)
+    alignment: null            # xenium: *_he_imagealignment.csv (default: found in the bundle)
+```
+Relative paths are resolved against the cohort file's folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from histotx.config import ConfigError, from_dict
+from histotx.format import FormatError, check_sample_id
+
+TECHNOLOGIES = ("visium", "visium_hd", "xenium", "hest", "image_only")
+IMAGE_SCALES = ("fullres", "hires", "lowres")
+
+
+@dataclass
+class CohortSample:
+    id: str
+    technology: str
+    slide: str | None = None
+    data: str | None = None
+    patient: str = ""
+    mpp: float | None = None
+    image_scale: str = "fullres"
+    bin_size_um: float = 2.0
+    alignment: str | None = None
+
+    def validate(self) -> None:
+        """Checks that need no file access; a sample that fails here is reported, not fatal to the cohort."""
+        try:
+            check_sample_id(self.id)
+        except FormatError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.technology not in TECHNOLOGIES:
+            raise ConfigError(
+                f"sample {self.id}: unknown technology {self.technology!r}; expected one of {', '.join(TECHNOLOGIES)}"
+            )
+        if self.image_scale not in IMAGE_SCALES:
+            raise ConfigError(f"sample {self.id}: image_scale must be one of {IMAGE_SCALES}")
+        if self.technology != "image_only" and not self.data:
+            raise ConfigError(f"sample {self.id}: technology {self.technology} needs `data:` (its output folder)")
+        if self.technology != "hest" and not self.slide:
+            raise ConfigError(f"sample {self.id}: needs `slide:` (the H&E image)")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ConfigError(f"sample {self.id}: mpp must be > 0, got {self.mpp}")
+
+    @property
+    def patient_id(self) -> str:
+        return self.patient or self.id
+
+
+@dataclass
+class Cohort:
+    path: Path
+    samples: list[CohortSample] = field(default_factory=list)
+    # Entries that could not be parsed: (index or id, message). Reported as failed samples.
+    invalid: list[tuple[str, str]] = field(default_factory=list)
+
+    def resolve(self, p: str | None) -> Path | None:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (self.path.parent / q)
+
+
+def load_cohort(path: str | Path) -> Cohort:
+    """Parse a cohort file; a malformed entry is kept as `invalid` so the other samples still run."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: cohort file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("samples"), list):
+        raise ConfigError(f"{path}: a cohort file needs a top-level `samples:` list")
+    cohort = Cohort(path=path.resolve())
+    seen: set[str] = set()
+    for i, entry in enumerate(doc["samples"]):
+        label = str(entry.get("id", f"#{i}")) if isinstance(entry, dict) else f"#{i}"
+        try:
+            if not isinstance(entry, dict):
+                raise ConfigError(f"entry {i} is not a mapping")
+            sample = from_dict(CohortSample, entry, where=f"{path}: sample {label}")
+            if sample.id in seen:
+                raise ConfigError(f"{path}: sample id {sample.id!r} appears twice")
+            seen.add(sample.id)
+            cohort.samples.append(sample)
+        except ConfigError as exc:
+            cohort.invalid.append((label, str(exc)))
+    return cohort
+
+
+def dump_cohort(samples: list[dict[str, Any]], path: str | Path) -> None:
+    from histotx.format import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump({"samples": samples}, sort_keys=False).encode())
