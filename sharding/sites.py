@@ -11,9 +11,9 @@ import scipy.sparse as sp
 class Sites:
     """Spots (Visium), bins (Visium HD), molecules (Xenium) or HEST spots, in slide level-0 pixels.
 
-    ``xy_px[i]`` is site i's centre as continuous (x, y) in level-0 pixels of the slide the sample
-    names, where pixel (0, 0) covers [0, 1)²; a 10x ``pxl_col_in_fullres`` of c is x = c + 0.5... is NOT
-    assumed: 10x/HEST coordinates are used as given (x = pxl_col, y = pxl_row) after any image scale.
+    ``xy_px[i]`` is site i's centre as continuous (x, y) in level-0 pixels of the sample's slide, pixel
+    (i, j) covering [i, i+1) × [j, j+1). 10x and HEST coordinates are taken as given (x = pxl_col,
+    y = pxl_row), scaled when the slide is a hires/lowres image.
     ``counts`` is (n_sites × n_genes) CSR; ``genes[j]`` = (symbol, ensembl id or "") of column j.
     """
 
