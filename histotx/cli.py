@@ -1,0 +1,60 @@
+"""`histotx`: one command, one subcommand per stage. Thin: parse, then call the stage."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+HistoTx: early-fusion pretraining on H&E whole-slide images + spatial transcriptomics.
+
+The pipeline, one subcommand per stage:
+  histotx synth OUT                      write a synthetic cohort in genuine file formats (demo, tests)
+  histotx shard run COHORT --out DIR     slides + Visium/Visium HD/Xenium/HEST → WebDataset shards
+  histotx shard verify DIR               re-read and check a shard set
+  histotx demo OUT                       all of the above on a small built-in cohort, end to end
+
+Run `histotx <subcommand> --help` for each stage's options.
+"""
+
+
+def _register_all(sub) -> None:
+    from sharding import cli as shard_cli
+    from histotx import synth
+
+    shard_cli.register(sub)
+    synth.register_cli(sub)
+    from histotx import demo
+
+    demo.register_cli(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histotx", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<subcommand>")
+    _register_all(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sharding.cli import normalise_argv
+
+    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:  # config errors, missing inputs: one clear line
+        logging.getLogger("histotx").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""`histotx shard ...`: shard a cohort, scan for inputs, merge parts, verify and QC a shard set."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = ("run", "scan", "merge", "verify", "qc")
+
+DESCRIPTION = """\
+Turn a cohort of H&E slides + spatial transcriptomics into WebDataset shards.
+
+  histotx shard scan DATA_DIR --out cohort.yaml      find Space Ranger / Visium HD / Xenium / HEST inputs
+  histotx shard run cohort.yaml --out shards/        tile, co-register, write shards (resumable)
+  histotx shard cohort.yaml --out shards/            (same as `run`)
+  histotx shard run cohort.yaml --out shards/ --part 3/8   one slice, e.g. a SLURM array task
+  histotx shard merge shards/                        join the parts' manifests
+  histotx shard verify shards/                       re-read everything, check checksums and schema
+  histotx shard qc shards/ --out qc/                 PNG sheets of tiles with the spots/molecules drawn
+
+Settings (defaults: 256 px tiles at 0.5 µm/px, JPEG, tissue fraction ≥ 0.25) come from --config
+YAML and key=value overrides, e.g. `mpp=0.25 tile_px=224 tiling=spots`.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("shard", help="shard a cohort into WebDataset tar files (and scan/merge/verify/qc)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="shard_cmd", metavar="{run,scan,merge,verify,qc}")
+
+    r = sub.add_parser("run", help="shard the samples of a cohort file", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("cohort", type=Path, help="cohort YAML (see `histotx shard scan`)")
+    r.add_argument("--out", type=Path, required=True, help="shard folder (created; a rerun resumes)")
+    r.add_argument("--config", type=Path, help="YAML with shard settings (sharding/config.py ShardConfig)")
+    r.add_argument("--workers", type=int, default=1, help="processes, one sample each at a time (default 1)")
+    r.add_argument("--part", help="i/n: shard only samples i, i+n, i+2n, ... (then `histotx shard merge`)")
+    r.add_argument("--vocab", type=Path, help="start from this vocab.tsv (a new cohort appends to it)")
+    r.add_argument("overrides", nargs="*", help="key=value settings, e.g. mpp=0.5 tile_px=224")
+    r.set_defaults(func=_run)
+
+    s = sub.add_parser("scan", help="find inputs under a folder and write a cohort file to edit")
+    s.add_argument("root", type=Path)
+    s.add_argument("--out", type=Path, default=Path("cohort.yaml"))
+    s.set_defaults(func=_scan)
+
+    m = sub.add_parser("merge", help="join part manifests (from --part runs) into manifest.json")
+    m.add_argument("shard_dir", type=Path)
+    m.set_defaults(func=_merge)
+
+    v = sub.add_parser("verify", help="re-read every shard: checksums, schema, counts")
+    v.add_argument("shard_dir", type=Path)
+    v.add_argument("--no-checksums", action="store_true", help="skip sha256 (faster)")
+    v.set_defaults(func=_verify)
+
+    q = sub.add_parser("qc", help="PNG contact sheets of tiles with sites drawn, per sample")
+    q.add_argument("shard_dir", type=Path)
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--per-sample", type=int, default=8)
+    q.set_defaults(func=_qc)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`histotx shard cohort.yaml ...` means `histotx shard run cohort.yaml ...`."""
+    if len(argv) >= 2 and argv[0] == "shard" and argv[1] not in SUBCOMMANDS and not argv[1].startswith("-"):
+        return ["shard", "run", *argv[1:]]
+    return argv
+
+
+def _summary_table(manifest: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="histotx shard: summary")
+    for col in ("sample", "technology", "status", "tiles", "sites kept", "dropped", "note"):
+        table.add_column(col)
+    for sid, rec in manifest["samples"].items():
+        dropped = ", ".join(f"{k}={v}" for k, v in (rec.get("dropped") or {}).items())
+        note = rec.get("error") or "; ".join(rec.get("warnings") or []) or ("resumed" if rec.get("resumed") else "")
+        table.add_row(sid, rec.get("technology", "?"), rec["status"], str(rec.get("tiles", 0)),
+                      str(rec.get("sites_kept", "")), dropped, note,
+                      style=None if rec["status"] == "ok" else "red")
+    tot = manifest["totals"]
+    console = Console(stderr=True, width=160)
+    console.print(table)
+    console.print(f"{tot['tiles']} tiles in {tot['shards']} shards ({tot['bytes'] / 1e6:.1f} MB); "
+                  f"{tot['samples_ok']} samples ok, {tot['samples_failed']} failed")
+
+
+def _run(args) -> int:
+    from tqdm import tqdm
+
+    from histotx.config import load_config
+    from sharding.config import ShardConfig
+    from sharding.pipeline import Part, run_cohort
+
+    cfg = load_config(ShardConfig, args.config, args.overrides)
+    part = Part.parse(args.part)
+    bar = tqdm(desc="samples", unit="sample", file=sys.stderr)
+
+    def progress(record: dict) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{record['sample']}: {record['status']} ({record.get('tiles', 0)} tiles)")
+
+    manifest = run_cohort(args.cohort, args.out, cfg, workers=args.workers, part=part, vocab_from=args.vocab,
+                          progress=progress)
+    bar.close()
+    _summary_table(manifest)
+    return 1 if manifest["totals"]["samples_failed"] else 0
+
+
+def _scan(args) -> int:
+    import os
+
+    from sharding.cohort import dump_cohort
+    from sharding.scan import scan
+
+    entries = scan(args.root)
+    # scan() gives paths relative to the scanned root; the cohort file's paths are relative to itself.
+    root, base = args.root.resolve(), args.out.resolve().parent
+    for e in entries:
+        for k in ("slide", "data", "alignment"):
+            if e.get(k) and not Path(e[k]).is_absolute():
+                e[k] = os.path.relpath(root / e[k], base)
+    dump_cohort(entries, args.out)
+    logging.getLogger(__name__).info("found %d samples under %s", len(entries), args.root)
+    print(f"wrote {args.out} with {len(entries)} samples; check slide paths and patients, then run "
+          f"`histotx shard run {args.out} --out SHARDS`")
+    return 0 if entries else 1
+
+
+def _merge(args) -> int:
+    from sharding.writer import merge_parts
+
+    manifest = merge_parts(args.shard_dir)
+    _summary_table(manifest)
+    return 1 if manifest["totals"]["samples_failed"] else 0
+
+
+def _verify(args) -> int:
+    from sharding.verify import verify
+
+    report = verify(args.shard_dir, checksums=not args.no_checksums)
+    for sid, n in sorted(report["per_sample"].items()):
+        print(f"{sid}\t{n} tiles")
+    print(f"{report['shards']} shards, {report['tiles']} tiles, {report['sites']} sites, "
+          f"{report['counts']:.0f} counts")
+    for p in report["problems"]:
+        print(f"PROBLEM: {p}", file=sys.stderr)
+    print("OK" if not report["problems"] else f"{len(report['problems'])} problems", file=sys.stderr)
+    return 1 if report["problems"] else 0
+
+
+def _qc(args) -> int:
+    from sharding.qc import write_qc
+
+    files = write_qc(args.shard_dir, args.out, per_sample=args.per_sample)
+    for f in files:
+        print(f)
+    return 0 if files else 1

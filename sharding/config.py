@@ -1,0 +1,39 @@
+"""Settings of a sharding run (``histotx shard run --config shard.yaml key=value ...``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from histotx.config import ConfigError
+from histotx.format import IMAGE_EXTENSIONS
+
+
+@dataclass
+class ShardConfig:
+    mpp: float = 0.5                  # µm/px of every output tile
+    tile_px: int = 256                # output tile side in px (256 px at 0.5 µm/px = 128 µm)
+    tiling: str = "grid"              # grid: tissue tiles over the whole slide; spots: one tile centred on each spot (HEST-style)
+    min_tissue_fraction: float = 0.25 # grid tiles with less tissue are skipped
+    mask_mpp: float = 8.0             # µm/px of the thumbnail the tissue mask is computed on
+    image_format: str = "jpg"         # jpg | png | webp
+    jpeg_quality: int = 90
+    shard_max_tiles: int = 1000       # a shard closes at this many tiles ...
+    shard_max_bytes: int = 512 * 1024 * 1024  # ... or this many bytes
+    max_tiles_per_sample: int = 0     # 0 = all; else a seeded random subset
+    seed: int = 0
+    qv_min: float = 20.0              # Xenium: keep molecules with qv >= qv_min
+    in_tissue_only: bool = True       # Visium/HD/HEST: drop spots that Space Ranger called out of tissue
+    mpp_tolerance: float = 0.05       # warn when the data's own pixel size and the slide's disagree by more
+    max_outside_fraction: float = 0.5 # fail a sample when more of its sites than this lie outside the slide
+    stripe_tiles: int = 16            # tiles read and resampled together along a row (each source tile decoded once)
+
+    def validate(self) -> None:
+        if self.tiling not in ("grid", "spots"):
+            raise ConfigError(f"tiling must be grid or spots, got {self.tiling!r}")
+        if self.image_format not in IMAGE_EXTENSIONS:
+            raise ConfigError(f"image_format must be one of {IMAGE_EXTENSIONS}, got {self.image_format!r}")
+        if not (self.mpp > 0 and self.tile_px >= 16):
+            raise ConfigError("mpp must be > 0 and tile_px >= 16")
+        if not 0 <= self.min_tissue_fraction <= 1:
+            raise ConfigError("min_tissue_fraction must be within [0, 1]")
+        if self.shard_max_tiles < 1 or self.stripe_tiles < 1:
+            raise ConfigError("shard_max_tiles and stripe_tiles must be >= 1")

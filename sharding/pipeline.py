@@ -1,0 +1,283 @@
+"""The sharding run: cohort → vocabulary → one worker task per sample → per-sample records → manifest.
+
+A sample that fails (bad file, empty tissue, spots off the slide, ...) is recorded with the error
+naming its file and never stops the others; the run's exit status reports it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from histotx.config import ConfigError, dump_config
+from histotx.format import VOCAB_NAME, TileSample, TranscriptGrid, encode_image_rgb, write_manifest
+from histotx.vocab import Vocab
+from sharding.cohort import Cohort, CohortSample, load_cohort
+from sharding.config import ShardConfig
+from sharding.errors import InputError
+from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
+from sharding.sites import Sites
+from sharding.slides import Slide
+from sharding.tiles import assign_sites, plan_grid, plan_spots, render_stripe, sample_subset, stripes
+from sharding.tissue import TissueMap, tissue_mask
+from sharding.writer import (
+    ShardSink, assemble_manifest, clear_sample, load_done, part_manifest_name, write_done,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Part:
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Part":
+        if not text:
+            return cls()
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError as exc:
+            raise ConfigError(f"--part must look like i/n (e.g. 0/4), got {text!r}") from exc
+        if not 0 <= i < n:
+            raise ConfigError(f"--part {text}: need 0 <= i < n")
+        return cls(i, n)
+
+    def selects(self, position: int) -> bool:
+        return position % self.count == self.index
+
+
+def build_vocab(cohort: Cohort, out_dir: Path, start_from: Path | None) -> Vocab:
+    """Append every cohort gene, in cohort order, to the existing vocabulary (ids never change).
+
+    Every part of a split run computes this over the whole cohort, so all parts agree on the ids.
+    """
+    existing = out_dir / VOCAB_NAME
+    vocab = Vocab.load_or_new(existing if existing.exists() else (start_from or existing))
+    before = len(vocab)
+    for sample in cohort.samples:
+        if sample.technology == "image_only":
+            continue
+        try:
+            vocab.extend(read_genes(sample, cohort))
+        except InputError as exc:
+            log.warning("vocabulary: skipping %s: %s", sample.id, exc)
+    vocab.save(existing)
+    log.info("vocabulary: %d genes (%d new) → %s", len(vocab), len(vocab) - before, existing)
+    return vocab
+
+
+def _vocab_id(vocab: Vocab, symbol: str, ensembl_id: str) -> int:
+    idx = vocab.lookup(symbol, ensembl_id)
+    return -1 if idx is None else idx
+
+
+def _check_pixel_size(slide: Slide, sites: Sites, cfg: ShardConfig, warnings: list[str]) -> None:
+    if sites.mpp_estimate is None or slide.mpp_source in ("data", "override"):
+        return
+    rel = abs(sites.mpp_estimate - slide.mpp) / slide.mpp
+    if rel > cfg.mpp_tolerance:
+        msg = (f"{slide.path}: the data's pixel size ({sites.mpp_estimate:.4f} µm/px) and the slide's "
+               f"({slide.mpp:.4f} µm/px, {slide.mpp_source}) differ by {rel:.1%}")
+        log.warning(msg)
+        warnings.append(msg)
+
+
+def _sites_on_slide(slide: Slide, sites: Sites, cfg: ShardConfig, data_path: str) -> np.ndarray:
+    xy = sites.xy_px
+    on = (xy[:, 0] >= 0) & (xy[:, 0] < slide.width) & (xy[:, 1] >= 0) & (xy[:, 1] < slide.height)
+    n_out = int((~on).sum())
+    if sites.n_sites and n_out > cfg.max_outside_fraction * sites.n_sites:
+        raise InputError(data_path, f"{n_out} of {sites.n_sites} sites lie outside the slide {slide.path.name} "
+                                    f"({slide.width}×{slide.height} px): wrong slide, image_scale or alignment?")
+    if n_out:
+        sites.dropped["outside_slide"] = sites.dropped.get("outside_slide", 0) + n_out
+    return on
+
+
+def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: Path,
+                 vocab: Vocab) -> dict[str, Any]:
+    """Tile one sample and write its shards; returns its completion record."""
+    t0 = time.time()
+    warnings: list[str] = []
+    spath = slide_path(sample, cohort)
+    with Slide(spath, mpp=sample.mpp, mpp_hint=slide_mpp_hint(sample, cohort)) as slide:
+        sites = read_sites(sample, cohort, ReaderOptions(qv_min=cfg.qv_min, in_tissue_only=cfg.in_tissue_only))
+        data_path = str(cohort.resolve(sample.data)) if sample.data else str(spath)
+        if sites is not None:
+            _check_pixel_size(slide, sites, cfg, warnings)
+            on_slide = _sites_on_slide(slide, sites, cfg, data_path)
+            gene_ids = np.array([_vocab_id(vocab, s, e) for s, e in sites.genes], dtype=np.int64)
+            if (gene_ids < 0).any():
+                raise InputError(data_path, "genes missing from the vocabulary (was it edited during the run?)")
+        thumb, scale = slide.thumbnail(cfg.mask_mpp)
+        tissue = TissueMap(tissue_mask(thumb), scale)
+        if cfg.tiling == "spots":
+            if sites is None or sites.footprint_shape != "disk":
+                raise InputError(data_path, "tiling=spots needs spot data (Visium or HEST), "
+                                            f"not {sample.technology}")
+            plan = plan_spots(slide, sites.xy_px[on_slide], tissue, cfg)
+        else:
+            plan = plan_grid(slide, tissue, cfg)
+        if len(plan) == 0:
+            raise InputError(spath, f"no tissue tiles: tissue covers {tissue.fraction:.1%} of the slide and no "
+                                    f"{cfg.tile_px}px tile at {cfg.mpp} µm/px reaches min_tissue_fraction="
+                                    f"{cfg.min_tissue_fraction}")
+        plan = sample_subset(plan, cfg, sample.id)
+        level = slide.best_level(cfg.mpp)
+        scale0 = plan.size0 / cfg.tile_px  # level-0 px per tile px
+        if sites is not None:
+            valid = np.flatnonzero(on_slide)
+            members = [valid[i] for i in assign_sites(plan, sites.xy_px[valid])]
+            counts = sites.counts
+        sink = ShardSink(out_dir, sample.id, cfg.shard_max_tiles, cfg.shard_max_bytes)
+        kept_sites = np.zeros(sites.n_sites if sites is not None else 0, dtype=bool)
+        total_count = 0.0
+        try:
+            for idx in stripes(plan, cfg.stripe_tiles):
+                for i, rgb in zip(idx, render_stripe(slide, level, plan, idx, cfg.tile_px)):
+                    origin = plan.origins[i]
+                    if sites is not None:
+                        rows = members[i]
+                        kept_sites[rows] = True
+                        sub = counts[rows]
+                        grid = TranscriptGrid(
+                            xy=(sites.xy_px[rows] - origin) / scale0, offsets=sub.indptr,
+                            gene=gene_ids[sub.indices], count=sub.data,
+                            footprint_um=sites.footprint_um, footprint_shape=sites.footprint_shape)
+                    else:
+                        grid = TranscriptGrid.empty()
+                    total_count += grid.total_count
+                    meta = {
+                        "sample": sample.id, "patient": sample.patient_id, "technology": sample.technology,
+                        "tile_px": cfg.tile_px, "mpp": cfg.mpp, "source_mpp": slide.mpp,
+                        "origin_level0_px": [float(origin[0]), float(origin[1])],
+                        "origin_um": [float(origin[0] * slide.mpp), float(origin[1] * slide.mpp)],
+                        "tissue_fraction": round(float(plan.tissue[i]), 4),
+                        "panel": sites.panel if sites is not None else "",
+                        "n_sites": grid.n_sites, "n_genes": int(np.unique(grid.gene).size),
+                        "total_count": grid.total_count,
+                    }
+                    image = encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality)
+                    sink.add(TileSample(f"{sample.id}__{plan.names[i]}", image, cfg.image_format, grid, meta))
+            shards = sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        n_sites = sites.n_sites if sites is not None else 0
+        dropped = dict(sites.dropped) if sites is not None else {}
+        n_kept = int(kept_sites.sum())
+        on_count = int(on_slide.sum()) if sites is not None else 0
+        if on_count - n_kept:
+            dropped["not_under_a_tile"] = on_count - n_kept
+        record = {
+            "sample": sample.id, "status": "ok", "technology": sample.technology, "patient": sample.patient_id,
+            "slide": str(spath), "slide_mpp": slide.mpp, "slide_mpp_source": slide.mpp_source,
+            "data_mpp_estimate": sites.mpp_estimate if sites is not None else None,
+            "level": level, "tiles": int(sum(s["samples"] for s in shards)), "sites_read": n_sites,
+            "sites_kept": n_kept, "dropped": dropped, "counts_kept": total_count,
+            "footprint_um": sites.footprint_um if sites is not None else None,
+            "panel": sites.panel if sites is not None else "", "warnings": warnings,
+            "seconds": round(time.time() - t0, 2), "shards": shards,
+        }
+        if sites is not None:
+            record["reader"] = sites.info
+    return record
+
+
+def _failure(sample_id: str, technology: str, exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, (InputError, ConfigError)):
+        message = str(exc)
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+        log.debug("%s failed:\n%s", sample_id, "".join(traceback.format_exception(exc)))
+    return {"sample": sample_id, "status": "failed", "technology": technology, "error": message, "tiles": 0}
+
+
+def _worker(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: str) -> dict[str, Any]:
+    """Runs in a worker process: loads the vocabulary the parent wrote, shards one sample."""
+    out = Path(out_dir)
+    try:
+        clear_sample(out, sample.id)
+        record = shard_sample(sample, cohort, cfg, out, Vocab.load(out / VOCAB_NAME))
+        write_done(out, record)
+        return record
+    except Exception as exc:  # one bad sample never stops the cohort
+        clear_sample(out, sample.id)
+        return _failure(sample.id, sample.technology, exc)
+
+
+def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int = 1, part: Part = Part(),
+               vocab_from: Path | None = None,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Shard (this part of) a cohort into ``out_dir``; resumes what an earlier run finished."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cohort = load_cohort(cohort_path)
+    config = {**asdict(cfg), "cohort": str(Path(cohort_path).resolve()),
+              "part": f"{part.index}/{part.count}" if part.count > 1 else None}
+    dump_config(cfg, out_dir / ("shard_config.yaml" if part.count == 1 else
+                                f"shard_config.part-{part.index:04d}.yaml"))
+    vocab = build_vocab(cohort, out_dir, vocab_from)
+    records: dict[str, dict[str, Any]] = {}
+    for pos, (label, message) in enumerate(cohort.invalid):
+        records[label] = {"sample": label, "status": "failed", "technology": "?", "error": message, "tiles": 0}
+    todo = []
+    for pos, sample in enumerate(cohort.samples):
+        if not part.selects(pos):
+            continue
+        done = load_done(out_dir, sample.id)
+        if done is not None:
+            done["resumed"] = True
+            records[sample.id] = done
+            if progress:
+                progress(done)
+        else:
+            todo.append(sample)
+    log.info("%d samples to shard, %d already done, %d workers", len(todo), len(records), workers)
+
+    def finish(record: dict[str, Any]) -> None:
+        records[record["sample"]] = record
+        if progress:
+            progress(record)
+
+    if workers <= 1:
+        for sample in todo:
+            clear_sample(out_dir, sample.id)
+            try:
+                record = shard_sample(sample, cohort, cfg, out_dir, vocab)
+                write_done(out_dir, record)
+            except Exception as exc:
+                clear_sample(out_dir, sample.id)
+                record = _failure(sample.id, sample.technology, exc)
+            finish(record)
+    elif todo:
+        env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+        log.debug("worker threads per process: %s", env_threads)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_worker, s, cohort, cfg, str(out_dir)): s for s in todo}
+            for fut in as_completed(futures):
+                sample = futures[fut]
+                try:
+                    finish(fut.result())
+                except BrokenProcessPool as exc:
+                    finish(_failure(sample.id, sample.technology,
+                                    RuntimeError(f"worker process died while sharding {sample.id}: {exc}")))
+    manifest = assemble_manifest(config, records)
+    if part.count == 1:
+        write_manifest(out_dir, manifest)
+    else:
+        from histotx.format import atomic_write_json
+
+        atomic_write_json(out_dir / part_manifest_name(part.index, part.count), manifest)
+    return manifest

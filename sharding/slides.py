@@ -1,0 +1,246 @@
+"""Whole-slide images, read lazily: tifffile pyramids through zarr, plain PNG/JPEG through Pillow.
+
+Aperio SVS, pyramidal TIFF (levels as SubIFDs or pages) and OME-TIFF all come through
+``tifffile``; each pyramid level is opened as a zarr array over the file so a region read decodes
+only the tiles it touches, never a whole level. µm/px comes from the file (SVS ``MPP =``, OME
+``PhysicalSizeX``, TIFF X/YResolution), can be supplied by the data (a hint) or overridden.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sharding.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_SVS_MPP = re.compile(r"\bMPP\s*=\s*([0-9.eE+-]+)")
+_PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+_PLAUSIBLE_MPP = (0.02, 100.0)  # outside this a resolution tag is a default (72 dpi), not a measurement
+_OME_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+@dataclass(frozen=True)
+class Level:
+    height: int
+    width: int
+    downsample_x: float  # level-0 px per level px
+    downsample_y: float
+
+
+def _mpp_from_tiff(tif) -> tuple[float | None, str]:
+    """µm/px of level 0 from the file's own metadata, with the name of the source."""
+    page = tif.pages[0]
+    desc = page.description or ""
+    if tif.is_svs:
+        m = _SVS_MPP.search(desc)
+        if m:
+            return float(m.group(1)), "svs:MPP"
+    if tif.is_ome and tif.ome_metadata:
+        import tifffile
+
+        meta = tifffile.xml2dict(tif.ome_metadata).get("OME", {})
+        image = meta.get("Image", {})
+        image = image[0] if isinstance(image, list) else image
+        pixels = image.get("Pixels", {})
+        size = pixels.get("PhysicalSizeX")
+        if size:
+            unit = pixels.get("PhysicalSizeXUnit", "µm")
+            if unit not in _OME_UNIT_TO_UM:
+                raise InputError(tif.filehandle.path, f"OME PhysicalSizeXUnit {unit!r} is not a length unit")
+            return float(size) * _OME_UNIT_TO_UM[unit], "ome:PhysicalSizeX"
+    tags = page.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = int(tags["ResolutionUnit"].value)
+        per_unit_um = {2: 25400.0, 3: 10000.0}.get(unit)
+        if per_unit_um and num > 0 and den > 0:
+            mpp = per_unit_um * den / num
+            if _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1]:
+                return mpp, "tiff:XResolution"
+            log.debug("%s: ignoring implausible resolution tag (%.3g µm/px)", tif.filehandle.path, mpp)
+    return None, "none"
+
+
+class Slide:
+    """A pyramid of RGB levels with a known level-0 µm/px.
+
+    ``read_region(level, x, y, w, h)`` returns an (h, w, 3) uint8 array of that level, filling the
+    part outside the image with white (background), so tiles at the border need no special case.
+    """
+
+    def __init__(self, path: str | Path, mpp: float | None = None, mpp_hint: float | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(self.path, "slide file not found")
+        self._tif = None
+        self._levels_data: list = []
+        try:
+            if self.path.suffix.lower() in _PLAIN_IMAGE_SUFFIXES:
+                file_mpp, self.mpp_source = None, "none"
+                self._open_plain()
+            else:
+                file_mpp, self.mpp_source = self._open_tiff()
+        except InputError:
+            raise
+        except Exception as exc:  # tifffile/PIL raise many types for damaged files
+            raise InputError(self.path, f"cannot open slide ({type(exc).__name__}: {exc})") from exc
+        self.file_mpp = file_mpp
+        if mpp is not None:
+            self.mpp, self.mpp_source = float(mpp), "override"
+        elif file_mpp is not None:
+            self.mpp = file_mpp
+        elif mpp_hint is not None:
+            self.mpp, self.mpp_source = float(mpp_hint), "data"
+        else:
+            raise InputError(
+                self.path,
+                "slide has no µm/px in its metadata (SVS MPP, OME PhysicalSizeX or TIFF resolution); "
+                "set `mpp:` for this sample in the cohort file",
+            )
+
+    # ------------------------------------------------------------------ opening
+    def _open_tiff(self) -> tuple[float | None, str]:
+        import tifffile
+        import zarr
+
+        tif = tifffile.TiffFile(self.path)
+        self._tif = tif
+        if not tif.series:
+            raise InputError(self.path, "TIFF holds no image series")
+        series = tif.series[0]
+        axes = series.axes
+        if axes not in ("YXS", "YX", "CYX", "SYX"):
+            raise InputError(self.path, f"unsupported slide axes {axes!r} (expected RGB YXS, CYX or grey YX)")
+        self._axes = axes
+        for i in range(len(series.levels)):
+            arr = zarr.open(series.aszarr(level=i), mode="r")
+            self._levels_data.append(arr)
+        mpp, source = _mpp_from_tiff(tif)
+        self._init_levels([self._hw(a.shape) for a in self._levels_data])
+        return mpp, source
+
+    def _open_plain(self) -> None:
+        from PIL import Image
+
+        with Image.open(self.path) as img:
+            rgb = np.asarray(img.convert("RGB"))
+        self._axes = "YXS"
+        self._levels_data = [rgb]
+        self._init_levels([rgb.shape[:2]])
+
+    def _hw(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return (shape[1], shape[2]) if self._axes in ("CYX", "SYX") else (shape[0], shape[1])
+
+    def _init_levels(self, shapes: list[tuple[int, int]]) -> None:
+        h0, w0 = shapes[0]
+        self.levels = [Level(h, w, w0 / w, h0 / h) for h, w in shapes]
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def width(self) -> int:
+        return self.levels[0].width
+
+    @property
+    def height(self) -> int:
+        return self.levels[0].height
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.levels[level].downsample_x
+
+    def best_level(self, target_mpp: float, tolerance: float = 0.01) -> int:
+        """The coarsest level still at least as fine as ``target_mpp``: downsample, never upsample."""
+        best = 0
+        for i in range(len(self.levels)):
+            if self.level_mpp(i) <= target_mpp * (1 + tolerance):
+                best = i
+        return best
+
+    # ------------------------------------------------------------------ pixels
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """(h, w, 3) uint8 of ``level`` at integer origin (x, y); outside the image is white."""
+        lv = self.levels[level]
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        data = self._levels_data[level]
+        try:
+            if self._axes in ("CYX", "SYX"):
+                patch = np.moveaxis(np.asarray(data[:, y0:y1, x0:x1]), 0, -1)
+            else:
+                patch = np.asarray(data[y0:y1, x0:x1])
+        except Exception as exc:
+            raise InputError(self.path, f"cannot decode region x={x0}..{x1} y={y0}..{y1} of level {level} "
+                                        f"({type(exc).__name__}: {exc})") from exc
+        if patch.ndim == 2:
+            patch = np.repeat(patch[..., None], 3, axis=-1)
+        if patch.shape[-1] == 4:
+            patch = patch[..., :3]
+        if patch.dtype != np.uint8:
+            patch = _to_uint8(patch)
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = patch
+        return out
+
+    def thumbnail(self, target_mpp: float) -> tuple[np.ndarray, float]:
+        """Whole slide at about ``target_mpp`` (from the coarsest adequate level); returns (rgb, level-0 px per px)."""
+        from PIL import Image
+
+        level = self.best_level(target_mpp)
+        lv = self.levels[level]
+        rgb = self.read_region(level, 0, 0, lv.width, lv.height)
+        scale = target_mpp / self.level_mpp(level)
+        if scale > 1.01:
+            size = (max(1, round(lv.width / scale)), max(1, round(lv.height / scale)))
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+        return rgb, self.width / rgb.shape[1]
+
+    def close(self) -> None:
+        if self._tif is not None:
+            self._tif.close()
+            self._tif = None
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _to_uint8(patch: np.ndarray) -> np.ndarray:
+    if np.issubdtype(patch.dtype, np.integer):
+        peak = np.iinfo(patch.dtype).max
+        return (patch.astype(np.float32) * (255.0 / peak)).round().astype(np.uint8)
+    return np.clip(patch * 255.0 if patch.max() <= 1.0 else patch, 0, 255).astype(np.uint8)
+
+
+def resample_region(slide: Slide, level: int, box_level0: tuple[float, float, float, float],
+                    out_w: int, out_h: int) -> np.ndarray:
+    """Pixels of the level-0 box (x0, y0, x1, y1) (continuous coordinates) resampled to out_w × out_h.
+
+    Reads the covering integer region of ``level`` (plus a margin for the filter) and lets Pillow
+    resample with a sub-pixel box, anti-aliased when shrinking; an integer-aligned 1:1 box is a crop.
+    """
+    from PIL import Image
+
+    lv = slide.levels[level]
+    x0, y0, x1, y1 = box_level0
+    lx0, ly0 = x0 / lv.downsample_x, y0 / lv.downsample_y
+    lx1, ly1 = x1 / lv.downsample_x, y1 / lv.downsample_y
+    if (abs((lx1 - lx0) - out_w) < 1e-6 and abs((ly1 - ly0) - out_h) < 1e-6
+            and abs(lx0 - round(lx0)) < 1e-6 and abs(ly0 - round(ly0)) < 1e-6):
+        return slide.read_region(level, round(lx0), round(ly0), out_w, out_h)
+    scale = max((lx1 - lx0) / out_w, (ly1 - ly0) / out_h)
+    margin = int(math.ceil(2 * max(scale, 1.0))) + 1
+    rx, ry = int(math.floor(lx0)) - margin, int(math.floor(ly0)) - margin
+    rw, rh = int(math.ceil(lx1)) + margin - rx, int(math.ceil(ly1)) + margin - ry
+    region = slide.read_region(level, rx, ry, rw, rh)
+    img = Image.fromarray(region)
+    box = (lx0 - rx, ly0 - ry, lx1 - rx, ly1 - ry)
+    return np.asarray(img.resize((out_w, out_h), Image.Resampling.LANCZOS, box=box))

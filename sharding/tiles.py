@@ -1,0 +1,112 @@
+"""Which tiles to cut, which sites fall under each, and the pixels of each tile.
+
+Tiles live on level-0 pixels: a tile of ``tile_px`` px at ``mpp`` µm/px spans
+``size0 = tile_px · mpp / slide.mpp`` level-0 px. A site at level-0 (x, y) lands in the tile with
+origin (ox, oy) at tile px ((x − ox) / s, (y − oy) / s) with s = size0 / tile_px — the same map the
+resampler uses, so positions and pixels agree to sub-pixel precision.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from sharding.config import ShardConfig
+from sharding.slides import Slide, resample_region
+from sharding.tissue import TissueMap
+
+
+@dataclass
+class TilePlan:
+    names: list[str]       # key suffixes, e.g. r00012_c00040 or spot000123
+    origins: np.ndarray    # (n, 2) float64 level-0 (x, y) of each tile's top-left corner
+    rows: np.ndarray       # (n,) grid row, or -1 for spot-centred tiles (never stitched into stripes)
+    cols: np.ndarray
+    tissue: np.ndarray     # (n,) tissue fraction
+    size0: float           # tile side in level-0 px
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, idx: np.ndarray) -> "TilePlan":
+        idx = np.sort(np.asarray(idx, dtype=np.int64))
+        return TilePlan([self.names[i] for i in idx], self.origins[idx], self.rows[idx], self.cols[idx],
+                        self.tissue[idx], self.size0)
+
+
+def tile_size_level0(slide: Slide, cfg: ShardConfig) -> float:
+    return cfg.tile_px * cfg.mpp / slide.mpp
+
+
+def plan_grid(slide: Slide, tissue: TissueMap, cfg: ShardConfig) -> TilePlan:
+    """Complete tiles of a regular grid over the whole slide, kept where tissue covers enough."""
+    size0 = tile_size_level0(slide, cfg)
+    n_cols, n_rows = int(slide.width // size0), int(slide.height // size0)
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), max(n_cols, 1))
+    x0, y0 = cols * size0, rows * size0
+    frac = tissue.box_fraction(x0, y0, x0 + size0, y0 + size0)
+    keep = frac >= max(cfg.min_tissue_fraction, 1e-9)
+    rows, cols = rows[keep], cols[keep]
+    names = [f"r{r:05d}_c{c:05d}" for r, c in zip(rows, cols)]
+    return TilePlan(names, np.stack([cols * size0, rows * size0], 1).astype(np.float64), rows, cols,
+                    frac[keep], size0)
+
+
+def plan_spots(slide: Slide, site_xy: np.ndarray, tissue: TissueMap, cfg: ShardConfig) -> TilePlan:
+    """One tile centred on each site (HEST-style patches), kept when the tile holds enough tissue."""
+    size0 = tile_size_level0(slide, cfg)
+    origins = np.asarray(site_xy, dtype=np.float64) - size0 / 2
+    frac = tissue.box_fraction(origins[:, 0], origins[:, 1], origins[:, 0] + size0, origins[:, 1] + size0)
+    keep = np.flatnonzero(frac >= cfg.min_tissue_fraction)
+    minus = -np.ones(len(keep), dtype=np.int64)
+    return TilePlan([f"spot{i:06d}" for i in keep], origins[keep], minus, minus, frac[keep], size0)
+
+
+def sample_subset(plan: TilePlan, cfg: ShardConfig, sample_id: str) -> TilePlan:
+    """A seeded random subset of tiles when ``max_tiles_per_sample`` is set (same seed → same tiles)."""
+    if not cfg.max_tiles_per_sample or len(plan) <= cfg.max_tiles_per_sample:
+        return plan
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(sample_id.encode())])
+    return plan.subset(rng.choice(len(plan), cfg.max_tiles_per_sample, replace=False))
+
+
+def assign_sites(plan: TilePlan, site_xy: np.ndarray) -> list[np.ndarray]:
+    """For each tile, the indices of the sites whose centre lies in [ox, ox+size0) × [oy, oy+size0)."""
+    if len(plan) == 0 or len(site_xy) == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(len(plan))]
+    half = plan.size0 / 2
+    tree = cKDTree(site_xy)
+    out = []
+    for origin, cand in zip(plan.origins, tree.query_ball_point(plan.origins + half, r=half, p=np.inf)):
+        cand = np.asarray(sorted(cand), dtype=np.int64)
+        if cand.size:
+            rel = site_xy[cand] - origin
+            inside = (rel[:, 0] >= 0) & (rel[:, 0] < plan.size0) & (rel[:, 1] >= 0) & (rel[:, 1] < plan.size0)
+            cand = cand[inside]
+        out.append(cand)
+    return out
+
+
+def stripes(plan: TilePlan, max_tiles: int) -> Iterator[np.ndarray]:
+    """Runs of neighbouring grid tiles in one row (≤ max_tiles): read and resampled as one region."""
+    start = 0
+    n = len(plan)
+    while start < n:
+        end = start + 1
+        if plan.rows[start] >= 0:
+            while (end < n and end - start < max_tiles and plan.rows[end] == plan.rows[start]
+                   and plan.cols[end] == plan.cols[end - 1] + 1):
+                end += 1
+        yield np.arange(start, end)
+        start = end
+
+
+def render_stripe(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_px: int) -> list[np.ndarray]:
+    """Pixels of the tiles ``idx`` (one stripe), each (tile_px, tile_px, 3) uint8."""
+    ox, oy = plan.origins[idx[0]]
+    box = (ox, oy, ox + len(idx) * plan.size0, oy + plan.size0)
+    strip = resample_region(slide, level, box, len(idx) * tile_px, tile_px)
+    return [strip[:, i * tile_px : (i + 1) * tile_px] for i in range(len(idx))]

@@ -1,0 +1,82 @@
+"""Re-read a shard set end to end: checksums, schema, counts, key uniqueness, positions, vocabulary ids."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from histotx.format import FormatError, TileSample, decode_image_rgb, decode_sample, read_manifest, sha256_file
+from histotx.vocab import Vocab
+
+
+def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Raw members of each sample of one shard (bytes; nothing decoded, nothing unpickled)."""
+    import webdataset as wds
+
+    yield from wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+
+
+def check_tile(sample: TileSample, vocab_size: int) -> list[str]:
+    problems = []
+    meta, grid = sample.meta, sample.grid
+    rgb = decode_image_rgb(sample.image)
+    if rgb.shape != (meta["tile_px"], meta["tile_px"], 3):
+        problems.append(f"image is {rgb.shape}, metadata says {meta['tile_px']} px")
+    if grid.n_sites and (grid.xy.min() < 0 or grid.xy.max() >= meta["tile_px"]):
+        problems.append("a site lies outside the tile")
+    if grid.gene.size and grid.gene.max() >= vocab_size:
+        problems.append(f"gene id {int(grid.gene.max())} beyond the vocabulary ({vocab_size})")
+    if meta["n_sites"] != grid.n_sites:
+        problems.append("metadata n_sites disagrees with the grid")
+    if not sample.key.startswith(f"{meta['sample']}__"):
+        problems.append("key does not start with its sample id")
+    return problems
+
+
+def verify(shard_dir: Path, checksums: bool = True) -> dict[str, Any]:
+    """Returns {"shards": n, "tiles": n, "sites": n, "counts": x, "per_sample": {...}, "problems": [...]}."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    vocab = Vocab.load(shard_dir / manifest["vocab"])
+    problems: list[str] = []
+    keys: Counter[str] = Counter()
+    per_sample: Counter[str] = Counter()
+    n_sites, counts = 0, 0.0
+    for entry in manifest["shards"]:
+        path = shard_dir / entry["name"]
+        if not path.exists():
+            problems.append(f"{path}: missing")
+            continue
+        if path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        if checksums and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+        seen = 0
+        try:
+            for members in iter_shard(path):
+                seen += 1
+                try:
+                    sample = decode_sample(members)
+                    for p in check_tile(sample, len(vocab)):
+                        problems.append(f"{path}: {sample.key}: {p}")
+                except (FormatError, OSError, ValueError) as exc:
+                    problems.append(f"{path}: {members.get('__key__')}: {exc}")
+                    continue
+                keys[sample.key] += 1
+                per_sample[sample.meta["sample"]] += 1
+                n_sites += sample.grid.n_sites
+                counts += sample.grid.total_count
+        except Exception as exc:  # a damaged tar
+            problems.append(f"{path}: unreadable after {seen} samples ({type(exc).__name__}: {exc})")
+        if seen != entry["samples"]:
+            problems.append(f"{path}: {seen} samples, manifest says {entry['samples']}")
+    dups = [k for k, c in keys.items() if c > 1]
+    if dups:
+        problems.append(f"{len(dups)} duplicate keys, e.g. {dups[:3]}")
+    for sid, rec in manifest["samples"].items():
+        if rec.get("status") == "ok" and per_sample.get(sid, 0) != rec.get("tiles"):
+            problems.append(f"sample {sid}: {per_sample.get(sid, 0)} tiles in shards, manifest says {rec.get('tiles')}")
+    return {"shards": len(manifest["shards"]), "tiles": sum(keys.values()), "sites": n_sites, "counts": counts,
+            "per_sample": dict(per_sample), "problems": problems}

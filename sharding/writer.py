@@ -1,0 +1,177 @@
+"""Shards on disk: crash-safe writing, per-sample completion records, manifests, merging parts.
+
+Each sample writes its own shards ``{sample}.{k:05d}.tar``, each first as a hidden temporary file
+renamed when complete. When all of a sample's shards are in place, ``.done/{sample}.json`` records
+them (atomically). A rerun skips samples whose record and shards are intact and redoes the others
+from scratch after removing their leftovers; since tiling is deterministic, a run killed at any
+point and rerun yields exactly the tiles of an uninterrupted run, none lost, none twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from histotx.format import (
+    MANIFEST_NAME,
+    atomic_write_json,
+    encode_sample,
+    new_manifest,
+    sha256_file,
+    TileSample,
+    write_manifest,
+)
+
+DONE_DIR = ".done"
+_FAULT_ENV = "HISTOTX_FAULT_AFTER_TILES"  # fault injection for the crash tests: SIGKILL self after N tiles
+
+
+def shard_name(sample_id: str, index: int) -> str:
+    return f"{sample_id}.{index:05d}.tar"
+
+
+class ShardSink:
+    """Writes one sample's tiles into size-bounded shards, each renamed into place when closed."""
+
+    def __init__(self, out_dir: Path, sample_id: str, max_tiles: int, max_bytes: int) -> None:
+        self.out_dir, self.sample_id = Path(out_dir), sample_id
+        self.max_tiles, self.max_bytes = max_tiles, max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._writer = None
+        self._fh = None
+        self._count = 0
+        self._fault_after = int(os.environ.get(_FAULT_ENV, "0") or 0)
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        name = shard_name(self.sample_id, len(self.shards))
+        self._tmp = self.out_dir / f".{name}.tmp"
+        self._fh = open(self._tmp, "wb")
+        # mtime fixed: the same tiles give byte-identical shards (and checksums) on every run.
+        self._writer = wds.TarWriter(self._fh, encoder=False, mtime=0.0)
+        self._name = name
+        self._count = 0
+
+    def add(self, sample: TileSample) -> None:
+        if self._writer is None:
+            self._open()
+        self._writer.write(encode_sample(sample))
+        self._count += 1
+        if self._fault_after:
+            self._fault_after -= 1
+            if self._fault_after == 0:
+                self._fh.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        if self._count >= self.max_tiles or self._fh.tell() >= self.max_bytes:
+            self._close_current()
+
+    def _close_current(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()  # also closes the file object
+        final = self.out_dir / self._name
+        with open(self._tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self._tmp, final)
+        self.shards.append({"name": self._name, "samples": self._count, "bytes": final.stat().st_size,
+                            "sha256": sha256_file(final), "sample_id": self.sample_id})
+        self._writer = self._fh = None
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close_current()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                Path(self._tmp).unlink(missing_ok=True)
+                self._writer = self._fh = None
+
+
+def done_path(out_dir: Path, sample_id: str) -> Path:
+    return Path(out_dir) / DONE_DIR / f"{sample_id}.json"
+
+
+def write_done(out_dir: Path, record: dict[str, Any]) -> None:
+    (Path(out_dir) / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(done_path(out_dir, record["sample"]), record)
+
+
+def load_done(out_dir: Path, sample_id: str) -> dict[str, Any] | None:
+    """The completion record of a sample if it and all its shards are intact, else None."""
+    path = done_path(out_dir, sample_id)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        return None
+    for shard in record.get("shards", []):
+        f = Path(out_dir) / shard["name"]
+        if not f.exists() or f.stat().st_size != shard["bytes"]:
+            return None
+    return record
+
+
+def clear_sample(out_dir: Path, sample_id: str) -> int:
+    """Remove a sample's leftovers (shards, temporaries, record) before it is redone; returns files removed."""
+    out_dir = Path(out_dir)
+    victims = list(out_dir.glob(f"{sample_id}.*.tar")) + list(out_dir.glob(f".{sample_id}.*.tar.tmp"))
+    victims.append(done_path(out_dir, sample_id))
+    removed = 0
+    for f in victims:
+        if f.exists():
+            f.unlink()
+            removed += 1
+    return removed
+
+
+def part_manifest_name(part: int, n_parts: int) -> str:
+    return f"manifest.part-{part:04d}-of-{n_parts:04d}.json"
+
+
+def assemble_manifest(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Manifest from per-sample records (completed and failed)."""
+    shards = [s for r in records.values() for s in r.get("shards", [])]
+    samples = {sid: {k: v for k, v in r.items() if k not in ("shards", "sample")} for sid, r in records.items()}
+    return new_manifest(config, shards, samples)
+
+
+def merge_parts(out_dir: Path) -> dict[str, Any]:
+    """Join ``manifest.part-*-of-N.json`` into ``manifest.json``; every part must be present and agree."""
+    out_dir = Path(out_dir)
+    parts = sorted(out_dir.glob("manifest.part-*-of-*.json"))
+    if not parts:
+        raise FileNotFoundError(f"{out_dir}: no part manifests (manifest.part-XXXX-of-NNNN.json) to merge")
+    docs = [json.loads(p.read_text()) for p in parts]
+    totals = {int(p.name.split("-of-")[1].split(".")[0]) for p in parts}
+    if len(totals) != 1:
+        raise ValueError(f"{out_dir}: part manifests of different splits {sorted(totals)}; remove stale ones")
+    n_parts = totals.pop()
+    have = {int(p.name.split("part-")[1].split("-of")[0]) for p in parts}
+    missing = sorted(set(range(n_parts)) - have)
+    if missing:
+        raise ValueError(f"{out_dir}: parts {missing} of {n_parts} have not finished (no manifest yet)")
+    base = {k: v for k, v in docs[0]["config"].items() if k != "part"}
+    for p, d in zip(parts, docs):
+        if {k: v for k, v in d["config"].items() if k != "part"} != base:
+            raise ValueError(f"{p}: was made with a different config than {parts[0].name}")
+    records: dict[str, dict[str, Any]] = {}
+    shards = []
+    for d in docs:
+        shards += d["shards"]
+        records.update(d["samples"])
+    manifest = new_manifest(dict(base, part=None), shards, records)
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+__all__ = [
+    "ShardSink", "shard_name", "write_done", "load_done", "clear_sample", "assemble_manifest", "merge_parts",
+    "part_manifest_name", "MANIFEST_NAME",
+]
