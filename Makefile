@@ -1,0 +1,25 @@
+# Two commands do all set-up on a bare machine (Python 3.11):
+#   make demo   – create .venv, install HistoTx, run the pipeline end to end on a small synthetic cohort
+#   make test   – create .venv, install HistoTx with test extras, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH = torch==2.14.1 torchvision==0.29.1
+BIN = $(VENV)/bin
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(TORCH) -e '.[dev]'
+	$(BIN)/pip install -q --no-deps xformers
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/histotx demo out/demo
+
+test: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+.PHONY: install demo test
