@@ -131,7 +131,7 @@ def encode_grid(grid: TranscriptGrid, codec=None) -> bytes:
     payloads, arrays = [], {}
     for name, dtype in _GRID_ARRAYS.items():
         arr = np.ascontiguousarray(getattr(grid, name), dtype=dtype)
-        buf = bytes(codec.encode(arr))
+        buf = bytes(codec.encode(arr)) if arr.size else b""  # blosc cannot round-trip empty buffers
         arrays[name] = {"dtype": np.dtype(dtype).str, "shape": list(arr.shape), "nbytes": len(buf)}
         payloads.append(buf)
     header = {
@@ -165,7 +165,8 @@ def decode_grid(data: bytes) -> TranscriptGrid:
         if len(chunk) != spec["nbytes"]:
             raise FormatError(f"grid array {name!r} is truncated")
         pos += spec["nbytes"]
-        out[name] = np.frombuffer(codec.decode(chunk), dtype=dtype).reshape(spec["shape"])
+        raw = codec.decode(chunk) if spec["nbytes"] else b""
+        out[name] = np.frombuffer(raw, dtype=dtype).reshape(spec["shape"])
     return TranscriptGrid(footprint_um=header["footprint_um"], footprint_shape=header["footprint_shape"], **out)
 
 
