@@ -1,0 +1,1 @@
+"""The self-supervised objective: DINO/iBOT heads, losses, teacher normalisation and schedules."""
