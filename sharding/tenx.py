@@ -133,7 +133,7 @@ def read_10x_h5(path: str | Path) -> TenxMatrix:
     if len(indices) and (indices.min() < 0 or indices.max() >= n_feat):
         raise InputError(path, f"matrix/indices outside 0..{n_feat - 1}")
     check_counts(data, path, "matrix/data")
-    if n_bc == 0 or not genes or not np.any(data[np.isin(indices, np.flatnonzero(keep))] != 0):
+    if n_bc == 0 or not genes or not np.any(data[keep[indices]] != 0):
         raise InputError(path, f"empty matrix: {n_bc} barcodes, {len(genes)} genes, no non-zero gene counts")
 
     csc = sp.csc_matrix((data.astype(np.float32), indices, indptr), shape=(n_feat, n_bc))

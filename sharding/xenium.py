@@ -30,6 +30,7 @@ CONTROL_PREFIXES = (
     "Intergenic", "antisense_",
 )
 COLUMNS = ("feature_name", "x_location", "y_location", "qv")
+OPTIONAL_COLUMNS = ("is_gene",)  # Xenium ≥ 2: False for control probes and codewords
 TRANSCRIPT_FILES = ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv")
 
 
@@ -67,8 +68,8 @@ def _csv_header(path: Path) -> list[str]:
         raise InputError(path, f"unreadable transcripts file ({exc})") from exc
 
 
-def _read_columns(path: Path, columns: tuple[str, ...]) -> pa.Table:
-    """Only the needed columns; cell_id (int or string), z, etc. are never parsed."""
+def _read_columns(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> pa.Table:
+    """Only the needed columns (and the optional ones present); cell_id (int or string), z, etc. are never parsed."""
     try:
         names = pq.read_schema(path).names if path.suffix == ".parquet" else _csv_header(path)
     except (OSError, pa.ArrowException) as exc:
@@ -76,6 +77,7 @@ def _read_columns(path: Path, columns: tuple[str, ...]) -> pa.Table:
     missing = [c for c in columns if c not in names]
     if missing:
         raise InputError(path, f"transcripts file lacks columns {missing} (has {names})")
+    columns = columns + tuple(c for c in optional if c in names)
     try:
         if path.suffix == ".parquet":
             return pq.read_table(path, columns=list(columns))
@@ -86,8 +88,12 @@ def _read_columns(path: Path, columns: tuple[str, ...]) -> pa.Table:
         raise InputError(path, f"unreadable transcripts file ({exc})") from exc
 
 
-def _feature_codes(table: pa.Table, path: Path) -> tuple[list[str], np.ndarray]:
-    """Dictionary of feature names and one code per molecule (parquet may store names as binary)."""
+def _panel(table: pa.Table, path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Feature names, one code per molecule, and which codes are controls.
+
+    A control is a feature with a control prefix or, where the file has ``is_gene``, one flagged as
+    not a gene. Parquet may store names as binary.
+    """
     col = table.column("feature_name")
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
@@ -96,7 +102,12 @@ def _feature_codes(table: pa.Table, path: Path) -> tuple[list[str], np.ndarray]:
     if col.null_count:
         raise InputError(path, f"feature_name is empty in {col.null_count} rows")
     enc = pc.dictionary_encode(col).combine_chunks()
-    return [str(n) for n in enc.dictionary.to_pylist()], enc.indices.to_numpy(zero_copy_only=False)
+    names = [str(n) for n in enc.dictionary.to_pylist()]
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    control = np.array([is_control(n) for n in names], dtype=bool)
+    if "is_gene" in table.column_names:
+        control[np.unique(codes[~_is_gene(table, path)])] = True
+    return names, codes, control
 
 
 def _floats(table: pa.Table, name: str, path: Path) -> np.ndarray:
@@ -104,6 +115,16 @@ def _floats(table: pa.Table, name: str, path: Path) -> np.ndarray:
         return table.column(name).cast(pa.float64()).to_numpy().astype(np.float64, copy=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise InputError(path, f"column {name} is not numeric ({exc})") from exc
+
+
+def _is_gene(table: pa.Table, path: Path) -> np.ndarray:
+    col = table.column("is_gene")
+    if pa.types.is_string(col.type):  # csv: "True"/"False"
+        return np.isin(np.char.lower(col.to_numpy(zero_copy_only=False).astype(str)), ["true", "1"])
+    try:
+        return col.cast(pa.bool_()).to_numpy(zero_copy_only=False).astype(bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InputError(path, f"column is_gene is not boolean ({exc})") from exc
 
 
 def find_alignment(bundle: Path, explicit: Path | None) -> Path | None:
@@ -152,31 +173,36 @@ def morphology_um_to_he_px(xy_um: np.ndarray, pixel_size: float, m: np.ndarray |
     return morph @ inv[:2, :2].T + inv[:2, 2]
 
 
+def _genes(names: list[str], control_code: np.ndarray) -> list[tuple[str, str]]:
+    """The panel's genes, sorted so that read_genes and read_sites agree whatever the file order."""
+    return [(n, "") for n in sorted(n for n, c in zip(names, control_code) if not c)]
+
+
 def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.0) -> Sites:
     exp = read_experiment(bundle)
     pixel_size = float(exp["pixel_size"])
     align_path = find_alignment(bundle, alignment)
     m = read_alignment(align_path) if align_path else None
     if m is None:
-        log.info("%s: no H&E alignment file; the slide is taken to be in the morphology frame", bundle)
+        log.warning("%s: no H&E alignment file; the slide is taken to be in the morphology frame", bundle)
 
     path = find_transcripts(bundle)
-    table = _read_columns(path, COLUMNS)
-    names, codes = _feature_codes(table, path)
+    table = _read_columns(path, COLUMNS, OPTIONAL_COLUMNS)
+    names, codes, control_code = _panel(table, path)
     x, y, qv = (_floats(table, c, path) for c in ("x_location", "y_location", "qv"))
     if len(codes) == 0:
         raise InputError(path, "no transcripts")
 
-    control = np.array([is_control(n) for n in names], dtype=bool)[codes]
+    control = control_code[codes]
     low_qv = ~control & ~(qv >= qv_min)
     no_pos = ~control & ~low_qv & ~(np.isfinite(x) & np.isfinite(y))
     keep = ~(control | low_qv | no_pos)
     dropped = {k: int(v.sum()) for k, v in (("control_probe", control), ("low_qv", low_qv), ("no_position", no_pos)) if v.any()}
 
-    genes = sorted(n for n in set(names) if not is_control(n))
+    genes = _genes(names, control_code)
     column = np.full(len(names), -1, dtype=np.int64)
     code_of = {name: i for i, name in enumerate(names)}
-    column[[code_of[g] for g in genes]] = np.arange(len(genes))
+    column[[code_of[g] for g, _ in genes]] = np.arange(len(genes))
     n = int(keep.sum())
     counts = sp.csr_matrix(
         (np.ones(n, np.float32), column[codes[keep]], np.arange(n + 1)), shape=(n, len(genes))
@@ -190,7 +216,7 @@ def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.
         "analysis_sw_version": str(exp.get("analysis_sw_version", "")),
     }
     return Sites(
-        xy_px=xy, counts=counts, genes=[(g, "") for g in genes], footprint_um=0.0, footprint_shape="point",
+        xy_px=xy, counts=counts, genes=genes, footprint_um=0.0, footprint_shape="point",
         panel=str(exp.get("panel_name", "")), dropped=dropped, mpp_estimate=he_mpp(pixel_size, m), info=info,
     )
 
@@ -203,5 +229,5 @@ def xenium_mpp_hint(bundle: Path, alignment: Path | None = None) -> float:
 
 def xenium_genes(bundle: Path) -> list[tuple[str, str]]:
     path = find_transcripts(bundle)
-    names, _ = _feature_codes(_read_columns(path, ("feature_name",)), path)
-    return [(g, "") for g in sorted(n for n in set(names) if not is_control(n))]
+    names, _, control_code = _panel(_read_columns(path, ("feature_name",), OPTIONAL_COLUMNS), path)
+    return _genes(names, control_code)

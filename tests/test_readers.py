@@ -290,6 +290,18 @@ def test_xenium_parquet_and_gzip_with_string_cell_ids(tmp_path, fmt):
     assert sites.dropped == reference.dropped
 
 
+def test_xenium_is_gene_column_marks_controls(tmp_path):
+    df = real_transcripts("sample1")
+    df["is_gene"] = ~df.feature_name.map(is_control)
+    df["feature_name"] = df.feature_name.str.replace("BLANK_", "SomeNewControl_")  # a prefix we do not know
+    bundle = copy_xenium(tmp_path, keep_csv=False)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), bundle / "transcripts.parquet")
+    sites, s, cohort = run(tmp_path, id="x", technology="xenium", slide="he.tif", data=str(bundle))
+    assert sites.dropped == {"control_probe": 5, "low_qv": 181} and sites.n_sites == 776
+    assert not any(sym.startswith("SomeNewControl_") for sym, _ in sites.genes)
+    assert read_genes(s, cohort) == sites.genes
+
+
 def affine(theta_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:
     t = np.deg2rad(theta_deg)
     return np.array([[scale * np.cos(t), -scale * np.sin(t), tx], [scale * np.sin(t), scale * np.cos(t), ty], [0, 0, 1]])

@@ -1,0 +1,100 @@
+"""`scan` drafts a cohort file from a folder of outputs; the draft loads, validates and reads."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sharding.cohort import dump_cohort, load_cohort
+from sharding.readers import read_sites, slide_path
+from sharding.scan import TODO, scan
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VISIUM = DATA / "scanpy-visium" / "visium_data" / "1.0.0"
+XENIUM = DATA / "moleculeexperiment-xenium" / "xenium_V1_FF_Mouse_Brain" / "sample1"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
+
+
+def touch(path: Path, size: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * size)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "cohort_dir"
+    shutil.copytree(VISIUM, root / "lungA" / "outs")
+    touch(root / "lungA" / "lungA_HE.svs", 100)
+    touch(root / "lungA" / "small_preview.tif", 10)  # smaller than the svs and a worse pattern
+    shutil.copytree(VISIUM, root / "lungB" / "outs")  # no slide anywhere near it
+    touch(root / "unrelated.tif")  # at the root: must not become lungB's slide
+    touch(root / "lungB_scan.svs")  # ... but one that names the sample may
+    shutil.copytree(VISIUM, root / "batch1" / "s1" / "outs")
+    shutil.copytree(VISIUM, root / "batch2" / "s1" / "outs")
+    for size in ("002", "008", "016"):  # Visium HD: only the layout matters to scan
+        touch(root / "hd1" / "outs" / "binned_outputs" / f"square_{size}um" / "filtered_feature_bc_matrix.h5")
+        touch(root / "hd1" / "outs" / "binned_outputs" / f"square_{size}um" / "spatial" / "tissue_positions.parquet")
+    touch(root / "hd1" / "outs" / "spatial" / "tissue_hires_image.png")
+    touch(root / "hd1" / "hd1.tif", 50)
+    bundle = root / "xen" / "run1__region1"
+    bundle.mkdir(parents=True)
+    shutil.copy(XENIUM / "experiment.xenium", bundle)
+    shutil.copy(XENIUM / "transcripts.csv", bundle)
+    touch(bundle / "morphology_focus.ome.tif", 1000)  # fluorescence, never the H&E
+    touch(bundle / "run1_he_image.ome.tif", 10)
+    (bundle / "run1_he_imagealignment.csv").write_text("2,0,0\n0,2,0\n0,0,1\n")
+    for hid in ("TENX01", "NCBI7"):
+        touch(root / "hest" / "st" / f"{hid}.h5ad")
+        touch(root / "hest" / "metadata" / f"{hid}.json")
+    touch(root / "hest" / "wsis" / "TENX01.tif")
+    return root
+
+
+def by_id(entries: list[dict]) -> dict[str, dict]:
+    return {e["id"]: e for e in entries}
+
+
+def test_scan_finds_every_kind(tree):
+    entries = by_id(scan(tree))
+    assert set(entries) == {"lungA", "lungB", "s1", "s1_2", "hd1", "run1_region1", "TENX01", "NCBI7"}
+    assert {k: e["technology"] for k, e in entries.items()} == {
+        "lungA": "visium", "lungB": "visium", "s1": "visium", "s1_2": "visium", "hd1": "visium_hd",
+        "run1_region1": "xenium", "TENX01": "hest", "NCBI7": "hest",
+    }
+    assert entries["lungA"]["data"] == "lungA/outs" and entries["lungA"]["slide"] == "lungA/lungA_HE.svs"
+    assert entries["lungB"]["slide"] == "lungB_scan.svs"
+    assert entries["s1"]["slide"].startswith(TODO) and "batch1/s1/outs" in entries["s1"]["slide"]
+    assert entries["hd1"]["data"] == "hd1/outs" and entries["hd1"]["bin_size_um"] == 2
+    assert entries["hd1"]["slide"] == "hd1/hd1.tif"
+    xen = entries["run1_region1"]
+    assert xen["slide"] == "xen/run1__region1/run1_he_image.ome.tif" and "alignment" not in xen  # found in the bundle
+    assert entries["TENX01"]["data"] == "hest" and "slide" not in entries["TENX01"]
+    assert entries["NCBI7"]["slide"].startswith(TODO)
+
+
+def test_scan_without_a_nearby_slide_marks_todo(tree):
+    (tree / "lungB_scan.svs").unlink()
+    lungB = by_id(scan(tree))["lungB"]
+    assert lungB["slide"] == f"{TODO}: path to the H&E slide (none found near lungB/outs)"
+
+
+def test_scanned_cohort_loads_and_reads(tree):
+    out = tree / "cohorts" / "cohort.yaml"
+    out.parent.mkdir()
+    dump_cohort(scan(tree, relative_to=out.parent), out)
+    cohort = load_cohort(out)
+    assert cohort.invalid == [] and len(cohort.samples) == 8
+    for s in cohort.samples:
+        s.validate()
+    lungA = next(s for s in cohort.samples if s.id == "lungA")
+    assert lungA.data == "../lungA/outs"
+    assert slide_path(lungA, cohort).resolve() == tree / "lungA" / "lungA_HE.svs"
+    sites = read_sites(lungA, cohort)
+    assert sites.n_sites == 100
+    tenx = next(s for s in cohort.samples if s.id == "TENX01")
+    assert slide_path(tenx, cohort).resolve() == tree / "hest" / "wsis" / "TENX01.tif"
+    xen = next(s for s in cohort.samples if s.technology == "xenium")
+    sites = read_sites(xen, cohort)
+    assert sites.n_sites == 776 and sites.info["alignment"] == "run1_he_imagealignment.csv"
