@@ -1,0 +1,355 @@
+"""The early-fusion model: one ViT stack over image patches and transcript tokens together.
+
+Each sample's sequence is ``[CLS, registers, image patches, transcript tokens]``; either modality may
+be missing per sample (no image: no patch tokens; an empty tile: no transcript tokens). The samples
+of a batch are packed into one token tensor and attend only within themselves
+(:mod:`histotx.model.attention`), so transcript-rich tiles cost what they hold, not the batch maximum.
+
+The image half is a DINOv2-style ViT whose parameters are named like timm's VisionTransformer with
+``no_embed_class=True`` (the position embedding covers patches only; CLS and registers carry none),
+so :meth:`FusedViT.image_backbone_state_dict` is a timm state dict and pathology foundation models
+load by the key map of :mod:`histotx.model.pretrained`. A sample without transcript tokens goes
+through exactly the computation of the plain image backbone. The model knows nothing of DeepSpeed:
+every parameter lives in an ``nn.Module`` used in its own forward (ZeRO-3 gathers per module).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from histotx.model.attention import BACKENDS, PackedSeq
+from histotx.model.transcripts import TranscriptBatch, TranscriptTokenizer
+from histotx.model.vit import MLP_KINDS, Block, PatchEmbed, resample_pos_grid
+
+# embed_dim, depth, num_heads, mlp, mlp_ratio (timm's convention: fc1 width = int(dim · ratio)).
+PRESETS: dict[str, tuple[int, int, int, str, float]] = {
+    "tiny": (64, 2, 4, "mlp", 4.0),  # tests
+    "S": (384, 12, 6, "mlp", 4.0),
+    "B": (768, 12, 12, "mlp", 4.0),
+    "L": (1024, 24, 16, "mlp", 4.0),  # UNI, Phikon-v2
+    "H": (1280, 32, 16, "mlp", 4.0),
+    "g": (1536, 40, 24, "swiglu", 2.66667 * 2),  # DINOv2 giant, H-optimus-0
+}
+
+BACKBONE_KEYS = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "blocks.", "norm.")
+"""Prefixes of the image backbone's parameters: a timm VisionTransformer's, head excluded."""
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+@dataclass
+class FusedViTConfig:
+    """Architecture of :class:`FusedViT`. Zero/empty architecture fields are filled from ``size``.
+
+    ``img_size`` sets the stored position-embedding grid (img_size / patch_size per side); other input
+    sizes interpolate it. ``mlp_hidden_dim`` (fc1's width) overrides ``mlp_ratio`` when set.
+    ``vocab_size`` 0 builds no transcript branch (an image-only backbone).
+    """
+
+    size: str = "tiny"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    mlp: str = ""
+    mlp_ratio: float = 0.0
+    mlp_hidden_dim: int = 0
+    qkv_bias: bool = True
+    num_registers: int = 0
+    init_values: float | None = 1e-5
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    vocab_size: int = 0
+    gene_dim: int = 0
+    attention: str = "auto"
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size not in PRESETS:
+            raise ModelConfigError(f"model size must be one of {sorted(PRESETS)}, got {self.size!r}")
+        dim, depth, heads, mlp, ratio = PRESETS[self.size]
+        self.embed_dim = self.embed_dim or dim
+        self.depth = self.depth or depth
+        self.num_heads = self.num_heads or heads
+        self.mlp = self.mlp or mlp
+        self.mlp_ratio = self.mlp_ratio or ratio
+        self.mlp_hidden_dim = self.mlp_hidden_dim or int(self.embed_dim * self.mlp_ratio)
+        self.gene_dim = self.gene_dim or self.embed_dim
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if self.embed_dim % self.num_heads:
+            problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.mlp not in MLP_KINDS:
+            problems.append(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        if self.mlp == "swiglu" and self.mlp_hidden_dim % 2:
+            problems.append(f"swiglu needs an even mlp_hidden_dim (fc1 packs two halves), got {self.mlp_hidden_dim}")
+        if self.attention not in BACKENDS:
+            problems.append(f"attention must be one of {BACKENDS}, got {self.attention!r}")
+        if self.img_size % self.patch_size:
+            problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            problems.append(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.num_registers < 0 or self.vocab_size < 0:
+            problems.append("num_registers and vocab_size must be >= 0")
+        if problems:
+            raise ModelConfigError("; ".join(problems))
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+
+@dataclass
+class FusedOutput:
+    """Final-norm outputs. ``patch`` rows of samples without an image are zeros; ``transcript`` is
+    packed in the input order, ``transcript_lengths[b]`` tokens per sample."""
+
+    cls: torch.Tensor  # (B, D)
+    registers: torch.Tensor  # (B, R, D)
+    patch: torch.Tensor  # (B, Np, D)
+    transcript: torch.Tensor  # (T, D)
+    transcript_lengths: torch.Tensor  # (B,)
+    image_present: torch.Tensor  # (B,) bool
+    grid_size: tuple[int, int] = field(default=(0, 0))
+
+
+@dataclass
+class LoadReport:
+    """What a backbone load did: checkpoint keys placed, model keys left as initialised, keys dropped."""
+
+    source: str
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    resized: list[str]
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+
+    def summary(self) -> str:
+        blocks = sum(k.startswith("blocks.") for k in self.loaded)
+        text = (f"{self.source}: loaded {len(self.loaded)} tensors ({blocks} in blocks), "
+                f"{len(self.missing)} model keys not in the checkpoint, {len(self.unexpected)} checkpoint keys unused")
+        if self.resized:
+            text += f", resized {self.resized}"
+        return text
+
+
+class FusedViT(nn.Module):
+    def __init__(self, config: FusedViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, config.num_registers, dim)) if config.num_registers else None
+        gh, gw = config.grid_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        drop = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(dim, config.num_heads, config.mlp_hidden_dim, config.mlp, config.qkv_bias,
+                  config.init_values, drop[i], config.norm_eps)
+            for i in range(config.depth)
+        ])
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.transcript = (
+            TranscriptTokenizer(config.vocab_size, config.gene_dim, dim) if config.vocab_size else None
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_registers
+
+    def pos_grid(self, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """The patch position embedding at a (gh, gw) grid, as (gh, gw, D)."""
+        pos = resample_pos_grid(self.pos_embed, self.config.grid_size, grid_hw)
+        return pos.view(grid_hw[0], grid_hw[1], -1)
+
+    def forward(
+        self,
+        images: torch.Tensor | None,
+        transcripts: TranscriptBatch | None = None,
+        image_present: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        transcript_mask: torch.Tensor | None = None,
+        image_hw: tuple[int, int] | None = None,
+    ) -> FusedOutput:
+        """Encode a batch. ``images`` (B, 3, H, W) may be None (then ``image_hw`` or ``img_size`` sets the
+        frame transcript positions refer to); ``image_present`` (B,) drops the images of some samples;
+        ``image_mask`` (B, Np) and ``transcript_mask`` (T,) mark tokens replaced by the mask tokens."""
+        dim, n_prefix = self.config.embed_dim, self.num_prefix_tokens
+        if images is not None:
+            batch_size, device = images.shape[0], images.device
+            grid = self.patch_embed.grid_size(images.shape[-2], images.shape[-1])
+        elif transcripts is not None:
+            batch_size, device = transcripts.batch_size, transcripts.xy.device
+            hw = image_hw or (self.config.img_size, self.config.img_size)
+            grid = self.patch_embed.grid_size(*hw)
+        else:
+            raise ValueError("FusedViT needs images, transcripts or both")
+        n_patches = grid[0] * grid[1]
+        if images is None:
+            present = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        elif image_present is None:
+            present = torch.ones(batch_size, dtype=torch.bool, device=device)
+        else:
+            present = image_present.to(device=device, dtype=torch.bool)
+        if transcripts is not None and transcripts.batch_size != batch_size:
+            raise ValueError(f"transcripts hold {transcripts.batch_size} samples, images {batch_size}")
+        if image_mask is not None and image_mask.shape != (batch_size, n_patches):
+            raise ValueError(f"image_mask must be ({batch_size}, {n_patches}), got {tuple(image_mask.shape)}")
+
+        pos = self.pos_grid(grid)
+        present_host = present.tolist()
+        n_present = sum(present_host)
+        parts = [self._prefix(batch_size).reshape(batch_size * n_prefix, dim)]
+        if n_present:
+            pixels = images if n_present == batch_size else images[present]
+            patches = self.patch_embed(pixels)
+            if image_mask is not None:
+                mask = image_mask if n_present == batch_size else image_mask[present]
+                patches = torch.where(mask[..., None], self.mask_token.to(patches.dtype), patches)
+            parts.append((patches + pos.view(1, n_patches, dim)).reshape(-1, dim))
+        n_tx = transcripts.n_tokens if transcripts is not None else 0
+        tx_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if n_tx:
+            if self.transcript is None:
+                raise ValueError("this model has no transcript branch (vocab_size = 0 in its config)")
+            tx_lengths = transcripts.lengths.to(device)
+            parts.append(self.transcript(transcripts, pos, self.patch_embed.patch_size, transcript_mask))
+
+        # Where each part's rows go in the packed sequence, per sample [prefix, patches?, transcripts].
+        n_image = present.long() * n_patches
+        seq_lengths = n_prefix + n_image + tx_lengths
+        start = seq_lengths.cumsum(0) - seq_lengths
+        dest = [(start[:, None] + torch.arange(n_prefix, device=device)).reshape(-1)]
+        if n_present:
+            dest.append(((start + n_prefix)[present][:, None] + torch.arange(n_patches, device=device)).reshape(-1))
+        if n_tx:
+            sample = torch.repeat_interleave(torch.arange(batch_size, device=device), tx_lengths, output_size=n_tx)
+            rank = torch.arange(n_tx, device=device) - (tx_lengths.cumsum(0) - tx_lengths)[sample]
+            dest.append((start + n_prefix + n_image)[sample] + rank)
+        dest = torch.cat(dest)
+        order = torch.empty_like(dest)
+        order[dest] = torch.arange(dest.shape[0], device=device)
+
+        seq = PackedSeq(seq_lengths.tolist(), device, self.config.attention)
+        x = torch.cat(parts)[order]
+        for block in self.blocks:
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, seq, use_reentrant=False)
+            else:
+                x = block(x, seq)
+        out = self.norm(x)[dest]  # back in the order of the parts
+
+        n_head_rows = batch_size * n_prefix
+        n_image_rows = n_present * n_patches
+        head = out[:n_head_rows].view(batch_size, n_prefix, dim)
+        image_rows = out[n_head_rows: n_head_rows + n_image_rows].view(n_present, n_patches, dim)
+        if n_present == batch_size:
+            patch = image_rows
+        else:
+            patch = out.new_zeros(batch_size, n_patches, dim).index_put((present.nonzero()[:, 0],), image_rows)
+        return FusedOutput(
+            cls=head[:, 0],
+            registers=head[:, 1:],
+            patch=patch,
+            transcript=out[n_head_rows + n_image_rows:],
+            transcript_lengths=tx_lengths,
+            image_present=present,
+            grid_size=grid,
+        )
+
+    def _prefix(self, batch_size: int) -> torch.Tensor:
+        tokens = [self.cls_token.expand(batch_size, -1, -1)]
+        if self.reg_token is not None:
+            tokens.append(self.reg_token.expand(batch_size, -1, -1))
+        return torch.cat(tokens, dim=1)
+
+    # ------------------------------------------------------------------ the image backbone as timm sees it
+
+    def image_backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The image backbone's tensors under timm VisionTransformer names (no_embed_class layout)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(BACKBONE_KEYS)}
+
+    def load_image_backbone_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        pos_grid_hw: tuple[int, int] | None = None,
+        source: str = "state dict",
+        strict: bool = True,
+    ) -> LoadReport:
+        """Load timm-layout backbone tensors (``pos_embed`` patches only, at grid ``pos_grid_hw``, by
+        default square); the position embedding is interpolated to this model's grid. Fails unless
+        every block tensor loads with its shape; with ``strict``, also on any other missing or unused key
+        (``mask_token``, absent from timm checkpoints, may be missing)."""
+        own = self.state_dict()
+        state = dict(state_dict)
+        resized = []
+        if "pos_embed" in state:
+            pos = state["pos_embed"]
+            if pos_grid_hw is None:
+                side = math.isqrt(pos.shape[1])
+                if side * side != pos.shape[1]:
+                    raise ModelConfigError(f"{source}: pos_embed has {pos.shape[1]} rows, not a square grid; "
+                                           "give its grid size")
+                pos_grid_hw = (side, side)
+            if tuple(pos_grid_hw) != self.config.grid_size:
+                state["pos_embed"] = resample_pos_grid(pos, pos_grid_hw, self.config.grid_size)
+                resized.append(f"pos_embed {tuple(pos_grid_hw)} → {self.config.grid_size}")
+        expected = [k for k in own if k.startswith(BACKBONE_KEYS) or k == "mask_token"]
+        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                      for k in expected if k in state and state[k].shape != own[k].shape]
+        missing = [k for k in expected if k not in state]
+        unexpected = sorted(k for k in state if k not in own or k not in expected)
+        block_missing = [k for k in missing if k.startswith("blocks.")]
+        if mismatched or block_missing or not any(k.startswith("blocks.") for k in state):
+            raise ModelConfigError(
+                f"{source}: the backbone's blocks did not load: "
+                + "; ".join(mismatched[:8] + [f"missing {block_missing[:8]}" if block_missing else ""]
+                            + ([] if any(k.startswith("blocks.") for k in state) else ["no blocks.* keys at all"]))
+            )
+        if strict and ([k for k in missing if k != "mask_token"] or unexpected):
+            raise ModelConfigError(f"{source}: missing {missing}, unexpected {unexpected}")
+        loadable = {k: state[k] for k in expected if k in state}
+        with torch.no_grad():
+            for k, v in loadable.items():
+                own[k].copy_(v)
+        return LoadReport(source, sorted(loadable), missing, unexpected, resized)
+
+    # ------------------------------------------------------------------ optimiser helpers
+
+    def no_weight_decay(self) -> set[str]:
+        """Names kept out of weight decay (DINOv2's rule: biases, norms, LayerScale, tokens, embeddings of position)."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in
+                ("cls_token", "reg_token", "pos_embed", "mask_token")}
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay: embeddings 0, block i → i + 1, the rest depth + 1."""
+        if name.startswith(("patch_embed.", "cls_token", "reg_token", "pos_embed", "mask_token", "transcript.")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.config.depth + 1

@@ -1,0 +1,157 @@
+"""Transcript tokens for the model: a packed batch of binned cells, and the module that embeds them.
+
+A token's value is its normalised expression vector embedded as a weighted sum of learned gene
+embeddings (``nn.EmbeddingBag`` with per-sample weights: a linear map of the sparse vector, so a
+300-gene panel and an 18,000-gene transcriptome cost the same per non-zero), then a LayerNorm (the
+number of expressed genes per cell varies by orders of magnitude between technologies) and a linear
+projection to the model width. Its position is the image's patch position embedding, bilinearly
+sampled at the cell centre, so a transcript token and the image patch under it share a position.
+A modality embedding and an embedding of the token size r (Fourier features of log r through a
+small MLP, so any r works) are added.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histotx.tokens import TranscriptCells
+
+
+@dataclass
+class TranscriptBatch:
+    """The transcript tokens of a batch, packed sample after sample.
+
+    ``lengths[b]`` tokens belong to sample b (0 allowed); token t sits at ``xy[t]`` (image pixels of
+    the model's input) and holds ``gene[offsets[t]:offsets[t+1]]`` with ``weight[...]`` (CSR with
+    T + 1 offsets, i.e. ``nn.EmbeddingBag(..., include_last_offset=True)``). All tokens of a batch
+    share one size ``resolution_um``.
+    """
+
+    lengths: torch.Tensor
+    xy: torch.Tensor
+    offsets: torch.Tensor
+    gene: torch.Tensor
+    weight: torch.Tensor
+    resolution_um: float
+
+    def __post_init__(self) -> None:
+        n = int(self.xy.shape[0])
+        if self.xy.shape != (n, 2) or self.offsets.shape != (n + 1,):
+            raise ValueError(f"xy must be (T, 2) and offsets (T + 1,), got {tuple(self.xy.shape)}, "
+                             f"{tuple(self.offsets.shape)}")
+        if self.gene.shape != self.weight.shape:
+            raise ValueError(f"gene {tuple(self.gene.shape)} and weight {tuple(self.weight.shape)} differ")
+        if self.lengths.dim() != 1:
+            raise ValueError("lengths must be one-dimensional (one entry per sample)")
+        if not self.resolution_um > 0:
+            raise ValueError(f"resolution_um must be positive, got {self.resolution_um}")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.xy.shape[0])
+
+    @classmethod
+    def collate(cls, cells: list[TranscriptCells]) -> "TranscriptBatch":
+        """Pack the tokens of a batch's tiles (one :class:`TranscriptCells` per sample, possibly empty)."""
+        if not cells:
+            raise ValueError("cannot collate an empty list of samples")
+        resolutions = {c.resolution_um for c in cells}
+        if len(resolutions) != 1:
+            raise ValueError(f"one batch must share one token resolution, got {sorted(resolutions)} µm")
+        nnz = np.concatenate([[0]] + [np.diff(c.offsets) for c in cells])
+        return cls(
+            lengths=torch.tensor([c.n_cells for c in cells], dtype=torch.long),
+            xy=torch.from_numpy(np.concatenate([c.xy for c in cells]).reshape(-1, 2)),
+            offsets=torch.from_numpy(np.cumsum(nnz)),
+            gene=torch.from_numpy(np.concatenate([c.gene for c in cells])),
+            weight=torch.from_numpy(np.concatenate([c.weight for c in cells])),
+            resolution_um=resolutions.pop(),
+        )
+
+    @classmethod
+    def empty(cls, batch_size: int, resolution_um: float = 1.0) -> "TranscriptBatch":
+        return cls.collate([TranscriptCells.empty(resolution_um)] * batch_size)
+
+    def _map(self, fn) -> "TranscriptBatch":
+        return TranscriptBatch(**{
+            f.name: fn(getattr(self, f.name)) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
+            for f in fields(self)
+        })
+
+    def to(self, device, non_blocking: bool = False) -> "TranscriptBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TranscriptBatch":
+        return self._map(lambda t: t.pin_memory())
+
+
+class ResolutionEmbedding(nn.Module):
+    """r (µm) → a D-vector: Fourier features of log r through a two-layer MLP, defined for any r > 0."""
+
+    def __init__(self, dim: int, n_frequencies: int = 8) -> None:
+        super().__init__()
+        # Periods from ~0.2 to ~25 in log-µm: resolves 2 vs 2.5 µm and still orders 2 µm vs 100 µm.
+        self.register_buffer("frequencies", 2.0 ** torch.arange(n_frequencies) / 4.0, persistent=False)
+        self.fc1 = nn.Linear(2 * n_frequencies + 1, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, resolution_um: float) -> torch.Tensor:
+        log_r = torch.full((1, 1), math.log(resolution_um), device=self.frequencies.device)
+        angles = log_r * self.frequencies
+        features = torch.cat([log_r, angles.sin(), angles.cos()], dim=-1)
+        return self.fc2(F.silu(self.fc1(features)))[0]
+
+
+class TranscriptTokenizer(nn.Module):
+    """Embeds a :class:`TranscriptBatch` into (T, D) tokens on the image's position grid."""
+
+    def __init__(self, vocab_size: int, gene_dim: int, dim: int) -> None:
+        super().__init__()
+        self.gene_embed = nn.EmbeddingBag(vocab_size, gene_dim, mode="sum", include_last_offset=True)
+        self.norm = nn.LayerNorm(gene_dim, eps=1e-6)
+        self.proj = nn.Linear(gene_dim, dim)
+        self.modality = nn.Parameter(torch.zeros(dim))
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.resolution = ResolutionEmbedding(dim)
+        nn.init.normal_(self.gene_embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.modality, std=0.02)
+
+    def forward(
+        self,
+        batch: TranscriptBatch,
+        pos_grid: torch.Tensor,
+        patch_size: int,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``pos_grid`` (gh, gw, D) is the image's patch position embedding at this input's grid;
+        ``mask`` (T,) bool replaces the value of masked tokens by a learned mask token (position kept)."""
+        if batch.n_tokens and int(batch.gene.max()) >= self.gene_embed.num_embeddings:
+            raise ValueError(f"gene id {int(batch.gene.max())} is outside the vocabulary of "
+                             f"{self.gene_embed.num_embeddings} (vocab_size in the model config)")
+        bag = self.gene_embed(batch.gene, batch.offsets, per_sample_weights=batch.weight)
+        value = self.proj(self.norm(bag))
+        if mask is not None:
+            if mask.shape != (batch.n_tokens,):
+                raise ValueError(f"transcript_mask must have shape ({batch.n_tokens},), got {tuple(mask.shape)}")
+            value = torch.where(mask[:, None], self.mask_token.to(value.dtype), value)
+        return value + self.position(batch.xy, pos_grid, patch_size) + self.modality + self.resolution(batch.resolution_um)
+
+    @staticmethod
+    def position(xy: torch.Tensor, pos_grid: torch.Tensor, patch_size: int) -> torch.Tensor:
+        """Bilinear sample of the (gh, gw, D) grid at pixel positions (T, 2); patch (i, j)'s value sits at
+        its centre ((j + ½)·p, (i + ½)·p); beyond the outer centres the border value holds."""
+        gh, gw, dim = pos_grid.shape
+        norm = xy.new_tensor([2.0 / (gw * patch_size), 2.0 / (gh * patch_size)])
+        where = (xy.float() * norm - 1.0).view(1, 1, -1, 2)
+        image = pos_grid.permute(2, 0, 1)[None].float()
+        sampled = F.grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=False)
+        return sampled.view(dim, -1).t().to(pos_grid.dtype)

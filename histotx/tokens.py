@@ -1,0 +1,196 @@
+"""Transcript tokens: a tile's sparse transcript grid binned into square cells of a chosen size.
+
+The model sees expression as tokens, one per cell of side ``resolution_um`` that holds any counts;
+the resolution may change from batch to batch (2 µm Visium HD bins, 8/16/32 µm, 55 µm spots), so
+binning happens here, per tile, in the data-loader workers. numpy only: this module must not import
+torch.
+
+Geometry: positions are tile pixels, x right and y down, pixel (0, 0) covering [0, 1)² (the
+:class:`~histotx.format.TranscriptGrid` convention). Cells tile the image from its top-left corner;
+cell (row, col) covers [col·s, (col+1)·s) × [row·s, (row+1)·s) with s = resolution_um / mpp pixels,
+cut at the image border; a token sits at the centre of its cell's part inside the image.
+
+Counts: a site whose footprint (spot disk, bin square) is wider than a cell spreads its counts over
+the cells the footprint covers, in proportion to the covered area (sampled on a regular lattice);
+the share falling outside the image is dropped, since that tissue is not in the tile. Smaller
+footprints, and molecules, go wholly to the cell holding their centre. A token's value is its
+expression normalised to a fixed total and log1p-transformed, so tokens from different
+technologies and cell sizes have comparable scales.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from histotx.format import TranscriptGrid
+
+NORMALISED_TOTAL = 1e4
+"""Each token's counts are scaled to this total before log1p (the usual scanpy target)."""
+
+MAX_SAMPLES_PER_AXIS = 64
+"""Bound on the footprint lattice (64² points per site) when spreading a large spot over small cells."""
+
+
+@dataclass
+class TranscriptCells:
+    """The transcript tokens of one tile: cell centres and each cell's normalised expression (CSR).
+
+    ``gene[offsets[i]:offsets[i+1]]`` and ``weight[...]`` are cell i's genes (vocabulary ids) and
+    log1p-normalised expression. ``resolution_um`` is the token size the model is told: the cell
+    side, or for native tokens the site footprint (at least one pixel, so molecules get a size).
+    """
+
+    xy: np.ndarray
+    offsets: np.ndarray
+    gene: np.ndarray
+    weight: np.ndarray
+    resolution_um: float
+
+    def __post_init__(self) -> None:
+        self.xy = np.ascontiguousarray(self.xy, dtype=np.float32).reshape(-1, 2)
+        self.offsets = np.ascontiguousarray(self.offsets, dtype=np.int64)
+        self.gene = np.ascontiguousarray(self.gene, dtype=np.int64)
+        self.weight = np.ascontiguousarray(self.weight, dtype=np.float32)
+        self.resolution_um = float(self.resolution_um)
+        n = self.xy.shape[0]
+        if self.offsets.shape != (n + 1,) or self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
+            raise ValueError(f"offsets must be a CSR index of {n + 1} non-decreasing entries from 0")
+        if self.gene.shape != self.weight.shape or self.gene.shape[0] != self.offsets[-1]:
+            raise ValueError(f"gene {self.gene.shape} and weight {self.weight.shape} must hold offsets[-1] entries")
+        if not self.resolution_um > 0:
+            raise ValueError(f"resolution_um must be positive, got {self.resolution_um}")
+
+    @classmethod
+    def empty(cls, resolution_um: float) -> "TranscriptCells":
+        return cls(np.zeros((0, 2)), np.zeros(1), np.zeros(0), np.zeros(0), resolution_um)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.xy.shape[0])
+
+    def select(self, keep: np.ndarray) -> "TranscriptCells":
+        """The cells where ``keep`` (bool, n_cells) is True, in their order."""
+        keep = np.asarray(keep, dtype=bool)
+        nnz = np.diff(self.offsets)[keep]
+        entries = np.repeat(keep, np.diff(self.offsets))
+        offsets = np.concatenate([[0], np.cumsum(nnz)])
+        return TranscriptCells(self.xy[keep], offsets, self.gene[entries], self.weight[entries], self.resolution_um)
+
+    def with_xy(self, xy: np.ndarray) -> "TranscriptCells":
+        return TranscriptCells(xy, self.offsets, self.gene, self.weight, self.resolution_um)
+
+    # Geometric transforms, matching what is done to the image (only the centres move).
+
+    def crop(self, x0: float, y0: float, width: float, height: float) -> "TranscriptCells":
+        """Cells whose centre lies in the crop box, in the crop's pixel frame."""
+        x, y = self.xy[:, 0] - x0, self.xy[:, 1] - y0
+        keep = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+        return self.select(keep).with_xy(np.stack([x[keep], y[keep]], axis=1))
+
+    def flip(self, image_hw: tuple[int, int], horizontal: bool) -> "TranscriptCells":
+        """As ``image[:, ::-1]`` (horizontal) or ``image[::-1]`` (vertical) on an H×W image."""
+        h, w = image_hw
+        xy = self.xy.copy()
+        if horizontal:
+            xy[:, 0] = w - xy[:, 0]
+        else:
+            xy[:, 1] = h - xy[:, 1]
+        return self.with_xy(xy)
+
+    def rot90(self, image_hw: tuple[int, int], k: int = 1) -> "TranscriptCells":
+        """As ``np.rot90(image, k)`` (counter-clockwise quarter turns) on an H×W image."""
+        h, w = image_hw
+        xy = self.xy.astype(np.float64)
+        for _ in range(k % 4):
+            xy = np.stack([xy[:, 1], w - xy[:, 0]], axis=1)
+            h, w = w, h
+        return self.with_xy(xy)
+
+    def scale(self, factor: float) -> "TranscriptCells":
+        """As resizing the image by ``factor`` (the cells keep their physical size)."""
+        return self.with_xy(self.xy * np.float32(factor))
+
+
+def _footprint_lattice(footprint_px: float, shape: str, cell_px: float) -> np.ndarray:
+    """Offsets (m, 2) of equal-area sample points covering a footprint, about 4 per cell side."""
+    k = int(min(MAX_SAMPLES_PER_AXIS, max(1, math.ceil(4 * footprint_px / cell_px))))
+    ticks = ((np.arange(k) + 0.5) / k - 0.5) * footprint_px
+    off = np.stack(np.meshgrid(ticks, ticks, indexing="xy"), axis=-1).reshape(-1, 2)
+    if shape == "disk":
+        off = off[np.hypot(off[:, 0], off[:, 1]) <= footprint_px / 2]
+        if off.shape[0] == 0:
+            off = np.zeros((1, 2))
+    return off
+
+
+def _normalise(cell_of_entry: np.ndarray, gene: np.ndarray, value: np.ndarray, n_cells: int):
+    """Sum duplicate (cell, gene) entries, drop non-positive ones, normalise each cell → CSR."""
+    ok = value > 0
+    cell_of_entry, gene, value = cell_of_entry[ok], gene[ok].astype(np.int64), value[ok].astype(np.float64)
+    n_genes = int(gene.max()) + 1 if gene.size else 1
+    key, inverse = np.unique(cell_of_entry * n_genes + gene, return_inverse=True)
+    summed = np.bincount(inverse, weights=value, minlength=key.size)
+    cell, gene = key // n_genes, key % n_genes
+    total = np.bincount(cell, weights=summed, minlength=n_cells)
+    weight = np.log1p(summed / total[cell] * NORMALISED_TOTAL)
+    occupied = np.flatnonzero(np.bincount(cell, minlength=n_cells))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells)[occupied])])
+    return occupied, offsets, gene, weight
+
+
+def _native(grid: TranscriptGrid, mpp: float, image_hw: tuple[int, int]) -> TranscriptCells:
+    h, w = image_hw
+    x, y = grid.xy[:, 0], grid.xy[:, 1]
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    site = grid.site_of_entry()
+    keep = inside[site]
+    occupied, offsets, gene, weight = _normalise(site[keep], grid.gene[keep], grid.count[keep], grid.n_sites)
+    return TranscriptCells(grid.xy[occupied], offsets, gene, weight, max(grid.footprint_um, mpp))
+
+
+def bin_grid(
+    grid: TranscriptGrid, mpp: float, resolution_um: float | None, image_hw: tuple[int, int]
+) -> TranscriptCells:
+    """Tokens of one tile at ``resolution_um`` (None: native, one token per site).
+
+    ``mpp`` is the tile's µm per pixel and ``image_hw`` its (height, width) in pixels. Cells are
+    listed row by row (y, then x); empty cells make no token.
+    """
+    if not mpp > 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if resolution_um is None:
+        return _native(grid, mpp, (h, w))
+    if not resolution_um > 0:
+        raise ValueError(f"resolution_um must be positive or None (native), got {resolution_um}")
+    side = resolution_um / mpp
+    n_cols, n_rows = max(1, math.ceil(w / side)), max(1, math.ceil(h / side))
+    n_cells = n_cols * n_rows
+
+    footprint_px = grid.footprint_um / mpp
+    if grid.footprint_shape != "point" and footprint_px > side:
+        lattice = _footprint_lattice(footprint_px, grid.footprint_shape, side)
+    else:
+        lattice = np.zeros((1, 2))
+    pts = grid.xy.astype(np.float64)[:, None, :] + lattice[None]  # (sites, m, 2)
+    inside = (pts[..., 0] >= 0) & (pts[..., 0] < w) & (pts[..., 1] >= 0) & (pts[..., 1] < h)
+    cell = (np.floor(pts[..., 1] / side) * n_cols + np.floor(pts[..., 0] / side)).astype(np.int64)
+    site = np.broadcast_to(np.arange(grid.n_sites)[:, None], cell.shape)
+    pair, n_points = np.unique(site[inside] * n_cells + cell[inside], return_counts=True)
+    pair_site, pair_cell = pair // n_cells, pair % n_cells
+    fraction = n_points / lattice.shape[0]
+
+    # Every (site, cell) pair takes the site's entries scaled by the covered fraction.
+    nnz = np.diff(grid.offsets)[pair_site]
+    pair_of_entry = np.repeat(np.arange(pair.size), nnz)
+    first = np.cumsum(nnz) - nnz
+    entry = grid.offsets[pair_site][pair_of_entry] + np.arange(pair_of_entry.size) - first[pair_of_entry]
+    value = grid.count[entry].astype(np.float64) * fraction[pair_of_entry]
+    occupied, offsets, gene, weight = _normalise(pair_cell[pair_of_entry], grid.gene[entry], value, n_cells)
+
+    row, col = occupied // n_cols, occupied % n_cols
+    cx = (col * side + np.minimum((col + 1) * side, w)) / 2
+    cy = (row * side + np.minimum((row + 1) * side, h)) / 2
+    return TranscriptCells(np.stack([cx, cy], axis=1), offsets, gene, weight, resolution_um)
