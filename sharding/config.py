@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from histotx.config import ConfigError
 from histotx.format import IMAGE_EXTENSIONS
+from sharding.slides import RESAMPLE_FILTERS
 
 
 @dataclass
@@ -24,7 +25,10 @@ class ShardConfig:
     in_tissue_only: bool = True       # Visium/HD/HEST: drop spots that Space Ranger called out of tissue
     mpp_tolerance: float = 0.05       # warn when the data's own pixel size and the slide's disagree by more
     max_outside_fraction: float = 0.5 # fail a sample when more of its sites than this lie outside the slide
-    stripe_tiles: int = 16            # tiles read and resampled together along a row (each source tile decoded once)
+    resample: str = "bilinear"        # bilinear | bicubic | lanczos | box (all anti-aliased when shrinking)
+    snap_tolerance: float = 0.02      # a pyramid level this close to `mpp` is cut 1:1 (tiles keep its exact µm/px)
+    block_rows: int = 8               # tiles read and resampled together as one region (each source tile
+    block_cols: int = 16              #   is then decoded about once)
 
     def validate(self) -> None:
         if self.tiling not in ("grid", "spots"):
@@ -35,5 +39,7 @@ class ShardConfig:
             raise ConfigError("mpp must be > 0 and tile_px >= 16")
         if not 0 <= self.min_tissue_fraction <= 1:
             raise ConfigError("min_tissue_fraction must be within [0, 1]")
-        if self.shard_max_tiles < 1 or self.stripe_tiles < 1:
-            raise ConfigError("shard_max_tiles and stripe_tiles must be >= 1")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ConfigError(f"resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}")
+        if min(self.shard_max_tiles, self.block_rows, self.block_cols) < 1:
+            raise ConfigError("shard_max_tiles, block_rows and block_cols must be >= 1")

@@ -27,7 +27,7 @@ from sharding.errors import InputError
 from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
 from sharding.sites import Sites
 from sharding.slides import Slide
-from sharding.tiles import assign_sites, plan_grid, plan_spots, render_stripe, sample_subset, stripes
+from sharding.tiles import assign_sites, blocks, plan_grid, plan_spots, render_block, sample_subset, tile_geometry
 from sharding.tissue import TissueMap, tissue_mask
 from sharding.writer import (
     ShardSink, assemble_manifest, clear_sample, load_done, part_manifest_name, write_done,
@@ -120,21 +120,21 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             gene_ids = np.array([_vocab_id(vocab, s, e) for s, e in sites.genes], dtype=np.int64)
             if (gene_ids < 0).any():
                 raise InputError(data_path, "genes missing from the vocabulary (was it edited during the run?)")
+        geom = tile_geometry(slide, cfg)
         thumb, scale = slide.thumbnail(cfg.mask_mpp)
         tissue = TissueMap(tissue_mask(thumb), scale)
         if cfg.tiling == "spots":
             if sites is None or sites.footprint_shape != "disk":
                 raise InputError(data_path, "tiling=spots needs spot data (Visium or HEST), "
                                             f"not {sample.technology}")
-            plan = plan_spots(slide, sites.xy_px[on_slide], tissue, cfg)
+            plan = plan_spots(sites.xy_px[on_slide], tissue, cfg, geom)
         else:
-            plan = plan_grid(slide, tissue, cfg)
+            plan = plan_grid(slide, tissue, cfg, geom)
         if len(plan) == 0:
             raise InputError(spath, f"no tissue tiles: tissue covers {tissue.fraction:.1%} of the slide and no "
-                                    f"{cfg.tile_px}px tile at {cfg.mpp} µm/px reaches min_tissue_fraction="
+                                    f"{cfg.tile_px}px tile at {geom.mpp:.4g} µm/px reaches min_tissue_fraction="
                                     f"{cfg.min_tissue_fraction}")
         plan = sample_subset(plan, cfg, sample.id)
-        level = slide.best_level(cfg.mpp)
         scale0 = plan.size0 / cfg.tile_px  # level-0 px per tile px
         if sites is not None:
             valid = np.flatnonzero(on_slide)
@@ -144,8 +144,8 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         kept_sites = np.zeros(sites.n_sites if sites is not None else 0, dtype=bool)
         total_count = 0.0
         try:
-            for idx in stripes(plan, cfg.stripe_tiles):
-                for i, rgb in zip(idx, render_stripe(slide, level, plan, idx, cfg.tile_px)):
+            for idx in blocks(plan, cfg.block_rows, cfg.block_cols):
+                for i, rgb in zip(idx, render_block(slide, geom, plan, idx, cfg.tile_px, cfg.resample)):
                     origin = plan.origins[i]
                     if sites is not None:
                         rows = members[i]
@@ -160,7 +160,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                     total_count += grid.total_count
                     meta = {
                         "sample": sample.id, "patient": sample.patient_id, "technology": sample.technology,
-                        "tile_px": cfg.tile_px, "mpp": cfg.mpp, "source_mpp": slide.mpp,
+                        "tile_px": cfg.tile_px, "mpp": geom.mpp, "source_mpp": slide.mpp,
                         "origin_level0_px": [float(origin[0]), float(origin[1])],
                         "origin_um": [float(origin[0] * slide.mpp), float(origin[1] * slide.mpp)],
                         "tissue_fraction": round(float(plan.tissue[i]), 4),
@@ -184,7 +184,8 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             "sample": sample.id, "status": "ok", "technology": sample.technology, "patient": sample.patient_id,
             "slide": str(spath), "slide_mpp": slide.mpp, "slide_mpp_source": slide.mpp_source,
             "data_mpp_estimate": sites.mpp_estimate if sites is not None else None,
-            "level": level, "tiles": int(sum(s["samples"] for s in shards)), "sites_read": n_sites,
+            "level": geom.level, "tile_mpp": geom.mpp, "tiles": int(sum(s["samples"] for s in shards)),
+            "sites_read": n_sites,
             "sites_kept": n_kept, "dropped": dropped, "counts_kept": total_count,
             "footprint_um": sites.footprint_um if sites is not None else None,
             "panel": sites.panel if sites is not None else "", "warnings": warnings,
@@ -264,7 +265,11 @@ def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int 
     elif todo:
         env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
         log.debug("worker threads per process: %s", env_threads)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        # forkserver: workers start clean (no inherited threads or open files) yet share the parent's
+        # imports through the preloaded server, so each does not pay seconds of imports.
+        ctx = get_context("forkserver")
+        ctx.set_forkserver_preload(["sharding.pipeline", "webdataset"])
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = {pool.submit(_worker, s, cohort, cfg, str(out_dir)): s for s in todo}
             for fut in as_completed(futures):
                 sample = futures[fut]

@@ -220,12 +220,16 @@ def _to_uint8(patch: np.ndarray) -> np.ndarray:
     return np.clip(patch * 255.0 if patch.max() <= 1.0 else patch, 0, 255).astype(np.uint8)
 
 
+RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos", "box")
+
+
 def resample_region(slide: Slide, level: int, box_level0: tuple[float, float, float, float],
-                    out_w: int, out_h: int) -> np.ndarray:
+                    out_w: int, out_h: int, resample: str = "bilinear") -> np.ndarray:
     """Pixels of the level-0 box (x0, y0, x1, y1) (continuous coordinates) resampled to out_w × out_h.
 
     Reads the covering integer region of ``level`` (plus a margin for the filter) and lets Pillow
-    resample with a sub-pixel box, anti-aliased when shrinking; an integer-aligned 1:1 box is a crop.
+    resample with a sub-pixel box; Pillow widens the filter by the shrink factor, so shrinking is
+    anti-aliased with any of ``RESAMPLE_FILTERS``. An integer-aligned 1:1 box is a plain crop.
     """
     from PIL import Image
 
@@ -243,4 +247,4 @@ def resample_region(slide: Slide, level: int, box_level0: tuple[float, float, fl
     region = slide.read_region(level, rx, ry, rw, rh)
     img = Image.fromarray(region)
     box = (lx0 - rx, ly0 - ry, lx1 - rx, ly1 - ry)
-    return np.asarray(img.resize((out_w, out_h), Image.Resampling.LANCZOS, box=box))
+    return np.asarray(img.resize((out_w, out_h), Image.Resampling[resample.upper()], box=box))

@@ -37,13 +37,25 @@ class TilePlan:
                         self.tissue[idx], self.size0)
 
 
-def tile_size_level0(slide: Slide, cfg: ShardConfig) -> float:
-    return cfg.tile_px * cfg.mpp / slide.mpp
+@dataclass(frozen=True)
+class TileGeometry:
+    level: int       # pyramid level read
+    mpp: float       # µm/px of the output tiles
+    size0: float     # tile side in level-0 px
 
 
-def plan_grid(slide: Slide, tissue: TissueMap, cfg: ShardConfig) -> TilePlan:
+def tile_geometry(slide: Slide, cfg: ShardConfig) -> TileGeometry:
+    """Read from the coarsest level at least as fine as the target; a level within ``snap_tolerance`` of the
+    target is used 1:1 (a crop, no resampling) and the tiles carry that level's exact µm/px."""
+    level = slide.best_level(cfg.mpp, tolerance=cfg.snap_tolerance)
+    level_mpp = slide.level_mpp(level)
+    mpp = level_mpp if abs(level_mpp / cfg.mpp - 1) <= cfg.snap_tolerance else cfg.mpp
+    return TileGeometry(level, mpp, cfg.tile_px * mpp / slide.mpp)
+
+
+def plan_grid(slide: Slide, tissue: TissueMap, cfg: ShardConfig, geom: TileGeometry) -> TilePlan:
     """Complete tiles of a regular grid over the whole slide, kept where tissue covers enough."""
-    size0 = tile_size_level0(slide, cfg)
+    size0 = geom.size0
     n_cols, n_rows = int(slide.width // size0), int(slide.height // size0)
     rows, cols = np.divmod(np.arange(n_rows * n_cols), max(n_cols, 1))
     x0, y0 = cols * size0, rows * size0
@@ -55,9 +67,9 @@ def plan_grid(slide: Slide, tissue: TissueMap, cfg: ShardConfig) -> TilePlan:
                     frac[keep], size0)
 
 
-def plan_spots(slide: Slide, site_xy: np.ndarray, tissue: TissueMap, cfg: ShardConfig) -> TilePlan:
+def plan_spots(site_xy: np.ndarray, tissue: TissueMap, cfg: ShardConfig, geom: TileGeometry) -> TilePlan:
     """One tile centred on each site (HEST-style patches), kept when the tile holds enough tissue."""
-    size0 = tile_size_level0(slide, cfg)
+    size0 = geom.size0
     origins = np.asarray(site_xy, dtype=np.float64) - size0 / 2
     frac = tissue.box_fraction(origins[:, 0], origins[:, 1], origins[:, 0] + size0, origins[:, 1] + size0)
     keep = np.flatnonzero(frac >= cfg.min_tissue_fraction)
@@ -90,23 +102,30 @@ def assign_sites(plan: TilePlan, site_xy: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def stripes(plan: TilePlan, max_tiles: int) -> Iterator[np.ndarray]:
-    """Runs of neighbouring grid tiles in one row (≤ max_tiles): read and resampled as one region."""
-    start = 0
-    n = len(plan)
-    while start < n:
-        end = start + 1
-        if plan.rows[start] >= 0:
-            while (end < n and end - start < max_tiles and plan.rows[end] == plan.rows[start]
-                   and plan.cols[end] == plan.cols[end - 1] + 1):
-                end += 1
-        yield np.arange(start, end)
-        start = end
+def blocks(plan: TilePlan, rows: int, cols: int) -> Iterator[np.ndarray]:
+    """Grid tiles grouped into blocks of rows × cols, each read and resampled as one region so that
+    every source tile is decoded about once; spot-centred tiles (row -1) come one by one."""
+    grid = np.flatnonzero(plan.rows >= 0)
+    for i in np.flatnonzero(plan.rows < 0):
+        yield np.array([i])
+    if grid.size:
+        block_id = (plan.rows[grid] // rows) * (1 << 32) + plan.cols[grid] // cols
+        order = np.lexsort((plan.cols[grid], plan.rows[grid], block_id))
+        ids = block_id[order]
+        for chunk in np.split(grid[order], np.flatnonzero(np.diff(ids)) + 1):
+            yield chunk
 
 
-def render_stripe(slide: Slide, level: int, plan: TilePlan, idx: np.ndarray, tile_px: int) -> list[np.ndarray]:
-    """Pixels of the tiles ``idx`` (one stripe), each (tile_px, tile_px, 3) uint8."""
-    ox, oy = plan.origins[idx[0]]
-    box = (ox, oy, ox + len(idx) * plan.size0, oy + plan.size0)
-    strip = resample_region(slide, level, box, len(idx) * tile_px, tile_px)
-    return [strip[:, i * tile_px : (i + 1) * tile_px] for i in range(len(idx))]
+def render_block(slide: Slide, geom: TileGeometry, plan: TilePlan, idx: np.ndarray, tile_px: int,
+                 resample: str = "bilinear") -> list[np.ndarray]:
+    """Pixels of the tiles ``idx`` (one block), each (tile_px, tile_px, 3) uint8."""
+    if plan.rows[idx[0]] < 0:
+        ox, oy = plan.origins[idx[0]]
+        return [resample_region(slide, geom.level, (ox, oy, ox + plan.size0, oy + plan.size0),
+                                tile_px, tile_px, resample)]
+    r0, c0 = plan.rows[idx].min(), plan.cols[idx].min()
+    nr, nc = plan.rows[idx].max() - r0 + 1, plan.cols[idx].max() - c0 + 1
+    box = (c0 * plan.size0, r0 * plan.size0, (c0 + nc) * plan.size0, (r0 + nr) * plan.size0)
+    region = resample_region(slide, geom.level, box, nc * tile_px, nr * tile_px, resample)
+    return [region[(r - r0) * tile_px : (r - r0 + 1) * tile_px, (c - c0) * tile_px : (c - c0 + 1) * tile_px]
+            for r, c in zip(plan.rows[idx], plan.cols[idx])]
