@@ -1,0 +1,1 @@
+"""Streaming training data: shards → co-registered multi-crop views → masked, packed batches."""
