@@ -52,24 +52,33 @@ def _todo(folder: Path, base: Path) -> str:
     return f"{TODO}: path to the H&E slide (none found near {_rel(folder, base)})"
 
 
-def _spaceranger_entry(outs: Path, root: Path, base: Path, technology: str) -> dict:
-    sample_folder = outs.parent if outs.name == "outs" else outs
+_SQUARE = re.compile(r"square_(\d+)um")
+_WRAPPERS = ("outs", "binned_outputs")  # folders named by Space Ranger, not by the sample
+
+
+def _spaceranger_entry(data: Path, root: Path, base: Path, technology: str) -> dict:
+    sample_folder = data
+    while (sample_folder.name in _WRAPPERS or _SQUARE.fullmatch(sample_folder.name)) and sample_folder != root:
+        sample_folder = sample_folder.parent
     sid = _sample_id(sample_folder.name)
-    own = [outs] + ([outs.parent] if outs.name == "outs" else [])
+    own = [data] + ([data.parent] if data.name == "outs" else [])
+    if sample_folder not in own:
+        own.append(sample_folder)
     nearby = [sample_folder.parent] if sample_folder != root else []
     slide = guess_slide(own, nearby, sid)
     entry = {
         "id": sid,
         "patient": "",
         "technology": technology,
-        "slide": _rel(slide, base) if slide else _todo(outs, base),
-        "data": _rel(outs, base),
+        "slide": _rel(slide, base) if slide else _todo(data, base),
+        "data": _rel(data, base),
         "mpp": None,
         "image_scale": "fullres",
     }
     if technology == "visium_hd":
-        sizes = sorted(int(m.group(1)) for p in (outs / "binned_outputs").glob("square_*um")
-                       if (m := re.fullmatch(r"square_(\d+)um", p.name)))
+        binned = data if data.name == "binned_outputs" or _SQUARE.fullmatch(data.name) else data / "binned_outputs"
+        folders = [binned] if _SQUARE.fullmatch(binned.name) else binned.glob("square_*um")
+        sizes = sorted(int(m.group(1)) for p in folders if (m := _SQUARE.fullmatch(p.name)))
         entry["bin_size_um"] = 2 if 2 in sizes or not sizes else sizes[0]
     return entry
 
@@ -106,7 +115,7 @@ def _hest_entries(hest_root: Path, base: Path) -> list[dict]:
 
 
 def _kind(folder: Path, dirnames: list[str], filenames: list[str]) -> str | None:
-    if "binned_outputs" in dirnames:
+    if "binned_outputs" in dirnames or folder.name == "binned_outputs" or _SQUARE.fullmatch(folder.name):
         return "visium_hd"
     if "experiment.xenium" in filenames:
         return "xenium"

@@ -62,9 +62,12 @@ def gene_identity(symbols: np.ndarray, ids: np.ndarray) -> list[tuple[str, str]]
     return genes
 
 
-def _features(m: h5py.Group) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray | None, bool]:
+def _features(m: h5py.Group, path: Path) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray | None, bool]:
     """Which rows to keep, their genes, and for probe files the probe → gene column map."""
     feats = m["features"]
+    lengths = {k: len(v) for k, v in feats.items() if isinstance(v, h5py.Dataset) and k != "_all_tag_keys"}
+    if len(set(lengths.values())) > 1:
+        raise InputError(path, f"matrix/features datasets differ in length: {lengths}")
     ids, names = _strings(feats["id"]), _strings(feats["name"])
     keep = np.ones(len(ids), dtype=bool)
     if "feature_type" in feats:
@@ -95,7 +98,10 @@ def read_10x_genes(path: str | Path) -> list[tuple[str, str]]:
     """The genes of a 10x h5 without reading its counts (for the vocabulary pass)."""
     path = Path(path)
     with _open(path) as f:
-        return _features(_open_matrix(f, path))[1]
+        try:
+            return _features(_open_matrix(f, path), path)[1]
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(path, f"malformed 10x matrix ({exc})") from exc
 
 
 def _open(path: Path) -> h5py.File:
@@ -118,9 +124,9 @@ def read_10x_h5(path: str | Path) -> TenxMatrix:
             indices = m["indices"][()].astype(np.int64)
             indptr = m["indptr"][()].astype(np.int64)
             barcodes = _strings(m["barcodes"])
-        except (ValueError, TypeError) as exc:
+            keep, genes, column, probe_level = _features(m, path)
+        except (OSError, ValueError, TypeError) as exc:  # h5py raises OSError on truncated data
             raise InputError(path, f"malformed 10x matrix ({exc})") from exc
-        keep, genes, column, probe_level = _features(m)
         attrs = {k: _attr(f.attrs[k]) for k in ("software_version", "chemistry_description") if k in f.attrs}
 
     if len(keep) != n_feat or len(barcodes) != n_bc or len(indptr) != n_bc + 1:

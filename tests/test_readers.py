@@ -417,6 +417,11 @@ def test_bad_nan_and_negative_counts(tmp_path):
 def test_bad_matrix_groups(tmp_path):
     outs = copy_visium(tmp_path)
     h5 = outs / "filtered_feature_bc_matrix.h5"
+    whole = h5.read_bytes()
+    h5.write_bytes(whole[: len(whole) // 2])
+    with raises("truncated file", "filtered_feature_bc_matrix.h5"):
+        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+    h5.write_bytes(whole)
     with h5py.File(h5, "r+") as f:
         del f["matrix/features/name"]
     with raises("lacks matrix/features/name", "filtered_feature_bc_matrix.h5"):

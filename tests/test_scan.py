@@ -74,6 +74,13 @@ def test_scan_finds_every_kind(tree):
     assert entries["NCBI7"]["slide"].startswith(TODO)
 
 
+def test_scan_inside_a_visium_hd_output(tree):
+    (entry,) = scan(tree / "hd1" / "outs" / "binned_outputs")
+    assert entry["technology"] == "visium_hd" and entry["data"] == "." and entry["bin_size_um"] == 2
+    (entry,) = scan(tree / "hd1" / "outs" / "binned_outputs" / "square_008um")
+    assert entry["technology"] == "visium_hd" and entry["bin_size_um"] == 8
+
+
 def test_scan_without_a_nearby_slide_marks_todo(tree):
     (tree / "lungB_scan.svs").unlink()
     lungB = by_id(scan(tree))["lungB"]
