@@ -104,7 +104,8 @@ def load_cohort(path: str | Path) -> Cohort:
             seen.add(sample.id)
             cohort.samples.append(sample)
         except ConfigError as exc:
-            cohort.invalid.append((label, str(exc)))
+            message = str(exc)
+            cohort.invalid.append((label, message if str(path) in message else f"{path}: {message}"))
     return cohort
 
 

@@ -245,7 +245,8 @@ def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int 
                 progress(done)
         else:
             todo.append(sample)
-    log.info("%d samples to shard, %d already done, %d workers", len(todo), len(records), workers)
+    log.info("%d samples to shard, %d already done, %d workers", len(todo),
+             sum(1 for r in records.values() if r.get("resumed")), workers)
 
     def finish(record: dict[str, Any]) -> None:
         records[record["sample"]] = record

@@ -9,13 +9,16 @@ from PIL import Image, ImageDraw
 from histotx.format import decode_image_rgb, decode_sample, read_manifest
 from sharding.verify import iter_shard
 
+MIN_QC_PX = 192
+
 
 def draw_sites(rgb: np.ndarray, xy: np.ndarray, footprint_px: float, shape: str) -> Image.Image:
     """Overlay sites: circles of the spot footprint, squares of the bin size, or dots for molecules."""
-    img = Image.fromarray(rgb).convert("RGB")
+    zoom = max(1, -(-MIN_QC_PX // rgb.shape[1]))  # small tiles are enlarged so the marks stay visible
+    img = Image.fromarray(rgb).convert("RGB").resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.NEAREST)
     draw = ImageDraw.Draw(img)
-    r = max(footprint_px / 2, 1.5)
-    for x, y in xy:
+    r = max(footprint_px * zoom / 2, 1.5)
+    for x, y in np.asarray(xy) * zoom:
         box = (x - r, y - r, x + r, y + r)
         if shape == "disk":
             draw.ellipse(box, outline=(0, 255, 255), width=2)

@@ -26,6 +26,7 @@ from histotx.format import (
 
 DONE_DIR = ".done"
 _FAULT_ENV = "HISTOTX_FAULT_AFTER_TILES"  # fault injection for the crash tests: SIGKILL self after N tiles
+_tiles_written = 0  # in this process, for the fault injection
 
 
 def shard_name(sample_id: str, index: int) -> str:
@@ -42,7 +43,6 @@ class ShardSink:
         self._writer = None
         self._fh = None
         self._count = 0
-        self._fault_after = int(os.environ.get(_FAULT_ENV, "0") or 0)
 
     def _open(self) -> None:
         import webdataset as wds
@@ -60,11 +60,11 @@ class ShardSink:
             self._open()
         self._writer.write(encode_sample(sample))
         self._count += 1
-        if self._fault_after:
-            self._fault_after -= 1
-            if self._fault_after == 0:
-                self._fh.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+        global _tiles_written
+        _tiles_written += 1
+        if _tiles_written == int(os.environ.get(_FAULT_ENV, "0") or 0):
+            self._fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
         if self._count >= self.max_tiles or self._fh.tell() >= self.max_bytes:
             self._close_current()
 
