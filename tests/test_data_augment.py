@@ -1,0 +1,114 @@
+"""Co-registered multi-crop: a coloured marker under each transcript site stays under it through
+crop, resize, flips and quarter turns; sites outside a crop are dropped; colour touches pixels only."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from histotx.config import load_config
+from histotx.data.augment import CropGeometry, MultiCrop, StainJitter, transform_grid
+from histotx.data.config import DataConfig
+from histotx.format import TileSample, TranscriptGrid, encode_image_rgb
+
+COLOURS = np.array([c for c in itertools.product((0, 255), repeat=3) if any(c)], dtype=np.uint8)  # 7, no black
+TILE = 256
+
+
+def marked_tile(rng):
+    """A black tile with a 13×13 coloured square under each of 7 sites (point footprints)."""
+    rgb = np.zeros((TILE, TILE, 3), np.uint8)
+    cells = rng.choice(16, size=len(COLOURS), replace=False)  # one site per 64×64 cell, kept apart
+    xy = np.stack([(cells % 4) * 64 + rng.uniform(16, 48, len(cells)),
+                   (cells // 4) * 64 + rng.uniform(16, 48, len(cells))], axis=1)
+    for (x, y), colour in zip(xy, COLOURS):
+        rgb[int(y) - 6: int(y) + 7, int(x) - 6: int(x) + 7] = colour
+    offsets = np.arange(len(COLOURS) + 1)
+    grid = TranscriptGrid(xy, offsets, np.arange(len(COLOURS)), np.ones(len(COLOURS)), 0.0, "point")
+    return rgb, grid
+
+
+def geometric_only(**extra):
+    overrides = ["augment.color_jitter_p=0", "augment.hed_jitter_p=0", "augment.grayscale_p=0",
+                 "augment.blur_p_global1=0", "augment.blur_p_global2=0", "augment.blur_p_local=0",
+                 "augment.solarize_p_global2=0", "augment.mean=[0,0,0]", "augment.std=[1,1,1]",
+                 "augment.global_crop_size=128", "augment.local_crop_size=48", "augment.local_crops_number=4",
+                 "mask.patch_size=16"]
+    return MultiCrop(load_config(DataConfig, overrides=overrides + [f"augment.{k}={v}" for k, v in extra.items()]).augment)
+
+
+def test_markers_stay_under_their_sites_through_every_transform():
+    crop = geometric_only()
+    seen_turns, checked = set(), 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        rgb, grid = marked_tile(rng)
+        globals_, locals_ = crop.crops(rgb, grid, 0.5, np.random.default_rng(100 + seed))
+        for view in globals_ + locals_:
+            size = view.image.shape[-1]
+            xy, site = view.grid.xy, view.grid.gene  # gene id = site number = colour index here
+            assert np.all((xy >= 0) & (xy < size))
+            for (x, y), s in zip(xy, site):
+                pixel = view.image[:, int(y), int(x)].numpy()
+                assert np.abs(pixel - COLOURS[s] / 255.0).max() < 0.2, (seed, s, pixel)
+                checked += 1
+            # every marker centre visible in the view has its site: sites are dropped only outside
+            for s, colour in enumerate(COLOURS / 255.0):
+                hits = (np.abs(view.image.numpy() - colour[:, None, None]).max(0) < 0.05)
+                if hits.sum() >= 9 and s not in site:
+                    ys, xs = np.nonzero(hits)
+                    assert min(xs.min(), ys.min()) < 4 or max(xs.max(), ys.max()) > size - 5
+    assert checked > 100
+
+
+@pytest.mark.parametrize("hflip,vflip,turns", list(itertools.product((False, True), (False, True), range(4))))
+def test_geometry_matches_numpy_on_pixel_centres(hflip, vflip, turns):
+    """Without resizing, the transformed centre of pixel (r, c) is the centre of the pixel that now holds it."""
+    img = torch.arange(2 * 6 * 6).view(2, 6, 6).float()
+    geom = CropGeometry(left=1, top=2, width=4, height=4, size=4, hflip=hflip, vflip=vflip, quarter_turns=turns)
+    out = geom.apply_to_image(img)
+    expected = img[:, 2:6, 1:5].numpy()
+    if hflip:
+        expected = expected[:, :, ::-1]
+    if vflip:
+        expected = expected[:, ::-1]
+    expected = np.rot90(expected, turns, axes=(1, 2))
+    np.testing.assert_allclose(out.numpy(), expected)
+    for r, c in itertools.product(range(2, 6), range(1, 5)):
+        x, y = geom.apply_to_xy(np.array([[c + 0.5, r + 0.5]]))[0]
+        assert out[0, int(y), int(x)] == img[0, r, c]
+
+
+def test_footprints_reaching_into_a_crop_are_kept():
+    grid = TranscriptGrid([[10, 50], [95, 50], [130, 50]], [0, 1, 2, 3], [0, 1, 2], [1, 1, 1], 20.0, "disk")
+    geom = CropGeometry(left=40, top=0, width=80, height=100, size=80)
+    kept = transform_grid(grid, geom, tile_mpp=0.5)  # footprint radius 20 px
+    assert kept.gene.tolist() == [1, 2] and np.allclose(kept.xy[:, 0], [55, 90])
+
+
+def test_colour_jitter_changes_pixels_not_sites_and_is_seeded():
+    rng = np.random.default_rng(0)
+    rgb, grid = marked_tile(rng)
+    tile = TileSample("s__t", encode_image_rgb(rgb, "png"), "png", grid, {"mpp": 0.5})
+    cfg = load_config(DataConfig, overrides=["augment.color_jitter_p=1", "augment.hed_jitter_p=1"]).augment
+    crop = MultiCrop(cfg)
+    a = crop(tile, np.random.default_rng(5))
+    b = crop(tile, np.random.default_rng(5))
+    plain = geometric_only(global_crop_size=224, local_crop_size=96, local_crops_number=8)(tile, np.random.default_rng(5))
+    assert len(a.globals) == 2 and len(a.locals) == 8
+    assert a.globals[0].image.shape == (3, 224, 224) and a.locals[0].image.shape == (3, 96, 96)
+    for va, vb, vp in zip(a.globals + a.locals, b.globals + b.locals, plain.globals + plain.locals):
+        assert torch.equal(va.image, vb.image)
+        np.testing.assert_array_equal(va.grid.xy, vp.grid.xy)  # same geometry draws, same sites
+    assert not torch.allclose(a.globals[0].image, plain.globals[0].image)
+    assert a.globals[0].mpp == pytest.approx(plain.globals[0].mpp)
+
+
+def test_stain_jitter_is_identity_at_unit_scale_and_zero_shift():
+    image = torch.rand(3, 8, 8) * 0.9 + 0.05
+    out = StainJitter()(image, np.ones(3), np.zeros(3))
+    torch.testing.assert_close(out, image, atol=1e-4, rtol=1e-4)
+    darker = StainJitter()(image, np.array([1.3, 1.0, 1.0]), np.zeros(3))
+    assert darker.mean() < image.mean()  # more haematoxylin absorbs more light
