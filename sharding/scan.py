@@ -105,7 +105,9 @@ def _xenium_entry(bundle: Path, root: Path, base: Path) -> dict:
 def _hest_entries(hest_root: Path, base: Path) -> list[dict]:
     entries = []
     for h5ad in sorted((hest_root / "st").glob("*.h5ad")):
-        entry = {"id": _sample_id(h5ad.stem), "patient": "", "technology": "hest", "data": _rel(hest_root, base), "mpp": None}
+        entry = {
+            "id": _sample_id(h5ad.stem), "patient": "", "technology": "hest", "data": _rel(hest_root, base), "mpp": None
+        }
         if entry["id"] != h5ad.stem:  # an id the cohort cannot carry: point at the h5ad itself
             entry["data"] = _rel(h5ad, base)
         if not any((hest_root / "wsis" / f"{h5ad.stem}{s}").is_file() for s in (".tif", ".tiff", ".svs", ".ome.tif")):

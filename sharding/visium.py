@@ -87,7 +87,9 @@ def image_scale_factor(sf: dict, image_scale: str, spatial: Path) -> float:
         raise InputError(None, f"image_scale must be fullres, hires or lowres, got {image_scale!r}")
     value = sf.get(key)
     if not isinstance(value, (int, float)) or not value > 0:
-        raise InputError(spatial / "scalefactors_json.json", f"{key} missing or not positive (needed for image_scale {image_scale})")
+        raise InputError(
+            spatial / "scalefactors_json.json", f"{key} missing or not positive (needed for image_scale {image_scale})"
+        )
     return float(value)
 
 
@@ -142,7 +144,9 @@ def place_barcodes(
     located = np.isfinite(x) & np.isfinite(y)
     if (~located).any():
         dropped["no_position"] = int((~located).sum())
-        log.warning("%s: %d barcodes of %s have no position; dropped", pos_path, dropped["no_position"], matrix_path.name)
+        log.warning(
+            "%s: %d barcodes of %s have no position; dropped", pos_path, dropped["no_position"], matrix_path.name
+        )
     keep = located
     if in_tissue_only:
         in_tissue = np.zeros(len(where), dtype=bool)

@@ -36,7 +36,9 @@ def _microns_per_pixel(sf: dict, spatial: Path) -> float:
     return float(mpp)
 
 
-def read_visium_hd(data: Path, bin_size_um: float = 2.0, image_scale: str = "fullres", in_tissue_only: bool = True) -> Sites:
+def read_visium_hd(
+    data: Path, bin_size_um: float = 2.0, image_scale: str = "fullres", in_tissue_only: bool = True
+) -> Sites:
     folder = bin_dir(data, bin_size_um)
     spatial = folder / "spatial"
     sites, _, sf = read_spaceranger(folder, spatial, find_matrix(folder), image_scale, in_tissue_only)

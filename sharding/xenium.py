@@ -134,7 +134,8 @@ def find_alignment(bundle: Path, explicit: Path | None) -> Path | None:
         return explicit
     found = sorted(bundle.glob("*imagealignment.csv"))
     if len(found) > 1:
-        raise InputError(bundle, f"several alignment files ({', '.join(p.name for p in found)}); name one with `alignment:`")
+        names = ", ".join(p.name for p in found)
+        raise InputError(bundle, f"several alignment files ({names}); name one with `alignment:`")
     return found[0] if found else None
 
 
@@ -197,7 +198,8 @@ def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.
     low_qv = ~control & ~(qv >= qv_min)
     no_pos = ~control & ~low_qv & ~(np.isfinite(x) & np.isfinite(y))
     keep = ~(control | low_qv | no_pos)
-    dropped = {k: int(v.sum()) for k, v in (("control_probe", control), ("low_qv", low_qv), ("no_position", no_pos)) if v.any()}
+    reasons = {"control_probe": control, "low_qv": low_qv, "no_position": no_pos}
+    dropped = {k: int(v.sum()) for k, v in reasons.items() if v.any()}
 
     genes = _genes(names, control_code)
     column = np.full(len(names), -1, dtype=np.int64)

@@ -40,6 +40,14 @@ def run(tmp_path: Path, opts: ReaderOptions | None = None, **sample):
     return read_sites(s, cohort, opts or ReaderOptions()), s, cohort
 
 
+def visium(tmp_path: Path, data, opts: ReaderOptions | None = None, **sample):
+    return run(tmp_path, opts, id="v", technology="visium", slide="x.tif", data=str(data), **sample)
+
+
+def xenium(tmp_path: Path, data, opts: ReaderOptions | None = None, **sample):
+    return run(tmp_path, opts, id="x", technology="xenium", slide="he.tif", data=str(data), **sample)
+
+
 def raises(match: str, path_part: str):
     """An InputError naming the file (path_part) and the problem (match)."""
 
@@ -87,7 +95,7 @@ def copy_visium(tmp_path: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------- Visium
 def test_visium_sr1_real_fullres(tmp_path):
-    sites, s, cohort = run(tmp_path, id="v1", technology="visium", slide="he.tif", data=str(VISIUM))
+    sites, s, cohort = visium(tmp_path, VISIUM)
     pos = real_positions().set_index("barcode")
     m = real_matrix()
     assert sites.n_sites == 100 and len(sites.genes) == 100  # every matrix barcode is in tissue
@@ -105,14 +113,14 @@ def test_visium_sr1_real_fullres(tmp_path):
 
 
 def test_visium_lowres_and_hires_scaling(tmp_path):
-    full, _, _ = run(tmp_path, id="v", technology="visium", slide="x.png", data=str(VISIUM))
+    full, _, _ = visium(tmp_path, VISIUM)
     for scale, factor in (("lowres", LOWRES), ("hires", HIRES)):
-        sites, s, cohort = run(tmp_path, id="v", technology="visium", slide="x.png", data=str(VISIUM), image_scale=scale)
+        sites, s, cohort = visium(tmp_path, VISIUM, image_scale=scale)
         np.testing.assert_allclose(sites.xy_px, full.xy_px * factor)
         assert sites.mpp_estimate == pytest.approx(full.mpp_estimate / factor)
         assert slide_mpp_hint(s, cohort) == pytest.approx(full.mpp_estimate / factor)
     # the real lowres H&E is 600×600: every spot falls inside it
-    lowres, _, _ = run(tmp_path, id="v", technology="visium", slide="x.png", data=str(VISIUM), image_scale="lowres")
+    lowres, _, _ = visium(tmp_path, VISIUM, image_scale="lowres")
     assert lowres.xy_px.min() > 0 and lowres.xy_px.max() < 600
 
 
@@ -124,11 +132,11 @@ def test_visium_sr2_header_csv_and_in_tissue_filter(tmp_path):
     off = pos["barcode"].isin(m.barcodes[:7])
     pos.loc[off, "in_tissue"] = 0
     pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)  # SR ≥ 2: with header
-    sites, _, _ = run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+    sites, _, _ = visium(tmp_path, outs)
     assert sites.n_sites == 93 and sites.dropped == {"not_in_tissue": 7}
     assert sites.info["positions"] == "tissue_positions.csv"
     assert sites.mpp_estimate == pytest.approx(MPP_LATTICE, abs=5e-5)
-    everything, _, _ = run(tmp_path, ReaderOptions(in_tissue_only=False), id="v", technology="visium", slide="x.tif", data=str(outs))
+    everything, _, _ = visium(tmp_path, outs, ReaderOptions(in_tissue_only=False))
     assert everything.n_sites == 100 and everything.dropped == {}
 
 
@@ -138,13 +146,13 @@ def test_visium_barcodes_without_position_are_dropped_and_counted(tmp_path):
     m = real_matrix()
     pos = pos[~pos["barcode"].isin(m.barcodes[:3])]
     pos.to_csv(outs / "spatial" / "tissue_positions_list.csv", index=False, header=False)
-    sites, _, _ = run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+    sites, _, _ = visium(tmp_path, outs)
     assert sites.n_sites == 97 and sites.dropped == {"no_position": 3}
 
     pos["barcode"] = pos["barcode"].str.replace("-1", "-2")  # positions of another library
     pos.to_csv(outs / "spatial" / "tissue_positions_list.csv", index=False, header=False)
     with raises("none of the 100 barcodes", "tissue_positions_list.csv"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
 
 
 def test_probe_level_matrix_is_summed_to_genes():
@@ -175,8 +183,10 @@ def test_visium_outs_with_only_a_probe_matrix(tmp_path):
     n = len(barcodes)  # a made-up lattice: the barcodes of this file are not in the 1.0 positions
     pd.DataFrame({"barcode": barcodes, "in_tissue": in_tissue, "array_row": np.arange(n) // 64,
                   "array_col": 2 * (np.arange(n) % 64), "pxl_row_in_fullres": 120 * (np.arange(n) // 64),
-                  "pxl_col_in_fullres": 200 * (np.arange(n) % 64)}).to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
-    sites, _, _ = run(tmp_path, id="p", technology="visium", slide="x.tif", data=str(outs))
+                  "pxl_col_in_fullres": 200 * (np.arange(n) % 64)}).to_csv(
+        outs / "spatial" / "tissue_positions.csv", index=False
+    )
+    sites, _, _ = visium(tmp_path, outs)
     assert sites.n_sites == in_tissue.sum() == 2348 and sites.dropped == {"not_in_tissue": n - 2348}
     assert sites.info["matrix"] == "raw_probe_bc_matrix.h5" and sites.mpp_estimate == pytest.approx(0.5)
 
@@ -198,7 +208,8 @@ def make_visium_hd(tmp_path: Path) -> Path:
             "barcode": barcodes + ["s_002um_09999_09999-1"],
             "in_tissue": np.r_[np.ones(n, np.int32), 0],
             "array_row": np.r_[rows, 9999].astype(np.int32), "array_col": np.r_[cols, 9999].astype(np.int32),
-            "pxl_row_in_fullres": np.r_[rows * size / mpp + 100.25, 1.0], "pxl_col_in_fullres": np.r_[cols * size / mpp + 50.5, 1.0],
+            "pxl_row_in_fullres": np.r_[rows * size / mpp + 100.25, 1.0],
+            "pxl_col_in_fullres": np.r_[cols * size / mpp + 50.5, 1.0],
         })
         pq.write_table(table, folder / "spatial" / "tissue_positions.parquet")
         sf = {"spot_diameter_fullres": size / mpp, "bin_size_um": float(size), "microns_per_pixel": mpp,
@@ -216,7 +227,9 @@ def test_visium_hd_native_bins(tmp_path):
     assert sites.counts.sum() == pytest.approx(real_matrix().counts.sum())
     assert read_genes(s, cohort) == sites.genes
 
-    hires, s, cohort = run(tmp_path, id="hd", technology="visium_hd", slide="x.tif", data=str(outs), bin_size_um=8, image_scale="hires")
+    hires, s, cohort = run(
+        tmp_path, id="hd", technology="visium_hd", slide="x.tif", data=str(outs), bin_size_um=8, image_scale="hires"
+    )
     assert hires.n_sites == 30 and hires.footprint_um == 8.0
     assert hires.mpp_estimate == pytest.approx(0.27382 / 0.125) == slide_mpp_hint(s, cohort)
     np.testing.assert_allclose(hires.xy_px[11], np.array([8 / 0.27382 + 50.5, 8 / 0.27382 + 100.25]) * 0.125)
@@ -266,7 +279,7 @@ def test_xenium_real_csv_controls_and_low_qv_dropped(tmp_path, sample):
 
 
 def test_xenium_qv_threshold_is_an_option(tmp_path):
-    sites, _, _ = run(tmp_path, ReaderOptions(qv_min=0.0), id="x", technology="xenium", slide="he.tif", data=str(XENIUM / "sample1"))
+    sites, _, _ = xenium(tmp_path, XENIUM / "sample1", ReaderOptions(qv_min=0.0))
     assert sites.n_sites == 962 - 5 and sites.dropped == {"control_probe": 5}
 
 
@@ -282,8 +295,8 @@ def test_xenium_parquet_and_gzip_with_string_cell_ids(tmp_path, fmt):
         pq.write_table(table, bundle / "transcripts.parquet")
     else:
         df.to_csv(bundle / "transcripts.csv.gz", index=False)
-    sites, _, _ = run(tmp_path, id="x", technology="xenium", slide="he.tif", data=str(bundle))
-    reference, _, _ = run(tmp_path, id="x", technology="xenium", slide="he.tif", data=str(XENIUM / "sample1"))
+    sites, _, _ = xenium(tmp_path, bundle)
+    reference, _, _ = xenium(tmp_path, XENIUM / "sample1")
     assert sites.info["transcripts"] == f"transcripts.{fmt}"
     np.testing.assert_allclose(sites.xy_px, reference.xy_px)
     assert sites.genes == reference.genes and (sites.counts != reference.counts).nnz == 0
@@ -296,7 +309,7 @@ def test_xenium_is_gene_column_marks_controls(tmp_path):
     df["feature_name"] = df.feature_name.str.replace("BLANK_", "SomeNewControl_")  # a prefix we do not know
     bundle = copy_xenium(tmp_path, keep_csv=False)
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), bundle / "transcripts.parquet")
-    sites, s, cohort = run(tmp_path, id="x", technology="xenium", slide="he.tif", data=str(bundle))
+    sites, s, cohort = xenium(tmp_path, bundle)
     assert sites.dropped == {"control_probe": 5, "low_qv": 181} and sites.n_sites == 776
     assert not any(sym.startswith("SomeNewControl_") for sym, _ in sites.genes)
     assert read_genes(s, cohort) == sites.genes
@@ -304,15 +317,16 @@ def test_xenium_is_gene_column_marks_controls(tmp_path):
 
 def affine(theta_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:
     t = np.deg2rad(theta_deg)
-    return np.array([[scale * np.cos(t), -scale * np.sin(t), tx], [scale * np.sin(t), scale * np.cos(t), ty], [0, 0, 1]])
+    c, s = scale * np.cos(t), scale * np.sin(t)
+    return np.array([[c, -s, tx], [s, c, ty], [0, 0, 1]])
 
 
 def test_xenium_affine_maps_he_to_morphology_so_inverse_is_applied(tmp_path):
     bundle = copy_xenium(tmp_path)
     m = affine(30.0, 1.7, 850.0, -420.0)  # H&E px → morphology px
     np.savetxt(bundle / "Xenium_V1_FF_he_imagealignment.csv", m, delimiter=",")
-    sites, s, cohort = run(tmp_path, id="x", technology="xenium", slide="he.ome.tif", data=str(bundle))
-    plain, _, _ = run(tmp_path, id="x", technology="xenium", slide="he.ome.tif", data=str(XENIUM / "sample1"))
+    sites, s, cohort = xenium(tmp_path, bundle)
+    plain, _, _ = xenium(tmp_path, XENIUM / "sample1")
     morph = plain.xy_px  # µm / pixel_size
     # forward M of the result gives back the morphology px: the inverse was applied
     back = np.c_[sites.xy_px, np.ones(len(morph))] @ m.T
@@ -329,7 +343,7 @@ def test_xenium_affine_maps_he_to_morphology_so_inverse_is_applied(tmp_path):
 def test_xenium_alignment_named_in_the_cohort_is_resolved_against_it(tmp_path):
     m = affine(-12.0, 0.5, 10.0, 20.0)
     np.savetxt(tmp_path / "align.csv", m, delimiter=",")
-    sites, s, cohort = run(tmp_path, id="x", technology="xenium", slide="he.tif", data=str(XENIUM / "sample2"), alignment="align.csv")
+    sites, s, cohort = xenium(tmp_path, XENIUM / "sample2", alignment="align.csv")
     df = real_transcripts("sample2")
     kept = df[~df.feature_name.map(is_control) & (df.qv >= 20)][["x_location", "y_location"]].to_numpy() / PIXEL_SIZE
     np.testing.assert_allclose((np.c_[sites.xy_px, np.ones(len(kept))] @ m.T)[:, :2], kept, atol=1e-6)
@@ -357,7 +371,8 @@ def make_hest(tmp_path: Path, hid: str = "TENX01", metadata: bool = True) -> Pat
     adata.write_h5ad(root / "st" / f"{hid}.h5ad")
     (root / "wsis" / f"{hid}.tif").write_bytes(b"")
     if metadata:
-        meta = {"pixel_size_um_estimated": 0.7268, "spot_diameter": 55.0, "inter_spot_dist": 100.0, "st_technology": "Visium"}
+        meta = {"pixel_size_um_estimated": 0.7268, "spot_diameter": 55.0, "inter_spot_dist": 100.0,
+                "st_technology": "Visium"}
         (root / "metadata" / f"{hid}.json").write_text(json.dumps(meta))
     return root
 
@@ -391,14 +406,14 @@ def test_bad_missing_scalefactors(tmp_path):
     outs = copy_visium(tmp_path)
     (outs / "spatial" / "scalefactors_json.json").unlink()
     with raises("scalefactors missing", "scalefactors_json.json"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
 
 
 def test_bad_positions_file_missing(tmp_path):
     outs = copy_visium(tmp_path)
     (outs / "spatial" / "tissue_positions_list.csv").unlink()
     with raises("positions file missing", str(outs / "spatial")):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
 
 
 def test_bad_nan_and_negative_counts(tmp_path):
@@ -407,11 +422,11 @@ def test_bad_nan_and_negative_counts(tmp_path):
     with h5py.File(h5, "r+") as f:
         f["matrix/data"][3] = np.nan
     with raises("1 NaN/inf counts", "filtered_feature_bc_matrix.h5"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
     with h5py.File(h5, "r+") as f:
         f["matrix/data"][3] = -2.0
     with raises("1 negative counts", "filtered_feature_bc_matrix.h5"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
 
 
 def test_bad_matrix_groups(tmp_path):
@@ -420,19 +435,19 @@ def test_bad_matrix_groups(tmp_path):
     whole = h5.read_bytes()
     h5.write_bytes(whole[: len(whole) // 2])
     with raises("truncated file", "filtered_feature_bc_matrix.h5"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
     h5.write_bytes(whole)
     with h5py.File(h5, "r+") as f:
         del f["matrix/features/name"]
     with raises("lacks matrix/features/name", "filtered_feature_bc_matrix.h5"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
     with h5py.File(h5, "w") as f:
         f.create_group("GRCh38")
     with raises("no 'matrix' group", "filtered_feature_bc_matrix.h5"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
     h5.write_bytes(b"not hdf5 at all")
     with raises("not a readable HDF5 file", "filtered_feature_bc_matrix.h5"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
 
 
 def test_bad_inconsistent_or_empty_matrix(tmp_path):
@@ -441,29 +456,31 @@ def test_bad_inconsistent_or_empty_matrix(tmp_path):
     with h5py.File(h5, "r+") as f:
         f["matrix/shape"][1] = 99
     with raises("disagrees with", "filtered_feature_bc_matrix.h5"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
     m = real_matrix()
-    write_10x_h5(h5, sp.csr_matrix(m.counts.shape, dtype=np.float32), m.barcodes, [e for _, e in m.genes], [e for _, e in m.genes])
+    ids = [e for _, e in m.genes]
+    write_10x_h5(h5, sp.csr_matrix(m.counts.shape, dtype=np.float32), m.barcodes, ids, ids)
     with raises("empty matrix", "filtered_feature_bc_matrix.h5"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data=str(outs))
+        visium(tmp_path, outs)
 
 
 def test_bad_xenium_transcripts_missing_columns(tmp_path):
     bundle = copy_xenium(tmp_path, keep_csv=False)
     real_transcripts("sample1").drop(columns=["qv"]).to_csv(bundle / "transcripts.csv")
     with raises(r"lacks columns \['qv'\]", "transcripts.csv"):
-        run(tmp_path, id="x", technology="xenium", slide="x.tif", data=str(bundle))
+        xenium(tmp_path, bundle)
     (bundle / "transcripts.csv").unlink()
-    pq.write_table(pa.Table.from_pandas(real_transcripts("sample1").drop(columns=["x_location"])), bundle / "transcripts.parquet")
+    no_x = real_transcripts("sample1").drop(columns=["x_location"])
+    pq.write_table(pa.Table.from_pandas(no_x), bundle / "transcripts.parquet")
     with raises(r"lacks columns \['x_location'\]", "transcripts.parquet"):
-        run(tmp_path, id="x", technology="xenium", slide="x.tif", data=str(bundle))
+        xenium(tmp_path, bundle)
 
 
 def test_bad_xenium_experiment_missing(tmp_path):
     bundle = copy_xenium(tmp_path)
     (bundle / "experiment.xenium").unlink()
     with raises("experiment.xenium missing", "experiment.xenium"):
-        run(tmp_path, id="x", technology="xenium", slide="x.tif", data=str(bundle))
+        xenium(tmp_path, bundle)
 
 
 @pytest.mark.parametrize(
@@ -480,7 +497,7 @@ def test_bad_alignment_file(tmp_path, text, problem):
     bundle = copy_xenium(tmp_path)
     (bundle / "s_he_imagealignment.csv").write_text(text)
     with raises(problem, "s_he_imagealignment.csv"):
-        run(tmp_path, id="x", technology="xenium", slide="x.tif", data=str(bundle))
+        xenium(tmp_path, bundle)
 
 
 def test_bad_unreadable_h5ad(tmp_path):
@@ -500,4 +517,4 @@ def test_bad_hest_metadata_missing(tmp_path):
 
 def test_bad_data_folder_missing(tmp_path):
     with raises("data folder not found", "nowhere"):
-        run(tmp_path, id="v", technology="visium", slide="x.tif", data="nowhere")
+        visium(tmp_path, "nowhere")
