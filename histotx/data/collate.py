@@ -1,0 +1,149 @@
+"""A batch of multi-crop tiles → the teacher's and the student's packed inputs, masks included.
+
+Per batch, one transcript token size is drawn from ``resolutions_um`` (so the model learns every
+scale) and every view's sites are binned at it in the view's own frame (:func:`histotx.tokens.bin_grid`).
+Per sample, modality dropout makes the *student* see the image only, the transcripts only, or both;
+the teacher always sees both, so the student learns to reach the fused embedding from one modality
+(which is what keeps image-only inference strong). Crops are ordered crop-major (all samples' first
+global crop, then all second ones), so a ``[2B, ...]`` output views as ``[2, B, ...]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from histotx.data.augment import TileViews, View
+from histotx.data.config import DataConfig
+from histotx.data.masking import image_masks, token_masks
+from histotx.model.transcripts import TranscriptBatch
+from histotx.tokens import TranscriptCells, bin_grid
+
+BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY = 0, 1, 2
+"""Per-sample modality codes of the student's input."""
+
+
+@dataclass
+class SSLBatch:
+    """One step's inputs. ``transcript_index[t]`` is the teacher token of student global token t (the
+    pairing for iBOT on transcript tokens); ``resolution_um`` is the token size told to the model."""
+
+    keys: list[str]
+    global_images: torch.Tensor  # [2B, 3, G, G]
+    local_images: torch.Tensor  # [nL·B, 3, L, L]
+    teacher_transcripts: TranscriptBatch  # global crops, all samples
+    student_global_transcripts: TranscriptBatch
+    student_local_transcripts: TranscriptBatch
+    student_global_image_present: torch.Tensor  # [2B] bool
+    student_local_image_present: torch.Tensor  # [nL·B] bool
+    image_mask: torch.Tensor  # [2B, patches] bool, iBOT
+    transcript_mask: torch.Tensor  # [student global tokens] bool
+    transcript_index: torch.Tensor  # [student global tokens] long
+    modality: torch.Tensor  # [B] long: BOTH, IMAGE_ONLY or TRANSCRIPTS_ONLY
+    resolution_um: float
+    native: bool
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.keys)
+
+    def teacher_inputs(self) -> dict:
+        return {"images": self.global_images, "transcripts": self.teacher_transcripts}
+
+    def student_global_inputs(self) -> dict:
+        return {"images": self.global_images, "transcripts": self.student_global_transcripts,
+                "image_present": self.student_global_image_present, "image_mask": self.image_mask,
+                "transcript_mask": self.transcript_mask}
+
+    def student_local_inputs(self) -> dict | None:
+        if self.local_images.shape[0] == 0:
+            return None
+        return {"images": self.local_images, "transcripts": self.student_local_transcripts,
+                "image_present": self.student_local_image_present}
+
+    def _map(self, fn) -> "SSLBatch":
+        def move(value):
+            return fn(value) if isinstance(value, torch.Tensor) else (
+                value._map(fn) if isinstance(value, TranscriptBatch) else value)
+        return SSLBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device, non_blocking: bool = False) -> "SSLBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "SSLBatch":
+        return self._map(lambda t: t.pin_memory())
+
+
+def _tokens(views: list[View], resolution_um: float | None) -> list[TranscriptCells]:
+    return [bin_grid(v.grid, v.mpp, resolution_um, tuple(v.image.shape[-2:])) for v in views]
+
+
+def _shared_size(cells: list[TranscriptCells]) -> list[TranscriptCells]:
+    """Native tokens report their own size (spot, bin, or a pixel for molecules), which differs between
+    technologies and crops; a batch carries one size, so all get the largest."""
+    size = max(c.resolution_um for c in cells)
+    return [c if c.resolution_um == size else TranscriptCells(c.xy, c.offsets, c.gene, c.weight, size) for c in cells]
+
+
+class SSLCollate:
+    """The loader's per-batch collation (runs in the workers; all randomness from ``rng``)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.grid_hw = (cfg.augment.global_crop_size // cfg.mask.patch_size,) * 2
+
+    def __call__(self, items: list[TileViews], rng: np.random.Generator) -> SSLBatch:
+        c, m = self.cfg.collate, self.cfg.mask
+        batch = len(items)
+        n_global, n_local = len(items[0].globals), len(items[0].locals)
+        choice = c.resolutions_um[int(rng.integers(len(c.resolutions_um)))]
+        native = choice == "native"
+        resolution = None if native else float(choice)
+
+        draw = rng.random(batch)
+        modality = np.where(draw < c.p_image_only, IMAGE_ONLY,
+                            np.where(draw < c.p_image_only + c.p_transcripts_only, TRANSCRIPTS_ONLY, BOTH))
+        has_sites = np.array([any(v.grid.n_sites for v in it.globals + it.locals) for it in items])
+        modality[~has_sites] = IMAGE_ONLY  # nothing to drop the image for
+
+        global_views = [it.globals[k] for k in range(n_global) for it in items]
+        local_views = [it.locals[k] for k in range(n_local) for it in items]
+        cells = _tokens(global_views + local_views, resolution)
+        if native:
+            cells = _shared_size(cells)
+        size = cells[0].resolution_um
+        global_cells, local_cells = cells[: len(global_views)], cells[len(global_views):]
+
+        keep_tx = np.tile(modality != IMAGE_ONLY, n_global)
+        student_cells = [cell if keep else TranscriptCells.empty(size) for cell, keep in zip(global_cells, keep_tx)]
+        starts = np.cumsum([0] + [cell.n_cells for cell in global_cells])
+        transcript_index = np.concatenate(
+            [np.zeros(0, np.int64)] + [np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(keep_tx)])
+        local_keep = np.tile(modality != IMAGE_ONLY, n_local)
+        local_student = [cell if keep else TranscriptCells.empty(size) for cell, keep in zip(local_cells, local_keep)]
+
+        image_present = np.tile(modality != TRANSCRIPTS_ONLY, n_global)
+        masks = image_masks(len(global_views), self.grid_hw, rng, m.image_mask_probability, m.image_mask_ratio,
+                            m.mask_aspect, m.min_block_patches) & image_present[:, None]
+        tx_masks = token_masks([cell.n_cells for cell in student_cells], rng, m.transcript_mask_probability,
+                               m.transcript_mask_ratio)
+
+        local_images = (torch.stack([v.image for v in local_views]) if local_views
+                        else torch.zeros(0, 3, self.cfg.augment.local_crop_size, self.cfg.augment.local_crop_size))
+        return SSLBatch(
+            keys=[it.key for it in items],
+            global_images=torch.stack([v.image for v in global_views]),
+            local_images=local_images,
+            teacher_transcripts=TranscriptBatch.collate(global_cells),
+            student_global_transcripts=TranscriptBatch.collate(student_cells),
+            student_local_transcripts=TranscriptBatch.collate(local_student or [TranscriptCells.empty(size)]),
+            student_global_image_present=torch.from_numpy(image_present),
+            student_local_image_present=torch.from_numpy(np.tile(modality != TRANSCRIPTS_ONLY, n_local)),
+            image_mask=torch.from_numpy(masks),
+            transcript_mask=torch.from_numpy(np.concatenate([np.zeros(0, bool)] + tx_masks)),
+            transcript_index=torch.from_numpy(transcript_index),
+            modality=torch.from_numpy(modality.astype(np.int64)),
+            resolution_um=size,
+            native=native,
+        )

@@ -1,0 +1,118 @@
+"""SSL collation: per-batch token size, per-sample modality dropout, masks, teacher/student pairing,
+the tiny fused model on the result, and the whole pipeline with two loader workers."""
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from histotx.config import load_config
+from histotx.data.augment import MultiCrop
+from histotx.data.collate import BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY, SSLCollate
+from histotx.data.config import DataConfig
+from histotx.data.loader import build_loader
+from histotx.format import TranscriptGrid
+from histotx.model import FusedViT, FusedViTConfig
+from shardkit import tile_sample, write_shard_set
+
+SMALL = ["augment.global_crop_size=32", "augment.local_crop_size=16", "augment.local_crops_number=2",
+         "mask.patch_size=8", "augment.global_crop_scale=[0.5,1]", "augment.local_crop_scale=[0.2,0.5]"]
+
+
+def config(*extra):
+    return load_config(DataConfig, overrides=SMALL + list(extra))
+
+
+def items(cfg, n=6, seed=0, empty=()):
+    rng = np.random.default_rng(seed)
+    crop = MultiCrop(cfg.augment)
+    out = []
+    for i in range(n):
+        grid = TranscriptGrid.empty(55.0, "disk") if i in empty else None
+        out.append(crop(tile_sample(rng, "s", i, tile_px=48, grid=grid), np.random.default_rng([seed, i])))
+    return out
+
+
+def test_batch_layout_and_teacher_student_pairing():
+    cfg = config("collate.p_image_only=0.3", "collate.p_transcripts_only=0.3", "collate.resolutions_um=[8]",
+                 "mask.transcript_mask_probability=1")
+    batch = SSLCollate(cfg)(items(cfg, n=8), np.random.default_rng(1))
+    b = 8
+    assert batch.global_images.shape == (2 * b, 3, 32, 32) and batch.local_images.shape == (2 * b, 3, 16, 16)
+    assert batch.image_mask.shape == (2 * b, 16) and batch.resolution_um == 8.0 and not batch.native
+    mod = batch.modality.numpy()
+    assert set(mod) == {BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY}  # this seed draws all three
+    teacher, student = batch.teacher_transcripts, batch.student_global_transcripts
+    assert teacher.batch_size == student.batch_size == 2 * b
+    crop_mod = np.tile(mod, 2)
+    assert np.all(student.lengths.numpy()[crop_mod == IMAGE_ONLY] == 0)
+    assert np.array_equal(student.lengths.numpy()[crop_mod != IMAGE_ONLY], teacher.lengths.numpy()[crop_mod != IMAGE_ONLY])
+    assert torch.equal(batch.student_global_image_present, torch.from_numpy(crop_mod != TRANSCRIPTS_ONLY))
+    assert not batch.image_mask[crop_mod == TRANSCRIPTS_ONLY].any()
+    # each student token is its teacher token: same place, same expression
+    idx = batch.transcript_index
+    assert idx.shape == (student.n_tokens,) and batch.transcript_mask.shape == (student.n_tokens,)
+    assert torch.equal(student.xy, teacher.xy[idx])
+    for t in range(student.n_tokens):
+        s_lo, s_hi = student.offsets[t], student.offsets[t + 1]
+        t_lo, t_hi = teacher.offsets[idx[t]], teacher.offsets[idx[t] + 1]
+        assert torch.equal(student.gene[s_lo:s_hi], teacher.gene[t_lo:t_hi])
+    assert 0 < batch.transcript_mask.float().mean() < 0.6
+    local_mod = np.tile(mod, 2)
+    assert np.all(batch.student_local_transcripts.lengths.numpy()[local_mod == IMAGE_ONLY] == 0)
+
+
+def test_tiles_without_transcripts_stay_image_only():
+    cfg = config("collate.p_image_only=0", "collate.p_transcripts_only=1")
+    batch = SSLCollate(cfg)(items(cfg, n=4, empty=(1, 3)), np.random.default_rng(0))
+    assert batch.modality.tolist() == [TRANSCRIPTS_ONLY, IMAGE_ONLY, TRANSCRIPTS_ONLY, IMAGE_ONLY]
+    assert batch.student_global_image_present.tolist() == [False, True, False, True] * 2
+
+
+def test_token_size_drawn_per_batch_and_modality_rates():
+    cfg = config("collate.resolutions_um=[native, 8, 16]", "collate.p_image_only=0.25",
+                 "collate.p_transcripts_only=0.25")
+    collate, views = SSLCollate(cfg), items(cfg, n=8)
+    sizes, mods = set(), []
+    for s in range(40):
+        batch = collate(views, np.random.default_rng(s))
+        sizes.add("native" if batch.native else batch.resolution_um)
+        mods.extend(batch.modality.tolist())
+        if batch.native:
+            assert batch.resolution_um == 55.0  # the shard kit's spots
+    assert sizes == {"native", 8.0, 16.0}
+    share = np.bincount(mods, minlength=3) / len(mods)
+    assert share[IMAGE_ONLY] == pytest.approx(0.25, abs=0.08) and share[TRANSCRIPTS_ONLY] == pytest.approx(0.25, abs=0.08)
+
+
+def test_the_fused_model_takes_teacher_and_student_inputs():
+    cfg = config("collate.p_image_only=0.3", "collate.p_transcripts_only=0.3", "collate.resolutions_um=[16]")
+    batch = SSLCollate(cfg)(items(cfg, n=4), np.random.default_rng(2))
+    torch.manual_seed(0)
+    model = FusedViT(FusedViTConfig(size="tiny", img_size=32, patch_size=8, vocab_size=64)).eval()
+    with torch.no_grad():
+        teacher = model(**batch.teacher_inputs())
+        student = model(**batch.student_global_inputs())
+        local = model(**batch.student_local_inputs())
+    assert teacher.cls.shape == student.cls.shape == (8, 64) and local.cls.shape == (8, 64)
+    assert student.transcript.shape[0] == batch.student_global_transcripts.n_tokens
+    assert teacher.transcript[batch.transcript_index].shape == student.transcript.shape
+
+
+def test_pipeline_with_two_workers_is_deterministic_and_resumable(tmp_path):
+    shards = write_shard_set(tmp_path / "shards", n_shards=4, per_shard=4, tile_px=48)
+    overrides = [f"stream.shards={shards}", "stream.batch_size=4", "stream.num_workers=2", "stream.shuffle_buffer=4"]
+    cfg = config(*overrides)
+    straight = list(islice(build_loader(cfg), 5))
+    assert all(b.global_images.shape == (8, 3, 32, 32) for b in straight)
+    assert sorted(k for b in straight[:4] for k in b.keys) == sorted(f"s{i // 4:02d}__t{i:05d}" for i in range(16))
+    first = build_loader(cfg)
+    head = list(islice(first, 3))
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(head + list(islice(resumed, 2)), straight):
+        assert a.keys == b.keys and torch.equal(a.global_images, b.global_images)
+        assert torch.equal(a.image_mask, b.image_mask) and torch.equal(a.transcript_mask, b.transcript_mask)
+        assert torch.equal(a.teacher_transcripts.xy, b.teacher_transcripts.xy)
