@@ -33,6 +33,7 @@ PRESETS: dict[str, tuple[int, int, int, str, float]] = {
     "L": (1024, 24, 16, "mlp", 4.0),  # UNI, Phikon-v2
     "H": (1280, 32, 16, "mlp", 4.0),
     "g": (1536, 40, 24, "swiglu", 2.66667 * 2),  # DINOv2 giant, H-optimus-0
+    "custom": (0, 0, 0, "mlp", 4.0),  # every size field given explicitly (e.g. Virchow2's SwiGLU ViT-H)
 }
 
 BACKBONE_KEYS = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "blocks.", "norm.")
@@ -45,7 +46,8 @@ class ModelConfigError(ValueError):
 
 @dataclass
 class FusedViTConfig:
-    """Architecture of :class:`FusedViT`. Zero/empty architecture fields are filled from ``size``.
+    """Architecture of :class:`FusedViT`. Zero/empty architecture fields are filled from ``size``
+    (one of :data:`PRESETS`; ``custom`` requires embed_dim, depth and num_heads).
 
     ``img_size`` sets the stored position-embedding grid (img_size / patch_size per side); other input
     sizes interpolate it. ``mlp_hidden_dim`` (fc1's width) overrides ``mlp_ratio`` when set.
@@ -87,7 +89,9 @@ class FusedViTConfig:
 
     def validate(self) -> None:
         problems = []
-        if self.embed_dim % self.num_heads:
+        if min(self.embed_dim, self.depth, self.num_heads) <= 0:
+            problems.append("embed_dim, depth and num_heads must be positive (size 'custom' needs all three)")
+        elif self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.mlp not in MLP_KINDS:
             problems.append(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")

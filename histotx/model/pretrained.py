@@ -1,0 +1,378 @@
+"""Initialise :class:`FusedViT` from pathology foundation models; save its image backbone for timm.
+
+Sources (all local, nothing is downloaded):
+
+- a timm hub folder, ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg``) +
+  ``model.safetensors`` (or ``pytorch_model.bin``, read with ``weights_only``): UNI
+  (``vit_large_patch16_224``), H-optimus-0 (``vit_giant_patch14_reg4_dinov2``), Virchow2
+  (``vit_huge_patch14_224`` with 4 registers and a SwiGLUPacked MLP);
+- a timm model name plus a weights file (``weights=``) and the model's kwargs (``model_args=``);
+- a transformers folder of a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (Phikon-v2).
+
+The architecture is read from the checkpoint itself: timm's model is instantiated on the meta device
+(no memory, no weights) to learn heads, patch size, registers and the position-embedding layout, and
+the MLP kind is taken from the weight shapes (Virchow2's hub config cannot name its SwiGLUPacked
+layer: a fc1 twice as wide as fc2's input identifies it; its gate is SiLU, as in every such model).
+
+Key map into FusedViT (timm ``VisionTransformer`` names, ``no_embed_class`` layout):
+
+=========================================================  ==============================
+timm                                                       FusedViT
+=========================================================  ==============================
+``patch_embed.proj``, ``cls_token``, ``reg_token``,        same names
+``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,
+ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}``, ``norm``
+``pos_embed`` rows of CLS / registers (no_embed_class off) added to ``cls_token`` / ``reg_token``
+``head.*``, ``fc_norm.*``                                  dropped (reported unused)
+=========================================================  ==============================
+
+=========================================================  ==============================
+transformers Dinov2                                        FusedViT
+=========================================================  ==============================
+``embeddings.cls_token`` + ``position_embeddings[:, 0]``   ``cls_token``
+``embeddings.position_embeddings[:, 1:]``                  ``pos_embed``
+``embeddings.register_tokens`` / ``mask_token``            ``reg_token`` / ``mask_token``
+``embeddings.patch_embeddings.projection``                 ``patch_embed.proj``
+``encoder.layer.N.norm1`` / ``norm2``                      ``blocks.N.norm1`` / ``norm2``
+``….attention.attention.{query,key,value}``                ``blocks.N.attn.qkv`` (stacked)
+  (transformers ≥ 5 in memory: ``attention.{q,k,v}_proj``)
+``….attention.output.dense`` (or ``attention.o_proj``)     ``blocks.N.attn.proj``
+``….layer_scale{1,2}.lambda1``                             ``blocks.N.ls{1,2}.gamma``
+``….mlp.fc1`` / ``fc2``                                    ``blocks.N.mlp.fc1`` / ``fc2``
+``….mlp.weights_in`` (or ``[gate_proj; up_proj]``)        ``blocks.N.mlp.fc1`` (SwiGLU)
+``….mlp.weights_out`` (or ``down_proj``)                   ``blocks.N.mlp.fc2`` (SwiGLU)
+``layernorm``                                              ``norm``
+=========================================================  ==============================
+
+Folding the CLS / register position rows into the tokens is exact: those tokens always sit at the
+same place. Every load returns a :class:`~histotx.model.fused.LoadReport` and fails unless all of
+the blocks' tensors load with their shapes (a silent non-strict load is the known failure mode).
+Position embeddings are interpolated like timm's (bicubic, antialiased) when grids differ.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from histotx.format import atomic_write_bytes, atomic_write_json
+from histotx.model.fused import PRESETS, FusedViT, FusedViTConfig, LoadReport, ModelConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp", "mlp_hidden_dim",
+                       "qkv_bias", "num_registers", "norm_eps")
+"""Fields a checkpoint fixes; the others (img_size, vocab, drop path, attention, ...) may be overridden."""
+
+TIMM_EXPORT_ARCHITECTURE = {"mlp": "vit_base_patch16_224", "swiglu": "vit_giant_patch14_dinov2"}
+"""Base timm names for :func:`save_timm`; ``model_args`` override every size, these fix the MLP kind."""
+
+
+@dataclass
+class Checkpoint:
+    """A backbone read from disk, already in FusedViT's key layout."""
+
+    source: str
+    state_dict: dict[str, torch.Tensor]
+    config: dict  # FusedViTConfig fields the checkpoint determines
+    pos_grid_hw: tuple[int, int]
+    dropped: list[str] = field(default_factory=list)
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or (never unpickling code) a torch ``.bin``/``.pth``."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in WEIGHT_FILES if (path / n).exists()]
+        if not found:
+            raise ModelConfigError(f"{path}: no {' or '.join(WEIGHT_FILES)} in this folder")
+        path = found[0]
+    if not path.exists():
+        raise ModelConfigError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ModelConfigError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def read_checkpoint(
+    source: str | Path, weights: str | Path | None = None, model_args: dict | None = None
+) -> Checkpoint:
+    """Read a timm hub folder, a transformers Dinov2 folder, or a timm name + ``weights`` file."""
+    path = Path(source)
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.exists():
+            raise ModelConfigError(f"{path}: no config.json; expected a timm or transformers model folder")
+        hub = json.loads(config_path.read_text())
+        state = read_weights(weights or path)
+        if "architecture" in hub:
+            args = {**hub.get("model_args", {}), **(model_args or {})}
+            return _from_timm(str(path), hub["architecture"], args, state, hub.get("pretrained_cfg", {}))
+        if str(hub.get("model_type", "")).startswith("dinov2"):
+            return _from_dinov2(path, state)
+        raise ModelConfigError(f"{config_path}: neither a timm config (no 'architecture') nor a Dinov2 config")
+    if weights is None:
+        raise ModelConfigError(f"{source}: not a folder; a timm model name needs weights=<file>")
+    return _from_timm(f"{source} ({weights})", str(source), dict(model_args or {}), read_weights(weights), {})
+
+
+def _preset_name(config: dict) -> str:
+    for name, (dim, depth, heads, mlp, _) in PRESETS.items():
+        if (dim, depth, heads, mlp) == (config["embed_dim"], config["depth"], config["num_heads"], config["mlp"]):
+            return name
+    return "custom"
+
+
+def _mlp_kind(state: dict[str, torch.Tensor], source: str) -> tuple[str, int]:
+    """("mlp" | "swiglu", fc1 width) from block 0's weight shapes."""
+    try:
+        fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
+    except KeyError:
+        found = sorted(state)[:6]
+        raise ModelConfigError(f"{source}: no blocks.0.mlp weights in the checkpoint (keys start {found}); "
+                               "the blocks would not load") from None
+    if fc1.shape[0] == fc2.shape[1]:
+        return "mlp", fc1.shape[0]
+    if fc1.shape[0] == 2 * fc2.shape[1]:
+        return "swiglu", fc1.shape[0]
+    raise ModelConfigError(f"{source}: MLP shapes fc1 {tuple(fc1.shape)} / fc2 {tuple(fc2.shape)} match neither "
+                           "a GELU MLP nor a packed SwiGLU")
+
+
+def _from_timm(source: str, architecture: str, args: dict, state: dict, pretrained_cfg: dict) -> Checkpoint:
+    import timm
+    from timm.layers import LayerScale
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    args = {**args, "num_classes": 0}
+    try:
+        with torch.device("meta"):
+            ref = timm.create_model(architecture, pretrained=False, **args)
+    except Exception as exc:  # timm raises several types for unknown names and bad kwargs
+        raise ModelConfigError(f"{source}: timm cannot build {architecture!r} with {args}: {exc}") from exc
+    unsupported = []
+    if not isinstance(ref, VisionTransformer):
+        unsupported.append(f"{type(ref).__name__} is not a timm VisionTransformer")
+    else:
+        block = ref.blocks[0]
+        checks = {
+            "no class token": not ref.has_class_token,
+            "attention pooling": ref.attn_pool is not None,
+            "pre-norm": not isinstance(ref.norm_pre, torch.nn.Identity),
+            "fc_norm instead of a final norm": not isinstance(ref.fc_norm, torch.nn.Identity),
+            "another block type": type(block) is not Block,
+            "q/k norm": not isinstance(block.attn.q_norm, torch.nn.Identity),
+            "no position embedding": ref.pos_embed is None,
+        }
+        unsupported += [name for name, bad in checks.items() if bad]
+    if unsupported:
+        raise ModelConfigError(f"{source}: {architecture} uses what FusedViT does not: {unsupported}")
+
+    mlp, hidden = _mlp_kind(state, source)
+    if mlp == "mlp" and not isinstance(block.mlp.act, torch.nn.GELU):
+        raise ModelConfigError(f"{source}: a plain MLP with {type(block.mlp.act).__name__}; FusedViT's uses GELU")
+    patch = ref.patch_embed.patch_size
+    grid = tuple(ref.patch_embed.grid_size)
+    if patch[0] != patch[1]:
+        raise ModelConfigError(f"{source}: non-square patches {patch}")
+    config = dict(
+        img_size=grid[0] * patch[0], patch_size=patch[0], embed_dim=ref.embed_dim, depth=len(ref.blocks),
+        num_heads=block.attn.num_heads, mlp=mlp, mlp_hidden_dim=hidden,
+        qkv_bias=block.attn.qkv.bias is not None, num_registers=ref.num_reg_tokens,
+        init_values=block.ls1.init_values if isinstance(block.ls1, LayerScale) else None, norm_eps=ref.norm.eps,
+    )
+
+    state = dict(state)
+    dropped = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
+    for k in dropped:
+        state.pop(k)
+    if not ref.no_embed_class and "pos_embed" in state:
+        n_prefix = ref.num_prefix_tokens
+        pos = state["pos_embed"]
+        state["cls_token"] = state["cls_token"] + pos[:, :1]
+        if ref.num_reg_tokens:
+            state["reg_token"] = state["reg_token"] + pos[:, 1:n_prefix]
+        state["pos_embed"] = pos[:, n_prefix:]
+    pos_rows = state["pos_embed"].shape[1] if "pos_embed" in state else 0
+    pos_grid = grid if pos_rows == grid[0] * grid[1] else None
+    mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
+    return Checkpoint(source, state, config, pos_grid, dropped,
+                      tuple(mean) if mean else None, tuple(std) if std else None)
+
+
+_DINOV2_RENAMES = [
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^embeddings\.mask_token$", "mask_token"),
+    (r"^embeddings\.register_tokens$", "reg_token"),
+    (r"^encoder\.layer\.(\d+)\.norm([12])\.", r"blocks.\1.norm\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.(output\.dense|o_proj)\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(fc1|fc2)\.", r"blocks.\1.mlp.\2."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.weights_in\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(weights_out|down_proj)\.", r"blocks.\1.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+]
+# Tensors that are concatenated (dim 0) into one: (pattern with the part name, parts in order, target).
+_DINOV2_STACKS = [
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$",
+     ("query", "key", "value"), r"blocks.{0}.attn.qkv.{2}"),
+    (r"^encoder\.layer\.(\d+)\.attention\.(q_proj|k_proj|v_proj)\.(weight|bias)$",
+     ("q_proj", "k_proj", "v_proj"), r"blocks.{0}.attn.qkv.{2}"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(gate_proj|up_proj)\.(weight|bias)$",
+     ("gate_proj", "up_proj"), r"blocks.{0}.mlp.fc1.{2}"),
+]
+
+
+def _from_dinov2(path: Path, state: dict) -> Checkpoint:
+    from transformers import AutoConfig
+
+    source = str(path)
+    hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if hf.hidden_act != "gelu":
+        raise ModelConfigError(f"{path}/config.json: hidden_act {hf.hidden_act!r}; FusedViT's MLP uses exact GELU")
+    state = {re.sub(r"^dinov2\.", "", k): v for k, v in state.items()}
+    out, dropped, stacks = {}, [], {}
+    for key, value in state.items():
+        for pattern, parts, target in _DINOV2_STACKS:
+            m = re.match(pattern, key)
+            if m:
+                stacks.setdefault(target.format(*m.groups()), {})[parts.index(m.group(2))] = (value, len(parts))
+                break
+        else:
+            for pattern, target in _DINOV2_RENAMES:
+                if re.match(pattern, key):
+                    out[re.sub(pattern, target, key)] = value
+                    break
+            else:
+                if key not in ("embeddings.cls_token", "embeddings.position_embeddings"):
+                    dropped.append(key)
+    for target, parts in stacks.items():
+        n = next(iter(parts.values()))[1]
+        if sorted(parts) != list(range(n)):
+            raise ModelConfigError(f"{source}: {target} lacks some of its {n} parts in the checkpoint")
+        out[target] = torch.cat([parts[i][0] for i in range(n)], dim=0)
+    pos = state["embeddings.position_embeddings"]
+    out["cls_token"] = state["embeddings.cls_token"] + pos[:, :1]
+    out["pos_embed"] = pos[:, 1:]
+    if "mask_token" in out:
+        out["mask_token"] = out["mask_token"].reshape(1, -1)
+
+    mlp, hidden = _mlp_kind(out, source)
+    if mlp != ("swiglu" if hf.use_swiglu_ffn else "mlp"):
+        raise ModelConfigError(f"{source}: use_swiglu_ffn={hf.use_swiglu_ffn} but the weights hold a {mlp} MLP")
+    grid = hf.image_size // hf.patch_size
+    config = dict(
+        img_size=grid * hf.patch_size, patch_size=hf.patch_size, embed_dim=hf.hidden_size,
+        depth=hf.num_hidden_layers, num_heads=hf.num_attention_heads, mlp=mlp, mlp_hidden_dim=hidden,
+        qkv_bias=hf.qkv_bias, num_registers=int(getattr(hf, "num_register_tokens", 0)),
+        init_values=hf.layerscale_value, norm_eps=hf.layer_norm_eps,
+    )
+    mean = std = None
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.exists():
+        pre = json.loads(preprocessor.read_text())
+        mean, std = pre.get("image_mean"), pre.get("image_std")
+    return Checkpoint(source, out, config, (grid, grid), sorted(dropped),
+                      tuple(mean) if mean else None, tuple(std) if std else None)
+
+
+def _load(model: FusedViT, ckpt: Checkpoint, strict: bool) -> LoadReport:
+    report = model.load_image_backbone_state_dict(ckpt.state_dict, ckpt.pos_grid_hw, ckpt.source, strict)
+    report.unexpected = sorted(report.unexpected + ckpt.dropped)
+    report.image_mean, report.image_std = ckpt.image_mean, ckpt.image_std
+    return report
+
+
+def load_pretrained(
+    source: str | Path,
+    weights: str | Path | None = None,
+    model_args: dict | None = None,
+    strict: bool = True,
+    **overrides,
+) -> tuple[FusedViT, LoadReport]:
+    """Build the FusedViT a checkpoint describes and load it. ``overrides`` set the fields a checkpoint
+    does not fix (``img_size`` interpolates the position embedding once, ``vocab_size``,
+    ``drop_path_rate``, ``attention``, ``grad_checkpointing``, ...)."""
+    ckpt = read_checkpoint(source, weights, model_args)
+    fixed = {k: (overrides[k], ckpt.config[k]) for k in ARCHITECTURE_FIELDS
+             if k in overrides and overrides[k] != ckpt.config[k]}
+    if fixed:
+        raise ModelConfigError(f"{ckpt.source}: the checkpoint fixes {fixed} (requested, checkpoint)")
+    config = FusedViTConfig(**{**ckpt.config, "size": _preset_name(ckpt.config), **overrides})
+    model = FusedViT(config)
+    return model, _load(model, ckpt, strict)
+
+
+def init_from_pretrained(
+    model: FusedViT,
+    source: str | Path,
+    weights: str | Path | None = None,
+    model_args: dict | None = None,
+    strict: bool = True,
+) -> LoadReport:
+    """Load a checkpoint's image backbone into an existing model (whose architecture must match)."""
+    ckpt = read_checkpoint(source, weights, model_args)
+    differ = {k: (getattr(model.config, k), ckpt.config[k]) for k in ARCHITECTURE_FIELDS
+              if getattr(model.config, k) != ckpt.config[k]}
+    if differ:
+        raise ModelConfigError(f"{ckpt.source}: model and checkpoint differ in {differ} (model, checkpoint)")
+    return _load(model, ckpt, strict)
+
+
+def save_timm(
+    model: FusedViT,
+    folder: str | Path,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Path:
+    """Write the image backbone as a timm hub folder (config.json + model.safetensors) that
+    ``timm.create_model('local-dir:<folder>', pretrained=True)`` loads with no extra kwargs."""
+    from safetensors.torch import save
+
+    cfg = model.config
+    if cfg.norm_eps != 1e-6:
+        raise ModelConfigError(f"timm's ViT fixes LayerNorm eps at 1e-6; this model uses {cfg.norm_eps}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_args = dict(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        # timm computes fc1's width as int(dim · ratio): aim half a unit above to survive the rounding.
+        mlp_ratio=(cfg.mlp_hidden_dim + 0.5) / cfg.embed_dim,
+        qkv_bias=cfg.qkv_bias, init_values=cfg.init_values, reg_tokens=cfg.num_registers,
+        no_embed_class=True, class_token=True, global_pool="token", num_classes=0, dynamic_img_size=True,
+    )
+    hub = {
+        "architecture": TIMM_EXPORT_ARCHITECTURE[cfg.mlp],
+        "num_classes": 0,
+        "num_features": cfg.embed_dim,
+        "global_pool": "token",
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [cfg.in_chans, cfg.img_size, cfg.img_size],
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(mean),
+            "std": list(std),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.image_backbone_state_dict().items()}
+    atomic_write_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write_json(folder / "config.json", hub)
+    return folder
