@@ -55,8 +55,11 @@ class Vocab:
             idx = len(self.symbols)
             self.symbols.append(symbol)
             self.ensembl.append(ensembl_id)
-        elif ensembl_id and not self.ensembl[idx]:
-            self.ensembl[idx] = ensembl_id
+        else:  # fill in what an earlier cohort did not know; the id itself never changes
+            if ensembl_id and not self.ensembl[idx]:
+                self.ensembl[idx] = ensembl_id
+            if symbol and not self.symbols[idx]:
+                self.symbols[idx] = symbol
         if ensembl_id:
             self._by_ensembl.setdefault(self._key_ensembl(ensembl_id), idx)
         if symbol:

@@ -112,22 +112,15 @@ def _run(args) -> int:
 
 
 def _scan(args) -> int:
-    import os
-
     from sharding.cohort import dump_cohort
     from sharding.scan import scan
 
-    entries = scan(args.root)
-    # scan() gives paths relative to the scanned root; the cohort file's paths are relative to itself.
-    root, base = args.root.resolve(), args.out.resolve().parent
-    for e in entries:
-        for k in ("slide", "data", "alignment"):
-            if e.get(k) and not Path(e[k]).is_absolute():
-                e[k] = os.path.relpath(root / e[k], base)
+    args.out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    entries = scan(args.root, relative_to=args.out.resolve().parent)  # cohort paths are relative to the file
     dump_cohort(entries, args.out)
     logging.getLogger(__name__).info("found %d samples under %s", len(entries), args.root)
-    print(f"wrote {args.out} with {len(entries)} samples; check slide paths and patients, then run "
-          f"`histotx shard run {args.out} --out SHARDS`")
+    print(f"wrote {args.out} with {len(entries)} samples; check slide paths (TODO entries) and patients, then "
+          f"run `histotx shard run {args.out} --out SHARDS`")
     return 0 if entries else 1
 
 
