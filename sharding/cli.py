@@ -75,7 +75,7 @@ def _summary_table(manifest: dict) -> None:
 
     table = Table(title="histotx shard: summary")
     for col in ("sample", "technology", "status", "tiles", "sites kept", "dropped", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for sid, rec in manifest["samples"].items():
         dropped = ", ".join(f"{k}={v}" for k, v in (rec.get("dropped") or {}).items())
         note = rec.get("error") or "; ".join(rec.get("warnings") or []) or ("resumed" if rec.get("resumed") else "")

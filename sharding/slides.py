@@ -112,7 +112,7 @@ class Slide:
         tif = tifffile.TiffFile(self.path)
         self._tif = tif
         if not tif.series:
-            raise InputError(self.path, "TIFF holds no image series")
+            raise InputError(self.path, "TIFF holds no image series (truncated, or not a slide image?)")
         series = tif.series[0]
         axes = series.axes
         if axes not in ("YXS", "YX", "CYX", "SYX"):
