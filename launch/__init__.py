@@ -1,0 +1,1 @@
+"""Per-rank entry points for torchrun, the deepspeed launcher and srun."""
