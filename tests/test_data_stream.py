@@ -65,9 +65,9 @@ def test_ranks_split_the_shards_and_take_equal_steps(shards):
 
 
 def test_too_few_shards_fails_clearly_unless_resampled(shards):
-    with pytest.raises(ValueError, match=r"4 shards cannot feed 2 ranks × 3 workers.*resample"):
-        make_loader(shards, world_size=2, num_workers=3)
-    loader = make_loader(shards, world_size=2, num_workers=3, resample=True)
+    with pytest.raises(ValueError, match=r"4 shards cannot feed 3 ranks × 2 workers.*resample"):
+        make_loader(shards, world_size=3, num_workers=2)
+    loader = make_loader(shards, world_size=3, num_workers=2, resample=True)
     batches = list(islice(loader, 7))
     assert len(batches) == 7 and all(len(b["items"]) == 4 for b in batches)
 
