@@ -5,7 +5,10 @@ worker *slot* (``W`` slots per rank, ``W`` = DataLoader workers). Each slot read
 (cycling, reshuffled, if it needs more), through a shuffle buffer of raw member bytes, and decodes each
 sample with :mod:`histotx.format` (never webdataset's decoders, never pickle). With ``resample`` a slot
 draws shards with replacement instead. Batch ``b`` of epoch ``e`` comes from slot ``b % W``; every rank
-yields exactly ``steps_per_epoch`` batches per epoch, so ranks never wait on each other.
+yields exactly ``steps_per_epoch`` batches per epoch, so ranks never wait on each other. An epoch
+covers every tile once when each slot's shards hold its share of the epoch's samples (equal shards,
+``steps_per_epoch`` a multiple of ``W``); otherwise a slot runs short and repeats (reshuffled) or stops
+early, and the next epoch reshuffles.
 
 Randomness. Each sample's augmentation uses a generator seeded by ``(seed, e, rank, slot, position)``
 and each batch's collation one seeded by ``(seed, e, rank, b)``: a sample's views and a batch's masks
@@ -152,14 +155,14 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"ShardStream was set up for {self.n_slots} workers but runs in {n_workers}")
         cfg, stats = self.cfg, LoaderStats()
         start_epoch = self.start_batch // self.steps_per_epoch
-        current, stream = None, None
+        current, stream, bad_run = None, None, 0
         for g in itertools.count(self.start_batch + worker, n_workers):
             epoch, index = divmod(g, self.steps_per_epoch)
             slot = index % n_workers
             if current != (epoch, slot):
                 start = self.start_positions.get(slot, 0) if epoch == start_epoch else 0
                 current, stream, position = (epoch, slot), self._slot_stream(epoch, slot, start, stats), start
-            items, bad_run = [], 0
+            items = []
             while len(items) < cfg.batch_size:
                 position, raw = next(stream)
                 try:
