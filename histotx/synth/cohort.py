@@ -230,7 +230,8 @@ def _make_sample(variant: str, seed: int, size: str, out: Path, model: Expressio
     tissue = Tissue.random(np.random.default_rng(tissue_seed), spec.width * spec.mpp, spec.height * spec.mpp)
     cells = Cells.sample(np.random.default_rng(cell_seed), tissue)
     patient_scale = model.patient_scale(np.random.default_rng([seed, 1000 + patient_index]))
-    image = render_he(tissue, cells, spec.width, spec.height, spec.mpp, int(render_seed.generate_state(1)[0]))
+    sample_seed = int(render_seed.generate_state(1)[0])  # pixel noise, and the OME UUID
+    image = render_he(tissue, cells, spec.width, spec.height, spec.mpp, sample_seed)
     s = _Sample(variant, patient, spec, tissue, cells, model.cell_rates(cells, patient_scale), np.random.default_rng(rng_seed))
     if variant in ("visium", "visium_sr2"):
         plan = _visium(s, out, model, 1 if variant == "visium" else 2)
@@ -245,7 +246,7 @@ def _make_sample(variant: str, seed: int, size: str, out: Path, model: Expressio
     painted = markers and plan.marks is not None
     if painted:
         paint_markers(image, plan.marks)
-    write_slide(plan.slide, image, spec.mpp, spec.layout, seed=seed)
+    write_slide(plan.slide, image, spec.mpp, spec.layout, seed=sample_seed)
     if plan.write is not None:
         plan.write(image)
     technology = TECHNOLOGY.get(variant, variant)

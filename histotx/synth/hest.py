@@ -32,7 +32,11 @@ def write_hest_sample(root: Path, sample_id: str, spots: Spots, counts: sp.csr_m
         index=pd.Index(spots.barcodes, name=None),
     )
     var = pd.DataFrame(
-        {"gene_ids": [g[1] for g in genes], "feature_types": "Gene Expression", "genome": "GRCh38"},
+        {
+            "gene_ids": [g[1] for g in genes],
+            "feature_types": pd.Categorical(["Gene Expression"] * len(genes)),
+            "genome": pd.Categorical(["GRCh38"] * len(genes)),
+        },
         index=pd.Index([g[0] for g in genes]),
     )
     adata = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=obs, var=var)

@@ -26,43 +26,46 @@ _SIZES = np.array([0.85, 1.0, 1.15])
 _ANGLES = 8
 
 
-def _nucleus_bank(mpp: float, radius_um: np.ndarray) -> tuple[list[np.ndarray], int]:
-    """Soft elliptical nucleus stamps per (region, size, angle), and their common half-width in px."""
-    half = int(np.ceil(radius_um.max() * _SIZES.max() * np.sqrt(NUCLEUS_ELONGATION.max()) / mpp)) + 1
+def _nucleus_bank(mpp: float) -> tuple[list[np.ndarray], int]:
+    """Soft elliptical nucleus stamps (opacity included) per (region, size, angle), and their half-width in px."""
+    half = int(np.ceil(NUCLEUS_RADIUS_UM.max() * _SIZES.max() * np.sqrt(NUCLEUS_ELONGATION.max()) / mpp)) + 1
     v, u = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
     bank = []
-    for r, name in enumerate(REGIONS):
+    for r in range(len(REGIONS)):
         e = np.sqrt(NUCLEUS_ELONGATION[r])
         for s in _SIZES:
-            a = radius_um[r] * s * e / mpp
-            b = radius_um[r] * s / e / mpp
+            a = NUCLEUS_RADIUS_UM[r] * s * e / mpp
+            b = NUCLEUS_RADIUS_UM[r] * s / e / mpp
             for k in range(_ANGLES):
                 t = np.pi * k / _ANGLES
                 p = u * np.cos(t) + v * np.sin(t)
                 q = -u * np.sin(t) + v * np.cos(t)
                 rho = np.sqrt((p / a) ** 2 + (q / b) ** 2)
-                bank.append(np.clip((1.0 - rho) * b + 0.5, 0.0, 1.0).astype(np.float32))
+                bank.append((np.clip((1.0 - rho) * b + 0.5, 0.0, 1.0) * NUCLEUS_OPACITY[r]).astype(np.float32))
     return bank, half
 
 
-def _stamp_index(cells: Cells, base_radius_um: np.ndarray) -> np.ndarray:
-    size = np.argmin(np.abs(cells.radius_um[:, None] / base_radius_um[cells.region][:, None] - _SIZES), axis=1)
+def _stamp_index(cells: Cells) -> np.ndarray:
+    size = np.argmin(np.abs(cells.radius_um[:, None] / NUCLEUS_RADIUS_UM[cells.region][:, None] - _SIZES), axis=1)
     angle = np.round(cells.angle / np.pi * _ANGLES).astype(int) % _ANGLES
     return (cells.region.astype(int) * len(_SIZES) + size) * _ANGLES + angle
 
 
 def render_he(tissue: Tissue, cells: Cells, width: int, height: int, mpp: float, seed: int, stripe: int = 256) -> np.ndarray:
-    """The level-0 RGB image (height, width, 3) uint8; pixel (i, j) shows the tissue at ((i+½)·mpp, (j+½)·mpp) µm."""
+    """The level-0 RGB image (height, width, 3) uint8; pixel (i, j) shows the tissue at ((i+½)·mpp, (j+½)·mpp) µm.
+
+    The tissue's own fields decide colour and texture; ``seed`` only drives the pixel noise.
+    """
     out = np.empty((height, width, 3), dtype=np.uint8)
     xs = (np.arange(width) + 0.5) * mpp
     step = max(1, int(2.0 / mpp))
     stripe = max(step, stripe // step * step)
-    bank, half = _nucleus_bank(mpp, NUCLEUS_RADIUS_UM)
-    stamp = _stamp_index(cells, NUCLEUS_RADIUS_UM)
+    bank, half = _nucleus_bank(mpp)
+    stamp = _stamp_index(cells)
     cx = np.floor(cells.xy_um[:, 0] / mpp).astype(np.int64)
     cy = np.floor(cells.xy_um[:, 1] / mpp).astype(np.int64)
     order = np.argsort(cy, kind="stable")
-    cx, cy, stamp, cregion = cx[order], cy[order], stamp[order], cells.region[order]
+    cx, cy, stamp = cx[order], cy[order], stamp[order]
     # Pixel noise (sensor grain) from a block of rows that repeats down the slide: cheap, and invisible.
     noise = np.random.default_rng(seed).standard_normal((min(height, 512), width), dtype=np.float32) * 3.0
     for y0 in range(0, height, stripe):
@@ -75,14 +78,14 @@ def render_he(tissue: Tissue, cells: Cells, width: int, height: int, mpp: float,
         edge = np.clip(tissue.mask.raster(xs, ys) / EDGE_WIDTH + 0.5, 0.0, 1.0)
         # np.take: several times faster than fancy indexing for these small lookup tables.
         texture = 1.0 + FIBRE_AMP.take(region) * tissue.fibres.raster(xs, ys) + GRAIN_AMP.take(region) * tissue.grain.raster(xs, ys)
-        # Nuclei: the strongest stamp wins where two overlap; each stamp's opacity is its own region's.
+        # Nuclei: the most opaque stamp wins where two overlap.
         # Padded by 2·half so stamps of cells just above/below the stripe fit; stamp (y, x) covers padded
         # rows y - y0 + half … y - y0 + 3·half.
         nuclei = np.zeros((h + 4 * half, width + 4 * half), dtype=np.float32)
         lo, hi = np.searchsorted(cy, [y0 - half, y1 + half])
-        for x, y, k, r in zip(cx[lo:hi], cy[lo:hi], stamp[lo:hi], cregion[lo:hi]):
+        for x, y, k in zip(cx[lo:hi], cy[lo:hi], stamp[lo:hi]):
             win = nuclei[y - y0 + half : y - y0 + 3 * half + 1, x + half : x + 3 * half + 1]
-            np.maximum(win, bank[k] * NUCLEUS_OPACITY[r], out=win)
+            np.maximum(win, bank[k], out=win)
         nuclei = nuclei[2 * half : 2 * half + h, 2 * half : 2 * half + width]
         rgb = EOSIN.take(region, axis=0) * texture[..., None]
         rgb += (HAEMATOXYLIN.take(region, axis=0) - rgb) * nuclei[..., None]
