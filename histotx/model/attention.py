@@ -38,7 +38,7 @@ def xformers_usable() -> bool:
         from xformers.ops import fmha
 
         q = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
-        fmha.memory_efficient_attention(q, q, q, attn_bias=fmha.BlockDiagonalMask.from_seqlens([3, 5]))
+        fmha.memory_efficient_attention(q, q, q, attn_bias=fmha.BlockDiagonalMask.from_seqlens([3, 5], device=q.device))
     except Exception as exc:  # any failure (missing wheel, ABI mismatch, no kernel) means: do not use it
         _log.warning("xformers attention unavailable, falling back to torch SDPA: %s", exc)
         return False
@@ -104,7 +104,7 @@ class PackedSeq:
     def block_diagonal_mask(self):
         from xformers.ops import fmha
 
-        return self._cached("xformers", lambda: fmha.BlockDiagonalMask.from_seqlens(self.lengths))
+        return self._cached("xformers", lambda: fmha.BlockDiagonalMask.from_seqlens(self.lengths, device=self.device))
 
     def flex_block_mask(self):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -115,7 +115,9 @@ class PackedSeq:
             def same_sample(b, h, q_idx, kv_idx):
                 return doc[q_idx] == doc[kv_idx]
 
-            return create_block_mask(same_sample, None, None, self.total, self.total, device=self.device)
+            # compiled on CUDA so that building the mask does not evaluate a tokens × tokens grid
+            return create_block_mask(same_sample, None, None, self.total, self.total, device=self.device,
+                                     _compile=self.device.type == "cuda")
 
         return self._cached("flex", build)
 

@@ -1,0 +1,348 @@
+"""Packed variable-length attention against a padded-to-max batch, on realistic token counts.
+
+Sequence lengths come from binning tiles with :func:`histotx.tokens.bin_grid` at 2, 8, 16 and 55 µm:
+tiles of a real shard set (``--shards DIR``) or, by default, synthetic 112 µm tiles of four kinds
+(Visium HD 2 µm bins, Xenium molecules, 55 µm Visium spots, image only) with a random tissue edge.
+Each sample's sequence is CLS + registers + image patches + its transcript tokens.
+
+For every resolution it times attention forward + backward:
+
+- padded: every sample padded to the batch maximum, SDPA with a key-padding mask;
+- each packed backend of :mod:`histotx.model.attention` (CPU: sdpa, reference; CUDA: xformers, flex, sdpa);
+- ideal = padded time × Σ Lᵢ² / (B · Lmax²), the padded cost scaled to the work that is not padding.
+
+and prints packed ÷ ideal (target ≤ 1.1 on GPU) and peak memory (CUDA: the allocator's peak above
+the inputs; CPU, Linux: the rise of the resident set's high-water mark, each in a fresh process).
+
+    python benchmarks/attention.py                      # CPU, small settings, about a minute
+    python benchmarks/attention.py --device cuda --batch 32 --heads 16 --head-dim 64
+    python benchmarks/attention.py --gpu-check          # xformers ≡ SDPA in bf16; ViT-L fused throughput
+    python benchmarks/attention.py --gpu-check --device cpu --size tiny --batch 2 --transcripts 0 196
+                                                        # the same, exercised on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing
+import statistics
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from histotx.format import GRID_EXTENSION, TranscriptGrid, decode_grid
+from histotx.model.attention import PackedSeq, attend, xformers_usable
+from histotx.tokens import bin_grid
+
+TILE_UM = 112.0
+
+
+# ----------------------------------------------------------------------------------------- token counts
+
+
+def _tissue(rng: np.random.Generator, xy: np.ndarray, tile_px: float) -> np.ndarray:
+    """A straight tissue edge at a random angle covering 20–100 % of the tile."""
+    angle = rng.uniform(0, 2 * np.pi)
+    proj = (xy - tile_px / 2) @ np.array([np.cos(angle), np.sin(angle)])
+    return proj < rng.uniform(-0.3, 0.75) * tile_px
+
+
+def _grid(rng, xy, genes_per_site, vocab, footprint_um, shape) -> TranscriptGrid:
+    nnz = rng.integers(1, genes_per_site + 1, size=len(xy))
+    offsets = np.concatenate([[0], np.cumsum(nnz)])
+    return TranscriptGrid(xy, offsets, rng.integers(0, vocab, offsets[-1]), rng.integers(1, 4, offsets[-1]),
+                          footprint_um, shape)
+
+
+def synthetic_grids(n_tiles: int, mpp: float, seed: int = 0) -> list[TranscriptGrid]:
+    rng = np.random.default_rng(seed)
+    tile_px = TILE_UM / mpp
+    grids = []
+    for i in range(n_tiles):
+        kind = ("visium_hd", "xenium", "visium", "image_only")[i % 4]
+        if kind == "visium_hd":
+            ticks = (np.arange(int(TILE_UM / 2)) + 0.5) * (2 / mpp)
+            xy = np.stack(np.meshgrid(ticks, ticks), -1).reshape(-1, 2)
+            xy = xy[_tissue(rng, xy, tile_px) & (rng.random(len(xy)) > 0.1)]
+            grids.append(_grid(rng, xy, 6, 18000, 2.0, "square"))
+        elif kind == "xenium":
+            xy = rng.uniform(0, tile_px, size=(rng.poisson(TILE_UM ** 2 * rng.uniform(0.3, 1.5)), 2))
+            grids.append(_grid(rng, xy[_tissue(rng, xy, tile_px)], 1, 5000, 0.0, "point"))
+        elif kind == "visium":
+            pitch = 100 / mpp
+            rows = np.arange(-1, 3)
+            xy = np.array([[(c + 0.5 * (r % 2)) * pitch, r * pitch * np.sqrt(3) / 2] for r in rows for c in range(-1, 3)])
+            xy = xy + rng.uniform(0, pitch, size=2)
+            xy = xy[(xy >= 0).all(1) & (xy < tile_px).all(1)]
+            grids.append(_grid(rng, xy, 40, 18000, 55.0, "disk"))
+        else:
+            grids.append(TranscriptGrid.empty())
+    return grids
+
+
+def shard_grids(folder: Path, limit: int) -> tuple[list[TranscriptGrid], float]:
+    """Transcript grids (and their µm/px) of up to ``limit`` tiles of a shard set."""
+    import json
+
+    grids, mpps = [], []
+    for tar in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for member in tf:
+                if member.name.endswith("." + GRID_EXTENSION):
+                    grids.append(decode_grid(tf.extractfile(member).read()))
+                elif member.name.endswith(".json"):
+                    mpps.append(json.loads(tf.extractfile(member).read())["mpp"])
+                if len(grids) >= limit and len(mpps) >= limit:
+                    return grids, float(np.median(mpps))
+    if not grids:
+        raise SystemExit(f"{folder}: no *.tar shards with .{GRID_EXTENSION} members")
+    return grids, float(np.median(mpps))
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _padded_step(lengths, heads, dim, device, dtype):
+    """Forward + backward of SDPA over the batch padded to its longest sample (key-padding mask)."""
+    b, n = len(lengths), max(lengths)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(b, heads, n, dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    keep = (torch.arange(n)[None] < torch.tensor(lengths)[:, None]).to(device)[:, None, None]
+    grad = torch.randn(b, heads, n, dim, generator=g).to(device, dtype)
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v, attn_mask=keep).backward(grad)
+    return step
+
+
+def _packed_step(lengths, heads, dim, device, dtype, backend):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    qkv = torch.randn(sum(lengths), 3, heads, dim, generator=g).to(device, dtype).requires_grad_()
+    grad = torch.randn(sum(lengths), heads, dim, generator=g).to(device, dtype)
+    seq = PackedSeq(lengths, device, backend)
+
+    def step():
+        attend(qkv, seq).backward(grad)
+    return step
+
+
+def _make_step(variant, lengths, heads, dim, device, dtype):
+    if variant == "padded":
+        return _padded_step(lengths, heads, dim, device, dtype)
+    return _packed_step(lengths, heads, dim, device, dtype, variant)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _cpu_peak_mib(variant, lengths, heads, dim) -> float:
+    """In a fresh process: how far a forward + backward lifts the resident set above where it
+    started (after one warm-up step, since first calls also initialise libraries; Linux: the
+    high-water mark is reset to the current RSS first)."""
+    step = _make_step(variant, lengths, heads, dim, torch.device("cpu"), torch.float32)
+    step()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def peak_mib(variant, lengths, heads, dim, device, dtype) -> float:
+    if device.type == "cuda":
+        step = _make_step(variant, lengths, heads, dim, device, dtype)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    spawn = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(_cpu_peak_mib, variant, lengths, heads, dim).result()
+
+
+def benchmark(args) -> None:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.shards:
+        grids, mpp = shard_grids(Path(args.shards), args.tiles)
+    else:
+        grids, mpp = synthetic_grids(args.tiles, args.mpp), args.mpp
+    tile_px = int(round(TILE_UM / mpp))
+    n_patches = (tile_px // args.patch) ** 2
+    backends = args.backends or (["xformers", "flex", "sdpa"] if device.type == "cuda" else ["sdpa", "reference"])
+    backends = [b for b in backends if b != "xformers" or xformers_usable()]
+    rng = np.random.default_rng(args.seed)
+    print(f"{len(grids)} tiles ({'shards ' + args.shards if args.shards else 'synthetic'}), {tile_px} px at "
+          f"{mpp} µm/px, {n_patches} patches + {1 + args.registers} prefix; batch {args.batch}, heads {args.heads}, "
+          f"head dim {args.head_dim}, {dtype}, {device}; attention forward+backward, median of {args.repeats}")
+    header = f"{'r µm':>5} {'tokens mean/max':>16} {'Lmax':>5} {'ΣL²share':>8} {'padded ms':>9} {'ideal ms':>8}"
+    print(header + "".join(f" | {b:>9} ms  ÷ideal" for b in backends) + ("  | peak MiB: padded, " + ", ".join(backends)
+                                                                       if args.memory else ""))
+    for r in args.resolutions:
+        tokens = np.array([bin_grid(g, mpp, r, (tile_px, tile_px)).n_cells for g in grids])
+        batch = rng.choice(len(grids), size=args.batch, replace=len(grids) < args.batch)
+        lengths = [int(1 + args.registers + n_patches + tokens[i]) for i in batch]
+        share = sum(n * n for n in lengths) / (len(lengths) * max(lengths) ** 2)
+        padded = _median_seconds(_make_step("padded", lengths, args.heads, args.head_dim, device, dtype),
+                                 args.repeats, device)
+        ideal = padded * share
+        row = (f"{r:>5g} {f'{tokens.mean():.0f}/{tokens.max()}':>16} {max(lengths):>5} {share:>8.3f} "
+               f"{padded * 1e3:>9.1f} {ideal * 1e3:>8.1f}")
+        for backend in backends:
+            t = _median_seconds(_make_step(backend, lengths, args.heads, args.head_dim, device, dtype),
+                                args.repeats, device)
+            row += f" | {t * 1e3:>12.1f} {t / ideal:>7.2f}"
+        if args.memory:
+            mems = [peak_mib(v, lengths, args.heads, args.head_dim, device, dtype) for v in ["padded", *backends]]
+            row += "  | " + ", ".join(f"{m:.0f}" for m in mems)
+        print(row, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- GPU check
+
+
+def equivalence(device: torch.device) -> None:
+    """xformers (and flex) against SDPA on one packed bf16 batch: outputs and gradients."""
+    lengths, heads = [197, 3333, 1, 600], 16 if device.type == "cuda" else 2  # ViT-L heads on the GPU
+    g = torch.Generator(device="cpu").manual_seed(0)
+    qkv = torch.randn(sum(lengths), 3, heads, 64, generator=g).to(device, torch.bfloat16)
+    grad = torch.randn(sum(lengths), heads, 64, generator=g).to(device, torch.bfloat16)
+
+    def run(backend):
+        x = qkv.clone().requires_grad_()
+        out = attend(x, PackedSeq(lengths, device, backend))
+        out.backward(grad)
+        return out.float(), x.grad.float()
+
+    ref_out, ref_grad = run("sdpa")
+    others = [b for b in ("xformers", "flex") if (b != "xformers" or xformers_usable())]
+    if device.type != "cuda":
+        others = ["reference"]
+    for backend in others:
+        out, grad_ = run(backend)
+        d_out, d_grad = (out - ref_out).abs().max().item(), (grad_ - ref_grad).abs().max().item()
+        ok = d_out < 2e-2 and d_grad < 3e-2
+        print(f"equivalence {backend} vs sdpa, {qkv.dtype}, lengths {lengths}: max |Δout| {d_out:.2e}, "
+              f"max |Δgrad| {d_grad:.2e} → {'OK' if ok else 'MISMATCH'}")
+        if not ok:
+            raise SystemExit(1)
+
+
+def model_flops(cfg, lengths: list[int]) -> float:
+    """Matmul FLOPs of one forward: per token the block's linears, per sample the two L × L products."""
+    d, hidden = cfg.embed_dim, cfg.mlp_hidden_dim
+    fc2_in = hidden // 2 if cfg.mlp == "swiglu" else hidden
+    per_token = 2 * (4 * d * d + d * hidden + fc2_in * d)
+    return cfg.depth * (per_token * sum(lengths) + sum(4 * n * n * d for n in lengths))
+
+
+def throughput(args, device: torch.device) -> None:
+    from histotx.model import FusedViT, FusedViTConfig, TranscriptBatch
+    from histotx.tokens import TranscriptCells
+
+    cfg = FusedViTConfig(size=args.size, img_size=args.img_size, patch_size=args.patch, vocab_size=20000,
+                         attention=args.attention, grad_checkpointing=args.checkpointing)
+    model = FusedViT(cfg).to(device).train()
+    n_patches = (args.img_size // args.patch) ** 2
+    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+    rng = np.random.default_rng(0)
+    print(f"FusedViT {args.size}/{args.patch} at {args.img_size} px, bf16 autocast, "
+          f"attention {PackedSeq([1], device, cfg.attention).backend}, checkpointing {cfg.grad_checkpointing}; "
+          "TFLOP/s counts forward + backward as 3 × the forward's matmuls")
+    for n_tx in args.transcripts:
+        batch = args.batch or max(1, args.tokens_per_step // (1 + n_patches + n_tx))
+        cells = []
+        for _ in range(batch):
+            nnz = rng.integers(5, 40, size=n_tx)
+            offsets = np.concatenate([[0], np.cumsum(nnz)])
+            cells.append(TranscriptCells(rng.uniform(0, args.img_size, (n_tx, 2)), offsets,
+                                         rng.integers(0, 20000, offsets[-1]), rng.uniform(0, 5, offsets[-1]), 2.0))
+        tx = TranscriptBatch.collate(cells).to(device)
+        images = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            with amp:
+                out = model(images, tx)
+                loss = out.cls.float().square().mean() + out.patch.float().mean()
+                if n_tx:
+                    loss = loss + out.transcript.float().mean()
+            loss.backward()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = _median_seconds(step, args.repeats, device)
+        lengths = [1 + n_patches + n_tx] * batch
+        flops = 3 * model_flops(cfg, lengths)  # forward + backward ≈ 3 × forward
+        mem = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
+        print(f"  {n_tx:>5} transcript tokens/sample, batch {batch:>3}: {sum(lengths) / seconds:,.0f} tokens/s, "
+              f"{flops / seconds / 1e12:.2f} TFLOP/s, {seconds * 1e3:.1f} ms/step{mem}", flush=True)
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--shards", help="a shard folder to take token counts from (default: synthetic tiles)")
+    p.add_argument("--tiles", type=int, default=64, help="tiles to draw token counts from")
+    p.add_argument("--mpp", type=float, default=0.5, help="µm/px of the synthetic tiles")
+    p.add_argument("--resolutions", type=float, nargs="+", default=[2, 8, 16, 55])
+    p.add_argument("--batch", type=int, help="samples per batch (default: 32 on CUDA, 4 on CPU; --gpu-check: "
+                   "as many as --tokens-per-step allows)")
+    p.add_argument("--tokens-per-step", type=int, default=32768, help="--gpu-check: token budget of one step")
+    p.add_argument("--heads", type=int, default=16 if cuda else 2)
+    p.add_argument("--head-dim", type=int, default=64 if cuda else 32)
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--registers", type=int, default=0)
+    p.add_argument("--backends", nargs="+", help="packed backends to time (default: all that run here)")
+    p.add_argument("--repeats", type=int, default=5 if cuda else 2)
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurements")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-check", action="store_true",
+                   help="xformers/flex ≡ SDPA in bf16, then fused-model forward+backward throughput")
+    p.add_argument("--size", default="L", help="--gpu-check: model size preset")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--transcripts", type=int, nargs="+", default=[0, 196, 3136],
+                   help="--gpu-check: transcript tokens per sample")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--checkpointing", action="store_true")
+    args = p.parse_args()
+    if args.batch is None and not args.gpu_check:
+        args.batch = 32 if args.device == "cuda" else 4
+    torch.manual_seed(args.seed)
+    if args.gpu_check:
+        device = torch.device(args.device)
+        equivalence(device)
+        throughput(args, device)
+    else:
+        benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
