@@ -62,6 +62,8 @@ def test_output_shapes_and_collate():
     assert out.cls.shape == (3, 64) and out.registers.shape == (3, 2, 64) and out.patch.shape == (3, 16, 64)
     assert out.transcript.shape == (27, 64) and out.transcript_lengths.tolist() == [0, 7, 20]
     assert out.grid_size == (4, 4)
+    with pytest.raises(ValueError, match="summing"):
+        TranscriptBatch(torch.tensor([1, 1]), tb.xy, tb.offsets, tb.gene, tb.weight, tb.resolution_um)
     with pytest.raises(ValueError, match="one token resolution"):
         TranscriptBatch.collate([random_cells(3, 0, resolution_um=8.0), random_cells(3, 1, resolution_um=16.0)])
 
@@ -227,6 +229,15 @@ def test_backbone_state_dict_round_trip_and_loud_failures():
     # a 6×6 grid checkpoint is interpolated to the model's 4×4 grid
     big = dict(sd, pos_embed=torch.randn(1, 36, 64))
     assert fresh.load_image_backbone_state_dict(big).resized == ["pos_embed (6, 6) → (4, 4)"]
+
+
+def test_optimiser_helpers():
+    model = tiny()
+    no_decay = model.no_weight_decay()
+    assert {"pos_embed", "cls_token", "blocks.0.ls1.gamma", "blocks.0.norm1.weight", "transcript.modality"} <= no_decay
+    assert "blocks.0.attn.qkv.weight" not in no_decay and "transcript.gene_embed.weight" not in no_decay
+    assert [model.layer_id(n) for n in ("pos_embed", "blocks.0.mlp.fc1.weight", "blocks.1.ls2.gamma", "norm.bias")] \
+        == [0, 1, 2, 3]
 
 
 def test_config_presets_yaml_and_validation():

@@ -77,6 +77,13 @@ def test_uni_layout(tmp_path):
     torch.testing.assert_close(again.forward_features(torch.ones(1, 3, 64, 64)),
                                uni.forward_features(torch.ones(1, 3, 64, 64)))
 
+    # hub folders holding pytorch_model.bin instead (read with weights_only) load the same
+    as_bin = tmp_path / "uni_bin"
+    as_bin.mkdir()
+    (as_bin / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(uni.state_dict(), as_bin / "pytorch_model.bin")
+    assert_same_image_outputs(load_pretrained(as_bin)[0], uni, 64)
+
     model, report = load_pretrained(folder, vocab_size=50)
     assert model.config.size == "custom" and model.config.mlp == "mlp" and model.config.num_registers == 0
     check_report(report, model)

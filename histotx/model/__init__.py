@@ -13,7 +13,8 @@ Model side:
 
     ``FusedViT(FusedViTConfig(size="L", patch_size=16, num_registers=0, mlp="mlp"|"swiglu",
     init_values=1e-5, drop_path_rate=..., vocab_size=..., attention="auto"|"sdpa"|"xformers"|"flex"|
-    "reference", grad_checkpointing=False))``; sizes tiny, S, B, L, H, g.
+    "reference", grad_checkpointing=False))``; sizes tiny, S, B, L, H, g, or custom (explicit embed_dim,
+    depth, num_heads); ``vocab_size=0`` builds an image-only backbone. YAML presets: configs/model/.
 
     ``model(images (B,3,H,W) | None, transcripts=TranscriptBatch | None, image_present=(B,) bool,
     image_mask=(B, Np) bool, transcript_mask=(T,) bool, image_hw=(H, W) when images is None)``

@@ -346,8 +346,9 @@ class FusedViT(nn.Module):
     # ------------------------------------------------------------------ optimiser helpers
 
     def no_weight_decay(self) -> set[str]:
-        """Names kept out of weight decay (DINOv2's rule: biases, norms, LayerScale, tokens, embeddings of position)."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in
+        """Names kept out of weight decay (DINOv2's rule: biases, norms, LayerScale, tokens, position
+        embedding). Uses ZeRO-3's recorded shape when parameters are already partitioned."""
+        return {n for n, p in self.named_parameters() if len(getattr(p, "ds_shape", p.shape)) <= 1 or n in
                 ("cls_token", "reg_token", "pos_embed", "mask_token")}
 
     def layer_id(self, name: str) -> int:

@@ -47,7 +47,9 @@ transformers Dinov2                                        FusedViT
 Folding the CLS / register position rows into the tokens is exact: those tokens always sit at the
 same place. Every load returns a :class:`~histotx.model.fused.LoadReport` and fails unless all of
 the blocks' tensors load with their shapes (a silent non-strict load is the known failure mode).
-Position embeddings are interpolated like timm's (bicubic, antialiased) when grids differ.
+Position embeddings are interpolated like timm's (bicubic, antialiased) when grids differ; transformers'
+Dinov2 interpolates without antialiasing, so a Phikon-v2 backbone matches transformers' outputs at its
+native input size and differs slightly at others.
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ class Checkpoint:
     source: str
     state_dict: dict[str, torch.Tensor]
     config: dict  # FusedViTConfig fields the checkpoint determines
-    pos_grid_hw: tuple[int, int]
+    pos_grid_hw: tuple[int, int] | None  # None: a square grid
     dropped: list[str] = field(default_factory=list)
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None

@@ -46,8 +46,8 @@ class TranscriptBatch:
                              f"{tuple(self.offsets.shape)}")
         if self.gene.shape != self.weight.shape:
             raise ValueError(f"gene {tuple(self.gene.shape)} and weight {tuple(self.weight.shape)} differ")
-        if self.lengths.dim() != 1:
-            raise ValueError("lengths must be one-dimensional (one entry per sample)")
+        if self.lengths.dim() != 1 or int(self.lengths.sum()) != n or bool((self.lengths < 0).any()):
+            raise ValueError(f"lengths must hold one count >= 0 per sample, summing to the {n} tokens")
         if not self.resolution_um > 0:
             raise ValueError(f"resolution_um must be positive, got {self.resolution_um}")
 
