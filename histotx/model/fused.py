@@ -148,6 +148,27 @@ class LoadReport:
         return text
 
 
+def _packing(
+    n_prefix: int, n_patches: int, present: torch.Tensor, n_present: int, tx_lengths: torch.Tensor, n_tx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the rows of [prefixes of all samples; patches of present images; transcript tokens] go in
+    the packed sequence, whose sample b is [prefix, patches if present, its transcripts]; and the
+    per-sample lengths."""
+    device = present.device
+    n_image = present.long() * n_patches
+    seq_lengths = n_prefix + n_image + tx_lengths
+    start = seq_lengths.cumsum(0) - seq_lengths
+    dest = [(start[:, None] + torch.arange(n_prefix, device=device)).reshape(-1)]
+    if n_present:
+        dest.append(((start + n_prefix)[present][:, None] + torch.arange(n_patches, device=device)).reshape(-1))
+    if n_tx:
+        batch = torch.arange(present.shape[0], device=device)
+        sample = torch.repeat_interleave(batch, tx_lengths, output_size=n_tx)
+        rank = torch.arange(n_tx, device=device) - (tx_lengths.cumsum(0) - tx_lengths)[sample]
+        dest.append((start + n_prefix + n_image)[sample] + rank)
+    return torch.cat(dest), seq_lengths
+
+
 class FusedViT(nn.Module):
     def __init__(self, config: FusedViTConfig) -> None:
         super().__init__()
@@ -244,18 +265,7 @@ class FusedViT(nn.Module):
             tx_lengths = transcripts.lengths.to(device)
             parts.append(self.transcript(transcripts, pos, self.patch_embed.patch_size, transcript_mask))
 
-        # Where each part's rows go in the packed sequence, per sample [prefix, patches?, transcripts].
-        n_image = present.long() * n_patches
-        seq_lengths = n_prefix + n_image + tx_lengths
-        start = seq_lengths.cumsum(0) - seq_lengths
-        dest = [(start[:, None] + torch.arange(n_prefix, device=device)).reshape(-1)]
-        if n_present:
-            dest.append(((start + n_prefix)[present][:, None] + torch.arange(n_patches, device=device)).reshape(-1))
-        if n_tx:
-            sample = torch.repeat_interleave(torch.arange(batch_size, device=device), tx_lengths, output_size=n_tx)
-            rank = torch.arange(n_tx, device=device) - (tx_lengths.cumsum(0) - tx_lengths)[sample]
-            dest.append((start + n_prefix + n_image)[sample] + rank)
-        dest = torch.cat(dest)
+        dest, seq_lengths = _packing(n_prefix, n_patches, present, n_present, tx_lengths, n_tx)
         order = torch.empty_like(dest)
         order[dest] = torch.arange(dest.shape[0], device=device)
 
