@@ -27,8 +27,7 @@ class ShardConfig:
     max_outside_fraction: float = 0.5 # fail a sample when more of its sites than this lie outside the slide
     resample: str = "bilinear"        # bilinear | bicubic | lanczos | box (all anti-aliased when shrinking)
     snap_tolerance: float = 0.02      # a pyramid level this close to `mpp` is cut 1:1 (tiles keep its exact µm/px)
-    block_rows: int = 8               # tiles read and resampled together as one region (each source tile
-    block_cols: int = 16              #   is then decoded about once)
+    run_tiles: int = 16               # neighbouring tiles of a row read and resampled together as one region
 
     def validate(self) -> None:
         if self.tiling not in ("grid", "spots"):
@@ -41,5 +40,5 @@ class ShardConfig:
             raise ConfigError("min_tissue_fraction must be within [0, 1]")
         if self.resample not in RESAMPLE_FILTERS:
             raise ConfigError(f"resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}")
-        if min(self.shard_max_tiles, self.block_rows, self.block_cols) < 1:
-            raise ConfigError("shard_max_tiles, block_rows and block_cols must be >= 1")
+        if min(self.shard_max_tiles, self.run_tiles) < 1:
+            raise ConfigError("shard_max_tiles and run_tiles must be >= 1")

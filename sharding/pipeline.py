@@ -27,7 +27,7 @@ from sharding.errors import InputError
 from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
 from sharding.sites import Sites
 from sharding.slides import Slide
-from sharding.tiles import assign_sites, blocks, plan_grid, plan_spots, render_block, sample_subset, tile_geometry
+from sharding.tiles import assign_sites, plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
 from sharding.tissue import TissueMap, tissue_mask
 from sharding.writer import (
     ShardSink, assemble_manifest, clear_sample, load_done, part_manifest_name, write_done,
@@ -144,8 +144,8 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         kept_sites = np.zeros(sites.n_sites if sites is not None else 0, dtype=bool)
         total_count = 0.0
         try:
-            for idx in blocks(plan, cfg.block_rows, cfg.block_cols):
-                for i, rgb in zip(idx, render_block(slide, geom, plan, idx, cfg.tile_px, cfg.resample)):
+            for idx in runs(plan, cfg.run_tiles):
+                for i, rgb in zip(idx, render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)):
                     origin = plan.origins[i]
                     if sites is not None:
                         rows = members[i]

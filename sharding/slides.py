@@ -2,14 +2,18 @@
 
 Aperio SVS, pyramidal TIFF (levels as SubIFDs or pages) and OME-TIFF all come through
 ``tifffile``; each pyramid level is opened as a zarr array over the file so a region read decodes
-only the tiles it touches, never a whole level. µm/px comes from the file (SVS ``MPP =``, OME
-``PhysicalSizeX``, TIFF X/YResolution), can be supplied by the data (a hint) or overridden.
+only the tiles it touches, never a whole level. Levels stored as tiled pages (nearly every WSI)
+additionally keep their recently decoded tiles in a bounded LRU cache (:class:`_TiledLevel`), so that
+neighbouring output tiles — which share source tiles whenever the two tile grids differ — decode each
+source tile once; zarr offers no such cache and decodes again on every read. µm/px comes from the
+file (SVS ``MPP =``, OME ``PhysicalSizeX``, TIFF X/YResolution), the data (a hint) or an override.
 """
 from __future__ import annotations
 
 import logging
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,66 @@ _SVS_MPP = re.compile(r"\bMPP\s*=\s*([0-9.eE+-]+)")
 _PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _PLAUSIBLE_MPP = (0.02, 100.0)  # outside this a resolution tag is a default (72 dpi), not a measurement
 _OME_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+TILE_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class _TiledLevel:
+    """One tiled RGB (or grey) TIFF page read through tifffile's segment API with a shared LRU cache of
+    decoded tiles. ``region(y0, y1, x0, x1)`` mirrors ``zarr_array[y0:y1, x0:x1]`` for in-bounds boxes."""
+
+    def __init__(self, tif, page, cache: "OrderedDict", budget: list[int]) -> None:
+        self._tif, self._page = tif, page
+        self._th, self._tw = page.chunks[:2]
+        self._per_row = -(-page.imagewidth // self._tw)
+        self._cache, self._budget = cache, budget  # budget: [bytes still free], shared by all levels
+        self._key = id(page)
+
+    @staticmethod
+    def supports(series_level) -> bool:
+        pages = getattr(series_level, "pages", [])
+        if len(pages) != 1:
+            return False
+        page = pages[0]
+        return (page is not None and page.is_tiled and page.planarconfig == 1 and page.imagedepth == 1
+                and series_level.axes in ("YXS", "YX") and page.dtype == "uint8")
+
+    def _tiles(self, indices: list[int]) -> dict[int, "np.ndarray"]:
+        page, out, missing = self._page, {}, []
+        for i in indices:
+            hit = self._cache.get((self._key, i))
+            if hit is None:
+                missing.append(i)
+            else:
+                self._cache.move_to_end((self._key, i))
+                out[i] = hit
+        if missing:
+            offsets = [page.dataoffsets[i] for i in missing]
+            counts = [page.databytecounts[i] for i in missing]
+            for data, i in self._tif.filehandle.read_segments(offsets, counts, indices=missing):
+                tile = page.decode(data, i, jpegtables=page.jpegtables)[0] if data else None
+                tile = (np.full((self._th, self._tw, 3), 255, np.uint8) if tile is None
+                        else np.asarray(tile).reshape(self._th, self._tw, -1))
+                out[i] = tile
+                self._cache[(self._key, i)] = tile
+                self._budget[0] -= tile.nbytes
+            while self._budget[0] < 0 and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._budget[0] += old.nbytes
+        return out
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        th, tw = self._th, self._tw
+        rows, cols = range(y0 // th, (y1 - 1) // th + 1), range(x0 // tw, (x1 - 1) // tw + 1)
+        tiles = self._tiles([r * self._per_row + c for r in rows for c in cols])
+        first = next(iter(tiles.values()))
+        out = np.empty((y1 - y0, x1 - x0, first.shape[-1]), np.uint8)
+        for r in rows:
+            for c in cols:
+                ty0, tx0 = max(y0, r * th), max(x0, c * tw)
+                ty1, tx1 = min(y1, (r + 1) * th), min(x1, (c + 1) * tw)
+                out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = \
+                    tiles[r * self._per_row + c][ty0 - r * th : ty1 - r * th, tx0 - c * tw : tx1 - c * tw]
+        return out
 
 
 @dataclass(frozen=True)
@@ -118,11 +182,14 @@ class Slide:
         if axes not in ("YXS", "YX", "CYX", "SYX"):
             raise InputError(self.path, f"unsupported slide axes {axes!r} (expected RGB YXS, CYX or grey YX)")
         self._axes = axes
-        for i in range(len(series.levels)):
-            arr = zarr.open(series.aszarr(level=i), mode="r")
-            self._levels_data.append(arr)
+        cache, budget = OrderedDict(), [TILE_CACHE_BYTES]
+        for i, level in enumerate(series.levels):
+            if _TiledLevel.supports(level):
+                self._levels_data.append(_TiledLevel(tif, level.pages[0], cache, budget))
+            else:
+                self._levels_data.append(zarr.open(series.aszarr(level=i), mode="r"))
         mpp, source = _mpp_from_tiff(tif)
-        self._init_levels([self._hw(a.shape) for a in self._levels_data])
+        self._init_levels([self._hw(level.shape) for level in series.levels])
         return mpp, source
 
     def _open_plain(self) -> None:
@@ -172,13 +239,17 @@ class Slide:
             return out
         data = self._levels_data[level]
         try:
-            if self._axes in ("CYX", "SYX"):
+            if isinstance(data, _TiledLevel):
+                patch = data.region(y0, y1, x0, x1)
+            elif self._axes in ("CYX", "SYX"):
                 patch = np.moveaxis(np.asarray(data[:, y0:y1, x0:x1]), 0, -1)
             else:
                 patch = np.asarray(data[y0:y1, x0:x1])
         except Exception as exc:
             raise InputError(self.path, f"cannot decode region x={x0}..{x1} y={y0}..{y1} of level {level} "
                                         f"({type(exc).__name__}: {exc})") from exc
+        if patch.ndim == 3 and patch.shape[-1] == 1:
+            patch = patch[..., 0]
         if patch.ndim == 2:
             patch = np.repeat(patch[..., None], 3, axis=-1)
         if patch.shape[-1] == 4:

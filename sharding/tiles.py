@@ -102,30 +102,26 @@ def assign_sites(plan: TilePlan, site_xy: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def blocks(plan: TilePlan, rows: int, cols: int) -> Iterator[np.ndarray]:
-    """Grid tiles grouped into blocks of rows × cols, each read and resampled as one region so that
-    every source tile is decoded about once; spot-centred tiles (row -1) come one by one."""
-    grid = np.flatnonzero(plan.rows >= 0)
-    for i in np.flatnonzero(plan.rows < 0):
-        yield np.array([i])
-    if grid.size:
-        block_id = (plan.rows[grid] // rows) * (1 << 32) + plan.cols[grid] // cols
-        order = np.lexsort((plan.cols[grid], plan.rows[grid], block_id))
-        ids = block_id[order]
-        for chunk in np.split(grid[order], np.flatnonzero(np.diff(ids)) + 1):
-            yield chunk
+def runs(plan: TilePlan, max_tiles: int) -> Iterator[np.ndarray]:
+    """Runs of neighbouring grid tiles in one row (≤ max_tiles), each read and resampled as one region;
+    the slide's tile cache shares source tiles between consecutive rows. Spot tiles come one by one."""
+    order = np.lexsort((plan.cols, plan.rows))
+    start, n = 0, len(order)
+    while start < n:
+        end = start + 1
+        first = order[start]
+        if plan.rows[first] >= 0:
+            while (end < n and end - start < max_tiles and plan.rows[order[end]] == plan.rows[first]
+                   and plan.cols[order[end]] == plan.cols[order[end - 1]] + 1):
+                end += 1
+        yield order[start:end]
+        start = end
 
 
-def render_block(slide: Slide, geom: TileGeometry, plan: TilePlan, idx: np.ndarray, tile_px: int,
-                 resample: str = "bilinear") -> list[np.ndarray]:
-    """Pixels of the tiles ``idx`` (one block), each (tile_px, tile_px, 3) uint8."""
-    if plan.rows[idx[0]] < 0:
-        ox, oy = plan.origins[idx[0]]
-        return [resample_region(slide, geom.level, (ox, oy, ox + plan.size0, oy + plan.size0),
-                                tile_px, tile_px, resample)]
-    r0, c0 = plan.rows[idx].min(), plan.cols[idx].min()
-    nr, nc = plan.rows[idx].max() - r0 + 1, plan.cols[idx].max() - c0 + 1
-    box = (c0 * plan.size0, r0 * plan.size0, (c0 + nc) * plan.size0, (r0 + nr) * plan.size0)
-    region = resample_region(slide, geom.level, box, nc * tile_px, nr * tile_px, resample)
-    return [region[(r - r0) * tile_px : (r - r0 + 1) * tile_px, (c - c0) * tile_px : (c - c0 + 1) * tile_px]
-            for r, c in zip(plan.rows[idx], plan.cols[idx])]
+def render_run(slide: Slide, geom: TileGeometry, plan: TilePlan, idx: np.ndarray, tile_px: int,
+               resample: str = "bilinear") -> list[np.ndarray]:
+    """Pixels of the tiles ``idx`` (one run of a row, or one spot tile), each (tile_px, tile_px, 3) uint8."""
+    ox, oy = plan.origins[idx[0]]
+    box = (ox, oy, ox + len(idx) * plan.size0, oy + plan.size0)
+    strip = resample_region(slide, geom.level, box, len(idx) * tile_px, tile_px, resample)
+    return [strip[:, i * tile_px : (i + 1) * tile_px] for i in range(len(idx))]
