@@ -8,7 +8,7 @@ Each sample's sequence is CLS + registers + image patches + its transcript token
 For every resolution it times attention forward + backward:
 
 - padded: every sample padded to the batch maximum, SDPA with a key-padding mask;
-- each packed backend of :mod:`histotx.model.attention` (CPU: sdpa, reference; CUDA: xformers, flex, sdpa);
+- each packed backend of :mod:`histotx.model.attention` (CPU: sdpa, loop, reference; CUDA: xformers, flex, sdpa);
 - ideal = padded time × Σ Lᵢ² / (B · Lmax²), the padded cost scaled to the work that is not padding.
 
 and prints packed ÷ ideal (target ≤ 1.1 on GPU) and peak memory (CUDA: the allocator's peak above
@@ -75,7 +75,8 @@ def synthetic_grids(n_tiles: int, mpp: float, seed: int = 0) -> list[TranscriptG
         elif kind == "visium":
             pitch = 100 / mpp
             rows = np.arange(-1, 3)
-            xy = np.array([[(c + 0.5 * (r % 2)) * pitch, r * pitch * np.sqrt(3) / 2] for r in rows for c in range(-1, 3)])
+            xy = np.array([[(c + 0.5 * (r % 2)) * pitch, r * pitch * np.sqrt(3) / 2]
+                           for r in rows for c in range(-1, 3)])
             xy = xy + rng.uniform(0, pitch, size=2)
             xy = xy[(xy >= 0).all(1) & (xy < tile_px).all(1)]
             grids.append(_grid(rng, xy, 40, 18000, 55.0, "disk"))
@@ -195,7 +196,8 @@ def benchmark(args) -> None:
         grids, mpp = synthetic_grids(args.tiles, args.mpp), args.mpp
     tile_px = int(round(TILE_UM / mpp))
     n_patches = (tile_px // args.patch) ** 2
-    backends = args.backends or (["xformers", "flex", "sdpa"] if device.type == "cuda" else ["sdpa", "reference"])
+    default = ["xformers", "flex", "sdpa"] if device.type == "cuda" else ["sdpa", "loop", "reference"]
+    backends = args.backends or default
     backends = [b for b in backends if b != "xformers" or xformers_usable()]
     rng = np.random.default_rng(args.seed)
     print(f"{len(grids)} tiles ({'shards ' + args.shards if args.shards else 'synthetic'}), {tile_px} px at "
@@ -243,7 +245,7 @@ def equivalence(device: torch.device) -> None:
     ref_out, ref_grad = run("sdpa")
     others = [b for b in ("xformers", "flex") if (b != "xformers" or xformers_usable())]
     if device.type != "cuda":
-        others = ["reference"]
+        others = ["loop", "reference"]
     for backend in others:
         out, grad_ = run(backend)
         d_out, d_grad = (out - ref_out).abs().max().item(), (grad_ - ref_grad).abs().max().item()

@@ -23,9 +23,10 @@ def run(qkv, lengths, backend):
 
 
 @pytest.mark.parametrize("lengths", [LENGTHS, [16, 16, 16]])
-def test_sdpa_packed_matches_reference_outputs_and_gradients(lengths):
+@pytest.mark.parametrize("backend", ["sdpa", "loop"])
+def test_packed_matches_reference_outputs_and_gradients(lengths, backend):
     qkv = random_qkv(lengths)
-    out, grad = run(qkv, lengths, "sdpa")
+    out, grad = run(qkv, lengths, backend)
     ref_out, ref_grad = run(qkv, lengths, "reference")
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
@@ -55,7 +56,9 @@ def test_flex_forward_matches_reference_on_cpu():
 
 
 def test_backend_choice():
-    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("auto", torch.device("cpu"), uniform=True) == "sdpa"
+    assert resolve_backend("auto", torch.device("cpu"), uniform=False) == "loop"
+    assert PackedSeq([3, 3], "cpu").backend == "sdpa" and PackedSeq([3, 4], "cpu").backend == "loop"
     with pytest.raises(ValueError, match="one of"):
         resolve_backend("fastest", torch.device("cpu"))
     with pytest.raises(RuntimeError, match="xformers"):

@@ -29,7 +29,8 @@ def random_cells(n: int, seed: int, hw=(32, 32), resolution_um=None) -> Transcri
     xy = rng.uniform(0, hw[1], size=(n, 2))
     nnz = rng.integers(1, 5, size=n)
     offsets = np.concatenate([[0], np.cumsum(nnz)])
-    grid = TranscriptGrid(xy, offsets, rng.integers(0, VOCAB, offsets[-1]), rng.uniform(1, 9, offsets[-1]), 2.0, "square")
+    gene, count = rng.integers(0, VOCAB, offsets[-1]), rng.uniform(1, 9, offsets[-1])
+    grid = TranscriptGrid(xy, offsets, gene, count, 2.0, "square")
     return bin_grid(grid, mpp=0.5, resolution_um=resolution_um, image_hw=hw)
 
 
@@ -82,7 +83,7 @@ def test_no_transcripts_is_exactly_the_image_backbone():
     assert (mixed.cls[0] - plain.cls[0]).abs().max() > 1e-3  # transcripts do change the others
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("backend", ["sdpa", "loop", "reference"])
 def test_packed_batch_equals_each_sample_alone(backend):
     model = tiny(attention=backend)
     x, tb = images(4), batch_of(6, 0, 13, 1)
@@ -101,11 +102,12 @@ def test_packed_batch_equals_each_sample_alone(backend):
         assert_close(out.transcript[start: start + n], one.transcript)
 
 
-def test_sdpa_and_reference_agree_on_outputs_and_gradients():
+@pytest.mark.parametrize("backend", ["sdpa", "loop"])
+def test_backends_agree_with_reference_on_outputs_and_gradients(backend):
     x, tb = images(3), batch_of(4, 17, 0)
     present = torch.tensor([True, False, True])
     results = []
-    for backend in ("sdpa", "reference"):
+    for backend in (backend, "reference"):
         model = tiny(attention=backend)
         out = model(x, tb, image_present=present)
         loss = out.cls.square().sum() + out.patch.sum() + out.transcript.sin().sum() + out.registers.mean()

@@ -12,7 +12,7 @@ Model side:
     ``offsets`` (T + 1,), ``gene``, ``weight``, ``resolution_um``; ``.to(device)``, ``.pin_memory()``).
 
     ``FusedViT(FusedViTConfig(size="L", patch_size=16, num_registers=0, mlp="mlp"|"swiglu",
-    init_values=1e-5, drop_path_rate=..., vocab_size=..., attention="auto"|"sdpa"|"xformers"|"flex"|
+    init_values=1e-5, drop_path_rate=..., vocab_size=..., attention="auto"|"sdpa"|"loop"|"xformers"|"flex"|
     "reference", grad_checkpointing=False))``; sizes tiny, S, B, L, H, g, or custom (explicit embed_dim,
     depth, num_heads); ``vocab_size=0`` builds an image-only backbone. YAML presets: configs/model/.
 

@@ -8,12 +8,15 @@ packed into one ``(tokens, heads, head_dim)`` tensor; sample b owns rows ``cu_se
   computed and no tokens × tokens matrix is formed: memory grows linearly with tokens.
 - ``flex``: torch ``flex_attention`` with a per-sample block mask (CUDA, compiled; on CPU it runs
   eagerly and forward only, which torch does not support backward for).
-- ``sdpa``: torch ``scaled_dot_product_attention`` on a padded batch with a key-padding mask, the
-  fastest CPU path measured here; batches of equal lengths skip the padding and the mask.
+- ``sdpa``: torch ``scaled_dot_product_attention`` on a padded batch with a key-padding mask;
+  batches of equal lengths skip the padding and the mask (one call, the fastest case).
+- ``loop``: torch SDPA once per sample, no padding: on CPU, with lengths as uneven as 2 µm tokens
+  give, 1.0–1.4 × the ideal Σ Lᵢ² cost where the padded batch takes 2.5–3.8 × (benchmarks/attention.py).
 - ``reference``: a per-sample loop of softmax(QKᵀ/√d)V written out in fp32, to test the others against.
 
 ``auto`` picks xformers on CUDA when its kernels actually run there (a probe call, since wheels
-built for another torch import but fail at the first call), else sdpa.
+built for another torch import but fail at the first call), else sdpa; on CPU, sdpa for equal
+lengths and loop otherwise.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "xformers", "flex", "reference")
+BACKENDS = ("auto", "sdpa", "loop", "xformers", "flex", "reference")
 
 _log = logging.getLogger(__name__)
 
@@ -45,12 +48,14 @@ def xformers_usable() -> bool:
     return True
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend ``name`` stands for on ``device`` (``auto`` → xformers on a capable GPU, else sdpa)."""
+def resolve_backend(name: str, device: torch.device, uniform: bool = True) -> str:
+    """The backend ``name`` stands for on ``device`` for a batch of equal (``uniform``) or uneven lengths."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        return "xformers" if device.type == "cuda" and xformers_usable() else "sdpa"
+        if device.type == "cuda":
+            return "xformers" if xformers_usable() else "sdpa"
+        return "sdpa" if uniform else "loop"
     if name == "xformers" and not (device.type == "cuda" and xformers_usable()):
         raise RuntimeError(f"attention backend 'xformers' was requested but does not run on {device}")
     return name
@@ -68,11 +73,11 @@ class PackedSeq:
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"every packed sequence needs at least one token, got lengths {self.lengths}")
         self.device = torch.device(device)
-        self.backend = resolve_backend(backend, self.device)
         self.batch_size = len(self.lengths)
         self.total = sum(self.lengths)
         self.max_len = max(self.lengths)
         self.uniform = all(n == self.max_len for n in self.lengths)
+        self.backend = resolve_backend(backend, self.device, self.uniform)
         self.lengths_t = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
         self.cu_seqlens = torch.nn.functional.pad(self.lengths_t.cumsum(0), (1, 0))
         self.sample_of_token = torch.repeat_interleave(
@@ -145,6 +150,14 @@ def _sdpa(qkv: torch.Tensor, seq: PackedSeq) -> torch.Tensor:
     return out.transpose(1, 2).reshape(b * n, heads, dim)[index]
 
 
+def _loop(qkv: torch.Tensor, seq: PackedSeq) -> torch.Tensor:
+    outs = []
+    for part in seq.split(qkv):
+        q, k, v = part.permute(1, 2, 0, 3)  # each (heads, n, dim)
+        outs.append(F.scaled_dot_product_attention(q, k, v).transpose(0, 1))
+    return torch.cat(outs)
+
+
 def _xformers(qkv: torch.Tensor, seq: PackedSeq) -> torch.Tensor:
     from xformers.ops import fmha
 
@@ -174,4 +187,4 @@ def _reference(qkv: torch.Tensor, seq: PackedSeq) -> torch.Tensor:
     return torch.cat(outs).to(qkv.dtype)
 
 
-_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "xformers": _xformers, "flex": _flex, "reference": _reference}
+_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "loop": _loop, "xformers": _xformers, "flex": _flex, "reference": _reference}

@@ -82,10 +82,8 @@ class TranscriptBatch:
         return cls.collate([TranscriptCells.empty(resolution_um)] * batch_size)
 
     def _map(self, fn) -> "TranscriptBatch":
-        return TranscriptBatch(**{
-            f.name: fn(getattr(self, f.name)) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
-            for f in fields(self)
-        })
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TranscriptBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
     def to(self, device, non_blocking: bool = False) -> "TranscriptBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -143,7 +141,8 @@ class TranscriptTokenizer(nn.Module):
             if mask.shape != (batch.n_tokens,):
                 raise ValueError(f"transcript_mask must have shape ({batch.n_tokens},), got {tuple(mask.shape)}")
             value = torch.where(mask[:, None], self.mask_token.to(value.dtype), value)
-        return value + self.position(batch.xy, pos_grid, patch_size) + self.modality + self.resolution(batch.resolution_um)
+        position = self.position(batch.xy, pos_grid, patch_size)
+        return value + position + self.modality + self.resolution(batch.resolution_um)
 
     @staticmethod
     def position(xy: torch.Tensor, pos_grid: torch.Tensor, patch_size: int) -> torch.Tensor:
