@@ -19,7 +19,8 @@ Model side:
     ``model(images (B,3,H,W) | None, transcripts=TranscriptBatch | None, image_present=(B,) bool,
     image_mask=(B, Np) bool, transcript_mask=(T,) bool, image_hw=(H, W) when images is None)``
     → ``FusedOutput(cls (B,D), registers (B,R,D), patch (B,Np,D), transcript (T,D) packed in input
-    order, transcript_lengths (B,), image_present (B,), grid_size)``, all after the final norm. Masked
+    order, transcript_lengths (B,), image_present (B,), grid_size)`` (a named tuple, which ZeRO-3 looks
+    into), all after the final norm. Masked
     positions take learned mask tokens (``mask_token``, ``transcript.mask_token``); samples without an
     image have zero ``patch`` rows; samples without transcripts compute exactly the image backbone.
 

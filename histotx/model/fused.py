@@ -15,7 +15,8 @@ every parameter lives in an ``nn.Module`` used in its own forward (ZeRO-3 gather
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -113,10 +114,13 @@ class FusedViTConfig:
         return self.img_size // self.patch_size, self.img_size // self.patch_size
 
 
-@dataclass
-class FusedOutput:
+class FusedOutput(NamedTuple):
     """Final-norm outputs. ``patch`` rows of samples without an image are zeros; ``transcript`` is
-    packed in the input order, ``transcript_lengths[b]`` tokens per sample."""
+    packed in the input order, ``transcript_lengths[b]`` tokens per sample.
+
+    A named tuple rather than a dataclass: DeepSpeed ZeRO-3 gathers a module's own parameters (here
+    ``cls_token``, ``pos_embed``, ``mask_token``, ...) for its backward through hooks on the tensors the
+    module returns, and it finds them inside tuples, lists and dicts only."""
 
     cls: torch.Tensor  # (B, D)
     registers: torch.Tensor  # (B, R, D)
@@ -124,7 +128,7 @@ class FusedOutput:
     transcript: torch.Tensor  # (T, D)
     transcript_lengths: torch.Tensor  # (B,)
     image_present: torch.Tensor  # (B,) bool
-    grid_size: tuple[int, int] = field(default=(0, 0))
+    grid_size: tuple[int, int] = (0, 0)
 
 
 @dataclass
