@@ -20,9 +20,9 @@ Model side:
     image_mask=(B, Np) bool, transcript_mask=(T,) bool, image_hw=(H, W) when images is None)``
     → ``FusedOutput(cls (B,D), registers (B,R,D), patch (B,Np,D), transcript (T,D) packed in input
     order, transcript_lengths (B,), image_present (B,), grid_size)`` (a named tuple, which ZeRO-3 looks
-    into), all after the final norm. Masked
-    positions take learned mask tokens (``mask_token``, ``transcript.mask_token``); samples without an
-    image have zero ``patch`` rows; samples without transcripts compute exactly the image backbone.
+    into), all after the final norm. Masked positions take learned mask tokens (``mask_token``,
+    ``transcript.mask_token``); samples without an image have zero ``patch`` rows; samples without
+    transcripts compute exactly the image backbone.
 
     ``model.image_backbone_state_dict()`` / ``model.load_image_backbone_state_dict(sd)`` (timm names,
     ``no_embed_class`` layout, → :class:`LoadReport`); ``model.no_weight_decay()``, ``model.layer_id(name)``.
