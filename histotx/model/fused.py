@@ -254,7 +254,10 @@ class FusedViT(nn.Module):
         present_host = present.tolist()
         n_present = sum(present_host)
         parts = [self._prefix(batch_size).reshape(batch_size * n_prefix, dim)]
-        if n_present:
+        # The patch embedding and the transcript tokenizer run even on zero rows: every rank of a
+        # data-parallel job then calls the same modules in the same order (ZeRO-3 gathers parameters
+        # per module call, collectively) and every parameter gets a gradient (ZeRO-1/2 reduce them all).
+        if images is not None:
             pixels = images if n_present == batch_size else images[present]
             patches = self.patch_embed(pixels)
             if image_mask is not None:
@@ -263,11 +266,13 @@ class FusedViT(nn.Module):
             parts.append((patches + pos.view(1, n_patches, dim)).reshape(-1, dim))
         n_tx = transcripts.n_tokens if transcripts is not None else 0
         tx_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        if n_tx:
-            if self.transcript is None:
-                raise ValueError("this model has no transcript branch (vocab_size = 0 in its config)")
+        if self.transcript is not None:
+            if transcripts is None:
+                transcripts = TranscriptBatch.empty(batch_size).to(device)
             tx_lengths = transcripts.lengths.to(device)
             parts.append(self.transcript(transcripts, pos, self.patch_embed.patch_size, transcript_mask))
+        elif n_tx:
+            raise ValueError("this model has no transcript branch (vocab_size = 0 in its config)")
 
         dest, seq_lengths = _packing(n_prefix, n_patches, present, n_present, tx_lengths, n_tx)
         order = torch.empty_like(dest)
