@@ -1,0 +1,227 @@
+"""Student and teacher: the SSL objective of one step, and the teacher as an fp32 EMA of the student.
+
+:class:`SSLNetwork` is a backbone with its heads; the student's is the module an optimiser (or a
+DeepSpeed engine) trains, the teacher's is a copy that gets no gradients and follows the student by
+:meth:`SSLMetaArch.update_teacher`. One step:
+
+    targets = meta.teacher_targets(batch, teacher_temperature)     # no grad, global crops only
+    out = student(batch)                                            # any wrapper of meta.student
+    losses = meta.losses(out, targets, batch)                       # losses["loss"] is the total
+    ... backward, optimiser step ...
+    meta.commit(targets); meta.update_teacher(momentum, weights)    # centres, then the EMA
+
+Data-parallel training needs every rank to call the same modules in the same order (ZeRO-3 gathers
+parameters per module call) and every trainable parameter in the backward graph (ZeRO-1/2 reduce
+gradient buckets that must agree between ranks), whatever a rank's batch holds. The backbone runs
+its patch embedding and tokenizer even on zero rows, and the student passes masks to its global
+crops and runs every head, possibly on zero rows: unused parts receive zero gradients.
+
+The model knows nothing of DeepSpeed and this module knows nothing of it either: a sharded trainer
+hands :meth:`SSLMetaArch.update_teacher` the student's full fp32 weights (gathered under ZeRO-3).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from histotx.data.collate import SSLBatch
+from histotx.model import FusedViT, TranscriptBatch
+from histotx.ssl.centering import Centering, sinkhorn_knopp
+from histotx.ssl.config import SSLConfig
+from histotx.ssl.heads import DINOHead
+from histotx.ssl.losses import DINOLoss, KoLeoLoss, MaskedExpressionLoss, iBOTLoss
+
+LOSS_TERMS = ("dino", "ibot_image", "ibot_transcript", "koleo", "expression")
+
+
+class SSLNetwork(nn.Module):
+    """Backbone + DINO head (+ an iBOT head of its own, + an expression head when that loss is on)."""
+
+    def __init__(self, backbone: FusedViT, cfg: SSLConfig) -> None:
+        super().__init__()
+        h = cfg.head
+        dim = backbone.config.embed_dim
+
+        def head() -> DINOHead:
+            return DINOHead(dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers)
+
+        self.backbone = backbone
+        self.dino_head = head()
+        self.ibot_head = head() if h.separate_ibot_head else None
+        self.expression_head = (nn.Linear(dim, backbone.config.vocab_size)
+                                if cfg.loss.masked_expression_weight > 0 else None)
+
+    def _token_logits(self, cls: torch.Tensor, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """CLS rows through the DINO head, masked-token rows through the iBOT head (one call when shared)."""
+        sizes = [t.shape[0] for t in tokens]
+        if self.ibot_head is None:
+            out = self.dino_head(torch.cat([cls, *tokens]))
+            cls_logits, *token_logits = out.split([cls.shape[0], *sizes])
+            return cls_logits, token_logits
+        return self.dino_head(cls), list(self.ibot_head(torch.cat(tokens)).split(sizes))
+
+    def forward(self, batch: SSLBatch) -> dict[str, torch.Tensor]:
+        """The student's outputs: logits of every crop's CLS (global crops first), of the masked image
+        patches and transcript tokens of the global crops, their pre-head global CLS, and the
+        expression logits of the masked transcript tokens."""
+        glob = self.backbone(**batch.student_global_inputs())
+        cls = [glob.cls]
+        local_inputs = batch.student_local_inputs()
+        if local_inputs is not None:
+            cls.append(self.backbone(**local_inputs).cls)
+        patches = glob.patch[batch.image_mask]
+        tokens = glob.transcript[batch.transcript_mask]
+        cls_logits, (patch_logits, token_logits) = self._token_logits(torch.cat(cls), [patches, tokens])
+        out = {"cls_logits": cls_logits, "cls_features": glob.cls, "patch_logits": patch_logits,
+               "transcript_logits": token_logits}
+        if self.expression_head is not None:
+            out["expression_logits"] = self.expression_head(tokens)
+        return out
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: SSLBatch) -> dict[str, torch.Tensor]:
+        """The teacher's logits for the global crops' CLS and for the student's masked positions."""
+        out = self.backbone(**batch.teacher_inputs())
+        patches = out.patch[batch.image_mask]
+        tokens = out.transcript[batch.transcript_index[batch.transcript_mask]]
+        cls_logits, (patch_logits, token_logits) = self._token_logits(out.cls, [patches, tokens])
+        return {"cls": cls_logits, "patch": patch_logits, "transcript": token_logits}
+
+
+@dataclass
+class TeacherTargets:
+    """Normalised teacher probabilities of one step, and the logits the centres will move towards."""
+
+    cls: torch.Tensor  # [n_global · B, K]
+    patch: torch.Tensor  # [masked patches, K]
+    transcript: torch.Tensor  # [masked transcript tokens, K]
+    logits: dict[str, torch.Tensor]
+
+
+class SSLMetaArch(nn.Module):
+    """The student, its fp32 EMA teacher, the teacher-output normalisation and the loss terms."""
+
+    def __init__(self, backbone: FusedViT, cfg: SSLConfig) -> None:
+        super().__init__()
+        if backbone.transcript is None:
+            raise ValueError("the SSL objective needs a model with a transcript branch (vocab_size > 0)")
+        self.cfg = cfg
+        self.student = SSLNetwork(backbone, cfg)
+        self.teacher = copy.deepcopy(self.student).float()
+        self.teacher.requires_grad_(False)
+        k, momentum = cfg.head.out_dim, cfg.loss.center_momentum
+        self.centers = nn.ModuleDict({name: Centering(k, momentum) for name in ("cls", "patch", "transcript")})
+        temp = cfg.loss.student_temp
+        self.dino_loss, self.ibot_loss = DINOLoss(temp), iBOTLoss(temp)
+        self.koleo_loss, self.expression_loss = KoLeoLoss(), MaskedExpressionLoss()
+
+    def sequence_lengths(self, batch: SSLBatch) -> dict[str, torch.Tensor]:
+        """Tokens per sequence of each forward pass of a step (for throughput and FLOP counts)."""
+        cfg = self.student.backbone.config
+        prefix = 1 + cfg.num_registers
+
+        def lengths(images: torch.Tensor, present: torch.Tensor, transcripts: TranscriptBatch) -> torch.Tensor:
+            patches = (images.shape[-2] // cfg.patch_size) * (images.shape[-1] // cfg.patch_size)
+            return prefix + present.long().cpu() * patches + transcripts.lengths.cpu()
+
+        out = {"teacher": lengths(batch.global_images, torch.ones(batch.global_images.shape[0], dtype=torch.bool),
+                                  batch.teacher_transcripts),
+               "student_global": lengths(batch.global_images, batch.student_global_image_present,
+                                         batch.student_global_transcripts)}
+        if batch.local_images.shape[0]:
+            out["student_local"] = lengths(batch.local_images, batch.student_local_image_present,
+                                           batch.student_local_transcripts)
+        return out
+
+    def teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps beside the student: the teacher's weights and the centres."""
+        state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        state.update({f"centers.{k}": v for k, v in self.centers.state_dict().items()})
+        return state
+
+    def load_teacher_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+        centers = {k[len("centers."):]: v for k, v in state.items() if k.startswith("centers.")}
+        self.teacher.load_state_dict(teacher, strict=True)
+        self.centers.load_state_dict(centers, strict=True)
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: SSLBatch, temperature: float) -> TeacherTargets:
+        logits = self.teacher.teacher_logits(batch)
+        if self.cfg.loss.teacher_norm == "sinkhorn":
+            n = self.cfg.loss.sinkhorn_iterations
+            probs = {k: sinkhorn_knopp(v, temperature, n) for k, v in logits.items()}
+        else:
+            probs = {k: self.centers[k].softmax(v, temperature) for k, v in logits.items()}
+        return TeacherTargets(probs["cls"], probs["patch"], probs["transcript"], logits)
+
+    def losses(self, out: dict[str, torch.Tensor], targets: TeacherTargets, batch: SSLBatch) -> dict[str, torch.Tensor]:
+        """Each loss term and their weighted sum ``loss`` (a scalar tensor with a graph to the student)."""
+        w = self.cfg.loss
+        b = batch.batch_size
+        n_global = targets.cls.shape[0] // b
+        n_crops = out["cls_logits"].shape[0] // b
+        dino = self.dino_loss(out["cls_logits"].view(n_crops, b, -1), targets.cls.view(n_global, b, -1))
+        crops = n_global * b
+        image_crop = batch.image_mask.nonzero()[:, 0]
+        tokens = batch.student_global_transcripts
+        token_crop = torch.repeat_interleave(torch.arange(crops, device=tokens.lengths.device), tokens.lengths,
+                                             output_size=tokens.n_tokens)[batch.transcript_mask]
+        terms = {
+            "dino": dino,
+            "ibot_image": self.ibot_loss(out["patch_logits"], targets.patch, image_crop, crops),
+            "ibot_transcript": self.ibot_loss(out["transcript_logits"], targets.transcript, token_crop, crops),
+            "koleo": sum(self.koleo_loss(f) for f in out["cls_features"].chunk(n_global)),
+            "expression": self._expression_loss(out, batch),
+        }
+        weights = {"dino": w.dino_weight, "ibot_image": w.ibot_image_weight,
+                   "ibot_transcript": w.ibot_transcript_weight, "koleo": w.koleo_weight,
+                   "expression": w.masked_expression_weight}
+        total = sum(weights[k] * v for k, v in terms.items() if weights[k])
+        return {"loss": total, **terms}
+
+    def _expression_loss(self, out: dict[str, torch.Tensor], batch: SSLBatch) -> torch.Tensor:
+        logits = out.get("expression_logits")
+        if logits is None:
+            return out["cls_logits"].new_zeros(())
+        teacher = batch.teacher_transcripts
+        rows = batch.transcript_index[batch.transcript_mask]
+        starts, ends = teacher.offsets[rows], teacher.offsets[rows + 1]
+        counts = ends - starts
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        entries = (torch.repeat_interleave(starts - offsets[:-1], counts, output_size=int(offsets[-1]))
+                   + torch.arange(int(offsets[-1]), device=counts.device))
+        # token weights are log1p of normalised counts; the reconstruction target is the composition
+        return self.expression_loss(logits, offsets, teacher.gene[entries], torch.expm1(teacher.weight[entries]))
+
+    @torch.no_grad()
+    def commit(self, targets: TeacherTargets) -> None:
+        """Move the centres towards this step's teacher logits (call once the step was taken)."""
+        if self.cfg.loss.teacher_norm == "centering":
+            for name, logits in targets.logits.items():
+                self.centers[name].update(logits)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float, student_weights: Iterable[torch.Tensor] | None = None) -> None:
+        """teacher ← momentum · teacher + (1 − momentum) · student, in fp32, parameter by parameter.
+
+        ``student_weights`` yields the student's full weights in the order of
+        ``self.student.parameters()``; by default the parameters themselves (unsharded training).
+        """
+        weights = student_weights if student_weights is not None else (p.detach() for p in self.student.parameters())
+        teacher = list(self.teacher.parameters())
+        n = 0
+        for t, s in zip(teacher, weights):
+            if s.numel() != t.numel():
+                raise RuntimeError(f"student weight {n} has {s.numel()} elements, the teacher's {t.numel()}: "
+                                   "a sharded student must be gathered before the EMA")
+            t.mul_(momentum).add_(s.reshape(t.shape).to(t.dtype), alpha=1.0 - momentum)
+            n += 1
+        if n != len(teacher):
+            raise RuntimeError(f"the EMA got {n} student weights for {len(teacher)} teacher parameters")

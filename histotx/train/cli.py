@@ -1,0 +1,51 @@
+"""`histotx train CONFIG.yaml [key=value ...] [--resume auto|PATH]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+DESCRIPTION = """\
+Self-supervised pretraining (DINO + iBOT + KoLeo + masked transcripts) of the early-fusion ViT under
+DeepSpeed ZeRO, on a shard set made by `histotx shard run`.
+
+One process per GPU (or CPU rank); the launcher sets RANK / WORLD_SIZE / MASTER_ADDR:
+  histotx train configs/train/tiny_cpu.yaml data.stream.shards=out/demo/shards
+  torchrun --nproc-per-node 8 -m histotx.cli train configs/train/vit_l16_uni.yaml data.stream.shards=DIR
+  deepspeed --num_gpus 8 launch/train.py configs/train/vit_l16_uni.yaml data.stream.shards=DIR
+  srun python launch/train.py ...        (or slurm/pretrain.sbatch: torchrun per node, requeue on USR1)
+
+Outputs under `out` (a config key): config.yaml, metrics.jsonl, tensorboard/, checkpoints/step_*/ and
+checkpoints/latest. SIGTERM / SIGUSR1 finish the current step, save and exit 0; `--resume auto`
+continues from the newest complete checkpoint (same world size, data and batch settings).
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    from histotx.config import load_config
+    from histotx.train.config import TrainConfig
+    from histotx.train.loop import NonFiniteLossError, train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    try:
+        return train(cfg, args.resume)
+    except NonFiniteLossError as exc:
+        logging.getLogger("histotx.train").error("%s", exc)
+        return 3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="training config (YAML), e.g. configs/train/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. steps=1000 data.stream.batch_size=64 deepspeed.zero_stage=3")
+    p.add_argument("--resume", metavar="auto|PATH", default=None,
+                   help="auto: continue from the newest complete checkpoint under <out>/checkpoints (start fresh "
+                        "if none); PATH: a checkpoints/step_* folder, or a run folder to take its newest")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("train", help="self-supervised pretraining under DeepSpeed (one process per rank)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,112 @@
+"""Typed configuration of a training run (``histotx train CONFIG.yaml key=value ...``).
+
+One YAML file holds every section; ``key=value`` overrides address any field
+(``optim.lr_layer_decay=0.9``, ``data.stream.batch_size=64``, ``model.size=L``). The resolved config
+is written beside the run and into every checkpoint, so what ran can always be read back.
+
+``model`` holds only the :class:`~histotx.model.FusedViTConfig` fields a run sets; the rest come
+from the ``size`` preset when the model is built. (Storing a filled-in FusedViTConfig here would
+make the tiny preset's widths stick when a file only says ``size: L``.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from histotx.config import ConfigError, from_dict
+from histotx.data.config import DataConfig
+from histotx.model import FusedViTConfig, ModelConfigError
+from histotx.ssl.config import SSLConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class InitConfig:
+    """Where the backbone starts from: empty for random, else a pretrained checkpoint (timm hub
+    folder, timm model name + ``weights``, or a transformers Dinov2 folder) loaded into student and
+    teacher; the heads always start fresh."""
+
+    backbone: str = ""
+    weights: str = ""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW parameter groups. The lr and weight decay themselves follow ``ssl.schedule``."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float = 0.9  # lr × layer_decay^(depth + 1 − layer) for the backbone (1: off)
+    patch_embed_lr_mult: float = 0.2  # on top of the layer decay
+    new_module_lr_mult: float = 1.0  # transcript tokenizer and heads: modules the checkpoint did not have
+    clip_grad: float = 3.0  # global gradient norm; 0: off
+    accumulation_steps: int = 1  # micro-batches per optimiser step
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 0, 1, 2 or 3
+    precision: str = "auto"  # auto: bf16 compute (torch autocast, fp32 weights) on GPU, fp32 on CPU
+    backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
+    bucket_size: int = 50_000_000  # ZeRO reduce / all-gather bucket (elements)
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller parameters whole
+    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed config
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # also saved at the end and on SIGTERM / SIGUSR1
+    keep: int = 3  # newest complete checkpoints kept; 0: all
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True  # a progress bar on rank 0
+    phase_timing: bool = False  # synchronise the device between phases to time fwd/bwd/optimiser/EMA apart
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/histotx"  # run folder: config, metrics, TensorBoard, checkpoints
+    steps: int = 100_000  # optimiser steps of the whole run (the schedules span them)
+    seed: int = 0
+    max_consecutive_nonfinite: int = 20  # NaN/inf losses in a row before the run stops
+    init: InitConfig = field(default_factory=InitConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"size": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def model_config(self) -> FusedViTConfig:
+        try:
+            return from_dict(FusedViTConfig, dict(self.model), "model")
+        except ModelConfigError as exc:
+            raise ConfigError(f"model: {exc}") from exc
+
+    def validate(self) -> None:
+        model = self.model_config()
+        ds, o = self.deepspeed, self.optim
+        if ds.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+        if ds.precision not in PRECISIONS:
+            raise ConfigError(f"deepspeed.precision must be one of {PRECISIONS}, got {ds.precision!r}")
+        if ds.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"deepspeed.backend must be auto, nccl or gloo, got {ds.backend!r}")
+        if self.steps < 1 or o.accumulation_steps < 1 or self.checkpoint.every_steps < 1 or self.log.every_steps < 1:
+            raise ConfigError("steps, optim.accumulation_steps, checkpoint.every_steps and log.every_steps must be >= 1")
+        if not 0 < o.layer_decay <= 1 or o.patch_embed_lr_mult < 0 or o.new_module_lr_mult < 0 or o.clip_grad < 0:
+            raise ConfigError("optim: layer_decay must be in (0, 1]; lr multipliers and clip_grad >= 0")
+        if self.max_consecutive_nonfinite < 1:
+            raise ConfigError("max_consecutive_nonfinite must be >= 1")
+        if self.data.mask.patch_size != model.patch_size:
+            raise ConfigError(f"data.mask.patch_size ({self.data.mask.patch_size}) must equal the model's "
+                              f"patch_size ({model.patch_size}): the iBOT masks are drawn per patch")
+        if model.vocab_size == 0:
+            raise ConfigError("model.vocab_size is 0 (no transcript branch): set it to at least the shard set's "
+                              "vocabulary size")

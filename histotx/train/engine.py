@@ -1,0 +1,184 @@
+"""DeepSpeed set-up from a :class:`~histotx.train.config.TrainConfig`: process group, precision,
+optimiser parameter groups, the engine, and the student's full fp32 weights for the teacher's EMA.
+
+Precision. On GPU the student computes in bf16 under ``torch.autocast`` (DeepSpeed's
+``torch_autocast``) while its weights, gradients' master copy and Adam states stay fp32; on CPU
+everything is fp32. Keeping the weights fp32 means the EMA reads the very values the optimiser
+wrote, under ZeRO 0/1/2 without any communication.
+
+Parameter groups (DINOv2's rules, with continued pretraining in mind): backbone lr × layer_decay^(depth
++ 1 − layer) and × patch_embed_lr_mult for the patch embedding; the transcript tokenizer and the heads,
+which no checkpoint provides, × new_module_lr_mult; no weight decay on biases, norms, LayerScale,
+tokens and the position embedding; the DINO prototypes in groups of their own whose lr the schedule
+holds at 0 while the last layer is frozen. Each group carries ``lr_mult``, ``wd_mult`` and
+``last_layer``; :func:`apply_schedule` turns a step's schedule values into every group's lr and decay.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from histotx.ssl.meta import SSLNetwork
+from histotx.ssl.schedules import StepValues
+from histotx.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+NEW_MODULE_PREFIXES = ("backbone.transcript.", "dino_head.", "ibot_head.", "expression_head.")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: TrainConfig) -> torch.device:
+    """Join (or, alone, create) the process group from RANK / WORLD_SIZE / MASTER_ADDR (see launch/)."""
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:  # a plain single-process run
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    cuda = torch.cuda.is_available()
+    backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.deepspeed.precision == "auto":
+        return device.type == "cuda"
+    return cfg.deepspeed.precision == "bf16"
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The compute precision of forward passes outside the engine (the teacher's)."""
+    if use_bf16(cfg, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict[str, Any]:
+    ds, o = cfg.deepspeed, cfg.optim
+    micro = cfg.data.stream.batch_size
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.bucket_size,
+                            "overlap_comm": device.type == "cuda", "contiguous_gradients": True}
+    if ds.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = ds.bucket_size
+    if ds.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                    stage3_prefetch_bucket_size=ds.bucket_size)
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": o.accumulation_steps,
+        "train_batch_size": micro * o.accumulation_steps * world_size,
+        # lr and weight decay are set on every group at every step (apply_schedule)
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "betas": list(o.betas), "eps": o.eps,
+                                                  "weight_decay": 0.0, "torch_adam": True}},
+        "gradient_clipping": o.clip_grad,
+        "zero_optimization": zero,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if use_bf16(cfg, device):
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return _merge(config, ds.extra)
+
+
+def _no_decay(network: SSLNetwork) -> set[str]:
+    backbone = {f"backbone.{n}" for n in network.backbone.no_weight_decay()}
+    heads = {n for n, p in network.named_parameters() if not n.startswith("backbone.") and p.ndim <= 1}
+    return backbone | heads
+
+
+def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups of the student's trainable parameters (see the module docstring)."""
+    o = cfg.optim
+    depth = network.backbone.config.depth
+    no_decay = _no_decay(network)
+    last_layer = {id(p) for head in (network.dino_head, network.ibot_head) if head is not None
+                  for p in head.last_layer_parameters()}
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, p in network.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(NEW_MODULE_PREFIXES):
+            kind, lr_mult = "new", o.new_module_lr_mult
+        else:
+            inner = name[len("backbone."):]
+            layer = network.backbone.layer_id(inner)
+            kind, lr_mult = f"layer{layer}", o.layer_decay ** (depth + 1 - layer)
+            if inner.startswith("patch_embed."):
+                kind, lr_mult = "patch_embed", lr_mult * o.patch_embed_lr_mult
+        is_last = id(p) in last_layer
+        wd_mult = 0.0 if name in no_decay else 1.0
+        key = (kind, lr_mult, wd_mult, is_last)
+        if key not in groups:
+            label = f"{kind}{'-last_layer' if is_last else ''}{'-no_decay' if not wd_mult else ''}"
+            groups[key] = {"params": [], "name": label, "lr_mult": lr_mult, "wd_mult": wd_mult,
+                           "last_layer": is_last, "lr": 0.0, "weight_decay": 0.0}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, values: StepValues) -> None:
+    for group in optimizer.param_groups:
+        lr = values.last_layer_lr if group["last_layer"] else values.lr
+        group["lr"] = lr * group["lr_mult"]
+        group["weight_decay"] = values.weight_decay * group["wd_mult"]
+
+
+def build_engine(cfg: TrainConfig, student: nn.Module, groups: list[dict[str, Any]], device: torch.device):
+    """The DeepSpeed engine around the student (moved to ``device``)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    student.to(device)
+    config = deepspeed_config(cfg, dist.get_world_size(), device)
+    engine, optimizer, _, _ = deepspeed.initialize(model=student, model_parameters=groups, config=config)
+    if len(optimizer.param_groups) != len(groups):
+        raise RuntimeError(f"DeepSpeed made {len(optimizer.param_groups)} optimiser groups of {len(groups)}")
+    return engine, optimizer
+
+
+def student_weights(engine, params: list[nn.Parameter]) -> Iterator[torch.Tensor]:
+    """Each parameter's full fp32 value, in order: the parameter itself under ZeRO 0/1/2 (whole and
+    fp32 on every rank), gathered from the optimiser's fp32 partitions under ZeRO-3. Collective under
+    ZeRO-3: every rank must consume the whole iterator."""
+    if engine.zero_optimization_stage() != 3:
+        yield from (p.detach() for p in params)
+        return
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for p in params:
+        if p.requires_grad:
+            yield safe_get_full_fp32_param(p)
+        else:  # frozen (e.g. the prototypes' norm): not in the optimiser, gather the weight itself
+            with deepspeed.zero.GatheredParameters([p]):
+                yield p.data.float()
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory: allocated on the GPU, resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

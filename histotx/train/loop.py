@@ -1,0 +1,268 @@
+"""The training loop: steps, schedules, skipped non-finite steps, metrics, checkpoints, signals.
+
+One micro-step: schedule values for the current optimiser step → teacher targets (no grad, fp32 weights,
+bf16 compute on GPU) → student forward through the DeepSpeed engine → losses → a check, agreed by all
+ranks, that the loss is finite (else the step is skipped and counted; too many in a row stop the run)
+→ backward, optimiser step → centre update, and at each optimiser step the teacher's EMA.
+
+SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) only set a flag; the ranks
+agree on it after each optimiser step, save a checkpoint and return 0, so a requeued job resumes with
+``--resume auto`` from the next sample.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from histotx.config import dump_config, to_dict
+from histotx.data.loader import build_loader
+from histotx.model import FusedViT
+from histotx.ssl.meta import LOSS_TERMS, SSLMetaArch
+from histotx.ssl.schedules import SSLSchedules
+from histotx.train import checkpoint
+from histotx.train.config import TrainConfig
+from histotx.train.engine import (apply_schedule, autocast, build_engine, init_distributed, memory_mb, param_groups,
+                                  student_weights)
+from histotx.train.flops import step_flops
+from histotx.train.metrics import MetricsWriter, Window
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a NaN or infinite loss."""
+
+
+def _check_vocabulary(cfg: TrainConfig, vocab_size: int) -> None:
+    from histotx.vocab import Vocab
+
+    path = Path(cfg.data.stream.shards) / "vocab.tsv"
+    if path.is_file() and len(Vocab.load(path)) > vocab_size:
+        raise ValueError(f"{path}: the shard set's vocabulary has {len(Vocab.load(path))} genes, more than "
+                         f"model.vocab_size={vocab_size}")
+
+
+def build_backbone(cfg: TrainConfig) -> FusedViT:
+    """The backbone, from a pretrained checkpoint when ``init.backbone`` names one."""
+    backbone = FusedViT(cfg.model_config())
+    if cfg.init.backbone:
+        from histotx.model.pretrained import init_from_pretrained
+
+        report = init_from_pretrained(backbone, cfg.init.backbone, cfg.init.weights or None)
+        log.info("backbone init: %s", report.summary())
+        for name, theirs, ours in (("mean", report.image_mean, cfg.data.augment.mean),
+                                   ("std", report.image_std, cfg.data.augment.std)):
+            if theirs is not None and not np.allclose(theirs, ours, atol=1e-4):
+                log.warning("the checkpoint normalises images with %s %s, data.augment.%s is %s", name, theirs,
+                            name, ours)
+    return backbone
+
+
+class Trainer:
+    """A run on this rank: process group, model, engine, loader, schedules, logging, checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.device = init_distributed(cfg)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.out = Path(cfg.out)
+        self.checkpoints = self.out / "checkpoints"
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        np.random.seed(cfg.seed)
+        model_cfg = cfg.model_config()
+        _check_vocabulary(cfg, model_cfg.vocab_size)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+            dump_config(model_cfg, self.out / "model_config.yaml")
+
+        self.meta = SSLMetaArch(build_backbone(cfg), cfg.ssl)
+        self.meta.teacher.to(self.device)
+        self.meta.centers.to(self.device)
+        self.engine, self.optimizer = build_engine(cfg, self.meta.student, param_groups(self.meta.student, cfg),
+                                                   self.device)
+        self.student_params = list(self.meta.student.parameters())
+        self.loader = build_loader(cfg.data, self.rank, self.world, pin_memory=self.device.type == "cuda")
+        global_batch = cfg.data.stream.batch_size * cfg.optim.accumulation_steps * self.world
+        self.schedules = SSLSchedules(cfg.ssl.schedule, cfg.steps, global_batch)
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self._signal: int | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._batches: Iterator | None = None
+
+        path = checkpoint.resolve(resume, self.checkpoints) if resume else None
+        if path is not None:
+            info, self._rng_to_restore = checkpoint.load(path, self.engine, self.meta, self.loader)
+            self.nonfinite_total = int(info.get("nonfinite_total", 0))
+            if info["step"] != self.step:
+                raise RuntimeError(f"{path}: trainer.json says step {info['step']}, DeepSpeed's state {self.step}")
+            log.info("resumed from %s at step %d", path, self.step)
+        elif resume and resume != "auto":
+            raise FileNotFoundError(resume)
+        elif resume == "auto":
+            log.info("no checkpoint under %s: starting from scratch", self.checkpoints)
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken."""
+        return int(self.engine.global_steps)
+
+    # ------------------------------------------------------------------ data
+
+    def next_batch(self):
+        """The next batch on the device. The first call starts the loader (whose workers draw their seed
+        from torch's RNG) and only then restores a resumed run's RNG states."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+            first = next(self._batches)
+            if self._rng_to_restore is not None:
+                checkpoint.set_rng_state(self._rng_to_restore)
+                self._rng_to_restore = None
+            return first.to(self.device, non_blocking=True)
+        return next(self._batches).to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ one micro-step
+
+    def _sync(self) -> None:
+        if self.cfg.log.phase_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self, batch, window: Window | None = None) -> dict[str, float] | None:
+        """One micro-batch: forward, and unless the loss is non-finite on some rank, backward, optimiser
+        step (at the accumulation boundary), centre update and EMA. Returns the local loss terms, or
+        None for a skipped step."""
+        values = self.schedules(self.step)
+        apply_schedule(self.optimizer, values)
+        times = window.times if window is not None else {}
+        t0 = time.perf_counter()
+        with autocast(self.cfg, self.device):
+            targets = self.meta.teacher_targets(batch, values.teacher_temperature)
+        out = self.engine(batch)
+        losses = self.meta.losses(out, targets, batch)
+        bad = (~torch.isfinite(losses["loss"].detach())).float().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        t1 = time.perf_counter()
+        times["forward"] = times.get("forward", 0.0) + t1 - t0
+        if bad.item():
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            log.warning("step %d: non-finite loss (%s), step skipped (%d in a row, %d in all)", self.step,
+                        {k: float(v.detach()) for k, v in losses.items()}, self.nonfinite_run, self.nonfinite_total)
+            if self.nonfinite_run >= self.cfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_run} steps in a row had a NaN/inf loss (at step {self.step}); stopping. "
+                    f"Lower ssl.schedule.lr, raise optim.clip_grad's strictness, or resume from an earlier "
+                    f"checkpoint under {self.checkpoints}")
+            return None
+        self.nonfinite_run = 0
+        self.engine.backward(losses["loss"])
+        self._sync()
+        t2 = time.perf_counter()
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        self._sync()
+        t3 = time.perf_counter()
+        self.meta.commit(targets)
+        if boundary:
+            self.meta.update_teacher(values.momentum, student_weights(self.engine, self.student_params))
+        self._sync()
+        t4 = time.perf_counter()
+        for phase, dt in (("backward", t2 - t1), ("optimizer", t3 - t2), ("ema", t4 - t3)):
+            times[phase] = times.get(phase, 0.0) + dt
+        return dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+
+    # ------------------------------------------------------------------ the run
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._signal = signum
+        log.warning("rank %d got %s: finishing the step, then saving", self.rank, signal.Signals(signum).name)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save(self) -> Path:
+        state = {"nonfinite_total": self.nonfinite_total, "config": to_dict(self.cfg)}
+        return checkpoint.save(self.checkpoints, self.step, self.engine, self.meta, self.loader, state,
+                               self.cfg.checkpoint.keep)
+
+    def _record(self, window: Window) -> dict[str, Any]:
+        record = window.reduce(self.device)
+        values = self.schedules(self.step - 1)
+        stats = self.loader.stats
+        record.update(lr=values.lr, last_layer_lr=values.last_layer_lr, weight_decay=values.weight_decay,
+                      momentum=values.momentum, teacher_temperature=values.teacher_temperature,
+                      epoch=self.loader.epoch, memory_mb=memory_mb(self.device),
+                      nonfinite_skipped=self.nonfinite_total, corrupt_shards=stats.corrupt_shards,
+                      bad_samples=stats.bad_samples)
+        return record
+
+    def run(self) -> int:
+        cfg = self.cfg
+        metrics = MetricsWriter(self.out, cfg.log, cfg.steps, self.step, enabled=self.rank == 0)
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        window, saved_at, stopped = Window(), self.step if self.step else None, False
+        model_cfg = self.meta.student.backbone.config
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                batch = self.next_batch()
+                window.times["data_wait"] += time.perf_counter() - t0
+                lengths = self.meta.sequence_lengths(batch)
+                before = self.step
+                losses = self.train_step(batch, window)
+                window.micro_steps += 1
+                if losses is not None:
+                    window.add_losses({k: losses[k] for k in ("loss", *LOSS_TERMS)})
+                    window.samples += batch.batch_size
+                    window.tokens += int(sum(int(v.sum()) for v in lengths.values()))
+                    window.flops += step_flops(model_cfg, cfg.ssl, batch, lengths)
+                if self.step == before:
+                    continue  # inside an accumulation window, or skipped
+                metrics.advance(self.step - before)
+                if self.step % cfg.log.every_steps == 0 or self.step == cfg.steps:
+                    metrics.write(self.step, self._record(window))
+                    window = Window()
+                stopped = self._stop_requested()
+                if stopped or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
+                    self.save()
+                    saved_at = self.step
+                if stopped:
+                    log.warning("stopped by %s after step %d; checkpoint saved, resume with --resume auto",
+                                signal.Signals(self._signal).name if self._signal else "a signal on another rank",
+                                self.step)
+                    break
+            if saved_at != self.step:
+                self.save()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            metrics.close()
+            self._batches = None
+        if self.rank == 0 and not stopped:
+            log.info("finished %d steps; %d non-finite steps skipped", self.step, self.nonfinite_total)
+        return 0
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> int:
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
