@@ -104,7 +104,7 @@ def stage_results(shards, tmp_path_factory):
     for stage in (1, 2, 3):
         out = tmp_path_factory.mktemp(f"zero{stage}")
         overrides = RUN + [f"data.stream.shards={shards}", f"out={out}", f"steps={STEPS}", f"deepspeed.zero_stage={stage}"]
-        wait_ranks(start_ranks([__file__, str(TINY), str(out / "report.json"), *overrides]))
+        wait_ranks(start_ranks([__file__, "stage", str(TINY), str(out / "report.json"), *overrides]))
         results[stage] = json.loads((out / "report.json").read_text())
     return results
 
@@ -134,6 +134,31 @@ def test_zero_stages_take_the_same_steps(stage_results):
     for stage in (2, 3):
         losses = [s["loss"] for s in stage_results[stage]["losses"]][:8]
         assert losses == pytest.approx(reference, rel=1e-4), (stage, losses, reference)
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_are_skipped_by_every_rank_and_a_run_of_them_stops_training(shards, tmp_path):
+    overrides = RUN + [f"data.stream.shards={shards}", f"out={tmp_path}", "steps=20", "deepspeed.zero_stage=2",
+                       "max_consecutive_nonfinite=3"]
+    wait_ranks(start_ranks([__file__, "nonfinite", str(TINY), str(tmp_path / "report.json"), *overrides]))
+    r = json.loads((tmp_path / "report.json").read_text())
+    # micro-steps 1 ok, 2-3 skipped (NaN on rank 1 only, so rank 0 skipped them too), 4-5 ok, 6-8 NaN → stop
+    assert r["results"] == [True, False, False, True, True, False, False]
+    assert r["unchanged_by_skips"] and r["step_after_skips"] == 1
+    assert r["nonfinite_total"] == 5 and r["step"] == 3
+    assert "3 steps in a row had a NaN/inf loss" in r["error"]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_run_on_cpu(shards, tmp_path):
+    """The GPU precision path (fp32 weights, bf16 compute via DeepSpeed's torch_autocast), one CPU rank."""
+    entry = str(REPO / "launch" / "train.py")
+    wait_ranks(start_ranks([entry, str(TINY), f"out={tmp_path}", *RUN, f"data.stream.shards={shards}", "steps=3",
+                            "deepspeed.precision=bf16"], world=1))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0 < r["loss"] < 1e3 for r in rows) and rows[0]["samples_per_s"] > 0
+    assert (tmp_path / "checkpoints" / "step_00000003" / "trainer.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
@@ -228,5 +253,45 @@ def _harness(config: str, report: str, overrides: list[str]) -> None:
     trainer.close()
 
 
+def _nonfinite_harness(config: str, report: str, overrides: list[str]) -> None:
+    """NaN losses on rank 1 only, at micro-steps 2-3 (skipped by both ranks, weights untouched) and from
+    step 6 on (the run stops after max_consecutive_nonfinite of them)."""
+    import torch
+    import torch.distributed as dist
+
+    from histotx.config import load_config
+    from histotx.train.config import TrainConfig
+    from histotx.train.engine import student_weights
+    from histotx.train.loop import NonFiniteLossError, Trainer
+
+    trainer = Trainer(load_config(TrainConfig, config, overrides))
+    rank, calls, losses = dist.get_rank(), [0], trainer.meta.losses
+
+    def poisoned(*args):
+        out = losses(*args)
+        calls[0] += 1
+        if rank == 1 and (calls[0] in (2, 3) or calls[0] >= 6):
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    trainer.meta.losses = poisoned
+    record = {"results": [], "unchanged_by_skips": None, "error": None}
+    try:
+        for i in range(12):
+            if i == 1:
+                before = [w.clone() for w in student_weights(trainer.engine, trainer.student_params)]
+            record["results"].append(trainer.train_step(trainer.next_batch()) is not None)
+            if i == 2:
+                after = list(student_weights(trainer.engine, trainer.student_params))
+                record["unchanged_by_skips"] = all(torch.equal(a, b) for a, b in zip(after, before))
+                record["step_after_skips"] = trainer.step
+    except NonFiniteLossError as exc:
+        record["error"] = str(exc)
+    record.update(nonfinite_total=trainer.nonfinite_total, step=trainer.step)
+    if rank == 0:
+        Path(report).write_text(json.dumps(record))
+    trainer.close()
+
+
 if __name__ == "__main__":
-    _harness(sys.argv[1], sys.argv[2], sys.argv[3:])
+    {"stage": _harness, "nonfinite": _nonfinite_harness}[sys.argv[1]](sys.argv[2], sys.argv[3], sys.argv[4:])

@@ -161,8 +161,8 @@ class Trainer:
             if self.nonfinite_run >= self.cfg.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_run} steps in a row had a NaN/inf loss (at step {self.step}); stopping. "
-                    f"Lower ssl.schedule.lr, raise optim.clip_grad's strictness, or resume from an earlier "
-                    f"checkpoint under {self.checkpoints}")
+                    "Lower ssl.schedule.lr or optim.clip_grad, check the data (corrupt_shards, bad_samples in "
+                    f"metrics.jsonl), or resume from an earlier checkpoint under {self.checkpoints}")
             return None
         self.nonfinite_run = 0
         self.engine.backward(losses["loss"])
