@@ -150,15 +150,18 @@ def test_nonfinite_losses_are_skipped_by_every_rank_and_a_run_of_them_stops_trai
 
 
 @pytest.mark.slow
-def test_bf16_autocast_run_on_cpu(shards, tmp_path):
-    """The GPU precision path (fp32 weights, bf16 compute via DeepSpeed's torch_autocast), one CPU rank."""
+def test_bf16_autocast_zero0_gradient_accumulation_on_cpu(shards, tmp_path):
+    """The GPU precision path (fp32 weights, bf16 compute via DeepSpeed's torch_autocast) without ZeRO
+    and with two micro-batches per optimiser step, one CPU rank."""
     entry = str(REPO / "launch" / "train.py")
     wait_ranks(start_ranks([entry, str(TINY), f"out={tmp_path}", *RUN, f"data.stream.shards={shards}", "steps=3",
-                            "deepspeed.precision=bf16"], world=1))
+                            "deepspeed.precision=bf16", "deepspeed.zero_stage=0", "optim.accumulation_steps=2"],
+                           world=1))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(0 < r["loss"] < 1e3 for r in rows) and rows[0]["samples_per_s"] > 0
-    assert (tmp_path / "checkpoints" / "step_00000003" / "trainer.json").is_file()
+    saved = tmp_path / "checkpoints" / "step_00000003"
+    assert json.loads((saved / "rank_00000.json").read_text())["loader"]["batches"] == 6  # 2 per step
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
