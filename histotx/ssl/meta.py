@@ -36,6 +36,7 @@ from histotx.ssl.heads import DINOHead
 from histotx.ssl.losses import DINOLoss, KoLeoLoss, MaskedExpressionLoss, iBOTLoss
 
 LOSS_TERMS = ("dino", "ibot_image", "ibot_transcript", "koleo", "expression")
+EMA_CHUNK_NUMEL = 1 << 26  # parameters updated together by one fused (foreach) operation
 
 
 class SSLNetwork(nn.Module):
@@ -216,12 +217,26 @@ class SSLMetaArch(nn.Module):
         """
         weights = student_weights if student_weights is not None else (p.detach() for p in self.student.parameters())
         teacher = list(self.teacher.parameters())
-        n = 0
+        n, chunk_t, chunk_s, chunk_numel = 0, [], [], 0
+
+        def flush() -> None:
+            torch._foreach_mul_(chunk_t, momentum)
+            torch._foreach_add_(chunk_t, chunk_s, alpha=1.0 - momentum)
+            chunk_t.clear()
+            chunk_s.clear()
+
         for t, s in zip(teacher, weights):
             if s.numel() != t.numel():
                 raise RuntimeError(f"student weight {n} has {s.numel()} elements, the teacher's {t.numel()}: "
                                    "a sharded student must be gathered before the EMA")
-            t.mul_(momentum).add_(s.reshape(t.shape).to(t.dtype), alpha=1.0 - momentum)
+            chunk_t.append(t)
+            chunk_s.append(s.reshape(t.shape).to(t.dtype))
+            chunk_numel += t.numel()
             n += 1
+            if chunk_numel >= EMA_CHUNK_NUMEL:  # bounds what a gathering (ZeRO-3) source holds at once
+                flush()
+                chunk_numel = 0
+        if chunk_t:
+            flush()
         if n != len(teacher):
             raise RuntimeError(f"the EMA got {n} student weights for {len(teacher)} teacher parameters")

@@ -128,7 +128,7 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
                 kind, lr_mult = "patch_embed", lr_mult * o.patch_embed_lr_mult
         is_last = id(p) in last_layer
         wd_mult = 0.0 if name in no_decay else 1.0
-        key = (kind, lr_mult, wd_mult, is_last)
+        key = (lr_mult, wd_mult, is_last)  # one group per setting: ZeRO-1/2 pay collectives per group
         if key not in groups:
             label = f"{kind}{'-last_layer' if is_last else ''}{'-no_decay' if not wd_mult else ''}"
             groups[key] = {"params": [], "name": label, "lr_mult": lr_mult, "wd_mult": wd_mult,
@@ -172,7 +172,8 @@ def student_weights(engine, params: list[nn.Parameter]) -> Iterator[torch.Tensor
             yield safe_get_full_fp32_param(p)
         else:  # frozen (e.g. the prototypes' norm): not in the optimiser, gather the weight itself
             with deepspeed.zero.GatheredParameters([p]):
-                yield p.data.float()
+                value = p.data.detach().float().clone()  # a copy: the gathered buffer goes on exit
+            yield value
 
 
 def memory_mb(device: torch.device) -> float:

@@ -6,8 +6,8 @@ ranks, that the loss is finite (else the step is skipped and counted; too many i
 → backward, optimiser step → centre update, and at each optimiser step the teacher's EMA.
 
 SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) only set a flag; the ranks
-agree on it after each optimiser step, save a checkpoint and return 0, so a requeued job resumes with
-``--resume auto`` from the next sample.
+agree on it in the same all-reduce as the loss check (one collective per step), finish that step,
+save a checkpoint and return 0, so a requeued job resumes with ``--resume auto`` from the next sample.
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ class Trainer:
         self.schedules = SSLSchedules(cfg.ssl.schedule, cfg.steps, global_batch)
         self.nonfinite_total = 0
         self.nonfinite_run = 0
-        self._signal: int | None = None
+        self._signal: int | None = None  # set by the handler on this rank
+        self._stop_agreed = False  # some rank had a signal when the last step's flags were reduced
         self._rng_to_restore: dict[str, Any] | None = None
         self._batches: Iterator | None = None
 
@@ -149,11 +150,15 @@ class Trainer:
             targets = self.meta.teacher_targets(batch, values.teacher_temperature)
         out = self.engine(batch)
         losses = self.meta.losses(out, targets, batch)
-        bad = (~torch.isfinite(losses["loss"].detach())).float().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        # One collective agrees on both: a non-finite loss anywhere, and a stop signal anywhere.
+        flags = torch.stack([(~torch.isfinite(losses["loss"].detach())).float(),
+                             torch.tensor(float(self._signal is not None), device=self.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop = flags.tolist()
+        self._stop_agreed = self._stop_agreed or bool(stop)
         t1 = time.perf_counter()
         times["forward"] = times.get("forward", 0.0) + t1 - t0
-        if bad.item():
+        if bad:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
             log.warning("step %d: non-finite loss (%s), step skipped (%d in a row, %d in all)", self.step,
@@ -186,11 +191,6 @@ class Trainer:
     def _on_signal(self, signum, _frame) -> None:
         self._signal = signum
         log.warning("rank %d got %s: finishing the step, then saving", self.rank, signal.Signals(signum).name)
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def save(self) -> Path:
         state = {"nonfinite_total": self.nonfinite_total, "config": to_dict(self.cfg)}
@@ -234,7 +234,7 @@ class Trainer:
                 if self.step % cfg.log.every_steps == 0 or self.step == cfg.steps:
                     metrics.write(self.step, self._record(window))
                     window = Window()
-                stopped = self._stop_requested()
+                stopped = self._stop_agreed
                 if stopped or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
                     self.save()
                     saved_at = self.step

@@ -1,0 +1,167 @@
+"""Where a training step's time goes, and what the loader's worker processes cost, on CPU.
+
+1. Step time: a small fused ViT (128 wide, 4 blocks, 64 px global crops) trained by 2 ranks (gloo,
+   ZeRO-2 or --zero N, one loader worker each) on the synthetic cohort's shards (256 px JPEG tiles,
+   every technology). Per step: data wait (blocked on
+   the loader), forward (teacher + student + losses), backward (with ZeRO's gradient reduction),
+   optimiser (AdamW + parameter all-gather) and EMA (teacher update + centres), averaged over the
+   logging windows after the first (loader warm). Target: time outside forward/backward ≤ 5 %.
+   On CPU every gloo collective costs about a millisecond and ZeRO-1/2 issue two per optimiser group
+   (gradient norm, parameter all-gather) per step, so the optimiser share says more about gloo than
+   about the trainer; ZeRO-0 (gradients all-reduced in buckets, no partitions) shows the difference.
+2. Loader: CPU seconds per sample of decode + multi-crop + collation in one plain loop (the bound),
+   against the CPU seconds a DataLoader worker spends per sample it delivers (shard reading, shuffle
+   buffer, decoding, augmentation, collation, hand-over). Target: ratio ≥ 0.9. CPU time, not wall
+   time, so that other processes on a shared machine do not distort it.
+
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py [--steps 60] [--batch 8] [--window 10] [--zero 2]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("data_wait", "forward", "backward", "optimizer", "ema")
+SMALL_MODEL = ["model.size=custom", "model.embed_dim=128", "model.depth=4", "model.num_heads=4", "model.img_size=64",
+               "model.patch_size=8", "model.num_registers=1",
+               "model.vocab_size=1024", "data.mask.patch_size=8", "data.augment.global_crop_size=64",
+               "data.augment.local_crop_size=32", "data.augment.local_crops_number=4",
+               "data.collate.resolutions_um=[8.0, 16.0, 32.0]", "ssl.head.out_dim=4096", "ssl.head.hidden_dim=256",
+               "ssl.head.bottleneck_dim=64", "deepspeed.precision=fp32",
+               "data.stream.shuffle_buffer=64", "data.stream.resample=true", "log.progress=false",
+               "log.tensorboard=false", "checkpoint.every_steps=100000"]
+
+
+def make_shards(root: Path) -> Path:
+    from histotx.synth import generate_cohort
+    from sharding.config import ShardConfig
+    from sharding.pipeline import run_cohort
+
+    cohort = generate_cohort(root / "cohort", seed=0, size="small")
+    run_cohort(cohort, root / "shards", ShardConfig(seed=0, shard_max_tiles=64))
+    return root / "shards"
+
+
+def rank_main(overrides: list[str]) -> None:
+    from histotx.config import load_config
+    from histotx.train.config import TrainConfig
+    from histotx.train.loop import train
+
+    train(load_config(TrainConfig, REPO / "configs" / "train" / "tiny_cpu.yaml", overrides))
+
+
+def step_breakdown(shards: Path, out: Path, steps: int, batch: int, window: int, zero: int) -> dict[str, float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    overrides = SMALL_MODEL + [f"data.stream.shards={shards}", f"out={out}", f"steps={steps}",
+                               f"data.stream.batch_size={batch}", "data.stream.num_workers=1",
+                               f"log.every_steps={window}", f"deepspeed.zero_stage={zero}"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        procs.append(subprocess.Popen([sys.executable, __file__, "--rank", *overrides], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        log, _ = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"a rank failed:\n{log[-4000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # loader warm
+    mean = {p: float(np.mean([r[f"time/{p}_s"] for r in rows])) for p in PHASES}
+    mean["samples_per_s"] = float(np.mean([r["samples_per_s"] for r in rows]))
+    return mean
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def loader_ratio(shards: Path, batch: int, batches: int) -> tuple[float, float]:
+    """(bound, worker) CPU seconds per sample, the bound measured on the very samples the worker delivered."""
+    import torch
+
+    from histotx.config import load_config
+    from histotx.data.augment import MultiCrop
+    from histotx.data.collate import SSLCollate
+    from histotx.data.config import DataConfig
+    from histotx.data.loader import build_loader
+    from histotx.data.stream import LoaderStats, read_shard
+    from histotx.format import decode_sample, read_manifest
+
+    torch.set_num_threads(1)
+    data_overrides = [o[len("data."):] for o in SMALL_MODEL if o.startswith("data.")]
+    cfg = load_config(DataConfig, overrides=data_overrides + [f"stream.shards={shards}", f"stream.batch_size={batch}",
+                                                              "stream.num_workers=1"])
+    start = _children_cpu()
+    it = iter(build_loader(cfg, rank=0, world_size=1))
+    delivered = [b.keys for b in itertools.islice(it, batches)]
+    del it
+    gc.collect()
+    time.sleep(1.0)  # the worker exits; its CPU time is counted once it has been waited for
+    worker = (_children_cpu() - start) / (batch * batches)
+
+    raw = {r["__key__"]: r for s in read_manifest(shards)["shards"]
+           for r in read_shard(str(shards / s["name"]), LoaderStats())}
+    crop, collate = MultiCrop(cfg.augment), SSLCollate(cfg)
+    start = _cpu()
+    for i, keys in enumerate(delivered):
+        items = [crop(decode_sample(raw[k]), np.random.default_rng([i, j])) for j, k in enumerate(keys)]
+        collate(items, np.random.default_rng(i))
+    bound = (_cpu() - start) / (batch * batches)
+    return bound, worker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=8, help="per rank")
+    parser.add_argument("--window", type=int, default=10, help="steps per logging window")
+    parser.add_argument("--zero", type=int, default=2, help="ZeRO stage")
+    parser.add_argument("--loader-batches", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="loader measurements (worker, then bound)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_shards(Path(tmp))
+        t = step_breakdown(shards, Path(tmp) / "run", args.steps, args.batch, args.window, args.zero)
+        total = sum(t[p] for p in PHASES)
+        print(f"ViT 128×4 on CPU, 2 ranks × batch {args.batch}, ZeRO-{args.zero}, {args.steps} steps, windows of "
+              f"{args.window} after the first: {t['samples_per_s']:.1f} samples/s")
+        for p in PHASES:
+            print(f"  {p:<10} {t[p] * 1e3:8.1f} ms  {t[p] / total:6.1%}")
+        outside = (t["data_wait"] + t["optimizer"] + t["ema"]) / total
+        overhead = (t["optimizer"] + t["ema"]) / total
+        print(f"  outside forward/backward: {outside:.1%} (target ≤ 5 %); of which optimiser + EMA {overhead:.1%}, "
+              f"data wait {t['data_wait'] / total:.1%}")
+        # alternate the two measurements: CPU time per sample drifts with what else the machine runs
+        rounds = [loader_ratio(shards, args.batch, args.loader_batches) for _ in range(args.rounds)]
+        ratios = sorted(b / w for b, w in rounds)
+        bound, worker = (float(np.median(x)) for x in zip(*rounds))
+        print(f"loader: decode + augment + collate alone {bound * 1e3:.2f} CPU ms/sample, in a worker "
+              f"{worker * 1e3:.2f} CPU ms/sample: per-worker throughput ratio {ratios[len(ratios) // 2]:.2f} "
+              f"(median of {args.rounds}, range {ratios[0]:.2f}-{ratios[-1]:.2f}; target ≥ 0.9)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--rank":
+        rank_main(sys.argv[2:])
+    else:
+        main()
