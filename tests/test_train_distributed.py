@@ -164,6 +164,20 @@ def test_bf16_autocast_zero0_gradient_accumulation_on_cpu(shards, tmp_path):
     assert json.loads((saved / "rank_00000.json").read_text())["loader"]["batches"] == 6  # 2 per step
 
 
+@pytest.mark.slow
+def test_gpu_check_script_runs_end_to_end_on_cpu(shards):
+    """benchmarks/gpu_train_check.py, the ViT-L GPU check, on the tiny config: the same code path, so a
+    GPU session does not find it broken."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_train_check.py"), "--allow-cpu", "--config",
+                          str(TINY), "--steps", "2", "--warmup", "1", "--batch", "2", "--workers", "1", "--held", "2",
+                          "--shards", str(shards), "data.collate.resolutions_um=[16.0]"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert "TFLOP/s, MFU" in run.stdout and "samples/s" in run.stdout and "end to end" in run.stdout
+
+
 # ---------------------------------------------------------------------------------------------- exact resume
 
 
