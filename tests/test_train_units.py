@@ -250,3 +250,23 @@ def test_train_cli_parses_config_overrides_and_resume():
     args = parser.parse_args(["train", "c.yaml", "steps=3", "optim.clip_grad=1", "--resume", "auto"])
     assert args.overrides == ["steps=3", "optim.clip_grad=1"] and args.resume == "auto"
     assert math.isclose(load_config(TrainConfig, overrides=TINY + args.overrides).optim.clip_grad, 1.0)
+
+
+def test_pretrained_backbone_goes_into_student_and_teacher_and_heads_start_fresh(tmp_path):
+    from histotx.model import FusedViTConfig
+    from histotx.model.pretrained import save_timm
+    from histotx.train.loop import build_backbone
+
+    cfg = config()
+    torch.manual_seed(123)
+    fields = {k: v for k, v in cfg.model.items() if k != "vocab_size"}
+    source = FusedViT(FusedViTConfig(**fields, vocab_size=0))
+    save_timm(source, tmp_path / "ckpt")
+    torch.manual_seed(0)
+    meta = SSLMetaArch(build_backbone(config(f"init.backbone={tmp_path / 'ckpt'}")), cfg.ssl)
+    fresh = meta_arch(cfg)  # the same seed (0), without the checkpoint
+    for name, value in source.image_backbone_state_dict().items():
+        assert torch.equal(meta.student.backbone.state_dict()[name], value), name
+        assert torch.equal(meta.teacher.backbone.state_dict()[name], value), name
+    assert torch.equal(meta.student.dino_head.mlp[0].weight, fresh.student.dino_head.mlp[0].weight)
+    assert torch.equal(meta.teacher.dino_head.mlp[0].weight, meta.student.dino_head.mlp[0].weight)
