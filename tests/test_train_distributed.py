@@ -160,6 +160,11 @@ def test_bf16_autocast_zero0_gradient_accumulation_on_cpu(shards, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(0 < r["loss"] < 1e3 for r in rows) and rows[0]["samples_per_s"] > 0
+    expected = {"loss", "dino", "ibot_image", "ibot_transcript", "koleo", "expression", "lr", "last_layer_lr",
+                "weight_decay", "momentum", "teacher_temperature", "samples_per_s", "tokens_per_s", "memory_mb",
+                "time/data_wait_s", "time/compute_s", "time/data_wait_fraction", "nonfinite_skipped"}
+    assert expected <= set(rows[-1]) and rows[-1]["tokens_per_s"] > rows[-1]["samples_per_s"]
+    assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     saved = tmp_path / "checkpoints" / "step_00000003"
     assert json.loads((saved / "rank_00000.json").read_text())["loader"]["batches"] == 6  # 2 per step
 
