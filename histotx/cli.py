@@ -12,6 +12,7 @@ The pipeline, one subcommand per stage:
   histotx synth OUT                      write a synthetic cohort in genuine file formats (demo, tests)
   histotx shard run COHORT --out DIR     slides + Visium/Visium HD/Xenium/HEST → WebDataset shards
   histotx shard verify DIR               re-read and check a shard set
+  histotx train CONFIG.yaml [k=v ...]    DINO/iBOT/KoLeo pretraining under DeepSpeed ZeRO (torchrun/srun)
   histotx demo OUT                       all of the above on a small built-in cohort, end to end
 
 Run `histotx <subcommand> --help` for each stage's options.
@@ -19,13 +20,13 @@ Run `histotx <subcommand> --help` for each stage's options.
 
 
 def _register_all(sub) -> None:
+    from histotx import demo, synth
+    from histotx.train import cli as train_cli
     from sharding import cli as shard_cli
-    from histotx import synth
 
-    shard_cli.register(sub)
     synth.register_cli(sub)
-    from histotx import demo
-
+    shard_cli.register(sub)
+    train_cli.register_cli(sub)
     demo.register_cli(sub)
 
 
