@@ -270,3 +270,11 @@ def test_pretrained_backbone_goes_into_student_and_teacher_and_heads_start_fresh
         assert torch.equal(meta.teacher.backbone.state_dict()[name], value), name
     assert torch.equal(meta.student.dino_head.mlp[0].weight, fresh.student.dino_head.mlp[0].weight)
     assert torch.equal(meta.teacher.dino_head.mlp[0].weight, meta.student.dino_head.mlp[0].weight)
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_interrupted_saves(tmp_path):
+    steps = {5: True, 10: False, 15: True, 20: True, 25: True, 30: False}
+    for step, complete in steps.items():
+        _fake(tmp_path, step, complete)
+    checkpoint.prune(tmp_path, step=25, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.tag_of(s) for s in (20, 25, 30)]

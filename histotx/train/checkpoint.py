@@ -115,6 +115,13 @@ def resolve(spec: str, root: Path) -> Path | None:
                             "holding checkpoints/)")
 
 
+def prune(root: Path, step: int, keep: int) -> None:
+    """Remove interrupted saves older than ``step`` and all but the ``keep`` newest complete checkpoints."""
+    stale = [p for p in root.iterdir() if (m := _TAG.match(p.name)) and int(m.group(1)) < step and not is_complete(p)]
+    for old in stale + (complete_checkpoints(root)[:-keep] if keep else []):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save(root: Path, step: int, engine, meta, loader, trainer_state: dict[str, Any], keep: int) -> Path:
     """Collective: every rank calls it after the same step."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -136,9 +143,7 @@ def save(root: Path, step: int, engine, meta, loader, trainer_state: dict[str, A
     if rank == 0:
         atomic_write_json(path / COMPLETE, {"step": step, "world_size": world, **trainer_state})
         atomic_write_bytes(root / LATEST, tag.encode())
-        if keep:
-            for old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune(root, step, keep)
     dist.barrier()
     return path
 

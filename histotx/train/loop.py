@@ -108,8 +108,6 @@ class Trainer:
             if info["step"] != self.step:
                 raise RuntimeError(f"{path}: trainer.json says step {info['step']}, DeepSpeed's state {self.step}")
             log.info("resumed from %s at step %d", path, self.step)
-        elif resume and resume != "auto":
-            raise FileNotFoundError(resume)
         elif resume == "auto":
             log.info("no checkpoint under %s: starting from scratch", self.checkpoints)
 
@@ -212,7 +210,7 @@ class Trainer:
         cfg = self.cfg
         metrics = MetricsWriter(self.out, cfg.log, cfg.steps, self.step, enabled=self.rank == 0)
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        window, saved_at, stopped = Window(), self.step if self.step else None, False
+        window, stopped = Window(), False
         model_cfg = self.meta.student.backbone.config
         try:
             while self.step < cfg.steps:
@@ -237,14 +235,11 @@ class Trainer:
                 stopped = self._stop_agreed
                 if stopped or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
                     self.save()
-                    saved_at = self.step
                 if stopped:
                     log.warning("stopped by %s after step %d; checkpoint saved, resume with --resume auto",
                                 signal.Signals(self._signal).name if self._signal else "a signal on another rank",
                                 self.step)
                     break
-            if saved_at != self.step:
-                self.save()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
