@@ -209,13 +209,17 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         metrics = MetricsWriter(self.out, cfg.log, cfg.steps, self.step, enabled=self.rank == 0)
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        window, stopped = Window(), False
+        window, stopped, previous = Window(), False, {}
         model_cfg = self.meta.student.backbone.config
         try:
+            # Start the loader's worker processes first, so that they keep the default signal actions.
+            t0 = time.perf_counter()
+            pending = self.next_batch() if self.step < cfg.steps else None
+            window.times["data_wait"] += time.perf_counter() - t0
+            previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
-                batch = self.next_batch()
+                batch, pending = pending if pending is not None else self.next_batch(), None
                 window.times["data_wait"] += time.perf_counter() - t0
                 lengths = self.meta.sequence_lengths(batch)
                 before = self.step
