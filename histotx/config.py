@@ -140,8 +140,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of ``cls`` ← YAML file ← overrides; validated; errors name the file and the key."""
-    data = to_dict(cls())
+    """Defaults of ``cls`` ← YAML file ← overrides; validated; errors name the file and the key.
+
+    Only the keys given are passed on, so fields a dataclass derives from others (a size preset filling
+    in widths, say) are derived from what the file says, not frozen at the defaults' derived values."""
+    data: dict[str, Any] = {}
     where = "config"
     if path is not None:
         where = str(path)

@@ -92,3 +92,4 @@ def test_config_yaml_overrides_and_dump(tmp_path):
         load_config(_Cfg, None, ["inner.lrr=1"])
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(_Cfg, None, ["inner.lr=abc"])
+

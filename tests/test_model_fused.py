@@ -256,3 +256,13 @@ def test_config_presets_yaml_and_validation():
         loaded = load_config(FusedViTConfig, path, ["drop_path_rate=0.1"])
         assert loaded.drop_path_rate == 0.1 and loaded.embed_dim % loaded.num_heads == 0
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in tiny().modules())
+
+
+def test_config_presets_follow_the_file():
+    """Fields derived from a preset come from the preset the file names, not from the defaults' preset."""
+    from histotx.model import FusedViTConfig
+
+    from histotx.config import load_config
+
+    cfg = load_config(FusedViTConfig, None, ["size=L"])
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (1024, 24, 16)
