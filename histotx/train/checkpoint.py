@@ -148,6 +148,33 @@ def save(root: Path, step: int, engine, meta, loader, trainer_state: dict[str, A
     return path
 
 
+def load_deepspeed_file(path: str | Path, map_location=None) -> Any:
+    """Read one of DeepSpeed's checkpoint files with torch's restricted unpickler (tensors, containers,
+    numbers, plus the few DeepSpeed classes its state dicts hold, allowed by name) — never arbitrary code,
+    which DeepSpeed's own loader (``weights_only=False``) would run."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _weights_only_engine(engine) -> None:
+    """Make the engine read its checkpoint files through :func:`load_deepspeed_file`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_deepspeed_file(path, map_location)
+
+    current = engine.checkpoint_engine
+    if type(current) is TorchCheckpointEngine:
+        safe = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
+        safe.__dict__.update(current.__dict__)
+        engine.checkpoint_engine = safe
+
+
 def load(path: Path, engine, meta, loader) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore student, optimiser, teacher and loader from ``path``; returns the trainer state and
     this rank's RNG states (to set once the loader's workers are started, which draws from torch's RNG)."""
@@ -158,6 +185,7 @@ def load(path: Path, engine, meta, loader) -> tuple[dict[str, Any], dict[str, An
     if info["world_size"] != world:
         raise ValueError(f"{path}: saved by {info['world_size']} ranks, resumed by {world}; exact resume needs the "
                          "same world size (the data order and the ZeRO partitions depend on it)")
+    _weights_only_engine(engine)
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
