@@ -10,8 +10,9 @@ Layout under ``<out>/checkpoints``::
 
 A checkpoint is complete once ``trainer.json`` exists: rank 0 writes it only after every rank has
 finished writing, and moves ``latest`` after it (both atomically). A run killed mid-save leaves a
-folder without ``trainer.json``, which ``--resume auto`` passes over. Nothing here is pickled
-(JSON and safetensors); DeepSpeed's own files are ``torch.save`` archives that DeepSpeed reads back.
+folder without ``trainer.json``, which ``--resume auto`` passes over. What HistoTx writes is JSON and
+safetensors; DeepSpeed's own files are ``torch.save`` archives, read back only with torch's weights-only
+unpickler (:func:`load_deepspeed_file`), never DeepSpeed's default ``weights_only=False``.
 """
 from __future__ import annotations
 
