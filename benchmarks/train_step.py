@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import socket
@@ -110,11 +109,11 @@ def loader_ratio(shards: Path, batch: int, batches: int) -> tuple[float, float]:
     torch.set_num_threads(1)
     data_overrides = [o[len("data."):] for o in SMALL_MODEL if o.startswith("data.")]
     cfg = load_config(DataConfig, overrides=data_overrides + [f"stream.shards={shards}", f"stream.batch_size={batch}",
-                                                              "stream.num_workers=1"])
+                                                              "stream.num_workers=1", f"stream.steps_per_epoch={batches}"])
     start = _children_cpu()
-    it = iter(build_loader(cfg, rank=0, world_size=1))
-    delivered = [b.keys for b in itertools.islice(it, batches)]
-    del it
+    # One whole epoch of exactly `batches`: the worker produces no prefetched batch that is not delivered.
+    delivered = [b.keys for b in build_loader(cfg, rank=0, world_size=1)]
+    assert len(delivered) == batches, len(delivered)
     gc.collect()
     time.sleep(1.0)  # the worker exits; its CPU time is counted once it has been waited for
     worker = (_children_cpu() - start) / (batch * batches)

@@ -13,6 +13,7 @@ gene vocabulary (``vocab.tsv``, see :mod:`histotx.vocab`). This module is import
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -119,6 +120,7 @@ class TranscriptGrid:
         return np.repeat(np.arange(self.n_sites), np.diff(self.offsets))
 
 
+@functools.lru_cache(maxsize=1)
 def _default_codec():
     import numcodecs
 

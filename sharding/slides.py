@@ -232,11 +232,10 @@ class Slide:
     def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """(h, w, 3) uint8 of ``level`` at integer origin (x, y); outside the image is white."""
         lv = self.levels[level]
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
         if x1 <= x0 or y1 <= y0:
-            return out
+            return np.full((h, w, 3), 255, dtype=np.uint8)
         data = self._levels_data[level]
         try:
             if isinstance(data, _TiledLevel):
@@ -256,6 +255,9 @@ class Slide:
             patch = patch[..., :3]
         if patch.dtype != np.uint8:
             patch = _to_uint8(patch)
+        if (x0, y0, x1, y1) == (x, y, x + w, y + h):
+            return patch
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
         out[y0 - y : y1 - y, x0 - x : x1 - x] = patch
         return out
 
