@@ -3,8 +3,6 @@
 the script requeues the job, SLURM starts it again (SLURM_RESTART_COUNT=1) and it resumes to the end."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -14,13 +12,9 @@ import pytest
 
 from slurmkit import local_slurm, wait_for_job
 from test_train_distributed import RUN, TINY, build_shard_set
+from test_train_slurm import _steps
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _steps(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.mark.slow
