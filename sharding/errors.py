@@ -1,7 +1,9 @@
 """One exception for bad input, carrying the file and the problem, so summaries say exactly what broke."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 
 class InputError(Exception):
@@ -11,3 +13,17 @@ class InputError(Exception):
         self.path = str(path) if path is not None else None
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from ``path``; a missing, unreadable or non-object file is an InputError naming it."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError(path, f"{what} missing") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"unreadable {what} ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise InputError(path, f"{what} must be a JSON object")
+    return doc

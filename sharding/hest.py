@@ -6,14 +6,13 @@ root (the sample id is the HEST id) or the ``st/<id>.h5ad`` file itself.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from sharding.errors import InputError
+from sharding.errors import InputError, read_json_object
 from sharding.sites import Sites
 from sharding.tenx import check_counts, gene_identity
 
@@ -35,16 +34,7 @@ def h5ad_path(root: Path, hid: str) -> Path:
 
 
 def read_metadata(root: Path, hid: str) -> dict:
-    path = root / "metadata" / f"{hid}.json"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise InputError(path, "HEST metadata missing") from exc
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable HEST metadata ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise InputError(path, "HEST metadata must be a JSON object")
-    return meta
+    return read_json_object(root / "metadata" / f"{hid}.json", "HEST metadata")
 
 
 def _positive(meta: dict, key: str) -> float | None:

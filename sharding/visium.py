@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from sharding.errors import InputError
+from sharding.errors import InputError, read_json_object
 from sharding.sites import Sites
 from sharding.tenx import TenxMatrix, read_10x_genes, read_10x_h5
 
@@ -67,15 +67,7 @@ def read_positions(path: Path) -> pd.DataFrame:
 
 def read_scalefactors(spatial: Path) -> dict:
     path = spatial / "scalefactors_json.json"
-    if not path.is_file():
-        raise InputError(path, "scalefactors missing")
-    try:
-        sf = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable scalefactors ({exc})") from exc
-    if not isinstance(sf, dict):
-        raise InputError(path, "scalefactors must be a JSON object")
-    return sf
+    return read_json_object(path, "scalefactors")
 
 
 def image_scale_factor(sf: dict, image_scale: str, spatial: Path) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from sharding.errors import InputError
+from sharding.errors import InputError, read_json_object
 from sharding.sites import Sites
 
 log = logging.getLogger(__name__)
@@ -47,13 +46,8 @@ def find_transcripts(bundle: Path) -> Path:
 
 def read_experiment(bundle: Path) -> dict:
     path = bundle / "experiment.xenium"
-    try:
-        exp = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise InputError(path, "experiment.xenium missing (needed for pixel_size)") from exc
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable experiment.xenium ({exc})") from exc
-    ps = exp.get("pixel_size") if isinstance(exp, dict) else None
+    exp = read_json_object(path, "experiment.xenium")
+    ps = exp.get("pixel_size")
     if not isinstance(ps, (int, float)) or not ps > 0:
         raise InputError(path, "pixel_size missing or not positive")
     return exp
