@@ -7,6 +7,13 @@ additionally keep their recently decoded tiles in a bounded LRU cache (:class:`_
 neighbouring output tiles — which share source tiles whenever the two tile grids differ — decode each
 source tile once; zarr offers no such cache and decodes again on every read. µm/px comes from the
 file (SVS ``MPP =``, OME ``PhysicalSizeX``, TIFF X/YResolution), the data (a hint) or an override.
+
+Damage is an error, never background. tifffile opens a truncated file with only logged warnings and
+reads tiles past its end as empty (white), so opening checks the whole file cheaply: everything tifffile
+logs while parsing is an error, every IFD (pages and SubIFD levels) lies inside the file, every data
+segment (offset + byte count) ends inside it, and no level is all empty segments. A segment that then
+fails to decode raises an error naming the level, the tile and its offset. Empty segments (byte count 0)
+in an otherwise intact level are background, as sparse TIFFs (e.g. Philips) mean them.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import logging
 import math
 import re
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +42,8 @@ class _TiledLevel:
     """One tiled RGB (or grey) TIFF page read through tifffile's segment API with a shared LRU cache of
     decoded tiles. ``region(y0, y1, x0, x1)`` mirrors ``zarr_array[y0:y1, x0:x1]`` for in-bounds boxes."""
 
-    def __init__(self, tif, page, cache: "OrderedDict", budget: list[int]) -> None:
-        self._tif, self._page = tif, page
+    def __init__(self, tif, page, level: int, cache: "OrderedDict", budget: list[int]) -> None:
+        self._tif, self._page, self._level = tif, page, level
         self._th, self._tw = page.chunks[:2]
         self._per_row = -(-page.imagewidth // self._tw)
         self._cache, self._budget = cache, budget  # budget: [bytes still free], shared by all levels
@@ -63,9 +71,7 @@ class _TiledLevel:
             offsets = [page.dataoffsets[i] for i in missing]
             counts = [page.databytecounts[i] for i in missing]
             for data, i in self._tif.filehandle.read_segments(offsets, counts, indices=missing):
-                tile = page.decode(data, i, jpegtables=page.jpegtables)[0] if data else None
-                tile = (np.full((self._th, self._tw, 3), 255, np.uint8) if tile is None
-                        else np.asarray(tile).reshape(self._th, self._tw, -1))
+                tile = self._decode(data, i)
                 out[i] = tile
                 self._cache[(self._key, i)] = tile
                 self._budget[0] -= tile.nbytes
@@ -73,6 +79,22 @@ class _TiledLevel:
                 _, old = self._cache.popitem(last=False)
                 self._budget[0] += old.nbytes
         return out
+
+    def _decode(self, data: bytes | None, i: int) -> np.ndarray:
+        """Tile ``i`` decoded; an empty segment (byte count 0) is background, a damaged one an InputError."""
+        page = self._page
+        count = page.databytecounts[i]
+        if count == 0:
+            return np.full((self._th, self._tw, 3), 255, np.uint8)
+        where = _segment_name(page, self._level, i)
+        if data is None or len(data) != count:
+            raise InputError(self._tif.filehandle.path, f"{where}: read {0 if data is None else len(data)} of "
+                                                        f"{count} bytes (file truncated or changed since opened)")
+        try:
+            return np.asarray(page.decode(data, i, jpegtables=page.jpegtables)[0]).reshape(self._th, self._tw, -1)
+        except Exception as exc:  # imagecodecs/tifffile raise many types for damaged data
+            raise InputError(self._tif.filehandle.path,
+                             f"{where} does not decode ({type(exc).__name__}: {exc})") from exc
 
     def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         th, tw = self._th, self._tw
@@ -87,6 +109,83 @@ class _TiledLevel:
                 out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = \
                     tiles[r * self._per_row + c][ty0 - r * th : ty1 - r * th, tx0 - c * tw : tx1 - c * tw]
         return out
+
+
+def _segment_name(page, level: int | str, i: int) -> str:
+    """``level 0 tile 68 (row 5, col 8) at offset 123456`` — what a person needs to find a bad segment."""
+    kind = "tile" if page.is_tiled else "strip"
+    where = f"level {level}" if isinstance(level, int) else level
+    text = f"{where} {kind} {i}"
+    if page.is_tiled and page.planarconfig == 1 and page.imagedepth == 1:
+        per_row = -(-page.imagewidth // page.tilewidth)
+        per_plane = per_row * -(-page.imagelength // page.tilelength)
+        if i < per_plane:
+            text += f" (row {i // per_row}, col {i % per_row})"
+    return f"{text} at offset {page.dataoffsets[i]}"
+
+
+class _TiffLog(logging.Handler):
+    """What tifffile logs while parsing a file; its warnings ("corrupted tag list", ...) mean damage."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+@contextmanager
+def _tifffile_log():
+    logger = logging.getLogger("tifffile")
+    handler = _TiffLog()
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _check_tiff_file(tif, series, path: Path) -> None:
+    """The whole-file check at open: every IFD and every data segment inside the file, no empty level.
+
+    Pages of the main IFD chain are named ``page i``, pyramid levels ``level i``; costs one pass over the
+    offset tables, no pixel data is read.
+    """
+    size = tif.filehandle.size
+    labelled: dict[int, tuple[str | int, object]] = {}
+    for li, level in enumerate(series.levels):
+        for page in level.pages:
+            if page is not None:
+                labelled[id(page)] = (li, page)
+    pages, lost_ifds = [], []
+    for pi, page in enumerate(tif.pages):  # reads the whole IFD chain
+        pages.append(labelled.pop(id(page), (f"page {pi}", page)))
+        tag = page.tags.get("SubIFDs") if hasattr(page, "tags") else None
+        for k, offset in enumerate(tag.value if tag is not None else ()):
+            if offset + 2 > size:
+                lost_ifds.append(f"page {pi}'s SubIFD {k} (pyramid level {k + 1}) lies at offset {offset}, past "
+                                 f"the end of the file ({size} bytes)")
+    pages += labelled.values()  # levels stored as SubIFDs
+    for label, page in pages:
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if offsets.shape != counts.shape:
+            raise InputError(path, f"damaged TIFF: {label} has {offsets.size} data offsets but {counts.size} "
+                                   "byte counts")
+        if offsets.size and not counts.any() and isinstance(label, int):
+            raise InputError(path, f"level {label} has no image data: all its {counts.size} "
+                                   f"{'tiles' if page.is_tiled else 'strips'} are 0 bytes")
+        past = np.flatnonzero((offsets < 0) | (counts < 0) | (offsets + counts > size))
+        if past.size:
+            i = int(past[0])
+            raise InputError(path, f"truncated: {_segment_name(page, label, i)} + {counts[i]} bytes ends past "
+                                   f"the end of the file ({size} bytes); {past.size} of {offsets.size} segments "
+                                   "of this level are beyond it")
+    if lost_ifds:
+        raise InputError(path, f"truncated or damaged: {'; '.join(lost_ifds)}")
 
 
 @dataclass(frozen=True)
@@ -150,9 +249,10 @@ class Slide:
                 self._open_plain()
             else:
                 file_mpp, self.mpp_source = self._open_tiff()
-        except InputError:
-            raise
         except Exception as exc:  # tifffile/PIL raise many types for damaged files
+            self.close()
+            if isinstance(exc, InputError):
+                raise
             raise InputError(self.path, f"cannot open slide ({type(exc).__name__}: {exc})") from exc
         self.file_mpp = file_mpp
         if mpp is not None:
@@ -173,19 +273,25 @@ class Slide:
         import tifffile
         import zarr
 
-        tif = tifffile.TiffFile(self.path)
-        self._tif = tif
-        if not tif.series:
-            raise InputError(self.path, "TIFF holds no image series (truncated, or not a slide image?)")
-        series = tif.series[0]
+        with _tifffile_log() as logged:
+            tif = tifffile.TiffFile(self.path)
+            self._tif = tif
+            if not tif.series:
+                raise InputError(self.path, "TIFF holds no image series (truncated, or not a slide image?)")
+            series = tif.series[0]
+            _check_tiff_file(tif, series, self.path)
+            levels = series.levels
+        if logged:
+            raise InputError(self.path, f"damaged TIFF (truncated or corrupt): tifffile reports "
+                                        f"{'; '.join(logged[:3])}")
         axes = series.axes
         if axes not in ("YXS", "YX", "CYX", "SYX"):
-            raise InputError(self.path, f"unsupported slide axes {axes!r} (expected RGB YXS, CYX or grey YX)")
+            raise InputError(self.path, f"unsupported slide axes {axes} (expected RGB YXS, CYX or grey YX)")
         self._axes = axes
         cache, budget = OrderedDict(), [TILE_CACHE_BYTES]
-        for i, level in enumerate(series.levels):
+        for i, level in enumerate(levels):
             if _TiledLevel.supports(level):
-                self._levels_data.append(_TiledLevel(tif, level.pages[0], cache, budget))
+                self._levels_data.append(_TiledLevel(tif, level.pages[0], i, cache, budget))
             else:
                 self._levels_data.append(zarr.open(series.aszarr(level=i), mode="r"))
         mpp, source = _mpp_from_tiff(tif)

