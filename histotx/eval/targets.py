@@ -49,6 +49,9 @@ class TileExpression:
     def __iter__(self) -> Iterator:
         return iter((self.keys, self.counts, self.genes))
 
+    def __getitem__(self, i):
+        return (self.keys, self.counts, self.genes)[i]
+
 
 def _shard_paths(shard_dir: Path, manifest: dict, samples: set[str] | None) -> list[Path]:
     paths = []
