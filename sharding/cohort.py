@@ -3,7 +3,10 @@
 ```yaml
 samples:
   - id: lung01                 # [A-Za-z0-9_-]; becomes the WebDataset key prefix
-    patient: P01
+    patient: P01               # sections of one patient share it (patient-stratified splits);
+                               # empty or "TODO: ..." → the sample counts as its own patient
+    organ: Lung                # optional labels, recorded in the manifest
+    species: Homo sapiens
     technology: visium         # visium | visium_hd | xenium | hest | image_only
     slide: lung01/he.svs       # the H&E (SVS, pyramidal TIFF, OME-TIFF; PNG/JPEG for small images)
     data: lung01/outs          # visium/visium_hd: Space Ranger outs/; xenium: the output bundle;
@@ -27,6 +30,7 @@ from histotx.config import ConfigError, from_dict
 from histotx.format import FormatError, check_sample_id
 
 TECHNOLOGIES = ("visium", "visium_hd", "xenium", "hest", "image_only")
+TODO = "TODO"  # marks a value `histotx shard scan` could not fill in
 IMAGE_SCALES = ("fullres", "hires", "lowres")
 
 
@@ -37,6 +41,8 @@ class CohortSample:
     slide: str | None = None
     data: str | None = None
     patient: str = ""
+    organ: str = ""
+    species: str = ""
     mpp: float | None = None
     image_scale: str = "fullres"
     bin_size_um: float = 2.0
@@ -62,8 +68,12 @@ class CohortSample:
             raise ConfigError(f"sample {self.id}: mpp must be > 0, got {self.mpp}")
 
     @property
+    def patient_known(self) -> bool:
+        return bool(self.patient) and not self.patient.startswith(TODO)
+
+    @property
     def patient_id(self) -> str:
-        return self.patient or self.id
+        return self.patient if self.patient_known else self.id
 
 
 @dataclass
@@ -78,6 +88,19 @@ class Cohort:
             return None
         q = Path(p).expanduser()
         return q if q.is_absolute() else (self.path.parent / q)
+
+
+def patient_warning(cohort: Cohort) -> str | None:
+    """A warning when every sample counts as its own patient: sections of one patient would then
+    land on both sides of a patient-stratified split."""
+    n = len(cohort.samples)
+    if n < 2 or len({s.patient_id for s in cohort.samples}) < n:
+        return None
+    unknown = [s.id for s in cohort.samples if not s.patient_known]
+    why = (f"{len(unknown)} have no patient (e.g. {', '.join(unknown[:3])}) and count as their own"
+           if unknown else "all patients differ")
+    return (f"{cohort.path}: every one of the {n} samples is its own patient ({why}); if sections come from "
+            "the same patient, give them one `patient:` or patient-stratified splits will leak")
 
 
 def load_cohort(path: str | Path) -> Cohort:

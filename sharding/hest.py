@@ -3,20 +3,34 @@
 Spot centres are ``obsm['spatial']`` as (x, y) in WSI level-0 pixels; genes are ``var_names``
 (symbols) with ``var['gene_ids']`` as Ensembl ids when present. The cohort's ``data`` is the HEST
 root (the sample id is the HEST id) or the ``st/<id>.h5ad`` file itself.
+
+Spot footprints: HEST pools Xenium transcripts into 100 µm square pseudo-spots and Visium HD bins
+into 128 µm squares (gap-free square grids), keeps Visium's 55 µm disks (hexagonal lattice, 100 µm
+pitch) and legacy Spatial Transcriptomics' disks (mostly 100 µm on a 200 µm square grid). Its
+``spot_diameter`` is blank (NaN) for Xenium and the native 2 µm bin for Visium HD, so the metadata
+alone is wrong for both: the footprint comes from ``st_technology`` and the spot lattice itself
+(nearest-neighbour spacing × µm/px; 6 neighbours on a hexagonal lattice, 4 on a square grid), and
+the metadata only where it agrees. ``Sites.info['footprint']`` records which source was used.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import scipy.sparse as sp
+from scipy.spatial import cKDTree
 
 from sharding.errors import InputError, read_json_object
 from sharding.sites import Sites
 from sharding.tenx import check_counts, gene_identity
 
-DEFAULT_SPOT_DIAMETER_UM = 55.0
+log = logging.getLogger(__name__)
+
+LABELS = ("patient", "organ", "species")  # metadata keys a cohort entry carries
+DEFAULT_SPOT_DIAMETER_UM = 55.0  # unknown st_technology without a usable spot_diameter
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ome.tif")
 
 
@@ -37,6 +51,19 @@ def read_metadata(root: Path, hid: str) -> dict:
     return read_json_object(root / "metadata" / f"{hid}.json", "HEST metadata")
 
 
+def _text(v) -> str:
+    """A metadata string; HEST leaves unknown values blank (NaN in the JSON) → ''."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    return str(v).strip()
+
+
+def sample_labels(root: Path, hid: str) -> dict[str, str]:
+    """patient, organ, species from the metadata ('' where HEST has none)."""
+    meta = read_metadata(root, hid)
+    return {k: _text(meta.get(k)) for k in LABELS}
+
+
 def _positive(meta: dict, key: str) -> float | None:
     v = meta.get(key)
     try:
@@ -44,6 +71,105 @@ def _positive(meta: dict, key: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if np.isfinite(v) and v > 0 else None
+
+
+def _mpp(meta: dict) -> float | None:
+    return _positive(meta, "pixel_size_um_estimated") or _positive(meta, "pixel_size_um_embedded")
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """How the spot centres are arranged: the pitch (mean nearest-neighbour distance) and the kind."""
+
+    pitch_px: float
+    neighbours: int  # spots at the pitch around an interior spot: 6 on a hexagonal lattice, 4 on a square grid
+
+    @property
+    def kind(self) -> str:
+        return {6: "hexagonal", 4: "square"}.get(self.neighbours, "irregular")
+
+
+def measure_lattice(xy: np.ndarray) -> Lattice | None:
+    """None for fewer than 3 distinct spots. Border spots have fewer neighbours, so the count is the 90th
+    percentile over spots; the diagonal of a square grid (√2 pitch) and the second hexagonal ring (√3)
+    lie outside the 1.2 pitch radius."""
+    xy = np.unique(np.asarray(xy, dtype=np.float64), axis=0)
+    if len(xy) < 3:
+        return None
+    tree = cKDTree(xy)
+    nearest = tree.query(xy, k=2)[0][:, 1]
+    median = float(np.median(nearest))
+    pitch = float(nearest[(nearest > 0.8 * median) & (nearest < 1.2 * median)].mean())
+    around = tree.query_ball_point(xy, r=1.2 * pitch, return_length=True) - 1
+    return Lattice(pitch, int(np.percentile(around, 90)))
+
+
+@dataclass(frozen=True)
+class _Technology:
+    """What HEST stores for one ``st_technology``: spot shape, the lattice it sits on, and its size.
+    ``diameter_um`` None: gap-free squares, as wide as the pitch. ``metadata_may_set``: pitch and spot
+    diameter vary between arrays (``pitch_um`` is the usual one), so a ``spot_diameter`` that fits the
+    measured lattice is taken."""
+
+    shape: str
+    lattice: str
+    pitch_um: float
+    diameter_um: float | None
+    metadata_may_set: bool = False
+
+
+TECHNOLOGIES = {
+    "visium": _Technology("disk", "hexagonal", 100.0, 55.0),
+    "xenium": _Technology("square", "square", 100.0, None),  # transcripts pooled on a 100 µm grid
+    "visium hd": _Technology("square", "square", 128.0, None),  # 16 µm bins pooled 8 × 8
+    "spatial transcriptomics": _Technology("disk", "square", 200.0, 100.0, metadata_may_set=True),
+}
+AGREE = 0.1  # relative tolerance between a measured and an expected size
+
+
+def _close(a: float | None, b: float) -> bool:
+    return a is not None and abs(a / b - 1) <= AGREE
+
+
+def spot_footprint(st_technology: str, lattice: Lattice | None, mpp: float | None,
+                   spot_diameter: float | None) -> tuple[float, str, dict]:
+    """(size µm, shape, record) of a HEST sample's spots; the record says which source decided."""
+    tech = TECHNOLOGIES.get(st_technology.strip().lower())
+    pitch = lattice.pitch_px * mpp if lattice is not None and mpp is not None else None
+    kind = lattice.kind if lattice is not None else None
+    record: dict = {
+        "st_technology": st_technology,
+        "lattice": kind, "lattice_pitch_um": round(pitch, 3) if pitch is not None else None,
+        "metadata_spot_diameter_um": spot_diameter,
+    }
+    warnings = []
+    if tech is None:  # unknown technology: the metadata when it fits the lattice, else the lattice
+        if spot_diameter is not None and (pitch is None or spot_diameter <= pitch * (1 + AGREE)):
+            size, shape, source = spot_diameter, "disk", "metadata"
+        elif kind == "square" and pitch is not None:
+            size, shape, source = pitch, "square", "lattice"
+        else:
+            size, shape, source = DEFAULT_SPOT_DIAMETER_UM, "disk", "default"
+    else:
+        shape = tech.shape
+        if lattice is None or pitch is None:
+            warnings.append("spot lattice not measured (" + ("no pixel size in the metadata" if lattice is not None
+                                                             else "fewer than 3 spots") + ")")
+        elif kind != tech.lattice or not (tech.metadata_may_set or _close(pitch, tech.pitch_um)):
+            warnings.append(f"{kind} lattice of pitch {pitch:.1f} µm; {st_technology} in HEST is a "
+                            f"{tech.lattice} lattice of {tech.pitch_um:g} µm")
+        if tech.diameter_um is None:  # gap-free squares: the pitch is the side
+            lattice_ok = pitch is not None and kind == tech.lattice
+            size, source = (pitch, "lattice") if lattice_ok else (tech.pitch_um, "st_technology")
+        elif tech.metadata_may_set and spot_diameter is not None and spot_diameter <= (pitch or tech.pitch_um):
+            size, source = spot_diameter, "metadata"
+        else:
+            size, source = tech.diameter_um, "st_technology"
+    record["metadata_agrees"] = None if spot_diameter is None else _close(spot_diameter, size)
+    record.update(um=round(float(size), 3), shape=shape, source=source)
+    if warnings:
+        record["warning"] = "; ".join(warnings)
+    return float(size), shape, record
 
 
 def hest_slide(root: Path, hid: str) -> Path:
@@ -99,12 +225,16 @@ def read_hest(data: Path, sample_id: str, in_tissue_only: bool = True) -> Sites:
             dropped["not_in_tissue"] = int((located & ~in_tissue).sum())
         keep &= in_tissue
     rows = np.flatnonzero(keep)
+    technology = _text(meta.get("st_technology"))
+    size, shape, footprint = spot_footprint(technology, measure_lattice(xy[located]), _mpp(meta),
+                                            _positive(meta, "spot_diameter"))
+    if "warning" in footprint:
+        log.warning("%s: %s", path, footprint["warning"])
     return Sites(
-        xy_px=xy[rows], counts=counts[rows], genes=_genes(adata.var),
-        footprint_um=_positive(meta, "spot_diameter") or DEFAULT_SPOT_DIAMETER_UM, footprint_shape="disk",
-        panel=str(meta.get("st_technology", "")), dropped=dropped,
-        mpp_estimate=_positive(meta, "pixel_size_um_estimated"),
-        info={"hest_id": hid, "h5ad": path.name, "st_technology": str(meta.get("st_technology", ""))},
+        xy_px=xy[rows], counts=counts[rows], genes=_genes(adata.var), footprint_um=size, footprint_shape=shape,
+        panel=technology, dropped=dropped, mpp_estimate=_positive(meta, "pixel_size_um_estimated"),
+        info={"hest_id": hid, "h5ad": path.name, "st_technology": technology, "footprint": footprint,
+              **{k: _text(meta.get(k)) for k in LABELS}},
     )
 
 

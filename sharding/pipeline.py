@@ -21,7 +21,7 @@ import numpy as np
 from histotx.config import ConfigError, dump_config
 from histotx.format import VOCAB_NAME, TileSample, TranscriptGrid, encode_image_rgb, write_manifest
 from histotx.vocab import Vocab
-from sharding.cohort import Cohort, CohortSample, load_cohort
+from sharding.cohort import Cohort, CohortSample, load_cohort, patient_warning
 from sharding.config import ShardConfig
 from sharding.errors import InputError
 from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
@@ -124,7 +124,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         thumb, scale = slide.thumbnail(cfg.mask_mpp)
         tissue = TissueMap(tissue_mask(thumb), scale)
         if cfg.tiling == "spots":
-            if sites is None or sites.footprint_shape != "disk":
+            if sites is None or sample.technology not in ("visium", "hest"):
                 raise InputError(data_path, "tiling=spots needs spot data (Visium or HEST), "
                                             f"not {sample.technology}")
             plan = plan_spots(sites.xy_px[on_slide], tissue, cfg, geom)
@@ -182,6 +182,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             dropped["not_under_a_tile"] = on_count - n_kept
         record = {
             "sample": sample.id, "status": "ok", "technology": sample.technology, "patient": sample.patient_id,
+            "organ": sample.organ, "species": sample.species,
             "slide": str(spath), "slide_mpp": slide.mpp, "slide_mpp_source": slide.mpp_source,
             "data_mpp_estimate": sites.mpp_estimate if sites is not None else None,
             "level": geom.level, "tile_mpp": geom.mpp, "tiles": int(sum(s["samples"] for s in shards)),
@@ -225,6 +226,8 @@ def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cohort = load_cohort(cohort_path)
+    if message := patient_warning(cohort):
+        log.warning(message)
     config = {**asdict(cfg), "cohort": str(Path(cohort_path).resolve()),
               "part": f"{part.index}/{part.count}" if part.count > 1 else None}
     dump_config(cfg, out_dir / ("shard_config.yaml" if part.count == 1 else

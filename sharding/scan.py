@@ -3,7 +3,9 @@
 The draft is meant to be edited: the slide is guessed from image files next to each output and,
 when none is found, left as a ``TODO`` placeholder that fails loudly if sharded unedited. A folder
 above the sample's own (e.g. the scanned root) only offers images whose name contains the sample id,
-so one sample never silently gets another's slide.
+so one sample never silently gets another's slide. HEST samples take patient, organ and species from
+``metadata/<id>.json``; a patient nobody recorded is a visible ``TODO`` (the sample then counts as its
+own patient, and `shard run` warns when that holds for every sample).
 """
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ import os
 import re
 from pathlib import Path
 
+from sharding.cohort import TODO
+from sharding.errors import InputError
+from sharding.hest import sample_labels
+
 SLIDE_PATTERNS = ("*_he_image.ome.tif", "*.svs", "*.ome.tif", "*.tif", "*.tiff")  # best first
 NOT_HE = ("morphology",)  # Xenium fluorescence images, never the H&E
-TODO = "TODO"
+PATIENT_TODO = f"{TODO}: patient id (sections of one patient share it; until set, the sample is its own patient)"
 
 
 def _sample_id(name: str) -> str:
@@ -68,7 +74,7 @@ def _spaceranger_entry(data: Path, root: Path, base: Path, technology: str) -> d
     slide = guess_slide(own, nearby, sid)
     entry = {
         "id": sid,
-        "patient": "",
+        "patient": PATIENT_TODO,
         "technology": technology,
         "slide": _rel(slide, base) if slide else _todo(data, base),
         "data": _rel(data, base),
@@ -89,7 +95,7 @@ def _xenium_entry(bundle: Path, root: Path, base: Path) -> dict:
     slide = guess_slide([bundle], nearby, sid)
     entry = {
         "id": sid,
-        "patient": "",
+        "patient": PATIENT_TODO,
         "technology": "xenium",
         "slide": _rel(slide, base) if slide else _todo(bundle, base),
         "data": _rel(bundle, base),
@@ -105,8 +111,14 @@ def _xenium_entry(bundle: Path, root: Path, base: Path) -> dict:
 def _hest_entries(hest_root: Path, base: Path) -> list[dict]:
     entries = []
     for h5ad in sorted((hest_root / "st").glob("*.h5ad")):
+        try:
+            labels = sample_labels(hest_root, h5ad.stem)
+        except InputError:  # missing or unreadable metadata: `shard run` reports it for this sample
+            labels = {}
         entry = {
-            "id": _sample_id(h5ad.stem), "patient": "", "technology": "hest", "data": _rel(hest_root, base), "mpp": None
+            "id": _sample_id(h5ad.stem), "patient": labels.get("patient") or PATIENT_TODO,
+            **{k: v for k, v in labels.items() if k != "patient" and v},
+            "technology": "hest", "data": _rel(hest_root, base), "mpp": None,
         }
         if entry["id"] != h5ad.stem:  # an id the cohort cannot carry: point at the h5ad itself
             entry["data"] = _rel(h5ad, base)

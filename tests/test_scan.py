@@ -8,7 +8,7 @@ import pytest
 
 from sharding.cohort import dump_cohort, load_cohort
 from sharding.readers import read_sites, slide_path
-from sharding.scan import TODO, scan
+from sharding.scan import PATIENT_TODO, TODO, scan
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VISIUM = DATA / "scanpy-visium" / "visium_data" / "1.0.0"
@@ -72,6 +72,8 @@ def test_scan_finds_every_kind(tree):
     assert xen["slide"] == "xen/run1__region1/run1_he_image.ome.tif" and "alignment" not in xen  # found in the bundle
     assert entries["TENX01"]["data"] == "hest" and "slide" not in entries["TENX01"]
     assert entries["NCBI7"]["slide"].startswith(TODO)
+    # no patient information in Space Ranger / Xenium outputs (nor in an unreadable HEST metadata file)
+    assert {e["patient"] for e in entries.values()} == {PATIENT_TODO}
 
 
 def test_scan_inside_a_visium_hd_output(tree):
