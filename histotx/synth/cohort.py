@@ -222,17 +222,20 @@ def _image_only(s: _Sample, out: Path) -> _Plan:
     return _Plan({"slide": slide}, slide, _sites_truth("none", [], np.zeros((0, 2)), s), None)
 
 
-def _make_sample(variant: str, seed: int, size: str, out: Path, model: ExpressionModel, markers: bool) -> tuple[dict, dict]:
+def _make_sample(variant: str, seed: int, size: str, out: Path, model: ExpressionModel, markers: bool,
+                 replicate: int = 0, patient_index: int | None = None) -> tuple[dict, dict]:
     spec = SPECS[size][variant]
-    patient_index = VARIANTS.index(variant) % N_PATIENTS
+    if patient_index is None:
+        patient_index = VARIANTS.index(variant) % N_PATIENTS
     patient = f"P{patient_index + 1:02d}"
-    tissue_seed, cell_seed, render_seed, rng_seed = np.random.SeedSequence([seed, VARIANTS.index(variant)]).spawn(4)
+    key = [seed, VARIANTS.index(variant)] + ([replicate] if replicate else [])
+    tissue_seed, cell_seed, render_seed, rng_seed = np.random.SeedSequence(key).spawn(4)
     tissue = Tissue.random(np.random.default_rng(tissue_seed), spec.width * spec.mpp, spec.height * spec.mpp)
     cells = Cells.sample(np.random.default_rng(cell_seed), tissue)
     patient_scale = model.patient_scale(np.random.default_rng([seed, 1000 + patient_index]))
     sample_seed = int(render_seed.generate_state(1)[0])  # pixel noise, and the OME UUID
     image = render_he(tissue, cells, spec.width, spec.height, spec.mpp, sample_seed)
-    s = _Sample(variant, patient, spec, tissue, cells, model.cell_rates(cells, patient_scale), np.random.default_rng(rng_seed))
+    s = _Sample(variant if not replicate else f"{variant}_r{replicate}", patient, spec, tissue, cells, model.cell_rates(cells, patient_scale), np.random.default_rng(rng_seed))
     if variant in ("visium", "visium_sr2"):
         plan = _visium(s, out, model, 1 if variant == "visium" else 2)
     elif variant == "visium_hd":
@@ -273,23 +276,31 @@ def _make_sample(variant: str, seed: int, size: str, out: Path, model: Expressio
     return entry, truth
 
 
-def generate_cohort(out_dir, seed: int = 0, size: str = "small", technologies=VARIANTS, markers: bool = False) -> Path:
+def generate_cohort(out_dir, seed: int = 0, size: str = "small", technologies=VARIANTS, markers: bool = False,
+                    replicates: int = 1, patients: int | None = None) -> Path:
     """Write the synthetic cohort under ``out_dir`` and return its cohort.yaml.
 
     ``technologies`` picks variants from VARIANTS (visium = Space Ranger 1.x, visium_sr2 = 2.x);
     ``markers`` paints a green disk on the H&E at every site listed in ``truth/{id}.json``.
+    ``replicates`` > 1 writes each variant that many times (ids ``{variant}_r{k}`` after the first, each
+    its own tissue); ``patients`` then deals the samples out to that many patients in turn (default:
+    two patients, by variant). Replicate 0 is the same sample whatever these two say.
     """
     if size not in SPECS:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     unknown = sorted(set(technologies) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown technology variant(s) {unknown}; expected some of {VARIANTS}")
+    if replicates < 1 or (patients is not None and patients < 1):
+        raise ValueError(f"replicates and patients must be >= 1, got {replicates} and {patients}")
     out = Path(out_dir).resolve()
     (out / "truth").mkdir(parents=True, exist_ok=True)
     model = ExpressionModel.random(np.random.default_rng([seed, 999]))
     samples = []
-    for variant in (v for v in VARIANTS if v in technologies):
-        entry, truth = _make_sample(variant, seed, size, out, model, markers)
+    order = [(k, v) for k in range(replicates) for v in VARIANTS if v in technologies]
+    for n, (k, variant) in enumerate(order):
+        entry, truth = _make_sample(variant, seed, size, out, model, markers, k,
+                                    None if patients is None else n % patients)
         samples.append(entry)
         (out / "truth" / f"{entry['id']}.json").write_text(json.dumps(truth) + "\n")
     path = out / "cohort.yaml"
@@ -325,11 +336,14 @@ def register_cli(subparsers) -> None:
                    help="paint a green disk on the H&E at every site in truth/<id>.json (co-registration checks)")
     p.add_argument("--technologies", default=",".join(VARIANTS), metavar="LIST",
                    help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--replicates", type=int, default=1, help="samples per variant, each its own tissue")
+    p.add_argument("--patients", type=int, default=None,
+                   help="deal the samples out to this many patients in turn (default: two, by variant)")
     p.set_defaults(func=_run_cli)
 
 
 def _run_cli(args) -> int:
     path = generate_cohort(args.out, seed=args.seed, size=args.size, markers=args.markers,
-                           technologies=tuple(t.strip() for t in args.technologies.split(",") if t.strip()))
+                           replicates=args.replicates, patients=args.patients, technologies=tuple(t.strip() for t in args.technologies.split(",") if t.strip()))
     print(path)
     return 0

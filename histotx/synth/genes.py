@@ -1,8 +1,13 @@
-"""The synthetic gene panel and expression model: region programs, a hidden-state program, NB counts.
+"""The synthetic gene panel and expression model: region programs, a crowding program, a hidden-state
+program, NB counts.
 
 Each cell expresses a base profile, multiplied up in the program of its region type (which the image
-shows through colour and nuclei) and by exp(β·hidden) in the hypoxia program (which the image does not
-show). Spots and bins sum the rates of the cells they cover; counts are negative-binomial draws.
+shows through nuclear density, size, shape and texture, never through mean colour), by
+(local cell density / DENSITY_REF)^CROWDING_GAMMA in the crowding program (visible as how packed the
+nuclei are) and by exp(β·hidden) in the hypoxia program (which the image does not show). Spots and
+bins sum the rates of the cells they cover; counts are negative-binomial draws. ``GENE_GROUPS`` names
+which genes an evaluation should score apart: what the image can tell (region, crowding) and what it
+cannot (hidden).
 Symbols and Ensembl ids are real human genes, so vocabularies built from this panel look like real ones.
 """
 from __future__ import annotations
@@ -52,7 +57,7 @@ PROGRAMS: dict[str, list[tuple[str, str]]] = {
         ("NDRG1", "ENSG00000104419"), ("ADM", "ENSG00000148926"), ("ENO1", "ENSG00000074800"),
         ("P4HA1", "ENSG00000122884"), ("ANKRD37", "ENSG00000186352"), ("EGLN3", "ENSG00000129521"),
     ],
-    "background": [  # weak, random region preferences
+    "crowding": [  # rise with local cell density; weak, random region preferences
         ("SOX9", "ENSG00000125398"), ("CD44", "ENSG00000026508"), ("ZEB1", "ENSG00000148516"),
         ("SNAI1", "ENSG00000124216"), ("PCNA", "ENSG00000132646"), ("CDK1", "ENSG00000170312"),
         ("CCNB1", "ENSG00000134057"), ("TP53", "ENSG00000141510"), ("MYC", "ENSG00000136997"),
@@ -60,6 +65,8 @@ PROGRAMS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 HIDDEN_PROGRAM = "hypoxia"
+CROWDING_PROGRAM = "crowding"
+REGION_PROGRAMS = REGIONS  # each region type has the program of its name
 # Xenium measures a targeted panel: the first XENIUM_PER_PROGRAM genes of every program but housekeeping.
 XENIUM_PER_PROGRAM = 7
 XENIUM_CONTROLS = (
@@ -70,6 +77,8 @@ XENIUM_CONTROLS = (
 )
 REGION_FOLD = 8.0  # a region's program genes are this many times higher there
 HIDDEN_BETA = 2.5  # hypoxia genes scale by exp(β·(hidden − ½))
+CROWDING_GAMMA = 1.0  # crowding genes scale by (density / DENSITY_REF)^γ
+DENSITY_REF = 0.004  # cells per µm², about the cohort's mean
 NB_SHAPE = 4.0  # negative binomial: gamma shape of the per-site rate (variance = μ + μ²/shape)
 
 
@@ -80,6 +89,17 @@ def gene_table() -> tuple[list[tuple[str, str]], list[str]]:
         genes += members
         program += [name] * len(members)
     return genes, program
+
+
+def gene_groups() -> dict[str, list[str]]:
+    """Gene symbols by what drives them: ``region`` (region programs, seen through morphology),
+    ``crowding`` (local nuclei density), ``hidden`` (the hidden state, invisible), ``housekeeping``."""
+    genes, program = gene_table()
+    groups: dict[str, list[str]] = {"region": [], "crowding": [], "hidden": [], "housekeeping": []}
+    for (symbol, _), p in zip(genes, program):
+        key = "region" if p in REGION_PROGRAMS else "hidden" if p == HIDDEN_PROGRAM else p
+        groups[key].append(symbol)
+    return groups
 
 
 def xenium_panel() -> list[int]:
@@ -109,7 +129,7 @@ class ExpressionModel:
         loading = np.ones((len(REGIONS), len(genes)))
         for r, name in enumerate(REGIONS):
             loading[r, prog == name] = REGION_FOLD
-        bg = prog == "background"
+        bg = prog == CROWDING_PROGRAM
         loading[:, bg] = np.exp(rng.normal(0.0, 0.5, (len(REGIONS), int(bg.sum()))))
         return cls(genes, program, base, loading, prog == HIDDEN_PROGRAM)
 
@@ -120,6 +140,8 @@ class ExpressionModel:
         """(n_cells, G) expected molecules per cell at full capture."""
         rates = self.base * self.loading[cells.region]
         rates = rates * np.exp(HIDDEN_BETA * (cells.hidden[:, None] - 0.5) * self.hidden_gene)
+        crowded = np.array(self.program) == CROWDING_PROGRAM
+        rates = rates * np.where(crowded, (cells.density[:, None] / DENSITY_REF) ** CROWDING_GAMMA, 1.0)
         if patient_scale is not None:
             rates = rates * patient_scale
         return rates.astype(np.float64)

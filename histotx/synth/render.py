@@ -1,7 +1,10 @@
 """H&E-like rendering of a synthetic tissue at a slide's level 0, and co-registration markers.
 
-Pink eosin background whose shade and texture depend on the region type, purple nuclei drawn at the
-cells' positions (density, size and darkness per region), white glass outside the tissue. Rendered in
+Pink eosin background with a texture per region type, purple nuclei drawn at the cells' positions
+(density, size, shape and darkness per region, density scaled by the tissue's crowding), white glass
+outside the tissue. The eosin shade is set point by point so that the expected colour (eosin and nuclei
+together) is MEAN_RGB everywhere in the tissue: mean colour tells nothing about region or crowding, so a
+model must see the nuclei and textures (morphology) to predict what they drive. Rendered in
 horizontal stripes so memory stays bounded for benchmark-size slides; nothing random is drawn per
 stripe, so the image does not depend on the stripe height.
 """
@@ -9,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from histotx.synth.tissue import NUCLEUS_ELONGATION, NUCLEUS_RADIUS_UM, REGIONS, Cells, Tissue
+from histotx.synth.tissue import CELL_DENSITY, NUCLEUS_ELONGATION, NUCLEUS_RADIUS_UM, REGIONS, Cells, Tissue
 
 BACKGROUND = np.array([244.0, 242.0, 246.0], dtype=np.float32)
-# Per region (order of REGIONS): eosin colour, haematoxylin colour, nucleus opacity, texture amplitudes.
-EOSIN = np.array([[216, 144, 188], [240, 172, 206], [198, 166, 218], [228, 118, 142]], dtype=np.float32)
-HAEMATOXYLIN = np.array([[98, 62, 152], [92, 52, 132], [58, 34, 112], [104, 58, 142]], dtype=np.float32)
+MEAN_RGB = np.array([196.0, 136.0, 186.0], dtype=np.float32)  # expected colour of tissue, every region
+HAEMATOXYLIN = np.array([88.0, 52.0, 138.0], dtype=np.float32)  # nuclei, every region
+# Per region (order of REGIONS): nucleus opacity, texture amplitudes.
 NUCLEUS_OPACITY = np.array([0.72, 0.85, 0.95, 0.75], dtype=np.float32)
 FIBRE_AMP = np.array([0.03, 0.12, 0.02, 0.05], dtype=np.float32)
 GRAIN_AMP = np.array([0.06, 0.03, 0.05, 0.07], dtype=np.float32)
@@ -43,6 +46,21 @@ def _nucleus_bank(mpp: float) -> tuple[list[np.ndarray], int]:
                 rho = np.sqrt((p / a) ** 2 + (q / b) ** 2)
                 bank.append((np.clip((1.0 - rho) * b + 0.5, 0.0, 1.0) * NUCLEUS_OPACITY[r]).astype(np.float32))
     return bank, half
+
+
+def _eosin(bank: list[np.ndarray], mpp: float, region: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """Eosin colour (…, 3) that makes the expected colour MEAN_RGB given the expected nucleus cover.
+
+    A region's nuclei, drawn by taking the most opaque stamp, cover an expected share
+    o·(1 − exp(−ρ·a)) of the tissue at ρ cells/µm² (opacity o, nucleus area a: a Boolean model); the
+    expected colour is then eosin·(1 − cover) + HAEMATOXYLIN·cover.
+    """
+    per_region = len(bank) // len(REGIONS)
+    alpha_um2 = np.array([np.mean([b.sum() for b in bank[r * per_region:(r + 1) * per_region]])
+                          for r in range(len(REGIONS))]) * mpp**2  # ∫ opacity over one nucleus, µm²
+    o = NUCLEUS_OPACITY.take(region)
+    cover = (o * (1.0 - np.exp(-density * alpha_um2.take(region) / o)))[..., None]
+    return ((MEAN_RGB - HAEMATOXYLIN * cover) / (1.0 - cover)).astype(np.float32)
 
 
 def _stamp_index(cells: Cells) -> np.ndarray:
@@ -74,7 +92,9 @@ def render_he(tissue: Tissue, cells: Cells, width: int, height: int, mpp: float,
         ys = (np.arange(y0, y1) + 0.5) * mpp
         # Region boundaries are smooth on a 100 µm scale: a ~2 µm raster repeated to pixels is enough.
         region = tissue.region_raster(xs[::step], ys[::step])
+        eosin = _eosin(bank, mpp, region, CELL_DENSITY.take(region) * tissue.crowding.raster(xs[::step], ys[::step]))
         region = np.repeat(np.repeat(region, step, axis=0), step, axis=1)[:h, :width]
+        eosin = np.repeat(np.repeat(eosin, step, axis=0), step, axis=1)[:h, :width]
         edge = np.clip(tissue.mask.raster(xs, ys) / EDGE_WIDTH + 0.5, 0.0, 1.0)
         # np.take: several times faster than fancy indexing for these small lookup tables.
         texture = 1.0 + FIBRE_AMP.take(region) * tissue.fibres.raster(xs, ys) + GRAIN_AMP.take(region) * tissue.grain.raster(xs, ys)
@@ -87,8 +107,8 @@ def render_he(tissue: Tissue, cells: Cells, width: int, height: int, mpp: float,
             win = nuclei[y - y0 + half : y - y0 + 3 * half + 1, x + half : x + 3 * half + 1]
             np.maximum(win, bank[k], out=win)
         nuclei = nuclei[2 * half : 2 * half + h, 2 * half : 2 * half + width]
-        rgb = EOSIN.take(region, axis=0) * texture[..., None]
-        rgb += (HAEMATOXYLIN.take(region, axis=0) - rgb) * nuclei[..., None]
+        rgb = eosin * texture[..., None]
+        rgb += (HAEMATOXYLIN - rgb) * nuclei[..., None]
         rgb -= BACKGROUND
         rgb *= edge[..., None]
         rgb += BACKGROUND

@@ -1,8 +1,12 @@
-"""The synthetic tissue: where tissue is, which region type each point belongs to, a hidden state, and cells.
+"""The synthetic tissue: where tissue is, which region type each point belongs to, how crowded its cells
+are, a hidden state, and cells.
 
 Everything is defined in micrometres on the slide plane, so the same tissue is read identically by the
-renderer (a raster per pixel) and by the expression model (points at spots, bins or cells). The hidden
-state is never rendered: it modulates a gene program that the image alone cannot predict.
+renderer (a raster per pixel) and by the expression model (points at spots, bins or cells). Regions
+differ in nuclear density, size, shape and texture, and a smooth crowding field scales the cell
+density within every region; both are visible only as morphology (the renderer keeps the mean colour
+the same everywhere). The hidden state is never rendered: it modulates a gene program that the image
+alone cannot predict.
 """
 from __future__ import annotations
 
@@ -16,6 +20,11 @@ REGIONS = ("tumour", "stroma", "immune", "vessel")
 CELL_DENSITY = np.array([0.0050, 0.0015, 0.0080, 0.0025])
 NUCLEUS_RADIUS_UM = np.array([3.6, 2.4, 2.2, 2.8])
 NUCLEUS_ELONGATION = np.array([1.3, 2.6, 1.1, 1.8])
+# Local cell density = CELL_DENSITY[region] × crowding, crowding = exp(CROWDING_SD · smooth noise) within
+# CROWDING_RANGE, varying over CROWDING_SCALE_UM (about a Visium spot pitch).
+CROWDING_SD = 0.45
+CROWDING_RANGE = (0.5, 2.0)
+CROWDING_SCALE_UM = 50.0
 
 
 @dataclass
@@ -77,6 +86,7 @@ class Tissue:
     hidden: Field  # in (0, 1); modulates the hidden gene program, never drawn
     fibres: Field  # anisotropic texture (stroma-like), periodic
     grain: Field  # isotropic fine texture, periodic
+    crowding: Field  # multiplies the region's cell density (CROWDING_RANGE)
 
     @classmethod
     def random(cls, rng: np.random.Generator, width_um: float, height_um: float, step_um: float = 10.0) -> "Tissue":
@@ -94,6 +104,7 @@ class Tissue:
         fine = 1.5  # µm between texture nodes
         fibres = smooth_noise(rng, (384, 384), (0.6, 4.0), periodic=True)
         grain = smooth_noise(rng, (384, 384), 0.8, periodic=True)
+        crowding = np.clip(np.exp(CROWDING_SD * smooth_noise(rng, (ny, nx), CROWDING_SCALE_UM / step_um)), *CROWDING_RANGE)
         return cls(
             width_um,
             height_um,
@@ -102,6 +113,7 @@ class Tissue:
             Field(hidden.astype(np.float32), step_um),
             Field(fibres, fine, periodic=True),
             Field(grain, fine, periodic=True),
+            Field(crowding.astype(np.float32), step_um),
         )
 
     def in_tissue(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
@@ -112,6 +124,10 @@ class Tissue:
 
     def hidden_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         return self.hidden.at(x_um, y_um)
+
+    def density_at(self, x_um: np.ndarray, y_um: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """Expected cells per µm² (``region`` from :meth:`region_at` at the same points)."""
+        return CELL_DENSITY[region] * self.crowding.at(x_um, y_um)
 
     def region_raster(self, xs_um: np.ndarray, ys_um: np.ndarray) -> np.ndarray:
         return np.argmax(np.stack([f.raster(xs_um, ys_um) for f in self.regions]), axis=0).astype(np.int8)
@@ -126,20 +142,22 @@ class Cells:
     hidden: np.ndarray  # (n,) float32
     radius_um: np.ndarray  # (n,) nucleus radius
     angle: np.ndarray  # (n,) nucleus orientation, radians
+    density: np.ndarray  # (n,) expected cells per µm² where the cell sits (region × crowding)
 
     def __len__(self) -> int:
         return int(self.xy_um.shape[0])
 
     @classmethod
     def sample(cls, rng: np.random.Generator, tissue: Tissue) -> "Cells":
-        """Poisson process thinned to each region's density, inside the tissue only."""
-        top = CELL_DENSITY.max()
+        """Poisson process thinned to the local density (region × crowding), inside the tissue only."""
+        top = CELL_DENSITY.max() * CROWDING_RANGE[1]
         n = rng.poisson(top * tissue.width_um * tissue.height_um)
         xy = rng.random((n, 2)) * np.array([tissue.width_um, tissue.height_um])
         region = tissue.region_at(xy[:, 0], xy[:, 1])
-        keep = tissue.in_tissue(xy[:, 0], xy[:, 1]) & (rng.random(n) < CELL_DENSITY[region] / top)
-        xy, region = xy[keep], region[keep]
+        density = tissue.density_at(xy[:, 0], xy[:, 1], region)
+        keep = tissue.in_tissue(xy[:, 0], xy[:, 1]) & (rng.random(n) < density / top)
+        xy, region, density = xy[keep], region[keep], density[keep]
         radius = NUCLEUS_RADIUS_UM[region] * rng.uniform(0.8, 1.2, len(xy))
         angle = rng.uniform(0, np.pi, len(xy))
         hidden = tissue.hidden_at(xy[:, 0], xy[:, 1]).astype(np.float32)
-        return cls(xy, region, hidden, radius, angle)
+        return cls(xy, region, hidden, radius, angle, density.astype(np.float32))
