@@ -13,6 +13,8 @@ The pipeline, one subcommand per stage:
   histotx shard run COHORT --out DIR     slides + Visium/Visium HD/Xenium/HEST → WebDataset shards
   histotx shard verify DIR               re-read and check a shard set
   histotx train CONFIG.yaml [k=v ...]    DINO/iBOT/KoLeo pretraining under DeepSpeed ZeRO (torchrun/srun)
+  histotx eval --shards DIR --model N=SRC --out DIR   HEST-Bench protocol: each model x mode, one table
+  histotx embed --model M --shards DIR --out DIR   whole-tile embeddings, one .h5ad per sample
   histotx demo OUT                       all of the above on a small built-in cohort, end to end
 
 Run `histotx <subcommand> --help` for each stage's options.
@@ -21,13 +23,17 @@ Run `histotx <subcommand> --help` for each stage's options.
 
 def _register_all(sub) -> None:
     from histotx import demo, synth
+    from histotx.eval import run as eval_run
+    from histotx.eval import embed
     from histotx.train import cli as train_cli
     from sharding import cli as shard_cli
 
     synth.register_cli(sub)
     shard_cli.register(sub)
     train_cli.register_cli(sub)
+    embed.register_cli(sub)
     demo.register_cli(sub)
+    eval_run.register_cli(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,594 @@
+"""Whole-tile embeddings of a shard set (or of a slide, sharded on the fly) → one AnnData ``.h5ad`` per sample.
+
+Each tile is shown to the model whole: no crop, no augmentation. The image goes through the training
+loader's own geometry (:class:`~histotx.data.augment.CropGeometry` with the full tile as the box, resized
+to the model's input size, then the same mean/std normalisation), and its transcript sites move with it
+(:func:`~histotx.data.augment.transform_grid`) before :func:`~histotx.tokens.bin_grid` makes the tokens,
+so a tile here is exactly a training global crop of scale 1 with every random choice off.
+
+Genes are matched by name between the shard set's ``vocab.tsv`` and the model's vocabulary, so a model
+can embed a cohort sharded on its own. ``drop_genes`` removes genes from the transcript input *before*
+binning (their counts do not even enter a token's normalising total): evaluating expression prediction
+of a gene from an input that contains it would measure nothing.
+
+Modes: ``image`` (image alone), ``transcripts`` (transcript tokens alone, on the tile's frame), ``fused``
+(both in one sequence). The embedding is the final-norm CLS token. A ``transcripts`` row of a tile with
+no token left is NaN (no input); a ``fused`` row of such a tile is its image-only embedding.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from histotx.data.augment import CropGeometry, transform_grid
+from histotx.data.stream import LoaderStats, ShardWarning, read_shard
+from histotx.format import VOCAB_NAME, FormatError, TileSample, TranscriptGrid, decode_image_rgb, decode_sample, \
+    read_manifest
+from histotx.model.transcripts import TranscriptBatch
+from histotx.tokens import TranscriptCells, bin_grid
+from histotx.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+MODES = ("image", "transcripts", "fused")
+
+DEFAULT_RESOLUTION_UM = 16.0
+"""Transcript token side for embedding. Training draws one size per batch from
+``data.collate.resolutions_um``; 16 µm is in every shipped list (the default native/8/16/32/55,
+tiny_cpu's 8/16/32, vit_l16_uni's 8/16/32/55), and unlike ``native`` it does not make one token per
+Xenium molecule."""
+
+MPP_TOLERANCE = 0.05
+"""Warn when the tiles' µm/px and the model's training µm/px differ by more than this share."""
+
+
+# ---------------------------------------------------------------- one tile → model inputs
+
+
+def gene_map(vocab: Vocab, model_genes: Sequence[str], drop_genes: Iterable[str] = ()) -> np.ndarray:
+    """Shard gene id → model gene id, or -1 for a gene the model does not know or that is dropped.
+
+    A gene matches by symbol, else by Ensembl id; ``drop_genes`` (symbols or Ensembl ids) are -1.
+    """
+    drop = set(drop_genes)
+    index: dict[str, int] = {}
+    for i, name in enumerate(model_genes):
+        index.setdefault(name, i)
+    out = np.full(len(vocab), -1, dtype=np.int64)
+    for i, (symbol, ensembl) in enumerate(zip(vocab.symbols, vocab.ensembl)):
+        if symbol in drop or (ensembl and ensembl in drop):
+            continue
+        out[i] = index.get(symbol, index.get(ensembl, -1)) if symbol else index.get(ensembl, -1)
+    return out
+
+
+def remap_grid(grid: TranscriptGrid, mapping: np.ndarray) -> TranscriptGrid:
+    """The grid with gene ids mapped to the model's; entries mapped to -1 removed (sites stay, maybe empty)."""
+    if grid.gene.size and int(grid.gene.max()) >= mapping.shape[0]:
+        raise FormatError(f"gene id {int(grid.gene.max())} is outside the shard set's vocabulary of "
+                          f"{mapping.shape[0]} genes")
+    gene = mapping[grid.gene]
+    keep = gene >= 0
+    per_site = np.bincount(grid.site_of_entry()[keep], minlength=grid.n_sites)
+    offsets = np.concatenate([[0], np.cumsum(per_site)])
+    return TranscriptGrid(grid.xy, offsets, gene[keep], grid.count[keep], grid.footprint_um, grid.footprint_shape)
+
+
+@dataclass
+class TileInputs:
+    """Turns a shard tile into what the model sees: the whole tile at ``image_px`` (normalised) and its
+    transcript tokens at ``resolution_um`` (None: native) in that frame, genes in the model's ids."""
+
+    image_px: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resolution_um: float | None
+    genes: np.ndarray | None  # gene_map(...); None: no transcript tokens wanted
+
+    def __post_init__(self) -> None:
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, tile: TileSample) -> tuple[torch.Tensor, TranscriptCells | None]:
+        rgb = decode_image_rgb(tile.image)
+        h, w = rgb.shape[:2]
+        geometry = CropGeometry(0, 0, w, h, self.image_px)
+        pixels = torch.from_numpy(np.require(rgb, np.uint8, ["C", "W"])).permute(2, 0, 1)
+        image = geometry.apply_to_image(pixels).float().div_(255.0)  # as MultiCrop.view, colour jitter off
+        image = (image - self._mean) / self._std
+        if self.genes is None:
+            return image, None
+        mpp = float(tile.meta["mpp"])
+        grid = transform_grid(remap_grid(tile.grid, self.genes), geometry, mpp)
+        return image, bin_grid(grid, geometry.mpp(mpp), self.resolution_um, (self.image_px, self.image_px))
+
+
+def collate_cells(cells: list[TranscriptCells]) -> TranscriptBatch:
+    """Pack a batch's tokens; native tokens report their own size, a batch carries one, so all get the
+    largest (as the training collation does)."""
+    size = max(c.resolution_um for c in cells)
+    return TranscriptBatch.collate([c if c.resolution_um == size else
+                                    TranscriptCells(c.xy, c.offsets, c.gene, c.weight, size) for c in cells])
+
+
+# ---------------------------------------------------------------- the model
+
+
+def resolve_model(model: Any, device: torch.device):
+    """A LoadedModel as is, or anything :func:`histotx.export.load_model` accepts (export, run, checkpoint)."""
+    if not hasattr(model, "model"):
+        from histotx.export import load_model
+
+        model = load_model(model, device="cpu")
+    model.model.to(device).eval()
+    return model
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device):
+    """bf16 on GPU (as training), fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def embed_batch(net: torch.nn.Module, images: torch.Tensor, cells: list[TranscriptCells] | None,
+                modes: Sequence[str], device: torch.device) -> dict[str, np.ndarray]:
+    """CLS embeddings (B, D) float32 per mode for one batch (NaN rows: no input for that mode)."""
+    images = images.to(device, non_blocking=True)
+    batch = collate_cells(cells).to(device) if cells is not None else None
+    has_tokens = (batch.lengths > 0).cpu().numpy() if batch is not None else None
+    out: dict[str, np.ndarray] = {}
+    with _autocast(device):
+        for mode in modes:
+            if mode == "image":
+                cls = net(images).cls
+            elif mode == "fused":
+                cls = net(images, transcripts=batch).cls
+            elif not has_tokens.any():
+                out[mode] = np.full((images.shape[0], net.config.embed_dim), np.nan, dtype=np.float32)
+                continue
+            else:
+                cls = net(None, transcripts=batch, image_hw=tuple(images.shape[-2:])).cls
+            emb = cls.float().cpu().numpy()
+            if mode == "transcripts":
+                emb[~has_tokens] = np.nan
+            out[mode] = emb
+    return out
+
+
+# ---------------------------------------------------------------- shard set → h5ad per sample
+
+
+def _obs_row(tile: TileSample, cells: TranscriptCells | None) -> dict[str, Any]:
+    m = tile.meta
+    row = {"sample": m["sample"], "patient": m["patient"], "technology": m["technology"],
+           "x0_px": float(m["origin_level0_px"][0]), "y0_px": float(m["origin_level0_px"][1]),
+           "x_um": float(m["origin_um"][0]), "y_um": float(m["origin_um"][1]), "mpp": float(m["mpp"]),
+           "n_sites": int(m["n_sites"]), "n_counts": float(m["total_count"])}
+    if cells is not None:
+        row["n_tokens"] = cells.n_cells
+    return row
+
+
+@dataclass
+class PreparedTile:
+    """One tile ready for the model; ``order`` (shard index, position in the shard) fixes its obs row."""
+
+    order: tuple[int, int]
+    key: str
+    obs: dict[str, Any]
+    image: torch.Tensor
+    cells: TranscriptCells | None
+
+
+def _tiles(url: str) -> Iterator[TileSample]:
+    """Every tile of a shard, in order; a damaged shard is an error (an embedding must be complete)."""
+    stats = LoaderStats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ShardWarning)
+        for raw in read_shard(url, stats):
+            try:
+                tile = decode_sample(raw)
+            except FormatError as exc:
+                raise FormatError(f"{url}: {exc}; check the shard with `histotx shard verify`") from exc
+            yield tile
+    if stats.corrupt_shards:
+        detail = "; ".join(str(w.message) for w in caught) or "unreadable"
+        raise FormatError(f"{url}: damaged shard ({detail}); check it with `histotx shard verify`")
+
+
+class PreparedShards(IterableDataset):
+    """The wanted samples' tiles, prepared, as ``(shard index, [PreparedTile], shard finished)`` chunks of at
+    most ``chunk`` tiles. DataLoader worker w of W prepares shards w, w + W, ... (decoding, resizing and
+    binning are the CPU work; the model runs in the main process)."""
+
+    def __init__(self, urls: list[str], samples: set[str], inputs: TileInputs, chunk: int) -> None:
+        self.urls, self.samples, self.inputs, self.chunk = urls, samples, inputs, chunk
+
+    def __iter__(self) -> Iterator[tuple[int, list[PreparedTile], bool]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        for index in range(worker, len(self.urls), n_workers):
+            items: list[PreparedTile] = []
+            for position, tile in enumerate(_tiles(self.urls[index])):
+                if tile.meta["sample"] not in self.samples:
+                    continue
+                image, cells = self.inputs(tile)
+                items.append(PreparedTile((index, position), tile.key, _obs_row(tile, cells), image, cells))
+                if len(items) == self.chunk:
+                    yield index, items, False
+                    items = []
+            yield index, items, True
+
+
+def _as_is(chunk):
+    return chunk
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # workers parallelise over shards
+
+
+@dataclass
+class SampleEmbeddings:
+    """A sample's tiles as they arrive: batched through the model, then written as one AnnData."""
+
+    rows: list[tuple[tuple[int, int], str, dict[str, Any]]] = field(default_factory=list)
+    emb: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    pending: list[PreparedTile] = field(default_factory=list)
+
+    def add(self, tile: PreparedTile) -> None:
+        self.rows.append((tile.order, tile.key, tile.obs))
+        self.pending.append(tile)
+
+    def flush(self, net: torch.nn.Module, modes: Sequence[str], device: torch.device) -> None:
+        if not self.pending:
+            return
+        images = torch.stack([t.image for t in self.pending])
+        cells = [t.cells for t in self.pending] if self.pending[0].cells is not None else None
+        for mode, emb in embed_batch(net, images, cells, modes, device).items():
+            self.emb.setdefault(mode, []).append(emb)
+        self.pending.clear()
+
+    def to_anndata(self, modes: Sequence[str], dim: int, uns: dict[str, Any]):
+        """obs in shard order (independent of the number of workers), obsm[mode] (n, dim) float32."""
+        import anndata as ad
+        import pandas as pd
+
+        order = sorted(range(len(self.rows)), key=lambda i: self.rows[i][0])
+        obs = pd.DataFrame([self.rows[i][2] for i in order], index=pd.Index([self.rows[i][1] for i in order], dtype=str))
+        for col in ("sample", "patient", "technology"):
+            if col in obs:
+                obs[col] = obs[col].astype("category")
+        adata = ad.AnnData(obs=obs)
+        for mode in modes:
+            emb = np.concatenate(self.emb[mode]) if self.emb.get(mode) else np.zeros((0, dim), np.float32)
+            adata.obsm[mode] = np.ascontiguousarray(emb[order], dtype=np.float32)
+        adata.uns.update(uns)
+        return adata
+
+
+def write_h5ad_atomic(adata, path: Path) -> Path:
+    """Write to a hidden temporary name in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _shard_plan(shard_dir: Path, manifest: dict, samples: Sequence[str] | None) -> tuple[list[str], list[dict]]:
+    """(samples to embed, manifest entries of the shards to read). A shard that names its sample
+    (``sample_id``, as `histotx shard` writes) is read only when that sample is wanted."""
+    ok = [s for s, rec in manifest["samples"].items() if rec.get("status") == "ok"]
+    if samples is None:
+        wanted = ok
+    else:
+        wanted = list(dict.fromkeys(samples))
+        missing = [s for s in wanted if s not in ok]
+        if missing:
+            raise ValueError(f"{shard_dir}: no sample {missing} in the shard set (samples: {', '.join(ok)})")
+    return wanted, [s for s in manifest["shards"] if s.get("sample_id") is None or s["sample_id"] in wanted]
+
+
+def embed_shards(model, shards, out_dir, modes: Sequence[str] = ("image",), samples: Sequence[str] | None = None,
+                 drop_genes: Iterable[str] = (), batch_size: int = 64, device: str | torch.device = "auto",
+                 progress: bool = True, resolution_um: float | str | None = DEFAULT_RESOLUTION_UM,
+                 image_px: int | None = None, num_workers: int = 0) -> list[Path]:
+    """Embed the tiles of a shard set, writing ``<out_dir>/<sample>.h5ad`` per sample; returns the paths.
+
+    ``model``: a LoadedModel or a source for :func:`histotx.export.load_model`. ``modes``: any of
+    :data:`MODES`. ``samples``: a subset (default: every sample sharded ok). ``drop_genes``: gene symbols
+    removed from the transcript input. ``resolution_um``: transcript token side (``"native"``/None: one
+    token per spot, bin or molecule). ``image_px``: the side the whole tile is resized to (default: the
+    model's training input size). ``num_workers``: DataLoader processes preparing tiles (0: this one).
+    The h5ad holds no X; obs are the tiles (in shard order), ``obsm[mode]`` the CLS embeddings
+    (float32), ``uns`` the model, modes, dropped genes and input settings.
+    """
+    from tqdm import tqdm
+
+    modes = list(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    resolution = None if resolution_um in (None, "native") else float(resolution_um)
+    if resolution is not None and not resolution > 0:
+        raise ValueError(f"resolution_um must be positive or 'native', got {resolution_um}")
+    shard_dir, out_dir = Path(shards), Path(out_dir)
+    manifest = read_manifest(shard_dir)
+    wanted, entries = _shard_plan(shard_dir, manifest, samples)
+    dev = resolve_device(device)
+    loaded = resolve_model(model, dev)
+    net = loaded.model
+    image_px = int(image_px or loaded.image_size)
+    if image_px % net.config.patch_size:
+        raise ValueError(f"image_px {image_px} is not a multiple of the model's patch size {net.config.patch_size}")
+    dropped = sorted(set(drop_genes))
+    genes = _input_genes(shard_dir, loaded, dropped) if {"transcripts", "fused"} & set(modes) else None
+    inputs = TileInputs(image_px, tuple(loaded.mean), tuple(loaded.std), resolution, genes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uns = {"model": loaded.name, "modes": np.array(modes, dtype=object),
+           "dropped_genes": np.array(dropped, dtype=object), "embedding": "cls",
+           "resolution_um": "native" if resolution is None else resolution, "image_px": image_px,
+           "shards": str(shard_dir.resolve())}
+
+    acc = {s: SampleEmbeddings() for s in wanted}
+    shards_left = {s: sum(e.get("sample_id") == s for e in entries) for s in wanted}
+    named = all(e.get("sample_id") is not None for e in entries)  # else a sample is complete only at the end
+    paths: dict[str, Path] = {}
+
+    def finish(sample: str) -> None:
+        a = acc.pop(sample)
+        a.flush(net, modes, dev)
+        expected = manifest["samples"][sample].get("tiles")
+        if expected is not None and len(a.rows) != int(expected):
+            raise FormatError(f"{shard_dir}: sample {sample} has {len(a.rows)} tiles in its shards, the manifest "
+                              f"says {expected}")
+        paths[sample] = write_h5ad_atomic(a.to_anndata(modes, net.config.embed_dim, uns), out_dir / f"{sample}.h5ad")
+
+    stream = PreparedShards([str(shard_dir / e["name"]) for e in entries], set(wanted), inputs, batch_size)
+    loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                        worker_init_fn=_one_thread if num_workers else None)
+    total = sum(int(manifest["samples"][s].get("tiles", 0)) for s in wanted)
+    seen: set[str] = set()
+    with tqdm(total=total, desc="embed", unit="tile", disable=not progress, dynamic_ncols=True) as bar:
+        for index, items, shard_done in loader:
+            for tile in items:
+                sample = tile.obs["sample"]
+                if sample not in seen:
+                    seen.add(sample)
+                    _check_mpp(sample, tile.obs["mpp"], loaded.mpp)
+                acc[sample].add(tile)
+                if len(acc[sample].pending) == batch_size:
+                    acc[sample].flush(net, modes, dev)
+            bar.update(len(items))
+            sample = entries[index].get("sample_id")
+            if shard_done and named and sample in acc:
+                shards_left[sample] -= 1
+                if shards_left[sample] == 0:
+                    bar.set_postfix_str(sample)
+                    finish(sample)
+        for sample in list(acc):
+            finish(sample)
+    return [paths[s] for s in wanted]
+
+
+def _input_genes(shard_dir: Path, loaded, dropped: list[str]) -> np.ndarray:
+    """:func:`gene_map` of the shard set's vocabulary to the model's, with the reasons genes go missing logged."""
+    if loaded.model.transcript is None:
+        raise ValueError(f"{loaded.name}: the model has no transcript branch; only mode 'image' is possible")
+    path = shard_dir / VOCAB_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the shard set has no gene vocabulary, needed for transcript tokens")
+    vocab = Vocab.load(path)
+    mapping = gene_map(vocab, loaded.genes, dropped)
+    named = set(vocab.symbols) | set(vocab.ensembl)
+    drop = set(dropped)
+    unknown = sum(1 for i, m in enumerate(mapping) if m < 0 and not {vocab.symbols[i], vocab.ensembl[i]} & drop)
+    if unknown:
+        log.warning("%s: %d of %d genes are not in the model's vocabulary and are left out of its input",
+                    path, unknown, len(vocab))
+    absent = [g for g in dropped if g not in named]
+    if absent:
+        log.warning("drop_genes not in %s (nothing to drop): %s", path, absent)
+    return mapping
+
+
+def _check_mpp(sample: str, tile_mpp: float, model_mpp: float | None) -> None:
+    """A model sees tiles at the scale it was trained on (timm exports may not know it: no check)."""
+    if model_mpp and math.isfinite(model_mpp) and abs(tile_mpp - model_mpp) > MPP_TOLERANCE * model_mpp:
+        log.warning("%s: tiles at %.4g µm/px, the model was trained on tiles at %.4g µm/px; embeddings of a "
+                    "different scale (reshard with mpp=%.4g to match)", sample, tile_mpp, model_mpp, model_mpp)
+
+
+# ---------------------------------------------------------------- a slide → shards (as `histotx shard`) → h5ad
+
+
+def slide_sample_id(slide: Path) -> str:
+    """A valid sample id from a slide's file name (``he-01.ome.tif`` → ``he-01``)."""
+    stem = Path(slide).name.split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem).lstrip("_-") or "slide"
+
+
+def embed_slide(model, slide, out_dir, *, data=None, technology: str | None = None, sample_id: str | None = None,
+                patient: str = "", mpp: float | None = None, image_scale: str = "fullres",
+                bin_size_um: float = 2.0, alignment: str | None = None, shard_config=None,
+                shards_dir=None, progress: bool = True, **embed_kwargs) -> Path:
+    """Embed one slide (+ its Visium / Visium HD / Xenium / HEST data): tile it with the sharding pipeline
+    itself (``shard_config``: a :class:`sharding.config.ShardConfig`, default as ``histotx shard run``)
+    into ``shards_dir`` (default a temporary folder, removed after), then :func:`embed_shards`.
+    Returns the path of ``<out_dir>/<sample_id>.h5ad``."""
+    from sharding.cohort import dump_cohort
+    from sharding.config import ShardConfig
+    from sharding.pipeline import run_cohort
+
+    technology = technology or ("image_only" if data is None else None)
+    if technology is None:
+        raise ValueError("embed_slide: give the technology of the data (visium, visium_hd, xenium, hest)")
+    if technology == "hest" and not sample_id:
+        raise ValueError("embed_slide: a HEST sample needs its id (sample_id)")
+    slide = Path(slide).resolve() if slide else None
+    sample_id = sample_id or slide_sample_id(slide)
+    entry = {"id": sample_id, "technology": technology, "patient": patient or sample_id,
+             "image_scale": image_scale, "bin_size_um": bin_size_um}
+    for key, value in (("slide", slide), ("data", Path(data).resolve() if data else None), ("mpp", mpp),
+                       ("alignment", str(Path(alignment).resolve()) if alignment else None)):
+        if value is not None:
+            entry[key] = str(value) if isinstance(value, Path) else value
+    cfg = shard_config or ShardConfig()
+    cfg.validate()
+    with tempfile.TemporaryDirectory(prefix="histotx-embed-") as tmp:
+        shard_dir = Path(shards_dir) if shards_dir else Path(tmp) / "shards"
+        cohort = Path(tmp) / "cohort.yaml"
+        dump_cohort([entry], cohort)
+        t0 = time.time()
+        manifest = run_cohort(cohort, shard_dir, cfg)
+        record = manifest["samples"][sample_id]
+        if record["status"] != "ok":
+            raise ValueError(f"sharding {slide or data} failed: {record.get('error')}")
+        log.info("%s: %d tiles sharded in %.1f s (%s)", sample_id, record["tiles"], time.time() - t0, shard_dir)
+        return embed_shards(model, shard_dir, out_dir, samples=[sample_id], progress=progress, **embed_kwargs)[0]
+
+
+# ---------------------------------------------------------------- `histotx embed`
+
+CLI_DESCRIPTION = """\
+Embed tiles with a trained model: one AnnData .h5ad per sample (obs = tiles with sample, patient,
+level-0 px and µm origin; obsm[MODE] = whole-tile CLS embeddings; no X).
+
+  # a shard set (made by `histotx shard`), every sample or some
+  histotx embed --model runs/tiny --shards shards/ --out emb/ --modes image,transcripts,fused
+  histotx embed --model export/ --shards shards/ --samples lung01,lung02 --out emb/
+
+  # one slide, tiled exactly as `histotx shard run` would (same settings: --shard-config, key=value)
+  histotx embed --model export/ --slide he.svs --out emb/
+  histotx embed --model export/ --slide he.tif --data outs/ --technology visium --out emb/ mpp=0.5 tile_px=224
+  histotx embed --model export/ --technology hest --data hest/ --sample-id TENX95 --out emb/
+
+The model: a run folder (its latest checkpoint), a checkpoint folder, or an export (`histotx export`).
+Each tile is shown whole (no crop, no augmentation), resized to the model's training input size and
+normalised as in training; transcript tokens are binned at --resolution-um in that frame. Modes:
+image (the image alone), transcripts (the tokens alone; NaN rows for tiles without any), fused (both).
+--drop-genes removes genes from the transcript input before binning (e.g. the targets of an
+expression-prediction evaluation, so they cannot leak in); the .h5ad's uns records them.
+bf16 autocast on a GPU, fp32 on CPU.
+"""
+
+
+def _names(text: str | None, file: Path | None) -> list[str]:
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if file is not None:
+        names += [line.strip() for line in Path(file).read_text().splitlines() if line.strip()
+                  and not line.startswith("#")]
+    return names
+
+
+def register_cli(subparsers) -> None:
+    import argparse
+
+    p = subparsers.add_parser("embed", help="embed a shard set or a slide with a trained model (→ .h5ad per sample)",
+                              description=CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="run folder, checkpoint folder or export folder")
+    p.add_argument("--out", type=Path, required=True, help="folder for <sample>.h5ad (created)")
+    p.add_argument("--modes", default="image", help="comma-separated: image, transcripts, fused (default image)")
+    p.add_argument("--drop-genes", help="comma-separated gene symbols removed from the transcript input")
+    p.add_argument("--drop-genes-file", type=Path, help="a file of gene symbols to remove, one per line")
+    p.add_argument("--resolution-um", default=str(DEFAULT_RESOLUTION_UM),
+                   help="transcript token side in µm, or 'native' (one token per spot/bin/molecule); "
+                        f"default {DEFAULT_RESOLUTION_UM:g}, a size every shipped training config draws")
+    p.add_argument("--image-px", type=int, help="resize each tile to this side (default: the model's input size)")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=0, help="processes that decode and bin tiles (default 0: none)")
+    g = p.add_argument_group("a shard set")
+    g.add_argument("--shards", type=Path, help="shard folder with manifest.json (made by `histotx shard`)")
+    g.add_argument("--samples", help="comma-separated sample ids (default: all)")
+    s = p.add_argument_group("a slide (sharded first, into a temporary folder, exactly as `histotx shard run`)")
+    s.add_argument("--slide", type=Path, help="the H&E slide (SVS, pyramidal TIFF, OME-TIFF, ...)")
+    s.add_argument("--data", type=Path, help="its Space Ranger outs/, Xenium bundle or HEST root")
+    s.add_argument("--technology", help="visium | visium_hd | xenium | hest (default image_only without --data)")
+    s.add_argument("--sample-id", help="sample id (default: from the slide's file name)")
+    s.add_argument("--patient", default="", help="patient id (default: the sample id)")
+    s.add_argument("--mpp", type=float, help="µm/px of the slide's level 0, overriding its metadata")
+    s.add_argument("--image-scale", default="fullres", help="visium: which image --slide is (fullres|hires|lowres)")
+    s.add_argument("--bin-size-um", type=float, default=2.0, help="visium_hd: which binned output (2, 8, 16)")
+    s.add_argument("--alignment", type=Path, help="xenium: the *_he_imagealignment.csv (default: from the bundle)")
+    s.add_argument("--shard-config", type=Path, help="shard settings YAML (e.g. a shard set's shard_config.yaml)")
+    s.add_argument("--keep-shards", type=Path, help="write the slide's shards here and keep them")
+    s.add_argument("overrides", nargs="*", help="key=value shard settings, e.g. mpp=0.5 tile_px=224")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    from histotx.config import load_config
+
+    if bool(args.shards) == bool(args.slide or args.data):
+        raise ValueError("give either --shards DIR or --slide FILE (with --data for Visium/Xenium/HEST data)")
+    if args.shards and (args.overrides or args.shard_config):
+        raise ValueError("shard settings (--shard-config, key=value) apply to --slide only")
+    t0 = time.time()
+    kwargs = dict(modes=_names(args.modes, None), drop_genes=_names(args.drop_genes, args.drop_genes_file),
+                  batch_size=args.batch_size, device=args.device, image_px=args.image_px, num_workers=args.workers,
+                  resolution_um="native" if args.resolution_um == "native" else float(args.resolution_um))
+    if args.shards:
+        samples = _names(args.samples, None) or None
+        paths = embed_shards(args.model, args.shards, args.out, samples=samples, **kwargs)
+    else:
+        from sharding.config import ShardConfig
+
+        cfg = load_config(ShardConfig, args.shard_config, args.overrides)
+        paths = [embed_slide(args.model, args.slide, args.out, data=args.data, technology=args.technology,
+                             sample_id=args.sample_id, patient=args.patient, mpp=args.mpp,
+                             image_scale=args.image_scale, bin_size_um=args.bin_size_um, alignment=args.alignment,
+                             shard_config=cfg, shards_dir=args.keep_shards, **kwargs)]
+    _summary(paths, time.time() - t0)
+    return 0
+
+
+def _summary(paths: list[Path], seconds: float) -> None:
+    import anndata as ad
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="histotx embed: summary")
+    for col in ("sample", "tiles", "embeddings", "file"):
+        table.add_column(col, overflow="fold")
+    tiles = 0
+    for path in paths:
+        adata = ad.read_h5ad(path)
+        tiles += adata.n_obs
+        dims = ", ".join(f"{k} {v.shape[1]}" for k, v in adata.obsm.items())
+        table.add_row(path.stem, str(adata.n_obs), dims, str(path))
+    console = Console(stderr=True, width=160)
+    console.print(table)
+    console.print(f"{len(paths)} samples, {tiles} tiles in {seconds:.1f} s ({tiles / max(seconds, 1e-9):.1f} tiles/s) "
+                  f"→ {paths[0].parent if paths else '-'}")

@@ -1,0 +1,284 @@
+"""`histotx embed`: whole-tile embeddings of a shard set or a slide → one .h5ad per sample."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+import webdataset as wds
+
+from histotx.data.config import IMAGENET_MEAN, IMAGENET_STD
+from histotx.eval.embed import MODES, embed_shards, embed_slide
+from histotx.format import (
+    FormatError, TranscriptGrid, decode_image_rgb, decode_sample, encode_sample, new_manifest, read_manifest,
+    sha256_file, write_manifest,
+)
+from histotx.model import FusedViT, FusedViTConfig
+from histotx.vocab import Vocab
+from shardkit import random_grid, tile_sample
+
+N_GENES = 50
+GENES = [f"G{i}" for i in range(N_GENES)]
+DROP = ["G3", "G7"]
+TILE_PX, IMAGE_PX = 64, 32  # 64 px tiles at 0.5 µm/px (32 µm) shown at 32 px (1 µm/px)
+OBS_COLUMNS = ["sample", "patient", "technology", "x0_px", "y0_px", "x_um", "y_um", "mpp", "n_sites", "n_counts"]
+
+
+@dataclass
+class StandIn:
+    """The fields of histotx.export.LoadedModel that embedding reads."""
+
+    model: FusedViT
+    genes: list[str]
+    mpp: float = 0.5
+    image_size: int = IMAGE_PX
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    name: str = "tiny-test"
+
+
+def point_grid(rng: np.random.Generator, n_sites: int, genes: np.ndarray) -> TranscriptGrid:
+    """Molecule-like sites (no footprint), one gene each, drawn from ``genes``."""
+    return TranscriptGrid(rng.uniform(0, TILE_PX, (n_sites, 2)), np.arange(n_sites + 1), rng.choice(genes, n_sites),
+                          np.ones(n_sites), 0.0, "point")
+
+
+def _write_shard(out: Path, name: str, tiles: list, sample_id: str | None) -> dict:
+    with wds.TarWriter(str(out / name), encoder=False, mtime=0) as sink:
+        for t in tiles:
+            sink.write(encode_sample(t))
+    entry = {"name": name, "samples": len(tiles), "bytes": (out / name).stat().st_size,
+             "sha256": sha256_file(out / name)}
+    return {**entry, "sample_id": sample_id} if sample_id else entry
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """s00: 5 spot tiles, one without sites; s01: 6 tiles over two shards; s02: 4 molecule tiles in a shard
+    that does not name its sample (as tests/shardkit.py writes them); s03: one tile without G3/G7."""
+    out = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    s00 = [tile_sample(rng, "s00", i, TILE_PX) for i in range(4)]
+    s00.insert(2, tile_sample(rng, "s00", 4, TILE_PX, grid=TranscriptGrid.empty(55.0, "disk")))
+    s01 = [tile_sample(rng, "s01", i, TILE_PX) for i in range(6)]
+    s02 = [tile_sample(rng, "s02", i, TILE_PX, grid=point_grid(rng, 30, np.arange(N_GENES))) for i in range(4)]
+    clean = random_grid(np.random.default_rng(1), TILE_PX, n_genes=N_GENES)
+    clean.gene = np.where(np.isin(clean.gene, [3, 7]), 11, clean.gene).astype(np.int32)
+    s03 = [tile_sample(rng, "s03", 0, TILE_PX, grid=clean)]
+    for t in s02:
+        t.meta["technology"] = "xenium"
+    entries = [_write_shard(out, "s00.00000.tar", s00, "s00"), _write_shard(out, "s01.00000.tar", s01[:3], "s01"),
+               _write_shard(out, "s01.00001.tar", s01[3:], "s01"), _write_shard(out, "mixed.tar", s02, None),
+               _write_shard(out, "s03.00000.tar", s03, "s03")]
+    samples = {s: {"status": "ok", "tiles": n} for s, n in (("s00", 5), ("s01", 6), ("s02", 4), ("s03", 1))}
+    write_manifest(out, new_manifest({"synthetic": True}, entries, samples))
+    vocab = Vocab()
+    vocab.extend((g, "") for g in GENES)
+    vocab.save(out / "vocab.tsv")
+    return out
+
+
+def tiny_model(genes=GENES, seed: int = 0) -> StandIn:
+    """No LayerScale (init_values None): at its 1e-5 init the CLS output would barely depend on the input."""
+    torch.manual_seed(seed)
+    net = FusedViT(FusedViTConfig(size="tiny", embed_dim=32, num_heads=2, img_size=IMAGE_PX, patch_size=8,
+                                  num_registers=1, init_values=None, vocab_size=len(genes)))
+    return StandIn(net.eval(), list(genes))
+
+
+@pytest.fixture(scope="module")
+def model() -> StandIn:
+    return tiny_model()
+
+
+def tiles_of(shard_dir: Path, sample: str) -> list:
+    manifest = read_manifest(shard_dir)
+    out = []
+    for entry in manifest["shards"]:
+        for raw in wds.WebDataset(str(shard_dir / entry["name"]), shardshuffle=False):
+            tile = decode_sample(raw)
+            if tile.meta["sample"] == sample:
+                out.append(tile)
+    return out
+
+
+def test_all_modes_obs_and_shapes(shards, model, tmp_path):
+    paths = embed_shards(model, shards, tmp_path, modes=MODES, batch_size=2, progress=False)
+    assert [p.name for p in paths] == ["s00.h5ad", "s01.h5ad", "s02.h5ad", "s03.h5ad"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no temporaries left
+    for path, n in zip(paths, (5, 6, 4, 1)):
+        a = ad.read_h5ad(path)
+        sample = path.stem
+        assert a.shape == (n, 0) and a.X is None
+        assert list(a.obs.columns[:len(OBS_COLUMNS)]) == OBS_COLUMNS
+        assert list(a.obs_names) == [t.key for t in tiles_of(shards, sample)]
+        assert (a.obs["sample"] == sample).all() and (a.obs["patient"] == f"p-{sample}").all()
+        for mode in MODES:
+            assert a.obsm[mode].dtype == np.float32 and a.obsm[mode].shape == (n, 32)
+        assert a.uns["model"] == "tiny-test" and list(a.uns["modes"]) == list(MODES)
+        assert list(a.uns["dropped_genes"]) == [] and a.uns["embedding"] == "cls"
+        assert a.uns["image_px"] == IMAGE_PX and a.uns["resolution_um"] == 16.0
+        tiles = tiles_of(shards, sample)
+        np.testing.assert_array_equal(a.obs["y0_px"], [t.meta["origin_level0_px"][1] for t in tiles])
+        np.testing.assert_array_equal(a.obs["y_um"], [t.meta["origin_um"][1] for t in tiles])
+        np.testing.assert_array_equal(a.obs["n_sites"], [t.grid.n_sites for t in tiles])
+        np.testing.assert_allclose(a.obs["n_counts"], [t.grid.total_count for t in tiles])
+        empty = (a.obs["n_tokens"] == 0).to_numpy()
+        # A tile without tokens has no transcripts embedding; its fused one is its image-only embedding.
+        assert np.isnan(a.obsm["transcripts"][empty]).all() and not np.isnan(a.obsm["transcripts"][~empty]).any()
+        assert not np.isnan(a.obsm["image"]).any() and not np.isnan(a.obsm["fused"]).any()
+        np.testing.assert_allclose(a.obsm["fused"][empty], a.obsm["image"][empty], rtol=0, atol=1e-5)
+        assert not np.allclose(a.obsm["fused"][~empty], a.obsm["image"][~empty], atol=1e-3)
+    assert (ad.read_h5ad(paths[0]).obs["n_tokens"] == 0).sum() == 1  # s00's tile without sites
+
+
+def test_image_mode_equals_a_direct_model_call(shards, model, tmp_path):
+    """The whole tile, resized as the training loader resizes a crop (bilinear, antialiased, on uint8) and
+    normalised: the same batch through the same kernels gives the same numbers."""
+    [path] = embed_shards(model, shards, tmp_path, samples=["s01"], batch_size=3, progress=False)
+    tiles = tiles_of(shards, "s01")
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    images = []
+    for t in tiles:
+        rgb = torch.from_numpy(decode_image_rgb(t.image).copy()).permute(2, 0, 1)
+        x = TF.resize(rgb, [IMAGE_PX, IMAGE_PX], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        images.append((x.float() / 255.0 - mean) / std)
+    with torch.inference_mode():
+        direct = torch.cat([model.model(torch.stack(images[i:i + 3])).cls for i in (0, 3)]).numpy()
+    np.testing.assert_array_equal(ad.read_h5ad(path).obsm["image"], direct)
+
+
+def test_transcript_tokens_sit_where_the_molecules_are(shards, model, tmp_path):
+    """s02's molecules (no footprint) make one 16 µm token per occupied cell of the 32 µm tile (2 × 2 cells
+    of 16 px at the shown 1 µm/px), and one per molecule at the native resolution."""
+    [grid_16] = embed_shards(model, shards, tmp_path / "16", samples=["s02"], modes=["transcripts"], progress=False)
+    [native] = embed_shards(model, shards, tmp_path / "n", samples=["s02"], modes=["transcripts"], progress=False,
+                            resolution_um="native")
+    tiles = tiles_of(shards, "s02")
+    cells = [len({(int(x * 0.5 // 16), int(y * 0.5 // 16)) for x, y in t.grid.xy}) for t in tiles]
+    assert list(ad.read_h5ad(grid_16).obs["n_tokens"]) == cells
+    assert list(ad.read_h5ad(native).obs["n_tokens"]) == [t.grid.n_sites for t in tiles]
+    assert ad.read_h5ad(native).uns["resolution_um"] == "native"
+
+
+def test_leakage_guard_drops_genes_before_the_model_sees_them(shards, model, tmp_path):
+    seen: list[torch.Tensor] = []
+    hook = model.model.transcript.register_forward_pre_hook(lambda _, args: seen.append(args[0].gene.clone()))
+    try:
+        kept = embed_shards(model, shards, tmp_path / "kept", modes=MODES, batch_size=2, progress=False)
+        kept_genes = torch.cat(seen)
+        seen.clear()
+        dropped = embed_shards(model, shards, tmp_path / "dropped", modes=MODES, batch_size=2, progress=False,
+                               drop_genes=["G7", "G3", "G7"])
+        dropped_genes = torch.cat(seen)
+    finally:
+        hook.remove()
+    drop_ids = [GENES.index(g) for g in DROP]
+    assert np.isin(drop_ids, kept_genes.numpy()).all()  # they are in the input unless dropped ...
+    assert not np.isin(drop_ids, dropped_genes.numpy()).any()  # ... and never reach the model when dropped
+    for a_path, b_path in zip(kept, dropped):
+        a, b = ad.read_h5ad(a_path), ad.read_h5ad(b_path)
+        assert list(b.uns["dropped_genes"]) == DROP  # sorted, once each
+        np.testing.assert_array_equal(a.obsm["image"], b.obsm["image"])
+        tiles = tiles_of(shards, a_path.stem)
+        touched = np.array([np.isin(drop_ids, t.grid.gene).any() for t in tiles])
+        for mode in ("transcripts", "fused"):
+            if a_path.stem == "s03":  # one tile without G3/G7, alone in its batch: bit-identical input and output
+                assert not touched.any()
+                np.testing.assert_array_equal(a.obsm[mode], b.obsm[mode])
+            else:
+                change = np.abs(a.obsm[mode][touched] - b.obsm[mode][touched]).max(axis=1)
+                assert (change > 1e-3).all(), (a_path.stem, mode, change)
+
+
+def test_genes_match_by_name_not_by_id(shards, model, tmp_path):
+    """A model whose vocabulary lists the genes in another order (its gene embedding rows permuted to
+    match) gives the same transcript embeddings: shard ids are mapped through the gene names."""
+    reordered = tiny_model(GENES[::-1])
+    reordered.model.load_state_dict(model.model.state_dict())
+    with torch.no_grad():
+        reordered.model.transcript.gene_embed.weight.copy_(model.model.transcript.gene_embed.weight.flip(0))
+    [a] = embed_shards(model, shards, tmp_path / "a", samples=["s02"], modes=["transcripts"], progress=False)
+    [b] = embed_shards(reordered, shards, tmp_path / "b", samples=["s02"], modes=["transcripts"], progress=False)
+    a, b = ad.read_h5ad(a).obsm["transcripts"], ad.read_h5ad(b).obsm["transcripts"]
+    # A token lists its genes by id, so the reversed ids sum its gene embeddings in the reverse order: equal
+    # up to fp32 rounding (eps 1.2e-7) of sums of a few terms, carried through 2 blocks; 64 eps of the scale.
+    np.testing.assert_allclose(a, b, rtol=0, atol=64 * np.finfo(np.float32).eps * np.abs(a).max())
+    assert np.abs(a).max() > 0.1
+
+
+def test_subset_reads_only_its_shards_and_damage_is_an_error(shards, model, tmp_path):
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    (damaged / "s00.00000.tar").write_bytes((damaged / "s00.00000.tar").read_bytes()[:1500])
+    paths = embed_shards(model, damaged, tmp_path / "out", samples=["s01", "s03"], progress=False)
+    assert [p.name for p in paths] == ["s01.h5ad", "s03.h5ad"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s01.h5ad", "s03.h5ad"]
+    with pytest.raises(FormatError, match="s00.00000.tar"):
+        embed_shards(model, damaged, tmp_path / "out", samples=["s00"], progress=False)
+    with pytest.raises(ValueError, match="no sample \\['nope'\\]"):
+        embed_shards(model, shards, tmp_path / "out", samples=["nope"], progress=False)
+    with pytest.raises(ValueError, match="modes"):
+        embed_shards(model, shards, tmp_path / "out", modes=["pixels"], progress=False)
+
+
+def test_write_is_atomic(shards, model, tmp_path, monkeypatch):
+    [path] = embed_shards(model, shards, tmp_path, samples=["s03"], progress=False)
+    before = path.read_bytes()
+
+    def crash(self, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half an h5ad")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        embed_shards(model, shards, tmp_path, samples=["s03"], modes=MODES, progress=False)
+    assert path.read_bytes() == before  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["s03.h5ad"]  # and the temporary is gone
+
+
+def test_workers_give_the_same_file(shards, model, tmp_path):
+    """Tiles prepared in 2 DataLoader worker processes: same rows in the same (shard) order, same numbers
+    (each sample's batches hold the same tiles: its shards are read in order)."""
+    [a] = embed_shards(model, shards, tmp_path / "a", samples=["s01"], modes=MODES, batch_size=4, progress=False)
+    [b] = embed_shards(model, shards, tmp_path / "b", samples=["s01"], modes=MODES, batch_size=4, progress=False,
+                       num_workers=2)
+    a, b = ad.read_h5ad(a), ad.read_h5ad(b)
+    assert list(a.obs_names) == list(b.obs_names)
+    for mode in MODES:
+        np.testing.assert_array_equal(a.obsm[mode], b.obsm[mode])
+
+
+@pytest.mark.slow
+def test_slide_is_tiled_as_histotx_shard_tiles_it(tmp_path):
+    """embed_slide shards through the sharding pipeline itself: the same tiles, and the same embeddings, as
+    `histotx shard run` + embed_shards on the same cohort."""
+    from histotx.synth import generate_cohort
+    from sharding.config import ShardConfig
+    from sharding.pipeline import run_cohort
+
+    cohort = generate_cohort(tmp_path / "synth", seed=1, size="small", technologies=("visium",))
+    cfg = dict(mpp=2.0, tile_px=64, max_tiles_per_sample=12)
+    run_cohort(cohort, tmp_path / "shards", ShardConfig(**cfg))
+    vocab = Vocab.load(tmp_path / "shards" / "vocab.tsv")
+    loaded = tiny_model([vocab.name(i) for i in range(len(vocab))])
+    loaded.mpp = 2.0
+    [ref] = embed_shards(loaded, tmp_path / "shards", tmp_path / "ref", modes=MODES, progress=False)
+    folder = cohort.parent / "visium"
+    path = embed_slide(loaded, folder / "visium_fullres.tif", tmp_path / "emb", data=folder / "outs",
+                       technology="visium", sample_id="visium", patient="P01", shard_config=ShardConfig(**cfg),
+                       modes=MODES, progress=False)
+    a, b = ad.read_h5ad(ref), ad.read_h5ad(path)
+    assert a.n_obs == 12 and list(a.obs_names) == list(b.obs_names)
+    for col in OBS_COLUMNS + ["n_tokens"]:
+        assert list(a.obs[col]) == list(b.obs[col]), col
+    for mode in MODES:
+        np.testing.assert_array_equal(a.obsm[mode], b.obsm[mode])
+    assert (a.obs["n_tokens"] > 0).any()
+    assert not list(tmp_path.glob("**/histotx-embed-*"))  # the temporary shard folder is gone
