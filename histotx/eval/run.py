@@ -1,0 +1,307 @@
+"""``histotx eval``: embed a shard set with each model and mode, then run the HEST-Bench protocol on it.
+
+Flow: targets from the shards (:mod:`.targets`) → embeddings per model (:func:`histotx.eval.embed.embed_shards`,
+the target genes removed from the transcript input) → the leakage guard (every ``transcripts``/``fused``
+embedding file must say, in ``uns["dropped_genes"]``, that all target genes were removed) → one set of
+patient folds for every model × mode → :mod:`.hestbench` → :mod:`.report`. HEST-Benchmark's own task
+folders go through :mod:`.hestlayout` instead (``--hest``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from histotx.eval import hestbench, report
+from histotx.eval.targets import read_gene_groups, select_target_genes, target_matrix, tile_expression
+
+log = logging.getLogger(__name__)
+
+MODES = ("image", "transcripts", "fused")
+TRANSCRIPT_MODES = ("transcripts", "fused")
+
+
+class LeakageError(ValueError):
+    """A transcript-bearing embedding was made from an input that still held target genes."""
+
+
+def check_no_leakage(adata, path: Path | str, mode: str, targets: Sequence[str]) -> None:
+    """Refuse ``transcripts``/``fused`` embeddings unless ``uns["dropped_genes"]`` ⊇ ``targets``."""
+    if mode not in TRANSCRIPT_MODES:
+        return
+    dropped = {str(g) for g in np.asarray(adata.uns.get("dropped_genes", []), dtype=object).ravel()}
+    missing = [g for g in targets if g not in dropped]
+    if missing:
+        raise LeakageError(
+            f"{path}: the {mode!r} embeddings were made with target genes still in the transcript input "
+            f"({len(missing)} of {len(targets)}, e.g. {missing[:5]}); predicting a gene from an input that "
+            "holds it measures nothing. Re-embed with drop_genes ⊇ the targets (histotx embed --drop-genes)")
+
+
+def read_embeddings(folder: Path, samples: Sequence[str], keys: Mapping[str, list[str]], modes: Sequence[str],
+                    targets: Sequence[str]) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Per mode, the embeddings of the evaluated tiles (rows in ``keys`` order, samples in order), and the obs."""
+    import anndata as ad
+
+    per_mode: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    obs = []
+    for sample in samples:
+        path = Path(folder) / f"{sample}.h5ad"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no embeddings for sample {sample}")
+        adata = ad.read_h5ad(path)
+        index = pd.Index(adata.obs_names.astype(str))
+        rows = index.get_indexer(keys[sample])
+        if (rows < 0).any():
+            lost = [k for k, r in zip(keys[sample], rows) if r < 0]
+            raise ValueError(f"{path}: {len(lost)} tiles with transcripts have no embedding (e.g. {lost[:3]})")
+        for mode in modes:
+            if mode not in adata.obsm:
+                raise ValueError(f"{path}: no obsm[{mode!r}] (it holds {sorted(adata.obsm)}); embed that mode")
+            check_no_leakage(adata, path, mode, targets)
+            per_mode[mode].append(np.asarray(adata.obsm[mode])[rows])
+        obs.append(adata.obs.iloc[rows])
+    return {m: np.concatenate(v) for m, v in per_mode.items()}, pd.concat(obs)
+
+
+def read_labels(path: Path, column: str) -> dict[str, str]:
+    """tile key → label from a CSV with a ``key`` column (the tile key, the h5ad's obs index) and ``column``."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for col in ("key", column):
+        if col not in table.columns:
+            raise ValueError(f"{path}: no {col!r} column (columns: {list(table.columns)}); expected key,{column}")
+    return {k: v for k, v in zip(table["key"], table[column]) if v != ""}
+
+
+def protocol_header(n_targets: int, folds_desc: str, modes: Sequence[str], source: str) -> str:
+    text = (f"HEST-Bench protocol on {source}: {n_targets} target genes, log1p; {folds_desc}; "
+            "StandardScaler → PCA(256) → Ridge(α = 100/(PCs·genes), no intercept), fitted on train; "
+            "Pearson per gene on test, mean over genes then folds (± sd over folds).")
+    if set(modes) & set(TRANSCRIPT_MODES):
+        text += " transcripts/fused: the target genes were removed from the transcript input before embedding."
+    return text
+
+
+def folds_description(folds: list[hestbench.Fold], patients: np.ndarray) -> str:
+    n_patients = np.unique(patients).size
+    kind = "leave-one-patient-out" if n_patients <= hestbench.MAX_LOPO_PATIENTS else "GroupKFold by patient"
+    return f"{kind}, {len(folds)} folds over {n_patients} patients"
+
+
+def run_probes(X: Mapping[tuple[str, str], np.ndarray], Y: np.ndarray, targets: Sequence[str],
+               patients: np.ndarray, folds: list[hestbench.Fold], label_values: np.ndarray | None,
+               latent_dim: int, seed: int, progress: bool):
+    """Every model × mode through the regression (and the label probe when labels are given)."""
+    from tqdm import tqdm
+
+    regression, labels = {}, {}
+    for key in tqdm(list(X), desc="probe", unit="model×mode", disable=not progress):
+        regression[key] = hestbench.regression_probe(X[key], Y, targets, patients, folds, latent_dim, seed)
+        if label_values is not None:
+            has = label_values != ""
+            pos = np.full(has.size, -1)
+            pos[has] = np.arange(has.sum())
+            sub = [(pos[tr][has[tr]], pos[te][has[te]]) for tr, te in folds]
+            sub = [(tr, te) for tr, te in sub if tr.size and te.size]
+            labels[key] = hestbench.classification_probe(X[key][has], label_values[has], patients[has], sub, seed)
+    return regression, labels
+
+
+def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes: Sequence[str] = ("image",),
+             out: str | Path | None = None, *, embeddings: Mapping[str, str | Path] | None = None,
+             samples: Sequence[str] | None = None, targets: Sequence[str] | None = None, n_targets: int = 50,
+             min_frac: float = 0.10, label: str | None = None, labels: str | Path | None = None,
+             gene_groups: Mapping[str, Sequence[str]] | None = None, batch_size: int = 64, device: str = "auto",
+             latent_dim: int = hestbench.LATENT_DIM, seed: int = hestbench.SEED, progress: bool = True,
+             show: bool = True) -> pd.DataFrame:
+    """Run the protocol on a shard set for each model (name → LoadedModel or source for ``load_model``)
+    and/or precomputed embedding folders (name → folder of ``<sample>.h5ad``), for each mode.
+
+    Returns the table (one row per model × mode); ``table.attrs["results"]`` holds every per-gene,
+    per-fold number (also written to ``out``/results.json with results.csv and pearson.png).
+    ``label``: an obs column of the embeddings, or the column of the ``labels`` CSV (default "label").
+    ``gene_groups``: name → genes, reported as per-group means over the targets they contain.
+    """
+    modes = list(dict.fromkeys(modes))
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if not models and not embeddings:
+        raise ValueError("give at least one model (name=source) or one embedding folder (name=folder)")
+    names = list(models or {}) + list(embeddings or {})
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    started = time.monotonic()
+    expr = tile_expression(shards, samples, progress=progress)
+    if targets is None:
+        targets = select_target_genes(expr, n_targets, min_frac)
+    else:
+        targets = list(dict.fromkeys(targets))
+    sample_ids = list(expr)
+    keys = {s: expr[s].keys for s in sample_ids}
+    Y = np.concatenate([target_matrix(expr[s], targets) for s in sample_ids])
+    patients = np.concatenate([[expr[s].patient] * len(keys[s]) for s in sample_ids])
+    log.info("%d samples, %d tiles with transcripts, %d patients, %d targets",
+             len(sample_ids), Y.shape[0], np.unique(patients).size, len(targets))
+
+    folders: dict[str, Path] = {n: Path(f) for n, f in (embeddings or {}).items()}
+    tmp = None
+    if models:
+        from histotx.eval.embed import embed_shards
+
+        if out is None:
+            tmp = tempfile.TemporaryDirectory(prefix="histotx-eval-")
+        root = Path(out) / "embeddings" if out is not None else Path(tmp.name)
+        for name, model in models.items():
+            folders[name] = root / name
+            embed_shards(model, shards, folders[name], modes=modes, samples=sample_ids, drop_genes=targets,
+                         batch_size=batch_size, device=device, progress=progress)
+    try:
+        X, obs = {}, None
+        for name in names:
+            per_mode, model_obs = read_embeddings(folders[name], sample_ids, keys, modes, targets)
+            obs = model_obs if obs is None else obs
+            X.update({(name, m): per_mode[m] for m in modes})
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    finite = np.all([np.isfinite(x).all(axis=1) for x in X.values()], axis=0)
+    if not finite.all():
+        log.warning("%d of %d tiles have no embedding in some model × mode (no transcript token left); "
+                    "they are left out of every row so all rows see the same tiles", (~finite).sum(), finite.size)
+    X = {k: v[finite] for k, v in X.items()}
+    Y, patients = Y[finite], patients[finite]
+    all_keys = np.concatenate([keys[s] for s in sample_ids])[finite]
+
+    label_values = None
+    if label or labels:
+        column = label or "label"
+        if labels is not None:
+            mapping = read_labels(Path(labels), column)
+            label_values = np.array([mapping.get(k, "") for k in all_keys], dtype=object)
+        elif column in obs.columns:
+            label_values = obs[column].astype(str).to_numpy()[finite]
+        else:
+            raise ValueError(f"label column {column!r} is not in the embeddings' obs ({list(obs.columns)}); "
+                             "give a CSV with --labels")
+        if not (label_values != "").any():
+            raise ValueError(f"no evaluated tile has a {column!r} label")
+
+    folds = hestbench.patient_folds(patients)
+    regression, label_res = run_probes(X, Y, targets, patients, folds, label_values, latent_dim, seed, progress)
+    table = report.build_table(regression, label_res, gene_groups, int(Y.shape[0]))
+    header = protocol_header(len(targets), folds_description(folds, patients), modes, f"shards {shards}")
+    results = {
+        "protocol": header, "shards": str(shards), "targets": list(targets), "modes": modes,
+        "gene_groups": {g: [x for x in genes if x in set(targets)] for g, genes in (gene_groups or {}).items()},
+        "n_tiles": int(Y.shape[0]), "n_tiles_left_out": int((~finite).sum()),
+        "patients": sorted(map(str, np.unique(patients))), "label": (label or "label") if label_values is not None else None,
+        "settings": {"latent_dim": latent_dim, "seed": seed, "min_frac": min_frac, "ridge_solver": "lsqr"},
+        "runs": [{"model": m, "mode": mode, "embeddings": str(folders[m]), "regression": regression[(m, mode)].to_json(),
+                  "label_probe": label_res[(m, mode)].to_json() if (m, mode) in label_res else None}
+                 for (m, mode) in regression],
+        "seconds": time.monotonic() - started,
+    }
+    table.attrs["results"], table.attrs["header"] = results, header
+    if show:
+        report.print_table(table, header)
+    if out is not None:
+        paths = report.write_all(table, results, out, header)
+        table.attrs["paths"] = {k: str(v) for k, v in paths.items()}
+        if show:
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return table
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _named(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, source = value.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"{flag} takes NAME=PATH, got {value!r}")
+        if name in out:
+            raise ValueError(f"{flag}: the name {name!r} is given twice")
+        out[name] = source
+    return out
+
+
+EPILOG = """\
+what it does:
+  1. targets: the tiles' expression is read from the shards (sum of each tile's sites); the 50 most
+     variable genes (variance of log1p) among those present in >= 10 % of the sites of every sample.
+  2. embeddings: each --model embeds every tile in each --mode (image, transcripts, fused) with the
+     target genes REMOVED from the transcript input; --embeddings uses folders made by `histotx embed`
+     (refused unless their uns["dropped_genes"] holds every target gene: no leakage).
+  3. HEST-Bench protocol per model x mode, on one set of patient folds (leave-one-patient-out with
+     <= 4 patients, else GroupKFold(5)): StandardScaler -> PCA(256) -> Ridge(alpha=100/(256*50),
+     no intercept, lsqr) fitted on train; Pearson per gene on the test patients; mean over genes, folds.
+  4. optional linear probe of a tile label (--label COLUMN of the embeddings' obs, or --labels CSV
+     with columns key,COLUMN): StandardScaler -> LogisticRegression; balanced accuracy per fold.
+  Prints the table; writes OUT/results.csv, OUT/pearson.png, OUT/results.json (every per-gene,
+  per-fold number) and OUT/embeddings/<model>/<sample>.h5ad.
+
+examples:
+  histotx eval --shards out/demo/shards --model base=runs/img/export --model fused=runs/tiny \\
+      --modes image,transcripts,fused --out out/eval
+  histotx eval --shards shards/ --embeddings mine=emb/ --modes image,fused --labels regions.csv --label region \\
+      --gene-groups groups.json --out out/eval
+  histotx eval --hest bench_data/IDC --model uni=exports/uni --out out/idc      # HEST-Benchmark's own task
+"""
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="HEST-Bench-style expression prediction (+ a label probe) from each model x mode",
+        description="Compare models and embedding modes on predicting gene expression from tile embeddings, "
+                    "with the HEST-Benchmark protocol, on a HistoTx shard set or a HEST-Benchmark task folder.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", type=Path, help="a shard folder made by `histotx shard` (targets come from it)")
+    src.add_argument("--hest", type=Path, metavar="TASK_DIR",
+                     help="a HEST-Benchmark task folder (splits/, adata/, patches/, var_50genes.json); image mode only")
+    p.add_argument("--model", action="append", metavar="NAME=SOURCE",
+                   help="a model to embed with: an export folder, a run folder or a checkpoint (repeatable)")
+    p.add_argument("--embeddings", action="append", metavar="NAME=DIR",
+                   help="precomputed embeddings (<DIR>/<sample>.h5ad from `histotx embed`) (repeatable)")
+    p.add_argument("--modes", default="image", help="comma-separated: image, transcripts, fused (default image)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the table, plot, JSON and embeddings")
+    p.add_argument("--samples", help="comma-separated sample ids (default: every sample with transcripts)")
+    p.add_argument("--targets", type=int, default=50, help="number of target genes (default 50)")
+    p.add_argument("--min-frac", type=float, default=0.10,
+                   help="a target must be present in this share of the sites of every sample (default 0.10)")
+    p.add_argument("--label", help="label column for the linear probe (obs column, or the --labels CSV column)")
+    p.add_argument("--labels", type=Path, help="CSV of tile labels: columns key (tile key) and --label (default 'label')")
+    p.add_argument("--gene-groups", type=Path, help='JSON {"group": ["GENE", ...]}: per-group Pearson columns')
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    models = _named(args.model, "--model")
+    embeddings = _named(args.embeddings, "--embeddings")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    groups = read_gene_groups(args.gene_groups) if args.gene_groups else None
+    if args.hest is not None:
+        from histotx.eval.hestlayout import evaluate_hest_task
+
+        if embeddings or modes != ["image"]:
+            raise ValueError("--hest takes --model only, with --modes image (HEST-Benchmark tasks are images)")
+        evaluate_hest_task(args.hest, models, args.out, gene_groups=groups, batch_size=args.batch_size,
+                           device=args.device, progress=not args.no_progress)
+        return 0
+    samples = [s.strip() for s in args.samples.split(",")] if args.samples else None
+    evaluate(args.shards, models, modes, args.out, embeddings=embeddings, samples=samples,
+             n_targets=args.targets, min_frac=args.min_frac, label=args.label, labels=args.labels,
+             gene_groups=groups, batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    return 0
