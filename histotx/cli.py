@@ -14,7 +14,6 @@ The pipeline, one subcommand per stage:
   histotx shard verify DIR               re-read and check a shard set
   histotx train CONFIG.yaml [k=v ...]    DINO/iBOT/KoLeo pretraining under DeepSpeed ZeRO (torchrun/srun)
   histotx eval --shards DIR --model N=SRC --out DIR   HEST-Bench protocol: each model x mode, one table
-  histotx eval --shards DIR --model N=SRC --out DIR   HEST-Bench protocol: each model x mode, one table
   histotx embed --model M --shards DIR --out DIR   whole-tile embeddings, one .h5ad per sample
   histotx demo OUT                       all of the above on a small built-in cohort, end to end
 
@@ -25,7 +24,6 @@ Run `histotx <subcommand> --help` for each stage's options.
 def _register_all(sub) -> None:
     from histotx import demo, synth
     from histotx.eval import run as eval_run
-    from histotx.eval import run as eval_run
     from histotx.eval import embed
     from histotx.train import cli as train_cli
     from sharding import cli as shard_cli
@@ -35,7 +33,6 @@ def _register_all(sub) -> None:
     train_cli.register_cli(sub)
     embed.register_cli(sub)
     demo.register_cli(sub)
-    eval_run.register_cli(sub)
     eval_run.register_cli(sub)
 
 
