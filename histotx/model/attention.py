@@ -180,7 +180,8 @@ def _flex(qkv: torch.Tensor, seq: PackedSeq) -> torch.Tensor:
 
 def _reference(qkv: torch.Tensor, seq: PackedSeq) -> torch.Tensor:
     outs = []
-    for part in seq.split(qkv.float()):
+    # at least fp32 (bf16/fp16 are upcast), float64 stays float64 for exact equivalence tests
+    for part in seq.split(qkv.to(torch.promote_types(qkv.dtype, torch.float32))):
         q, k, v = part.permute(1, 2, 0, 3)  # each (heads, n, dim)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         outs.append((scores.softmax(dim=-1) @ v).transpose(0, 1))

@@ -103,7 +103,8 @@ class ResolutionEmbedding(nn.Module):
         self.fc2 = nn.Linear(dim, dim)
 
     def forward(self, resolution_um: float) -> torch.Tensor:
-        log_r = torch.full((1, 1), math.log(resolution_um), device=self.frequencies.device)
+        log_r = torch.full((1, 1), math.log(resolution_um), device=self.frequencies.device,
+                           dtype=self.fc1.weight.dtype)
         angles = log_r * self.frequencies
         features = torch.cat([log_r, angles.sin(), angles.cos()], dim=-1)
         return self.fc2(F.silu(self.fc1(features)))[0]
@@ -135,7 +136,8 @@ class TranscriptTokenizer(nn.Module):
         if batch.n_tokens and int(batch.gene.max()) >= self.gene_embed.num_embeddings:
             raise ValueError(f"gene id {int(batch.gene.max())} is outside the vocabulary of "
                              f"{self.gene_embed.num_embeddings} (vocab_size in the model config)")
-        bag = self.gene_embed(batch.gene, batch.offsets, per_sample_weights=batch.weight)
+        weight = batch.weight.to(self.gene_embed.weight.dtype)
+        bag = self.gene_embed(batch.gene, batch.offsets, per_sample_weights=weight)
         value = self.proj(self.norm(bag))
         if mask is not None:
             if mask.shape != (batch.n_tokens,):
@@ -150,7 +152,8 @@ class TranscriptTokenizer(nn.Module):
         its centre ((j + ½)·p, (i + ½)·p); beyond the outer centres the border value holds."""
         gh, gw, dim = pos_grid.shape
         norm = xy.new_tensor([2.0 / (gw * patch_size), 2.0 / (gh * patch_size)])
-        where = (xy.float() * norm - 1.0).view(1, 1, -1, 2)
-        image = pos_grid.permute(2, 0, 1)[None].float()
+        dtype = torch.promote_types(pos_grid.dtype, torch.float32)  # fp32 at least, float64 kept
+        where = (xy.to(dtype) * norm.to(dtype) - 1.0).view(1, 1, -1, 2)
+        image = pos_grid.permute(2, 0, 1)[None].to(dtype)
         sampled = F.grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=False)
         return sampled.view(dim, -1).t().to(pos_grid.dtype)
