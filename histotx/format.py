@@ -10,6 +10,12 @@ One WebDataset sample per tile, three members sharing a key:
 A shard set is a folder of ``*.tar`` shards plus ``manifest.json`` (see :func:`write_manifest`) and the
 gene vocabulary (``vocab.tsv``, see :mod:`histotx.vocab`). This module is imported by the writer
 (``sharding/``) and the reader (``histotx.data``) alike and must not import torch.
+
+Shards are untrusted input (they travel between sites and object stores): every decoder here raises
+:class:`FormatError` for any malformed member, never another exception; a grid names its codec, and only
+the codecs HistoTx writes are accepted (:data:`GRID_CODECS`, never ``pickle``); sizes are checked before
+anything is allocated, so a member decodes to at most ``MAX_EXPANSION`` × its size + ``EXPANSION_FLOOR``
+bytes and an image to at most ``MAX_TILE_PX``² pixels of the size its metadata states.
 """
 from __future__ import annotations
 
@@ -18,9 +24,12 @@ import hashlib
 import io
 import json
 import os
+import math
 import re
 import struct
 import tempfile
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,12 @@ FOOTPRINT_SHAPES = ("disk", "square", "point")
 _GRID_MAGIC = b"HTXG"
 _GRID_ARRAYS = {"xy": np.float32, "offsets": np.int64, "gene": np.int32, "count": np.float32}
 _SAMPLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+GRID_CODECS = ("blosc", "zstd", "lz4", "zlib")  # numcodecs ids a grid may name; anything else is refused
+MAX_HEADER_BYTES = 1 << 16
+MAX_EXPANSION = 64           # a grid member decodes to ≤ MAX_EXPANSION × its size + EXPANSION_FLOOR bytes
+EXPANSION_FLOOR = 1 << 24
+MAX_TILE_PX = 8192           # tile side bound: an image decodes to ≤ MAX_TILE_PX² pixels
+_IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 class FormatError(ValueError):
@@ -147,29 +162,152 @@ def encode_grid(grid: TranscriptGrid, codec=None) -> bytes:
     return b"".join([_GRID_MAGIC, struct.pack("<I", len(head)), head, *payloads])
 
 
-def decode_grid(data: bytes) -> TranscriptGrid:
+def _json_object(data: bytes | str, what: str) -> dict[str, Any]:
+    """A JSON object from untrusted bytes: strict UTF-8, no NaN/Infinity, bounded nesting."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
+        if not isinstance(text, str):
+            raise TypeError(f"expected bytes, got {type(data).__name__}")
+        obj = json.loads(text, parse_constant=lambda c: _raise(f"non-finite number {c}"))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise FormatError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise FormatError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _raise(message: str):
+    raise ValueError(message)
+
+
+def _count(value: Any, what: str, limit: int = 1 << 40) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise FormatError(f"{what} must be an integer in [0, {limit}], got {value}")
+    return value
+
+
+def _array_spec(spec: Any, name: str, dtype: type) -> tuple[tuple[int, ...], int, int]:
+    """(shape, nbytes stored, bytes decoded) of one grid array, every field checked."""
+    if not isinstance(spec, dict):
+        raise FormatError(f"grid array {name} is missing from the header")
+    if spec.get("dtype") != np.dtype(dtype).str:
+        raise FormatError(f"grid array {name} has dtype {spec.get('dtype')}, expected {np.dtype(dtype).str}")
+    shape = spec.get("shape")
+    ndim = 2 if name == "xy" else 1
+    if not isinstance(shape, list) or len(shape) != ndim:
+        raise FormatError(f"grid array {name} must have a {ndim}-d shape, got {shape}")
+    shape = tuple(_count(n, f"grid array {name} shape") for n in shape)
+    if name == "xy" and shape[1] != 2:
+        raise FormatError(f"grid array xy must have shape [n, 2], got {list(shape)}")
+    nbytes = _count(spec.get("nbytes"), f"grid array {name} nbytes")
+    raw = math.prod(shape) * np.dtype(dtype).itemsize
+    if (raw == 0) != (nbytes == 0):
+        raise FormatError(f"grid array {name}: {nbytes} stored bytes for shape {list(shape)}")
+    return shape, nbytes, raw
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder(codec_id: str):
+    """One numcodecs decoder per allowed id: decoding needs no parameters, the stream carries them."""
     import numcodecs
 
+    return {"blosc": numcodecs.Blosc, "zstd": numcodecs.Zstd, "lz4": numcodecs.LZ4, "zlib": numcodecs.Zlib}[codec_id]()
+
+
+def _zstd_content_size(chunk: bytes) -> int | None:
+    """Frame_Content_Size of a single zstd frame (RFC 8878 §3.1.1.1), or None when the frame omits it."""
+    if len(chunk) < 6 or chunk[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = chunk[4]
+    fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(chunk) < pos + size:
+        return None
+    value = int.from_bytes(chunk[pos : pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def _stored_size(codec_id: str, chunk: bytes) -> int | None:
+    """The decoded size a compressed chunk announces in its own header (checked before decoding)."""
+    if codec_id == "blosc":  # 16-byte header: version, versionlz, flags, typesize, nbytes, blocksize, cbytes
+        if len(chunk) < 16:
+            return None
+        nbytes, _, cbytes = struct.unpack("<III", chunk[4:16])
+        return nbytes if cbytes == len(chunk) else None
+    if codec_id == "lz4":  # numcodecs prefixes the block with its decoded size (int32)
+        return struct.unpack("<i", chunk[:4])[0] if len(chunk) >= 4 else None
+    if codec_id == "zstd":
+        return _zstd_content_size(chunk)
+    return None  # zlib: bounded by decompressobj(max_length) instead
+
+
+def _decompress(codec_id: str, chunk: bytes, raw: int, name: str) -> bytes:
+    """Exactly ``raw`` decoded bytes of one array, never allocating more (bombs and lies are FormatErrors)."""
+    try:
+        if codec_id == "zlib":
+            d = zlib.decompressobj()
+            out = d.decompress(chunk, raw)
+            if not d.eof or d.unconsumed_tail or d.unused_data:
+                raise FormatError(f"grid array {name}: zlib stream does not decode to exactly {raw} bytes")
+        else:
+            announced = _stored_size(codec_id, chunk)
+            if announced != raw:
+                raise FormatError(f"grid array {name}: {codec_id} chunk announces {announced} decoded bytes, the "
+                                  f"header's shape needs {raw}")
+            out = bytes(_decoder(codec_id).decode(chunk))
+    except FormatError:
+        raise
+    except Exception as exc:  # numcodecs raises RuntimeError/ValueError/... for damaged streams
+        raise FormatError(f"grid array {name}: {codec_id} payload does not decode ({type(exc).__name__}: {exc})") \
+            from exc
+    if len(out) != raw:
+        raise FormatError(f"grid array {name}: decoded {len(out)} bytes, expected {raw}")
+    return out
+
+
+def decode_grid(data: bytes) -> TranscriptGrid:
+    """Inverse of :func:`encode_grid` for untrusted bytes: any malformation is a :class:`FormatError`."""
+    data = bytes(data)
     if len(data) < 8 or data[:4] != _GRID_MAGIC:
         raise FormatError("not a HistoTx transcript grid (bad magic)")
     (hlen,) = struct.unpack("<I", data[4:8])
-    try:
-        header = json.loads(data[8 : 8 + hlen])
-    except ValueError as exc:
-        raise FormatError(f"transcript grid header is not JSON: {exc}") from exc
-    codec = numcodecs.get_codec(header["codec"])
+    if hlen > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise FormatError(f"transcript grid header of {hlen} bytes does not fit the {len(data)}-byte member")
+    header = _json_object(data[8 : 8 + hlen], "transcript grid header")
+    if header.get("version") != FORMAT_VERSION:
+        raise FormatError(f"transcript grid version {header.get('version')}, this HistoTx reads {FORMAT_VERSION}")
+    codec = header.get("codec")
+    codec_id = codec.get("id") if isinstance(codec, dict) else None
+    if codec_id not in GRID_CODECS:
+        raise FormatError(f"transcript grid codec {codec_id} is not allowed (HistoTx reads {', '.join(GRID_CODECS)})")
+    arrays = header.get("arrays")
+    if not isinstance(arrays, dict):
+        raise FormatError("transcript grid header lacks its arrays")
+    specs = {name: _array_spec(arrays.get(name), name, dtype) for name, dtype in _GRID_ARRAYS.items()}
+    budget = MAX_EXPANSION * len(data) + EXPANSION_FLOOR
+    decoded = sum(raw for _, _, raw in specs.values())
+    if decoded > budget:
+        raise FormatError(f"transcript grid would decode to {decoded} bytes from {len(data)} (limit {budget}): "
+                          "a decompression bomb or a damaged header")
     pos, out = 8 + hlen, {}
     for name, dtype in _GRID_ARRAYS.items():
-        spec = header["arrays"][name]
-        if np.dtype(spec["dtype"]) != np.dtype(dtype):
-            raise FormatError(f"grid array {name!r} has dtype {spec['dtype']}, expected {np.dtype(dtype).str}")
-        chunk = data[pos : pos + spec["nbytes"]]
-        if len(chunk) != spec["nbytes"]:
-            raise FormatError(f"grid array {name!r} is truncated")
-        pos += spec["nbytes"]
-        raw = codec.decode(chunk) if spec["nbytes"] else b""
-        out[name] = np.frombuffer(raw, dtype=dtype).reshape(spec["shape"])
-    return TranscriptGrid(footprint_um=header["footprint_um"], footprint_shape=header["footprint_shape"], **out)
+        shape, nbytes, raw = specs[name]
+        chunk = data[pos : pos + nbytes]
+        if len(chunk) != nbytes:
+            raise FormatError(f"grid array {name} is truncated ({len(chunk)} of {nbytes} bytes)")
+        pos += nbytes
+        buf = _decompress(codec_id, chunk, raw, name) if nbytes else b""
+        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    if pos != len(data):
+        raise FormatError(f"transcript grid has {len(data) - pos} bytes after its last array")
+    footprint_um, shape = header.get("footprint_um"), header.get("footprint_shape")
+    if not isinstance(footprint_um, (int, float)) or isinstance(footprint_um, bool) or \
+            not (math.isfinite(footprint_um) and footprint_um >= 0):
+        raise FormatError(f"transcript grid footprint_um must be a finite number >= 0, got {footprint_um}")
+    if not isinstance(shape, str):
+        raise FormatError(f"transcript grid footprint_shape must be a string, got {shape}")
+    return TranscriptGrid(footprint_um=float(footprint_um), footprint_shape=shape, **out)
 
 
 @dataclass
@@ -204,19 +342,81 @@ def encode_sample(sample: TileSample) -> dict[str, Any]:
     }
 
 
-def decode_sample(members: dict[str, Any]) -> TileSample:
-    """Inverse of :func:`encode_sample` over raw member bytes (as webdataset yields them undecoded)."""
-    key = members.get("__key__", "?")
-    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-    if image_ext is None or GRID_EXTENSION not in members or META_EXTENSION not in members:
-        have = sorted(k for k in members if not k.startswith("__"))
-        raise FormatError(f"sample {key}: expected an image, .{GRID_EXTENSION} and .{META_EXTENSION}, found {have}")
-    meta = members[META_EXTENSION]
-    meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
+_META_TYPES = {
+    "sample": str, "patient": str, "technology": str, "tile_px": int, "mpp": float, "source_mpp": float,
+    "origin_level0_px": list, "origin_um": list, "n_sites": int, "n_genes": int, "total_count": float,
+}
+
+
+def _check_meta(meta: dict[str, Any], key: str) -> None:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise FormatError(f"sample {key}: metadata lacks {missing}")
-    return TileSample(key, bytes(members[image_ext]), image_ext, decode_grid(bytes(members[GRID_EXTENSION])), meta)
+        raise FormatError(f"sample {key}: metadata lacks {', '.join(missing)}")
+    for name, kind in _META_TYPES.items():
+        v = meta[name]
+        if kind is str:
+            ok = isinstance(v, str)
+        elif kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        elif kind is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        else:
+            ok = isinstance(v, list) and len(v) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not ok:
+            raise FormatError(f"sample {key}: metadata {name} = {v} is not a valid {kind.__name__}")
+    if not (1 <= meta["tile_px"] <= MAX_TILE_PX and meta["mpp"] > 0):
+        raise FormatError(f"sample {key}: metadata tile_px {meta['tile_px']} / mpp {meta['mpp']} out of range")
+
+
+def _image_header(data: bytes, ext: str, what: str):
+    """Pillow's lazy open (header only) of an encoded tile, checked to be the format its extension says."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # the size bound below replaces Pillow's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[_IMAGE_FORMATS[ext]] if ext else list(_IMAGE_FORMATS.values()))
+    except Exception as exc:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error, ...
+        raise FormatError(f"{what} is not a readable {ext or 'image'} ({type(exc).__name__}: {exc})") from exc
+    w, h = img.size
+    if not (0 < w <= MAX_TILE_PX and 0 < h <= MAX_TILE_PX):
+        img.close()
+        raise FormatError(f"{what} is {w}×{h} px, beyond the {MAX_TILE_PX}-px bound (a decompression bomb?)")
+    return img
+
+
+def decode_sample(members: dict[str, Any]) -> TileSample:
+    """Inverse of :func:`encode_sample` over raw member bytes (as webdataset yields them undecoded).
+
+    Checks everything but the image's pixels (decoding those is the loader's business, see
+    :func:`decode_image_rgb`): the image header must be a tile of the metadata's ``tile_px``."""
+    key = members.get("__key__", "?")
+    key = key if isinstance(key, str) else "?"
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if image_ext is None or GRID_EXTENSION not in members or META_EXTENSION not in members:
+        have = sorted(str(k) for k in members if not str(k).startswith("__"))
+        raise FormatError(f"sample {key}: expected an image, .{GRID_EXTENSION} and .{META_EXTENSION}, "
+                          f"found {', '.join(have) or 'nothing'}")
+    meta = members[META_EXTENSION]
+    meta = meta if isinstance(meta, dict) else _json_object(meta, f"sample {key}: metadata")
+    _check_meta(meta, key)
+    image = members[image_ext]
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise FormatError(f"sample {key}: image member is {type(image).__name__}, not bytes")
+    image = bytes(image)
+    with _image_header(image, image_ext, f"sample {key}: image") as img:
+        if img.size != (meta["tile_px"], meta["tile_px"]):
+            raise FormatError(f"sample {key}: image is {img.size[0]}×{img.size[1]} px, metadata says tile_px "
+                              f"{meta['tile_px']}")
+    grid = members[GRID_EXTENSION]
+    if not isinstance(grid, (bytes, bytearray, memoryview)):
+        raise FormatError(f"sample {key}: grid member is {type(grid).__name__}, not bytes")
+    try:
+        grid = decode_grid(grid)
+    except FormatError as exc:
+        raise FormatError(f"sample {key}: {exc}") from exc
+    return TileSample(key, image, image_ext, grid, meta)
 
 
 # ---------------------------------------------------------------- files: atomic writes, checksums, manifest
@@ -305,7 +505,11 @@ def encode_image_rgb(rgb: np.ndarray, ext: str = "jpg", quality: int = 90) -> by
 
 
 def decode_image_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
+    """HxWx3 uint8 pixels of an encoded tile (JPEG/PNG/WebP, at most ``MAX_TILE_PX`` a side); a damaged or
+    oversized image is a FormatError."""
+    with _image_header(bytes(data), "", "tile image") as img:
+        try:
+            rgb = np.asarray(img.convert("RGB"))
+        except Exception as exc:  # truncated or corrupt pixel data
+            raise FormatError(f"tile image does not decode ({type(exc).__name__}: {exc})") from exc
+    return rgb
