@@ -329,8 +329,9 @@ def embed_shards(model, shards, out_dir, modes: Sequence[str] = ("image",), samp
     removed from the transcript input. ``resolution_um``: transcript token side (``"native"``/None: one
     token per spot, bin or molecule). ``image_px``: the side the whole tile is resized to (default: the
     model's training input size). ``num_workers``: DataLoader processes preparing tiles (0: this one).
-    The h5ad holds no X; obs are the tiles (in shard order), ``obsm[mode]`` the CLS embeddings
-    (float32), ``uns`` the model, modes, dropped genes and input settings.
+    The h5ad holds no X; obs are the tiles (in shard order; with ``n_tokens``, the transcript tokens the
+    model saw, when a transcript mode runs), ``obsm[mode]`` the CLS embeddings (float32), ``uns`` the
+    model, modes, dropped genes and input settings. A LoadedModel is moved to ``device``.
     """
     from tqdm import tqdm
 
