@@ -86,6 +86,11 @@ def test_tile_expression_sums_sites_and_counts_units(tmp_path):
     assert (b.patient, b.unit, b.n_units) == ("P2", "tile", 10)  # molecules: presence over tiles
     assert b.unit_presence.tolist() == [10, 3, 0, 0, 10, 10]
     assert tile_expression(tmp_path / "shards", samples=["B"]).keys() == {"B"}
+    # Visium HD-like 8 µm bins pool to the tile as molecules do; HEST's 100 µm pseudo-spots are sites
+    bins = [grid_from_sites([{0: 1.0}, {1: 2.0}], shape="square", footprint=8.0)] * 3
+    pseudo = [grid_from_sites([{0: 1.0}, {1: 2.0}], shape="square", footprint=100.0)] * 3
+    expr = tile_expression(write_shards(tmp_path / "hd", {"H": bins, "X": pseudo}, {"H": "P3", "X": "P4"}))
+    assert (expr["H"].unit, expr["H"].n_units) == ("tile", 3) and (expr["X"].unit, expr["X"].n_units) == ("site", 6)
 
 
 def test_target_rule_every_sample_ten_percent_of_sites(tmp_path):

@@ -7,9 +7,10 @@ expression is its spot's, as in HEST-Benchmark.
 
 Target genes follow HEST's ``get_k_genes``: keep the genes present in ≥ ``min_frac`` of the sites of
 *every* sample (HEST: ``scanpy.pp.filter_genes(min_cells=ceil(0.1 · n_spots))``), drop ``BLANK``/``Control``
-probes, then take the ``n`` most variable. Two differences, both stated: (1) a "site" is the sample's
-measurement unit, a spot or bin; for molecule-level data (Xenium without pooling: one molecule is one
-site holding one gene) the unit is the tile, since no gene is in 10 % of single molecules; (2) "most
+probes, then take the ``n`` most variable. Two differences, both stated: (1) a "site" is a spot
+(footprint ≥ 50 µm: Visium 55 µm, ST 100 µm, HEST's 100/128 µm pseudo-spots); finer sites, i.e. Visium HD
+bins and Xenium molecules (one molecule is one site holding one gene), are pooled to the tile first, as
+HEST pools them into pseudo-spots, since no gene is in 10 % of single molecules or 2 µm bins; (2) "most
 variable" ranks the variance of log1p(count) over all tiles of all samples, ties by name; HEST ranks
 scanpy's seurat-flavour normalised dispersion (not a dependency here). HEST-Benchmark's own tasks ship
 their gene list (``var_50genes.json``), which :mod:`histotx.eval.hestlayout` uses as it is.
@@ -32,6 +33,7 @@ from histotx.vocab import Vocab
 log = logging.getLogger(__name__)
 
 EXCLUDED_PROBES = ("BLANK", "Control")  # HEST drops gene names containing these
+SPOT_MIN_UM = 50.0  # sites at least this wide count as spots for the presence rule; finer ones pool to tiles
 
 
 @dataclass
@@ -42,7 +44,7 @@ class TileExpression:
     counts: sp.csr_matrix  # (n_tiles, n_genes) float64: per-tile sums of site counts
     genes: list[str]  # the shard set's vocabulary, column order
     patient: str
-    unit: str  # "site" (spots, bins) or "tile" (molecule-level data)
+    unit: str  # "site" (spots) or "tile" (bins and molecules, pooled to the tile)
     n_units: int  # sites (or tiles) the presence rule counts over
     unit_presence: np.ndarray  # (n_genes,) int64: units with count > 0 per gene
 
@@ -92,7 +94,7 @@ def tile_expression(shards: str | Path, samples: Iterable[str] | None = None,
                 raise ValueError(f"{path}: tile {tile.key} has gene id {int(grid.gene.max())} beyond "
                                  f"the vocabulary ({n_genes} genes)")
             a = acc.setdefault(sid, {"keys": [], "rows": [], "patient": str(tile.meta["patient"] or sid),
-                                     "point": grid.footprint_shape == "point", "n_sites": 0,
+                                     "pooled": grid.footprint_um < SPOT_MIN_UM, "n_sites": 0,
                                      "presence": np.zeros(n_genes, np.int64)})
             row = np.bincount(grid.gene, weights=grid.count.astype(np.float64), minlength=n_genes)
             a["keys"].append(tile.key)
@@ -107,7 +109,7 @@ def tile_expression(shards: str | Path, samples: Iterable[str] | None = None,
     for sid in sorted(acc):
         a = acc[sid]
         counts = sp.vstack(a["rows"], format="csr")
-        if a["point"]:  # molecules: presence over tiles
+        if a["pooled"]:  # bins, molecules: presence over tiles
             unit, n_units, presence = "tile", counts.shape[0], np.asarray((counts > 0).sum(axis=0)).ravel()
         else:
             unit, n_units, presence = "site", a["n_sites"], a["presence"]
