@@ -365,8 +365,9 @@ class FusedViT(nn.Module):
     # ------------------------------------------------------------------ optimiser helpers
 
     def no_weight_decay(self) -> set[str]:
-        """Names kept out of weight decay (DINOv2's rule: biases, norms, LayerScale, tokens, position
-        embedding). Uses ZeRO-3's recorded shape when parameters are already partitioned."""
+        """Names kept out of weight decay: tensors of at most one dimension (biases, norms, LayerScale) as
+        in DINOv2, plus the tokens and the position embedding as in timm (DINOv2 decays those; see
+        histotx.train.engine). Uses ZeRO-3's recorded shape when parameters are already partitioned."""
         return {n for n, p in self.named_parameters() if len(getattr(p, "ds_shape", p.shape)) <= 1 or n in
                 ("cls_token", "reg_token", "pos_embed", "mask_token")}
 

@@ -32,7 +32,7 @@ from histotx.data.collate import SSLBatch
 from histotx.model import FusedViT, TranscriptBatch
 from histotx.ssl.centering import Centering, sinkhorn_knopp
 from histotx.ssl.config import SSLConfig
-from histotx.ssl.heads import DINOHead
+from histotx.ssl.heads import DINOHead, fp32
 from histotx.ssl.losses import DINOLoss, KoLeoLoss, MaskedExpressionLoss, iBOTLoss
 
 LOSS_TERMS = ("dino", "ibot_image", "ibot_transcript", "koleo", "expression")
@@ -80,7 +80,8 @@ class SSLNetwork(nn.Module):
         out = {"cls_logits": cls_logits, "cls_features": glob.cls, "patch_logits": patch_logits,
                "transcript_logits": token_logits}
         if self.expression_head is not None:
-            out["expression_logits"] = self.expression_head(tokens)
+            with fp32(tokens):
+                out["expression_logits"] = self.expression_head(tokens.float())
         return out
 
     @torch.no_grad()
@@ -114,11 +115,18 @@ class SSLMetaArch(nn.Module):
         self.student = SSLNetwork(backbone, cfg)
         self.teacher = copy.deepcopy(self.student).float()
         self.teacher.requires_grad_(False)
+        self.teacher.eval()  # as DINOv2: no drop path (nor any dropout) on the targets, kept by train()
         k, momentum = cfg.head.out_dim, cfg.loss.center_momentum
         self.centers = nn.ModuleDict({name: Centering(k, momentum) for name in ("cls", "patch", "transcript")})
         temp = cfg.loss.student_temp
         self.dino_loss, self.ibot_loss = DINOLoss(temp), iBOTLoss(temp)
         self.koleo_loss, self.expression_loss = KoLeoLoss(), MaskedExpressionLoss()
+
+    def train(self, mode: bool = True) -> "SSLMetaArch":
+        """Only the student follows ``mode``: the teacher always computes deterministic targets."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
 
     def sequence_lengths(self, batch: SSLBatch) -> dict[str, torch.Tensor]:
         """Tokens per sequence of each forward pass of a step (for throughput and FLOP counts)."""

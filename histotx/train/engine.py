@@ -7,10 +7,17 @@ everything is fp32. Keeping the weights fp32 means the EMA reads the very values
 wrote, under ZeRO 0/1/2 without any communication.
 
 Parameter groups (DINOv2's rules, with continued pretraining in mind): backbone lr × layer_decay^(depth
-+ 1 − layer) and × patch_embed_lr_mult for the patch embedding; the transcript tokenizer and the heads,
-which no checkpoint provides, × new_module_lr_mult; no weight decay on biases, norms, LayerScale,
-tokens and the position embedding; the DINO prototypes in groups of their own whose lr the schedule
-holds at 0 while the last layer is frozen. Each group carries ``lr_mult``, ``wd_mult`` and
++ 1 − layer) and × patch_embed_lr_mult for the patch embedding; the modules no image checkpoint
+provides (the image mask token, the transcript tokenizer with its mask token, the heads) × new_module_lr_mult,
+without layer decay; the DINO prototypes in groups of their own whose lr the schedule holds at 0 while
+the last layer is frozen.
+
+Weight decay. DINOv2 exempts biases, norms and LayerScale (``.bias``, ``norm``, ``gamma`` in the name)
+and decays everything else, its cls/register/mask tokens and position embedding included. HistoTx
+exempts every tensor of at most one dimension (biases, norms, LayerScale, the transcript branch's
+modality and mask vectors, the DINO heads' biases) and, as timm/BEiT do, the cls and register tokens,
+the position embedding and the image mask token (:meth:`FusedViT.no_weight_decay`): continued
+pretraining should not shrink the position embedding and tokens a checkpoint brings. Each group carries ``lr_mult``, ``wd_mult`` and
 ``last_layer``; :func:`apply_schedule` turns a step's schedule values into every group's lr and decay.
 """
 from __future__ import annotations
@@ -30,7 +37,7 @@ from histotx.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-NEW_MODULE_PREFIXES = ("backbone.transcript.", "dino_head.", "ibot_head.", "expression_head.")
+NEW_MODULE_PREFIXES = ("backbone.mask_token", "backbone.transcript.", "dino_head.", "ibot_head.", "expression_head.")
 
 
 def _free_port() -> int:

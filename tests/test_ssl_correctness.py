@@ -1,0 +1,80 @@
+"""Training-correctness fixes of issue 9: a deterministic teacher, fp32 head outputs, views without
+tokens, the panel-aware expression loss and the new modules' learning rate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from histotx.data.augment import MultiCrop, TileViews
+from histotx.data.collate import SSLCollate
+from histotx.data.loader import build_loader
+from histotx.format import TranscriptGrid
+from histotx.ssl.heads import DINOHead
+from histotx.train.engine import param_groups
+from shardkit import tile_sample, write_shard_set
+from test_train_units import config, meta_arch, ssl_batch
+
+
+def test_teacher_is_deterministic_in_training_mode_with_drop_path():
+    cfg = config("model.drop_path_rate=0.5")
+    meta = meta_arch(cfg).train()
+    batch = ssl_batch(cfg)
+    first, second = meta.teacher.teacher_logits(batch), meta.teacher.teacher_logits(batch)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert not any(m.training for m in meta.teacher.modules())  # no dropout of any kind either
+    with torch.no_grad():  # the student still drops paths
+        assert not torch.equal(meta.student(batch)["cls_logits"], meta.student(batch)["cls_logits"])
+
+
+def test_head_outputs_are_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = DINOHead(32, 256, 64, 16)
+    x = torch.randn(40, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+        hidden = head.mlp(x)  # the MLP itself may run in bf16
+    assert out.dtype == torch.float32
+    z = F.normalize(hidden.double(), dim=-1)
+    reference = z @ head.last_layer.weight.double().t()  # the prototype layer in exact arithmetic
+    assert (out.double() - reference).abs().max().item() < 1e-4
+
+    cfg = config()
+    meta = meta_arch(cfg)
+    batch = ssl_batch(cfg, p_image_only=0.0, p_transcripts_only=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student = meta.student(batch)
+        teacher = meta.teacher.teacher_logits(batch)
+    for name in ("cls_logits", "patch_logits", "transcript_logits", "expression_logits"):
+        assert student[name].dtype == torch.float32, name
+    assert all(v.dtype == torch.float32 for v in teacher.values())
+
+
+def _views_with_empty_crops(cfg, n=4):
+    """Tiles whose sites all sit in one corner; the last tile's local crops and second global crop are
+    given no sites, so under transcripts-only they hold no token at all."""
+    rng = np.random.default_rng(0)
+    crop = MultiCrop(cfg.data.augment)
+    out = []
+    for i in range(n):
+        views = crop(tile_sample(rng, "s", i, tile_px=48), np.random.default_rng([0, i]))
+        if i == n - 1:
+            for v in views.locals + views.globals[1:]:
+                v.grid = TranscriptGrid.empty(55.0, "disk")
+        out.append(TileViews(views.key, views.globals, views.locals))
+    return out
+
+
+def test_new_modules_get_the_full_learning_rate():
+    cfg = config("optim.layer_decay=0.5", "optim.new_module_lr_mult=1.0")
+    network = meta_arch(cfg).student
+    of = {id(p): g for g in param_groups(network, cfg) for p in g["params"]}
+    named = dict(network.named_parameters())
+    for name in ("backbone.mask_token", "backbone.transcript.mask_token", "backbone.transcript.gene_embed.weight",
+                 "dino_head.mlp.0.weight", "expression_head.weight"):
+        assert of[id(named[name])]["lr_mult"] == 1.0, name
+    assert of[id(named["backbone.cls_token"])]["lr_mult"] == pytest.approx(0.5 ** 3)  # from the checkpoint
