@@ -7,7 +7,10 @@ Sources (all local, nothing is downloaded):
   (``vit_large_patch16_224``), H-optimus-0 (``vit_giant_patch14_reg4_dinov2``), Virchow2
   (``vit_huge_patch14_224`` with 4 registers and a SwiGLUPacked MLP);
 - a timm model name plus a weights file (``weights=``) and the model's kwargs (``model_args=``);
-- a transformers folder of a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (Phikon-v2).
+- a transformers folder of a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (Phikon-v2);
+- a HistoTx export (``histotx export``): its Hugging Face folder (``config.json`` with ``model_type``
+  ``histotx``) or its own folder (``teacher.safetensors`` + ``model_config.yaml``). These hold the whole
+  FusedViT, transcript branch included, and load with it.
 
 The architecture is read from the checkpoint itself: timm's model is instantiated on the meta device
 (no memory, no weights) to learn heads, patch size, registers and the position-embedding layout, and
@@ -44,6 +47,10 @@ transformers Dinov2                                        FusedViT
 ``layernorm``                                              ``norm``
 =========================================================  ==============================
 
+The key map of each format that HistoTx writes is one adapter with pure ``to_target`` /
+``from_target`` functions (:class:`TimmAdapter`, :class:`HFAdapter`), used both by the writer
+(``save_timm``, :mod:`histotx.export`) and by the reader here.
+
 Folding the CLS / register position rows into the tokens is exact: those tokens always sit at the
 same place. Every load returns a :class:`~histotx.model.fused.LoadReport` and fails unless all of
 the blocks' tensors load with their shapes (a silent non-strict load is the known failure mode).
@@ -61,7 +68,7 @@ from pathlib import Path
 import torch
 
 from histotx.format import atomic_write_bytes, atomic_write_json
-from histotx.model.fused import PRESETS, FusedViT, FusedViTConfig, LoadReport, ModelConfigError
+from histotx.model.fused import BACKBONE_KEYS, PRESETS, FusedViT, FusedViTConfig, LoadReport, ModelConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,6 +79,62 @@ ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp", "
 
 TIMM_EXPORT_ARCHITECTURE = {"mlp": "vit_base_patch16_224", "swiglu": "vit_giant_patch14_dinov2"}
 """Base timm names for :func:`save_timm`; ``model_args`` override every size, these fix the MLP kind."""
+
+HISTOTX_MODEL_TYPE = "histotx"
+"""``model_type`` of the Hugging Face export's config.json."""
+HF_CONFIG_KEY = "fused_vit"
+"""The config.json entry holding the exported model's resolved :class:`FusedViTConfig`."""
+HF_PREPROCESSOR = "preprocessor_config.json"
+NATIVE_WEIGHTS, NATIVE_CONFIG, NATIVE_META = "teacher.safetensors", "model_config.yaml", "export.json"
+"""HistoTx's own export folder: FusedViT weights, its config (as training writes it), and preprocessing."""
+BUILD_FIELDS = ARCHITECTURE_FIELDS + ("img_size", "in_chans", "init_values", "vocab_size", "gene_dim")
+"""Fields a HistoTx export fixes: the architecture, the transcript branch and the stored position grid."""
+
+
+class TimmAdapter:
+    """FusedViT ↔ timm ``VisionTransformer``. FusedViT's backbone already uses timm's names in the
+    ``no_embed_class`` layout; timm models without it carry position rows for CLS / registers, which
+    are folded into those tokens (exact: they always sit at the same place)."""
+
+    @staticmethod
+    def to_target(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """FusedViT state → timm state (``no_embed_class=True``): the image backbone's tensors."""
+        return {k: v for k, v in state.items() if k.startswith(BACKBONE_KEYS)}
+
+    @staticmethod
+    def from_target(state: dict[str, torch.Tensor], embed_class: bool, n_registers: int
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """timm state → (FusedViT backbone state, dropped head keys). ``embed_class``: the timm model
+        adds position rows to CLS and registers (``no_embed_class=False``)."""
+        state = dict(state)
+        dropped = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
+        for k in dropped:
+            state.pop(k)
+        if embed_class and "pos_embed" in state:
+            n_prefix = 1 + n_registers
+            pos = state["pos_embed"]
+            state["cls_token"] = state["cls_token"] + pos[:, :1]
+            if n_registers:
+                state["reg_token"] = state["reg_token"] + pos[:, 1:n_prefix]
+            state["pos_embed"] = pos[:, n_prefix:]
+        return state, dropped
+
+
+class HFAdapter:
+    """FusedViT ↔ the Hugging Face export's ``HistoTxModel``, which holds the FusedViT as ``backbone``."""
+
+    PREFIX = "backbone."
+
+    @staticmethod
+    def to_target(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {HFAdapter.PREFIX + k: v for k, v in state.items()}
+
+    @staticmethod
+    def from_target(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        other = sorted(k for k in state if not k.startswith(HFAdapter.PREFIX))
+        if other:
+            raise ModelConfigError(f"HistoTx HF weights hold keys outside {HFAdapter.PREFIX!r}: {other[:6]}")
+        return {k[len(HFAdapter.PREFIX):]: v for k, v in state.items()}
 
 
 @dataclass
@@ -110,20 +173,27 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def read_checkpoint(
     source: str | Path, weights: str | Path | None = None, model_args: dict | None = None
 ) -> Checkpoint:
-    """Read a timm hub folder, a transformers Dinov2 folder, or a timm name + ``weights`` file."""
+    """Read a timm hub folder, a transformers Dinov2 folder, a HistoTx export (Hugging Face or
+    HistoTx folder), or a timm name + ``weights`` file."""
     path = Path(source)
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.exists():
-            raise ModelConfigError(f"{path}: no config.json; expected a timm or transformers model folder")
+            if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_WEIGHTS).is_file():
+                return _from_histotx_native(path)
+            raise ModelConfigError(f"{path}: no config.json (nor {NATIVE_CONFIG} + {NATIVE_WEIGHTS}); expected a "
+                                   "timm, transformers or HistoTx export folder")
         hub = json.loads(config_path.read_text())
         state = read_weights(weights or path)
         if "architecture" in hub:
             args = {**hub.get("model_args", {}), **(model_args or {})}
             return _from_timm(str(path), hub["architecture"], args, state, hub.get("pretrained_cfg", {}))
+        if hub.get("model_type") == HISTOTX_MODEL_TYPE:
+            return _from_histotx_hf(path, hub, state)
         if str(hub.get("model_type", "")).startswith("dinov2"):
             return _from_dinov2(path, state)
-        raise ModelConfigError(f"{config_path}: neither a timm config (no 'architecture') nor a Dinov2 config")
+        raise ModelConfigError(f"{config_path}: neither a timm config (no 'architecture'), a HistoTx export "
+                               "nor a Dinov2 config")
     if weights is None:
         raise ModelConfigError(f"{source}: not a folder; a timm model name needs weights=<file>")
     return _from_timm(f"{source} ({weights})", str(source), dict(model_args or {}), read_weights(weights), {})
@@ -195,22 +265,42 @@ def _from_timm(source: str, architecture: str, args: dict, state: dict, pretrain
         init_values=block.ls1.init_values if isinstance(block.ls1, LayerScale) else None, norm_eps=ref.norm.eps,
     )
 
-    state = dict(state)
-    dropped = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
-    for k in dropped:
-        state.pop(k)
-    if not ref.no_embed_class and "pos_embed" in state:
-        n_prefix = ref.num_prefix_tokens
-        pos = state["pos_embed"]
-        state["cls_token"] = state["cls_token"] + pos[:, :1]
-        if ref.num_reg_tokens:
-            state["reg_token"] = state["reg_token"] + pos[:, 1:n_prefix]
-        state["pos_embed"] = pos[:, n_prefix:]
+    state, dropped = TimmAdapter.from_target(state, not ref.no_embed_class, ref.num_reg_tokens)
     pos_rows = state["pos_embed"].shape[1] if "pos_embed" in state else 0
     pos_grid = grid if pos_rows == grid[0] * grid[1] else None
     mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
     return Checkpoint(source, state, config, pos_grid, dropped,
                       tuple(mean) if mean else None, tuple(std) if std else None)
+
+
+def _from_histotx(source: str, fields: dict, state: dict, mean, std) -> Checkpoint:
+    missing = [k for k in BUILD_FIELDS if k not in fields]
+    if missing:
+        raise ModelConfigError(f"{source}: the model config lacks {missing}")
+    config = {k: fields[k] for k in BUILD_FIELDS}
+    side = config["img_size"] // config["patch_size"]
+    return Checkpoint(source, state, config, (side, side), [], tuple(mean) if mean else None,
+                      tuple(std) if std else None)
+
+
+def _from_histotx_hf(path: Path, hub: dict, state: dict) -> Checkpoint:
+    if HF_CONFIG_KEY not in hub:
+        raise ModelConfigError(f"{path}/config.json: model_type {HISTOTX_MODEL_TYPE!r} without {HF_CONFIG_KEY!r}")
+    pre = path / HF_PREPROCESSOR
+    pre = json.loads(pre.read_text()) if pre.is_file() else {}
+    return _from_histotx(str(path), hub[HF_CONFIG_KEY], HFAdapter.from_target(state), pre.get("image_mean"),
+                         pre.get("image_std"))
+
+
+def _from_histotx_native(path: Path) -> Checkpoint:
+    import yaml
+
+    fields = yaml.safe_load((path / NATIVE_CONFIG).read_text())
+    if not isinstance(fields, dict):
+        raise ModelConfigError(f"{path / NATIVE_CONFIG}: expected a mapping of model config fields")
+    meta = path / NATIVE_META
+    meta = json.loads(meta.read_text()) if meta.is_file() else {}
+    return _from_histotx(str(path), fields, read_weights(path / NATIVE_WEIGHTS), meta.get("mean"), meta.get("std"))
 
 
 _DINOV2_RENAMES = [
@@ -290,7 +380,28 @@ def _from_dinov2(path: Path, state: dict) -> Checkpoint:
 
 
 def _load(model: FusedViT, ckpt: Checkpoint, strict: bool) -> LoadReport:
-    report = model.load_image_backbone_state_dict(ckpt.state_dict, ckpt.pos_grid_hw, ckpt.source, strict)
+    """The image backbone (position grid resized if needed), then a HistoTx export's transcript branch."""
+    prefix = "transcript."
+    image = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(prefix)}
+    tokenizer = {k[len(prefix):]: v for k, v in ckpt.state_dict.items() if k.startswith(prefix)}
+    report = model.load_image_backbone_state_dict(image, ckpt.pos_grid_hw, ckpt.source, strict)
+    if tokenizer and model.transcript is None:
+        if strict:
+            raise ModelConfigError(f"{ckpt.source}: the checkpoint has a transcript branch, the model none "
+                                   "(model.vocab_size is 0)")
+        report.unexpected += sorted(prefix + k for k in tokenizer)
+    elif tokenizer:
+        own = model.transcript.state_dict()
+        wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in tokenizer.items()
+                 if k in own and v.shape != own[k].shape]
+        if wrong:
+            raise ModelConfigError(f"{ckpt.source}: the transcript branch does not fit ({'; '.join(wrong)}); set "
+                                   f"model.vocab_size={ckpt.config.get('vocab_size')} and gene_dim as exported")
+        try:
+            model.transcript.load_state_dict(tokenizer, strict=True)
+        except RuntimeError as exc:
+            raise ModelConfigError(f"{ckpt.source}: the transcript branch did not load: {exc}") from exc
+        report.loaded = sorted(report.loaded + [prefix + k for k in tokenizer])
     report.unexpected = sorted(report.unexpected + ckpt.dropped)
     report.image_mean, report.image_std = ckpt.image_mean, ckpt.image_std
     return report
@@ -374,7 +485,7 @@ def save_timm(
             "classifier": "head",
         },
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.image_backbone_state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in TimmAdapter.to_target(model.state_dict()).items()}
     atomic_write_bytes(folder / "model.safetensors", save(tensors, metadata={"format": "pt"}))
     atomic_write_json(folder / "config.json", hub)
     return folder

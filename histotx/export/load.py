@@ -1,0 +1,102 @@
+"""``load_model(source)``: the teacher backbone of any HistoTx artefact, ready to embed with.
+
+Sources: a run folder (its ``latest`` checkpoint) or one checkpoint folder, of any ZeRO stage; a
+HistoTx export folder; the Hugging Face folder of an export; the timm folder of an export (image
+backbone only, no genes). No DeepSpeed engine, process group or GPU is needed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from histotx.format import VOCAB_NAME
+from histotx.model import FusedViT
+from histotx.model.pretrained import (HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, NATIVE_CONFIG, NATIVE_WEIGHTS,
+                                      load_pretrained)
+from histotx.vocab import Vocab
+
+
+@dataclass
+class LoadedModel:
+    """A backbone in eval mode and what feeding it needs: transcript gene id i ↔ ``genes[i]``, input tiles
+    at ``mpp`` µm/px, ``image_size`` px, normalised by ``mean`` / ``std``."""
+
+    model: FusedViT
+    genes: list[str]
+    mpp: float
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    name: str
+
+
+def _genes(folder: Path) -> list[str]:
+    path = folder / VOCAB_NAME
+    if not path.is_file():
+        return []
+    vocab = Vocab.load(path)
+    return [vocab.name(i) for i in range(len(vocab))]
+
+
+def _triple(values) -> tuple[float, float, float]:
+    return tuple(float(v) for v in values)
+
+
+def source_kind(path: Path) -> str:
+    """``hf``, ``timm``, ``native`` (a HistoTx export folder) or ``run`` (a run or checkpoint folder)."""
+    config = path / "config.json"
+    if config.is_file():
+        hub = json.loads(config.read_text())
+        if hub.get("model_type") == HISTOTX_MODEL_TYPE:
+            return "hf"
+        if "architecture" in hub:
+            return "timm"
+        raise ValueError(f"{config}: neither a HistoTx Hugging Face export nor a timm folder")
+    if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_WEIGHTS).is_file():
+        return "native"
+    return "run"
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu", shards: str | Path | None = None
+               ) -> LoadedModel:
+    """The teacher backbone of ``source`` (see the module docstring), in eval mode on ``device``.
+    ``shards``: a run's shard set when it is no longer where the run's config says."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model folder, run or checkpoint")
+    kind = source_kind(path)
+    if kind == "run":
+        from histotx.export.source import read_teacher
+
+        teacher = read_teacher(path, shards)
+        model = FusedViT(teacher.config)
+        model.load_state_dict(teacher.state, strict=True)
+        loaded = LoadedModel(model, teacher.genes, teacher.mpp, teacher.image_size, teacher.mean, teacher.std,
+                             teacher.name)
+    else:
+        model, _ = load_pretrained(path)
+        if kind == "native":
+            from histotx.export.native import read_meta
+
+            meta = read_meta(path)
+            loaded = LoadedModel(model, _genes(path), float(meta["mpp"]), int(meta["image_size"]),
+                                 _triple(meta["mean"]), _triple(meta["std"]), str(meta["name"]))
+        elif kind == "hf":
+            from histotx.export.hf import MPP_KEY
+
+            pre = json.loads((path / HF_PREPROCESSOR).read_text())
+            loaded = LoadedModel(model, _genes(path), float(pre[MPP_KEY]), int(pre["size"]["height"]),
+                                 _triple(pre["image_mean"]), _triple(pre["image_std"]), path.name)
+        else:  # timm: the image backbone alone
+            from histotx.export.timm_hub import HISTOTX_KEY
+
+            hub = json.loads((path / "config.json").read_text())
+            extra, pre = hub.get(HISTOTX_KEY, {}), hub["pretrained_cfg"]
+            loaded = LoadedModel(model, [], float(extra.get("mpp", math.nan)), int(pre["input_size"][-1]),
+                                 _triple(pre["mean"]), _triple(pre["std"]), path.name)
+    loaded.model.to(device).eval()
+    return loaded

@@ -1,0 +1,98 @@
+"""The teacher of a training run, read from its checkpoint without DeepSpeed, a process group or a GPU.
+
+A checkpoint (:mod:`histotx.train.checkpoint`) keeps the teacher whole in ``teacher.safetensors``,
+written by rank 0 whatever the ZeRO stage: the teacher is an fp32 EMA copy outside the DeepSpeed
+engine, never partitioned. DeepSpeed's own files hold only the student and the optimiser, so they
+are not read here. What using the teacher needs besides its weights comes from the run's resolved
+config (``trainer.json``) and its shard set: the gene vocabulary (``vocab.tsv``), the tiles' µm/px and
+the cohort (``manifest.json``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from histotx.config import from_dict
+from histotx.format import MANIFEST_NAME, VOCAB_NAME, read_manifest
+from histotx.model import FusedViTConfig
+from histotx.train import checkpoint
+from histotx.train.config import TrainConfig
+from histotx.vocab import Vocab
+
+TEACHER_BACKBONE = "teacher.backbone."
+"""Prefix of the teacher backbone's tensors in a checkpoint's ``teacher.safetensors``."""
+
+
+@dataclass
+class Teacher:
+    """A run's teacher backbone and what using it needs besides its weights."""
+
+    state: dict[str, torch.Tensor]  # FusedViT keys, fp32
+    config: FusedViTConfig
+    train_config: dict[str, Any]  # the run's resolved config, as trainer.json holds it
+    vocab: Vocab
+    manifest: dict[str, Any]  # the shard set's manifest (cohort, tiling)
+    checkpoint: Path
+    step: int
+
+    @property
+    def genes(self) -> list[str]:
+        return [self.vocab.name(i) for i in range(len(self.vocab))]
+
+    @property
+    def mpp(self) -> float:
+        return float(self.manifest["config"]["mpp"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_config["data"]["augment"]["global_crop_size"])
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.train_config["data"]["augment"]["mean"])
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.train_config["data"]["augment"]["std"])
+
+    @property
+    def name(self) -> str:
+        run = self.checkpoint.parent.parent if self.checkpoint.parent.name == "checkpoints" else self.checkpoint.parent
+        return f"{run.name}@{self.checkpoint.name}"
+
+
+def find_checkpoint(source: str | Path) -> Path:
+    """A complete checkpoint folder: ``source`` itself, or the newest (``latest``) of a run folder."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run or checkpoint folder")
+    return checkpoint.resolve(str(path), path / "checkpoints")
+
+
+def read_teacher(source: str | Path, shards: str | Path | None = None) -> Teacher:
+    """The teacher of a run folder (its newest complete checkpoint) or of one checkpoint folder.
+    ``shards`` replaces the run's ``data.stream.shards`` (e.g. when the run was moved)."""
+    from safetensors.torch import load_file
+
+    path = find_checkpoint(source)
+    info = json.loads((path / checkpoint.COMPLETE).read_text())
+    if "config" not in info:
+        raise ValueError(f"{path / checkpoint.COMPLETE}: holds no resolved config; cannot rebuild the model")
+    cfg = from_dict(TrainConfig, info["config"], f"{path / checkpoint.COMPLETE}: config")
+    weights = path / checkpoint.TEACHER
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing; every complete checkpoint has it (is {path} a HistoTx one?)")
+    state = {k[len(TEACHER_BACKBONE):]: v for k, v in load_file(str(weights)).items() if k.startswith(TEACHER_BACKBONE)}
+    if not state:
+        raise ValueError(f"{weights}: no {TEACHER_BACKBONE}* tensors")
+    shard_dir = Path(shards or cfg.data.stream.shards)
+    if not (shard_dir / VOCAB_NAME).is_file() or not (shard_dir / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(f"{shard_dir}: the run's shard set (data.stream.shards) has no {VOCAB_NAME} + "
+                                f"{MANIFEST_NAME}; they name the genes and the µm/px of the model's input. "
+                                "Pass the shard folder explicitly (--shards DIR)")
+    return Teacher(state, cfg.model_config(), info["config"], Vocab.load(shard_dir / VOCAB_NAME),
+                   read_manifest(shard_dir), path, int(info["step"]))
