@@ -1,4 +1,10 @@
-"""SSL loss terms against hand-computed references (explicit loops, no shared helpers)."""
+"""SSL loss terms against hand-computed references (explicit loops, no shared helpers).
+
+The losses compute in fp32 whatever their input (by design: bf16 autocast upstream), the references in
+Python floats. An fp32 log-softmax of logits of magnitude M is exact to about eps32·M per entry, and
+the kernels that evaluate it differ between CPUs, so tolerances are derived from the inputs' magnitude
+(``fp32_tol``), not fixed constants that happen to pass on one machine.
+"""
 import math
 
 import pytest
@@ -6,6 +12,15 @@ import torch
 
 from histotx.ssl.centering import Centering, sinkhorn_knopp
 from histotx.ssl.losses import DINOLoss, KoLeoLoss, MaskedExpressionLoss, iBOTLoss
+
+
+EPS32 = 2.0 ** -23
+
+
+def fp32_tol(magnitude: float, terms: int = 1) -> float:
+    """Absolute error bound, with a safety factor of 8, of an fp32 sum of ``terms`` log-probabilities of
+    logits whose magnitude (after the temperature) is at most ``magnitude``."""
+    return 8 * EPS32 * max(magnitude, 1.0) * terms
 
 
 def _softmax(row, temp):
@@ -33,7 +48,7 @@ def test_dino_loss_equals_cross_entropy_of_hand_softmaxes():
             total += sum(_ce(teacher[t, b].tolist(), student[s, b].tolist(), 0.1) for b in range(batch)) / batch
             pairs += 1
     assert pairs == 2 * 5 - 2
-    assert got == pytest.approx(total / pairs, rel=1e-5)
+    assert got == pytest.approx(total / pairs, abs=fp32_tol(float(student.abs().max()) / 0.1, k))
 
 
 def test_dino_loss_rejects_unpaired_crops():
@@ -50,7 +65,7 @@ def test_ibot_loss_weights_each_crop_equally():
     got = iBOTLoss(0.1)(student, teacher, crop_index, n_crops=3).item()
     ce = [_ce(teacher[i].tolist(), student[i].tolist(), 0.1) for i in range(4)]
     expected = ((ce[0] + ce[1] + ce[2]) / 3 + ce[3]) / 3
-    assert got == pytest.approx(expected, rel=1e-6)
+    assert got == pytest.approx(expected, abs=fp32_tol(float(student.abs().max()) / 0.1, k))
 
 
 def test_ibot_loss_without_masked_tokens_is_a_connected_zero():
@@ -65,7 +80,7 @@ def test_koleo_matches_nearest_neighbour_log_distance():
     got = KoLeoLoss(eps=0.0)(x).item()
     d01, d02, d12 = math.sqrt(2), math.dist([1, 0], [0.6, 0.8]), math.dist([0, 1], [0.6, 0.8])
     expected = -(math.log(min(d01, d02)) + math.log(min(d01, d12)) + math.log(min(d02, d12))) / 3
-    assert got == pytest.approx(expected, rel=1e-5)
+    assert got == pytest.approx(expected, abs=fp32_tol(1.0, 3))  # unit vectors: log-distances O(1)
 
 
 def test_koleo_finite_with_duplicates_and_tiny_batches():
@@ -92,7 +107,7 @@ def test_masked_expression_is_multinomial_nll_over_measured_genes():
     l0 = logsm(logits[0].tolist(), panel.tolist())
     l2 = logsm(logits[2].tolist(), panel.tolist())
     expected = (-(0.75 * l0[0] + 0.25 * l0[2]) + -(1.0 * l2[1])) / 2
-    assert got == pytest.approx(expected, rel=1e-6)  # computed in fp32
+    assert got == pytest.approx(expected, abs=fp32_tol(float(logits.abs().max()), 4))  # computed in fp32
 
 
 def test_centering_softmax_and_momentum_update():
@@ -126,4 +141,6 @@ def test_sinkhorn_matches_the_classic_iteration():
         q /= q.sum(dim=0, keepdim=True)
         q /= 10
     expected = (q * 10).t()
-    assert torch.allclose(sinkhorn_knopp(logits, temp), expected.float(), atol=1e-6)
+    # fp32 log-domain iterations: each of the 2·3 normalisations rounds log q at eps32·max|logits / T|
+    tol = 6 * fp32_tol(float(logits.abs().max()) / temp)
+    torch.testing.assert_close(sinkhorn_knopp(logits, temp).double(), expected, atol=tol, rtol=tol)
