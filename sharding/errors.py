@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 
+class OutputError(ValueError):
+    """The run cannot write its output (folder locked by another run, disk full, file-size limit): the run
+    stops with this one clear line (``histotx`` prints ValueErrors without a traceback) and a rerun resumes."""
+
+
 class InputError(Exception):
     """Bad input for one sample. ``str()`` reads ``<path>: <problem>``."""
 

@@ -23,14 +23,14 @@ from histotx.format import VOCAB_NAME, TileSample, TranscriptGrid, encode_image_
 from histotx.vocab import Vocab
 from sharding.cohort import Cohort, CohortSample, load_cohort, patient_warning
 from sharding.config import ShardConfig
-from sharding.errors import InputError
+from sharding.errors import InputError, OutputError
 from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
 from sharding.sites import Sites
 from sharding.slides import Slide
 from sharding.tiles import assign_sites, plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
 from sharding.tissue import TissueMap, tissue_mask
 from sharding.writer import (
-    ShardSink, assemble_manifest, clear_sample, load_done, part_manifest_name, write_done,
+    OutputLock, ShardSink, assemble_manifest, clear_sample, load_done, out_of_space, part_manifest_name, write_done,
 )
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,16 @@ def _failure(sample_id: str, technology: str, exc: BaseException) -> dict[str, A
     return {"sample": sample_id, "status": "failed", "technology": technology, "error": message, "tiles": 0}
 
 
+def _fail_or_stop(out_dir: Path, sample: CohortSample, exc: Exception) -> dict[str, Any]:
+    """The failure record of a sample, or an OutputError stopping the run when the disk (not the sample)
+    is the problem: such a sample is not recorded at all, so the rerun does it."""
+    clear_sample(out_dir, sample.id)
+    stop = out_of_space(exc, out_dir)
+    if stop is not None:
+        raise stop from exc
+    return _failure(sample.id, sample.technology, exc)
+
+
 def _worker(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: str) -> dict[str, Any]:
     """Runs in a worker process: loads the vocabulary the parent wrote, shards one sample."""
     out = Path(out_dir)
@@ -214,17 +224,30 @@ def _worker(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: str
         record = shard_sample(sample, cohort, cfg, out, Vocab.load(out / VOCAB_NAME))
         write_done(out, record)
         return record
-    except Exception as exc:  # one bad sample never stops the cohort
-        clear_sample(out, sample.id)
-        return _failure(sample.id, sample.technology, exc)
+    except Exception as exc:  # one bad sample never stops the cohort (a full disk does)
+        return _fail_or_stop(out, sample, exc)
 
 
 def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int = 1, part: Part = Part(),
                vocab_from: Path | None = None,
                progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Shard (this part of) a cohort into ``out_dir``; resumes what an earlier run finished."""
+    """Shard (this part of) a cohort into ``out_dir``; resumes what an earlier run finished.
+
+    Holds the folder's lock (a second run on it refuses); a full disk stops the run with an OutputError."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out_dir, part.index, part.count):
+        try:
+            return _run_locked(cohort_path, out_dir, cfg, workers, part, vocab_from, progress)
+        except OSError as exc:
+            stop = out_of_space(exc, out_dir)
+            if stop is None:
+                raise
+            raise stop from exc
+
+
+def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int, part: Part,
+                vocab_from: Path | None, progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     cohort = load_cohort(cohort_path)
     if message := patient_warning(cohort):
         log.warning(message)
@@ -263,8 +286,7 @@ def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int 
                 record = shard_sample(sample, cohort, cfg, out_dir, vocab)
                 write_done(out_dir, record)
             except Exception as exc:
-                clear_sample(out_dir, sample.id)
-                record = _failure(sample.id, sample.technology, exc)
+                record = _fail_or_stop(out_dir, sample, exc)
             finish(record)
     elif todo:
         env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -279,6 +301,9 @@ def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int 
                 sample = futures[fut]
                 try:
                     finish(fut.result())
+                except OutputError:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
                 except BrokenProcessPool as exc:
                     finish(_failure(sample.id, sample.technology,
                                     RuntimeError(f"worker process died while sharding {sample.id}: {exc}")))

@@ -5,13 +5,20 @@ renamed when complete. When all of a sample's shards are in place, ``.done/{samp
 them (atomically). A rerun skips samples whose record and shards are intact and redoes the others
 from scratch after removing their leftovers; since tiling is deterministic, a run killed at any
 point and rerun yields exactly the tiles of an uninterrupted run, none lost, none twice.
+
+A run holds a lock file in its folder (:class:`OutputLock`, owner host and pid) so a second run on the
+same folder refuses to start; a write that fails for lack of space (disk full, quota, file-size limit)
+stops the run with an :class:`~sharding.errors.OutputError` and leaves no partial shard behind.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ from histotx.format import (
     TileSample,
     write_manifest,
 )
+from sharding.errors import OutputError
 
 DONE_DIR = ".done"
 _FAULT_ENV = "HISTOTX_FAULT_AFTER_TILES"  # fault injection for the crash tests: SIGKILL self after N tiles
@@ -89,9 +97,12 @@ class ShardSink:
         return self.shards
 
     def abort(self) -> None:
+        """Drop the shard being written; never raises over the error that caused the abort."""
         if self._writer is not None:
             try:
                 self._writer.close()
+            except OSError:  # e.g. the final flush hits the same full disk
+                pass
             finally:
                 Path(self._tmp).unlink(missing_ok=True)
                 self._writer = self._fh = None
@@ -135,6 +146,100 @@ def clear_sample(out_dir: Path, sample_id: str) -> int:
     return removed
 
 
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file larger than the file-size limit (ulimit -f)"}
+
+
+def out_of_space(exc: BaseException, out_dir: Path) -> OutputError | None:
+    """The clear error for a write that failed for lack of space, or None for any other failure."""
+    if not isinstance(exc, OSError) or exc.errno not in _NO_SPACE:
+        return None
+    where = exc.filename or out_dir
+    return OutputError(f"{where}: cannot write: {_NO_SPACE[exc.errno]}. Samples finished so far are kept, the "
+                       f"one being written was removed; free space (or raise the limit) and run the same command "
+                       f"again: it resumes where it stopped")
+
+
+class OutputLock:
+    """One ``histotx shard run`` (or one part of a split run) at a time per output folder.
+
+    The lock file ``.lock`` (``.lock.part-IIII-of-NNNN`` for a part) holds the owner's host, pid and start
+    time, created with O_EXCL. A whole-folder run conflicts with every other run on the folder, a part only
+    with the same part and whole-folder runs. A lock left by a dead process on this host is taken over; one
+    from another host must be removed by hand (the message says which file).
+    """
+
+    def __init__(self, out_dir: Path, part: int = 0, n_parts: int = 1) -> None:
+        self.out_dir = Path(out_dir)
+        self.name = ".lock" if n_parts == 1 else f".lock.part-{part:04d}-of-{n_parts:04d}"
+        self.path = self.out_dir / self.name
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+    def _conflicts(self) -> list[Path]:
+        if self.name == ".lock":
+            return sorted(p for p in self.out_dir.glob(".lock*") if p.name != self.name)
+        return [self.out_dir / ".lock"]
+
+    @staticmethod
+    def _stale(path: Path) -> bool:
+        try:
+            owner = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False  # being written right now, or not ours to judge
+        if owner.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return False
+
+    def _refuse(self, path: Path) -> OutputError:
+        try:
+            owner = json.loads(path.read_text())
+            who = (f"process {owner.get('pid')} on host {owner.get('host')}, started "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}")
+        except (OSError, ValueError):
+            who = "another run"
+        return OutputError(f"{self.out_dir}: {who} is already writing here (lock file {path}); wait for it to "
+                           f"finish, or if no such process is alive, delete {path} and run again")
+
+    def acquire(self) -> "OutputLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._stale(self.path):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise self._refuse(self.path) from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.owner, fh)
+            break
+        else:
+            raise self._refuse(self.path)
+        for other in self._conflicts():
+            if other.exists() and not self._stale(other):
+                self.release()
+                raise self._refuse(other)
+        return self
+
+    def release(self) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def part_manifest_name(part: int, n_parts: int) -> str:
     return f"manifest.part-{part:04d}-of-{n_parts:04d}.json"
 
@@ -176,6 +281,6 @@ def merge_parts(out_dir: Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "ShardSink", "shard_name", "write_done", "load_done", "clear_sample", "assemble_manifest", "merge_parts",
+    "OutputLock", "out_of_space", "ShardSink", "shard_name", "write_done", "load_done", "clear_sample", "assemble_manifest", "merge_parts",
     "part_manifest_name", "MANIFEST_NAME",
 ]
