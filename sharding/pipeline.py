@@ -82,6 +82,18 @@ def _vocab_id(vocab: Vocab, symbol: str, ensembl_id: str) -> int:
     return -1 if idx is None else idx
 
 
+def _id_ranges(ids: np.ndarray) -> list[list[int]]:
+    """A sample's gene panel as half-open vocabulary id runs ``[[start, stop], ...]``: compact, since a
+    panel's genes were appended to the vocabulary together. Read by the training loader (the
+    masked-expression loss leaves genes outside a sample's panel out)."""
+    ids = np.unique(ids)
+    if ids.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(ids) > 1)
+    starts, stops = ids[np.r_[0, breaks + 1]], ids[np.r_[breaks, ids.size - 1]] + 1
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
+
+
 def _check_pixel_size(slide: Slide, sites: Sites, cfg: ShardConfig, warnings: list[str]) -> None:
     if sites.mpp_estimate is None or slide.mpp_source in ("data", "override"):
         return
@@ -190,6 +202,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             "sites_kept": n_kept, "dropped": dropped, "counts_kept": total_count,
             "footprint_um": sites.footprint_um if sites is not None else None,
             "panel": sites.panel if sites is not None else "", "warnings": warnings,
+            "gene_ranges": _id_ranges(gene_ids) if sites is not None else [],
             "seconds": round(time.time() - t0, 2), "shards": shards,
         }
         if sites is not None:

@@ -69,6 +69,54 @@ def _views_with_empty_crops(cfg, n=4):
     return out
 
 
+def test_views_without_tokens_are_dropped_from_every_loss_term_and_counted():
+    cfg = config("data.collate.p_transcripts_only=1.0", "data.collate.p_image_only=0.0")
+    meta = meta_arch(cfg)
+    data = cfg.data
+    batch = SSLCollate(data)(_views_with_empty_crops(cfg), np.random.default_rng(0))
+    b = batch.batch_size
+    n_global, n_local = 2, data.augment.local_crops_number
+    image = torch.cat([batch.student_global_image_present, batch.student_local_image_present])
+    tokens = torch.cat([batch.student_global_transcripts.lengths, batch.student_local_transcripts.lengths])
+    empty = ~image & (tokens == 0)  # [CLS, registers] only
+    expected = torch.zeros((n_global + n_local) * b, dtype=torch.bool)
+    expected[[b + b - 1] + [n_global * b + k * b + b - 1 for k in range(n_local)]] = True
+    assert torch.equal(empty, expected)
+
+    targets = meta.teacher_targets(batch, 0.04)
+    out = meta.student(batch)
+    for key in ("cls_logits", "cls_features"):
+        out[key].retain_grad()
+    losses = meta.losses(out, targets, batch)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert out["cls_logits"].grad[empty].abs().max().item() == 0.0
+    assert out["cls_features"].grad[empty[: n_global * b]].abs().max().item() == 0.0
+    assert out["cls_logits"].grad[~empty].abs().sum().item() > 0
+    assert batch.n_empty_views == n_local + 1  # what the metrics count
+
+
+def test_expression_loss_gives_no_gradient_to_genes_outside_the_sample_panel(tmp_path):
+    shards = write_shard_set(tmp_path / "shards", n_shards=2, per_shard=4, tile_px=48)
+    manifest_path = shards / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    # shardkit's tiles use genes 0..49; the vocabulary of the model holds 64
+    manifest["samples"]["s00"]["gene_ranges"] = [[0, 50]]
+    manifest["samples"]["s01"]["gene_ranges"] = [[0, 50], [60, 64]]
+    manifest_path.write_text(json.dumps(manifest))
+    cfg = config(f"data.stream.shards={shards}", "data.stream.batch_size=8", "data.stream.num_workers=0",
+                 "data.collate.p_image_only=0.0", "data.mask.transcript_mask_probability=1.0")
+    batch = next(iter(build_loader(cfg.data, rank=0, world_size=1)))
+    assert batch.transcript_mask.any()
+    meta = meta_arch(cfg)
+    out = meta.student(batch)
+    meta.losses(out, meta.teacher_targets(batch, 0.04), batch)["expression"].backward()
+    grad = meta.student.expression_head.bias.grad
+    assert {k.split("__")[0] for k in batch.keys} == {"s00", "s01"}
+    assert grad[50:60].abs().max().item() == 0.0  # in no sample's panel
+    assert grad[:50].abs().min().item() > 0 and grad[60:].abs().min().item() > 0  # measured (60.. by s01 only)
+
+
 def test_new_modules_get_the_full_learning_rate():
     cfg = config("optim.layer_decay=0.5", "optim.new_module_lr_mult=1.0")
     network = meta_arch(cfg).student
@@ -78,3 +126,4 @@ def test_new_modules_get_the_full_learning_rate():
                  "dino_head.mlp.0.weight", "expression_head.weight"):
         assert of[id(named[name])]["lr_mult"] == 1.0, name
     assert of[id(named["backbone.cls_token"])]["lr_mult"] == pytest.approx(0.5 ** 3)  # from the checkpoint
+

@@ -10,6 +10,7 @@ global crop, then all second ones), so a ``[2B, ...]`` output views as ``[2, B, 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,8 +18,10 @@ import torch
 from histotx.data.augment import TileViews, View
 from histotx.data.config import DataConfig
 from histotx.data.masking import image_masks, token_masks
+from histotx.format import VOCAB_NAME, read_manifest
 from histotx.model.transcripts import TranscriptBatch
 from histotx.tokens import TranscriptCells, bin_grid
+from histotx.vocab import Vocab
 
 BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY = 0, 1, 2
 """Per-sample modality codes of the student's input."""
@@ -43,10 +46,26 @@ class SSLBatch:
     modality: torch.Tensor  # [B] long: BOTH, IMAGE_ONLY or TRANSCRIPTS_ONLY
     resolution_um: float
     native: bool
+    gene_panel: torch.Tensor | None = None  # [B, V] bool: genes each sample measured (None: unknown, all)
 
     @property
     def batch_size(self) -> int:
         return len(self.keys)
+
+    def student_view_nonempty(self) -> torch.Tensor:
+        """``[(n_global + n_local)·B]`` bool in the order of the student's CLS outputs (global crops,
+        then local crops, crop-major): False for a view the student gets no token of — no image
+        (transcripts-only) and no site in the crop — whose output is [CLS, registers] only, the same
+        for every such view; the losses leave those views out."""
+        image, tokens = [self.student_global_image_present], [self.student_global_transcripts.lengths]
+        if self.local_images.shape[0]:
+            image.append(self.student_local_image_present)
+            tokens.append(self.student_local_transcripts.lengths)
+        return torch.cat(image) | (torch.cat(tokens) > 0)
+
+    @property
+    def n_empty_views(self) -> int:
+        return int((~self.student_view_nonempty()).sum())
 
     def teacher_inputs(self) -> dict:
         return {"images": self.global_images, "transcripts": self.teacher_transcripts}
@@ -86,12 +105,43 @@ def _shared_size(cells: list[TranscriptCells]) -> list[TranscriptCells]:
     return [c if c.resolution_um == size else TranscriptCells(c.xy, c.offsets, c.gene, c.weight, size) for c in cells]
 
 
+def read_panels(shards: str) -> tuple[dict[str, np.ndarray], int]:
+    """Each sample's measured genes (vocabulary ids) from the manifest's ``gene_ranges`` (half-open id
+    ranges, written by ``histotx shard``), and the width of a panel row (the shard vocabulary)."""
+    if not shards:
+        return {}, 0
+    samples = read_manifest(shards).get("samples", {})
+    panels = {sid: np.concatenate([np.zeros(0, np.int64)] + [np.arange(a, b) for a, b in rec["gene_ranges"]])
+              for sid, rec in samples.items() if rec.get("gene_ranges") is not None}
+    if not panels:
+        return {}, 0
+    vocab = Path(shards) / VOCAB_NAME
+    width = max([len(Vocab.load(vocab)) if vocab.is_file() else 0] + [int(g.max()) + 1 for g in panels.values() if g.size])
+    return panels, width
+
+
 class SSLCollate:
-    """The loader's per-batch collation (runs in the workers; all randomness from ``rng``)."""
+    """The loader's per-batch collation (runs in the workers; all randomness from ``rng``).
+
+    When the shard set's manifest records each sample's gene panel, the batch carries it
+    (``gene_panel``) so that the expression loss leaves unmeasured genes out; a sample without a
+    record counts as measuring every gene of the shard vocabulary."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         self.grid_hw = (cfg.augment.global_crop_size // cfg.mask.patch_size,) * 2
+        self.panels, self.panel_width = read_panels(cfg.stream.shards)
+
+    def gene_panel(self, keys: list[str]) -> torch.Tensor | None:
+        if not self.panels:
+            return None
+        out = np.ones((len(keys), self.panel_width), dtype=bool)
+        for row, key in zip(out, keys):
+            genes = self.panels.get(key.split("__")[0])  # keys are {sample}__{tile} (histotx.format.tile_key)
+            if genes is not None:
+                row[:] = False
+                row[genes] = True
+        return torch.from_numpy(out)
 
     def __call__(self, items: list[TileViews], rng: np.random.Generator) -> SSLBatch:
         c, m = self.cfg.collate, self.cfg.mask
@@ -146,4 +196,5 @@ class SSLCollate:
             modality=torch.from_numpy(modality.astype(np.int64)),
             resolution_um=size,
             native=native,
+            gene_panel=self.gene_panel([it.key for it in items]),
         )

@@ -27,19 +27,25 @@ class DINOLoss(nn.Module):
         super().__init__()
         self.student_temperature = student_temperature
 
-    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                student_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``student_valid`` ``[n_s, B]`` bool leaves out student crops (views without any token): the
+        mean runs over the remaining (teacher crop, other student crop, sample) triples."""
         n_s, batch, _ = student_logits.shape
         n_t = teacher_probs.shape[0]
         if n_t > n_s or teacher_probs.shape[1] != batch:
             raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher probabilities "
                              f"{tuple(teacher_probs.shape)} do not pair up (teacher crops must come first)")
         log_p = F.log_softmax(student_logits.float() / self.student_temperature, dim=-1)
-        ce = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), log_p) / batch  # [n_t, n_s]
-        same_view = torch.eye(n_t, n_s, dtype=torch.bool, device=ce.device)
-        n_pairs = n_t * n_s - n_t
-        if n_pairs == 0:
+        ce = -torch.einsum("tbk,sbk->tsb", teacher_probs.float(), log_p)  # [n_t, n_s, B]
+        weight = ~torch.eye(n_t, n_s, dtype=torch.bool, device=ce.device)[:, :, None]
+        if student_valid is not None:
+            weight = weight & student_valid.to(ce.device)[None]
+        weight = weight.expand_as(ce)
+        n_terms = int(weight.sum())
+        if n_terms == 0:
             return _zero_like_graph(student_logits)
-        return ce.masked_fill(same_view, 0.0).sum() / n_pairs
+        return ce.masked_fill(~weight, 0.0).sum() / n_terms
 
 
 class iBOTLoss(nn.Module):  # noqa: N801 (the method's name)
@@ -47,7 +53,7 @@ class iBOTLoss(nn.Module):  # noqa: N801 (the method's name)
 
     Each masked token's cross-entropy is weighted by 1 / (masked tokens of its crop), and the sum is
     divided by the number of crops, masked or not (as DINOv2 does): every crop weighs the same
-    whatever its mask size.
+    whatever its mask size. The caller counts the crops (views without any token do not count).
     """
 
     def __init__(self, student_temperature: float = 0.1) -> None:

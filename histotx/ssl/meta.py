@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from histotx.data.collate import SSLBatch
@@ -176,17 +177,22 @@ class SSLMetaArch(nn.Module):
         b = batch.batch_size
         n_global = targets.cls.shape[0] // b
         n_crops = out["cls_logits"].shape[0] // b
-        dino = self.dino_loss(out["cls_logits"].view(n_crops, b, -1), targets.cls.view(n_global, b, -1))
+        valid = batch.student_view_nonempty().to(out["cls_logits"].device)  # views without tokens left out
+        dino = self.dino_loss(out["cls_logits"].view(n_crops, b, -1), targets.cls.view(n_global, b, -1),
+                              valid.view(n_crops, b))
         crops = n_global * b
+        valid_global = valid[:crops]
+        n_valid = int(valid_global.sum())
         image_crop = batch.image_mask.nonzero()[:, 0]
         tokens = batch.student_global_transcripts
         token_crop = torch.repeat_interleave(torch.arange(crops, device=tokens.lengths.device), tokens.lengths,
                                              output_size=tokens.n_tokens)[batch.transcript_mask]
         terms = {
             "dino": dino,
-            "ibot_image": self.ibot_loss(out["patch_logits"], targets.patch, image_crop, crops),
-            "ibot_transcript": self.ibot_loss(out["transcript_logits"], targets.transcript, token_crop, crops),
-            "koleo": sum(self.koleo_loss(f) for f in out["cls_features"].chunk(n_global)),
+            "ibot_image": self.ibot_loss(out["patch_logits"], targets.patch, image_crop, n_valid),
+            "ibot_transcript": self.ibot_loss(out["transcript_logits"], targets.transcript, token_crop, n_valid),
+            "koleo": sum(self.koleo_loss(f[v]) for f, v in zip(out["cls_features"].chunk(n_global),
+                                                                valid_global.chunk(n_global))),
             "expression": self._expression_loss(out, batch),
         }
         weights = {"dino": w.dino_weight, "ibot_image": w.ibot_image_weight,
@@ -204,10 +210,22 @@ class SSLMetaArch(nn.Module):
         starts, ends = teacher.offsets[rows], teacher.offsets[rows + 1]
         counts = ends - starts
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        entries = (torch.repeat_interleave(starts - offsets[:-1], counts, output_size=int(offsets[-1]))
-                   + torch.arange(int(offsets[-1]), device=counts.device))
+        nnz = int(offsets[-1])
+        entries = (torch.repeat_interleave(starts - offsets[:-1], counts, output_size=nnz)
+                   + torch.arange(nnz, device=counts.device))
+        gene = teacher.gene[entries]
+        gene_mask = None
+        if batch.gene_panel is not None:  # each token's sample panel: unmeasured genes out of the softmax
+            crop = torch.repeat_interleave(torch.arange(teacher.batch_size, device=rows.device), teacher.lengths,
+                                           output_size=teacher.n_tokens)
+            panel = batch.gene_panel.to(logits.device)[crop[rows] % batch.batch_size]
+            if panel.shape[1] > logits.shape[1]:
+                raise ValueError(f"the shard vocabulary has {panel.shape[1]} genes, the model {logits.shape[1]}")
+            gene_mask = F.pad(panel, (0, logits.shape[1] - panel.shape[1]))  # beyond the shard vocabulary: none
+            token = torch.repeat_interleave(torch.arange(rows.shape[0], device=rows.device), counts, output_size=nnz)
+            gene_mask[token, gene.long()] = True  # a gene with counts was measured, whatever the record says
         # token weights are log1p of normalised counts; the reconstruction target is the composition
-        return self.expression_loss(logits, offsets, teacher.gene[entries], torch.expm1(teacher.weight[entries]))
+        return self.expression_loss(logits, offsets, gene, torch.expm1(teacher.weight[entries]), gene_mask)
 
     @torch.no_grad()
     def commit(self, targets: TeacherTargets) -> None:

@@ -228,6 +228,7 @@ class Trainer:
                 if losses is not None:
                     window.add_losses({k: losses[k] for k in ("loss", *LOSS_TERMS)})
                     window.samples += batch.batch_size
+                    window.empty_views += batch.n_empty_views
                     window.tokens += int(sum(int(v.sum()) for v in lengths.values()))
                     window.flops += step_flops(model_cfg, cfg.ssl, batch, lengths)
                 if self.step == before:

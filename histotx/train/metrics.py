@@ -26,6 +26,7 @@ class Window:
         self.micro_steps = 0
         self.samples = 0
         self.tokens = 0
+        self.empty_views = 0  # student views without any token (left out of the losses)
         self.flops = 0.0
         self.started = time.perf_counter()
 
@@ -38,14 +39,15 @@ class Window:
         """Global means and totals over ranks (collective: every rank calls it at the same step)."""
         keys = sorted(self.losses)
         values = [self.losses[k] for k in keys] + [self.times[p] for p in PHASES] + [
-            float(self.steps), float(self.micro_steps), float(self.samples), float(self.tokens), self.flops]
+            float(self.steps), float(self.micro_steps), float(self.samples), float(self.tokens), self.flops,
+            float(self.empty_views)]
         t = torch.tensor(values, dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(t)
         v = t.tolist()
         world = dist.get_world_size() if dist.is_initialized() else 1
         n_loss, n_phase = len(keys), len(PHASES)
-        steps, micro, samples, tokens, flops = v[n_loss + n_phase:]
+        steps, micro, samples, tokens, flops, empty_views = v[n_loss + n_phase:]
         wall = time.perf_counter() - self.started
         out: dict[str, Any] = {k: v[i] / max(steps, 1.0) for i, k in enumerate(keys)}
         per_rank_steps = max(micro / world, 1.0)
@@ -57,6 +59,7 @@ class Window:
         out["samples_per_s"] = samples / wall
         out["tokens_per_s"] = tokens / wall
         out["tflops_per_s_per_rank"] = flops / wall / world / 1e12
+        out["empty_views"] = int(empty_views)  # in the window, all ranks
         return out
 
 
