@@ -41,10 +41,22 @@ def build_table(regression: dict[tuple[str, str], RegressionResult],
     return pd.DataFrame(rows)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+def _pm(mean: float, sd: float) -> str:
+    return "—" if math.isnan(mean) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The table for people: mean ± sd in one cell, groups by name, sizes last (the CSV keeps every column)."""
+    pairs = [("Pearson", "pearson_mean", "pearson_sd")]
+    pairs += [(c[len("pearson_"):-len("_mean")], c, c[:-len("_mean")] + "_sd")
+              for c in table.columns if c.startswith("pearson_") and c.endswith("_mean") and c != "pearson_mean"]
+    if "label_bal_acc_mean" in table.columns:
+        pairs.append(("label bal. acc.", "label_bal_acc_mean", "label_bal_acc_sd"))
+    sizes = [("folds", "n_folds"), ("genes", "n_genes"), ("tiles", "n_tiles"), ("NaN r", "n_nan")]
+    header = ["model", "mode"] + [p[0] for p in pairs] + [s[0] for s in sizes]
+    rows = [[str(r["model"]), str(r["mode"])] + [_pm(float(r[m]), float(r[sd])) for _, m, sd in pairs]
+            + [str(int(r[c])) for _, c in sizes] for _, r in table.iterrows()]
+    return header, rows
 
 
 def print_table(table: pd.DataFrame, header: str, console=None) -> None:
@@ -52,12 +64,15 @@ def print_table(table: pd.DataFrame, header: str, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
-    rich_table = Table(title=header, title_justify="left", show_lines=False)
-    for col in table.columns:
-        rich_table.add_column(col, justify="left" if table[col].dtype == object else "right")
-    for _, row in table.iterrows():
-        rich_table.add_row(*(_fmt(v) for v in row.tolist()))
+    columns, rows = display_rows(table)
+    needed = sum(max(len(c), *(len(r[i]) for r in rows)) + 3 for i, c in enumerate(columns)) + 1
+    console = console or Console(width=max(needed, Console().width))  # never squeeze a number into "0…"
+    rich_table = Table()
+    for i, col in enumerate(columns):
+        rich_table.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
+    for row in rows:
+        rich_table.add_row(*row)
+    console.print(textwrap.fill(header, min(console.width, 120)), markup=False, highlight=False)
     console.print(rich_table)
 
 
@@ -76,12 +91,13 @@ def plot_bars(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
 
     panels = [("pearson_mean", "pearson_sd", "all target genes")]
     panels += [(c, c.replace("_mean", "_sd"), c[len("pearson_"):-len("_mean")])
-               for c in table.columns if c.startswith("pearson_") and c.endswith("_mean") and c != "pearson_mean"]
+               for c in table.columns if c.startswith("pearson_") and c.endswith("_mean") and c != "pearson_mean"
+               and table[c].notna().any()]  # a group without target genes has no panel
     models = list(dict.fromkeys(table["model"]))
     modes = list(dict.fromkeys(table["mode"]))
     width = 0.8 / max(len(models), 1)
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.2 * len(modes) * len(panels) + 2), 3.6),
-                             squeeze=False, sharey=True)
+    panel_w = max(2.5, 0.5 * len(modes) * len(models) + 1.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_w * len(panels) + 1.0, 4.0), squeeze=False, sharey=True)
     for ax, (mean_col, sd_col, name) in zip(axes[0], panels):
         for i, model in enumerate(models):
             rows = table[table["model"] == model].set_index("mode")
@@ -95,7 +111,7 @@ def plot_bars(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     axes[0][0].set_ylabel("Pearson r (mean over genes, folds)")
     axes[0][-1].legend(fontsize=7, loc="best")
     if title:
-        fig.suptitle(textwrap.fill(title, 110), fontsize=6)
+        fig.suptitle(textwrap.fill(title, int(18 * panel_w * len(panels))), fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -196,7 +196,7 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
     folds = hestbench.patient_folds(patients)
     regression, label_res = run_probes(X, Y, targets, patients, folds, label_values, latent_dim, seed, progress)
     table = report.build_table(regression, label_res, gene_groups, int(Y.shape[0]))
-    header = protocol_header(len(targets), folds_description(folds, patients), modes, f"shards {shards}")
+    header = protocol_header(len(targets), folds_description(folds, patients), modes, f"the shard set {shards}")
     results = {
         "protocol": header, "shards": str(shards), "targets": list(targets), "modes": modes,
         "gene_groups": {g: [x for x in genes if x in set(targets)] for g, genes in (gene_groups or {}).items()},
