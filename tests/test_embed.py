@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -14,6 +13,7 @@ import webdataset as wds
 
 from histotx.data.config import IMAGENET_MEAN, IMAGENET_STD
 from histotx.eval.embed import MODES, embed_shards, embed_slide
+from histotx.export import LoadedModel
 from histotx.format import (
     FormatError, TranscriptGrid, decode_image_rgb, decode_sample, encode_sample, new_manifest, read_manifest,
     sha256_file, write_manifest,
@@ -27,19 +27,6 @@ GENES = [f"G{i}" for i in range(N_GENES)]
 DROP = ["G3", "G7"]
 TILE_PX, IMAGE_PX = 64, 32  # 64 px tiles at 0.5 µm/px (32 µm) shown at 32 px (1 µm/px)
 OBS_COLUMNS = ["sample", "patient", "technology", "x0_px", "y0_px", "x_um", "y_um", "mpp", "n_sites", "n_counts"]
-
-
-@dataclass
-class StandIn:
-    """The fields of histotx.export.LoadedModel that embedding reads."""
-
-    model: FusedViT
-    genes: list[str]
-    mpp: float = 0.5
-    image_size: int = IMAGE_PX
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    name: str = "tiny-test"
 
 
 def point_grid(rng: np.random.Generator, n_sites: int, genes: np.ndarray) -> TranscriptGrid:
@@ -83,16 +70,16 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_model(genes=GENES, seed: int = 0) -> StandIn:
+def tiny_model(genes=GENES, seed: int = 0) -> LoadedModel:
     """No LayerScale (init_values None): at its 1e-5 init the CLS output would barely depend on the input."""
     torch.manual_seed(seed)
     net = FusedViT(FusedViTConfig(size="tiny", embed_dim=32, num_heads=2, img_size=IMAGE_PX, patch_size=8,
                                   num_registers=1, init_values=None, vocab_size=len(genes)))
-    return StandIn(net.eval(), list(genes))
+    return LoadedModel(net.eval(), list(genes), 0.5, IMAGE_PX, IMAGENET_MEAN, IMAGENET_STD, "tiny-test")
 
 
 @pytest.fixture(scope="module")
-def model() -> StandIn:
+def model() -> LoadedModel:
     return tiny_model()
 
 
@@ -313,3 +300,25 @@ def test_cli(shards, model, tmp_path, monkeypatch, capsys, caplog):
     assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["s01.h5ad", "s03.h5ad"]
     err = capsys.readouterr().err
     assert "2 samples, 7 tiles" in err and str(tmp_path / "emb") in err
+
+
+def test_cli_with_an_export_folder(shards, model, tmp_path):
+    """The model as `histotx export` writes it (HistoTx folder: teacher weights, config, genes, µm/px),
+    loaded by histotx.export.load_model: the same weights give the same embeddings."""
+    from histotx.cli import main
+    from histotx.export.native import write_native
+    from histotx.export.source import Teacher
+
+    vocab = Vocab()
+    vocab.extend((g, "") for g in GENES)
+    augment = {"global_crop_size": IMAGE_PX, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    teacher = Teacher(model.model.state_dict(), model.model.config, {"data": {"augment": augment}}, vocab,
+                      {"config": {"mpp": 0.5}}, tmp_path / "run" / "checkpoints" / "step_00000010", 10)
+    export = write_native(teacher, tmp_path / "export")
+    assert main(["embed", "--model", str(export), "--shards", str(shards), "--out", str(tmp_path / "cli"),
+                 "--samples", "s00", "--modes", "image,transcripts,fused", "--device", "cpu"]) == 0
+    [ref] = embed_shards(model, shards, tmp_path / "ref", samples=["s00"], modes=MODES, progress=False)
+    a, b = ad.read_h5ad(tmp_path / "cli" / "s00.h5ad"), ad.read_h5ad(ref)
+    assert a.uns["model"] == "run@step_00000010"
+    for mode in MODES:
+        np.testing.assert_array_equal(a.obsm[mode], b.obsm[mode])

@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from histotx.data.augment import CropGeometry, transform_grid
 from histotx.data.stream import LoaderStats, ShardWarning, read_shard
-from histotx.format import VOCAB_NAME, FormatError, TileSample, TranscriptGrid, decode_image_rgb, decode_sample, \
-    read_manifest
+from histotx.format import (
+    VOCAB_NAME, FormatError, TileSample, TranscriptGrid, decode_image_rgb, decode_sample, read_manifest,
+)
 from histotx.model.transcripts import TranscriptBatch
 from histotx.tokens import TranscriptCells, bin_grid
 from histotx.vocab import Vocab
