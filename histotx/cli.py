@@ -13,6 +13,7 @@ The pipeline, one subcommand per stage:
   histotx shard run COHORT --out DIR     slides + Visium/Visium HD/Xenium/HEST → WebDataset shards
   histotx shard verify DIR               re-read and check a shard set
   histotx train CONFIG.yaml [k=v ...]    DINO/iBOT/KoLeo pretraining under DeepSpeed ZeRO (torchrun/srun)
+  histotx export RUN --out DIR           the run's teacher as HistoTx / Hugging Face / timm folders
   histotx eval --shards DIR --model N=SRC --out DIR   HEST-Bench protocol: each model x mode, one table
   histotx embed --model M --shards DIR --out DIR   whole-tile embeddings, one .h5ad per sample
   histotx demo OUT                       all of the above on a small built-in cohort, end to end
@@ -23,6 +24,7 @@ Run `histotx <subcommand> --help` for each stage's options.
 
 def _register_all(sub) -> None:
     from histotx import demo, synth
+    from histotx.export import cli as export_cli
     from histotx.eval import run as eval_run
     from histotx.eval import embed
     from histotx.train import cli as train_cli
@@ -31,6 +33,7 @@ def _register_all(sub) -> None:
     synth.register_cli(sub)
     shard_cli.register(sub)
     train_cli.register_cli(sub)
+    export_cli.register_cli(sub)
     embed.register_cli(sub)
     demo.register_cli(sub)
     eval_run.register_cli(sub)

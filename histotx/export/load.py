@@ -86,17 +86,18 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", shards: s
             loaded = LoadedModel(model, _genes(path), float(meta["mpp"]), int(meta["image_size"]),
                                  _triple(meta["mean"]), _triple(meta["std"]), str(meta["name"]))
         elif kind == "hf":
-            from histotx.export.hf import MPP_KEY
+            from histotx.export.hf import MPP_KEY, SOURCE_KEY
 
             pre = json.loads((path / HF_PREPROCESSOR).read_text())
+            name = json.loads((path / "config.json").read_text()).get(SOURCE_KEY, {}).get("name", path.name)
             loaded = LoadedModel(model, _genes(path), float(pre[MPP_KEY]), int(pre["size"]["height"]),
-                                 _triple(pre["image_mean"]), _triple(pre["image_std"]), path.name)
+                                 _triple(pre["image_mean"]), _triple(pre["image_std"]), name)
         else:  # timm: the image backbone alone
             from histotx.export.timm_hub import HISTOTX_KEY
 
             hub = json.loads((path / "config.json").read_text())
             extra, pre = hub.get(HISTOTX_KEY, {}), hub["pretrained_cfg"]
             loaded = LoadedModel(model, [], float(extra.get("mpp", math.nan)), int(pre["input_size"][-1]),
-                                 _triple(pre["mean"]), _triple(pre["std"]), path.name)
+                                 _triple(pre["mean"]), _triple(pre["std"]), extra.get("name", path.name))
     loaded.model.to(device).eval()
     return loaded

@@ -1,0 +1,81 @@
+"""``export``: a run's teacher → OUT (HistoTx folder) + OUT/hf (transformers) and/or OUT/timm (timm).
+
+The folder is built under a temporary name beside OUT and renamed when complete, so OUT is either the
+whole export or absent (an existing OUT is replaced only with ``overwrite``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from histotx.export.card import model_card
+from histotx.export.hf import write_hf
+from histotx.export.native import write_native
+from histotx.export.source import read_teacher
+from histotx.export.timm_hub import write_timm
+from histotx.model import FusedViT
+
+FORMATS = {"hf": ("hf",), "timm": ("timm",), "both": ("hf", "timm")}
+
+
+@dataclass
+class ExportSummary:
+    out: Path
+    name: str
+    checkpoint: Path
+    step: int
+    parameters: int
+    genes: int
+    mpp: float
+    formats: tuple[str, ...]
+    folders: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        lines = [f"exported {self.name} (step {self.step}, {self.parameters:,} parameters, {self.genes} genes, "
+                 f"{self.mpp:g} µm/px) from {self.checkpoint} in {self.seconds:.1f} s"]
+        for kind, folder in self.folders.items():
+            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            lines.append(f"  {kind:<8}{folder}  ({size / 2**20:.1f} MiB)")
+        lines.append(f"load it: histotx.export.load_model('{self.out}'), histotx train ... init.backbone={self.out}")
+        if "hf" in self.folders:
+            lines.append(f"          AutoModel.from_pretrained('{self.folders['hf']}', trust_remote_code=True)")
+        if "timm" in self.folders:
+            lines.append(f"          timm.create_model('local-dir:{self.folders['timm']}', pretrained=True)")
+        return "\n".join(lines)
+
+
+def export(source: str | Path, out: str | Path, formats: tuple[str, ...] = ("hf",), shards: str | Path | None = None,
+           license: str = "other", overwrite: bool = False) -> ExportSummary:
+    """Export the teacher of ``source`` (run or checkpoint folder) to ``out``; ``formats`` ⊆ {hf, timm}."""
+    t0 = time.perf_counter()
+    unknown = sorted(set(formats) - {"hf", "timm"})
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; choose from hf, timm")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    teacher = read_teacher(source, shards)
+    model = FusedViT(teacher.config)
+    model.load_state_dict(teacher.state, strict=True)  # the weights fit the config before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_native(teacher, tmp)
+        if "hf" in formats:
+            write_hf(teacher, tmp / "hf", model_card(teacher, license, timm="timm" in formats))
+        if "timm" in formats:
+            write_timm(model, tmp / "timm", teacher.mpp, teacher.mean, teacher.std, teacher.name)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    folders = {"histotx": out, **{kind: out / kind for kind in ("hf", "timm") if kind in formats}}
+    return ExportSummary(out, teacher.name, teacher.checkpoint, teacher.step,
+                         sum(p.numel() for p in model.parameters()), len(teacher.vocab), teacher.mpp,
+                         tuple(formats), folders, time.perf_counter() - t0)
