@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -57,24 +59,62 @@ class Part:
         return position % self.count == self.index
 
 
-def build_vocab(cohort: Cohort, out_dir: Path, start_from: Path | None) -> Vocab:
+_ENSEMBL_SPECIES = {"ENSG": "human", "ENSMUSG": "mouse"}
+
+
+def _gene_naming(genes: list[tuple[str, str]]) -> tuple[str, str]:
+    """(naming, species) of a sample's genes. Naming: 'symbols' or 'Ensembl ids' when it names them only that
+    way, else 'both'. Species, as far as the names tell: ENSG… or ACTB-style symbols 'human', ENSMUSG… or
+    Actb-style 'mouse', other Ensembl prefixes themselves, else ''."""
+    symbols, ids = [s for s, _ in genes if s], [e for _, e in genes if e]
+    if symbols and ids:
+        return "both", ""
+    if ids:
+        prefix = Counter(re.match(r"[A-Z]+", e).group() for e in ids).most_common(1)[0][0]
+        return "Ensembl ids", _ENSEMBL_SPECIES.get(prefix, prefix)
+    lettered = [s for s in symbols if any(c.isalpha() for c in s)] or [""]
+    caps = sum(s == s.upper() for s in lettered) / len(lettered)
+    title = sum(s[:1].isupper() and s[1:] != s[1:].upper() for s in lettered) / len(lettered)
+    return "symbols", "human" if caps >= 0.8 else "mouse" if title >= 0.8 else ""
+
+
+def build_vocab(cohort: Cohort, out_dir: Path, start_from: Path | None) -> tuple[Vocab, dict[str, InputError]]:
     """Append every cohort gene, in cohort order, to the existing vocabulary (ids never change).
 
-    Every part of a split run computes this over the whole cohort, so all parts agree on the ids.
+    Every part of a split run computes this over the whole cohort, so all parts agree on the ids. A sample
+    naming its genes only by symbol when an earlier one of the same species names them only by Ensembl id
+    (or the reverse) is rejected if the vocabulary cannot match its genes: they would become new genes.
     """
     existing = out_dir / VOCAB_NAME
     vocab = Vocab.load_or_new(existing if existing.exists() else (start_from or existing))
     before = len(vocab)
+    first_of: dict[tuple[str, str], str] = {}  # (naming, species) → first sample that uses only that naming
+    rejected: dict[str, InputError] = {}
     for sample in cohort.samples:
         if sample.technology == "image_only":
             continue
         try:
-            vocab.extend(read_genes(sample, cohort))
+            genes = read_genes(sample, cohort)
         except InputError as exc:
             log.warning("vocabulary: skipping %s: %s", sample.id, exc)
+            continue
+        naming, species = _gene_naming(genes)
+        other = ({"symbols": "Ensembl ids", "Ensembl ids": "symbols"}.get(naming), species)
+        if species and other in first_of:
+            unmatched = [s or e for s, e in genes if vocab.lookup(s, e) is None]
+            if unmatched:
+                rejected[sample.id] = InputError(
+                    cohort.resolve(sample.data), f"genes are named by {naming} only (e.g. {unmatched[0]}) while "
+                    f"sample {first_of[other]} ({species}) names them by {other[0]} only: {len(unmatched)} of "
+                    f"{len(genes)} cannot be matched to its genes; use feature files that give both (10x features "
+                    "id and name), or start from a vocabulary that has both (--vocab)")
+                continue
+        if naming != "both":
+            first_of.setdefault((naming, species), sample.id)
+        vocab.extend(genes)
     vocab.save(existing)
     log.info("vocabulary: %d genes (%d new) → %s", len(vocab), len(vocab) - before, existing)
-    return vocab
+    return vocab, rejected
 
 
 def _vocab_id(vocab: Vocab, symbol: str, ensembl_id: str) -> int:
@@ -268,13 +308,17 @@ def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int
               "part": f"{part.index}/{part.count}" if part.count > 1 else None}
     dump_config(cfg, out_dir / ("shard_config.yaml" if part.count == 1 else
                                 f"shard_config.part-{part.index:04d}.yaml"))
-    vocab = build_vocab(cohort, out_dir, vocab_from)
+    vocab, rejected = build_vocab(cohort, out_dir, vocab_from)
     records: dict[str, dict[str, Any]] = {}
     for pos, (label, message) in enumerate(cohort.invalid):
         records[label] = {"sample": label, "status": "failed", "technology": "?", "error": message, "tiles": 0}
     todo = []
     for pos, sample in enumerate(cohort.samples):
         if not part.selects(pos):
+            continue
+        if sample.id in rejected:
+            clear_sample(out_dir, sample.id)
+            records[sample.id] = _failure(sample.id, sample.technology, rejected[sample.id])
             continue
         done = load_done(out_dir, sample.id)
         if done is not None:

@@ -132,7 +132,7 @@ class _TiffLog(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
+        message = re.sub(r"^<[^>]*>\s*", "", record.getMessage())  # drop tifffile's "<tifffile.TiffFile '…'>"
         if message not in self.messages:
             self.messages.append(message)
 
@@ -283,7 +283,7 @@ class Slide:
             levels = series.levels
         if logged:
             raise InputError(self.path, f"damaged TIFF (truncated or corrupt): tifffile reports "
-                                        f"{'; '.join(logged[:3])}")
+                                        f"{'; '.join(logged[:3])} (the file has {tif.filehandle.size} bytes)")
         axes = series.axes
         if axes not in ("YXS", "YX", "CYX", "SYX"):
             raise InputError(self.path, f"unsupported slide axes {axes} (expected RGB YXS, CYX or grey YX)")
@@ -350,6 +350,8 @@ class Slide:
                 patch = np.moveaxis(np.asarray(data[:, y0:y1, x0:x1]), 0, -1)
             else:
                 patch = np.asarray(data[y0:y1, x0:x1])
+        except InputError:
+            raise
         except Exception as exc:
             raise InputError(self.path, f"cannot decode region x={x0}..{x1} y={y0}..{y1} of level {level} "
                                         f"({type(exc).__name__}: {exc})") from exc

@@ -74,7 +74,7 @@ def verify(shard_dir: Path, checksums: bool = True) -> dict[str, Any]:
             problems.append(f"{path}: {seen} samples, manifest says {entry['samples']}")
     dups = [k for k, c in keys.items() if c > 1]
     if dups:
-        problems.append(f"{len(dups)} duplicate keys, e.g. {dups[:3]}")
+        problems.append(f"{len(dups)} duplicate keys, e.g. {', '.join(dups[:3])}")
     for sid, rec in manifest["samples"].items():
         if rec.get("status") == "ok" and per_sample.get(sid, 0) != rec.get("tiles"):
             problems.append(f"sample {sid}: {per_sample.get(sid, 0)} tiles in shards, manifest says {rec.get('tiles')}")

@@ -3,8 +3,9 @@
 Also the shared Space Ranger pieces Visium HD reuses: the positions file in its three variants
 (SR 1.x csv without header, SR ≥ 2 csv with header, HD parquet), scalefactors, image scale, and the
 barcode matching. Barcode matching policy: a matrix barcode missing from the positions file is
-dropped and counted as ``no_position`` (and logged); when *no* matrix barcode has a position the
-files do not belong together and the sample fails with an InputError.
+dropped and counted as ``no_position`` (and logged); when more than ``MAX_UNPLACED_FRACTION`` of them
+(or all) have no position, the positions file is incomplete or the files do not belong together, and
+the sample fails with an InputError. A barcode listed twice in either file is an InputError too.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_i
 POSITION_FILES = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
 MATRIX_FILES = ("filtered_feature_bc_matrix.h5", "raw_feature_bc_matrix.h5", "raw_probe_bc_matrix.h5")
 SCALE_KEYS = {"hires": "tissue_hires_scalef", "lowres": "tissue_lowres_scalef"}
+MAX_UNPLACED_FRACTION = 0.05  # more matrix barcodes than this without a position fail the sample
 
 
 def find_positions(spatial: Path) -> Path:
@@ -121,19 +123,29 @@ def place_barcodes(
     matrix: TenxMatrix, pos: pd.DataFrame, pos_path: Path, matrix_path: Path, scale: float, in_tissue_only: bool
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Match matrix barcodes to positions → (kept row indices, xy in slide px, dropped counts)."""
+    for barcodes, path in ((pos["barcode"], pos_path), (pd.Series(matrix.barcodes), matrix_path)):
+        dup = barcodes[barcodes.duplicated()]
+        if len(dup):
+            raise InputError(path, f"{len(dup)} duplicated barcodes (e.g. {dup.iloc[0]} appears "
+                                   f"{int((barcodes == dup.iloc[0]).sum())} times): every spot must be listed once")
     where = pd.Index(pos["barcode"]).get_indexer(matrix.barcodes)
     dropped: dict[str, int] = {}
     has_pos = where >= 0
     if not has_pos.any():
         raise InputError(
             pos_path, f"none of the {len(where)} barcodes of {matrix_path.name} is in the positions file "
-            f"(e.g. {matrix.barcodes[0]!r}): the files are from different runs"
+            f"(e.g. {matrix.barcodes[0]}): the files are from different runs"
         )
     x = np.full(len(where), np.nan)
     y = np.full(len(where), np.nan)
     x[has_pos] = pos["pxl_col_in_fullres"].to_numpy(float)[where[has_pos]]
     y[has_pos] = pos["pxl_row_in_fullres"].to_numpy(float)[where[has_pos]]
     located = np.isfinite(x) & np.isfinite(y)
+    if (~located).sum() > MAX_UNPLACED_FRACTION * len(located):
+        first = matrix.barcodes[int(np.flatnonzero(~located)[0])]
+        raise InputError(pos_path, f"{int((~located).sum())} of {len(located)} barcodes of {matrix_path.name} "
+                                   f"have no position here (e.g. {first}): the positions file is incomplete or "
+                                   "from another run")
     if (~located).any():
         dropped["no_position"] = int((~located).sum())
         log.warning(

