@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -20,6 +21,7 @@ from histotx.format import (
 )
 from histotx.model import FusedViT, FusedViTConfig
 from histotx.vocab import Vocab
+from sharding.config import ShardConfig
 from shardkit import random_grid, tile_sample
 
 N_GENES = 50
@@ -215,6 +217,8 @@ def test_subset_reads_only_its_shards_and_damage_is_an_error(shards, model, tmp_
         embed_shards(model, shards, tmp_path / "out", samples=["nope"], progress=False)
     with pytest.raises(ValueError, match="modes"):
         embed_shards(model, shards, tmp_path / "out", modes=["pixels"], progress=False)
+    with pytest.raises(TypeError, match="LoadedModel"):
+        embed_shards(model.model, shards, tmp_path / "out", progress=False)
 
 
 def test_write_is_atomic(shards, model, tmp_path, monkeypatch):
@@ -244,33 +248,65 @@ def test_workers_give_the_same_file(shards, model, tmp_path):
         np.testing.assert_array_equal(a.obsm[mode], b.obsm[mode])
 
 
+def write_export(loaded: LoadedModel, out: Path) -> Path:
+    """The model as `histotx export` writes it (HistoTx folder: teacher weights, config, genes, µm/px)."""
+    from histotx.export.native import write_native
+    from histotx.export.source import Teacher
+
+    vocab = Vocab()
+    vocab.extend((g, "") for g in loaded.genes)
+    augment = {"global_crop_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std)}
+    teacher = Teacher(loaded.model.state_dict(), loaded.model.config, {"data": {"augment": augment}}, vocab,
+                      {"config": {"mpp": loaded.mpp}}, out.parent / "run" / "checkpoints" / "step_00000010", 10)
+    return write_native(teacher, out)
+
+
 @pytest.mark.slow
 def test_slide_is_tiled_as_histotx_shard_tiles_it(tmp_path):
-    """embed_slide shards through the sharding pipeline itself: the same tiles, and the same embeddings, as
-    `histotx shard run` + embed_shards on the same cohort."""
+    """`histotx embed --slide` shards through the sharding pipeline itself, with the same settings syntax:
+    the same shard bytes, and the same embeddings, as `histotx shard run` + embed_shards."""
+    from histotx.cli import main
     from histotx.synth import generate_cohort
     from sharding.config import ShardConfig
     from sharding.pipeline import run_cohort
 
     cohort = generate_cohort(tmp_path / "synth", seed=1, size="small", technologies=("visium",))
-    cfg = dict(mpp=2.0, tile_px=64, max_tiles_per_sample=12)
-    run_cohort(cohort, tmp_path / "shards", ShardConfig(**cfg))
+    settings = dict(mpp=2.0, tile_px=64, max_tiles_per_sample=12)
+    run_cohort(cohort, tmp_path / "shards", ShardConfig(**settings))
     vocab = Vocab.load(tmp_path / "shards" / "vocab.tsv")
     loaded = tiny_model([vocab.name(i) for i in range(len(vocab))])
     loaded.mpp = 2.0
     [ref] = embed_shards(loaded, tmp_path / "shards", tmp_path / "ref", modes=MODES, progress=False)
     folder = cohort.parent / "visium"
-    path = embed_slide(loaded, folder / "visium_fullres.tif", tmp_path / "emb", data=folder / "outs",
-                       technology="visium", sample_id="visium", patient="P01", shard_config=ShardConfig(**cfg),
-                       modes=MODES, progress=False)
-    a, b = ad.read_h5ad(ref), ad.read_h5ad(path)
+    code = main(["embed", "--model", str(write_export(loaded, tmp_path / "export")), "--out", str(tmp_path / "emb"),
+                 "--slide", str(folder / "visium_fullres.tif"), "--data", str(folder / "outs"), "--technology",
+                 "visium", "--sample-id", "visium", "--patient", "P01", "--modes", "image,transcripts,fused",
+                 "--keep-shards", str(tmp_path / "kept")] + [f"{k}={v}" for k, v in settings.items()])
+    assert code == 0
+    assert sha256_file(tmp_path / "kept" / "visium.00000.tar") == sha256_file(tmp_path / "shards" / "visium.00000.tar")
+    a, b = ad.read_h5ad(ref), ad.read_h5ad(tmp_path / "emb" / "visium.h5ad")
     assert a.n_obs == 12 and list(a.obs_names) == list(b.obs_names)
     for col in OBS_COLUMNS + ["n_tokens"]:
         assert list(a.obs[col]) == list(b.obs[col]), col
     for mode in MODES:
         np.testing.assert_array_equal(a.obsm[mode], b.obsm[mode])
     assert (a.obs["n_tokens"] > 0).any()
-    assert not list(tmp_path.glob("**/histotx-embed-*"))  # the temporary shard folder is gone
+
+
+def test_slide_shards_in_a_temporary_folder(tmp_path, model, monkeypatch):
+    """Without --keep-shards the slide's shards go to a temporary folder that is removed afterwards."""
+    from histotx.synth.slides import write_slide
+
+    rng = np.random.default_rng(0)
+    write_slide(tmp_path / "he-01.tif", rng.integers(0, 200, (256, 192, 3), dtype=np.uint8), 0.5, "tiff_subifds",
+                n_levels=1)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = embed_slide(model, tmp_path / "he-01.tif", tmp_path / "emb", progress=False,
+                       shard_config=ShardConfig(tile_px=64, min_tissue_fraction=0.0))
+    a = ad.read_h5ad(path)
+    assert path.name == "he-01.h5ad" and a.n_obs == 12 and set(a.obs["technology"]) == {"image_only"}
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_cli(shards, model, tmp_path, monkeypatch, capsys, caplog):
@@ -303,18 +339,10 @@ def test_cli(shards, model, tmp_path, monkeypatch, capsys, caplog):
 
 
 def test_cli_with_an_export_folder(shards, model, tmp_path):
-    """The model as `histotx export` writes it (HistoTx folder: teacher weights, config, genes, µm/px),
-    loaded by histotx.export.load_model: the same weights give the same embeddings."""
+    """An export folder, loaded by histotx.export.load_model: the same weights give the same embeddings."""
     from histotx.cli import main
-    from histotx.export.native import write_native
-    from histotx.export.source import Teacher
 
-    vocab = Vocab()
-    vocab.extend((g, "") for g in GENES)
-    augment = {"global_crop_size": IMAGE_PX, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    teacher = Teacher(model.model.state_dict(), model.model.config, {"data": {"augment": augment}}, vocab,
-                      {"config": {"mpp": 0.5}}, tmp_path / "run" / "checkpoints" / "step_00000010", 10)
-    export = write_native(teacher, tmp_path / "export")
+    export = write_export(model, tmp_path / "export")
     assert main(["embed", "--model", str(export), "--shards", str(shards), "--out", str(tmp_path / "cli"),
                  "--samples", "s00", "--modes", "image,transcripts,fused", "--device", "cpu"]) == 0
     [ref] = embed_shards(model, shards, tmp_path / "ref", samples=["s00"], modes=MODES, progress=False)

@@ -130,6 +130,9 @@ def collate_cells(cells: list[TranscriptCells]) -> TranscriptBatch:
 
 def resolve_model(model: Any, device: torch.device):
     """A LoadedModel as is, or anything :func:`histotx.export.load_model` accepts (export, run, checkpoint)."""
+    if isinstance(model, torch.nn.Module):
+        raise TypeError("embed needs a histotx.export.LoadedModel (the network with its genes, µm/px, input size "
+                        "and normalisation) or a run/checkpoint/export folder, not a bare module")
     if not hasattr(model, "model"):
         from histotx.export import load_model
 
