@@ -23,13 +23,14 @@ import numpy as np
 from histotx.config import ConfigError, dump_config
 from histotx.format import VOCAB_NAME, TileSample, TranscriptGrid, encode_image_rgb, write_manifest
 from histotx.vocab import Vocab
+from sharding.bands import BandedSites
 from sharding.cohort import Cohort, CohortSample, load_cohort, patient_warning
 from sharding.config import ShardConfig
 from sharding.errors import InputError, OutputError
 from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
 from sharding.sites import Sites
 from sharding.slides import Slide
-from sharding.tiles import assign_sites, plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
+from sharding.tiles import plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
 from sharding.tissue import TissueMap, tissue_mask
 from sharding.writer import (
     OutputLock, ShardSink, assemble_manifest, clear_sample, load_done, out_of_space, part_manifest_name, write_done,
@@ -145,16 +146,14 @@ def _check_pixel_size(slide: Slide, sites: Sites, cfg: ShardConfig, warnings: li
         warnings.append(msg)
 
 
-def _sites_on_slide(slide: Slide, sites: Sites, cfg: ShardConfig, data_path: str) -> np.ndarray:
-    xy = sites.xy_px
-    on = (xy[:, 0] >= 0) & (xy[:, 0] < slide.width) & (xy[:, 1] >= 0) & (xy[:, 1] < slide.height)
-    n_out = int((~on).sum())
+def _sites_on_slide(slide: Slide, sites: Sites | BandedSites, cfg: ShardConfig, data_path: str) -> int:
+    n_out = sites.count_outside(slide.width, slide.height)
     if sites.n_sites and n_out > cfg.max_outside_fraction * sites.n_sites:
         raise InputError(data_path, f"{n_out} of {sites.n_sites} sites lie outside the slide {slide.path.name} "
                                     f"({slide.width}×{slide.height} px): wrong slide, image_scale or alignment?")
     if n_out:
         sites.dropped["outside_slide"] = sites.dropped.get("outside_slide", 0) + n_out
-    return on
+    return sites.n_sites - n_out
 
 
 def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: Path,
@@ -164,11 +163,13 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
     warnings: list[str] = []
     spath = slide_path(sample, cohort)
     with Slide(spath, mpp=sample.mpp, mpp_hint=slide_mpp_hint(sample, cohort)) as slide:
-        sites = read_sites(sample, cohort, ReaderOptions(qv_min=cfg.qv_min, in_tissue_only=cfg.in_tissue_only))
+        sites = read_sites(sample, cohort, ReaderOptions(qv_min=cfg.qv_min, in_tissue_only=cfg.in_tissue_only,
+                                                         slide_px=(slide.width, slide.height)))
         data_path = str(cohort.resolve(sample.data)) if sample.data else str(spath)
+        on_count = 0
         if sites is not None:
             _check_pixel_size(slide, sites, cfg, warnings)
-            on_slide = _sites_on_slide(slide, sites, cfg, data_path)
+            on_count = _sites_on_slide(slide, sites, cfg, data_path)
             gene_ids = np.array([_vocab_id(vocab, s, e) for s, e in sites.genes], dtype=np.int64)
             if (gene_ids < 0).any():
                 raise InputError(data_path, "genes missing from the vocabulary (was it edited during the run?)")
@@ -179,7 +180,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             if sites is None or sample.technology not in ("visium", "hest"):
                 raise InputError(data_path, "tiling=spots needs spot data (Visium or HEST), "
                                             f"not {sample.technology}")
-            plan = plan_spots(sites.xy_px[on_slide], tissue, cfg, geom)
+            plan = plan_spots(sites.xy_px[sites.on_slide(slide.width, slide.height)], tissue, cfg, geom)
         else:
             plan = plan_grid(slide, tissue, cfg, geom)
         if len(plan) == 0:
@@ -188,23 +189,17 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                                     f"{cfg.min_tissue_fraction}")
         plan = sample_subset(plan, cfg, sample.id)
         scale0 = plan.size0 / cfg.tile_px  # level-0 px per tile px
-        if sites is not None:
-            valid = np.flatnonzero(on_slide)
-            members = [valid[i] for i in assign_sites(plan, sites.xy_px[valid])]
-            counts = sites.counts
         sink = ShardSink(out_dir, sample.id, cfg.shard_max_tiles, cfg.shard_max_bytes)
-        kept_sites = np.zeros(sites.n_sites if sites is not None else 0, dtype=bool)
         total_count = 0.0
         try:
             for idx in runs(plan, cfg.run_tiles):
                 for i, rgb in zip(idx, render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)):
                     origin = plan.origins[i]
-                    if sites is not None:
-                        rows = members[i]
-                        kept_sites[rows] = True
-                        sub = counts[rows]
+                    if sites is not None:  # the sites whose centre lies in the tile (and on the slide)
+                        xy, sub = sites.in_box(max(origin[0], 0), max(origin[1], 0), min(origin[0] + plan.size0,
+                                               slide.width), min(origin[1] + plan.size0, slide.height))
                         grid = TranscriptGrid(
-                            xy=(sites.xy_px[rows] - origin) / scale0, offsets=sub.indptr,
+                            xy=(xy - origin) / scale0, offsets=sub.indptr,
                             gene=gene_ids[sub.indices], count=sub.data,
                             footprint_um=sites.footprint_um, footprint_shape=sites.footprint_shape)
                     else:
@@ -228,8 +223,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             raise
         n_sites = sites.n_sites if sites is not None else 0
         dropped = dict(sites.dropped) if sites is not None else {}
-        n_kept = int(kept_sites.sum())
-        on_count = int(on_slide.sum()) if sites is not None else 0
+        n_kept = sites.n_kept if sites is not None else 0
         if on_count - n_kept:
             dropped["not_under_a_tile"] = on_count - n_kept
         record = {

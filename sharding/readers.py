@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sharding.bands import BandedSites
 from sharding.cohort import Cohort, CohortSample
 from sharding.errors import InputError
 from sharding.hest import hest_genes, hest_mpp_hint, hest_root_and_id, hest_slide, read_hest
@@ -22,6 +23,7 @@ from sharding.xenium import read_xenium, xenium_genes, xenium_mpp_hint
 class ReaderOptions:
     qv_min: float = 20.0  # Xenium: keep transcripts with qv >= qv_min (10x's own threshold)
     in_tissue_only: bool = True  # Visium/HD/HEST: drop spots with in_tissue == 0
+    slide_px: tuple[int, int] | None = None  # the slide's level-0 (width, height): banded readers drop sites off it
 
 
 def _data(sample: CohortSample, cohort: Cohort) -> Path:
@@ -52,7 +54,7 @@ _TECHNOLOGIES = {
         genes=lambda s, d: visium_hd_genes(d, s.bin_size_um),
     ),
     "xenium": _Technology(
-        sites=lambda s, d, c, o: read_xenium(d, c.resolve(s.alignment), o.qv_min),
+        sites=lambda s, d, c, o: read_xenium(d, c.resolve(s.alignment), o.qv_min, o.slide_px),
         mpp_hint=lambda s, d, c: xenium_mpp_hint(d, c.resolve(s.alignment)),
         genes=lambda s, d: xenium_genes(d),
     ),
@@ -94,7 +96,7 @@ def read_genes(sample: CohortSample, cohort: Cohort) -> list[tuple[str, str]]:
     return tech.genes(sample, _data(sample, cohort)) if tech else []
 
 
-def read_sites(sample: CohortSample, cohort: Cohort, opts: ReaderOptions | None = None) -> Sites | None:
-    """The sample's sites in slide level-0 px; None for image_only."""
+def read_sites(sample: CohortSample, cohort: Cohort, opts: ReaderOptions | None = None) -> Sites | BandedSites | None:
+    """The sample's sites in slide level-0 px (in memory, or on disk in bands); None for image_only."""
     tech = _technology(sample)
     return tech.sites(sample, _data(sample, cohort), cohort, opts or ReaderOptions()) if tech else None

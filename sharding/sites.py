@@ -1,4 +1,9 @@
-"""What every technology reader returns: measurement sites placed on the slide's level-0 pixels."""
+"""What every technology reader returns: measurement sites placed on the slide's level-0 pixels.
+
+Two kinds answer the same questions (how many sites, how many off the slide, which sites lie in a
+box): :class:`Sites` in memory (Visium spots, HEST spots) and :class:`~sharding.bands.BandedSites` on
+disk, band by band (Xenium molecules, Visium HD bins), whose size is unbounded.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,6 +34,9 @@ class Sites:
     mpp_estimate: float | None = None
     # Anything a reader wants the manifest to record (pixel size source, software version, ...).
     info: dict = field(default_factory=dict)
+    _by_y: np.ndarray | None = field(default=None, init=False, repr=False)  # site order by y, for in_box
+    _ys: np.ndarray | None = field(default=None, init=False, repr=False)
+    _kept: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.xy_px = np.asarray(self.xy_px, dtype=np.float64).reshape(-1, 2)
@@ -41,3 +49,28 @@ class Sites:
     @property
     def n_sites(self) -> int:
         return int(self.xy_px.shape[0])
+
+    def on_slide(self, width: int, height: int) -> np.ndarray:
+        x, y = self.xy_px[:, 0], self.xy_px[:, 1]
+        return (x >= 0) & (x < width) & (y >= 0) & (y < height)
+
+    def count_outside(self, width: int, height: int) -> int:
+        return int((~self.on_slide(width, height)).sum())
+
+    @property
+    def n_kept(self) -> int:
+        """Distinct sites handed out by in_box (spot-centred tiles overlap)."""
+        return int(self._kept.sum()) if self._by_y is not None else 0
+
+    def in_box(self, x0: float, y0: float, x1: float, y1: float) -> tuple[np.ndarray, sp.csr_matrix]:
+        """Sites with centre in [x0, x1) × [y0, y1), in index order: (xy level-0 px, CSR counts)."""
+        if self._by_y is None:
+            self._by_y = np.argsort(self.xy_px[:, 1], kind="stable")  # NaN last: never in a box
+            self._ys = self.xy_px[self._by_y, 1]
+            self._kept = np.zeros(self.n_sites, dtype=bool)
+        lo, hi = np.searchsorted(self._ys, [y0, y1], side="left")
+        cand = np.sort(self._by_y[lo:hi])
+        x = self.xy_px[cand, 0]
+        cand = cand[(x >= x0) & (x < x1)]
+        self._kept[cand] = True
+        return self.xy_px[cand], self.counts[cand]

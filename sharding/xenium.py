@@ -1,5 +1,8 @@
 """Xenium output bundle: each kept molecule becomes one site (count 1, point footprint) on the H&E.
 
+The transcripts file is streamed in chunks (parquet batches, csv blocks) twice: once for the panel's
+names, once for the molecules, which go to disk in bands of the slide (:mod:`sharding.bands`).
+
 Transcript coordinates are µm in the morphology frame; ``experiment.xenium``'s ``pixel_size`` turns
 them into morphology pixels. The post-Xenium ``*_he_imagealignment.csv`` is a 3×3 affine M mapping
 **H&E px → morphology px**, so a molecule lands on the H&E at inv(M) @ [x/ps, y/ps, 1]. Without an
@@ -11,17 +14,17 @@ import csv
 import gzip
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 
+from sharding.bands import BandedSites
 from sharding.errors import InputError, read_json_object
 from sharding.visium import MAX_UNPLACED_FRACTION
-from sharding.sites import Sites
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ CONTROL_PREFIXES = (
 COLUMNS = ("feature_name", "x_location", "y_location", "qv")
 OPTIONAL_COLUMNS = ("is_gene",)  # Xenium ≥ 2: False for control probes and codewords
 TRANSCRIPT_FILES = ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv")
+BATCH_ROWS = 1 << 20  # molecules per parquet chunk
+CSV_BLOCK_BYTES = 32 << 20  # bytes per csv chunk
+BAND_UM = 128.0  # height of a band of the slide on disk (about one tile row)
 
 
 def is_control(name: str) -> bool:
@@ -63,57 +69,78 @@ def _csv_header(path: Path) -> list[str]:
         raise InputError(path, f"unreadable transcripts file ({exc})") from exc
 
 
-def _read_columns(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> pa.Table:
-    """Only the needed columns (and the optional ones present); cell_id (int or string), z, etc. are never parsed."""
+def _schema_names(path: Path) -> list[str]:
     try:
-        names = pq.read_schema(path).names if path.suffix == ".parquet" else _csv_header(path)
+        return pq.read_schema(path).names if path.suffix == ".parquet" else _csv_header(path)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(path, f"unreadable transcripts file ({exc})") from exc
+
+
+def _batches(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> Iterator[pa.RecordBatch]:
+    """The transcripts in chunks of about BATCH_ROWS rows, only the needed columns (and the optional ones
+    present); cell_id (int or string), z, etc. are never parsed. Parquet names come dictionary-encoded."""
+    names = _schema_names(path)
     missing = [c for c in columns if c not in names]
     if missing:
         raise InputError(path, f"transcripts file lacks columns {missing} (has {names})")
     columns = columns + tuple(c for c in optional if c in names)
     try:
         if path.suffix == ".parquet":
-            return pq.read_table(path, columns=list(columns))
-        string_cols = {"feature_name": pa.string()} if "feature_name" in columns else {}
-        opts = pacsv.ConvertOptions(include_columns=list(columns), column_types=string_cols)
-        return pacsv.read_csv(path, convert_options=opts)
+            reader = pq.ParquetFile(path, read_dictionary=["feature_name"]).iter_batches(BATCH_ROWS, columns=list(columns))
+        else:
+            string_cols = {"feature_name": pa.string()} if "feature_name" in columns else {}
+            reader = pacsv.open_csv(
+                path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=string_cols),
+            )
+        yield from reader
     except (OSError, pa.ArrowException) as exc:
         raise InputError(path, f"unreadable transcripts file ({exc})") from exc
 
 
-def _panel(table: pa.Table, path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Feature names, one code per molecule, and which codes are controls.
-
-    A control is a feature with a control prefix or, where the file has ``is_gene``, one flagged as
-    not a gene. Parquet may store names as binary.
-    """
-    col = table.column("feature_name")
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
-        col = col.cast(pa.string())
+def _names(batch: pa.RecordBatch, path: Path) -> tuple[list[str], np.ndarray]:
+    """The batch's feature names and one code per molecule (parquet may store names as binary)."""
+    col = batch.column("feature_name")
     if col.null_count:
         raise InputError(path, f"feature_name is empty in {col.null_count} rows")
-    enc = pc.dictionary_encode(col).combine_chunks()
-    names = [str(n) for n in enc.dictionary.to_pylist()]
-    codes = enc.indices.to_numpy(zero_copy_only=False)
-    control = np.array([is_control(n) for n in names], dtype=bool)
-    if "is_gene" in table.column_names:
-        control[np.unique(codes[~_is_gene(table, path)])] = True
-    return names, codes, control
+    if not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(col)
+    names = col.dictionary
+    if pa.types.is_binary(names.type) or pa.types.is_large_binary(names.type):
+        names = names.cast(pa.string())
+    return [str(n) for n in names.to_pylist()], col.indices.to_numpy(zero_copy_only=False)
 
 
-def _floats(table: pa.Table, name: str, path: Path) -> np.ndarray:
+def _panel(path: Path) -> tuple[list[tuple[str, str]], set[str], int]:
+    """The panel's genes (sorted, so read_genes and read_sites agree whatever the file order), the
+    control features, and the number of rows: one streamed pass over the names.
+
+    A control is a feature with a control prefix or, where the file has ``is_gene``, one flagged as
+    not a gene in any row.
+    """
+    features: set[str] = set()
+    controls: set[str] = set()
+    rows = 0
+    for batch in _batches(path, ("feature_name",), OPTIONAL_COLUMNS):
+        names, codes = _names(batch, path)
+        used = np.unique(codes)
+        features.update(names[i] for i in used)
+        if "is_gene" in batch.schema.names:
+            controls.update(names[i] for i in np.unique(codes[~_is_gene(batch, path)]))
+        rows += batch.num_rows
+    controls.update(n for n in features if is_control(n))
+    return [(n, "") for n in sorted(features - controls)], controls, rows
+
+
+def _floats(batch: pa.RecordBatch, name: str, path: Path) -> np.ndarray:
     try:
-        return table.column(name).cast(pa.float64()).to_numpy().astype(np.float64, copy=False)
+        return batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise InputError(path, f"column {name} is not numeric ({exc})") from exc
 
 
-def _is_gene(table: pa.Table, path: Path) -> np.ndarray:
-    col = table.column("is_gene")
+def _is_gene(batch: pa.RecordBatch, path: Path) -> np.ndarray:
+    col = batch.column("is_gene")
     if pa.types.is_string(col.type):  # csv: "True"/"False"
         return np.isin(np.char.lower(col.to_numpy(zero_copy_only=False).astype(str)), ["true", "1"])
     try:
@@ -169,12 +196,10 @@ def morphology_um_to_he_px(xy_um: np.ndarray, pixel_size: float, m: np.ndarray |
     return morph @ inv[:2, :2].T + inv[:2, 2]
 
 
-def _genes(names: list[str], control_code: np.ndarray) -> list[tuple[str, str]]:
-    """The panel's genes, sorted so that read_genes and read_sites agree whatever the file order."""
-    return [(n, "") for n in sorted(n for n, c in zip(names, control_code) if not c)]
-
-
-def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.0) -> Sites:
+def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.0,
+                slide_px: tuple[int, int] | None = None) -> BandedSites:
+    """Molecules streamed in chunks into bands of the slide (``slide_px``: its level-0 size, when known):
+    memory is bounded by a chunk and a band, not by the section's 300–500 M molecules."""
     exp = read_experiment(bundle)
     pixel_size = float(exp["pixel_size"])
     align_path = find_alignment(bundle, alignment)
@@ -183,31 +208,11 @@ def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.
         log.warning("%s: no H&E alignment file; the slide is taken to be in the morphology frame", bundle)
 
     path = find_transcripts(bundle)
-    table = _read_columns(path, COLUMNS, OPTIONAL_COLUMNS)
-    names, codes, control_code = _panel(table, path)
-    x, y, qv = (_floats(table, c, path) for c in ("x_location", "y_location", "qv"))
-    if len(codes) == 0:
+    genes, controls, n_rows = _panel(path)
+    if n_rows == 0:
         raise InputError(path, "no transcripts")
-
-    control = control_code[codes]
-    low_qv = ~control & ~(qv >= qv_min)
-    no_pos = ~control & ~low_qv & ~(np.isfinite(x) & np.isfinite(y))
-    if no_pos.sum() > MAX_UNPLACED_FRACTION * max(int((~control & ~low_qv).sum()), 1):
-        raise InputError(path, f"{int(no_pos.sum())} of {int((~control & ~low_qv).sum())} transcripts "
-                               "read have NaN/inf x_location or y_location: the file is damaged")
-    keep = ~(control | low_qv | no_pos)
-    reasons = {"control_probe": control, "low_qv": low_qv, "no_position": no_pos}
-    dropped = {k: int(v.sum()) for k, v in reasons.items() if v.any()}
-
-    genes = _genes(names, control_code)
-    column = np.full(len(names), -1, dtype=np.int64)
-    code_of = {name: i for i, name in enumerate(names)}
-    column[[code_of[g] for g, _ in genes]] = np.arange(len(genes))
-    n = int(keep.sum())
-    counts = sp.csr_matrix(
-        (np.ones(n, np.float32), column[codes[keep]], np.arange(n + 1)), shape=(n, len(genes))
-    )
-    xy = morphology_um_to_he_px(np.stack([x[keep], y[keep]], axis=1), pixel_size, m)
+    column_of = {g: j for j, (g, _) in enumerate(genes)}
+    mpp = he_mpp(pixel_size, m)
     info = {
         "transcripts": path.name,
         "pixel_size_um": pixel_size,
@@ -215,10 +220,26 @@ def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.
         "qv_min": qv_min,
         "analysis_sw_version": str(exp.get("analysis_sw_version", "")),
     }
-    return Sites(
-        xy_px=xy, counts=counts, genes=genes, footprint_um=0.0, footprint_shape="point",
-        panel=str(exp.get("panel_name", "")), dropped=dropped, mpp_estimate=he_mpp(pixel_size, m), info=info,
-    )
+    sites = BandedSites(BAND_UM / mpp, slide_px, genes, footprint_um=0.0, footprint_shape="point",
+                        unit_counts=True, panel=str(exp.get("panel_name", "")), mpp_estimate=mpp, info=info)
+    dropped = dict.fromkeys(("control_probe", "low_qv", "no_position"), 0)
+    for batch in _batches(path, COLUMNS):
+        names, codes = _names(batch, path)
+        column = np.array([column_of.get(n, -1) for n in names], dtype=np.int32)
+        control = np.array([n in controls for n in names], dtype=bool)[codes]
+        x, y, qv = (_floats(batch, c, path) for c in ("x_location", "y_location", "qv"))
+        low_qv = ~control & ~(qv >= qv_min)
+        no_pos = ~control & ~low_qv & ~(np.isfinite(x) & np.isfinite(y))
+        if no_pos.sum() > MAX_UNPLACED_FRACTION * max(int((~control & ~low_qv).sum()), 1):
+            raise InputError(path, f"{int(no_pos.sum())} of {int((~control & ~low_qv).sum())} transcripts "
+                                   "read have NaN/inf x_location or y_location: the file is damaged")
+        keep = ~(control | low_qv | no_pos)
+        for reason, mask in zip(dropped, (control, low_qv, no_pos)):
+            dropped[reason] += int(mask.sum())
+        xy = morphology_um_to_he_px(np.stack([x[keep], y[keep]], axis=1), pixel_size, m)
+        sites.add(xy, gene=column[codes[keep]])
+    sites.dropped = {k: v for k, v in dropped.items() if v}
+    return sites.finish()
 
 
 def xenium_mpp_hint(bundle: Path, alignment: Path | None = None) -> float:
@@ -228,6 +249,4 @@ def xenium_mpp_hint(bundle: Path, alignment: Path | None = None) -> float:
 
 
 def xenium_genes(bundle: Path) -> list[tuple[str, str]]:
-    path = find_transcripts(bundle)
-    names, _, control_code = _panel(_read_columns(path, ("feature_name",), OPTIONAL_COLUMNS), path)
-    return _genes(names, control_code)
+    return _panel(find_transcripts(bundle))[0]

@@ -1,0 +1,84 @@
+"""Sites banded on disk: the same sites as in memory, whatever the chunking, and the right ones per box."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+import sharding.bands as bands
+import sharding.xenium as xenium
+from sharding.bands import BandedSites
+from sharding.sites import Sites
+
+
+def _boxes(rng: np.random.Generator, n: int, side: float) -> list[tuple[float, float, float, float]]:
+    """A grid of tile boxes visited row by row (as the pipeline's runs are)."""
+    step = side / n
+    return [(c * step, r * step, (c + 1) * step, (r + 1) * step) for r in range(n) for c in range(n)]
+
+
+@pytest.mark.parametrize("unit", [True, False])
+def test_banded_sites_match_in_memory(monkeypatch, unit):
+    monkeypatch.setattr(bands, "FLUSH_SITES", 700)  # many flushes, each touching many bands
+    rng = np.random.default_rng(0)
+    n, n_genes, side = 5000, 30, 1000.0
+    xy = rng.uniform(-50, side + 50, (n, 2))  # some off the slide
+    xy[::97] = np.nan
+    if unit:
+        gene = rng.integers(0, n_genes, n)
+        counts = sp.csr_matrix((np.ones(n, np.float32), gene, np.arange(n + 1)), shape=(n, n_genes))
+    else:
+        counts = sp.random(n, n_genes, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    genes = [(f"G{i}", "") for i in range(n_genes)]
+    banded = BandedSites(37.0, (int(side), int(side)), genes, 0.0, "point", unit_counts=unit)
+    for a in range(0, n, 900):  # chunks as a reader adds them
+        banded.add(xy[a:a + 900], counts=None if unit else counts[a:a + 900], gene=gene[a:a + 900] if unit else None)
+    banded.finish()
+    memory = Sites(xy, counts, genes, 0.0, "point")
+    assert banded.n_sites == memory.n_sites == n  # NaN positions count as off the slide, as in memory
+    assert banded.count_outside(int(side), int(side)) == memory.count_outside(int(side), int(side)) > len(xy[::97])
+    on = memory.on_slide(int(side), int(side))
+    np.testing.assert_array_equal(banded.xy_px, xy[on])  # input order restored
+    assert (banded.counts != counts[np.flatnonzero(on)]).nnz == 0
+    for box in _boxes(rng, 7, side):
+        got_xy, got = banded.in_box(*box)
+        want_xy, want = memory.in_box(*box)
+        np.testing.assert_array_equal(got_xy, want_xy)
+        assert (got != want).nnz == 0 and got.shape == want.shape
+    assert banded.n_kept == memory.n_kept == on.sum()
+    folder = banded.folder
+    del banded
+    assert not Path(folder).exists()  # scratch removed with the object
+
+
+def test_streamed_xenium_reader_is_chunking_invariant(tmp_path, monkeypatch):
+    """A parquet bundle read in 1 000-row batches into 10 µm bands gives the molecules of a one-shot read."""
+    rng = np.random.default_rng(3)
+    n = 12_000
+    names = [f"G{i}" for i in range(40)] + ["BLANK_0001", "NegControlProbe_00002", "ctrl_flagged"]
+    feature = rng.integers(0, len(names), n)
+    x, y, qv = rng.uniform(0, 300, n), rng.uniform(0, 300, n), rng.uniform(0, 40, n).astype(np.float32)
+    is_gene = np.array([not n_.startswith(("BLANK", "NegControl", "ctrl")) for n_ in names])[feature]
+    pq.write_table(pa.table({
+        "feature_name": pa.DictionaryArray.from_arrays(pa.array(feature.astype(np.int32)), pa.array(names)),
+        "x_location": x.astype(np.float32), "y_location": y.astype(np.float32), "qv": qv, "is_gene": is_gene,
+        "cell_id": ["UNASSIGNED"] * n,
+    }), tmp_path / "transcripts.parquet", row_group_size=2500)
+    (tmp_path / "experiment.xenium").write_text('{"pixel_size": 0.2125, "panel_name": "p"}')
+    one_shot = xenium.read_xenium(tmp_path)
+    monkeypatch.setattr(xenium, "BATCH_ROWS", 1000)
+    monkeypatch.setattr(xenium, "BAND_UM", 10.0)
+    monkeypatch.setattr(bands, "FLUSH_SITES", 3000)
+    sites = xenium.read_xenium(tmp_path, slide_px=(1500, 1400))
+    keep = is_gene & (qv >= 20)
+    assert one_shot.dropped == {"control_probe": int((~is_gene).sum()), "low_qv": int((is_gene & (qv < 20)).sum())}
+    assert sites.genes == one_shot.genes == [(g, "") for g in sorted(names[:40])]
+    np.testing.assert_allclose(one_shot.xy_px, np.stack([x, y], 1)[keep].astype(np.float32) / 0.2125)
+    on = one_shot.xy_px[:, 1] < 1400
+    np.testing.assert_array_equal(sites.xy_px, one_shot.xy_px[on])
+    assert (sites.counts != one_shot.counts[np.flatnonzero(on)]).nnz == 0
+    assert sites.count_outside(1500, 1400) == int((~on).sum()) and len(sites.band_sites) > 20
