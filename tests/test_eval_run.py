@@ -110,6 +110,20 @@ def test_table_csv_png_json_label_probe_and_gene_groups(tmp_path):
     assert direct.mean == pytest.approx(table.loc[1, "pearson_mean"], abs=1e-12)
 
 
+def test_tiles_without_an_embedding_leave_every_row(tmp_path):
+    """A tile whose transcript input is empty once the targets are dropped has a NaN embedding in that mode;
+    it is left out of every model × mode so all rows are computed on the same tiles."""
+    shards = _cohort(tmp_path)
+    targets = select_target_genes(tile_expression(shards), n=4)
+    emb = _write_embeddings(tmp_path / "emb", shards, targets, dropped=targets)
+    adata = ad.read_h5ad(emb / "s2.h5ad")
+    adata.obsm["fused"][:3] = np.nan
+    adata.write_h5ad(emb / "s2.h5ad")
+    table = evaluate(shards, embeddings={"m": emb}, modes=["image", "fused"], n_targets=4, show=False, progress=False)
+    assert table["n_tiles"].tolist() == [45, 45]
+    assert table.attrs["results"]["n_tiles_left_out"] == 3
+
+
 def test_label_from_obs_column(tmp_path):
     shards = _cohort(tmp_path)
     targets = select_target_genes(tile_expression(shards), n=4)

@@ -173,8 +173,11 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
 
     finite = np.all([np.isfinite(x).all(axis=1) for x in X.values()], axis=0)
     if not finite.all():
-        log.warning("%d of %d tiles have no embedding in some model × mode (no transcript token left); "
-                    "they are left out of every row so all rows see the same tiles", (~finite).sum(), finite.size)
+        sample_of = np.concatenate([[s] * len(keys[s]) for s in sample_ids])
+        lost = pd.Series(sample_of[~finite]).value_counts().sort_index()
+        log.warning("%d of %d tiles have no embedding in some model × mode (no transcript token left once the "
+                    "targets are dropped: %s); they are left out of every row so all rows see the same tiles",
+                    (~finite).sum(), finite.size, ", ".join(f"{s} {n}/{len(keys[s])}" for s, n in lost.items()))
     X = {k: v[finite] for k, v in X.items()}
     Y, patients = Y[finite], patients[finite]
     all_keys = np.concatenate([keys[s] for s in sample_ids])[finite]
