@@ -73,8 +73,8 @@ def test_output_shapes_and_collate():
     assert out.grid_size == (4, 4)
     with pytest.raises(ValueError, match="summing"):
         TranscriptBatch(torch.tensor([1, 1]), tb.xy, tb.offsets, tb.gene, tb.weight, tb.resolution_um)
-    with pytest.raises(ValueError, match="one token resolution"):
-        TranscriptBatch.collate([random_cells(3, 0, resolution_um=8.0), random_cells(3, 1, resolution_um=16.0)])
+    mixed = TranscriptBatch.collate([random_cells(3, 0, resolution_um=8.0), random_cells(3, 1, resolution_um=16.0)])
+    assert mixed.resolution_um.tolist() == [8.0] * mixed.lengths[0] + [16.0] * mixed.lengths[1]  # per token
 
 
 def test_no_transcripts_is_exactly_the_image_backbone():

@@ -1,7 +1,11 @@
 """A batch of multi-crop tiles → the teacher's and the student's packed inputs, masks included.
 
 Per batch, one transcript token size is drawn from ``resolutions_um`` (so the model learns every
-scale) and every view's sites are binned at it in the view's own frame (:func:`histotx.tokens.bin_grid`).
+scale) and every view's sites are binned at it in the view's own frame (:func:`histotx.tokens.bin_grid`),
+except where the sites are coarser than the draw (55 µm spots at 8 µm): those keep one token per site at
+their own size, since spreading a spot over smaller cells makes copies of one expression that the
+masked-expression and transcript-iBOT targets would leak through. Every site thus feeds exactly one
+token of a view, and each token carries its own size.
 Per sample, modality dropout makes the *student* see the image only, the transcripts only, or both;
 the teacher always sees both, so the student learns to reach the fused embedding from one modality
 (which is what keeps image-only inference strong). Crops are ordered crop-major (all samples' first
@@ -30,7 +34,8 @@ BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY = 0, 1, 2
 @dataclass
 class SSLBatch:
     """One step's inputs. ``transcript_index[t]`` is the teacher token of student global token t (the
-    pairing for iBOT on transcript tokens); ``resolution_um`` is the token size told to the model."""
+    pairing for iBOT on transcript tokens); ``resolution_um`` is the token size drawn for the batch (None
+    for a "native" draw; the tokens carry their own sizes)."""
 
     keys: list[str]
     global_images: torch.Tensor  # [2B, 3, G, G]
@@ -44,7 +49,7 @@ class SSLBatch:
     transcript_mask: torch.Tensor  # [student global tokens] bool
     transcript_index: torch.Tensor  # [student global tokens] long
     modality: torch.Tensor  # [B] long: BOTH, IMAGE_ONLY or TRANSCRIPTS_ONLY
-    resolution_um: float
+    resolution_um: float | None
     native: bool
     gene_panel: torch.Tensor | None = None  # [B, V] bool: genes each sample measured (None: unknown, all)
 
@@ -95,14 +100,10 @@ class SSLBatch:
 
 
 def _tokens(views: list[View], resolution_um: float | None) -> list[TranscriptCells]:
-    return [bin_grid(v.grid, v.mpp, resolution_um, tuple(v.image.shape[-2:])) for v in views]
-
-
-def _shared_size(cells: list[TranscriptCells]) -> list[TranscriptCells]:
-    """Native tokens report their own size (spot, bin, or a pixel for molecules), which differs between
-    technologies and crops; a batch carries one size, so all get the largest."""
-    size = max(c.resolution_um for c in cells)
-    return [c if c.resolution_um == size else TranscriptCells(c.xy, c.offsets, c.gene, c.weight, size) for c in cells]
+    """Each view's tokens at the drawn size, or one per site (native) when the draw is "native" or finer
+    than the site footprint."""
+    return [bin_grid(v.grid, v.mpp, None if resolution_um is None or v.grid.footprint_um > resolution_um
+                     else resolution_um, tuple(v.image.shape[-2:])) for v in views]
 
 
 def read_panels(shards: str) -> tuple[dict[str, np.ndarray], int]:
@@ -160,18 +161,17 @@ class SSLCollate:
         global_views = [it.globals[k] for k in range(n_global) for it in items]
         local_views = [it.locals[k] for k in range(n_local) for it in items]
         cells = _tokens(global_views + local_views, resolution)
-        if native:
-            cells = _shared_size(cells)
-        size = cells[0].resolution_um
         global_cells, local_cells = cells[: len(global_views)], cells[len(global_views):]
 
         keep_tx = np.tile(modality != IMAGE_ONLY, n_global)
-        student_cells = [cell if keep else TranscriptCells.empty(size) for cell, keep in zip(global_cells, keep_tx)]
+        student_cells = [cell if keep else TranscriptCells.empty(cell.resolution_um)
+                         for cell, keep in zip(global_cells, keep_tx)]
         starts = np.cumsum([0] + [cell.n_cells for cell in global_cells])
         transcript_index = np.concatenate(
             [np.zeros(0, np.int64)] + [np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(keep_tx)])
         local_keep = np.tile(modality != IMAGE_ONLY, n_local)
-        local_student = [cell if keep else TranscriptCells.empty(size) for cell, keep in zip(local_cells, local_keep)]
+        local_student = [cell if keep else TranscriptCells.empty(cell.resolution_um)
+                         for cell, keep in zip(local_cells, local_keep)]
 
         image_present = np.tile(modality != TRANSCRIPTS_ONLY, n_global)
         masks = image_masks(len(global_views), self.grid_hw, rng, m.image_mask_probability, m.image_mask_ratio,
@@ -187,14 +187,14 @@ class SSLCollate:
             local_images=local_images,
             teacher_transcripts=TranscriptBatch.collate(global_cells),
             student_global_transcripts=TranscriptBatch.collate(student_cells),
-            student_local_transcripts=TranscriptBatch.collate(local_student or [TranscriptCells.empty(size)]),
+            student_local_transcripts=TranscriptBatch.collate(local_student or [TranscriptCells.empty(1.0)]),
             student_global_image_present=torch.from_numpy(image_present),
             student_local_image_present=torch.from_numpy(np.tile(modality != TRANSCRIPTS_ONLY, n_local)),
             image_mask=torch.from_numpy(masks),
             transcript_mask=torch.from_numpy(np.concatenate([np.zeros(0, bool)] + tx_masks)),
             transcript_index=torch.from_numpy(transcript_index),
             modality=torch.from_numpy(modality.astype(np.int64)),
-            resolution_um=size,
+            resolution_um=resolution,
             native=native,
             gene_panel=self.gene_panel([it.key for it in items]),
         )

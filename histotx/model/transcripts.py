@@ -7,7 +7,8 @@ number of expressed genes per cell varies by orders of magnitude between technol
 projection to the model width. Its position is the image's patch position embedding, bilinearly
 sampled at the cell centre, so a transcript token and the image patch under it share a position.
 A modality embedding and an embedding of the token size r (Fourier features of log r through a
-small MLP, so any r works) are added.
+small MLP, so any r works) are added; r may differ from token to token (a batch mixing 55 µm spots
+and 8 µm cells), and the MLP runs once per distinct size.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ class TranscriptBatch:
 
     ``lengths[b]`` tokens belong to sample b (0 allowed); token t sits at ``xy[t]`` (image pixels of
     the model's input) and holds ``gene[offsets[t]:offsets[t+1]]`` with ``weight[...]`` (CSR with
-    T + 1 offsets, i.e. ``nn.EmbeddingBag(..., include_last_offset=True)``). All tokens of a batch
-    share one size ``resolution_um``.
+    T + 1 offsets, i.e. ``nn.EmbeddingBag(..., include_last_offset=True)``). ``resolution_um`` is the
+    token size in µm: one number for every token, or a ``(T,)`` tensor of per-token sizes.
     """
 
     lengths: torch.Tensor
@@ -37,7 +38,7 @@ class TranscriptBatch:
     offsets: torch.Tensor
     gene: torch.Tensor
     weight: torch.Tensor
-    resolution_um: float
+    resolution_um: float | torch.Tensor
 
     def __post_init__(self) -> None:
         n = int(self.xy.shape[0])
@@ -48,8 +49,12 @@ class TranscriptBatch:
             raise ValueError(f"gene {tuple(self.gene.shape)} and weight {tuple(self.weight.shape)} differ")
         if self.lengths.dim() != 1 or int(self.lengths.sum()) != n or bool((self.lengths < 0).any()):
             raise ValueError(f"lengths must hold one count >= 0 per sample, summing to the {n} tokens")
-        if not self.resolution_um > 0:
-            raise ValueError(f"resolution_um must be positive, got {self.resolution_um}")
+        r = self.resolution_um
+        if isinstance(r, torch.Tensor):
+            if r.shape != (n,) or bool((r <= 0).any()):
+                raise ValueError(f"per-token resolution_um must be ({n},) positive sizes, got {tuple(r.shape)}")
+        elif not r > 0:
+            raise ValueError(f"resolution_um must be positive, got {r}")
 
     @property
     def batch_size(self) -> int:
@@ -61,12 +66,14 @@ class TranscriptBatch:
 
     @classmethod
     def collate(cls, cells: list[TranscriptCells]) -> "TranscriptBatch":
-        """Pack the tokens of a batch's tiles (one :class:`TranscriptCells` per sample, possibly empty)."""
+        """Pack the tokens of a batch's tiles (one :class:`TranscriptCells` per sample, possibly empty);
+        the size is one number when all samples share it, else per token."""
         if not cells:
             raise ValueError("cannot collate an empty list of samples")
         resolutions = {c.resolution_um for c in cells}
-        if len(resolutions) != 1:
-            raise ValueError(f"one batch must share one token resolution, got {sorted(resolutions)} µm")
+        resolution: float | torch.Tensor = next(iter(resolutions))
+        if len(resolutions) > 1:
+            resolution = torch.from_numpy(np.concatenate([np.full(c.n_cells, c.resolution_um) for c in cells]))
         nnz = np.concatenate([[0]] + [np.diff(c.offsets) for c in cells])
         return cls(
             lengths=torch.tensor([c.n_cells for c in cells], dtype=torch.long),
@@ -74,7 +81,7 @@ class TranscriptBatch:
             offsets=torch.from_numpy(np.cumsum(nnz)),
             gene=torch.from_numpy(np.concatenate([c.gene for c in cells])),
             weight=torch.from_numpy(np.concatenate([c.weight for c in cells])),
-            resolution_um=resolutions.pop(),
+            resolution_um=resolution,
         )
 
     @classmethod
@@ -93,7 +100,8 @@ class TranscriptBatch:
 
 
 class ResolutionEmbedding(nn.Module):
-    """r (µm) → a D-vector: Fourier features of log r through a two-layer MLP, defined for any r > 0."""
+    """r (µm) → a D-vector: Fourier features of log r through a two-layer MLP, defined for any r > 0;
+    a ``(T,)`` tensor of sizes → ``(T, D)``."""
 
     def __init__(self, dim: int, n_frequencies: int = 8) -> None:
         super().__init__()
@@ -102,12 +110,17 @@ class ResolutionEmbedding(nn.Module):
         self.fc1 = nn.Linear(2 * n_frequencies + 1, dim)
         self.fc2 = nn.Linear(dim, dim)
 
-    def forward(self, resolution_um: float) -> torch.Tensor:
-        log_r = torch.full((1, 1), math.log(resolution_um), device=self.frequencies.device,
-                           dtype=self.fc1.weight.dtype)
+    def forward(self, resolution_um: float | torch.Tensor) -> torch.Tensor:
+        if isinstance(resolution_um, torch.Tensor):
+            sizes, index = torch.unique(resolution_um, return_inverse=True)
+            return self._embed(sizes.double().log())[index]
+        return self._embed(torch.tensor([math.log(resolution_um)], dtype=torch.float64))[0]
+
+    def _embed(self, log_r: torch.Tensor) -> torch.Tensor:
+        log_r = log_r.to(device=self.frequencies.device, dtype=self.fc1.weight.dtype)[:, None]
         angles = log_r * self.frequencies
         features = torch.cat([log_r, angles.sin(), angles.cos()], dim=-1)
-        return self.fc2(F.silu(self.fc1(features)))[0]
+        return self.fc2(F.silu(self.fc1(features)))
 
 
 class TranscriptTokenizer(nn.Module):
