@@ -533,7 +533,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--image-px", type=int, help="resize each tile to this side (default: the model's input size)")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=0, help="processes that decode and bin tiles (default 0: none)")
+    p.add_argument("--workers", type=int, default=0, help="processes that decode, resize and bin tiles (default 0: the main process; "
+                        "on a GPU use several, or the GPU waits for them)")
     g = p.add_argument_group("a shard set")
     g.add_argument("--shards", type=Path, help="shard folder with manifest.json (made by `histotx shard`)")
     g.add_argument("--samples", help="comma-separated sample ids (default: all)")
