@@ -78,10 +78,12 @@ def _summary_table(manifest: dict) -> None:
         table.add_column(col, overflow="fold")
     for sid, rec in manifest["samples"].items():
         dropped = ", ".join(f"{k}={v}" for k, v in (rec.get("dropped") or {}).items())
-        note = rec.get("error") or "; ".join(rec.get("warnings") or []) or ("resumed" if rec.get("resumed") else "")
+        warned = rec["status"] == "ok" and rec.get("warnings")
+        note = rec.get("error") or ("WARNING: " + "; ".join(rec["warnings"]) if warned else "") or \
+            ("resumed" if rec.get("resumed") else "")
         table.add_row(sid, rec.get("technology", "?"), rec["status"], str(rec.get("tiles", 0)),
                       str(rec.get("sites_kept", "")), dropped, note,
-                      style=None if rec["status"] == "ok" else "red")
+                      style="red" if rec["status"] != "ok" else "yellow" if warned else None)
     tot = manifest["totals"]
     console = Console(stderr=True, width=160)
     console.print(table)

@@ -8,11 +8,16 @@ from histotx.format import IMAGE_EXTENSIONS
 from sharding.slides import RESAMPLE_FILTERS
 
 
+TILINGS = ("grid", "grid_sites", "spots")
+
+
 @dataclass
 class ShardConfig:
     mpp: float = 0.5                  # µm/px of every output tile
     tile_px: int = 256                # output tile side in px (256 px at 0.5 µm/px = 128 µm)
-    tiling: str = "grid"              # grid: tissue tiles over the whole slide; spots: one tile centred on each spot (HEST-style)
+    tiling: str = "grid"              # grid: tissue tiles over the whole slide; grid_sites: those plus every grid tile
+                                      # holding a site (even where the mask says background); spots: one tile
+                                      # centred on each spot (HEST-style)
     min_tissue_fraction: float = 0.25 # grid tiles with less tissue are skipped
     mask_mpp: float = 8.0             # µm/px of the thumbnail the tissue mask is computed on
     image_format: str = "jpg"         # jpg | png | webp
@@ -25,19 +30,20 @@ class ShardConfig:
     in_tissue_only: bool = True       # Visium/HD/HEST: drop spots that Space Ranger called out of tissue
     mpp_tolerance: float = 0.05       # warn when the data's own pixel size and the slide's disagree by more
     max_outside_fraction: float = 0.5 # fail a sample when more of its sites than this lie outside the slide
+    max_dropped_fraction: float = 0.05  # warn when more of a sample's sites than this lie under no kept tile
     resample: str = "bilinear"        # bilinear | bicubic | lanczos | box (all anti-aliased when shrinking)
     snap_tolerance: float = 0.02      # a pyramid level this close to `mpp` is cut 1:1 (tiles keep its exact µm/px)
     run_tiles: int = 16               # neighbouring tiles of a row read and resampled together as one region
 
     def validate(self) -> None:
-        if self.tiling not in ("grid", "spots"):
-            raise ConfigError(f"tiling must be grid or spots, got {self.tiling!r}")
+        if self.tiling not in TILINGS:
+            raise ConfigError(f"tiling must be one of {', '.join(TILINGS)}, got {self.tiling}")
         if self.image_format not in IMAGE_EXTENSIONS:
             raise ConfigError(f"image_format must be one of {IMAGE_EXTENSIONS}, got {self.image_format!r}")
         if not (self.mpp > 0 and self.tile_px >= 16):
             raise ConfigError("mpp must be > 0 and tile_px >= 16")
-        if not 0 <= self.min_tissue_fraction <= 1:
-            raise ConfigError("min_tissue_fraction must be within [0, 1]")
+        if not (0 <= self.min_tissue_fraction <= 1 and 0 <= self.max_dropped_fraction <= 1):
+            raise ConfigError("min_tissue_fraction and max_dropped_fraction must be within [0, 1]")
         if self.resample not in RESAMPLE_FILTERS:
             raise ConfigError(f"resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}")
         if min(self.shard_max_tiles, self.run_tiles) < 1:

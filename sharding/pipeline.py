@@ -156,6 +156,19 @@ def _sites_on_slide(slide: Slide, sites: Sites | BandedSites, cfg: ShardConfig, 
     return sites.n_sites - n_out
 
 
+def _dropped_warning(n_dropped: int, n_on_slide: int, cfg: ShardConfig) -> str:
+    """What the summary says when many sites lie under no kept tile, and how to keep them."""
+    why = ("the tissue mask called their area background" if cfg.tiling != "spots" else
+           "their tiles hold less tissue than min_tissue_fraction")
+    if cfg.max_tiles_per_sample:
+        why += ", or max_tiles_per_sample left their tiles out"
+    keep = ("tiling=grid_sites (also cuts a tile wherever there are sites) or a lower min_tissue_fraction"
+            if cfg.tiling != "spots" else "a lower min_tissue_fraction")
+    return (f"{n_dropped} of {n_on_slide} sites on the slide ({n_dropped / n_on_slide:.1%}, more than "
+            f"max_dropped_fraction={cfg.max_dropped_fraction:g}) lie under no kept tile ({why}); to keep them, "
+            f"set {keep}")
+
+
 def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: Path,
                  vocab: Vocab) -> dict[str, Any]:
     """Tile one sample and write its shards; returns its completion record."""
@@ -182,7 +195,8 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                                             f"not {sample.technology}")
             plan = plan_spots(sites.xy_px[sites.on_slide(slide.width, slide.height)], tissue, cfg, geom)
         else:
-            plan = plan_grid(slide, tissue, cfg, geom)
+            plan = plan_grid(slide, tissue, cfg, geom, site_xy=None if sites is None or cfg.tiling != "grid_sites"
+                             else sites.xy_px)
         if len(plan) == 0:
             raise InputError(spath, f"no tissue tiles: tissue covers {tissue.fraction:.1%} of the slide and no "
                                     f"{cfg.tile_px}px tile at {geom.mpp:.4g} µm/px reaches min_tissue_fraction="
@@ -226,6 +240,8 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         n_kept = sites.n_kept if sites is not None else 0
         if on_count - n_kept:
             dropped["not_under_a_tile"] = on_count - n_kept
+            if on_count - n_kept > cfg.max_dropped_fraction * on_count:
+                warnings.append(_dropped_warning(on_count - n_kept, on_count, cfg))
         record = {
             "sample": sample.id, "status": "ok", "technology": sample.technology, "patient": sample.patient_id,
             "organ": sample.organ, "species": sample.species,
