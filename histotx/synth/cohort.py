@@ -47,7 +47,7 @@ from histotx.synth.xenium import (
 
 VARIANTS = ("visium", "visium_sr2", "visium_hd", "xenium", "hest", "image_only")
 TECHNOLOGY = {"visium_sr2": "visium"}  # variant → cohort technology where they differ
-SIZES = ("small", "medium")
+SIZES = ("small", "medium", "bench")
 N_PATIENTS = 2
 
 EFFICIENCY = {"visium": 0.3, "visium_hd": 0.3, "xenium": 1.0}  # fraction of a cell's RNA captured
@@ -75,11 +75,14 @@ _SMALL = {
     "hest": SlideSpec(2048, 2304, 0.5, "tiff_pages"),
     "image_only": SlideSpec(2048, 1792, 0.5, "tiff_subifds"),
 }
+# bench: twice the small tissue per side, drawn at 1 µm/px (nuclei still 4-7 px across), for benchmarks
+# that train and evaluate on CPU: a quarter of the pixels of the same tissue at 0.5 µm/px.
 SPECS = {
     "small": _SMALL,
     "medium": {k: SlideSpec(4 * s.width, 4 * s.height, s.mpp, s.layout) for k, s in _SMALL.items()},
+    "bench": {k: SlideSpec(round(2 * s.width * s.mpp), round(2 * s.height * s.mpp), 1.0, s.layout) for k, s in _SMALL.items()},
 }
-HD_CROP_UM = {"small": 400, "medium": 1200}
+HD_CROP_UM = {"small": 400, "medium": 1200, "bench": 800}
 
 
 @dataclass
@@ -331,7 +334,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("out", metavar="OUT", help="folder to write the cohort into (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same cohort")
     p.add_argument("--size", choices=SIZES, default="small",
-                   help="small: ~2k px slides, seconds (tests, demo); medium: ~9k px slides, for benchmarks")
+                   help="small: ~2k px slides, seconds (tests, demo); medium: ~9k px slides, for benchmarks; "
+                        "bench: 2× small's tissue at 1 µm/px (CPU training benchmarks)")
     p.add_argument("--markers", action="store_true",
                    help="paint a green disk on the H&E at every site in truth/<id>.json (co-registration checks)")
     p.add_argument("--technologies", default=",".join(VARIANTS), metavar="LIST",
