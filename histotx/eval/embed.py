@@ -158,7 +158,7 @@ def _autocast(device: torch.device):
 def embed_batch(net: torch.nn.Module, images: torch.Tensor, cells: list[TranscriptCells] | None,
                 modes: Sequence[str], device: torch.device) -> dict[str, np.ndarray]:
     """CLS embeddings (B, D) float32 per mode for one batch (NaN rows: no input for that mode)."""
-    images = images.to(device, non_blocking=True)
+    images = images.to(device, net.cls_token.dtype, non_blocking=True)  # fp32 (autocast on GPU), or a float64 model
     batch = collate_cells(cells).to(device) if cells is not None else None
     has_tokens = (batch.lengths > 0).cpu().numpy() if batch is not None else None
     out: dict[str, np.ndarray] = {}
