@@ -17,7 +17,7 @@ Turn a cohort of H&E slides + spatial transcriptomics into WebDataset shards.
   histotx shard run cohort.yaml --out shards/ --part 3/8   one slice, e.g. a SLURM array task
   histotx shard merge shards/                        join the parts' manifests
   histotx shard verify shards/                       re-read everything, check checksums and schema
-  histotx shard qc shards/ --out qc/                 PNG sheets of tiles with the spots/molecules drawn
+  histotx shard qc shards/ --out qc/                 PNGs: tiles with sites drawn + a whole-slide overview
 
 Settings (defaults: 256 px tiles at 0.5 µm/px, JPEG, tissue fraction ≥ 0.25) come from --config
 YAML and key=value overrides, e.g. `mpp=0.25 tile_px=224 tiling=spots`.
@@ -54,7 +54,8 @@ def register(subparsers) -> None:
     v.add_argument("--no-checksums", action="store_true", help="skip sha256 (faster)")
     v.set_defaults(func=_verify)
 
-    q = sub.add_parser("qc", help="PNG contact sheets of tiles with sites drawn, per sample")
+    q = sub.add_parser("qc", help="per sample: a contact sheet of tiles with sites drawn, and a whole-slide "
+                                  "overview (kept tiles outlined, sites in shards cyan, sites under no tile red)")
     q.add_argument("shard_dir", type=Path)
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--per-sample", type=int, default=8)
@@ -149,9 +150,9 @@ def _verify(args) -> int:
 
 
 def _qc(args) -> int:
-    from sharding.qc import write_qc
+    from sharding.qc import write_overviews, write_qc
 
-    files = write_qc(args.shard_dir, args.out, per_sample=args.per_sample)
+    files = write_qc(args.shard_dir, args.out, per_sample=args.per_sample) + write_overviews(args.shard_dir, args.out)
     for f in files:
         print(f)
     return 0 if files else 1

@@ -1,15 +1,28 @@
-"""Quality-control pictures: sample tiles with their sites drawn on, to see co-registration by eye."""
+"""Quality-control pictures, to judge a shard set by eye.
+
+- ``{sample}.png``: a contact sheet of tiles with their sites drawn on (co-registration up close);
+- ``{sample}_overview.png``: the whole slide with every kept tile outlined (green), the sites the shards hold
+  (cyan) and the sites of the input that no kept tile holds (red) — spots and bins as their true size,
+  molecules (or sites smaller than 2 overview px) as density. A half-missing slide, a tissue mask that cut
+  away tissue, or a shifted alignment shows at a glance.
+"""
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from histotx.format import decode_image_rgb, decode_sample, read_manifest
+from histotx.format import decode_grid, decode_image_rgb, decode_sample, read_manifest
 from sharding.verify import iter_shard
 
+log = logging.getLogger(__name__)
+
 MIN_QC_PX = 192
+OVERVIEW_PX = 1600  # longest side of an overview
+TILE_RGB, KEPT_RGB, DROPPED_RGB = (0, 200, 0), (0, 230, 255), (255, 30, 30)
 
 
 def draw_sites(rgb: np.ndarray, xy: np.ndarray, footprint_px: float, shape: str) -> Image.Image:
@@ -62,3 +75,105 @@ def write_qc(shard_dir: Path, out_dir: Path, per_sample: int = 8, columns: int =
         sheet.save(path)
         written.append(path)
     return written
+
+
+def _tiles_and_sites(shard_dir: Path, manifest: dict, sid: str) -> tuple[list, np.ndarray, float, str]:
+    """(tile boxes in level-0 px, kept site centres in level-0 px, footprint µm, footprint shape) from the
+    shards themselves (metadata and grids; images are not decoded)."""
+    boxes, xy, footprint, shape = [], [], 0.0, "point"
+    for entry in manifest["shards"]:
+        if entry.get("sample_id") != sid:
+            continue
+        for members in iter_shard(shard_dir / entry["name"]):
+            meta = json.loads(members["json"])
+            scale0 = meta["mpp"] / meta["source_mpp"]  # level-0 px per tile px
+            ox, oy = meta["origin_level0_px"]
+            boxes.append((ox, oy, ox + meta["tile_px"] * scale0, oy + meta["tile_px"] * scale0))
+            grid = decode_grid(members["tx"])
+            if grid.n_sites:
+                xy.append(grid.xy.astype(np.float64) * scale0 + (ox, oy))
+                footprint, shape = grid.footprint_um, grid.footprint_shape
+    return boxes, np.concatenate(xy) if xy else np.zeros((0, 2)), footprint, shape
+
+
+def _input_sites(manifest: dict, sid: str):
+    """The sample's sites as read from its input (for the dropped ones), or None when it cannot be read."""
+    from sharding.cohort import load_cohort
+    from sharding.readers import ReaderOptions, read_sites
+
+    cfg = manifest["config"]
+    try:
+        cohort = load_cohort(cfg["cohort"])
+        sample = next(s for s in cohort.samples if s.id == sid)
+        return read_sites(sample, cohort, ReaderOptions(qv_min=cfg.get("qv_min", 20.0),
+                                                        in_tissue_only=cfg.get("in_tissue_only", True)))
+    except Exception as exc:  # noqa: BLE001 — the overview still shows what the shards hold
+        log.warning("qc overview of %s: input sites not readable, dropped sites not drawn (%s)", sid, exc)
+        return None
+
+
+def _draw_sites(img: Image.Image, xy: np.ndarray, per_px: float, footprint_px: float, shape: str,
+                rgb: tuple[int, int, int]) -> None:
+    """Sites at overview scale: outlines of their true size, or a density overlay when smaller than 2 px."""
+    pts = xy / per_px
+    if footprint_px >= 2 and shape in ("disk", "square"):
+        draw, r = ImageDraw.Draw(img), footprint_px / 2
+        for x, y in pts:
+            (draw.ellipse if shape == "disk" else draw.rectangle)((x - r, y - r, x + r, y + r), outline=rgb)
+        return
+    w, h = img.size
+    inside = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
+    ix, iy = pts[inside].astype(np.int64).T
+    density = np.bincount(iy * w + ix, minlength=w * h).reshape(h, w).astype(np.float64)
+    if not density.any():
+        return
+    alpha = np.clip(density / max(np.percentile(density[density > 0], 95), 1.0), 0, 1) * 0.85
+    base = np.asarray(img, dtype=np.float64)
+    out = base * (1 - alpha[..., None]) + np.asarray(rgb, np.float64) * alpha[..., None]
+    img.paste(Image.fromarray(out.round().astype(np.uint8)))
+
+
+def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max_px: int = OVERVIEW_PX) -> Path:
+    """The whole-slide overview of one sample (see the module docstring)."""
+    from sharding.slides import Slide
+
+    rec = manifest["samples"][sid]
+    boxes, kept, footprint_um, shape = _tiles_and_sites(shard_dir, manifest, sid)
+    with Slide(rec["slide"], mpp=rec["slide_mpp"]) as slide:
+        target = max(slide.mpp * max(slide.width, slide.height) / max_px, slide.mpp)
+        thumb, per_px = slide.thumbnail(target)  # per_px: level-0 px per overview px
+        dropped = np.zeros((0, 2))
+        sites = _input_sites(manifest, sid) if rec.get("technology") != "image_only" else None
+        if sites is not None:
+            xy = np.asarray(sites.xy_px, dtype=np.float64)
+            on = (xy[:, 0] >= 0) & (xy[:, 0] < slide.width) & (xy[:, 1] >= 0) & (xy[:, 1] < slide.height)
+            covered = np.zeros(len(xy), dtype=bool)
+            for x0, y0, x1, y1 in boxes:
+                covered |= (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
+            dropped = xy[on & ~covered]
+            footprint_um, shape = sites.footprint_um, sites.footprint_shape
+        footprint_px = footprint_um / (slide.mpp * per_px)
+    img = Image.fromarray(thumb).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle((x0 / per_px, y0 / per_px, x1 / per_px - 1, y1 / per_px - 1), outline=TILE_RGB)
+    _draw_sites(img, kept, per_px, footprint_px, shape, KEPT_RGB)
+    _draw_sites(img, dropped, per_px, footprint_px, shape, DROPPED_RGB)
+    legend = (f"{sid}: {len(boxes)} tiles (green), {len(kept)} sites in shards (cyan), {len(dropped)} sites "
+              f"under no tile (red)" + ("" if rec.get("technology") == "image_only" or sites is not None
+                                        else "; input not readable, dropped sites not drawn"))
+    canvas = Image.new("RGB", (img.width, img.height + 16), (255, 255, 255))
+    canvas.paste(img, (0, 16))
+    ImageDraw.Draw(canvas).text((2, 2), legend, fill=(0, 0, 0))
+    path = Path(out_dir) / f"{sid}_overview.png"
+    canvas.save(path)
+    return path
+
+
+def write_overviews(shard_dir: Path, out_dir: Path, max_px: int = OVERVIEW_PX) -> list[Path]:
+    """One overview PNG per sample that was sharded."""
+    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(shard_dir)
+    return [write_overview(shard_dir, manifest, sid, out_dir, max_px)
+            for sid, rec in sorted(manifest["samples"].items()) if rec.get("status") == "ok"]

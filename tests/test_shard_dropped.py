@@ -1,14 +1,22 @@
 """Sites under no kept tile are reported per sample; above max_dropped_fraction the summary warns and says how
-to keep them, and tiling=grid_sites keeps them (a tile wherever there are sites, whatever the tissue mask says)."""
+to keep them, and tiling=grid_sites keeps them (a tile wherever there are sites, whatever the tissue mask says).
+`histotx shard qc` draws them: the overview shows kept tiles, sites in shards and dropped sites."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from histotx.cli import main as histotx_main
 from histotx.config import ConfigError
 from histotx.format import read_manifest
 from sharding.config import ShardConfig
+from sharding.qc import DROPPED_RGB, KEPT_RGB, TILE_RGB
+
+
+def _pixels(path, rgb) -> int:
+    return int((np.asarray(Image.open(path).convert("RGB")) == rgb).all(-1).sum())
 
 
 @pytest.fixture
@@ -30,12 +38,18 @@ def test_dropped_sites_warn_and_grid_sites_keeps_them(cohort, tmp_path, capsys):
     (warning,) = rec["warnings"]
     assert f"{dropped} of {rec['sites_read']} sites on the slide" in warning and "tiling=grid_sites" in warning
     assert "WARNING: " in capsys.readouterr().err  # the summary marks the sample
+    assert histotx_main(["shard", "qc", str(tmp_path / "grid"), "--out", str(tmp_path / "qc")]) == 0
+    overview = tmp_path / "qc" / "v_overview.png"
+    assert (tmp_path / "qc" / "v.png").exists() and overview.exists()
+    assert min(_pixels(overview, c) for c in (TILE_RGB, KEPT_RGB, DROPPED_RGB)) > 0
 
     assert histotx_main(["shard", "run", str(cohort), "--out", str(tmp_path / "sites"), *args,
                          "tiling=grid_sites"]) == 0
     kept = read_manifest(tmp_path / "sites")["samples"]["v"]
     assert kept["sites_kept"] == kept["sites_read"] and "not_under_a_tile" not in kept["dropped"]
     assert kept["warnings"] == [] and kept["tiles"] > rec["tiles"]
+    assert histotx_main(["shard", "qc", str(tmp_path / "sites"), "--out", str(tmp_path / "qc2")]) == 0
+    assert _pixels(tmp_path / "qc2" / "v_overview.png", DROPPED_RGB) == 0  # nothing left out
 
     # Below the threshold: counted, no warning.
     assert histotx_main(["shard", "run", str(cohort), "--out", str(tmp_path / "lax"), *args[:3],
