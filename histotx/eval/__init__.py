@@ -15,8 +15,6 @@ _LAZY = {
     "select_target_genes": "histotx.eval.targets",
     "evaluate": "histotx.eval.run",
     "evaluate_hest_task": "histotx.eval.hestlayout",
-    "embed_shards": "histotx.eval.embed",
-    "embed_slide": "histotx.eval.embed",
 }
 
 
