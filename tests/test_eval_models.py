@@ -63,3 +63,20 @@ def test_hest_task_evaluated_with_a_model_and_with_embeddings(tmp_path):
         r = hestbench.pearson_per_gene(np.concatenate([ys[s] for s in test]), pred)
         fold_means.append(np.nanmean(r))
     assert table.loc[0, "pearson_mean"] == pytest.approx(np.mean(fold_means), abs=1e-12)
+
+
+def test_hest_bench_folder_runs_every_task_and_averages(tmp_path):
+    root = tmp_path / "bench_data"
+    _hest_task(root / "IDC")
+    _hest_task(root / "PRAD", genes=("B", "C", "D"))
+    (root / "README.md").write_text("not a task")
+    out = tmp_path / "out"
+    table = hestlayout.evaluate_hest_bench(root, {"tiny": _tiny_model()}, out, batch_size=8, device="cpu",
+                                           show=False, progress=False)
+    assert table[["task", "model", "n_genes"]].values.tolist() == [["IDC", "tiny", 4], ["PRAD", "tiny", 3],
+                                                                   ["average", "tiny", 4]]
+    per_task = table["pearson_mean"][:2].to_numpy()
+    assert table.loc[2, "pearson_mean"] == pytest.approx(per_task.mean(), abs=1e-12)
+    assert table.loc[2, "pearson_sd"] == pytest.approx(per_task.std(), abs=1e-12)
+    for path in ("results.csv", "pearson.png", "results.json", "IDC/results.json", "PRAD/results.json"):
+        assert (out / path).is_file()

@@ -12,6 +12,9 @@ embedded once per model with the model's image mode, as a shard tile is by ``his
 patch resized to the model's input size, the model's mean/std); targets are log1p of the task's h5ad
 counts at the patches' barcodes for the task's genes; then :mod:`.hestbench`. HEST-Bench's patches are
 224 px at 0.5 µm/px: a model trained at another µm/px gets a warning, as in ``histotx embed``.
+
+A folder of tasks (HEST-Bench's ``bench_data``) runs every task and adds, per model, the mean over tasks,
+HEST-Bench's headline number (:func:`evaluate_hest_bench`).
 """
 from __future__ import annotations
 
@@ -227,6 +230,55 @@ def evaluate_hest_task(task_dir: str | Path, models: Mapping[str, Any] | None = 
         report.print_table(table, header)
     if out is not None:
         paths = report.write_all(table, results, out, header)
+        table.attrs["paths"] = {k: str(v) for k, v in paths.items()}
+        if show:
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return table
+
+
+def is_task(folder: str | Path) -> bool:
+    return (Path(folder) / "splits").is_dir()
+
+
+def evaluate_hest_bench(root: str | Path, models: Mapping[str, Any], out: str | Path | None = None, *,
+                        tasks: Sequence[str] | None = None, batch_size: int = 64, device: str = "auto",
+                        progress: bool = True, show: bool = True) -> pd.DataFrame:
+    """Every task folder under ``root`` (or ``tasks``), each as :func:`evaluate_hest_task`; one table with a
+    row per task × model and, per model, the mean over tasks (``task`` = "average")."""
+    from histotx.eval.embed import resolve_device, resolve_model
+
+    root = Path(root)
+    names = list(tasks) if tasks else sorted(p.name for p in root.iterdir() if is_task(p))
+    if not names:
+        raise FileNotFoundError(f"{root}: no HEST-Benchmark task folders (<TASK>/splits/) in it")
+    dev = resolve_device(device)
+    loaded = {n: resolve_model(m, dev) for n, m in models.items()}  # each model loaded once for all tasks
+    parts, runs = [], {}
+    for task in names:
+        t = evaluate_hest_task(root / task, loaded, Path(out) / task if out is not None else None,
+                               batch_size=batch_size, device=device, progress=progress, show=False)
+        parts.append(t.assign(task=task))
+        runs[task] = t.attrs["results"]
+    per_task = pd.concat(parts, ignore_index=True)
+    by_model = per_task.groupby(["model", "mode"], sort=False)
+    average = by_model.agg(pearson_mean=("pearson_mean", "mean"),
+                           pearson_sd=("pearson_mean", lambda v: float(np.std(v))),
+                           n_folds=("n_folds", "sum"), n_genes=("n_genes", "max"), n_tiles=("n_tiles", "sum"),
+                           n_nan=("n_nan", "sum")).reset_index().assign(task="average")
+    table = pd.concat([per_task, average], ignore_index=True)
+    table = table[["task"] + [c for c in table.columns if c != "task"]]
+    header = (f"HEST-Bench on {len(names)} tasks of {root}: per task, Pearson mean ± sd over its splits; "
+              "average = mean over tasks (± sd over tasks), HEST-Bench's headline number. Image mode.")
+    results = {"protocol": header, "root": str(root), "tasks": runs,
+               "average": {m: float(v) for m, v in zip(average["model"], average["pearson_mean"])}}
+    table.attrs["results"], table.attrs["header"] = results, header
+    if show:
+        report.print_table(table, header)
+    if out is not None:
+        plot = table.assign(mode=table["task"])  # bars: one group per task
+        paths = {"csv": report.write_csv(table, Path(out) / report.CSV_NAME),
+                 "png": report.plot_bars(plot, Path(out) / report.PNG_NAME, header),
+                 "json": report.write_json(results, Path(out) / report.JSON_NAME)}
         table.attrs["paths"] = {k: str(v) for k, v in paths.items()}
         if show:
             print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -53,8 +53,9 @@ def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     if "label_bal_acc_mean" in table.columns:
         pairs.append(("label bal. acc.", "label_bal_acc_mean", "label_bal_acc_sd"))
     sizes = [("folds", "n_folds"), ("genes", "n_genes"), ("tiles", "n_tiles"), ("NaN r", "n_nan")]
-    header = ["model", "mode"] + [p[0] for p in pairs] + [s[0] for s in sizes]
-    rows = [[str(r["model"]), str(r["mode"])] + [_pm(float(r[m]), float(r[sd])) for _, m, sd in pairs]
+    lead = [c for c in ("task", "model", "mode") if c in table.columns]
+    header = lead + [p[0] for p in pairs] + [s[0] for s in sizes]
+    rows = [[str(r[c]) for c in lead] + [_pm(float(r[m]), float(r[sd])) for _, m, sd in pairs]
             + [str(int(r[c])) for _, c in sizes] for _, r in table.iterrows()]
     return header, rows
 
@@ -69,7 +70,7 @@ def print_table(table: pd.DataFrame, header: str, console=None) -> None:
     console = console or Console(width=max(needed, Console().width))  # never squeeze a number into "0…"
     rich_table = Table()
     for i, col in enumerate(columns):
-        rich_table.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
+        rich_table.add_column(col, justify="left" if col in ("task", "model", "mode") else "right", no_wrap=True)
     for row in rows:
         rich_table.add_row(*row)
     console.print(textwrap.fill(header, min(console.width, 120)), markup=False, highlight=False)

@@ -258,6 +258,7 @@ examples:
   histotx eval --shards shards/ --embeddings mine=emb/ --modes image,fused --labels regions.csv --label region \\
       --gene-groups groups.json --out out/eval
   histotx eval --hest bench_data/IDC --model uni=exports/uni --out out/idc      # HEST-Benchmark's own task
+  histotx eval --hest bench_data --model a=exports/a --model b=runs/b --out out/hest  # every task + average
 """
 
 
@@ -269,8 +270,9 @@ def register_cli(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", type=Path, help="a shard folder made by `histotx shard` (targets come from it)")
-    src.add_argument("--hest", type=Path, metavar="TASK_DIR",
-                     help="a HEST-Benchmark task folder (splits/, adata/, patches/, var_50genes.json); image mode only")
+    src.add_argument("--hest", type=Path, metavar="DIR",
+                     help="a HEST-Benchmark task folder (splits/, adata/, patches/, var_50genes.json), or a folder "
+                          "of them (bench_data/: every task, plus the mean over tasks); image mode only")
     p.add_argument("--model", action="append", metavar="NAME=SOURCE",
                    help="a model to embed with: an export folder, a run folder or a checkpoint (repeatable)")
     p.add_argument("--embeddings", action="append", metavar="NAME=DIR",
@@ -296,12 +298,16 @@ def _run_cli(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     groups = read_gene_groups(args.gene_groups) if args.gene_groups else None
     if args.hest is not None:
-        from histotx.eval.hestlayout import evaluate_hest_task
+        from histotx.eval import hestlayout
 
-        if embeddings or modes != ["image"]:
-            raise ValueError("--hest takes --model only, with --modes image (HEST-Benchmark tasks are images)")
-        evaluate_hest_task(args.hest, models, args.out, gene_groups=groups, batch_size=args.batch_size,
-                           device=args.device, progress=not args.no_progress)
+        if embeddings or not models or modes != ["image"]:
+            raise ValueError("--hest takes --model (one or more) and --modes image (HEST-Benchmark tasks are images)")
+        if hestlayout.is_task(args.hest):
+            hestlayout.evaluate_hest_task(args.hest, models, args.out, gene_groups=groups, batch_size=args.batch_size,
+                                          device=args.device, progress=not args.no_progress)
+        else:
+            hestlayout.evaluate_hest_bench(args.hest, models, args.out, batch_size=args.batch_size,
+                                           device=args.device, progress=not args.no_progress)
         return 0
     samples = [s.strip() for s in args.samples.split(",")] if args.samples else None
     evaluate(args.shards, models, modes, args.out, embeddings=embeddings, samples=samples,
