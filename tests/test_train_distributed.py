@@ -155,14 +155,19 @@ def test_bf16_autocast_zero0_gradient_accumulation_on_cpu(shards, tmp_path):
     and with two micro-batches per optimiser step, one CPU rank."""
     entry = str(REPO / "launch" / "train.py")
     wait_ranks(start_ranks([entry, str(TINY), f"out={tmp_path}", *RUN, f"data.stream.shards={shards}", "steps=3",
-                            "deepspeed.precision=bf16", "deepspeed.zero_stage=0", "optim.accumulation_steps=2"],
+                            "deepspeed.precision=bf16", "deepspeed.zero_stage=0", "optim.accumulation_steps=2",
+                            "monitor.every_steps=2", f"monitor.shards={shards}", "monitor.k=2"],
                            world=1))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    probes = [r for r in rows if "probe/knn_pearson" in r]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["step"] for r in probes] == [0, 2, 3]
+    assert all(-1 <= r["probe/knn_pearson"] <= 1 for r in probes)
     assert all(0 < r["loss"] < 1e3 for r in rows) and rows[0]["samples_per_s"] > 0
     expected = {"loss", "dino", "ibot_image", "ibot_transcript", "koleo", "expression", "lr", "last_layer_lr",
                 "weight_decay", "momentum", "teacher_temperature", "samples_per_s", "tokens_per_s", "memory_mb",
-                "time/data_wait_s", "time/compute_s", "time/data_wait_fraction", "nonfinite_skipped"}
+                "time/data_wait_s", "time/compute_s", "time/data_wait_fraction", "nonfinite_skipped", "empty_views",
+                "teacher/entropy", "teacher/kl_to_uniform", "teacher/prototypes_used"}
     assert expected <= set(rows[-1]) and rows[-1]["tokens_per_s"] > rows[-1]["samples_per_s"]
     assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     saved = tmp_path / "checkpoints" / "step_00000003"

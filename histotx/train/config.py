@@ -69,6 +69,17 @@ class LogConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The kNN probe of the teacher's image embedding on held-out tiles (see histotx.train.monitor)."""
+
+    every_steps: int = 0  # 0: off; else also at step 0 (the random-init baseline) and at the end
+    shards: str = ""  # a held-out shard folder (tiles the run does not train on)
+    tiles: int = 512  # read from the start of the set
+    genes: int = 50  # most variable genes of the subset
+    k: int = 10
+
+
+@dataclass
 class TrainConfig:
     out: str = "runs/histotx"  # run folder: config, metrics, TensorBoard, checkpoints
     steps: int = 100_000  # optimiser steps of the whole run (the schedules span them)
@@ -82,6 +93,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def model_config(self) -> FusedViTConfig:
         try:
@@ -102,6 +114,10 @@ class TrainConfig:
             raise ConfigError("steps, optim.accumulation_steps, checkpoint.every_steps and log.every_steps must be >= 1")
         if not 0 < o.layer_decay <= 1 or o.patch_embed_lr_mult < 0 or o.new_module_lr_mult < 0 or o.clip_grad < 0:
             raise ConfigError("optim: layer_decay must be in (0, 1]; lr multipliers and clip_grad >= 0")
+        m = self.monitor
+        if m.every_steps < 0 or (m.every_steps and (not m.shards or min(m.tiles, m.genes, m.k) < 1)):
+            raise ConfigError("monitor: every_steps must be >= 0; when on, set monitor.shards (a held-out shard "
+                              "folder) and tiles, genes, k >= 1")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError("max_consecutive_nonfinite must be >= 1")
         if self.data.mask.patch_size != model.patch_size:

@@ -32,6 +32,7 @@ from histotx.train.engine import (apply_schedule, autocast, build_engine, init_d
                                   student_weights)
 from histotx.train.flops import step_flops
 from histotx.train.metrics import MetricsWriter, Window
+from histotx.train.monitor import KnnProbe
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ class Trainer:
         self._stop_agreed = False  # some rank had a signal when the last step's flags were reduced
         self._rng_to_restore: dict[str, Any] | None = None
         self._batches: Iterator | None = None
+        m = cfg.monitor
+        self.probe = (KnnProbe(m.shards, m.tiles, m.genes, m.k, cfg.data.augment, model_cfg.vocab_size)
+                      if m.every_steps and self.rank == 0 else None)
 
         path = checkpoint.resolve(resume, self.checkpoints) if resume else None
         if path is not None:
@@ -146,6 +150,8 @@ class Trainer:
         t0 = time.perf_counter()
         with autocast(self.cfg, self.device):
             targets = self.meta.teacher_targets(batch, values.teacher_temperature)
+        if window is not None:
+            window.collapse.add(targets.cls)
         out = self.engine(batch)
         losses = self.meta.losses(out, targets, batch)
         # One collective agrees on both: a non-finite loss anywhere, and a stop signal anywhere.
@@ -206,6 +212,18 @@ class Trainer:
                       bad_samples=stats.bad_samples)
         return record
 
+    def run_probe(self, metrics: MetricsWriter) -> float:
+        """The kNN probe of the teacher on rank 0 (the others wait at a barrier), written as its own
+        record; returns the seconds it took."""
+        t0 = time.perf_counter()
+        if self.probe is not None:
+            with autocast(self.cfg, self.device):
+                record = self.probe(self.meta.teacher.backbone, self.device)
+            record["time/probe_s"] = time.perf_counter() - t0
+            metrics.write(self.step, record)
+        dist.barrier()
+        return time.perf_counter() - t0
+
     def run(self) -> int:
         cfg = self.cfg
         metrics = MetricsWriter(self.out, cfg.log, cfg.steps, self.step, enabled=self.rank == 0)
@@ -217,6 +235,10 @@ class Trainer:
             pending = self.next_batch() if self.step < cfg.steps else None
             window.times["data_wait"] += time.perf_counter() - t0
             previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+            probe_every = cfg.monitor.every_steps
+            if probe_every and self.step == 0:
+                self.run_probe(metrics)  # the random-init baseline
+                window = Window()
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 batch, pending = pending if pending is not None else self.next_batch(), None
@@ -237,6 +259,8 @@ class Trainer:
                 if self.step % cfg.log.every_steps == 0 or self.step == cfg.steps:
                     metrics.write(self.step, self._record(window))
                     window = Window()
+                if probe_every and (self.step % probe_every == 0 or self.step == cfg.steps):
+                    window.started += self.run_probe(metrics)  # the probe's time is not the window's
                 stopped = self._stop_agreed
                 if stopped or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
                     self.save()

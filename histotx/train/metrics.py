@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from histotx.train.config import LogConfig
+from histotx.train.monitor import CollapseStats
 
 PHASES = ("data_wait", "forward", "backward", "optimizer", "ema")
 
@@ -28,6 +29,7 @@ class Window:
         self.tokens = 0
         self.empty_views = 0  # student views without any token (left out of the losses)
         self.flops = 0.0
+        self.collapse = CollapseStats()  # the teacher's CLS probabilities, every micro-step
         self.started = time.perf_counter()
 
     def add_losses(self, losses: dict[str, float]) -> None:
@@ -60,6 +62,7 @@ class Window:
         out["tokens_per_s"] = tokens / wall
         out["tflops_per_s_per_rank"] = flops / wall / world / 1e12
         out["empty_views"] = int(empty_views)  # in the window, all ranks
+        out.update(self.collapse.reduce(device))
         return out
 
 
