@@ -318,3 +318,14 @@ def test_training_stream_skips_and_counts_fuzzed_samples(real_members, tmp_path)
     assert sorted(keys) == sorted(m["__key__"] for m in goods)
     assert loader.stats.bad_samples == n_bad and loader.stats.corrupt_shards == 0
     assert read_manifest(tmp_path)["totals"]["tiles"] == 48
+
+    # A well-formed sample whose gene ids lie beyond the vocabulary would index past the model's gene
+    # table: skipped and counted too.
+    genes = max(int(decode_sample(m).grid.gene.max(initial=0)) for m in goods)
+    (tmp_path / "vocab.tsv").write_text("index\tsymbol\tensembl_id\n" +  # one gene short of the largest id
+                                        "".join(f"{i}\tG{i}\t\n" for i in range(genes)))
+    loader = StreamLoader(ShardStream(cfg, lambda tile, rng: tile.key, lambda items, rng: items))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ShardWarning)
+        list(islice(loader, 6))
+    assert loader.stats.bad_samples > n_bad and any("beyond the shard set's vocabulary" in str(w.message) for w in caught)

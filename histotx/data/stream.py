@@ -21,7 +21,8 @@ DataLoader workers take turns (worker ``p`` makes batches ``G0 + p + kW``), so a
 worker serves whichever slot is due next.
 
 Faults. A corrupt or truncated shard is read up to the damage, then skipped with a warning and counted;
-an undecodable sample is skipped and counted. A slot whose shards hold nothing readable, or a long run
+an undecodable sample (any :class:`~histotx.format.FormatError`, or a gene id beyond the shard set's
+vocabulary, which would index past the model's gene table) is skipped and counted. A slot whose shards hold nothing readable, or a long run
 of bad samples, stops the loader with an error rather than spinning forever.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from histotx.data.config import StreamConfig
-from histotx.format import TileSample, decode_sample, read_manifest
+from histotx.format import FormatError, TileSample, decode_sample, read_manifest
 
 _SHARD_ORDER, _SHUFFLE, _SAMPLE, _BATCH, _RESAMPLE, _REPEAT = range(6)
 
@@ -105,6 +106,13 @@ class ShardStream(IterableDataset):
                 "(each needs a shard of its own); write smaller shards, use fewer workers, or set "
                 "data.stream.resample=true"
             )
+        vocab = Path(cfg.shards) / manifest.get("vocab", "vocab.tsv")
+        if vocab.is_file():
+            from histotx.vocab import Vocab
+
+            self.vocab_size: int | None = len(Vocab.load(vocab))
+        else:
+            self.vocab_size = None
         tiles = int(manifest["totals"]["tiles"])
         self.steps_per_epoch = cfg.steps_per_epoch or max(1, tiles // (world_size * cfg.batch_size))
         self.start_batch = 0  # batches already handed out on this rank
@@ -148,6 +156,14 @@ class ShardStream(IterableDataset):
         return itertools.islice(enumerate(passes(), start=1), start, None)
 
     # ------------------------------------------------------------------ batches
+    def _decode(self, raw: dict[str, Any]) -> TileSample:
+        tile = decode_sample(raw)
+        genes = tile.grid.gene
+        if self.vocab_size is not None and genes.size and int(genes.max()) >= self.vocab_size:
+            raise FormatError(f"sample {tile.key}: gene id {int(genes.max())} is beyond the shard set's "
+                              f"vocabulary ({self.vocab_size} genes)")
+        return tile
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -167,7 +183,7 @@ class ShardStream(IterableDataset):
                 position, raw = next(stream)
                 try:
                     rng = np.random.default_rng([cfg.seed, _SAMPLE, epoch, self.rank, slot, position])
-                    items.append(self.transform(decode_sample(raw), rng))
+                    items.append(self.transform(self._decode(raw), rng))
                     bad_run = 0
                 except Exception as exc:  # noqa: BLE001 — a bad sample must not stop training
                     stats.bad_samples += 1
