@@ -2,8 +2,6 @@
 task embedded with the model's image mode."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import anndata as ad
 import numpy as np
 import pytest
@@ -16,13 +14,12 @@ from histotx.eval.run import evaluate
 def _tiny_model():
     import torch
 
+    from histotx.export import LoadedModel
     from histotx.model.fused import FusedViT, FusedViTConfig
 
     torch.manual_seed(0)
     net = FusedViT(FusedViTConfig(size="tiny", img_size=32, patch_size=8, vocab_size=len(GENES))).eval()
-    # the fields of histotx.export.LoadedModel (what embed_shards reads)
-    return SimpleNamespace(model=net, genes=list(GENES), mpp=0.5, image_size=32, mean=(0.5, 0.5, 0.5),
-                           std=(0.25, 0.25, 0.25), name="tiny-random")
+    return LoadedModel(net, list(GENES), 0.5, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "tiny-random")
 
 
 def test_models_are_embedded_with_targets_dropped(tmp_path):
