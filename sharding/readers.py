@@ -49,7 +49,7 @@ _TECHNOLOGIES = {
         genes=lambda s, d: visium_genes(d),
     ),
     "visium_hd": _Technology(
-        sites=lambda s, d, c, o: read_visium_hd(d, s.bin_size_um, s.image_scale, o.in_tissue_only),
+        sites=lambda s, d, c, o: read_visium_hd(d, s.bin_size_um, s.image_scale, o.in_tissue_only, o.slide_px),
         mpp_hint=lambda s, d, c: visium_hd_mpp_hint(d, s.bin_size_um, s.image_scale),
         genes=lambda s, d: visium_hd_genes(d, s.bin_size_um),
     ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -113,45 +114,87 @@ def _open(path: Path) -> h5py.File:
         raise InputError(path, f"not a readable HDF5 file ({exc})") from exc
 
 
+class TenxChunks:
+    """A 10x h5 read barcode chunk by barcode chunk (CSC: each barcode's entries are contiguous), so a
+    Visium HD 2 µm matrix never sits in memory whole. Shapes are checked on opening, counts per chunk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path = Path(path)
+        self._file = _open(path)
+        try:
+            self._m = m = _open_matrix(self._file, path)
+            self.n_features, self.n_barcodes = (int(v) for v in m["shape"][()])
+            self._indptr = m["indptr"][()].astype(np.int64)
+            self._keep, self.genes, column, self.probe_level = _features(m, path)
+            n_data, n_indices, n_bc = m["data"].shape[0], m["indices"].shape[0], m["barcodes"].shape[0]
+        except (OSError, ValueError, TypeError) as exc:  # h5py raises OSError on truncated data
+            self._file.close()
+            raise InputError(path, f"malformed 10x matrix ({exc})") from exc
+        self.attrs = {k: _attr(self._file.attrs[k]) for k in ("software_version", "chemistry_description")
+                      if k in self._file.attrs}
+        indptr = self._indptr
+        if len(self._keep) != self.n_features or n_bc != self.n_barcodes or len(indptr) != n_bc + 1:
+            self._file.close()
+            raise InputError(
+                path, f"matrix/shape {[self.n_features, self.n_barcodes]} disagrees with {len(self._keep)} features, "
+                f"{n_bc} barcodes and {len(indptr)} indptr entries"
+            )
+        if n_data != n_indices or indptr[-1] != n_data or np.any(np.diff(indptr) < 0):
+            self._file.close()
+            raise InputError(path, "matrix/indptr, indices and data are inconsistent (truncated or corrupt file?)")
+        self._kept = np.flatnonzero(self._keep)
+        self._to_gene = None
+        if column is not None:  # probe → gene: sum the probes of each gene
+            self._to_gene = sp.csr_matrix((np.ones(len(column), np.float32), (np.arange(len(column)), column)),
+                                          shape=(len(column), len(self.genes)))
+        self.any_count = False  # set once a chunk holds a non-zero gene count
+
+    def chunks(self, size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """(barcodes as str, barcodes × genes float32 CSR) of ``size`` barcodes at a time, in file order."""
+        m, path, indptr = self._m, self.path, self._indptr
+        for a in range(0, max(self.n_barcodes, 1), size):
+            b = min(self.n_barcodes, a + size)
+            lo, hi = indptr[a], indptr[b]
+            try:
+                data, indices = m["data"][lo:hi], m["indices"][lo:hi].astype(np.int64)
+                barcodes = _strings(m["barcodes"][a:b]) if b > a else np.zeros(0, str)
+            except (OSError, ValueError, TypeError) as exc:
+                raise InputError(path, f"malformed 10x matrix ({exc})") from exc
+            if len(indices) and (indices.min() < 0 or indices.max() >= self.n_features):
+                raise InputError(path, f"matrix/indices outside 0..{self.n_features - 1}")
+            check_counts(data, path, "matrix/data")
+            rows = sp.csr_matrix((data.astype(np.float32), indices, indptr[a:b + 1] - lo),
+                                 shape=(b - a, self.n_features))[:, self._kept]
+            if self._to_gene is not None:
+                rows = rows @ self._to_gene
+            rows = sp.csr_matrix(rows, dtype=np.float32)
+            rows.sum_duplicates()
+            self.any_count |= bool(np.any(rows.data != 0))
+            yield barcodes, rows
+
+    def check_not_empty(self) -> None:
+        """After reading every chunk: a matrix without barcodes, genes or non-zero gene counts is an error."""
+        if self.n_barcodes == 0 or not self.genes or not self.any_count:
+            raise InputError(self.path, f"empty matrix: {self.n_barcodes} barcodes, {len(self.genes)} genes, "
+                                        "no non-zero gene counts")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "TenxChunks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_10x_h5(path: str | Path) -> TenxMatrix:
     """Barcodes × genes counts, checked: consistent shapes, finite non-negative values, not empty."""
-    path = Path(path)
-    with _open(path) as f:
-        m = _open_matrix(f, path)
-        try:
-            n_feat, n_bc = (int(v) for v in m["shape"][()])
-            data = m["data"][()]
-            indices = m["indices"][()].astype(np.int64)
-            indptr = m["indptr"][()].astype(np.int64)
-            barcodes = _strings(m["barcodes"])
-            keep, genes, column, probe_level = _features(m, path)
-        except (OSError, ValueError, TypeError) as exc:  # h5py raises OSError on truncated data
-            raise InputError(path, f"malformed 10x matrix ({exc})") from exc
-        attrs = {k: _attr(f.attrs[k]) for k in ("software_version", "chemistry_description") if k in f.attrs}
-
-    if len(keep) != n_feat or len(barcodes) != n_bc or len(indptr) != n_bc + 1:
-        raise InputError(
-            path, f"matrix/shape {[n_feat, n_bc]} disagrees with {len(keep)} features, "
-            f"{len(barcodes)} barcodes and {len(indptr)} indptr entries"
-        )
-    if len(data) != len(indices) or indptr[-1] != len(data) or np.any(np.diff(indptr) < 0):
-        raise InputError(path, "matrix/indptr, indices and data are inconsistent (truncated or corrupt file?)")
-    if len(indices) and (indices.min() < 0 or indices.max() >= n_feat):
-        raise InputError(path, f"matrix/indices outside 0..{n_feat - 1}")
-    check_counts(data, path, "matrix/data")
-    if n_bc == 0 or not genes or not np.any(data[keep[indices]] != 0):
-        raise InputError(path, f"empty matrix: {n_bc} barcodes, {len(genes)} genes, no non-zero gene counts")
-
-    csc = sp.csc_matrix((data.astype(np.float32), indices, indptr), shape=(n_feat, n_bc))
-    rows = csc.T.tocsr()[:, np.flatnonzero(keep)]
-    if column is not None:  # probe → gene: sum the probes of each gene
-        to_gene = sp.csr_matrix(
-            (np.ones(len(column), np.float32), (np.arange(len(column)), column)), shape=(len(column), len(genes))
-        )
-        rows = rows @ to_gene
-    rows = sp.csr_matrix(rows, dtype=np.float32)
-    rows.sum_duplicates()
-    return TenxMatrix(barcodes=barcodes, genes=genes, counts=rows, attrs=attrs, probe_level=probe_level)
+    with TenxChunks(path) as tenx:
+        ((barcodes, rows),) = tenx.chunks(max(tenx.n_barcodes, 1))
+        tenx.check_not_empty()
+        return TenxMatrix(barcodes=barcodes, genes=tenx.genes, counts=rows, attrs=tenx.attrs,
+                          probe_level=tenx.probe_level)
 
 
 def _attr(v) -> str:

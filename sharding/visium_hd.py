@@ -2,15 +2,33 @@
 
 Each bin is a site with a square footprint of its side; the pixel size comes from the scalefactors'
 ``microns_per_pixel`` (HD has no spot lattice to estimate it from).
+
+A 2 µm output lists every bin of the capture area (11 M rows) and holds tens of millions of non-zeros,
+so nothing is read whole: the positions are streamed into a table keyed by (array_row, array_col), and
+the matrix is read in barcode chunks, each barcode placed through the bin its name gives
+(``s_002um_RRRRR_CCCCC-1``) and written to bands of the slide on disk (:mod:`sharding.bands`).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sharding.bands import BandedSites
 from sharding.errors import InputError
-from sharding.sites import Sites
-from sharding.visium import find_matrix, image_scale_factor, read_scalefactors, read_spaceranger
-from sharding.tenx import read_10x_genes
+from sharding.tenx import TenxChunks, read_10x_genes
+from sharding.visium import (
+    MAX_UNPLACED_FRACTION, POSITION_COLUMNS, find_matrix, find_positions, image_scale_factor, read_positions,
+    read_scalefactors,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_BARCODES = 1 << 19  # matrix barcodes per chunk
+BAND_UM = 128.0  # height of a band of the slide on disk (about one tile row)
 
 
 def bin_dir(data: Path, bin_size_um: float) -> Path:
@@ -36,19 +54,124 @@ def _microns_per_pixel(sf: dict, spatial: Path) -> float:
     return float(mpp)
 
 
+class BinTable:
+    """Every listed bin's position and in_tissue flag, looked up by (array_row, array_col)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        keys, x, y, tissue = [], [], [], []
+        for batch in _position_batches(path):
+            cols = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in POSITION_COLUMNS[1:]}
+            keys.append(_key(cols["array_row"], cols["array_col"]))
+            x.append(cols["pxl_col_in_fullres"].astype(np.float64))
+            y.append(cols["pxl_row_in_fullres"].astype(np.float64))
+            tissue.append(cols["in_tissue"] != 0)
+        keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.x, self.y = np.concatenate(x)[order], np.concatenate(y)[order]
+        self.in_tissue = np.concatenate(tissue)[order]
+
+    def lookup(self, barcodes: np.ndarray, matrix_path: Path) -> np.ndarray:
+        """Row of each barcode's bin in the table, -1 where the table does not list it."""
+        key = _key(*parse_bin_barcodes(barcodes, matrix_path))
+        if not len(self.keys):
+            return np.full(len(key), -1)
+        at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        return np.where(self.keys[at] == key, at, -1)
+
+
+def _key(row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    return row.astype(np.int64) << 32 | col.astype(np.int64)
+
+
+def _position_batches(path: Path):
+    """tissue_positions in batches (the parquet streamed; a csv, as older outputs have, read whole)."""
+    if path.suffix != ".parquet":
+        yield pa.RecordBatch.from_pandas(read_positions(path), preserve_index=False)
+        return
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in POSITION_COLUMNS if c not in names]
+        if missing:
+            raise InputError(path, f"positions file lacks columns {missing}")
+        for batch in pq.ParquetFile(path).iter_batches(1 << 20, columns=POSITION_COLUMNS[1:]):
+            for c in POSITION_COLUMNS[1:]:
+                if not (pa.types.is_integer(batch.column(c).type) or pa.types.is_floating(batch.column(c).type)):
+                    raise InputError(path, f"column {c} is not numeric")
+            yield batch
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(path, f"unreadable positions file ({exc})") from exc
+
+
+def parse_bin_barcodes(barcodes: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(array_row, array_col) from Space Ranger's bin barcodes ``s_XXXum_RRRRR_CCCCC-N``, vectorised."""
+    barcodes = np.asarray(barcodes, dtype=str)
+    if not len(barcodes):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    codes = barcodes.view(np.uint32).reshape(len(barcodes), -1)  # fixed-width UTF-32
+    if codes.shape[1] < 19:
+        raise InputError(path, f"barcode {barcodes[0]!r} does not name its bin (expected s_002um_RRRRR_CCCCC-1)")
+    digits = codes[:, np.r_[8:13, 14:19]].astype(np.int64) - ord("0")
+    sep = codes[:, [0, 1, 5, 6, 7, 13]]
+    ok = (np.all((digits >= 0) & (digits <= 9), axis=1) & np.all(sep == [ord(c) for c in "s_um__"], axis=1))
+    if not ok.all():
+        bad = barcodes[np.flatnonzero(~ok)[0]]
+        raise InputError(path, f"barcode {bad!r} does not name its bin (expected s_002um_RRRRR_CCCCC-1)")
+    weights = 10 ** np.arange(4, -1, -1)
+    return digits[:, :5] @ weights, digits[:, 5:] @ weights
+
+
 def read_visium_hd(
-    data: Path, bin_size_um: float = 2.0, image_scale: str = "fullres", in_tissue_only: bool = True
-) -> Sites:
+    data: Path, bin_size_um: float = 2.0, image_scale: str = "fullres", in_tissue_only: bool = True,
+    slide_px: tuple[int, int] | None = None,
+) -> BandedSites:
     folder = bin_dir(data, bin_size_um)
     spatial = folder / "spatial"
-    sites, _, sf = read_spaceranger(folder, spatial, find_matrix(folder), image_scale, in_tissue_only)
+    sf = read_scalefactors(spatial)
+    scale = image_scale_factor(sf, image_scale, spatial)
     side = float(sf.get("bin_size_um", bin_size_um))
     if abs(side - float(bin_size_um)) > 1e-6 and not data.name.startswith("square_"):
         raise InputError(spatial / "scalefactors_json.json", f"bin_size_um is {side:g}, expected {bin_size_um:g}")
-    sites.footprint_um, sites.footprint_shape = side, "square"
-    sites.mpp_estimate = _microns_per_pixel(sf, spatial) / sites.info["scale_factor"]
-    sites.info.update(bin_size_um=side, mpp_source="scalefactors microns_per_pixel")
-    return sites
+    mpp = _microns_per_pixel(sf, spatial) / scale
+    pos_path, matrix_path = find_positions(spatial), find_matrix(folder)
+    bins = BinTable(pos_path)
+    dropped = {"no_position": 0, "not_in_tissue": 0}
+    with TenxChunks(matrix_path) as tenx:
+        info = {"positions": pos_path.name, "matrix": matrix_path.name, "image_scale": image_scale,
+                "scale_factor": scale, "probe_level": tenx.probe_level, **tenx.attrs,
+                "bin_size_um": side, "mpp_source": "scalefactors microns_per_pixel"}
+        sites = BandedSites(BAND_UM / mpp, slide_px, tenx.genes, footprint_um=side, footprint_shape="square",
+                            unit_counts=False, panel=tenx.attrs.get("chemistry_description", ""),
+                            mpp_estimate=mpp, info=info)
+        example = None
+        for barcodes, counts in tenx.chunks(CHUNK_BARCODES):
+            at = bins.lookup(barcodes, matrix_path)
+            has = at >= 0
+            x, y = np.full(len(at), np.nan), np.full(len(at), np.nan)
+            x[has], y[has] = bins.x[at[has]], bins.y[at[has]]
+            located = np.isfinite(x) & np.isfinite(y)
+            keep = located
+            if in_tissue_only:
+                tissue = np.zeros(len(at), dtype=bool)
+                tissue[has] = bins.in_tissue[at[has]]
+                dropped["not_in_tissue"] += int((located & ~tissue).sum())
+                keep = located & tissue
+            dropped["no_position"] += int((~located).sum())
+            if example is None and (~located).any():
+                example = str(barcodes[int(np.flatnonzero(~located)[0])])
+            rows = np.flatnonzero(keep)
+            sites.add(np.stack([x[rows], y[rows]], axis=1) * scale, counts=counts[rows])
+        tenx.check_not_empty()
+    if dropped["no_position"] > MAX_UNPLACED_FRACTION * tenx.n_barcodes:  # same policy as Visium
+        raise InputError(pos_path, f"{dropped['no_position']} of {tenx.n_barcodes} barcodes of {matrix_path.name} "
+                                   f"have no position here (e.g. {example}): the positions file is incomplete or "
+                                   "from another run")
+    if dropped["no_position"]:
+        log.warning("%s: %d barcodes of %s have no position; dropped", pos_path, dropped["no_position"],
+                    matrix_path.name)
+    sites.dropped = {k: v for k, v in dropped.items() if v}
+    return sites.finish()
 
 
 def visium_hd_mpp_hint(data: Path, bin_size_um: float = 2.0, image_scale: str = "fullres") -> float:

@@ -82,3 +82,57 @@ def test_streamed_xenium_reader_is_chunking_invariant(tmp_path, monkeypatch):
     np.testing.assert_array_equal(sites.xy_px, one_shot.xy_px[on])
     assert (sites.counts != one_shot.counts[np.flatnonzero(on)]).nnz == 0
     assert sites.count_outside(1500, 1400) == int((~on).sum()) and len(sites.band_sites) > 20
+
+
+def _hd_outs(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, np.ndarray, sp.csr_matrix, np.ndarray]:
+    """A 2 µm output listing every bin of a 40 × 40 grid, matrix barcodes in shuffled order."""
+    from histotx.synth.tenx import write_10x_h5
+
+    folder = tmp_path / "outs" / "binned_outputs" / "square_002um"
+    (folder / "spatial").mkdir(parents=True)
+    rows, cols = (a.ravel() for a in np.mgrid[0:40, 0:40])
+    barcodes = np.array([f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)])
+    in_tissue = rng.random(len(rows)) < 0.7
+    xy = np.stack([cols * 7.3 + 20.5, rows * 7.3 + 11.25], 1)
+    pq.write_table(pa.table({"barcode": barcodes, "in_tissue": in_tissue.astype(np.int32),
+                             "array_row": rows.astype(np.int32), "array_col": cols.astype(np.int32),
+                             "pxl_row_in_fullres": xy[:, 1], "pxl_col_in_fullres": xy[:, 0]}),
+                   folder / "spatial" / "tissue_positions.parquet", row_group_size=300)
+    (folder / "spatial" / "scalefactors_json.json").write_text(
+        '{"microns_per_pixel": 0.274, "bin_size_um": 2.0, "spot_diameter_fullres": 7.3}')
+    listed = rng.permutation(len(rows))[:1200]  # the matrix lists some bins, in its own order
+    counts = sp.random(len(listed), 25, density=0.3, format="csr", random_state=2, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 5)
+    genes = [(f"G{i}", f"ENSG{i:011d}") for i in range(25)]
+    write_10x_h5(folder / "filtered_feature_bc_matrix.h5", counts, list(barcodes[listed]), genes, "sr-4", "HD")
+    return tmp_path / "outs", xy[listed], counts, in_tissue[listed]
+
+
+def test_streamed_visium_hd_reader(tmp_path, monkeypatch):
+    import sharding.visium_hd as visium_hd
+
+    outs, xy, counts, in_tissue = _hd_outs(tmp_path, np.random.default_rng(5))
+    monkeypatch.setattr(visium_hd, "CHUNK_BARCODES", 100)
+    monkeypatch.setattr(visium_hd, "BAND_UM", 5.0)
+    monkeypatch.setattr(bands, "FLUSH_SITES", 250)
+    sites = visium_hd.read_visium_hd(outs, 2, slide_px=(400, 200))
+    on = in_tissue & (xy[:, 1] < 200)
+    assert sites.dropped == {"not_in_tissue": int((~in_tissue).sum())}
+    assert sites.count_outside(400, 200) == int((in_tissue & (xy[:, 1] >= 200)).sum())
+    np.testing.assert_array_equal(sites.xy_px, xy[on])
+    assert (sites.counts != counts[np.flatnonzero(on)]).nnz == 0
+    assert (sites.footprint_um, sites.footprint_shape) == (2.0, "square") and len(sites.band_sites) > 10
+    got_xy, got = sites.in_box(100, 50, 200, 120)
+    box = on & (xy[:, 0] >= 100) & (xy[:, 0] < 200) & (xy[:, 1] >= 50) & (xy[:, 1] < 120)
+    np.testing.assert_array_equal(got_xy, xy[box])
+    assert (got != counts[np.flatnonzero(box)]).nnz == 0
+
+
+def test_visium_hd_barcodes_must_name_their_bin(tmp_path):
+    from sharding.errors import InputError
+    from sharding.visium_hd import parse_bin_barcodes
+
+    rows, cols = parse_bin_barcodes(np.array(["s_002um_00305_01021-1", "s_008um_00000_00007-1"]), tmp_path)
+    assert rows.tolist() == [305, 0] and cols.tolist() == [1021, 7]
+    with pytest.raises(InputError, match="does not name its bin"):
+        parse_bin_barcodes(np.array(["s_002um_00305_01021-1", "AAACCCAAGTTTGGG-1"]), tmp_path / "m.h5")
