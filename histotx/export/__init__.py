@@ -9,5 +9,6 @@ Modules, one concept each: :mod:`.source` (a run's teacher, no DeepSpeed needed)
 :mod:`.cli`. Key maps: :class:`histotx.model.pretrained.HFAdapter` / ``TimmAdapter``.
 """
 from histotx.export.load import LoadedModel, load_model
+from histotx.export.write import ExportSummary, export
 
-__all__ = ["LoadedModel", "load_model"]
+__all__ = ["ExportSummary", "LoadedModel", "export", "load_model"]

@@ -57,7 +57,7 @@ def export(source: str | Path, out: str | Path, formats: tuple[str, ...] = ("hf"
         raise ValueError(f"unknown export format(s) {unknown}; choose from hf, timm")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+        raise ValueError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     teacher = read_teacher(source, shards)
     model = FusedViT(teacher.config)
     model.load_state_dict(teacher.state, strict=True)  # the weights fit the config before anything is written
