@@ -1,8 +1,9 @@
 """Shards on disk: crash-safe writing, per-sample completion records, manifests, merging parts.
 
-Each sample writes its own shards ``{sample}.{k:05d}.tar``, each first as a hidden temporary file
-renamed when complete. When all of a sample's shards are in place, ``.done/{sample}.json`` records
-them (atomically). A rerun skips samples whose record and shards are intact and redoes the others
+Each sample writes its own shards ``{sample}.{k:05d}.tar``, each first as a hidden temporary file; all of
+a sample's shards are renamed into place only when its last tile is written, so a sample that fails
+midway (a tile that does not decode, a full disk) never leaves a shard under a final name. When all of a
+sample's shards are in place, ``.done/{sample}.json`` records them (atomically). A rerun skips samples whose record and shards are intact and redoes the others
 from scratch after removing their leftovers; since tiling is deterministic, a run killed at any
 point and rerun yields exactly the tiles of an uninterrupted run, none lost, none twice.
 
@@ -43,7 +44,7 @@ def shard_name(sample_id: str, index: int) -> str:
 
 
 class ShardSink:
-    """Writes one sample's tiles into size-bounded shards, each renamed into place when closed."""
+    """Writes one sample's tiles into size-bounded shards, renamed into place together by :meth:`close`."""
 
     def __init__(self, out_dir: Path, sample_id: str, max_tiles: int, max_bytes: int) -> None:
         self.out_dir, self.sample_id = Path(out_dir), sample_id
@@ -52,6 +53,7 @@ class ShardSink:
         self._writer = None
         self._fh = None
         self._count = 0
+        self._pending: list[tuple[Path, Path]] = []  # (temporary, final) of closed shards not yet renamed
 
     def _open(self) -> None:
         import webdataset as wds
@@ -84,20 +86,22 @@ class ShardSink:
         if self._writer is None:
             return
         self._writer.close()  # also closes the file object
-        final = self.out_dir / self._name
         with open(self._tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(self._tmp, final)
-        self.shards.append({"name": self._name, "samples": self._count, "bytes": final.stat().st_size,
-                            "sha256": sha256_file(final), "sample_id": self.sample_id})
+        self.shards.append({"name": self._name, "samples": self._count, "bytes": self._tmp.stat().st_size,
+                            "sha256": sha256_file(self._tmp), "sample_id": self.sample_id})
+        self._pending.append((self._tmp, self.out_dir / self._name))
         self._writer = self._fh = None
 
     def close(self) -> list[dict[str, Any]]:
         self._close_current()
+        for tmp, final in self._pending:
+            os.replace(tmp, final)
+        self._pending = []
         return self.shards
 
     def abort(self) -> None:
-        """Drop the shard being written; never raises over the error that caused the abort."""
+        """Drop every shard of the sample; never raises over the error that caused the abort."""
         if self._writer is not None:
             try:
                 self._writer.close()
@@ -106,6 +110,9 @@ class ShardSink:
             finally:
                 Path(self._tmp).unlink(missing_ok=True)
                 self._writer = self._fh = None
+        for tmp, _ in self._pending:
+            tmp.unlink(missing_ok=True)
+        self._pending = []
 
 
 def done_path(out_dir: Path, sample_id: str) -> Path:

@@ -84,3 +84,26 @@ def test_file_size_limit_stops_clearly_and_the_rerun_finishes(cohort, tmp_path, 
     assert manifest["samples"]["a"]["tiles"] == manifest["samples"]["b"]["tiles"] > 50
     assert max(s["bytes"] for s in manifest["shards"]) > 60_000  # the limit really cut a shard
     assert verify(out)["problems"] == []
+
+
+def test_no_shard_of_a_sample_appears_before_its_last_tile(tmp_path):
+    """Shards close as they fill, but take their final names only when the sample is complete: a sample that
+    fails midway (abort) leaves nothing behind, one that completes has every shard in place."""
+    import numpy as np
+
+    from shardkit import tile_sample
+    from sharding.writer import ShardSink
+
+    rng = np.random.default_rng(0)
+    sink = ShardSink(tmp_path, "s1", max_tiles=3, max_bytes=1 << 30)
+    for i in range(10):
+        sink.add(tile_sample(rng, "s1", i, tile_px=16))
+    assert len(sink.shards) == 3 and not list(tmp_path.glob("*.tar"))
+    sink.abort()
+    assert not list(tmp_path.iterdir())
+    sink = ShardSink(tmp_path, "s1", max_tiles=3, max_bytes=1 << 30)
+    for i in range(10):
+        sink.add(tile_sample(rng, "s1", i, tile_px=16))
+    shards = sink.close()
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == [s["name"] for s in shards]
+    assert [s["samples"] for s in shards] == [3, 3, 3, 1] and not list(tmp_path.glob(".*.tmp"))
