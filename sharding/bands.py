@@ -97,9 +97,13 @@ class BandedSites:
         sites = {k: np.concatenate([s[k] for _, s, _ in self._buffer]) for k in self._buffer[0][1]}
         entries = {k: np.concatenate([e[k] for _, _, e in self._buffer]) for k in self._buffer[0][2]}
         self._buffer, self._buffered = [], 0
-        order = np.argsort(band, kind="stable")
-        present, starts = np.unique(band[order], return_index=True)
-        starts = np.append(starts, len(band))
+        shifted = band - (band.min() if len(band) else 0)
+        if len(band) and shifted.max() < 1 << 16:
+            shifted = shifted.astype(np.uint16)  # numpy sorts 16-bit keys stably by radix: linear time
+        order = np.argsort(shifted, kind="stable")
+        sorted_band = band[order]
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_band)) + 1, [len(band)]])
+        present = sorted_band[starts[:-1]]
         if self.unit_counts:
             entry_of = order
             entry_starts = starts

@@ -11,6 +11,7 @@ alignment file the slide is taken to be in the morphology frame itself (H&E px =
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import logging
 from pathlib import Path
@@ -111,13 +112,20 @@ def _names(batch: pa.RecordBatch, path: Path) -> tuple[list[str], np.ndarray]:
     return [str(n) for n in names.to_pylist()], col.indices.to_numpy(zero_copy_only=False)
 
 
-def _panel(path: Path) -> tuple[list[tuple[str, str]], set[str], int]:
+def _panel(path: Path) -> tuple[list[tuple[str, str]], frozenset[str], int]:
     """The panel's genes (sorted, so read_genes and read_sites agree whatever the file order), the
-    control features, and the number of rows: one streamed pass over the names.
+    control features, and the number of rows: one streamed pass over the names, remembered for the
+    file as it is (the vocabulary pass and the reader ask the same question).
 
     A control is a feature with a control prefix or, where the file has ``is_gene``, one flagged as
     not a gene in any row.
     """
+    st = path.stat()
+    return _panel_of(path.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _panel_of(path: Path, size: int, mtime_ns: int) -> tuple[list[tuple[str, str]], frozenset[str], int]:
     features: set[str] = set()
     controls: set[str] = set()
     rows = 0
@@ -129,7 +137,7 @@ def _panel(path: Path) -> tuple[list[tuple[str, str]], set[str], int]:
             controls.update(names[i] for i in np.unique(codes[~_is_gene(batch, path)]))
         rows += batch.num_rows
     controls.update(n for n in features if is_control(n))
-    return [(n, "") for n in sorted(features - controls)], controls, rows
+    return [(n, "") for n in sorted(features - controls)], frozenset(controls), rows
 
 
 def _floats(batch: pa.RecordBatch, name: str, path: Path) -> np.ndarray:
@@ -209,6 +217,7 @@ def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.
 
     path = find_transcripts(bundle)
     genes, controls, n_rows = _panel(path)
+    genes = list(genes)  # the cached list stays as it is
     if n_rows == 0:
         raise InputError(path, "no transcripts")
     column_of = {g: j for j, (g, _) in enumerate(genes)}
@@ -249,4 +258,4 @@ def xenium_mpp_hint(bundle: Path, alignment: Path | None = None) -> float:
 
 
 def xenium_genes(bundle: Path) -> list[tuple[str, str]]:
-    return _panel(find_transcripts(bundle))[0]
+    return list(_panel(find_transcripts(bundle))[0])
