@@ -32,7 +32,11 @@ STEPS = 24
 
 
 def build_shard_set(root: Path, shared_data: Path) -> Path:
-    """The synthetic cohort plus the scanpy Visium sample (low-res H&E) sharded together at 8 µm/px."""
+    """The synthetic cohort plus the scanpy Visium sample (low-res H&E) sharded together at 8 µm/px.
+
+    The real sample names its genes by Ensembl id only and the synthetic ones by symbol only, which
+    `histotx shard` rightly refuses to mix blindly; as a user would, the run starts from a vocabulary that
+    already holds the real sample's genes (`--vocab`), made by sharding that sample alone first."""
     from histotx.synth import generate_cohort
     from sharding.config import ShardConfig
     from sharding.pipeline import run_cohort
@@ -44,12 +48,15 @@ def build_shard_set(root: Path, shared_data: Path) -> Path:
             if key in sample:
                 sample[key] = str((cohort.parent / sample[key]).resolve())
     outs = shared_data / "scanpy-visium" / "visium_data" / "1.0.0"
-    data["samples"].append({"id": "scanpy_visium", "patient": "real", "technology": "visium", "data": str(outs),
-                            "image_scale": "lowres", "slide": str(outs / "spatial" / "tissue_lowres_image.png")})
+    real = {"id": "scanpy_visium", "patient": "real", "technology": "visium", "data": str(outs),
+            "image_scale": "lowres", "slide": str(outs / "spatial" / "tissue_lowres_image.png")}
+    data["samples"].append(real)
     (root / "cohort.yaml").write_text(yaml.safe_dump(data))
+    (root / "real.yaml").write_text(yaml.safe_dump({"samples": [real]}))
     cfg = ShardConfig(mpp=8.0, tile_px=32, mask_mpp=16.0, min_tissue_fraction=0.3, shard_max_tiles=4,
                       max_tiles_per_sample=4)
-    manifest = run_cohort(root / "cohort.yaml", root / "shards", cfg)
+    run_cohort(root / "real.yaml", root / "real_only", cfg)
+    manifest = run_cohort(root / "cohort.yaml", root / "shards", cfg, vocab_from=root / "real_only" / "vocab.tsv")
     assert manifest["totals"]["samples_failed"] == 0, manifest["samples"]
     assert manifest["samples"]["scanpy_visium"]["tiles"] > 0
     return root / "shards"
