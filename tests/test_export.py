@@ -138,6 +138,20 @@ with torch.no_grad():
     model(**packed)
     processor = AutoImageProcessor.from_pretrained(hf_dir)
     assert processor.microns_per_pixel == 8.0 and processor.size["height"] == 32
+    # the image-feature-extraction pipeline (processor + model) gives the model's CLS
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+    tile = Image.fromarray((np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3))
+    pooled = pipeline("image-feature-extraction", model=hf_dir, trust_remote_code=True)(tile, return_tensors=True,
+                                                                                         pool=True)
+    direct = model(**processor(images=tile, return_tensors="pt")).pooler_output
+    assert torch.allclose(pooled.double(), direct, atol=1e-5), (pooled, direct)
+    # weights in bf16: computed under autocast, close to float64 at bf16 precision
+    low = AutoModel.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    fused = low(pixel_values=x["images"], **tx).patch_embeddings.double()
+    ref = out["fused.patch_embeddings"]
+    assert (fused - ref).abs().max() < 0.1 * ref.abs().max(), (fused - ref).abs().max()
     encoder = timm.create_model(f"local-dir:{timm_dir}", pretrained=True).double().eval()
     feats = encoder.forward_features(x["images"])
     r = encoder.num_reg_tokens

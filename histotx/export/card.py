@@ -110,6 +110,10 @@ out.transcript_embeddings                # (tokens, {cfg.embed_dim}), out.transc
 with torch.no_grad():
     out = model(**processor(images=tiles, return_tensors="pt"), **tx)
 ```
+
+Image features through the pipeline: `pipeline("image-feature-extraction", model="PATH",
+trust_remote_code=True)(tile, pool=True)` gives the CLS embedding. Loading with `dtype=torch.bfloat16`
+computes under autocast, as HistoTx does on a GPU.
 {timm_usage}
 HistoTx itself reads this folder too: `histotx.export.load_model(PATH)`, `histotx embed`, and
 `histotx train ... init.backbone=PATH` to continue pretraining from it.

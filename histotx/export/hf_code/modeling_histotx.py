@@ -14,6 +14,7 @@ Gene ids are rows of vocab.tsv.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,10 +110,16 @@ class HistoTxModel(HistoTxPreTrainedModel):
                                           resolution_um=float(transcript_resolution_um)).to(device)
         if pixel_values is None and transcripts is None:
             raise ValueError("give pixel_values, transcripts (transcript_*), or both")
+        dtype = self.backbone.cls_token.dtype
         if pixel_values is not None:
-            pixel_values = pixel_values.to(self.backbone.cls_token.dtype)
+            pixel_values = pixel_values.to(dtype)
         frame = tuple(image_size) if image_size is not None else (self.config.image_size, self.config.image_size)
-        out = self.backbone(pixel_values, transcripts, image_hw=frame)
+        # Weights loaded in bf16/fp16 (dtype=...): compute under autocast, as HistoTx does on a GPU; some
+        # inputs (token positions and sizes) are made in fp32 inside the model.
+        low = dtype in (torch.bfloat16, torch.float16)
+        device = self.backbone.cls_token.device
+        with torch.autocast(device.type, dtype=dtype) if low else contextlib.nullcontext():
+            out = self.backbone(pixel_values, transcripts, image_hw=frame)
         hidden = torch.cat([out.cls[:, None], out.registers, out.patch], dim=1)
         result = HistoTxModelOutput(last_hidden_state=hidden, pooler_output=out.cls, patch_embeddings=out.patch,
                                     register_embeddings=out.registers, transcript_embeddings=out.transcript,
