@@ -97,8 +97,10 @@ class BandedSites:
         sites = {k: np.concatenate([s[k] for _, s, _ in self._buffer]) for k in self._buffer[0][1]}
         entries = {k: np.concatenate([e[k] for _, _, e in self._buffer]) for k in self._buffer[0][2]}
         self._buffer, self._buffered = [], 0
-        shifted = band - (band.min() if len(band) else 0)
-        if len(band) and shifted.max() < 1 << 16:
+        if not len(band):  # every buffered site was off the slide
+            return
+        shifted = band - band.min()
+        if shifted.max() < 1 << 16:
             shifted = shifted.astype(np.uint16)  # numpy sorts 16-bit keys stably by radix: linear time
         order = np.argsort(shifted, kind="stable")
         sorted_band = band[order]
