@@ -33,6 +33,12 @@ claims table was looked at; what differs from tiny_cpu.yaml and why:
 - teacher normalisation: Sinkhorn-Knopp (DINOv2's), not centring at momentum 0.99 with a fixed teacher
   temperature of 0.04: there the DINO term first collapses onto one prototype (loss → 0.06) and then,
   once the slow centre catches up with the constant output, sits at ln(out_dim) (a uniform teacher).
+- LayerScale init 0.1 (CaiT's value for shallow nets), not DINOv2's 1e-5: in a first 141-step image-only
+  run with 1e-5 the gammas had only reached ~1e-3, so the blocks added ~0.1 % to the residual stream and
+  the CLS was nearly the same vector for every tile, and a first claims run showed the teacher's
+  Sinkhorn rows at entropy 5.49 of ln 256 = 5.55 (``teacher/entropy``, steps 20-40): no DINO signal.
+  (The 141-step run's image Pearson, 0.523 against 0.508 for random init on the evaluation patients,
+  is the one probe result seen before the recipe was fixed.)
 - teacher momentum 0.99 (0.996 barely moves the teacher in a few hundred steps), teacher temperature
   warmed 0.04 → 0.07, warm-up and prototype freezing a fraction of the run (not 2 steps), peak lr by
   DINO's rule (1e-3 at batch 256, square-root scaled), batch 32, 2 local crops, no layer decay from scratch.
