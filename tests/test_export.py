@@ -1,7 +1,9 @@
 """`histotx export` and `histotx.export.load_model` on real checkpoints of short 2-rank CPU runs.
 
 - ZeRO-1 and ZeRO-3 runs (2 steps each): the export reads the teacher without DeepSpeed, a process group
-  or a GPU; it is the checkpoint's teacher bit for bit, and both stages give the same teacher;
+  or a GPU; it is the checkpoint's teacher bit for bit, and both stages give the same teacher; the
+  student, reassembled from the ranks' ZeRO partitions, is the ZeRO-1 module's weights bit for bit and
+  the same under ZeRO-3;
 - the Hugging Face folder through ``AutoModel.from_pretrained(trust_remote_code=True)`` and the timm
   folder through ``timm.create_model("local-dir:...")``, both in a process where HistoTx cannot be
   imported, give the trained teacher's outputs (float64 on both sides) for image-only,
@@ -107,6 +109,32 @@ def test_zero1_and_zero3_exports_hold_the_same_teacher(exports):
     assert one.keys() == three.keys()
     for k in one:
         torch.testing.assert_close(three[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_student_is_reassembled_from_the_zero_partitions(runs, tmp_path):
+    from histotx.cli import main
+    from histotx.export import load_model
+    from histotx.export.source import read_teacher, student_state
+    from histotx.train.checkpoint import load_deepspeed_file
+
+    one = runs[1] / "checkpoints" / f"step_{STEPS:08d}"
+    # ZeRO-1: the optimiser's fp32 partitions of both ranks, reassembled, are the module's own weights
+    module = load_deepspeed_file(one / "mp_rank_00_model_states.pt", "cpu")["module"]
+    full = student_state(one, 1)
+    assert len(full) > 40 and all(torch.equal(full[k], module[k].float()) for k in full)
+    # ZeRO-3: the same student as ZeRO-1's (same seed and steps), and not the teacher
+    students = {s: read_teacher(runs[s], which="student").state for s in (1, 3)}
+    assert students[3].keys() == students[1].keys()
+    for k in students[1]:
+        torch.testing.assert_close(students[3][k], students[1][k], rtol=1e-4, atol=1e-6, msg=k)
+    teacher = _teacher_in_checkpoint(runs[3])
+    assert students[3].keys() == teacher.keys()
+    assert not all(torch.equal(students[3][k], teacher[k]) for k in teacher)
+    assert main(["export", str(runs[3]), "--out", str(tmp_path / "s"), "--which", "student"]) == 0
+    loaded = load_model(tmp_path / "s" / "hf")
+    assert loaded.name.endswith("/student")
+    assert all(torch.equal(v, students[3][k]) for k, v in loaded.model.state_dict().items())
 
 
 # ------------------------------------------------------------------------------ the folders without HistoTx

@@ -41,6 +41,7 @@ def model_card(teacher: Teacher, license: str = "other", timm: bool = False) -> 
     front = {"license": license, "tags": TAGS, "library_name": "transformers",
              "pipeline_tag": "image-feature-extraction"}
     size = teacher.image_size
+    role = "EMA **teacher**" if teacher.which == "teacher" else f"**{teacher.which}**"
     failed = teacher.manifest["totals"]["samples_failed"]
     timm_usage = f"""
 The image backbone alone is also exported for timm (the `timm/` folder beside this one; no HistoTx needed):
@@ -58,8 +59,8 @@ features = encoder(x)   # (B, {cfg.embed_dim}) CLS embedding
 # {teacher.name}
 
 An early-fusion ViT over H&E image patches and spatial-transcriptomics tokens, pretrained with
-HistoTx (DINOv2-style DINO / iBOT / KoLeo + masked expression). This is the EMA
-**teacher** of `{teacher.checkpoint}` (step {teacher.step}). One transformer reads the patches of a tile and
+HistoTx (DINOv2-style DINO / iBOT / KoLeo + masked expression). This is the {role}
+of `{teacher.checkpoint}` (step {teacher.step}). One transformer reads the patches of a tile and
 the transcript tokens under it; either modality may be missing.
 
 | | |

@@ -9,7 +9,8 @@ Export the EMA teacher of a training run — the model you embed with — so tha
 
 RUN_OR_CHECKPOINT is a run folder (its checkpoints/latest is used) or one checkpoints/step_* folder, of
 any ZeRO stage. No GPU, DeepSpeed engine or process group is needed: every checkpoint holds the teacher
-whole (teacher.safetensors). The run's shard set gives the gene vocabulary, the µm/px and the cohort.
+whole (teacher.safetensors); --which student reassembles the student from the ranks' ZeRO partitions.
+The run's shard set gives the gene vocabulary, the µm/px and the cohort.
 
 OUT always receives HistoTx's own folder (teacher.safetensors, model_config.yaml, vocab.tsv, export.json);
 --format adds:
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from histotx.export.write import FORMATS, export
 
     summary = export(args.source, args.out, FORMATS[args.format], shards=args.shards, license=args.license,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, which=args.which)
     print(summary.text())
     return 0
 
@@ -47,5 +48,8 @@ def register_cli(subparsers) -> None:
                    help="the run's shard set, when it is no longer at the config's data.stream.shards")
     p.add_argument("--license", default="other",
                    help="license id for the model card (default: other); it must respect the training data's terms")
+    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                   help="teacher (default: the EMA model one embeds with) or student (reassembled from DeepSpeed's "
+                        "ZeRO partitions, read weights-only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     p.set_defaults(func=run)

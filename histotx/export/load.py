@@ -61,10 +61,11 @@ def source_kind(path: Path) -> str:
     return "run"
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu", shards: str | Path | None = None
-               ) -> LoadedModel:
+def load_model(source: str | Path, device: str | torch.device = "cpu", shards: str | Path | None = None,
+               which: str = "teacher") -> LoadedModel:
     """The teacher backbone of ``source`` (see the module docstring), in eval mode on ``device``.
-    ``shards``: a run's shard set when it is no longer where the run's config says."""
+    ``shards``: a run's shard set when it is no longer where the run's config says; ``which``: of a run or
+    checkpoint, the teacher or the student."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder, run or checkpoint")
@@ -72,7 +73,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", shards: s
     if kind == "run":
         from histotx.export.source import read_teacher
 
-        teacher = read_teacher(path, shards)
+        teacher = read_teacher(path, shards, which)
         model = FusedViT(teacher.config)
         model.load_state_dict(teacher.state, strict=True)
         loaded = LoadedModel(model, teacher.genes, teacher.mpp, teacher.image_size, teacher.mean, teacher.std,

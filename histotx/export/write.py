@@ -49,8 +49,9 @@ class ExportSummary:
 
 
 def export(source: str | Path, out: str | Path, formats: tuple[str, ...] = ("hf",), shards: str | Path | None = None,
-           license: str = "other", overwrite: bool = False) -> ExportSummary:
-    """Export the teacher of ``source`` (run or checkpoint folder) to ``out``; ``formats`` ⊆ {hf, timm}."""
+           license: str = "other", overwrite: bool = False, which: str = "teacher") -> ExportSummary:
+    """Export the teacher (or the student) of ``source`` (run or checkpoint folder) to ``out``;
+    ``formats`` ⊆ {hf, timm}."""
     t0 = time.perf_counter()
     unknown = sorted(set(formats) - {"hf", "timm"})
     if unknown:
@@ -58,7 +59,7 @@ def export(source: str | Path, out: str | Path, formats: tuple[str, ...] = ("hf"
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-    teacher = read_teacher(source, shards)
+    teacher = read_teacher(source, shards, which)
     model = FusedViT(teacher.config)
     model.load_state_dict(teacher.state, strict=True)  # the weights fit the config before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
