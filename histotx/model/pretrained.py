@@ -182,7 +182,8 @@ def read_checkpoint(
             if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_WEIGHTS).is_file():
                 return _from_histotx_native(path)
             raise ModelConfigError(f"{path}: no config.json (nor {NATIVE_CONFIG} + {NATIVE_WEIGHTS}); expected a "
-                                   "timm, transformers or HistoTx export folder")
+                                   "timm, transformers or HistoTx export folder (a run or checkpoint folder: "
+                                   "export it first, `histotx export RUN --out DIR`)")
         hub = json.loads(config_path.read_text())
         state = read_weights(weights or path)
         if "architecture" in hub:
