@@ -301,3 +301,33 @@ def test_export_cli_teaches_and_fails_clearly(tmp_path, capsys):
     empty_run.mkdir()
     assert main(["export", str(empty_run), "--out", str(tmp_path / "full")]) == 2
     assert (tmp_path / "full" / "file").read_text() == "keep me"
+
+
+def test_adapters_are_inverse_key_maps():
+    from histotx.model import FusedViT, FusedViTConfig
+    from histotx.model.pretrained import HFAdapter, TimmAdapter
+
+    torch.manual_seed(0)
+    model = FusedViT(FusedViTConfig(size="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8,
+                                    num_registers=2, vocab_size=10))
+    state = model.state_dict()
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    hf = HFAdapter.to_target(state)
+    assert all(k.startswith("backbone.") for k in hf) and same(HFAdapter.from_target(hf), state)
+    timm_state = TimmAdapter.to_target(state)
+    assert same(timm_state, model.image_backbone_state_dict())
+    assert not any(k.startswith("transcript.") for k in timm_state)
+    back, dropped = TimmAdapter.from_target({**timm_state, "head.weight": torch.zeros(1)}, embed_class=False,
+                                            n_registers=2)
+    assert same(back, timm_state) and dropped == ["head.weight"]
+    # timm's other layout: position rows for CLS and registers fold into those tokens
+    pos = torch.randn(1, 3 + 16, 32)
+    folded, _ = TimmAdapter.from_target({**timm_state, "pos_embed": pos}, embed_class=True, n_registers=2)
+    assert torch.equal(folded["pos_embed"], pos[:, 3:])
+    assert torch.equal(folded["cls_token"], timm_state["cls_token"] + pos[:, :1])
+    assert torch.equal(folded["reg_token"], timm_state["reg_token"] + pos[:, 1:3])
+    with pytest.raises(ValueError, match="outside"):
+        HFAdapter.from_target({"other.weight": torch.zeros(1)})
