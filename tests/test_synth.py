@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import tifffile
+import yaml
 from PIL import Image
 
 from histotx.synth import VARIANTS, generate_cohort, register_cli
@@ -427,3 +428,14 @@ def test_bad_arguments_are_named(tmp_path):
         generate_cohort(tmp_path, size="huge")
     with pytest.raises(ValueError, match="merfish"):
         generate_cohort(tmp_path, technologies=("visium", "merfish"))
+
+
+def test_replicates_are_new_samples_dealt_to_patients(tmp_path):
+    """Replicate 0 is the plain cohort's sample; later replicates are other tissues, dealt out to patients."""
+    path = generate_cohort(tmp_path / "r", seed=SEED, technologies=("image_only",), replicates=2, patients=2)
+    samples = yaml.safe_load(path.read_text())["samples"]
+    assert [(s["id"], s["patient"]) for s in samples] == [("image_only", "P01"), ("image_only_r1", "P02")]
+    plain = generate_cohort(tmp_path / "p", seed=SEED, technologies=("image_only",))
+    first = [tifffile.imread(c.parent / s["slide"]) for c, s in ((path, samples[0]), (path, samples[1]))]
+    assert np.array_equal(first[0], tifffile.imread(plain.parent / "image_only" / "image_only.tif"))
+    assert not np.array_equal(first[0], first[1])
