@@ -25,8 +25,7 @@ Run `histotx <subcommand> --help` for each stage's options.
 def _register_all(sub) -> None:
     from histotx import demo, synth
     from histotx.export import cli as export_cli
-    from histotx.eval import run as eval_run
-    from histotx.eval import embed
+    from histotx.eval import cli as eval_cli
     from histotx.train import cli as train_cli
     from sharding import cli as shard_cli
 
@@ -34,9 +33,8 @@ def _register_all(sub) -> None:
     shard_cli.register(sub)
     train_cli.register_cli(sub)
     export_cli.register_cli(sub)
-    embed.register_cli(sub)
+    eval_cli.register_cli(sub)
     demo.register_cli(sub)
-    eval_run.register_cli(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

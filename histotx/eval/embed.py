@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from histotx.data.augment import CropGeometry, transform_grid
 from histotx.data.stream import LoaderStats, ShardWarning, read_shard
+from histotx.eval.cli import DEFAULT_RESOLUTION_UM
 from histotx.format import (
     VOCAB_NAME, FormatError, TileSample, TranscriptGrid, decode_image_rgb, decode_sample, read_manifest,
 )
@@ -45,12 +46,6 @@ from histotx.vocab import Vocab
 log = logging.getLogger(__name__)
 
 MODES = ("image", "transcripts", "fused")
-
-DEFAULT_RESOLUTION_UM = 16.0
-"""Transcript token side for embedding. Training draws one size per batch from
-``data.collate.resolutions_um``; 16 µm is in every shipped list (the default native/8/16/32/55,
-tiny_cpu's 8/16/32, vit_l16_uni's 8/16/32/55), and unlike ``native`` it does not make one token per
-Xenium molecule."""
 
 MPP_TOLERANCE = 0.05
 """Warn when the tiles' µm/px and the model's training µm/px differ by more than this share."""
@@ -482,119 +477,3 @@ def embed_slide(model, slide, out_dir, *, data=None, technology: str | None = No
             raise ValueError(f"sharding {slide or data} failed: {record.get('error')}")
         log.info("%s: %d tiles sharded in %.1f s (%s)", sample_id, record["tiles"], time.time() - t0, shard_dir)
         return embed_shards(model, shard_dir, out_dir, samples=[sample_id], progress=progress, **embed_kwargs)[0]
-
-
-# ---------------------------------------------------------------- `histotx embed`
-
-CLI_DESCRIPTION = """\
-Embed tiles with a trained model: one AnnData .h5ad per sample (obs = tiles with sample, patient,
-level-0 px and µm origin; obsm[MODE] = whole-tile CLS embeddings; no X).
-
-  # a shard set (made by `histotx shard`), every sample or some
-  histotx embed --model runs/tiny --shards shards/ --out emb/ --modes image,transcripts,fused
-  histotx embed --model export/ --shards shards/ --samples lung01,lung02 --out emb/
-
-  # one slide, tiled exactly as `histotx shard run` would (same settings: --shard-config, key=value)
-  histotx embed --model export/ --slide he.svs --out emb/
-  histotx embed --model export/ --slide he.tif --data outs/ --technology visium --out emb/ mpp=0.5 tile_px=224
-  histotx embed --model export/ --technology hest --data hest/ --sample-id TENX95 --out emb/
-
-The model: a run folder (its latest checkpoint), a checkpoint folder, or an export (`histotx export`).
-Each tile is shown whole (no crop, no augmentation), resized to the model's training input size and
-normalised as in training; transcript tokens are binned at --resolution-um in that frame. Modes:
-image (the image alone), transcripts (the tokens alone; NaN rows for tiles without any), fused (both).
---drop-genes removes genes from the transcript input before binning (e.g. the targets of an
-expression-prediction evaluation, so they cannot leak in); the .h5ad's uns records them.
-bf16 autocast on a GPU, fp32 on CPU.
-"""
-
-
-def _names(text: str | None, file: Path | None) -> list[str]:
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
-    if file is not None:
-        names += [line.strip() for line in Path(file).read_text().splitlines() if line.strip()
-                  and not line.startswith("#")]
-    return names
-
-
-def register_cli(subparsers) -> None:
-    import argparse
-
-    p = subparsers.add_parser("embed", help="embed a shard set or a slide with a trained model (→ .h5ad per sample)",
-                              description=CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="run folder, checkpoint folder or export folder")
-    p.add_argument("--out", type=Path, required=True, help="folder for <sample>.h5ad (created)")
-    p.add_argument("--modes", default="image", help="comma-separated: image, transcripts, fused (default image)")
-    p.add_argument("--drop-genes", help="comma-separated gene symbols removed from the transcript input")
-    p.add_argument("--drop-genes-file", type=Path, help="a file of gene symbols to remove, one per line")
-    p.add_argument("--resolution-um", default=str(DEFAULT_RESOLUTION_UM),
-                   help="transcript token side in µm, or 'native' (one token per spot/bin/molecule); "
-                        f"default {DEFAULT_RESOLUTION_UM:g}, a size every shipped training config draws")
-    p.add_argument("--image-px", type=int, help="resize each tile to this side (default: the model's input size)")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=0, help="processes that decode, resize and bin tiles (default 0: the main process; "
-                        "on a GPU use several, or the GPU waits for them)")
-    g = p.add_argument_group("a shard set")
-    g.add_argument("--shards", type=Path, help="shard folder with manifest.json (made by `histotx shard`)")
-    g.add_argument("--samples", help="comma-separated sample ids (default: all)")
-    s = p.add_argument_group("a slide (sharded first, into a temporary folder, exactly as `histotx shard run`)")
-    s.add_argument("--slide", type=Path, help="the H&E slide (SVS, pyramidal TIFF, OME-TIFF, ...)")
-    s.add_argument("--data", type=Path, help="its Space Ranger outs/, Xenium bundle or HEST root")
-    s.add_argument("--technology", help="visium | visium_hd | xenium | hest (default image_only without --data)")
-    s.add_argument("--sample-id", help="sample id (default: from the slide's file name)")
-    s.add_argument("--patient", default="", help="patient id (default: the sample id)")
-    s.add_argument("--mpp", type=float, help="µm/px of the slide's level 0, overriding its metadata")
-    s.add_argument("--image-scale", default="fullres", help="visium: which image --slide is (fullres|hires|lowres)")
-    s.add_argument("--bin-size-um", type=float, default=2.0, help="visium_hd: which binned output (2, 8, 16)")
-    s.add_argument("--alignment", type=Path, help="xenium: the *_he_imagealignment.csv (default: from the bundle)")
-    s.add_argument("--shard-config", type=Path, help="shard settings YAML (e.g. a shard set's shard_config.yaml)")
-    s.add_argument("--keep-shards", type=Path, help="write the slide's shards here and keep them")
-    s.add_argument("overrides", nargs="*", help="key=value shard settings, e.g. mpp=0.5 tile_px=224")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    from histotx.config import load_config
-
-    if bool(args.shards) == bool(args.slide or args.data):
-        raise ValueError("give either --shards DIR or --slide FILE (with --data for Visium/Xenium/HEST data)")
-    if args.shards and (args.overrides or args.shard_config):
-        raise ValueError("shard settings (--shard-config, key=value) apply to --slide only")
-    t0 = time.time()
-    kwargs = dict(modes=_names(args.modes, None), drop_genes=_names(args.drop_genes, args.drop_genes_file),
-                  batch_size=args.batch_size, device=args.device, image_px=args.image_px, num_workers=args.workers,
-                  resolution_um="native" if args.resolution_um == "native" else float(args.resolution_um))
-    if args.shards:
-        samples = _names(args.samples, None) or None
-        paths = embed_shards(args.model, args.shards, args.out, samples=samples, **kwargs)
-    else:
-        from sharding.config import ShardConfig
-
-        cfg = load_config(ShardConfig, args.shard_config, args.overrides)
-        paths = [embed_slide(args.model, args.slide, args.out, data=args.data, technology=args.technology,
-                             sample_id=args.sample_id, patient=args.patient, mpp=args.mpp,
-                             image_scale=args.image_scale, bin_size_um=args.bin_size_um, alignment=args.alignment,
-                             shard_config=cfg, shards_dir=args.keep_shards, **kwargs)]
-    _summary(paths, time.time() - t0)
-    return 0
-
-
-def _summary(paths: list[Path], seconds: float) -> None:
-    import anndata as ad
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="histotx embed: summary")
-    for col in ("sample", "tiles", "embeddings", "file"):
-        table.add_column(col, overflow="fold")
-    tiles = 0
-    for path in paths:
-        adata = ad.read_h5ad(path)
-        tiles += adata.n_obs
-        dims = ", ".join(f"{k} {v.shape[1]}" for k, v in adata.obsm.items())
-        table.add_row(path.stem, str(adata.n_obs), dims, str(path))
-    console = Console(stderr=True, width=160)
-    console.print(table)
-    console.print(f"{len(paths)} samples, {tiles} tiles in {seconds:.1f} s ({tiles / max(seconds, 1e-9):.1f} tiles/s) "
-                  f"→ {paths[0].parent if paths else '-'}")

@@ -8,7 +8,6 @@ folders go through :mod:`.hestlayout` instead (``--hest``).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from histotx.eval import hestbench, report
-from histotx.eval.targets import read_gene_groups, select_target_genes, target_matrix, tile_expression
+from histotx.eval.targets import select_target_genes, target_matrix, tile_expression
 
 log = logging.getLogger(__name__)
 
@@ -220,97 +219,3 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
         if show:
             print("wrote " + ", ".join(str(p) for p in paths.values()))
     return table
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def _named(values: Sequence[str] | None, flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values or []:
-        name, sep, source = value.partition("=")
-        if not sep or not name or not source:
-            raise ValueError(f"{flag} takes NAME=PATH, got {value!r}")
-        if name in out:
-            raise ValueError(f"{flag}: the name {name!r} is given twice")
-        out[name] = source
-    return out
-
-
-EPILOG = """\
-what it does:
-  1. targets: the tiles' expression is read from the shards (sum of each tile's sites); the 50 most
-     variable genes (variance of log1p) among those present in >= 10 % of the sites of every sample.
-  2. embeddings: each --model embeds every tile in each --mode (image, transcripts, fused) with the
-     target genes REMOVED from the transcript input; --embeddings uses folders made by `histotx embed`
-     (refused unless their uns["dropped_genes"] holds every target gene: no leakage).
-  3. HEST-Bench protocol per model x mode, on one set of patient folds (leave-one-patient-out with
-     <= 4 patients, else GroupKFold(5)): StandardScaler -> PCA(256) -> Ridge(alpha=100/(256*50),
-     no intercept, lsqr) fitted on train; Pearson per gene on the test patients; mean over genes, folds.
-  4. optional linear probe of a tile label (--label COLUMN of the embeddings' obs, or --labels CSV
-     with columns key,COLUMN): StandardScaler -> LogisticRegression; balanced accuracy per fold.
-  Prints the table; writes OUT/results.csv, OUT/pearson.png, OUT/results.json (every per-gene,
-  per-fold number) and OUT/embeddings/<model>/<sample>.h5ad.
-
-examples:
-  histotx eval --shards out/demo/shards --model base=runs/img/export --model fused=runs/tiny \\
-      --modes image,transcripts,fused --out out/eval
-  histotx eval --shards shards/ --embeddings mine=emb/ --modes image,fused --labels regions.csv --label region \\
-      --gene-groups groups.json --out out/eval
-  histotx eval --hest bench_data/IDC --model uni=exports/uni --out out/idc      # HEST-Benchmark's own task
-  histotx eval --hest bench_data --model a=exports/a --model b=runs/b --out out/hest  # every task + average
-"""
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval", help="HEST-Bench-style expression prediction (+ a label probe) from each model x mode",
-        description="Compare models and embedding modes on predicting gene expression from tile embeddings, "
-                    "with the HEST-Benchmark protocol, on a HistoTx shard set or a HEST-Benchmark task folder.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", type=Path, help="a shard folder made by `histotx shard` (targets come from it)")
-    src.add_argument("--hest", type=Path, metavar="DIR",
-                     help="a HEST-Benchmark task folder (splits/, adata/, patches/, var_50genes.json), or a folder "
-                          "of them (bench_data/: every task, plus the mean over tasks); image mode only")
-    p.add_argument("--model", action="append", metavar="NAME=SOURCE",
-                   help="a model to embed with: an export folder, a run folder or a checkpoint (repeatable)")
-    p.add_argument("--embeddings", action="append", metavar="NAME=DIR",
-                   help="precomputed embeddings (<DIR>/<sample>.h5ad from `histotx embed`) (repeatable)")
-    p.add_argument("--modes", default="image", help="comma-separated: image, transcripts, fused (default image)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the table, plot, JSON and embeddings")
-    p.add_argument("--samples", help="comma-separated sample ids (default: every sample with transcripts)")
-    p.add_argument("--targets", type=int, default=50, help="number of target genes (default 50)")
-    p.add_argument("--min-frac", type=float, default=0.10,
-                   help="a target must be present in this share of the sites of every sample (default 0.10)")
-    p.add_argument("--label", help="label column for the linear probe (obs column, or the --labels CSV column)")
-    p.add_argument("--labels", type=Path, help="CSV of tile labels: columns key (tile key) and --label (default 'label')")
-    p.add_argument("--gene-groups", type=Path, help='JSON {"group": ["GENE", ...]}: per-group Pearson columns')
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    models = _named(args.model, "--model")
-    embeddings = _named(args.embeddings, "--embeddings")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    groups = read_gene_groups(args.gene_groups) if args.gene_groups else None
-    if args.hest is not None:
-        from histotx.eval import hestlayout
-
-        if embeddings or not models or modes != ["image"]:
-            raise ValueError("--hest takes --model (one or more) and --modes image (HEST-Benchmark tasks are images)")
-        if hestlayout.is_task(args.hest):
-            hestlayout.evaluate_hest_task(args.hest, models, args.out, gene_groups=groups, batch_size=args.batch_size,
-                                          device=args.device, progress=not args.no_progress)
-        else:
-            hestlayout.evaluate_hest_bench(args.hest, models, args.out, batch_size=args.batch_size,
-                                           device=args.device, progress=not args.no_progress)
-        return 0
-    samples = [s.strip() for s in args.samples.split(",")] if args.samples else None
-    evaluate(args.shards, models, modes, args.out, embeddings=embeddings, samples=samples,
-             n_targets=args.targets, min_frac=args.min_frac, label=args.label, labels=args.labels,
-             gene_groups=groups, batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
-    return 0

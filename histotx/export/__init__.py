@@ -8,7 +8,17 @@ Modules, one concept each: :mod:`.source` (a run's teacher, no DeepSpeed needed)
 :mod:`.remote_code`, model card from :mod:`.card`), :mod:`.timm_hub` (timm hub folder), :mod:`.load`,
 :mod:`.cli`. Key maps: :class:`histotx.model.pretrained.HFAdapter` / ``TimmAdapter``.
 """
-from histotx.export.load import LoadedModel, load_model
-from histotx.export.write import ExportSummary, export
+from __future__ import annotations
 
-__all__ = ["ExportSummary", "LoadedModel", "export", "load_model"]
+import importlib
+
+_LAZY = {"LoadedModel": "histotx.export.load", "load_model": "histotx.export.load",
+         "ExportSummary": "histotx.export.write", "export": "histotx.export.write"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    """Names load on first use, so that `histotx` builds its parsers (``histotx.export.cli``) without torch."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'histotx.export' has no attribute {name!r}")
