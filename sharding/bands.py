@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-FLUSH_SITES = 1 << 22  # buffered sites (all bands) before appending to the band files
+FLUSH_SITES = 1 << 21  # buffered sites (all bands) before appending to the band files
 _SITE_ARRAYS = {"x": np.float64, "y": np.float64, "seq": np.int64, "nnz": np.int32}
 _ENTRY_ARRAYS = {"gene": np.int32, "count": np.float32}
 

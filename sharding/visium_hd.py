@@ -95,7 +95,8 @@ def _position_batches(path: Path):
         missing = [c for c in POSITION_COLUMNS if c not in names]
         if missing:
             raise InputError(path, f"positions file lacks columns {missing}")
-        for batch in pq.ParquetFile(path).iter_batches(1 << 20, columns=POSITION_COLUMNS[1:]):
+        # pre_buffer off, as for Xenium transcripts (sharding/xenium.py): read row groups are not kept
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(1 << 20, columns=POSITION_COLUMNS[1:]):
             for c in POSITION_COLUMNS[1:]:
                 if not (pa.types.is_integer(batch.column(c).type) or pa.types.is_floating(batch.column(c).type)):
                     raise InputError(path, f"column {c} is not numeric")

@@ -87,14 +87,16 @@ def _batches(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = (
     columns = columns + tuple(c for c in optional if c in names)
     try:
         if path.suffix == ".parquet":
-            reader = pq.ParquetFile(path, read_dictionary=["feature_name"]).iter_batches(BATCH_ROWS, columns=list(columns))
+            # pre_buffer off: with it (pyarrow's default) every row group read stays cached until the file
+            # closes, about 14 bytes per molecule (pyarrow 26: RSS 1.2 GB after 64 M rows, flat at 0.19 GB without).
+            yield from pq.ParquetFile(path, pre_buffer=False, read_dictionary=["feature_name"]).iter_batches(
+                BATCH_ROWS, columns=list(columns))
         else:
             string_cols = {"feature_name": pa.string()} if "feature_name" in columns else {}
-            reader = pacsv.open_csv(
+            yield from pacsv.open_csv(
                 path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                 convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=string_cols),
             )
-        yield from reader
     except (OSError, pa.ArrowException) as exc:
         raise InputError(path, f"unreadable transcripts file ({exc})") from exc
 
