@@ -159,11 +159,14 @@ def test_nonfinite_losses_are_skipped_by_every_rank_and_a_run_of_them_stops_trai
 @pytest.mark.slow
 def test_bf16_autocast_zero0_gradient_accumulation_on_cpu(shards, tmp_path):
     """The GPU precision path (fp32 weights, bf16 compute via DeepSpeed's torch_autocast) without ZeRO
-    and with two micro-batches per optimiser step, one CPU rank."""
+    and with two micro-batches per optimiser step, one CPU rank; the kNN probe on held-out tiles."""
+    from shardkit import write_shard_set
+
+    held_out = write_shard_set(tmp_path / "held_out", n_shards=3, per_shard=4, tile_px=32)  # 3 samples, one panel
     entry = str(REPO / "launch" / "train.py")
     wait_ranks(start_ranks([entry, str(TINY), f"out={tmp_path}", *RUN, f"data.stream.shards={shards}", "steps=3",
                             "deepspeed.precision=bf16", "deepspeed.zero_stage=0", "optim.accumulation_steps=2",
-                            "monitor.every_steps=2", f"monitor.shards={shards}", "monitor.k=2"],
+                            "monitor.every_steps=2", f"monitor.shards={held_out}", "monitor.k=2"],
                            world=1))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     probes = [r for r in rows if "probe/knn_pearson" in r]

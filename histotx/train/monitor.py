@@ -113,6 +113,9 @@ class KnnProbe:
         shared = np.ones(vocab_size, dtype=bool)  # genes seen in some tile of every sample
         for s in range(sample_index.max() + 1):
             shared &= counts[sample_index == s].sum(axis=0) > 0
+        if not shared.any():
+            raise ValueError(f"{shards}: no gene is measured by every sample of the first {len(images)} tiles; the "
+                             "kNN probe needs held-out samples that share a gene panel")
         y = pseudo_bulk(counts[:, shared])
         top = np.argsort(-y.var(axis=0), kind="stable")[:n_genes]
         self.images = torch.stack(images)
