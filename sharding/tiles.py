@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from sharding.config import ShardConfig
 from sharding.slides import Slide, resample_region
@@ -89,23 +88,6 @@ def sample_subset(plan: TilePlan, cfg: ShardConfig, sample_id: str) -> TilePlan:
         return plan
     rng = np.random.default_rng([cfg.seed, zlib.crc32(sample_id.encode())])
     return plan.subset(rng.choice(len(plan), cfg.max_tiles_per_sample, replace=False))
-
-
-def assign_sites(plan: TilePlan, site_xy: np.ndarray) -> list[np.ndarray]:
-    """For each tile, the indices of the sites whose centre lies in [ox, ox+size0) × [oy, oy+size0)."""
-    if len(plan) == 0 or len(site_xy) == 0:
-        return [np.zeros(0, dtype=np.int64) for _ in range(len(plan))]
-    half = plan.size0 / 2
-    tree = cKDTree(site_xy)
-    out = []
-    for origin, cand in zip(plan.origins, tree.query_ball_point(plan.origins + half, r=half, p=np.inf)):
-        cand = np.asarray(sorted(cand), dtype=np.int64)
-        if cand.size:
-            rel = site_xy[cand] - origin
-            inside = (rel[:, 0] >= 0) & (rel[:, 0] < plan.size0) & (rel[:, 1] >= 0) & (rel[:, 1] < plan.size0)
-            cand = cand[inside]
-        out.append(cand)
-    return out
 
 
 def runs(plan: TilePlan, max_tiles: int) -> Iterator[np.ndarray]:
