@@ -225,15 +225,7 @@ def evaluate_hest_task(task_dir: str | Path, models: Mapping[str, Any] | None = 
         "runs": [{"model": m, "mode": mode, "regression": r.to_json()} for (m, mode), r in regression.items()],
         "seconds": time.monotonic() - started,
     }
-    table.attrs["results"], table.attrs["header"] = results, header
-    if show:
-        report.print_table(table, header)
-    if out is not None:
-        paths = report.write_all(table, results, out, header)
-        table.attrs["paths"] = {k: str(v) for k, v in paths.items()}
-        if show:
-            print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return table
+    return report.publish(table, results, header, out, show)
 
 
 def is_task(folder: str | Path) -> bool:

@@ -148,3 +148,16 @@ def write_all(table: pd.DataFrame, results: dict[str, Any], out: str | Path, hea
     out.mkdir(parents=True, exist_ok=True)
     return {"csv": write_csv(table, out / CSV_NAME), "png": plot_bars(table, out / PNG_NAME, header),
             "json": write_json(results, out / JSON_NAME)}
+
+
+def publish(table: pd.DataFrame, results: dict, header: str, out: Path | None, show: bool) -> pd.DataFrame:
+    """Attach the results to the table (``attrs``), print it, and write CSV/PNG/JSON under ``out`` when given."""
+    table.attrs["results"], table.attrs["header"] = results, header
+    if show:
+        print_table(table, header)
+    if out is not None:
+        paths = write_all(table, results, out, header)
+        table.attrs["paths"] = {k: str(v) for k, v in paths.items()}
+        if show:
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return table

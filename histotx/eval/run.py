@@ -210,12 +210,4 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
                  for (m, mode) in regression],
         "seconds": time.monotonic() - started,
     }
-    table.attrs["results"], table.attrs["header"] = results, header
-    if show:
-        report.print_table(table, header)
-    if out is not None:
-        paths = report.write_all(table, results, out, header)
-        table.attrs["paths"] = {k: str(v) for k, v in paths.items()}
-        if show:
-            print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return table
+    return report.publish(table, results, header, out, show)
