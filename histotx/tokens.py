@@ -150,6 +150,13 @@ def _native(grid: TranscriptGrid, mpp: float, image_hw: tuple[int, int]) -> Tran
     return TranscriptCells(grid.xy[occupied], offsets, gene, weight, max(grid.footprint_um, mpp))
 
 
+def token_size(footprint_um: float, drawn_um: float | None) -> float | None:
+    """The token side for sites of ``footprint_um`` when ``drawn_um`` was drawn: the draw, or None (native,
+    one token per site) when the draw is native or finer than a site. Spreading one site over several
+    cells would make tokens of identical composition, so a masked token's target would stay visible."""
+    return None if drawn_um is None or footprint_um > drawn_um else drawn_um
+
+
 def bin_grid(
     grid: TranscriptGrid, mpp: float, resolution_um: float | None, image_hw: tuple[int, int]
 ) -> TranscriptCells:

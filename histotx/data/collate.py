@@ -24,7 +24,7 @@ from histotx.data.config import DataConfig
 from histotx.data.masking import image_masks, token_masks
 from histotx.format import VOCAB_NAME, read_manifest
 from histotx.model.transcripts import TranscriptBatch
-from histotx.tokens import TranscriptCells, bin_grid
+from histotx.tokens import TranscriptCells, bin_grid, token_size
 from histotx.vocab import Vocab
 
 BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY = 0, 1, 2
@@ -102,8 +102,8 @@ class SSLBatch:
 def _tokens(views: list[View], resolution_um: float | None) -> list[TranscriptCells]:
     """Each view's tokens at the drawn size, or one per site (native) when the draw is "native" or finer
     than the site footprint."""
-    return [bin_grid(v.grid, v.mpp, None if resolution_um is None or v.grid.footprint_um > resolution_um
-                     else resolution_um, tuple(v.image.shape[-2:])) for v in views]
+    return [bin_grid(v.grid, v.mpp, token_size(v.grid.footprint_um, resolution_um), tuple(v.image.shape[-2:]))
+            for v in views]
 
 
 def read_panels(shards: str) -> tuple[dict[str, np.ndarray], int]:

@@ -40,7 +40,7 @@ from histotx.format import (
     VOCAB_NAME, FormatError, TileSample, TranscriptGrid, decode_image_rgb, decode_sample, read_manifest,
 )
 from histotx.model.transcripts import TranscriptBatch
-from histotx.tokens import TranscriptCells, bin_grid
+from histotx.tokens import TranscriptCells, bin_grid, token_size
 from histotx.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -109,15 +109,8 @@ class TileInputs:
             return image, None
         mpp = float(tile.meta["mpp"])
         grid = transform_grid(remap_grid(tile.grid, self.genes), geometry, mpp)
-        return image, bin_grid(grid, geometry.mpp(mpp), self.resolution_um, (self.image_px, self.image_px))
-
-
-def collate_cells(cells: list[TranscriptCells]) -> TranscriptBatch:
-    """Pack a batch's tokens; native tokens report their own size, a batch carries one, so all get the
-    largest (as the training collation does)."""
-    size = max(c.resolution_um for c in cells)
-    return TranscriptBatch.collate([c if c.resolution_um == size else
-                                    TranscriptCells(c.xy, c.offsets, c.gene, c.weight, size) for c in cells])
+        size = token_size(grid.footprint_um, self.resolution_um)  # as in training: spots stay whole
+        return image, bin_grid(grid, geometry.mpp(mpp), size, (self.image_px, self.image_px))
 
 
 # ---------------------------------------------------------------- the model
@@ -154,7 +147,7 @@ def embed_batch(net: torch.nn.Module, images: torch.Tensor, cells: list[Transcri
                 modes: Sequence[str], device: torch.device) -> dict[str, np.ndarray]:
     """CLS embeddings (B, D) float32 per mode for one batch (NaN rows: no input for that mode)."""
     images = images.to(device, net.cls_token.dtype, non_blocking=True)  # fp32 (autocast on GPU), or a float64 model
-    batch = collate_cells(cells).to(device) if cells is not None else None
+    batch = TranscriptBatch.collate(cells).to(device) if cells is not None else None
     has_tokens = (batch.lengths > 0).cpu().numpy() if batch is not None else None
     out: dict[str, np.ndarray] = {}
     with _autocast(device):
