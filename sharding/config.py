@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from histotx.config import ConfigError
-from histotx.format import IMAGE_EXTENSIONS
+from histotx.format import IMAGE_EXTENSIONS, JPEG_SUBSAMPLINGS
 from sharding.slides import RESAMPLE_FILTERS
 
 
@@ -22,6 +22,7 @@ class ShardConfig:
     mask_mpp: float = 8.0             # µm/px of the thumbnail the tissue mask is computed on
     image_format: str = "jpg"         # jpg | png | webp
     jpeg_quality: int = 90
+    jpeg_subsampling: str = "444"    # 444 | 422 | 420: 4:2:0 encodes ~1.6× faster and ~40 % smaller, blurs colour edges
     shard_max_tiles: int = 1000       # a shard closes at this many tiles ...
     shard_max_bytes: int = 512 * 1024 * 1024  # ... or this many bytes
     max_tiles_per_sample: int = 0     # 0 = all; else a seeded random subset
@@ -44,6 +45,8 @@ class ShardConfig:
             raise ConfigError("mpp must be > 0 and tile_px >= 16")
         if not (0 <= self.min_tissue_fraction <= 1 and 0 <= self.max_dropped_fraction <= 1):
             raise ConfigError("min_tissue_fraction and max_dropped_fraction must be within [0, 1]")
+        if self.jpeg_subsampling not in JPEG_SUBSAMPLINGS:
+            raise ConfigError(f"jpeg_subsampling must be one of {JPEG_SUBSAMPLINGS}, got {self.jpeg_subsampling!r}")
         if self.resample not in RESAMPLE_FILTERS:
             raise ConfigError(f"resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}")
         if min(self.shard_max_tiles, self.run_tiles) < 1:

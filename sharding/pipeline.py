@@ -229,7 +229,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                         "n_sites": grid.n_sites, "n_genes": int(np.unique(grid.gene).size),
                         "total_count": grid.total_count,
                     }
-                    image = encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality)
+                    image = encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
                     sink.add(TileSample(f"{sample.id}__{plan.names[i]}", image, cfg.image_format, grid, meta))
             shards = sink.close()
         except BaseException:
