@@ -361,7 +361,7 @@ def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int
         # forkserver: workers start clean (no inherited threads or open files) yet share the parent's
         # imports through the preloaded server, so each does not pay seconds of imports.
         ctx = get_context("forkserver")
-        ctx.set_forkserver_preload(["sharding.pipeline", "webdataset"])
+        ctx.set_forkserver_preload(["sharding.pipeline"])
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = {pool.submit(_worker, s, cohort, cfg, str(out_dir)): s for s in todo}
             for fut in as_completed(futures):

@@ -5,7 +5,10 @@ Aperio SVS, pyramidal TIFF (levels as SubIFDs or pages) and OME-TIFF all come th
 only the tiles it touches, never a whole level. Levels stored as tiled pages (nearly every WSI)
 additionally keep their recently decoded tiles in a bounded LRU cache (:class:`_TiledLevel`), so that
 neighbouring output tiles — which share source tiles whenever the two tile grids differ — decode each
-source tile once; zarr offers no such cache and decodes again on every read. µm/px comes from the
+source tile once; zarr offers no such cache and decodes again on every read. A level can also be read
+*reduced* by 2, 4 or 8 (each output px the mean of a k×k block): JPEG tiles are then decoded at that scale
+inside libjpeg-turbo (DCT scaling, via simplejpeg), which costs a fraction of a full decode, other data is
+decoded in full and area-averaged. µm/px comes from the
 file (SVS ``MPP =``, OME ``PhysicalSizeX``, TIFF X/YResolution), the data (a hint) or an override.
 
 Damage is an error, never background. tifffile opens a truncated file with only logged warnings and
@@ -17,8 +20,8 @@ in an otherwise intact level are background, as sparse TIFFs (e.g. Philips) mean
 """
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import re
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -48,6 +51,7 @@ class _TiledLevel:
         self._per_row = -(-page.imagewidth // self._tw)
         self._cache, self._budget = cache, budget  # budget: [bytes still free], shared by all levels
         self._key = id(page)
+        self._dct = _dct_scalable(page)  # None, or the bytes to put before a tile for a standalone JPEG
 
     @staticmethod
     def supports(series_level) -> bool:
@@ -58,48 +62,79 @@ class _TiledLevel:
         return (page is not None and page.is_tiled and page.planarconfig == 1 and page.imagedepth == 1
                 and series_level.axes in ("YXS", "YX") and page.dtype == "uint8")
 
-    def _tiles(self, indices: list[int]) -> dict[int, "np.ndarray"]:
+    def _tiles(self, indices: list[int], k: int = 1) -> dict[int, "np.ndarray"]:
         page, out, missing = self._page, {}, []
         for i in indices:
-            hit = self._cache.get((self._key, i))
+            hit = self._cache.get((self._key, i, k))
             if hit is None:
                 missing.append(i)
             else:
-                self._cache.move_to_end((self._key, i))
+                self._cache.move_to_end((self._key, i, k))
                 out[i] = hit
         if missing:
             offsets = [page.dataoffsets[i] for i in missing]
             counts = [page.databytecounts[i] for i in missing]
             for data, i in self._tif.filehandle.read_segments(offsets, counts, indices=missing):
-                tile = self._decode(data, i)
+                tile = self._decode(data, i, k)
                 out[i] = tile
-                self._cache[(self._key, i)] = tile
+                self._cache[(self._key, i, k)] = tile
                 self._budget[0] -= tile.nbytes
             while self._budget[0] < 0 and self._cache:
                 _, old = self._cache.popitem(last=False)
                 self._budget[0] += old.nbytes
         return out
 
-    def _decode(self, data: bytes | None, i: int) -> np.ndarray:
-        """Tile ``i`` decoded; an empty segment (byte count 0) is background, a damaged one an InputError."""
+    def _decode(self, data: bytes | None, i: int, k: int = 1) -> np.ndarray:
+        """Tile ``i`` decoded (reduced by ``k``); an empty segment (byte count 0) is background, a damaged one an
+        InputError."""
         page = self._page
         count = page.databytecounts[i]
         if count == 0:
-            return np.full((self._th, self._tw, 3), 255, np.uint8)
+            return np.full((self._th // k, self._tw // k, 3), 255, np.uint8)
         where = _segment_name(page, self._level, i)
         if data is None or len(data) != count:
             raise InputError(self._tif.filehandle.path, f"{where}: read {0 if data is None else len(data)} of "
                                                         f"{count} bytes (file truncated or changed since opened)")
         try:
-            return np.asarray(page.decode(data, i, jpegtables=page.jpegtables)[0]).reshape(self._th, self._tw, -1)
-        except Exception as exc:  # imagecodecs/tifffile raise many types for damaged data
+            if k > 1 and self._dct is not None:
+                return self._decode_scaled(data, i, k)
+            tile = np.asarray(page.decode(data, i, jpegtables=page.jpegtables)[0]).reshape(self._th, self._tw, -1)
+        except InputError:
+            raise
+        except Exception as exc:  # imagecodecs/tifffile/simplejpeg raise many types for damaged data
             raise InputError(self._tif.filehandle.path,
                              f"{where} does not decode ({type(exc).__name__}: {exc})") from exc
+        return tile if k == 1 else area_reduce(tile, k)
 
-    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        th, tw = self._th, self._tw
+    def _decode_scaled(self, data: bytes, i: int, k: int) -> np.ndarray:
+        """DCT-scaled decode at 1/k. The first use on a level is checked against a full decode area-averaged
+        (mean difference ≤ 3 of 255); a level whose JPEG the check rejects is decoded in full from then on."""
+        import simplejpeg
+
+        h, w = self._th // k, self._tw // k
+        tile = simplejpeg.decode_jpeg(self._dct + bytes(data)[2:], colorspace="RGB", min_height=h, min_width=w)
+        if tile.shape != (h, w, 3):
+            raise ValueError(f"scaled decode gave {tile.shape}, expected {(h, w, 3)}")
+        if not getattr(self, "_dct_checked", False):
+            full = np.asarray(self._page.decode(data, i, jpegtables=self._page.jpegtables)[0]).reshape(
+                self._th, self._tw, -1)
+            self._dct_checked = True
+            if full.shape[-1] != 3 or np.abs(area_reduce(full, k).astype(np.int16) - tile).mean() > 3:
+                log.warning("%s level %d: decoding JPEG tiles at reduced scale does not match a full decode; "
+                            "decoding in full", self._tif.filehandle.path, self._level)
+                self._dct = None
+                return area_reduce(full, k)
+        return tile
+
+    def reducible(self, k: int) -> bool:
+        """Whether tiles split into whole k×k blocks, so the level reduced by ``k`` is read tile by tile."""
+        return self._th % k == 0 and self._tw % k == 0
+
+    def region(self, y0: int, y1: int, x0: int, x1: int, k: int = 1) -> np.ndarray:
+        """``[y0:y1, x0:x1]`` of the level reduced by ``k`` (needs :meth:`reducible`); in-bounds boxes only."""
+        th, tw = self._th // k, self._tw // k
         rows, cols = range(y0 // th, (y1 - 1) // th + 1), range(x0 // tw, (x1 - 1) // tw + 1)
-        tiles = self._tiles([r * self._per_row + c for r in rows for c in cols])
+        tiles = self._tiles([r * self._per_row + c for r in rows for c in cols], k)
         first = next(iter(tiles.values()))
         out = np.empty((y1 - y0, x1 - x0, first.shape[-1]), np.uint8)
         for r in rows:
@@ -109,6 +144,41 @@ class _TiledLevel:
                 out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = \
                     tiles[r * self._per_row + c][ty0 - r * th : ty1 - r * th, tx0 - c * tw : tx1 - c * tw]
         return out
+
+
+_ADOBE_RGB = bytes.fromhex("ffee000e") + b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 0])  # APP14, transform 0: no YCbCr
+
+
+def _dct_scalable(page) -> bytes | None:
+    """For a page of 8-bit 3-sample JPEG tiles, the prefix that makes a tile a standalone JPEG a decoder can
+    scale: SOI, an Adobe marker saying "RGB, no colour transform" where tifffile would decode the tile as
+    RGB (Aperio's photometric-RGB tiles carry no JFIF marker and are not YCbCr), and the shared tables."""
+    if page.compression != 7 or page.samplesperpixel != 3 or page.bitspersample != 8 or page.extrasamples:
+        return None
+    tables = page.jpegtables or b""
+    if tables and not (tables[:2] == b"\xff\xd8" and tables[-2:] == b"\xff\xd9"):
+        return None
+    if page.photometric == 2:  # a tile with its own JFIF marker stays YCbCr to libjpeg (JFIF wins), as to tifffile
+        prefix = b"\xff\xd8" + _ADOBE_RGB
+    elif page.photometric == 6:  # YCbCr, libjpeg's default for 3 components
+        prefix = b"\xff\xd8"
+    else:
+        return None
+    return prefix + tables[2:-2]
+
+
+@functools.cache
+def _cv2():
+    import cv2
+
+    cv2.setNumThreads(1)  # one core per sharding worker: parallelism comes from the worker processes
+    return cv2
+
+
+def area_reduce(rgb: np.ndarray, k: int) -> np.ndarray:
+    """Each output px the mean of a k×k block (partial blocks at the far edges dropped)."""
+    cv2, h, w = _cv2(), rgb.shape[0] // k, rgb.shape[1] // k
+    return cv2.resize(np.ascontiguousarray(rgb[: h * k, : w * k]), (w, h), interpolation=cv2.INTER_AREA)
 
 
 def _segment_name(page, level: int | str, i: int) -> str:
@@ -335,17 +405,21 @@ class Slide:
         return best
 
     # ------------------------------------------------------------------ pixels
-    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """(h, w, 3) uint8 of ``level`` at integer origin (x, y); outside the image is white."""
+    def read_region(self, level: int, x: int, y: int, w: int, h: int, reduce: int = 1) -> np.ndarray:
+        """(h, w, 3) uint8 of ``level`` reduced by ``reduce`` (1, 2, 4, 8: each px the mean of a block of that
+        side) at integer origin (x, y) of that reduced grid; outside the image is white."""
+        k = reduce
         lv = self.levels[level]
         x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
+        x1, y1 = min(x + w, lv.width // k), min(y + h, lv.height // k)
         if x1 <= x0 or y1 <= y0:
             return np.full((h, w, 3), 255, dtype=np.uint8)
         data = self._levels_data[level]
         try:
-            if isinstance(data, _TiledLevel):
-                patch = data.region(y0, y1, x0, x1)
+            if isinstance(data, _TiledLevel) and data.reducible(k):
+                patch = data.region(y0, y1, x0, x1, k)
+            elif k > 1:
+                patch = area_reduce(self.read_region(level, x0 * k, y0 * k, (x1 - x0) * k, (y1 - y0) * k), k)
             elif self._axes in ("CYX", "SYX"):
                 patch = np.moveaxis(np.asarray(data[:, y0:y1, x0:x1]), 0, -1)
             else:
@@ -401,31 +475,24 @@ def _to_uint8(patch: np.ndarray) -> np.ndarray:
     return np.clip(patch * 255.0 if patch.max() <= 1.0 else patch, 0, 255).astype(np.uint8)
 
 
-RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos", "box")
+RESAMPLE_FILTERS = ("area", "bilinear", "bicubic", "lanczos")
 
 
-def resample_region(slide: Slide, level: int, box_level0: tuple[float, float, float, float],
-                    out_w: int, out_h: int, resample: str = "bilinear") -> np.ndarray:
-    """Pixels of the level-0 box (x0, y0, x1, y1) (continuous coordinates) resampled to out_w × out_h.
+def resize_pixels(region: np.ndarray, out_w: int, out_h: int, resample: str = "area") -> np.ndarray:
+    """``region`` resized to out_w × out_h, its whole extent onto the whole output (pixel centres map as
+    (u + ½)·s − ½, so a strip of n tiles resizes as the n tiles would, bar the strip's outermost pixels).
 
-    Reads the covering integer region of ``level`` (plus a margin for the filter) and lets Pillow
-    resample with a sub-pixel box; Pillow widens the filter by the shrink factor, so shrinking is
-    anti-aliased with any of ``RESAMPLE_FILTERS``. An integer-aligned 1:1 box is a plain crop.
+    ``area`` (OpenCV): an exact area average when shrinking (anti-aliased, fast), bilinear when enlarging.
+    ``bilinear``/``bicubic``/``lanczos`` (Pillow): those filters widened by the shrink factor, so also
+    anti-aliased; 3–25× slower than ``area`` at tile size (measured: benchmarks/shard_throughput.py).
     """
+    h, w = region.shape[:2]
+    if (w, h) == (out_w, out_h):
+        return region
+    if resample == "area":
+        cv2 = _cv2()
+        shrink = w > out_w or h > out_h
+        return cv2.resize(region, (out_w, out_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     from PIL import Image
 
-    lv = slide.levels[level]
-    x0, y0, x1, y1 = box_level0
-    lx0, ly0 = x0 / lv.downsample_x, y0 / lv.downsample_y
-    lx1, ly1 = x1 / lv.downsample_x, y1 / lv.downsample_y
-    if (abs((lx1 - lx0) - out_w) < 1e-6 and abs((ly1 - ly0) - out_h) < 1e-6
-            and abs(lx0 - round(lx0)) < 1e-6 and abs(ly0 - round(ly0)) < 1e-6):
-        return slide.read_region(level, round(lx0), round(ly0), out_w, out_h)
-    scale = max((lx1 - lx0) / out_w, (ly1 - ly0) / out_h)
-    margin = int(math.ceil(2 * max(scale, 1.0))) + 1
-    rx, ry = int(math.floor(lx0)) - margin, int(math.floor(ly0)) - margin
-    rw, rh = int(math.ceil(lx1)) + margin - rx, int(math.ceil(ly1)) + margin - ry
-    region = slide.read_region(level, rx, ry, rw, rh)
-    img = Image.fromarray(region)
-    box = (lx0 - rx, ly0 - ry, lx1 - rx, ly1 - ry)
-    return np.asarray(img.resize((out_w, out_h), Image.Resampling[resample.upper()], box=box))
+    return np.asarray(Image.fromarray(region).resize((out_w, out_h), Image.Resampling[resample.upper()]))

