@@ -25,13 +25,14 @@ Run `histotx <subcommand> --help` for each stage's options.
 def _register_all(sub) -> None:
     from histotx import demo, synth
     from histotx.export import cli as export_cli
+    from histotx.export.during_training import checkpoint_hooks
     from histotx.eval import cli as eval_cli
     from histotx.train import cli as train_cli
     from sharding import cli as shard_cli
 
     synth.register_cli(sub)
     shard_cli.register(sub)
-    train_cli.register_cli(sub)
+    train_cli.register_cli(sub, checkpoint_hooks)  # training cannot import the export (it sits above)
     export_cli.register_cli(sub)
     eval_cli.register_cli(sub)
     demo.register_cli(sub)

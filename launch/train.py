@@ -19,6 +19,7 @@ from launch.env import set_distributed_env  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     set_distributed_env()
+    from histotx.export.during_training import checkpoint_hooks
     from histotx.train import cli
 
     parser = argparse.ArgumentParser(prog="launch/train.py", description=cli.DESCRIPTION,
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        return cli.run(args)
+        return cli.run(args, checkpoint_hooks)
     except (ValueError, FileNotFoundError) as exc:  # config errors, missing inputs: one clear line
         logging.getLogger("histotx").error("%s", exc)
         return 2

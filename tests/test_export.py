@@ -9,6 +9,9 @@
   imported, give the trained teacher's outputs (float64 on both sides) for image-only,
   transcripts-only and fused inputs (timm: image-only);
 - export → ``init.backbone`` → identical weights, for the HistoTx, Hugging Face and timm folders;
+- ``checkpoint.export_every`` (the ZeRO-1 run checkpoints every step, exports every 2nd): rank 0 writes
+  RUN/exports/step_* at those steps only, the same folder ``histotx export --format timm`` writes, which
+  ``timm.create_model("local-dir:...")`` loads as the teacher (float64); export_every=0 writes nothing;
 - the generated remote code imports nothing transformers would refuse; the CLI teaches and fails clearly.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from test_train_distributed import RUN, TINY, start_ranks, wait_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2
+EXPORT_EVERY = 2  # the ZeRO-1 run: a checkpoint at every step, the timm export at every 2nd
 
 
 def build_synthetic_shard_set(root: Path) -> Path:
@@ -46,14 +50,17 @@ def build_synthetic_shard_set(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, Path]:
-    """A 2-step, 2-rank run per ZeRO stage (1 and 3) on a synthetic shard set."""
+    """A 2-step, 2-rank run per ZeRO stage (1 and 3) on a synthetic shard set; the ZeRO-1 run also
+    checkpoints every step and exports for timm every ``EXPORT_EVERY``."""
     root = tmp_path_factory.mktemp("export_runs")
     shards = build_synthetic_shard_set(root / "data")
     out = {}
     for stage in (1, 3):
         out[stage] = root / f"zero{stage}"
+        exporting = ["checkpoint.every_steps=1", f"checkpoint.export_every={EXPORT_EVERY}"] if stage == 1 else []
         wait_ranks(start_ranks([str(REPO / "launch" / "train.py"), str(TINY), f"out={out[stage]}", *RUN,
-                                f"data.stream.shards={shards}", f"steps={STEPS}", f"deepspeed.zero_stage={stage}"]))
+                                f"data.stream.shards={shards}", f"steps={STEPS}", f"deepspeed.zero_stage={stage}",
+                                *exporting]))
     return out
 
 
@@ -263,6 +270,58 @@ def test_export_then_init_backbone_gives_identical_weights(runs, exports, folder
     assert len(keys) > 20 and backbone.keys() >= set(keys)
     different = [k for k in keys if not torch.equal(backbone[k], teacher[k])]
     assert not different, different
+
+
+# ------------------------------------------------------------------------------ exports while training
+
+
+@pytest.mark.slow
+def test_export_every_writes_the_checkpoint_teacher_for_timm(runs, exports):
+    import timm
+
+    from histotx.export import load_model
+
+    checkpoints = sorted(p.name for p in (runs[1] / "checkpoints").glob("step_*"))
+    assert checkpoints == [f"step_{s:08d}" for s in range(1, STEPS + 1)]
+    exported = sorted(p.name for p in (runs[1] / "exports").iterdir())  # nothing half-written left beside
+    assert exported == [f"step_{s:08d}" for s in range(1, STEPS + 1) if s % EXPORT_EVERY == 0]
+    got, reference = runs[1] / "exports" / f"step_{STEPS:08d}", exports[1] / "timm"
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert json.loads((got / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+    ours, theirs = load_file(got / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not (runs[3] / "exports").exists()  # export_every = 0
+
+    teacher = load_model(runs[1]).model.double()
+    encoder = timm.create_model(f"local-dir:{got}", pretrained=True).double().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        feats, expected = encoder.forward_features(x), teacher(x)
+    r = encoder.num_reg_tokens
+    # float64 on both sides: a difference of kernels or summation order stays ~1e-15 of the O(1) outputs.
+    for name, a, b in (("cls", feats[:, 0], expected.cls), ("registers", feats[:, 1:1 + r], expected.registers),
+                       ("patch", feats[:, 1 + r:], expected.patch)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_export_every_is_off_by_default_and_wired_into_histotx_train(tmp_path):
+    from histotx.cli import build_parser
+    from histotx.config import ConfigError, load_config
+    from histotx.export.during_training import checkpoint_hooks, is_due
+    from histotx.train.config import TrainConfig
+
+    base = [f"out={tmp_path}", "steps=25", "checkpoint.every_steps=5"]
+    off = load_config(TrainConfig, TINY, base)
+    assert off.checkpoint.export_every == 0 and checkpoint_hooks(off) == []  # the trainer gets no hook, no barrier
+    [hook] = checkpoint_hooks(load_config(TrainConfig, TINY, base + ["checkpoint.export_every=10"]))
+    assert [s for s in range(1, 26) if is_due(s, 10, 25)] == [10, 20, 25]  # its multiples and the last step
+    assert not any(is_due(s, 0, 25) for s in range(1, 26))
+    assert hook(tmp_path / "checkpoints" / "step_00000005", 5) is None and not (tmp_path / "exports").exists()
+    for bad in ("7", "-5"):  # exports are made from checkpoints
+        with pytest.raises(ConfigError, match="export_every"):
+            load_config(TrainConfig, TINY, base + [f"checkpoint.export_every={bad}"])
+    args = build_parser().parse_args(["train", str(TINY)])
+    assert args.func.keywords["checkpoint_hooks"] is checkpoint_hooks
 
 
 # ------------------------------------------------------------------------------ code, CLI

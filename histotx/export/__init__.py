@@ -6,7 +6,8 @@
 Modules, one concept each: :mod:`.source` (a run's teacher, no DeepSpeed needed), :mod:`.native`
 (HistoTx's export folder), :mod:`.hf` (Hugging Face folder, self-contained remote code from
 :mod:`.remote_code`, model card from :mod:`.card`), :mod:`.timm_hub` (timm hub folder), :mod:`.load`,
-:mod:`.cli`. Key maps: :class:`histotx.model.pretrained.HFAdapter` / ``TimmAdapter``.
+:mod:`.cli`, :mod:`.during_training` (the timm export at checkpoints, ``checkpoint.export_every``).
+Key maps: :class:`histotx.model.pretrained.HFAdapter` / ``TimmAdapter``.
 """
 from __future__ import annotations
 

@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from histotx.train.config import TrainConfig
+    from histotx.train.loop import CheckpointHook
 
 DESCRIPTION = """\
 Self-supervised pretraining (DINO + iBOT + KoLeo + masked transcripts) of the early-fusion ViT under
@@ -16,19 +22,24 @@ One process per GPU (or CPU rank); the launcher sets RANK / WORLD_SIZE / MASTER_
   srun python launch/train.py ...        (or slurm/pretrain.sbatch: torchrun per node, requeue on USR1)
 
 Outputs under `out` (a config key): config.yaml, metrics.jsonl, tensorboard/, checkpoints/step_*/ and
-checkpoints/latest. SIGTERM / SIGUSR1 finish the current step, save and exit 0; `--resume auto`
-continues from the newest complete checkpoint (same world size, data and batch settings).
+checkpoints/latest; with checkpoint.export_every=N, exports/step_*/: the teacher backbone as a timm
+folder (timm.create_model("local-dir:DIR", pretrained=True)) every N steps and at the end.
+SIGTERM / SIGUSR1 finish the current step, save and exit 0; `--resume auto` continues from the newest
+complete checkpoint (same world size, data and batch settings).
 """
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace,
+        checkpoint_hooks: Callable[[TrainConfig], Sequence[CheckpointHook]] | None = None) -> int:
+    """``checkpoint_hooks``: the run's config → hooks for the trainer; given by the layer above training
+    (the `histotx` CLI, launch/train.py), since training must not import what they do (the export)."""
     from histotx.config import load_config
     from histotx.train.config import TrainConfig
     from histotx.train.loop import NonFiniteLossError, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     try:
-        return train(cfg, args.resume)
+        return train(cfg, args.resume, checkpoint_hooks(cfg) if checkpoint_hooks else ())
     except NonFiniteLossError as exc:
         logging.getLogger("histotx.train").error("%s", exc)
         return 3
@@ -44,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
-def register_cli(subparsers) -> None:
+def register_cli(subparsers, checkpoint_hooks: Callable[[TrainConfig], Sequence[CheckpointHook]] | None = None
+                 ) -> None:
     p = subparsers.add_parser("train", help="self-supervised pretraining under DeepSpeed (one process per rank)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=functools.partial(run, checkpoint_hooks=checkpoint_hooks))

@@ -58,6 +58,10 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every_steps: int = 1000  # also saved at the end and on SIGTERM / SIGUSR1
     keep: int = 3  # newest complete checkpoints kept; 0: all
+    # 0: off. N: rank 0 also writes the teacher backbone as a timm hub folder, RUN/exports/step_*/ (what
+    # `histotx export --format timm` puts in OUT/timm), at each checkpoint whose step is a multiple of N and at
+    # the last step; a multiple of every_steps. Exports outlive `keep`; `histotx export` gives the rest.
+    export_every: int = 0
 
 
 @dataclass
@@ -114,6 +118,10 @@ class TrainConfig:
             raise ConfigError("steps, optim.accumulation_steps, checkpoint.every_steps and log.every_steps must be >= 1")
         if not 0 < o.layer_decay <= 1 or o.patch_embed_lr_mult < 0 or o.new_module_lr_mult < 0 or o.clip_grad < 0:
             raise ConfigError("optim: layer_decay must be in (0, 1]; lr multipliers and clip_grad >= 0")
+        c = self.checkpoint
+        if c.export_every < 0 or c.export_every % c.every_steps:
+            raise ConfigError(f"checkpoint.export_every ({c.export_every}) must be 0 (off) or a multiple of "
+                              f"checkpoint.every_steps ({c.every_steps}): exports are made from checkpoints")
         m = self.monitor
         if m.every_steps < 0 or (m.every_steps and (not m.shards or min(m.tiles, m.genes, m.k) < 1)):
             raise ConfigError("monitor: every_steps must be >= 0; when on, set monitor.shards (a held-out shard "

@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,11 @@ from histotx.train.monitor import KnnProbe
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+CheckpointHook = Callable[[Path, int], Any]
+"""Called on rank 0 with a just completed checkpoint's folder and step, while the other ranks wait; what
+a run makes from its checkpoints besides resuming (``histotx train`` adds the timm export of
+``checkpoint.export_every``). The trainer knows no hook's purpose."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,10 +76,14 @@ def build_backbone(cfg: TrainConfig) -> FusedViT:
 class Trainer:
     """A run on this rank: process group, model, engine, loader, schedules, logging, checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, hooks: Sequence[CheckpointHook] = ()) -> None:
         self.cfg = cfg
+        self.hooks = tuple(hooks)  # every rank must get the same number (> 0 means a barrier per checkpoint)
         self.device = init_distributed(cfg)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if cfg.checkpoint.export_every and not self.hooks and self.rank == 0:
+            log.warning("checkpoint.export_every=%d, but this trainer got no checkpoint hooks (`histotx train` and "
+                        "launch/train.py add the export's): nothing will be exported", cfg.checkpoint.export_every)
         self.out = Path(cfg.out)
         self.checkpoints = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -197,9 +206,21 @@ class Trainer:
         log.warning("rank %d got %s: finishing the step, then saving", self.rank, signal.Signals(signum).name)
 
     def save(self) -> Path:
+        """A checkpoint, then the checkpoint hooks on rank 0. A failing hook is logged, not raised: the
+        checkpoint is safe and the run goes on (the other ranks wait at the barrier either way)."""
         state = {"nonfinite_total": self.nonfinite_total, "config": to_dict(self.cfg)}
-        return checkpoint.save(self.checkpoints, self.step, self.engine, self.meta, self.loader, state,
+        path = checkpoint.save(self.checkpoints, self.step, self.engine, self.meta, self.loader, state,
                                self.cfg.checkpoint.keep)
+        if self.hooks:
+            if self.rank == 0:
+                for hook in self.hooks:
+                    try:
+                        hook(path, self.step)
+                    except Exception:
+                        log.exception("checkpoint hook %s failed at step %d (the checkpoint %s is complete)",
+                                      getattr(hook, "__name__", type(hook).__name__), self.step, path)
+            dist.barrier()
+        return path
 
     def _record(self, window: Window) -> dict[str, Any]:
         record = window.reduce(self.device)
@@ -284,8 +305,8 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> int:
-    trainer = Trainer(cfg, resume)
+def train(cfg: TrainConfig, resume: str | None = None, hooks: Sequence[CheckpointHook] = ()) -> int:
+    trainer = Trainer(cfg, resume, hooks)
     try:
         return trainer.run()
     finally:
