@@ -16,14 +16,18 @@ the inputs; CPU, Linux: the rise of the resident set's high-water mark, each in 
 
     python benchmarks/attention.py                      # CPU, small settings, about a minute
     python benchmarks/attention.py --device cuda --batch 32 --heads 16 --head-dim 64
-    python benchmarks/attention.py --gpu-check          # xformers ≡ SDPA in bf16; ViT-L fused throughput
-    python benchmarks/attention.py --gpu-check --device cpu --size tiny --batch 2 --transcripts 0 196
-                                                        # the same, exercised on CPU
+    python benchmarks/attention.py --gpu-check          # backends ≡ exact within bf16 rounding; ViT-L fused throughput
+    python benchmarks/attention.py --gpu-check --device cpu --size tiny --batch 2 --transcripts 0 196 \
+        --lengths 17 90 1 40                            # the same, exercised on CPU (fp32)
+
+TFLOP/s counts the attention matmuls of the samples' own tokens (backward = 2 × forward); --json FILE
+writes every figure.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import multiprocessing
 import statistics
 import tarfile
@@ -87,8 +91,6 @@ def synthetic_grids(n_tiles: int, mpp: float, seed: int = 0) -> list[TranscriptG
 
 def shard_grids(folder: Path, limit: int) -> tuple[list[TranscriptGrid], float]:
     """Transcript grids (and their µm/px) of up to ``limit`` tiles of a shard set."""
-    import json
-
     grids, mpps = [], []
     for tar in sorted(Path(folder).glob("*.tar")):
         with tarfile.open(tar) as tf:
@@ -187,7 +189,13 @@ def peak_mib(variant, lengths, heads, dim, device, dtype) -> float:
         return pool.submit(_cpu_peak_mib, variant, lengths, heads, dim).result()
 
 
-def benchmark(args) -> None:
+def attention_flops(lengths: list[int], heads: int, dim: int) -> float:
+    """Matmul FLOPs of attention forward + backward over the samples' own tokens (no padding): QKᵀ and PV,
+    2 · 2 · L² · dim per head forward, backward = 2 × forward (the convention of histotx.train.flops)."""
+    return 3 * sum(4 * n * n * dim * heads for n in lengths)
+
+
+def benchmark(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.shards:
@@ -198,14 +206,19 @@ def benchmark(args) -> None:
     n_patches = (tile_px // args.patch) ** 2
     default = ["xformers", "flex", "sdpa"] if device.type == "cuda" else ["sdpa", "loop", "reference"]
     backends = args.backends or default
-    backends = [b for b in backends if b != "xformers" or xformers_usable()]
+    unavailable = [b for b in backends if b == "xformers" and not xformers_usable()]
+    backends = [b for b in backends if b not in unavailable]
+    if unavailable:
+        print(f"not run (their kernels do not run on {device}): {', '.join(unavailable)}")
     rng = np.random.default_rng(args.seed)
     print(f"{len(grids)} tiles ({'shards ' + args.shards if args.shards else 'synthetic'}), {tile_px} px at "
           f"{mpp} µm/px, {n_patches} patches + {1 + args.registers} prefix; batch {args.batch}, heads {args.heads}, "
           f"head dim {args.head_dim}, {dtype}, {device}; attention forward+backward, median of {args.repeats}")
     header = f"{'r µm':>5} {'tokens mean/max':>16} {'Lmax':>5} {'ΣL²share':>8} {'padded ms':>9} {'ideal ms':>8}"
-    print(header + "".join(f" | {b:>9} ms  ÷ideal" for b in backends) + ("  | peak MiB: padded, " + ", ".join(backends)
-                                                                       if args.memory else ""))
+    print(header + "".join(f" | {b:>9} ms  ÷ideal TFLOP/s" for b in backends)
+          + ("  | peak MiB: padded, " + ", ".join(backends) if args.memory else "")
+          + "\n(TFLOP/s: the attention matmuls of the samples' own tokens, backward = 2 × forward)")
+    rows = []
     for r in args.resolutions:
         tokens = np.array([bin_grid(g, mpp, r, (tile_px, tile_px)).n_cells for g in grids])
         batch = rng.choice(len(grids), size=args.batch, replace=len(grids) < args.batch)
@@ -214,46 +227,103 @@ def benchmark(args) -> None:
         padded = _median_seconds(_make_step("padded", lengths, args.heads, args.head_dim, device, dtype),
                                  args.repeats, device)
         ideal = padded * share
+        flops = attention_flops(lengths, args.heads, args.head_dim)
+        result = {"resolution_um": r, "batch": len(lengths), "heads": args.heads, "head_dim": args.head_dim,
+                  "dtype": str(dtype).removeprefix("torch."), "max_len": max(lengths), "tokens": sum(lengths),
+                  "sum_sq_share": share, "padded_ms": padded * 1e3, "ideal_ms": ideal * 1e3,
+                  "padded_tflops": flops / padded / 1e12, "backends": {}, "unavailable": unavailable}
         row = (f"{r:>5g} {f'{tokens.mean():.0f}/{tokens.max()}':>16} {max(lengths):>5} {share:>8.3f} "
                f"{padded * 1e3:>9.1f} {ideal * 1e3:>8.1f}")
         for backend in backends:
             t = _median_seconds(_make_step(backend, lengths, args.heads, args.head_dim, device, dtype),
                                 args.repeats, device)
-            row += f" | {t * 1e3:>12.1f} {t / ideal:>7.2f}"
+            result["backends"][backend] = {"ms": t * 1e3, "per_ideal": t / ideal, "tflops": flops / t / 1e12}
+            row += f" | {t * 1e3:>12.1f} {t / ideal:>7.2f} {flops / t / 1e12:>7.2f}"
         if args.memory:
             mems = [peak_mib(v, lengths, args.heads, args.head_dim, device, dtype) for v in ["padded", *backends]]
             row += "  | " + ", ".join(f"{m:.0f}" for m in mems)
+            result["peak_mib"] = dict(zip(["padded", *backends], mems))
         print(row, flush=True)
+        rows.append(result)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------- GPU check
 
 
-def equivalence(device: torch.device) -> None:
-    """xformers (and flex) against SDPA on one packed bf16 batch: outputs and gradients."""
-    lengths, heads = [197, 3333, 1, 600], 16 if device.type == "cuda" else 2  # ViT-L heads on the GPU
+def reference_and_bounds(qkv: torch.Tensor, grad: torch.Tensor, lengths: list[int], unit: float,
+                         acc_unit: float):
+    """Exact (float64) packed attention of ``qkv`` and its input gradient for output gradient ``grad``, with
+    first-order bounds on the error of a kernel that works as FlashAttention does: inputs and outputs
+    stored at unit roundoff ``unit``, P and dS rounded to it before their matmuls, products and sums
+    accumulated at ``acc_unit`` (fp32) over at most max(lengths) terms (the padded batch's keys).
+    Returns (out, dqkv, out bound, dqkv bound) in the packed layouts."""
+    n_acc = max(lengths)
+    outs, grads, out_bounds, grad_bounds = [], [], [], []
+    for part, g in zip(qkv.double().split(lengths), grad.double().split(lengths)):
+        q, k, v = part.permute(1, 2, 0, 3)  # each (heads, n, dim)
+        do = g.transpose(0, 1)  # (heads, n, dim)
+        dim = q.shape[-1]
+        scale = dim ** -0.5
+        p = (q @ k.transpose(-1, -2) * scale).softmax(-1)  # (heads, n, n)
+        o = p @ v
+        ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+        dq, dk, dv = scale * ds @ k, scale * ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ do
+        # relative error of each P entry: its logit (a dim-term dot product, then the scaling), the row's
+        # exponentials and sum (n_acc terms), carried through the softmax normalisation
+        d_logit = (dim + 2) * acc_unit * scale * (q.abs() @ k.abs().transpose(-1, -2))
+        eps_p = d_logit + (p * d_logit).sum(-1, keepdim=True) + (n_acc + 8) * acc_unit
+        term = unit + n_acc * acc_unit  # per term of a product with a rounded P or dS, accumulated
+        b_o = unit * o.abs() + term * (p @ v.abs()) + (p * eps_p) @ v.abs()
+        b_dv = unit * dv.abs() + (term * p + p * eps_p).transpose(-1, -2) @ do.abs()
+        # dS = P ∘ (dO·Vᵀ − D) with D = rowsum(dO ∘ O) of the stored O, then rounded before dS·K and dSᵀ·Q
+        d_dp = dim * acc_unit * (do.abs() @ v.abs().transpose(-1, -2))
+        d_d = (do.abs() * (b_o + dim * acc_unit * o.abs())).sum(-1, keepdim=True)
+        e_ds = (term + eps_p) * ds.abs() + p * (d_dp + d_d)
+        b_dq = unit * dq.abs() + scale * e_ds @ k.abs()
+        b_dk = unit * dk.abs() + scale * e_ds.transpose(-1, -2) @ q.abs()
+        outs.append(o.transpose(0, 1))
+        out_bounds.append(b_o.transpose(0, 1))
+        grads.append(torch.stack([dq, dk, dv]).permute(2, 0, 1, 3))  # (n, 3, heads, dim)
+        grad_bounds.append(torch.stack([b_dq, b_dk, b_dv]).permute(2, 0, 1, 3))
+    return torch.cat(outs), torch.cat(grads), torch.cat(out_bounds), torch.cat(grad_bounds)
+
+
+def equivalence(args, device: torch.device) -> list[dict]:
+    """Each packed backend on one packed batch (bf16 on CUDA, fp32 on CPU), output and gradients, against
+    exact float64 attention of the same rounded inputs: the worst error ÷ its first-order bound
+    (:func:`reference_and_bounds`) must be ≤ 1. Backends that agree with the exact result within their
+    rounding agree with each other; a wrong mask (a token seeing another sample) is off by O(1)."""
+    lengths, heads, dim = args.lengths, args.heads, args.head_dim
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(0)
-    qkv = torch.randn(sum(lengths), 3, heads, 64, generator=g).to(device, torch.bfloat16)
-    grad = torch.randn(sum(lengths), heads, 64, generator=g).to(device, torch.bfloat16)
-
-    def run(backend):
-        x = qkv.clone().requires_grad_()
-        out = attend(x, PackedSeq(lengths, device, backend))
-        out.backward(grad)
-        return out.float(), x.grad.float()
-
-    ref_out, ref_grad = run("sdpa")
-    others = [b for b in ("xformers", "flex") if (b != "xformers" or xformers_usable())]
-    if device.type != "cuda":
-        others = ["loop", "reference"]
-    for backend in others:
-        out, grad_ = run(backend)
-        d_out, d_grad = (out - ref_out).abs().max().item(), (grad_ - ref_grad).abs().max().item()
-        ok = d_out < 2e-2 and d_grad < 3e-2
-        print(f"equivalence {backend} vs sdpa, {qkv.dtype}, lengths {lengths}: max |Δout| {d_out:.2e}, "
-              f"max |Δgrad| {d_grad:.2e} → {'OK' if ok else 'MISMATCH'}")
-        if not ok:
-            raise SystemExit(1)
+    qkv = torch.randn(sum(lengths), 3, heads, dim, generator=g).to(device, dtype)
+    grad = torch.randn(sum(lengths), heads, dim, generator=g).to(device, dtype)
+    unit = torch.finfo(dtype).eps / 2
+    ref_out, ref_grad, b_out, b_grad = reference_and_bounds(qkv, grad, lengths, unit, torch.finfo(torch.float32).eps / 2)
+    tiny = torch.finfo(torch.float64).tiny
+    rows = []
+    for backend in (["xformers", "flex", "sdpa"] if device.type == "cuda" else ["sdpa", "loop", "reference"]):
+        row = {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "lengths": lengths, "heads": heads,
+               "head_dim": dim}
+        try:
+            x = qkv.clone().requires_grad_()
+            out = attend(x, PackedSeq(lengths, device, backend))
+            out.backward(grad)
+            d_out, d_grad = out.double() - ref_out, x.grad.double() - ref_grad
+            row.update(out_ratio=(d_out.abs() / b_out.clamp_min(tiny)).max().item(),
+                       grad_ratio=(d_grad.abs() / b_grad.clamp_min(tiny)).max().item(),
+                       max_abs_out=d_out.abs().max().item(), max_abs_grad=d_grad.abs().max().item())
+            row["ok"] = row["out_ratio"] <= 1 and row["grad_ratio"] <= 1
+            print(f"equivalence {backend}, {dtype}, lengths {lengths}, {heads} heads × {dim}: max |Δout| "
+                  f"{row['max_abs_out']:.2e} ({row['out_ratio']:.3f} of its bound), max |Δgrad| "
+                  f"{row['max_abs_grad']:.2e} ({row['grad_ratio']:.3f} of its bound) → "
+                  f"{'OK' if row['ok'] else 'MISMATCH'}", flush=True)
+        except Exception as exc:  # a backend that does not run here is a result, not the end of the check
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+            print(f"equivalence {backend}: did not run: {row['error']}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def model_flops(cfg, lengths: list[int]) -> float:
@@ -264,7 +334,7 @@ def model_flops(cfg, lengths: list[int]) -> float:
     return cfg.depth * (per_token * sum(lengths) + sum(4 * n * n * d for n in lengths))
 
 
-def throughput(args, device: torch.device) -> None:
+def throughput(args, device: torch.device) -> list[dict]:
     from histotx.model import FusedViT, FusedViTConfig, TranscriptBatch
     from histotx.tokens import TranscriptCells
 
@@ -277,6 +347,7 @@ def throughput(args, device: torch.device) -> None:
     print(f"FusedViT {args.size}/{args.patch} at {args.img_size} px, bf16 autocast, "
           f"attention {PackedSeq([1], device, cfg.attention).backend}, checkpointing {cfg.grad_checkpointing}; "
           "TFLOP/s counts forward + backward as 3 × the forward's matmuls")
+    rows = []
     for n_tx in args.transcripts:
         batch = args.batch or max(1, args.tokens_per_step // (1 + n_patches + n_tx))
         cells = []
@@ -305,6 +376,9 @@ def throughput(args, device: torch.device) -> None:
         mem = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
         print(f"  {n_tx:>5} transcript tokens/sample, batch {batch:>3}: {sum(lengths) / seconds:,.0f} tokens/s, "
               f"{flops / seconds / 1e12:.2f} TFLOP/s, {seconds * 1e3:.1f} ms/step{mem}", flush=True)
+        rows.append({"transcripts": n_tx, "batch": batch, "tokens_per_s": sum(lengths) / seconds,
+                     "tflops": flops / seconds / 1e12, "ms_per_step": seconds * 1e3})
+    return rows
 
 
 def main() -> None:
@@ -327,7 +401,11 @@ def main() -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurements")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-check", action="store_true",
-                   help="xformers/flex ≡ SDPA in bf16, then fused-model forward+backward throughput")
+                   help="every backend ≡ exact attention within bf16 rounding, then fused-model throughput")
+    p.add_argument("--equivalence", action="store_true", help="only the backends' agreement of --gpu-check")
+    p.add_argument("--lengths", type=int, nargs="+", default=[197, 3333, 1, 600],
+                   help="--gpu-check/--equivalence: the packed batch's sequence lengths")
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--size", default="L", help="--gpu-check: model size preset")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--transcripts", type=int, nargs="+", default=[0, 196, 3136],
@@ -338,12 +416,19 @@ def main() -> None:
     if args.batch is None and not args.gpu_check:
         args.batch = 32 if args.device == "cuda" else 4
     torch.manual_seed(args.seed)
-    if args.gpu_check:
-        device = torch.device(args.device)
-        equivalence(device)
-        throughput(args, device)
+    device = torch.device(args.device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__}
+    if args.gpu_check or args.equivalence:
+        results["equivalence"] = equivalence(args, device)
+        if args.gpu_check:
+            results["throughput"] = throughput(args, device)
     else:
-        benchmark(args)
+        results["benchmark"] = benchmark(args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if not all(row["ok"] for row in results.get("equivalence", [])):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
