@@ -227,6 +227,33 @@ def test_rng_states_round_trip_through_json():
     assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
 
 
+def test_checkpoint_hooks_run_on_rank_0_and_a_failing_one_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from histotx.train import loop
+
+    calls, barriers = [], []
+
+    def broken(path, step):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save", lambda root, step, *_: root / checkpoint.tag_of(step))
+    monkeypatch.setattr(loop.dist, "barrier", lambda: barriers.append(1))
+
+    def save(rank, hooks):
+        trainer = SimpleNamespace(cfg=config(), checkpoints=tmp_path, step=7, engine=None, meta=None, loader=None,
+                                  nonfinite_total=0, rank=rank, hooks=hooks)
+        assert loop.Trainer.save(trainer) == tmp_path / "step_00000007"
+
+    for rank in (0, 1):
+        save(rank, (broken, lambda path, step: calls.append((path, step))))
+    assert calls == [(tmp_path / "step_00000007", 7)]  # on rank 0 only, also after a hook that failed
+    assert len(barriers) == 2 and "failed at step 7" in caplog.text and "disk full" in caplog.text
+    barriers.clear()
+    save(0, ())
+    assert barriers == []  # no hooks (checkpoint.export_every=0): no collective besides the checkpoint's
+
+
 # ---------------------------------------------------------------------------------------------- launch, CLI
 
 
