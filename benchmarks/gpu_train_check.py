@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -69,6 +70,7 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 peak")
     parser.add_argument("--shards", type=Path, default=None, help="an existing shard set (default: make one)")
     parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (a smoke run of this script)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -102,6 +104,11 @@ def main() -> int:
             timed_steps(trainer, itertools.cycle(held), args.warmup)
             seconds, flops, samples = timed_steps(trainer, itertools.cycle(held), args.steps)
             tflops = flops / seconds / 1e12
+            result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      "model": model.size, "zero_stage": cfg.deepspeed.zero_stage, "batch": args.batch,
+                      "steps": args.steps, "ms_per_step": seconds / args.steps * 1e3,
+                      "samples_per_s": samples / seconds, "tflops": tflops, "mfu": tflops / args.peak_tflops,
+                      "peak_tflops": args.peak_tflops}
             print(f"model (batches on the device): {seconds / args.steps * 1e3:.1f} ms/step, "
                   f"{samples / seconds:.1f} samples/s, {flops / args.steps / 1e12:.2f} TFLOP/step, "
                   f"{tflops:.1f} TFLOP/s, MFU {tflops / args.peak_tflops:.1%} of {args.peak_tflops:.0f} TFLOP/s")
@@ -109,6 +116,10 @@ def main() -> int:
             seconds, flops, samples = timed_steps(trainer, loader, args.steps)
             print(f"end to end (batches from {args.workers} loader workers): {samples / seconds:.1f} samples/s, "
                   f"{flops / seconds / 1e12:.1f} TFLOP/s; peak memory {memory_mb(device) / 1024:.1f} GiB")
+            result.update(end_to_end_samples_per_s=samples / seconds, end_to_end_tflops=flops / seconds / 1e12,
+                          loader_workers=args.workers, peak_memory_gib=memory_mb(device) / 1024)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
         except torch.cuda.OutOfMemoryError:
             print(f"out of GPU memory at batch {args.batch}: rerun with a smaller --batch", file=sys.stderr)
             return 3
