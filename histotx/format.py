@@ -144,7 +144,17 @@ def _default_codec():
 
 def encode_grid(grid: TranscriptGrid, codec=None) -> bytes:
     """Serialise a grid: magic, header length, JSON header (codec config, dtypes, shapes), payloads."""
-    codec = codec or _default_codec()
+    if codec is None and grid.n_sites == 0:  # every tile of an image-only slide: encoded once
+        return _empty_grid_bytes(float(grid.footprint_um), grid.footprint_shape)
+    return _encode_grid(grid, codec or _default_codec())
+
+
+@functools.lru_cache(maxsize=16)
+def _empty_grid_bytes(footprint_um: float, footprint_shape: str) -> bytes:
+    return _encode_grid(TranscriptGrid.empty(footprint_um, footprint_shape), _default_codec())
+
+
+def _encode_grid(grid: TranscriptGrid, codec) -> bytes:
     payloads, arrays = [], {}
     for name, dtype in _GRID_ARRAYS.items():
         arr = np.ascontiguousarray(getattr(grid, name), dtype=dtype)

@@ -51,7 +51,7 @@ class _TiledLevel:
         self._per_row = -(-page.imagewidth // self._tw)
         self._cache, self._budget = cache, budget  # budget: [bytes still free], shared by all levels
         self._key = id(page)
-        self._dct = _dct_scalable(page)  # None, or the bytes to put before a tile for a standalone JPEG
+        self._dct = standalone_jpeg_prefix(page)  # None, or the bytes to put before a tile for a standalone JPEG
 
     @staticmethod
     def supports(series_level) -> bool:
@@ -91,9 +91,8 @@ class _TiledLevel:
         count = page.databytecounts[i]
         if count == 0:
             return np.full((self._th // k, self._tw // k, 3), 255, np.uint8)
-        where = _segment_name(page, self._level, i)
         if data is None or len(data) != count:
-            raise InputError(self._tif.filehandle.path, f"{where}: read {0 if data is None else len(data)} of "
+            raise InputError(self._tif.filehandle.path, f"{_segment_name(page, self._level, i)}: read {0 if data is None else len(data)} of "
                                                         f"{count} bytes (file truncated or changed since opened)")
         try:
             if k > 1 and self._dct is not None:
@@ -102,8 +101,8 @@ class _TiledLevel:
         except InputError:
             raise
         except Exception as exc:  # imagecodecs/tifffile/simplejpeg raise many types for damaged data
-            raise InputError(self._tif.filehandle.path,
-                             f"{where} does not decode ({type(exc).__name__}: {exc})") from exc
+            raise InputError(self._tif.filehandle.path, f"{_segment_name(page, self._level, i)} does not decode "
+                                                        f"({type(exc).__name__}: {exc})") from exc
         return tile if k == 1 else area_reduce(tile, k)
 
     def _decode_scaled(self, data: bytes, i: int, k: int) -> np.ndarray:
@@ -149,7 +148,7 @@ class _TiledLevel:
 _ADOBE_RGB = bytes.fromhex("ffee000e") + b"Adobe" + bytes([0, 100, 0, 0, 0, 0, 0])  # APP14, transform 0: no YCbCr
 
 
-def _dct_scalable(page) -> bytes | None:
+def standalone_jpeg_prefix(page) -> bytes | None:
     """For a page of 8-bit 3-sample JPEG tiles, the prefix that makes a tile a standalone JPEG a decoder can
     scale: SOI, an Adobe marker saying "RGB, no colour transform" where tifffile would decode the tile as
     RGB (Aperio's photometric-RGB tiles carry no JFIF marker and are not YCbCr), and the shared tables."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import signal
@@ -72,15 +71,15 @@ class _HashingFile:
 class ShardSink:
     """Writes one sample's tiles into size-bounded shards, renamed into place together by :meth:`close`.
 
-    Shards are plain ustar archives written with the standard library's ``tarfile`` (what webdataset reads;
-    webdataset's own writer would import torch into the sharding stage): one member per sample field,
-    ``{key}.{ext}``, mtime 0 so the same tiles give byte-identical shards and checksums on every run."""
+    Shards are plain ustar archives, headers made by the standard library's ``tarfile`` (what webdataset reads;
+    webdataset's own writer would import torch into the sharding stage, and ``TarFile.addfile`` costs twice
+    the header alone): one member per sample field, ``{key}.{ext}``, mtime 0 so the same tiles give
+    byte-identical shards and checksums on every run."""
 
     def __init__(self, out_dir: Path, sample_id: str, max_tiles: int, max_bytes: int) -> None:
         self.out_dir, self.sample_id = Path(out_dir), sample_id
         self.max_tiles, self.max_bytes = max_tiles, max_bytes
         self.shards: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
         self._fh: _HashingFile | None = None
         self._count = 0
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final) of closed shards not yet renamed
@@ -89,21 +88,23 @@ class ShardSink:
         name = shard_name(self.sample_id, len(self.shards))
         self._tmp = self.out_dir / f".{name}.tmp"
         self._fh = _HashingFile(self._tmp)
-        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
         self._name = name
         self._count = 0
 
     def _write_members(self, members: dict[str, Any]) -> None:
+        """Each member as tarfile's ustar header, the data, zero padding to the 512-byte block."""
         key = members["__key__"]
         for ext, data in members.items():
             if ext == "__key__":
                 continue
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mode, info.mtime = len(data), 0o444, 0
-            self._tar.addfile(info, io.BytesIO(data))
+            self._fh.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+            self._fh.write(data)
+            self._fh.write(bytes(-len(data) % tarfile.BLOCKSIZE))
 
     def add(self, sample: TileSample) -> None:
-        if self._tar is None:
+        if self._fh is None:
             self._open()
         self._write_members(encode_sample(sample))
         self._count += 1
@@ -116,14 +117,15 @@ class ShardSink:
             self._close_current()
 
     def _close_current(self) -> None:
-        if self._tar is None:
+        if self._fh is None:
             return
-        self._tar.close()  # end-of-archive blocks; the file object stays open
+        self._fh.write(bytes(2 * tarfile.BLOCKSIZE))  # end of archive, as tarfile writes it
+        self._fh.write(bytes(-self._fh.size % tarfile.RECORDSIZE))
         self._fh.close()  # flush + fsync
         self.shards.append({"name": self._name, "samples": self._count, "bytes": self._fh.size,
                             "sha256": self._fh.sha256.hexdigest(), "sample_id": self.sample_id})
         self._pending.append((self._tmp, self.out_dir / self._name))
-        self._tar = self._fh = None
+        self._fh = None
 
     def close(self) -> list[dict[str, Any]]:
         self._close_current()
@@ -134,14 +136,14 @@ class ShardSink:
 
     def abort(self) -> None:
         """Drop every shard of the sample; never raises over the error that caused the abort."""
-        if self._tar is not None:
+        if self._fh is not None:
             try:
                 self._fh._fh.close()
             except OSError:  # e.g. the final flush hits the same full disk
                 pass
             finally:
                 Path(self._tmp).unlink(missing_ok=True)
-                self._tar = self._fh = None
+                self._fh = None
         for tmp, _ in self._pending:
             tmp.unlink(missing_ok=True)
         self._pending = []
