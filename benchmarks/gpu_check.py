@@ -104,6 +104,12 @@ def xformers_probe(lengths: list[int], heads: int, dim: int) -> dict:
 
         fw = dispatch._dispatch_fw(inp, True)
         info["forward_op"] = fw.NAME
+        passed_over = {}  # the operators xformers prefers to the one it chose, and why each was not used
+        for op in dispatch._dispatch_fw_priority_list(inp, True):
+            if op is fw:
+                break
+            passed_over[op.NAME] = op.not_supported_reasons(inp)
+        info["passed_over"] = passed_over
         info["backward_op"] = dispatch._dispatch_bw(inp, varlen_lse_packed=getattr(fw, "VARLEN_LSE_PACKED", None)).NAME
         from torch.profiler import ProfilerActivity, profile
 
@@ -196,7 +202,9 @@ def xformers_rows(out: Path, dry: bool) -> list[dict]:
     if not info["cuda"]:
         rows.append(_row("xformers attention runs", SKIP_NO_CUDA, target=target, verdict="SKIP"))
     elif info.get("status") == "ran":
-        rows.append(_row("xformers attention runs", f"ran: forward {info['forward_op']}, backward {info['backward_op']}",
+        passed = "; ".join(f"{op} not used: {', '.join(why)}" for op, why in info.get("passed_over", {}).items())
+        rows.append(_row("xformers attention runs", f"ran: forward {info['forward_op']}, backward {info['backward_op']}"
+                         + (f" ({passed})" if passed else ""),
                          "kernels: " + "; ".join(info.get("kernels", [])), target, "PASS"))
     else:
         rows.append(_row("xformers attention runs", f"{info.get('status')}: {info.get('error', '')}"[:300],

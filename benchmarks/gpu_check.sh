@@ -29,17 +29,21 @@
 # there); else python3 (on the device machine: the image's Python 3.12 with a CUDA torch). The tree is
 # put on PYTHONPATH, so nothing is installed for histotx itself. When a module the checks import is
 # missing (GPU_CHECK_INSTALL=auto, the default; never: do not install; pin: also replace torch):
-#   - if .whl/ holds wheels (made here by --fetch-wheels and carried to an offline machine), pip installs
-#     the missing ones from there, offline (--no-index);
+#   - if .gpu_check/wheels/ holds wheels (see --prepare), pip installs offline (--no-index, --no-deps)
+#     every one whose distribution is not installed, leaving installed packages (torch too) as they are;
 #   - else pip installs from the registry: `pip install torch==T torchvision -e .[dev]` then
 #     `pip install --no-deps xformers`, T the interpreter's own torch if it has one (keeping its CUDA
-#     build; the pin if GPU_CHECK_INSTALL=pin), else the pin 2.14.1. The device machine has no network:
-#     there only .whl/ works, which is why the environment row names the torch that actually ran.
-#     bash benchmarks/gpu_check.sh --fetch-wheels       # HERE, with network: cp312 manylinux wheels → .whl/
-# then, with the device tool, carry .whl (about 45 MiB) and run `GPU_CHECK_OUT=$OUT bash benchmarks/gpu_check.sh`.
+#     build; the pin if GPU_CHECK_INSTALL=pin), else the pin 2.14.1.
+# The device machine reaches no registry, so there only the carried wheels work, and its torch is the
+# image's: the environment row names the torch that actually ran against the pin. To run there:
+#     bash benchmarks/gpu_check.sh --prepare   # HERE, with pip's network: .gpu_check/wheels (the project's
+#                                              # needs the image lacks, cp312 manylinux, ~44 MiB) and
+#                                              # .gpu_check/shards (the synthetic cohort's shards, ~8 MiB)
+# then with the device tool: run(command="GPU_CHECK_OUT=$OUT bash benchmarks/gpu_check.sh",
+# carry=[".gpu_check"], timeout_s=600). .gpu_check/shards, when present, is the training check's shard set.
 #
-# Environment: GPU_CHECK_SHARDS=DIR (an existing shard set for the training check; default: it makes a
-# synthetic one), GPU_CHECK_LOADER_SAMPLES (default 512, dry run 16), GPU_CHECK_BUDGET_S (480),
+# Environment: GPU_CHECK_SHARDS=DIR (a shard set for the training check; default .gpu_check/shards if
+# there, else gpu_train_check.py makes the synthetic cohort's), GPU_CHECK_LOADER_SAMPLES (default 512, dry run 16), GPU_CHECK_BUDGET_S (480),
 # GPU_CHECK_TIMEOUT_<STEP> (seconds, STEP one of INSTALL ENV XFORMERS EQUIVALENCE ATTENTION TRAIN
 # LOADER_CUDA LOADER_CPU).
 set -uo pipefail
@@ -55,13 +59,14 @@ legacy-api-wrap scverse-misc session-info2"
 
 DRY=${GPU_CHECK_DRY_RUN:-0}
 OUT=${GPU_CHECK_OUT:-}
-FETCH=0
+PREPARE=0
+PREP=.gpu_check
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) DRY=1 ;;
     --out) OUT=$2; shift ;;
     --out=*) OUT=${1#--out=} ;;
-    --fetch-wheels) FETCH=1 ;;
+    --prepare) PREPARE=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -82,14 +87,14 @@ find_python() {
 }
 PY=$(find_python)
 
-if [ "$FETCH" = 1 ]; then
-  # Wheels for the device machine's Python (3.12, manylinux x86-64), each at the version this tree's
-  # environment has (else the newest): only the project's needs that image lacks. deepspeed ships an
-  # sdist only: built here into a pure-Python wheel.
+if [ "$PREPARE" = 1 ]; then
+  # Wheels for the device machine's Python (3.12, manylinux x86-64) of what the project needs and its
+  # image lacks, each at the version this tree's environment has (else the newest); deepspeed ships
+  # an sdist only: built here into a pure-Python wheel. Then the synthetic cohort's shard set.
   pyver=${GPU_CHECK_WHEEL_PYTHON:-3.12}
-  mkdir -p .whl
+  mkdir -p "$PREP/wheels"
   exclude=$(git rev-parse --git-path info/exclude)
-  mkdir -p "$(dirname "$exclude")" && { grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"; }
+  mkdir -p "$(dirname "$exclude")" && { grep -qx "/$PREP/" "$exclude" 2>/dev/null || echo "/$PREP/" >>"$exclude"; }
   plat="--only-binary=:all: --python-version $pyver --implementation cp"
   for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any; do
     plat="$plat --platform $p"
@@ -99,18 +104,25 @@ if [ "$FETCH" = 1 ]; then
     ver=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$pkg" 2>/dev/null)
     spec=$pkg${ver:+==$ver}
     if [ "$pkg" = deepspeed ]; then
-      "$PY" -m pip wheel -q --no-deps -w .whl "$spec" || failed="$failed $spec"
+      "$PY" -m pip wheel -q --no-deps -w "$PREP/wheels" "$spec" || failed="$failed $spec"
     else
       # shellcheck disable=SC2086
-      "$PY" -m pip download -q --no-deps $plat -d .whl "$spec" || failed="$failed $spec"
+      "$PY" -m pip download -q --no-deps $plat -d "$PREP/wheels" "$spec" || failed="$failed $spec"
     fi
   done
-  ls -la .whl
-  echo "wheels in .whl: $(du -sh .whl | cut -f1) (the device tool carries at most 64 MiB with the tree)"
-  [ -z "$failed" ] || { echo "could not fetch:$failed" >&2; exit 1; }
+  if [ ! -f "$PREP/shards/manifest.json" ]; then
+    rm -rf "$PREP/shards" "$PREP/tmp"
+    "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; import gpu_train_check as g; \
+g.make_shards(Path(sys.argv[1]))" "$PREP/tmp" && mv "$PREP/tmp/shards" "$PREP/shards" || failed="$failed shards"
+    rm -rf "$PREP/tmp"
+  fi
+  du -shc "$PREP/wheels" "$PREP/shards"
+  echo "carry $PREP with the device tool (at most 64 MiB travel with the tree)"
+  [ -z "$failed" ] || { echo "could not prepare:$failed" >&2; exit 1; }
   exit 0
 fi
 
+if [ -z "${GPU_CHECK_SHARDS:-}" ] && [ -f "$PREP/shards/manifest.json" ]; then GPU_CHECK_SHARDS=$REPO/$PREP/shards; fi
 HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 if [ "$DRY" != 1 ] && [ "$HAS_CUDA" != 1 ]; then
   echo "no CUDA device for $PY: running the CPU dry run instead (--dry-run)"
@@ -159,10 +171,10 @@ if [ "$DRY" != 1 ] && [ "$INSTALL" != never ]; then
 fi
 if [ "$DRY" != 1 ] && [ "$INSTALL" != never ] && { [ -n "$missing" ] || [ "$INSTALL" = pin ]; }; then
   echo "missing modules: ${missing:-none}"
-  if ls .whl/*.whl >/dev/null 2>&1; then
+  if ls "$PREP"/wheels/*.whl >/dev/null 2>&1; then
     # every carried wheel whose distribution is not installed, without dependency resolution (the image
-    # holds numpy, h5py, pandas... that .whl does not; what is installed already is left as it is)
-    todo=$("$PY" - .whl/*.whl <<'EOF'
+    # holds numpy, h5py, pandas... that the wheels need; what is installed already is left as it is)
+    todo=$("$PY" - "$PREP"/wheels/*.whl <<'EOF'
 import importlib.metadata as m, sys
 for f in sys.argv[1:]:
     name = f.rsplit("/", 1)[-1].split("-")[0]  # a wheel is DIST-VERSION-...; DIST spells "-" as "_"
@@ -172,12 +184,12 @@ for f in sys.argv[1:]:
         print(f)
 EOF
 )
-    what="from .whl, offline: $(echo "$todo" | sed 's|.whl/||; s|-[0-9].*||' | tr '\n' ' ')"
+    what="from $PREP/wheels, offline: $(echo "$todo" | sed 's|.*/||; s|-[0-9].*||' | tr '\n' ' ')"
     if [ -n "$todo" ]; then
       # shellcheck disable=SC2086
       run_step install "$(limit INSTALL 90)" "$PY" -m pip install -q --no-index --no-deps --no-cache-dir $todo
     else
-      what="nothing: every wheel in .whl is installed already"
+      what="nothing: every wheel in $PREP/wheels is installed already"
       echo "0 0 0" >"$OUT/install.rc"
     fi
   else
