@@ -224,7 +224,7 @@ else
   run_step attention "$(limit ATTENTION 100)" "$PY" benchmarks/attention.py --device cuda --batch 32 --heads 16 \
     --head-dim 64 --resolutions 2 16 --backends xformers flex sdpa --repeats 10 --no-memory \
     --json "$OUT/attention.json"
-  run_step train "$(limit TRAIN 150)" "$PY" benchmarks/gpu_train_check.py --steps 10 --warmup 3 --batch 32 \
+  run_step train "$(limit TRAIN 150)" "$PY" benchmarks/gpu_train_check.py --steps 20 --warmup 5 --batch 32 \
     ${GPU_CHECK_SHARDS:+--shards "$GPU_CHECK_SHARDS"} --json "$OUT/train.json"
   run_step loader_cuda "$(limit LOADER_CUDA 45)" "$PY" benchmarks/train_step.py --loader-only --decode-device cuda \
     --loader-samples "${GPU_CHECK_LOADER_SAMPLES:-512}"
