@@ -242,7 +242,8 @@ def throughput_rows(out: Path, dry: bool) -> list[dict]:
     for backend in BACKENDS:
         check = f"attention TFLOP/s: {backend}"
         packed = backend != "sdpa"  # sdpa pads uneven batches: it is the baseline, no target
-        target = "time ÷ ideal ≤ 1.1 (ideal: padded SDPA × non-padding share)" if packed else "— (padded baseline)"
+        target = ("time ÷ ideal ≤ 1.1 (ideal: padded SDPA × non-padding share)" if packed
+                  else "— (padded baseline)")
         figures = [(r["resolution_um"], r["backends"][backend], r) for r in results if backend in r["backends"]]
         if not figures:
             if dry and backend != "sdpa":

@@ -43,8 +43,9 @@
 # carry=[".gpu_check"], timeout_s=600). .gpu_check/shards, when present, is the training check's shard set.
 #
 # Environment: GPU_CHECK_SHARDS=DIR (a shard set for the training check; default .gpu_check/shards if
-# there, else gpu_train_check.py makes the synthetic cohort's), GPU_CHECK_LOADER_SAMPLES (default 512, dry run 16), GPU_CHECK_BUDGET_S (480),
-# GPU_CHECK_TIMEOUT_<STEP> (seconds, STEP one of INSTALL ENV XFORMERS EQUIVALENCE ATTENTION TRAIN
+# there, else gpu_train_check.py makes the synthetic cohort's), GPU_CHECK_LOADER_SAMPLES (default 512,
+# dry run 16), GPU_CHECK_BUDGET_S (480: each step's limit is cut so that the run ends within it),
+# GPU_CHECK_TIMEOUT_<STEP> (seconds; STEP one of INSTALL ENV XFORMERS EQUIVALENCE ATTENTION TRAIN
 # LOADER_CUDA LOADER_CPU).
 set -uo pipefail
 T0=$(date +%s)
@@ -64,7 +65,7 @@ PREP=.gpu_check
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) DRY=1 ;;
-    --out) OUT=$2; shift ;;
+    --out) OUT=${2:?--out needs a folder}; shift ;;
     --out=*) OUT=${1#--out=} ;;
     --prepare) PREPARE=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;

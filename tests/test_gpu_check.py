@@ -75,8 +75,8 @@ def test_verdicts_follow_the_figures(tmp_path):
            "out_ratio": 3.0, "grad_ratio": 0.6, "max_abs_out": 1e-2, "max_abs_grad": 2e-3, "ok": False}]
     _write(tmp_path, "equivalence", 1, figures={"equivalence": eq})  # sdpa missing: a FAIL row
     bench = [{"resolution_um": 2.0, "batch": 32, "dtype": "bfloat16", "max_len": 3333, "unavailable": [],
-              "backends": {"xformers": {"tflops": 300.0, "per_ideal": 1.02}, "flex": {"tflops": 200.0, "per_ideal": 1.5},
-                           "sdpa": {"tflops": 100.0, "per_ideal": 3.0}}}]
+              "backends": {"xformers": {"tflops": 300.0, "per_ideal": 1.02},
+                           "flex": {"tflops": 200.0, "per_ideal": 1.5}, "sdpa": {"tflops": 100.0, "per_ideal": 3.0}}}]
     _write(tmp_path, "attention", 0, figures={"benchmark": bench})
     _write(tmp_path, "train", 124, log="step 3\nmodel (batches on the device): ...\n")  # timed out, no JSON
     _write(tmp_path, "loader_cuda", 2, log="usage: train_step.py\ntrain_step.py: error: unrecognized arguments: "
@@ -104,7 +104,8 @@ def test_verdicts_follow_the_figures(tmp_path):
                                           "peak_memory_gib": 60.0, "end_to_end_samples_per_s": 200.0,
                                           "loader_workers": 10})
     by = {r["check"]: r for r in gpu_check.report(tmp_path, dry=False, budget_s=480, elapsed_s=400)}
-    assert by["ViT-L/16 bf16 ZeRO-2 MFU"]["pass/fail"] == "PASS" and "MFU 47.0%" in by["ViT-L/16 bf16 ZeRO-2 MFU"]["figure"]
+    mfu = by["ViT-L/16 bf16 ZeRO-2 MFU"]
+    assert mfu["pass/fail"] == "PASS" and "MFU 47.0%" in mfu["figure"]
     assert by["gpu_check wall time"]["pass/fail"] == "PASS"
     lines = gpu_check.render(rows).splitlines()  # a cell's own "|" must not split it
     assert len(lines) == len(rows) + 2 and all(line.count(" | ") == len(rows[0]) - 1 for line in lines[2:])
