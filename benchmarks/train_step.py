@@ -13,8 +13,16 @@
    against the CPU seconds a DataLoader worker spends per sample it delivers (shard reading, shuffle
    buffer, decoding, augmentation, collation, hand-over). Target: ratio ≥ 0.9. CPU time, not wall
    time, so that other processes on a shared machine do not distort it.
+3. Loader rate: samples/s per CPU core for the default recipe (2 global 224 + 8 local 96 crops with
+   transcript grids, from the cohort's 256 px JPEG tiles): the CPU time of one DataLoader worker per
+   sample it delivers. From it, the cores one H200 needs at the ViT-L/16 step rate (GPU_* constants
+   below; goal ≤ 4). With --decode-device cuda the worker leaves decoding and pixel work to the GPU
+   (data.augment.decode_device); then its CPU cost per sample, and the GPU stage's time per sample
+   (histotx.data.device_decode.BatchDecoder; on CPU when no GPU is present, said so in the output).
 
     OMP_NUM_THREADS=1 python benchmarks/train_step.py [--steps 40] [--batch 32] [--window 10] [--zero 2]
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --loader-only [--decode-device cpu|cuda]
+        [--loader-samples 1600] [--loader-batch 32]     (small and fast: --loader-samples 64 --loader-batch 8)
 """
 from __future__ import annotations
 
@@ -33,6 +41,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# The rate one GPU consumes samples at (issue 11's model): a ViT-L/16 DINOv2 step on one sample (teacher
+# 2 × 224, student 2 × 224 + 8 × 96, forward + backward) against an H200's dense bf16 peak at the MFU target.
+GPU_FLOP_PER_SAMPLE = 1.6e12
+GPU_PEAK_FLOPS = 989e12  # H200 SXM, dense bf16
+GPU_MFU = 0.45
+GPU_SAMPLES_PER_S = GPU_PEAK_FLOPS * GPU_MFU / GPU_FLOP_PER_SAMPLE
+CORES_PER_GPU_GOAL = 4
 PHASES = ("data_wait", "forward", "backward", "optimizer", "ema")
 SMALL_MODEL = ["model.size=custom", "model.embed_dim=128", "model.depth=4", "model.num_heads=4", "model.img_size=64",
                "model.patch_size=8", "model.num_registers=1",
@@ -130,6 +145,66 @@ def loader_ratio(shards: Path, batch: int, batches: int) -> tuple[float, float]:
     return bound, worker
 
 
+def loader_rate(shards: Path, batch: int, samples: int, decode_device: str) -> dict[str, float]:
+    """CPU seconds per delivered sample of one loader worker on the default recipe, and with decode_device
+    "cuda" the GPU stage's seconds per sample (wall, synchronised) and the trainer process's CPU seconds."""
+    import torch
+
+    from histotx.config import load_config
+    from histotx.data.config import DataConfig
+    from histotx.data.device_decode import BatchDecoder
+    from histotx.data.loader import build_loader
+
+    torch.set_num_threads(1)
+    batches = max(1, samples // batch)
+    cfg = load_config(DataConfig, overrides=[f"stream.shards={shards}", f"stream.batch_size={batch}",
+                                             "stream.num_workers=1", "stream.shuffle_buffer=64",
+                                             "stream.resample=true", f"augment.decode_device={decode_device}"])
+    start = _children_cpu()
+    it = iter(build_loader(cfg, rank=0, world_size=1))
+    delivered = list(itertools.islice(it, batches))
+    del it  # the worker may have made up to prefetch_factor (2) more batches: counted against it
+    gc.collect()
+    time.sleep(1.0)  # the worker exits; its CPU time is counted once it has been waited for
+    out = {"worker_cpu_s": (_children_cpu() - start) / (batch * batches)}
+    if decode_device == "cuda":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        decoder = BatchDecoder(cfg.augment, device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        decoder(delivered[0].to(device))  # warm-up: decoder and kernels initialised
+        sync()
+        wall, cpu = time.perf_counter(), _cpu()
+        for b in delivered[1:] or delivered[:1]:
+            decoder(b.to(device, non_blocking=True))
+        sync()
+        n = batch * max(1, len(delivered) - 1)
+        out.update(stage_s=(time.perf_counter() - wall) / n, stage_cpu_s=(_cpu() - cpu) / n, stage_device=str(device))
+    return out
+
+
+def print_loader_rate(args: argparse.Namespace, shards: Path) -> None:
+    rounds = [loader_rate(shards, args.loader_batch, args.loader_samples, args.decode_device) for _ in range(args.rounds)]
+    worker = float(np.median([r["worker_cpu_s"] for r in rounds]))
+    per_core = 1.0 / worker
+    print(f"GPU rate model: {GPU_FLOP_PER_SAMPLE / 1e12:.1f} TFLOP per sample (ViT-L/16; teacher 2×224, student "
+          f"2×224 + 8×96, fwd + bwd) at {GPU_MFU:.0%} MFU of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H200 dense bf16): "
+          f"{GPU_SAMPLES_PER_S:.0f} samples/s per GPU")
+    print(f"loader, default recipe (2×224 + 8×96 crops with transcript grids, 256 px JPEG tiles), decode on "
+          f"{args.decode_device}, 1 worker, {args.loader_batch * max(1, args.loader_samples // args.loader_batch)} "
+          f"samples × {args.rounds} rounds (median; range {min(1 / r['worker_cpu_s'] for r in rounds):.1f}-"
+          f"{max(1 / r['worker_cpu_s'] for r in rounds):.1f}): {worker * 1e3:.2f} CPU ms/sample in the worker = "
+          f"{per_core:.1f} samples/s per CPU core")
+    cores = GPU_SAMPLES_PER_S / per_core
+    print(f"  cores per GPU at {GPU_SAMPLES_PER_S:.0f} samples/s: {cores:.1f} "
+          f"({'meets' if cores <= CORES_PER_GPU_GOAL else 'misses'} the goal of ≤ {CORES_PER_GPU_GOAL})")
+    if args.decode_device == "cuda":
+        stage = float(np.median([r["stage_s"] for r in rounds]))
+        stage_cpu = float(np.median([r["stage_cpu_s"] for r in rounds]))
+        print(f"  GPU stage on {rounds[0]['stage_device']} (batched decode_jpeg + crops + colour): "
+              f"{stage * 1e3:.3f} ms/sample wall, {stage_cpu * 1e3:.3f} CPU ms/sample in the trainer process; "
+              f"at {GPU_SAMPLES_PER_S:.0f} samples/s it takes {stage * GPU_SAMPLES_PER_S:.1%} of the GPU's time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -140,9 +215,17 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=100,
                         help="batches per loader measurement (the ≤ 2 prefetched extra weigh ≤ 2 %%)")
     parser.add_argument("--rounds", type=int, default=3, help="loader measurements (worker, then bound)")
+    parser.add_argument("--loader-only", action="store_true", help="only the loader rate (3.), no training")
+    parser.add_argument("--decode-device", choices=("cpu", "cuda"), default="cpu",
+                        help="data.augment.decode_device for the loader rate")
+    parser.add_argument("--loader-samples", type=int, default=1600, help="samples per loader-rate round")
+    parser.add_argument("--loader-batch", type=int, default=32, help="batch size for the loader rate")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp))
+        if args.loader_only:
+            print_loader_rate(args, shards)
+            return
         t = step_breakdown(shards, Path(tmp) / "run", args.steps, args.batch, args.window, args.zero)
         total = sum(t[p] for p in PHASES)
         print(f"ViT 128×4 on CPU, 2 ranks × batch {args.batch}, ZeRO-{args.zero}, {args.steps} steps, windows of "
@@ -160,6 +243,7 @@ def main() -> None:
         print(f"loader: decode + augment + collate alone {bound * 1e3:.2f} CPU ms/sample, in a worker "
               f"{worker * 1e3:.2f} CPU ms/sample: per-worker throughput ratio {ratios[len(ratios) // 2]:.2f} "
               f"(median of {args.rounds}, range {ratios[0]:.2f}-{ratios[-1]:.2f}; target ≥ 0.9)")
+        print_loader_rate(args, shards)
 
 
 if __name__ == "__main__":

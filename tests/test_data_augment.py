@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from histotx.config import load_config
-from histotx.data.augment import CropGeometry, MultiCrop, StainJitter, transform_grid
+from histotx.data.augment import CropGeometry, MultiCrop, transform_grid
+from histotx.data.pixels import IDENTITY, colour
 from histotx.data.config import DataConfig
 from histotx.format import TileSample, TranscriptGrid, encode_image_rgb
 
@@ -91,24 +92,43 @@ def test_footprints_reaching_into_a_crop_are_kept():
 def test_colour_jitter_changes_pixels_not_sites_and_is_seeded():
     rng = np.random.default_rng(0)
     rgb, grid = marked_tile(rng)
-    tile = TileSample("s__t", encode_image_rgb(rgb, "png"), "png", grid, {"mpp": 0.5})
     cfg = load_config(DataConfig, overrides=["augment.color_jitter_p=1", "augment.hed_jitter_p=1"]).augment
     crop = MultiCrop(cfg)
-    a = crop(tile, np.random.default_rng(5))
-    b = crop(tile, np.random.default_rng(5))
-    plain = geometric_only(global_crop_size=224, local_crop_size=96, local_crops_number=8)(tile, np.random.default_rng(5))
-    assert len(a.globals) == 2 and len(a.locals) == 8
-    assert a.globals[0].image.shape == (3, 224, 224) and a.locals[0].image.shape == (3, 96, 96)
-    for va, vb, vp in zip(a.globals + a.locals, b.globals + b.locals, plain.globals + plain.locals):
+    a = crop.crops(rgb, grid, 0.5, np.random.default_rng(5))
+    b = crop.crops(rgb, grid, 0.5, np.random.default_rng(5))
+    plain = geometric_only(global_crop_size=224, local_crop_size=96, local_crops_number=8).crops(
+        rgb, grid, 0.5, np.random.default_rng(5))
+    assert len(a[0]) == 2 and len(a[1]) == 8
+    assert a[0][0].image.shape == (3, 224, 224) and a[1][0].image.shape == (3, 96, 96)
+    for va, vb, vp in zip(a[0] + a[1], b[0] + b[1], plain[0] + plain[1]):
         assert torch.equal(va.image, vb.image)
         np.testing.assert_array_equal(va.grid.xy, vp.grid.xy)  # same geometry draws, same sites
-    assert not torch.allclose(a.globals[0].image, plain.globals[0].image)
-    assert a.globals[0].mpp == pytest.approx(plain.globals[0].mpp)
+    assert not torch.allclose(a[0][0].image, plain[0][0].image)
+    assert a[0][0].mpp == pytest.approx(plain[0][0].mpp)
 
 
 def test_stain_jitter_is_identity_at_unit_scale_and_zero_shift():
-    image = torch.rand(3, 8, 8) * 0.9 + 0.05
-    out = StainJitter()(image, np.ones(3), np.zeros(3))
-    torch.testing.assert_close(out, image, atol=1e-4, rtol=1e-4)
-    darker = StainJitter()(image, np.array([1.3, 1.0, 1.0]), np.zeros(3))
-    assert darker.mean() < image.mean()  # more haematoxylin absorbs more light
+    image = torch.rand(1, 3, 8, 8) * 0.9 + 0.05
+    p = torch.tensor([IDENTITY])
+    p[0, 8] = 1.0  # stain jitter on, α = 1, β = 0
+    torch.testing.assert_close(colour(image.clone(), p), image, atol=1e-4, rtol=1e-4)
+    p[0, 9] = 1.3
+    assert colour(image.clone(), p).mean() < image.mean()  # more haematoxylin absorbs more light
+
+
+def test_views_are_made_by_the_batch_and_equal_the_per_tile_views():
+    """The loader's transform leaves pixels to the collation (one pass per op over the batch); a view's
+    pixels are the same whether made with its tile (crops) or later (render in the batch)."""
+    from histotx.data.pixels import render_views
+
+    cfg = load_config(DataConfig, overrides=["augment.global_crop_size=64", "augment.local_crop_size=32"]).augment
+    crop = MultiCrop(cfg)
+    rng = np.random.default_rng(0)
+    rgb, grid = marked_tile(rng)
+    made = crop.crops(rgb, grid, 0.5, np.random.default_rng(4))
+    tile = TileSample("s__t", encode_image_rgb(rgb, "png"), "png", grid, {"mpp": 0.5, "tile_px": TILE})
+    later = crop(tile, np.random.default_rng(4))
+    assert all(v.image is None for v in later.globals + later.locals)
+    for views, ready in ((later.globals, made[0]), (later.locals, made[1])):
+        images = render_views(views, [views[0].source], crop.mean, crop.std)
+        assert torch.equal(images, torch.stack([v.image for v in ready]))

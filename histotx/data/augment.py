@@ -13,22 +13,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 
 from histotx.data.config import AugmentConfig
+from histotx.data.pixels import IDENTITY, render_views
 from histotx.format import TileSample, TranscriptGrid, decode_image_rgb
-
-
-_COLOUR_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
 @dataclass
 class View:
-    """One crop: the normalised image, its transcript sites in view pixels, and its µm per pixel."""
+    """One crop: its transcript sites in view pixels, its µm per pixel, and how its pixels are made —
+    cut from ``source`` by ``geometry``, coloured by ``colour`` — or, once made, the normalised ``image``.
+    The loader leaves ``image`` to the batch (:func:`histotx.data.pixels.render`, all views at once)."""
 
-    image: torch.Tensor  # [3, S, S] float32
+    image: torch.Tensor | None  # [3, S, S] float32
     grid: TranscriptGrid
     mpp: float
+    size: int
+    geometry: CropGeometry
+    colour: np.ndarray  # [len(pixels.COLOUR_FIELDS)] float64
+    source: torch.Tensor | bytes | None = None  # the tile: [3, H, W] uint8 pixels, or its JPEG bytes
 
 
 @dataclass
@@ -56,8 +60,13 @@ class CropGeometry:
 
     def apply_to_image(self, image: torch.Tensor) -> torch.Tensor:
         """``image``: ``[C, H, W]`` tile → ``[C, size, size]`` view."""
-        out = TF.resized_crop(image, self.top, self.left, self.height, self.width, [self.size, self.size],
-                              interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        out = image[..., self.top:self.top + self.height, self.left:self.left + self.width]
+        if (self.height, self.width) != (self.size, self.size):  # torchvision's resized_crop, less its overhead
+            native = image.dtype != torch.uint8 or image.device.type == "cpu"  # uint8 kernel: CPU only
+            x = out.reshape(-1, *out.shape[-3:])
+            x = F.interpolate(x if native else x.float(), size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=True)
+            out = (x if native else x.round_().to(image.dtype)).reshape(*out.shape[:-2], self.size, self.size)
         if self.hflip:
             out = out.flip(-1)
         if self.vflip:
@@ -128,31 +137,17 @@ def sample_crop_box(rng: np.random.Generator, height: int, width: int, scale: tu
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-class StainJitter:
-    """Random rescaling and shifting of the H, E and DAB optical densities (Tellez et al. 2018)."""
-
-    def __init__(self) -> None:
-        from skimage.color import hed_from_rgb, rgb_from_hed
-
-        self.hed_from_rgb = torch.as_tensor(hed_from_rgb, dtype=torch.float32)
-        self.rgb_from_hed = torch.as_tensor(rgb_from_hed, dtype=torch.float32)
-
-    def __call__(self, image: torch.Tensor, alpha: np.ndarray, beta: np.ndarray) -> torch.Tensor:
-        """``image``: ``[3, H, W]`` in [0, 1]; ``alpha``/``beta``: per-stain scale and shift."""
-        od = -torch.log(image.clamp_min(1e-6)).permute(1, 2, 0)  # optical density, H×W×3
-        stains = od @ self.hed_from_rgb
-        stains = stains * torch.as_tensor(alpha, dtype=torch.float32) + torch.as_tensor(beta, dtype=torch.float32)
-        return torch.exp(-(stains @ self.rgb_from_hed)).permute(2, 0, 1).clamp(0.0, 1.0)
-
-
 class MultiCrop:
-    """2 global + N local co-registered views of a tile, DINOv2 style."""
+    """2 global + N local co-registered views of a tile, DINOv2 style.
+
+    Drawing (here, per view: geometry, then colour parameters, from the sample's generator) is separate
+    from pixel work (:func:`histotx.data.pixels.render`, all views of a size at once). With
+    ``decode_device`` "cuda" the JPEG stays undecoded and the GPU renders the same views per batch."""
 
     def __init__(self, cfg: AugmentConfig) -> None:
         self.cfg = cfg
-        self.stain = StainJitter()
-        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32)
+        self.std = torch.tensor(cfg.std, dtype=torch.float32)
 
     def geometry(self, rng: np.random.Generator, tile_hw: tuple[int, int], size: int,
                  scale: tuple[float, float]) -> CropGeometry:
@@ -162,51 +157,67 @@ class MultiCrop:
                             vflip=bool(rng.random() < c.vflip_p),
                             quarter_turns=int(rng.integers(0, 4)) if c.rot90 else 0)
 
-    def colour(self, image: torch.Tensor, rng: np.random.Generator, blur_p: float, solarize_p: float) -> torch.Tensor:
-        """Photometric jitter of a ``[3, H, W]`` float image in [0, 1]."""
-        c = self.cfg
+    def colour(self, rng: np.random.Generator, blur_p: float, solarize_p: float) -> np.ndarray:
+        """A view's photometric parameters (a row of pixels.COLOUR_FIELDS), drawn in the order they apply."""
+        c, p = self.cfg, np.array(IDENTITY)
         if rng.random() < c.color_jitter_p:
-            factors = (rng.uniform(1 - c.brightness, 1 + c.brightness), rng.uniform(1 - c.contrast, 1 + c.contrast),
-                       rng.uniform(1 - c.saturation, 1 + c.saturation), rng.uniform(-c.hue, c.hue))
-            for i in rng.permutation(len(_COLOUR_OPS)):
-                image = _COLOUR_OPS[i](image, float(factors[i]))
+            p[0:4] = (rng.uniform(1 - c.brightness, 1 + c.brightness), rng.uniform(1 - c.contrast, 1 + c.contrast),
+                      rng.uniform(1 - c.saturation, 1 + c.saturation), rng.uniform(-c.hue, c.hue))
+            p[4:8] = rng.permutation(4)
         if rng.random() < c.hed_jitter_p:
-            image = self.stain(image, rng.uniform(1 - c.hed_sigma, 1 + c.hed_sigma, 3),
-                               rng.uniform(-c.hed_sigma, c.hed_sigma, 3))
-        if rng.random() < c.grayscale_p:
-            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+            p[8] = 1.0
+            p[9:12] = rng.uniform(1 - c.hed_sigma, 1 + c.hed_sigma, 3)
+            p[12:15] = rng.uniform(-c.hed_sigma, c.hed_sigma, 3)
+        p[15] = float(rng.random() < c.grayscale_p)
         if rng.random() < blur_p:
-            sigma = float(rng.uniform(*c.blur_sigma))
-            kernel = 2 * math.ceil(3 * sigma) + 1
-            image = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
-        if rng.random() < solarize_p:
-            image = TF.solarize(image, 0.5)
-        return image.clamp(0.0, 1.0)
+            p[16] = rng.uniform(*c.blur_sigma)
+        p[17] = float(rng.random() < solarize_p)
+        return p
 
-    def view(self, tile: torch.Tensor, grid: TranscriptGrid, mpp: float, rng: np.random.Generator, size: int,
+    def view(self, tile_hw: tuple[int, int], grid: TranscriptGrid, mpp: float, rng: np.random.Generator, size: int,
              scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> View:
+        """A view without its pixels."""
         # Separate streams for geometry and colour: the crops do not change when colour settings do.
         geometry_rng, colour_rng = rng.spawn(2)
-        geometry = self.geometry(geometry_rng, (tile.shape[-2], tile.shape[-1]), size, scale)
-        image = geometry.apply_to_image(tile).float().div_(255.0)
-        image = self.colour(image, colour_rng, blur_p, solarize_p)
-        return View((image - self.mean) / self.std, transform_grid(grid, geometry, mpp), geometry.mpp(mpp))
+        geometry = self.geometry(geometry_rng, tile_hw, size, scale)
+        return View(None, transform_grid(grid, geometry, mpp), geometry.mpp(mpp), size, geometry,
+                    self.colour(colour_rng, blur_p, solarize_p))
 
     def __call__(self, tile: TileSample, rng: np.random.Generator) -> TileViews:
-        """A shard sample's views (the loader's per-sample transform)."""
-        globals_, locals_ = self.crops(decode_image_rgb(tile.image), tile.grid, float(tile.meta["mpp"]), rng)
+        """A shard sample's views (the loader's per-sample transform), pixels not yet made: the tile
+        decoded here, or with ``decode_device`` "cuda" its JPEG bytes kept for the GPU."""
+        mpp = float(tile.meta["mpp"])
+        if self.cfg.decode_device != "cpu" and tile.image_ext == "jpg":
+            px = int(tile.meta["tile_px"])  # decode_sample checked the header against it
+            source: torch.Tensor | bytes = bytes(tile.image)
+            globals_, locals_ = self.draw((px, px), tile.grid, mpp, rng)
+        else:
+            source = torch.from_numpy(np.require(decode_image_rgb(tile.image), np.uint8, ["C", "W"])).permute(2, 0, 1)
+            globals_, locals_ = self.draw((source.shape[-2], source.shape[-1]), tile.grid, mpp, rng)
+        for v in globals_ + locals_:
+            v.source = source
         return TileViews(tile.key, globals_, locals_)
+
+    def draw(self, tile_hw: tuple[int, int], grid: TranscriptGrid, mpp: float,
+             rng: np.random.Generator) -> tuple[list[View], list[View]]:
+        """Every view's geometry, colour and sites (no pixels), in the order the generator is consumed."""
+        c = self.cfg
+        g_size, g_scale = c.global_crop_size, c.global_crop_scale
+        globals_ = [
+            self.view(tile_hw, grid, mpp, rng, g_size, g_scale, c.blur_p_global1),
+            self.view(tile_hw, grid, mpp, rng, g_size, g_scale, c.blur_p_global2, c.solarize_p_global2),
+        ]
+        locals_ = [self.view(tile_hw, grid, mpp, rng, c.local_crop_size, c.local_crop_scale, c.blur_p_local)
+                   for _ in range(c.local_crops_number)]
+        return globals_, locals_
 
     def crops(self, rgb: np.ndarray, grid: TranscriptGrid, mpp: float,
               rng: np.random.Generator) -> tuple[list[View], list[View]]:
-        """``rgb``: H×W×3 uint8 tile; ``grid``: its sites in tile pixels; ``mpp``: µm per tile pixel."""
-        c = self.cfg
+        """Views with their pixels made. ``rgb``: H×W×3 uint8 tile; ``grid``: its sites in tile pixels;
+        ``mpp``: µm per tile pixel."""
         tile = torch.from_numpy(np.require(rgb, np.uint8, ["C", "W"])).permute(2, 0, 1)
-        g_size, g_scale = c.global_crop_size, c.global_crop_scale
-        globals_ = [
-            self.view(tile, grid, mpp, rng, g_size, g_scale, c.blur_p_global1),
-            self.view(tile, grid, mpp, rng, g_size, g_scale, c.blur_p_global2, c.solarize_p_global2),
-        ]
-        locals_ = [self.view(tile, grid, mpp, rng, c.local_crop_size, c.local_crop_scale, c.blur_p_local)
-                   for _ in range(c.local_crops_number)]
+        globals_, locals_ = self.draw((tile.shape[-2], tile.shape[-1]), grid, mpp, rng)
+        for views in (globals_, locals_):
+            for v, image in zip(views, render_views(views, [tile], self.mean, self.std)):
+                v.image = image
         return globals_, locals_

@@ -22,6 +22,7 @@ import torch
 from histotx.data.augment import TileViews, View
 from histotx.data.config import DataConfig
 from histotx.data.masking import image_masks, token_masks
+from histotx.data.pixels import PendingViews, render_views
 from histotx.format import VOCAB_NAME, read_manifest
 from histotx.model.transcripts import TranscriptBatch
 from histotx.tokens import TranscriptCells, bin_grid, token_size
@@ -52,6 +53,9 @@ class SSLBatch:
     resolution_um: float | None
     native: bool
     gene_panel: torch.Tensor | None = None  # [B, V] bool: genes each sample measured (None: unknown, all)
+    # With data.augment.decode_device "cuda": the views to decode and make on the GPU; until then
+    # global_images and local_images are empty (histotx.data.device_decode.BatchDecoder fills them)
+    pending: PendingViews | None = None
 
     @property
     def batch_size(self) -> int:
@@ -102,8 +106,17 @@ class SSLBatch:
 def _tokens(views: list[View], resolution_um: float | None) -> list[TranscriptCells]:
     """Each view's tokens at the drawn size, or one per site (native) when the draw is "native" or finer
     than the site footprint."""
-    return [bin_grid(v.grid, v.mpp, token_size(v.grid.footprint_um, resolution_um), tuple(v.image.shape[-2:]))
+    return [bin_grid(v.grid, v.mpp, token_size(v.grid.footprint_um, resolution_um), (v.size, v.size))
             for v in views]
+
+
+def _images(views: list[View], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The views' images: made here for all of them at once (one pass per operation over the batch),
+    or stacked where they were made already."""
+    if all(v.image is not None for v in views):
+        return torch.stack([v.image for v in views])
+    tiles = list({id(v.source): v.source for v in views}.values())
+    return render_views(views, tiles, mean, std)
 
 
 def read_panels(shards: str) -> tuple[dict[str, np.ndarray], int]:
@@ -132,6 +145,8 @@ class SSLCollate:
         self.cfg = cfg
         self.grid_hw = (cfg.augment.global_crop_size // cfg.mask.patch_size,) * 2
         self.panels, self.panel_width = read_panels(cfg.stream.shards)
+        self.mean = torch.tensor(cfg.augment.mean, dtype=torch.float32)
+        self.std = torch.tensor(cfg.augment.std, dtype=torch.float32)
 
     def gene_panel(self, keys: list[str]) -> torch.Tensor | None:
         if not self.panels:
@@ -179,11 +194,18 @@ class SSLCollate:
         tx_masks = token_masks([cell.n_cells for cell in student_cells], rng, m.transcript_mask_probability,
                                m.transcript_mask_ratio)
 
-        local_images = (torch.stack([v.image for v in local_views]) if local_views
-                        else torch.zeros(0, 3, self.cfg.augment.local_crop_size, self.cfg.augment.local_crop_size))
+        size = self.cfg.augment.local_crop_size
+        pending = None
+        if any(isinstance(v.source, bytes) for v in global_views + local_views):  # left to the GPU
+            pending = PendingViews.pack(global_views, local_views, size)
+            global_images, local_images = torch.zeros(0), torch.zeros(0)
+        else:
+            global_images = _images(global_views, self.mean, self.std)
+            local_images = (_images(local_views, self.mean, self.std) if local_views
+                            else torch.zeros(0, 3, size, size))
         return SSLBatch(
             keys=[it.key for it in items],
-            global_images=torch.stack([v.image for v in global_views]),
+            global_images=global_images,
             local_images=local_images,
             teacher_transcripts=TranscriptBatch.collate(global_cells),
             student_global_transcripts=TranscriptBatch.collate(student_cells),
@@ -197,4 +219,5 @@ class SSLCollate:
             resolution_um=resolution,
             native=native,
             gene_panel=self.gene_panel([it.key for it in items]),
+            pending=pending,
         )

@@ -48,6 +48,11 @@ class AugmentConfig:
     solarize_p_global2: float = 0.2
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Where JPEG tiles are decoded and the views' pixels made. "cpu": in the loader workers. "cuda": the
+    # workers draw the views and hand over the JPEG bytes; the trainer decodes a batch at once on its GPU
+    # (torchvision.io.decode_jpeg) and crops/colours there (histotx.data.device_decode): for nodes with
+    # few CPU cores per GPU. The same draws either way; pixels differ by the decoders' rounding only.
+    decode_device: str = "cpu"
 
 
 @dataclass
@@ -87,6 +92,8 @@ class DataConfig:
                 raise ConfigError(f"data.augment.{name} must be an interval 0 < low <= high, got {(lo, hi)}")
         if a.global_crop_scale[1] > 1 or a.local_crop_scale[1] > 1:
             raise ConfigError("data.augment crop scales are shares of the tile: at most 1")
+        if a.decode_device not in ("cpu", "cuda"):
+            raise ConfigError(f"data.augment.decode_device must be 'cpu' or 'cuda', got {a.decode_device!r}")
         for size in (a.global_crop_size, a.local_crop_size):
             if size % m.patch_size:
                 raise ConfigError(f"data.augment crop size {size} is not a multiple of data.mask.patch_size "

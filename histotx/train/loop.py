@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from histotx.config import dump_config, to_dict
+from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
 from histotx.model import FusedViT
 from histotx.ssl.meta import LOSS_TERMS, SSLMetaArch
@@ -102,6 +103,7 @@ class Trainer:
                                                    self.device)
         self.student_params = list(self.meta.student.parameters())
         self.loader = build_loader(cfg.data, self.rank, self.world, pin_memory=self.device.type == "cuda")
+        self.decoder = BatchDecoder(cfg.data.augment, self.device)  # makes the views left to the GPU, if any
         global_batch = cfg.data.stream.batch_size * cfg.optim.accumulation_steps * self.world
         self.schedules = SSLSchedules(cfg.ssl.schedule, cfg.steps, global_batch)
         self.nonfinite_total = 0
@@ -140,8 +142,8 @@ class Trainer:
             if self._rng_to_restore is not None:
                 checkpoint.set_rng_state(self._rng_to_restore)
                 self._rng_to_restore = None
-            return first.to(self.device, non_blocking=True)
-        return next(self._batches).to(self.device, non_blocking=True)
+            return self.decoder(first.to(self.device, non_blocking=True))
+        return self.decoder(next(self._batches).to(self.device, non_blocking=True))
 
     # ------------------------------------------------------------------ one micro-step
 

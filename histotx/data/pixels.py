@@ -1,0 +1,220 @@
+"""The pixel half of multi-crop: decoded tiles + drawn view parameters → normalised views, batched.
+
+:mod:`histotx.data.augment` draws every random number (crop geometry, colour parameters) and moves the
+transcript sites; this module only computes pixels, from those parameters, for many views at once and on
+any device. The CPU loader calls it per sample in its workers, :mod:`histotx.data.device_decode` per
+batch on the GPU: the same code, so the two paths differ only by their JPEG decoders.
+
+A view's colour parameters are one row of :data:`COLOUR_FIELDS` (a float tensor, so a batch of them moves
+to the GPU in one copy). The operations are torchvision's (DINOv2's recipe: colour jitter in a random
+order, then stain jitter, grayscale, blur, solarize), written for a stack of views with per-view
+parameters: brightness, contrast and saturation as one pass per jitter step, hue as torchvision's HSV
+rotation, stain jitter as one 3×3 map in optical density, blur separable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from histotx.data.augment import CropGeometry, View
+
+COLOUR_FIELDS = ("brightness", "contrast", "saturation", "hue", "order0", "order1", "order2", "order3",
+                 "hed", "alpha_h", "alpha_e", "alpha_d", "beta_h", "beta_e", "beta_d", "grayscale", "blur_sigma",
+                 "solarize")
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+"""Colour parameters that leave a view unchanged (jitter factors 1, hue 0, every other op off)."""
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op codes in order0..order3 (torchvision's order)
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def _hed_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    return torch.as_tensor(hed_from_rgb, dtype=torch.float64), torch.as_tensor(rgb_from_hed, dtype=torch.float64)
+
+
+_HED = _hed_matrices()
+
+
+def _subset(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` applied to the views where ``mask`` holds, in place in ``x`` (a tensor this module owns);
+    the other views are untouched, bit for bit."""
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    if idx.numel() == x.shape[0]:
+        return fn(x, idx)
+    return x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` → ``[N, 1, H, W]`` luma, as torchvision computes it."""
+    r, g, b = x.unbind(1)
+    return (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2]).unsqueeze(1)
+
+
+def _affine(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per-view colour map ``matrix @ rgb + offset`` (``[N, 3, 3]``, ``[N, 3]``): three broadcast
+    multiply-adds (a batched matmul with an inner size of 3 is several times slower on CPU)."""
+    m = matrix[..., None, None]  # [N, 3, 3, 1, 1]
+    out = torch.addcmul(offset[:, :, None, None], m[:, :, 0], x[:, 0:1])
+    return out.addcmul_(m[:, :, 1], x[:, 1:2]).addcmul_(m[:, :, 2], x[:, 2:3])
+
+
+def _jitter_step(x: torch.Tensor, p: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+    """One of the four jitter steps: each view applies its own op (``op[n]``) with its own factor, as
+    torchvision's adjust_brightness (b·x), adjust_contrast (c·x + (1 − c)·mean gray), adjust_saturation
+    (s·x + (1 − s)·gray) and adjust_hue, each clamped to [0, 1]. The first three are one pass for all
+    views, x·a + gray·g + o, whose identity (a = 1, g = o = 0) leaves a view bit for bit as it was."""
+    one, zero = torch.ones_like(p[:, 0]), torch.zeros_like(p[:, 0])
+    b = torch.where(op == BRIGHTNESS, p[:, 0], one)
+    c = torch.where(op == CONTRAST, p[:, 1], one)
+    s = torch.where(op == SATURATION, p[:, 2], one)
+    if bool(((b != 1) | (c != 1) | (s != 1)).any()):
+        gray = _gray(x)
+        scale = (b * c * s)[:, None, None, None]
+        offset = torch.where(c != 1, (1 - c) * gray.mean(dim=(1, 2, 3)), zero)[:, None, None, None]
+        x = torch.addcmul(offset, x, scale).addcmul_(gray, (1 - s)[:, None, None, None]).clamp_(0.0, 1.0)
+    return _subset(x, (op == HUE) & (p[:, 3] != 0), lambda v, i: _hue(v, p[i, 3]))
+
+
+def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue (HSV hue rotated by ``shift`` turns) with a shift per view, without
+    building the HSV image: each channel is V − C·clamp(min(k, 4 − k), 0, 1), k = (n + 6h) mod 6."""
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    # hue in sextants, as torchvision picks the sector: max at R, else at G, else at B; grey: 0
+    top_r = (maxc == r).to(x.dtype)
+    top_g = (maxc == g).to(x.dtype).mul_(1.0 - top_r)
+    top_b = 1.0 - top_r - top_g
+    h = (g - b).mul_(top_r).add_((b - r).add_(chroma, alpha=2.0).mul_(top_g)).add_(
+        (r - g).add_(chroma, alpha=4.0).mul_(top_b))
+    h = h.div_(chroma.clamp_min(1e-30)).add_((6.0 * shift + 6.0)[:, None, None])  # > 0
+    h = h.sub_(torch.floor(h / 6.0).mul_(6.0))  # (h + 6·shift) mod 6
+    out = torch.empty_like(x)
+    for channel, n in enumerate((5.0, 3.0, 1.0)):
+        k = h + n
+        k = k.sub_((k >= 6.0).to(k.dtype).mul_(6.0))
+        out[:, channel] = maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return out
+
+
+def _stain(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Tellez et al. stain jitter: optical density → H, E, DAB → scale α, shift β → back, one 3×3 map."""
+    hed_from_rgb, rgb_from_hed = (m.to(x.device) for m in _HED)
+    alpha, beta = p[:, 9:12].double(), p[:, 12:15].double()
+    matrix = (rgb_from_hed.T @ torch.diag_embed(alpha) @ hed_from_rgb.T).to(x.dtype)  # column form of od @ H·α·R
+    offset = (beta @ rgb_from_hed).to(x.dtype)
+    od = x.clamp_min(1e-6).log_().neg_()
+    return _affine(od, matrix, offset).neg_().exp_().clamp_(0.0, 1.0)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """torchvision's gaussian_blur (kernel 2·⌈3σ⌉ + 1, reflect padding) with a σ per view, separable, as
+    shifted multiply-adds (depthwise convolutions and banded matmuls are several times slower on CPU):
+    every kernel is zero-padded to the widest, which leaves each view's result as its own kernel's."""
+    hgt, wid = x.shape[-2:]
+    radius = torch.ceil(3 * sigma.double()).long()
+    r = int(radius.max())
+    taps = torch.arange(-r, r + 1, dtype=torch.float64, device=x.device)
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma.double()[:, None] ** 2)) * (taps.abs()[None] <= radius[:, None])
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.dtype)[:, :, None, None, None]  # [N, 2r + 1, 1, 1, 1]
+    padded = F.pad(x, (r, r, r, r), mode="reflect")
+    rows = padded[..., 0:wid] * kernel[:, 0]
+    for t in range(1, 2 * r + 1):
+        rows.addcmul_(padded[..., t:t + wid], kernel[:, t])
+    out = rows[..., 0:hgt, :] * kernel[:, 0]
+    for t in range(1, 2 * r + 1):
+        out.addcmul_(rows[..., t:t + hgt, :], kernel[:, t])
+    return out
+
+
+def colour(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``x``: ``[N, 3, H, W]`` float in [0, 1]; ``p``: ``[N, len(COLOUR_FIELDS)]`` → jittered views in [0, 1]."""
+    p = p.to(x.dtype)
+    for step in range(4):
+        x = _jitter_step(x, p, p[:, 4 + step].round().long())
+    x = _subset(x, p[:, 8] > 0, lambda v, i: _stain(v, p[i]))
+    x = _subset(x, p[:, 15] > 0, lambda v, i: _gray(v).expand(-1, 3, -1, -1).contiguous())
+    x = _subset(x, p[:, 16] > 0, lambda v, i: _blur(v, p[i, 16]))
+    x = _subset(x, p[:, 17] > 0, lambda v, i: torch.where(v >= 0.5, 1.0 - v, v))
+    return x.clamp(0.0, 1.0)
+
+
+def render(tiles: list[torch.Tensor], tile_of_view: list[int], geometries: list[CropGeometry],
+           params: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Views of one size: ``tiles`` are ``[3, H, W]`` uint8 (any device), view ``n`` is cut from
+    ``tiles[tile_of_view[n]]`` by ``geometries[n]`` and coloured by ``params[n]``; → ``[N, 3, S, S]``
+    float, normalised by ``mean``/``std`` (``[3]``)."""
+    crops = torch.stack([g.apply_to_image(tiles[t]) for t, g in zip(tile_of_view, geometries)])
+    x = colour(crops.float().div_(255.0), params.to(crops.device))
+    mean, std = mean.to(x.device).view(1, 3, 1, 1), std.to(x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, S, S]`` images of views of one size, whose ``source`` is one of ``tiles`` (``[3, H, W]``
+    uint8; a view without a source is cut from ``tiles[0]``). On CPU one tile's views at a time, which
+    keeps each pass over the pixels in cache (a whole batch's views are tens of MB)."""
+    if not views:
+        return torch.zeros(0, 3, 0, 0)
+    where = {id(s): i for i, s in enumerate(tiles)}
+    tile_of_view = [where[id(v.source)] if v.source is not None else 0 for v in views]
+    params = torch.from_numpy(np.stack([v.colour for v in views]))
+    geometries = [v.geometry for v in views]
+    if tiles[0].device.type != "cpu":
+        return render(tiles, tile_of_view, geometries, params, mean, std)
+    size = views[0].size
+    out = torch.empty(len(views), 3, size, size)
+    for t in range(len(tiles)):
+        idx = [n for n, tv in enumerate(tile_of_view) if tv == t]
+        if idx:
+            images = render([tiles[t]], [0] * len(idx), [geometries[n] for n in idx], params[idx], mean, std)
+            out.index_copy_(0, torch.tensor(idx), images)
+    return out
+
+
+@dataclass
+class PendingViews:
+    """A batch's views whose pixels are still to be made, for decoding on the GPU: the batch's tiles (JPEG
+    bytes; uint8 ``[3, H, W]`` pixels for a tile of another format) and, per view in the batch's order
+    (crop-major), its tile, geometry and colour parameters. Small: it crosses the worker → trainer queue."""
+
+    tiles: list
+    global_tile: list[int]
+    global_geometry: list[CropGeometry]
+    global_colour: torch.Tensor  # [2B, len(COLOUR_FIELDS)]
+    local_tile: list[int]
+    local_geometry: list[CropGeometry]
+    local_colour: torch.Tensor
+    local_size: int
+
+    @classmethod
+    def pack(cls, global_views: list[View], local_views: list[View], local_size: int) -> "PendingViews":
+        where: dict[int, int] = {}
+        tiles = []
+        for v in global_views + local_views:
+            if id(v.source) not in where:
+                where[id(v.source)] = len(tiles)
+                tiles.append(v.source)
+
+        def colour(views):
+            return torch.from_numpy(np.stack([v.colour for v in views])) if views else torch.zeros(0, len(IDENTITY))
+
+        return cls(tiles, [where[id(v.source)] for v in global_views], [v.geometry for v in global_views],
+                   colour(global_views), [where[id(v.source)] for v in local_views], [v.geometry for v in local_views],
+                   colour(local_views), local_size)
+
+    def render(self, tiles: list[torch.Tensor], mean: torch.Tensor,
+               std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global images, local images) from ``tiles``, the decoded :attr:`tiles` (``[3, H, W]`` uint8)."""
+        images = render(tiles, self.global_tile, self.global_geometry, self.global_colour, mean, std)
+        if self.local_tile:
+            return images, render(tiles, self.local_tile, self.local_geometry, self.local_colour, mean, std)
+        return images, torch.zeros(0, 3, self.local_size, self.local_size, device=images.device)

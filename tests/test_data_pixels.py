@@ -1,0 +1,140 @@
+"""The batched pixel stage: torchvision's colour operations with per-view parameters, and GPU-side decoding
+(run here on CPU) giving the views the CPU loader gives, from the same draws."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+import torchvision.transforms.v2.functional as TF
+from skimage.color import hed_from_rgb, rgb_from_hed
+from torchvision.io import decode_jpeg
+
+from histotx.config import load_config
+from histotx.data.augment import MultiCrop
+from histotx.data.collate import SSLCollate
+from histotx.data.config import DataConfig
+from histotx.data.device_decode import BatchDecoder
+from histotx.data.pixels import COLOUR_FIELDS, IDENTITY, colour
+from histotx.format import encode_image_rgb
+from shardkit import random_grid, tile_sample
+
+OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def reference(image: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+    """One view through torchvision's functional ops in float64, in DINOv2's order (the loader's former code)."""
+    for i in p[4:8].astype(int):
+        image = OPS[i](image, float(p[i]))
+    if p[8]:
+        od = -torch.log(image.clamp_min(1e-6)).permute(1, 2, 0)
+        stains = od @ torch.as_tensor(hed_from_rgb) * torch.as_tensor(p[9:12]) + torch.as_tensor(p[12:15])
+        image = torch.exp(-(stains @ torch.as_tensor(rgb_from_hed))).permute(2, 0, 1).clamp(0.0, 1.0)
+    if p[15]:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if p[16]:
+        kernel = 2 * math.ceil(3 * p[16]) + 1
+        image = TF.gaussian_blur(image, [kernel, kernel], [float(p[16])] * 2)
+    if p[17]:
+        image = TF.solarize(image, 0.5)
+    return image.clamp(0.0, 1.0)
+
+
+def random_params(rng: np.random.Generator, n: int) -> np.ndarray:
+    p = np.tile(np.array(IDENTITY), (n, 1))
+    for row in p:
+        if rng.random() < 0.8:
+            row[0:4] = rng.uniform(0.7, 1.3, 3).tolist() + [rng.uniform(-0.1, 0.1)]
+            row[4:8] = rng.permutation(4)
+        if rng.random() < 0.5:
+            row[8], row[9:12], row[12:15] = 1.0, rng.uniform(0.9, 1.1, 3), rng.uniform(-0.1, 0.1, 3)
+        row[15] = rng.random() < 0.2
+        row[16] = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0
+        row[17] = rng.random() < 0.3
+    return p
+
+
+def test_batched_colour_ops_match_torchvision_view_by_view():
+    """Per-view parameters in one batch = torchvision's ops one view at a time (float64 reference; the
+    float32 batch differs by rounding: ~30 ops of gain ≤ 1.3 each on values ≤ 1, far below 1e-4)."""
+    rng = np.random.default_rng(0)
+    views = torch.from_numpy(rng.uniform(0.02, 1.0, (24, 3, 40, 40)))
+    views[:4, :, :8] = views[:4, 0:1, :8]  # grey pixels: hue undefined, must stay grey
+    views[4:8, :, :8] = 1.0  # saturated white (clamps)
+    p = random_params(rng, len(views))
+    assert len(COLOUR_FIELDS) == p.shape[1]
+    got = colour(views.float().clone(), torch.from_numpy(p))
+    for v, row, out in zip(views, p, got):
+        torch.testing.assert_close(out.double(), reference(v.clone(), row), atol=1e-4, rtol=0)
+    # identity parameters leave a view bit for bit
+    same = colour(views.float().clone(), torch.tensor([IDENTITY] * len(views)))
+    assert torch.equal(same, views.float())
+
+
+def he_like_tile(rng: np.random.Generator, px: int = 96) -> np.ndarray:
+    """Pink background with purple blobs: smooth, like an H&E tile (no near-black pixels)."""
+    yy, xx = np.mgrid[:px, :px]
+    rgb = np.zeros((px, px, 3)) + np.array([232.0, 180.0, 215.0])
+    for cx, cy, r in rng.uniform([0, 0, 4], [px, px, 12], (12, 3)):
+        rgb[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = [110.0, 70.0, 160.0]
+    return np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
+
+
+def test_gpu_decode_path_gives_the_cpu_views_from_the_same_draws():
+    """decode_device "cuda", run here on CPU (torchvision.io.decode_jpeg on CPU): same sites, masks and
+    modality draws as the CPU loader, and images equal up to the decoders' difference. Tolerance: the
+    largest pixel difference between the two decoders on these tiles (d, in 1/255), times a bound on how
+    much the colour chain can amplify it (brightness, contrast, saturation ≤ 1.4 each, hue ≤ 2, stain
+    jitter ≤ 1.5 on pixels this bright, normalisation 1/min std), plus float rounding."""
+    overrides = ["augment.global_crop_size=64", "augment.local_crop_size=32", "augment.local_crops_number=3",
+                 "mask.patch_size=16", "collate.resolutions_um=[8]", "augment.color_jitter_p=1",
+                 "augment.hed_jitter_p=0.5"]
+    cpu_cfg = load_config(DataConfig, overrides=overrides)
+    gpu_cfg = load_config(DataConfig, overrides=overrides + ["augment.decode_device=cuda"])
+    rng = np.random.default_rng(3)
+    tiles = []
+    for i in range(6):
+        t = tile_sample(rng, "s", i, tile_px=96, grid=random_grid(rng, 96))
+        tiles.append(dataclasses.replace(t, image=encode_image_rgb(he_like_tile(rng)), image_ext="jpg"))
+    tiles.append(tile_sample(rng, "s", 6, tile_px=96))  # a PNG tile: decoded by the worker either way
+
+    def batch(cfg):
+        crop = MultiCrop(cfg.augment)
+        items = [crop(t, np.random.default_rng([7, i])) for i, t in enumerate(tiles)]
+        return SSLCollate(cfg)(items, np.random.default_rng(11))
+
+    cpu, pending = batch(cpu_cfg), batch(gpu_cfg)
+    assert pending.pending is not None and pending.global_images.numel() == 0
+    assert sum(isinstance(t, bytes) for t in pending.pending.tiles) == 6
+    gpu = BatchDecoder(gpu_cfg.augment, "cpu")(pending)
+    assert gpu.pending is None
+    for name in ("image_mask", "transcript_mask", "modality", "transcript_index"):
+        assert torch.equal(getattr(cpu, name), getattr(gpu, name)), name
+    assert torch.equal(cpu.teacher_transcripts.lengths, gpu.teacher_transcripts.lengths)
+
+    d = max(int(np.abs(simplejpeg.decode_jpeg(t.image).astype(int)
+                       - decode_jpeg(torch.frombuffer(bytearray(t.image), dtype=torch.uint8)).permute(1, 2, 0).numpy()
+                       ).max()) for t in tiles[:6])
+    gain = 1.4 ** 3 * 2.0 * 1.5 / min(cpu_cfg.augment.std)
+    tol = gain * d / 255 + 1e-4
+    for a, b in ((cpu.global_images, gpu.global_images), (cpu.local_images, gpu.local_images)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, atol=tol, rtol=0)
+    # the views are not trivially equal: jitter moved them away from the plain crops
+    assert cpu.global_images.std() > 0.1
+
+
+def test_gpu_decode_survives_a_damaged_scan():
+    """A JPEG whose header is fine but whose scan is cut: the batch still decodes, that tile made grey."""
+    rng = np.random.default_rng(0)
+    good = encode_image_rgb(he_like_tile(rng))
+    cut = good[: len(good) // 2]
+    cfg = load_config(DataConfig, overrides=["augment.decode_device=cuda"]).augment
+    decoder = BatchDecoder(cfg, "cpu")
+    with pytest.warns(RuntimeWarning, match="did not decode"):
+        out = decoder.decode([good, cut])
+    assert out[0].shape == out[1].shape == (3, 96, 96) and decoder.failed == 1
+    assert torch.equal(out[1], torch.full_like(out[1], 128))
