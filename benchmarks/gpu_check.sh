@@ -12,8 +12,9 @@
 #   4. attention TFLOP/s    each backend at ViT-L's heads (16 × 64), batch 32, 2 µm and 16 µm token counts
 #   5. MFU                  ViT-L/16 bf16 ZeRO-2 training steps, target ≥ 45 %     (benchmarks/gpu_train_check.py)
 #   6. loader               GPU and CPU JPEG decode          (benchmarks/train_step.py --loader-only ...)
-# Each step runs with its own time limit; a step that fails or times out is a FAIL row, never the end
-# of the script. The table is printed last and written to OUT/table.md and OUT/table.json, beside
+# pass/fail reads PASS or FAIL against the target, SKIP where nothing was measured (no CUDA, dry run),
+# INFO for a figure with no target. Each step runs with its own time limit; a step that fails or times
+# out is a FAIL row naming why, never the end of the script. The table is printed last and written to OUT/table.md and OUT/table.json, beside
 # each step's log (OUT/STEP.log), exit status (OUT/STEP.rc) and figures (OUT/STEP.json).
 #
 # On the GPU machine, from the repository root:
