@@ -247,7 +247,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             "organ": sample.organ, "species": sample.species,
             "slide": str(spath), "slide_mpp": slide.mpp, "slide_mpp_source": slide.mpp_source,
             "data_mpp_estimate": sites.mpp_estimate if sites is not None else None,
-            "level": geom.level, "tile_mpp": geom.mpp, "tiles": int(sum(s["samples"] for s in shards)),
+            "level": geom.level, "read_reduce": geom.reduce, "tile_mpp": geom.mpp, "tiles": int(sum(s["samples"] for s in shards)),
             "sites_read": n_sites,
             "sites_kept": n_kept, "dropped": dropped, "counts_kept": total_count,
             "footprint_um": sites.footprint_um if sites is not None else None,
@@ -358,10 +358,10 @@ def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int
     elif todo:
         env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
         log.debug("worker threads per process: %s", env_threads)
-        # forkserver: workers start clean (no inherited threads or open files) yet share the parent's
-        # imports through the preloaded server, so each does not pay seconds of imports.
+        # forkserver: workers start clean (no inherited threads or open files) yet share the imports of the
+        # preloaded server (the pixel codecs included), so each does not pay seconds of imports.
         ctx = get_context("forkserver")
-        ctx.set_forkserver_preload(["sharding.pipeline"])
+        ctx.set_forkserver_preload(["sharding.pipeline", "tifffile", "imagecodecs", "simplejpeg", "cv2", "PIL.Image"])
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = {pool.submit(_worker, s, cohort, cfg, str(out_dir)): s for s in todo}
             for fut in as_completed(futures):

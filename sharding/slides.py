@@ -340,7 +340,6 @@ class Slide:
     # ------------------------------------------------------------------ opening
     def _open_tiff(self) -> tuple[float | None, str]:
         import tifffile
-        import zarr
 
         with _tifffile_log() as logged:
             tif = tifffile.TiffFile(self.path)
@@ -362,6 +361,8 @@ class Slide:
             if _TiledLevel.supports(level):
                 self._levels_data.append(_TiledLevel(tif, level.pages[0], i, cache, budget))
             else:
+                import zarr  # only for levels the tile cache cannot read (strips, planar, odd dtypes)
+
                 self._levels_data.append(zarr.open(series.aszarr(level=i), mode="r"))
         mpp, source = _mpp_from_tiff(tif)
         self._init_levels([self._hw(level.shape) for level in series.levels])

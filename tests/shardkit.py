@@ -52,13 +52,15 @@ def write_shard_set(out: Path, n_shards: int = 4, per_shard: int = 6, tile_px: i
     return out
 
 
-def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, levels: int = 3, tile: int = 256) -> Path:
-    """A pyramidal TIFF as scanners write them: JPEG tiles, level 0 then its halvings as SubIFDs."""
+def write_pyramid(path: Path, rgb: np.ndarray, mpp: float, levels: int = 3, tile: int = 256, step: int = 2) -> Path:
+    """A pyramidal TIFF as scanners write them: JPEG tiles, level 0 then its reductions by step, step², ... as
+    SubIFDs (Aperio 40× scans: step 4, so no level at 2×)."""
     import tifffile
 
     with tifffile.TiffWriter(path) as tw:
         kw = dict(tile=(tile, tile), compression="jpeg", photometric="rgb", resolutionunit="CENTIMETER")
         tw.write(rgb, subifds=levels - 1, resolution=(1e4 / mpp, 1e4 / mpp), **kw)
         for i in range(1, levels):
-            tw.write(rgb[:: 2**i, :: 2**i], subfiletype=1, resolution=(1e4 / mpp / 2**i,) * 2, **kw)
+            k = step**i
+            tw.write(rgb[::k, ::k], subfiletype=1, resolution=(1e4 / mpp / k,) * 2, **kw)
     return path
