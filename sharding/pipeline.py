@@ -205,10 +205,15 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         scale0 = plan.size0 / cfg.tile_px  # level-0 px per tile px
         sink = ShardSink(out_dir, sample.id, cfg.shard_max_tiles, cfg.shard_max_bytes)
         total_count = 0.0
+        no_sites = TranscriptGrid.empty()  # every tile of an image-only sample
+        sample_meta = {"sample": sample.id, "patient": sample.patient_id, "technology": sample.technology,
+                       "tile_px": cfg.tile_px, "mpp": geom.mpp, "source_mpp": slide.mpp,
+                       "panel": sites.panel if sites is not None else ""}
         try:
             for idx in runs(plan, cfg.run_tiles):
                 for i, rgb in zip(idx, render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)):
                     origin = plan.origins[i]
+                    grid, n_genes, tile_count = no_sites, 0, 0.0
                     if sites is not None:  # the sites whose centre lies in the tile (and on the slide)
                         xy, sub = sites.in_box(max(origin[0], 0), max(origin[1], 0), min(origin[0] + plan.size0,
                                                slide.width), min(origin[1] + plan.size0, slide.height))
@@ -216,18 +221,14 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                             xy=(xy - origin) / scale0, offsets=sub.indptr,
                             gene=gene_ids[sub.indices], count=sub.data,
                             footprint_um=sites.footprint_um, footprint_shape=sites.footprint_shape)
-                    else:
-                        grid = TranscriptGrid.empty()
-                    total_count += grid.total_count
+                        n_genes, tile_count = int(np.unique(grid.gene).size), grid.total_count
+                    total_count += tile_count
                     meta = {
-                        "sample": sample.id, "patient": sample.patient_id, "technology": sample.technology,
-                        "tile_px": cfg.tile_px, "mpp": geom.mpp, "source_mpp": slide.mpp,
+                        **sample_meta,
                         "origin_level0_px": [float(origin[0]), float(origin[1])],
                         "origin_um": [float(origin[0] * slide.mpp), float(origin[1] * slide.mpp)],
                         "tissue_fraction": round(float(plan.tissue[i]), 4),
-                        "panel": sites.panel if sites is not None else "",
-                        "n_sites": grid.n_sites, "n_genes": int(np.unique(grid.gene).size),
-                        "total_count": grid.total_count,
+                        "n_sites": grid.n_sites, "n_genes": n_genes, "total_count": tile_count,
                     }
                     image = encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
                     sink.add(TileSample(f"{sample.id}__{plan.names[i]}", image, cfg.image_format, grid, meta))
@@ -361,7 +362,8 @@ def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int
         # forkserver: workers start clean (no inherited threads or open files) yet share the imports of the
         # preloaded server (the pixel codecs included), so each does not pay seconds of imports.
         ctx = get_context("forkserver")
-        ctx.set_forkserver_preload(["sharding.pipeline", "tifffile", "imagecodecs", "simplejpeg", "cv2", "PIL.Image"])
+        ctx.set_forkserver_preload(["sharding.pipeline", "tifffile", "imagecodecs", "simplejpeg", "cv2", "PIL.Image",
+                                   "numcodecs"])
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = {pool.submit(_worker, s, cohort, cfg, str(out_dir)): s for s in todo}
             for fut in as_completed(futures):

@@ -95,3 +95,22 @@ def test_worker_killed_then_rerun(cohort, reference, tmp_path):
     proc = shard_cli(cohort, out, workers=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_as_reference(out, reference)
+
+
+@pytest.mark.parametrize("name,size", [("s01__r00012_c00040.json", 12345), ("a.jpg", 0), ("x" * 100, 7),
+                                       ("é__k.tx", 8**11 - 1), ("y" * 101, 3)])
+def test_ustar_headers_are_tarfiles(name, size):
+    """Shards are written without tarfile.addfile for speed; each header must be the one tarfile makes."""
+    import tarfile
+
+    from sharding.writer import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o444, 0
+    if len(name) > 100:  # no '/' to split at: too long for ustar, an error either way
+        with pytest.raises(ValueError, match="too long"):
+            info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        with pytest.raises(ValueError, match="too long"):
+            ustar_header(name, size)
+    else:
+        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
