@@ -62,7 +62,7 @@ def _affine(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torc
     """Per-view colour map ``matrix @ rgb + offset`` (``[N, 3, 3]``, ``[N, 3]``): three broadcast
     multiply-adds (a batched matmul with an inner size of 3 is several times slower on CPU)."""
     m = matrix[..., None, None]  # [N, 3, 3, 1, 1]
-    out = torch.addcmul(offset[:, :, None, None], m[:, :, 0], x[:, 0:1])
+    out = (x[:, 0:1] * m[:, :, 0]).add_(offset[:, :, None, None])  # (an addcmul onto a broadcast base is slow)
     return out.addcmul_(m[:, :, 1], x[:, 1:2]).addcmul_(m[:, :, 2], x[:, 2:3])
 
 
@@ -79,30 +79,27 @@ def _jitter_step(x: torch.Tensor, p: torch.Tensor, op: torch.Tensor) -> torch.Te
         gray = _gray(x)
         scale = (b * c * s)[:, None, None, None]
         offset = torch.where(c != 1, (1 - c) * gray.mean(dim=(1, 2, 3)), zero)[:, None, None, None]
-        x = torch.addcmul(offset, x, scale).addcmul_(gray, (1 - s)[:, None, None, None]).clamp_(0.0, 1.0)
+        x = x.mul_(scale).add_(offset).addcmul_(gray, (1 - s)[:, None, None, None]).clamp_(0.0, 1.0)
     return _subset(x, (op == HUE) & (p[:, 3] != 0), lambda v, i: _hue(v, p[i, 3]))
 
 
 def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_hue (HSV hue rotated by ``shift`` turns) with a shift per view, without
-    building the HSV image: each channel is V − C·clamp(min(k, 4 − k), 0, 1), k = (n + 6h) mod 6."""
+    building the HSV image or comparing (both slow on CPU): each channel is V − C·f(k), k = n + 6h,
+    n = 5, 3, 1 for R, G, B, f the hexcone's ramp (periodic in k, written out over two periods)."""
     r, g, b = x.unbind(1)
     maxc = torch.maximum(torch.maximum(r, g), b)
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-    # hue in sextants, as torchvision picks the sector: max at R, else at G, else at B; grey: 0
-    top_r = (maxc == r).to(x.dtype)
-    top_g = (maxc == g).to(x.dtype).mul_(1.0 - top_r)
-    top_b = 1.0 - top_r - top_g
+    # hue in sextants, from the sector torchvision picks: max at R, else at G, else at B (grey: 0)
+    top_r = (maxc - r).sign_().neg_().add_(1.0)  # 1 where max == r (maxc − r ≥ 0)
+    top_g = (maxc - g).sign_().neg_().add_(1.0).mul_(1.0 - top_r)
     h = (g - b).mul_(top_r).add_((b - r).add_(chroma, alpha=2.0).mul_(top_g)).add_(
-        (r - g).add_(chroma, alpha=4.0).mul_(top_b))
-    h = h.div_(chroma.clamp_min(1e-30)).add_((6.0 * shift + 6.0)[:, None, None])  # > 0
-    h = h.sub_(torch.floor(h / 6.0).mul_(6.0))  # (h + 6·shift) mod 6
-    out = torch.empty_like(x)
-    for channel, n in enumerate((5.0, 3.0, 1.0)):
-        k = h + n
-        k = k.sub_((k >= 6.0).to(k.dtype).mul_(6.0))
-        out[:, channel] = maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return out
+        (r - g).add_(chroma, alpha=4.0).mul_((1.0 - top_r).sub_(top_g)))
+    h = h.div_(chroma.clamp_min(1e-30)).add_((6.0 * shift + 6.0)[:, None, None])
+    h = h.sub_(torch.floor(h / 6.0).mul_(6.0))  # (hue + 6·shift) mod 6, in [0, 6)
+    k = h[:, None] + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[None, :, None, None]
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).add_(torch.minimum(k - 6.0, 10.0 - k).clamp_(0.0, 1.0))
+    return maxc[:, None] - chroma[:, None] * ramp
 
 
 def _stain(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -136,7 +133,8 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def colour(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``x``: ``[N, 3, H, W]`` float in [0, 1]; ``p``: ``[N, len(COLOUR_FIELDS)]`` → jittered views in [0, 1]."""
+    """``x``: ``[N, 3, H, W]`` float in [0, 1], overwritten; ``p``: ``[N, len(COLOUR_FIELDS)]`` → jittered
+    views in [0, 1]."""
     p = p.to(x.dtype)
     for step in range(4):
         x = _jitter_step(x, p, p[:, 4 + step].round().long())
