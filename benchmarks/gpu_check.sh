@@ -44,7 +44,7 @@
 # carry=[".gpu_check"], timeout_s=600). .gpu_check/shards, when present, is the training check's shard set.
 #
 # Environment: GPU_CHECK_SHARDS=DIR (a shard set for the training check; default .gpu_check/shards if
-# there, else gpu_train_check.py makes the synthetic cohort's), GPU_CHECK_LOADER_SAMPLES (default 512,
+# there, else gpu_train_check.py makes the synthetic cohort's), GPU_CHECK_LOADER_SAMPLES (default 960,
 # dry run 16), GPU_CHECK_BUDGET_S (480: each step's limit is cut so that the run ends within it),
 # GPU_CHECK_TIMEOUT_<STEP> (seconds; STEP one of INSTALL ENV XFORMERS EQUIVALENCE ATTENTION TRAIN
 # LOADER_CUDA LOADER_CPU).
@@ -219,7 +219,7 @@ if [ "$DRY" = 1 ]; then
     --config configs/train/tiny_cpu.yaml --steps 1 --warmup 0 --held 1 --batch 2 --workers 0 \
     ${GPU_CHECK_SHARDS:+--shards "$GPU_CHECK_SHARDS"} --json "$OUT/train.json" "data.collate.resolutions_um=[16.0]"
   run_step loader_cpu "$(limit LOADER_CPU 180)" "$PY" benchmarks/train_step.py --loader-only --decode-device cpu \
-    --loader-samples "${GPU_CHECK_LOADER_SAMPLES:-16}"
+    --loader-samples "${GPU_CHECK_LOADER_SAMPLES:-16}" --loader-batch 8 --rounds 1
 else
   run_step equivalence "$(limit EQUIVALENCE 90)" "$PY" benchmarks/attention.py --equivalence --device cuda \
     --heads 16 --head-dim 64 --lengths 197 3333 1 600 --json "$OUT/equivalence.json"
@@ -228,10 +228,11 @@ else
     --json "$OUT/attention.json"
   run_step train "$(limit TRAIN 150)" "$PY" benchmarks/gpu_train_check.py --steps 20 --warmup 5 --batch 32 \
     ${GPU_CHECK_SHARDS:+--shards "$GPU_CHECK_SHARDS"} --json "$OUT/train.json"
-  run_step loader_cuda "$(limit LOADER_CUDA 45)" "$PY" benchmarks/train_step.py --loader-only --decode-device cuda \
-    --loader-samples "${GPU_CHECK_LOADER_SAMPLES:-512}"
-  run_step loader_cpu "$(limit LOADER_CPU 45)" "$PY" benchmarks/train_step.py --loader-only --decode-device cpu \
-    --loader-samples "${GPU_CHECK_LOADER_SAMPLES:-512}"
+  # one round of 30 batches: the ≤ 2 batches the worker prefetches past the end weigh ≤ 7 %
+  run_step loader_cuda "$(limit LOADER_CUDA 90)" "$PY" benchmarks/train_step.py --loader-only --decode-device cuda \
+    --loader-samples "${GPU_CHECK_LOADER_SAMPLES:-960}" --loader-batch 32 --rounds 1
+  run_step loader_cpu "$(limit LOADER_CPU 100)" "$PY" benchmarks/train_step.py --loader-only --decode-device cpu \
+    --loader-samples "${GPU_CHECK_LOADER_SAMPLES:-960}" --loader-batch 32 --rounds 1
 fi
 
 # ------------------------------------------------------------------------------------------- table
