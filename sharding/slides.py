@@ -444,16 +444,18 @@ class Slide:
         return out
 
     def thumbnail(self, target_mpp: float) -> tuple[np.ndarray, float]:
-        """Whole slide at about ``target_mpp`` (from the coarsest adequate level); returns (rgb, level-0 px per px)."""
-        from PIL import Image
-
+        """Whole slide at about ``target_mpp`` (from the coarsest adequate level, reduced by 2/4/8 while decoding,
+        then area-averaged); returns (rgb, level-0 px per px)."""
         level = self.best_level(target_mpp)
         lv = self.levels[level]
-        rgb = self.read_region(level, 0, 0, lv.width, lv.height)
         scale = target_mpp / self.level_mpp(level)
-        if scale > 1.01:
+        k = 1
+        while k < 8 and 2 * k <= scale * 1.01:
+            k *= 2
+        rgb = self.read_region(level, 0, 0, max(1, lv.width // k), max(1, lv.height // k), reduce=k)
+        if scale / k > 1.01:
             size = (max(1, round(lv.width / scale)), max(1, round(lv.height / scale)))
-            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+            rgb = _cv2().resize(rgb, size, interpolation=_cv2().INTER_AREA)
         return rgb, self.width / rgb.shape[1]
 
     def close(self) -> None:
@@ -480,7 +482,7 @@ RESAMPLE_FILTERS = ("area", "bilinear", "bicubic", "lanczos")
 
 def resize_pixels(region: np.ndarray, out_w: int, out_h: int, resample: str = "area") -> np.ndarray:
     """``region`` resized to out_w × out_h, its whole extent onto the whole output (pixel centres map as
-    (u + ½)·s − ½, so a strip of n tiles resizes as the n tiles would, bar the strip's outermost pixels).
+    (u + ½)·s − ½; the filters see no pixels outside ``region``: its edge is repeated).
 
     ``area`` (OpenCV): an exact area average when shrinking (anti-aliased, fast), bilinear when enlarging.
     ``bilinear``/``bicubic``/``lanczos`` (Pillow): those filters widened by the shrink factor, so also

@@ -129,9 +129,9 @@ def runs(plan: TilePlan, max_tiles: int) -> Iterator[np.ndarray]:
 
 def render_run(slide: Slide, geom: TileGeometry, plan: TilePlan, idx: np.ndarray, tile_px: int,
                resample: str = "area") -> list[np.ndarray]:
-    """Pixels of the tiles ``idx`` (one run of a row, or one spot tile), each (tile_px, tile_px, 3) uint8."""
+    """Pixels of the tiles ``idx`` (one run of a row, or one spot tile), each (tile_px, tile_px, 3) uint8: the
+    run is read as one strip, each tile resized from its own square of it (so no tile depends on its run)."""
     x, y = geom.read_px(slide, *plan.origins[idx[0]])
     n, side = len(idx), geom.size_px
-    strip = resize_pixels(slide.read_region(geom.level, x, y, n * side, side, geom.reduce), n * tile_px, tile_px,
-                          resample)
-    return [strip[:, i * tile_px : (i + 1) * tile_px] for i in range(n)]
+    strip = slide.read_region(geom.level, x, y, n * side, side, geom.reduce)
+    return [resize_pixels(strip[:, i * side : (i + 1) * side], tile_px, tile_px, resample) for i in range(n)]

@@ -15,16 +15,23 @@ MAX_BRIGHTNESS = 0.94
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Boolean (h, w) mask of tissue in an RGB uint8 thumbnail."""
-    x = rgb.astype(np.float32) / 255.0
-    hi, lo = x.max(axis=-1), x.min(axis=-1)
-    sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)
+    """Boolean (h, w) mask of tissue in an RGB uint8 thumbnail.
+
+    Channel extremes and sums in integers, the closing by OpenCV (same border rule as scipy's: outside is
+    background, so tissue touching the edge erodes there): a 2 Mpx thumbnail costs ~0.1 s, not ~0.45 s."""
+    import cv2
+
+    r, g, b = (rgb[..., i] for i in range(3))
+    hi, lo = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1).astype(np.float32), np.float32(0))
     thr = MIN_SATURATION
     if np.ptp(sat) > 1e-3:
         thr = max(thr, float(threshold_otsu(sat)))
-    mask = (sat > thr) & (x.mean(axis=-1) < MAX_BRIGHTNESS)
-    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2)
-    return ndimage.binary_fill_holes(mask)
+    bright = r.astype(np.uint16) + g + b >= MAX_BRIGHTNESS * 3 * 255
+    mask = ((sat > thr) & ~bright).astype(np.uint8)
+    kernel, edge = np.ones((3, 3), np.uint8), dict(borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    mask = cv2.erode(cv2.dilate(mask, kernel, iterations=2, **edge), kernel, iterations=2, **edge)
+    return ndimage.binary_fill_holes(mask.astype(bool))
 
 
 class TissueMap:
