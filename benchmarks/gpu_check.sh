@@ -14,8 +14,9 @@
 #   6. loader               GPU and CPU JPEG decode          (benchmarks/train_step.py --loader-only ...)
 # pass/fail reads PASS or FAIL against the target, SKIP where nothing was measured (no CUDA, dry run),
 # INFO for a figure with no target. Each step runs with its own time limit; a step that fails or times
-# out is a FAIL row naming why, never the end of the script. The table is printed last and written to OUT/table.md and OUT/table.json, beside
-# each step's log (OUT/STEP.log), exit status (OUT/STEP.rc) and figures (OUT/STEP.json).
+# out is a FAIL row naming why, never the end of the script. The table is printed last and written to
+# OUT/table.md and OUT/table.json, beside each step's log (OUT/STEP.log), exit status (OUT/STEP.rc) and
+# figures (OUT/STEP.json).
 #
 # On the GPU machine, from the repository root:
 #     bash benchmarks/gpu_check.sh                      # OUT: $GPU_CHECK_OUT, else --out DIR, else out/gpu_check
@@ -125,15 +126,8 @@ g.make_shards(Path(sys.argv[1]))" "$PREP/tmp" && mv "$PREP/tmp/shards" "$PREP/sh
 fi
 
 if [ -z "${GPU_CHECK_SHARDS:-}" ] && [ -f "$PREP/shards/manifest.json" ]; then GPU_CHECK_SHARDS=$REPO/$PREP/shards; fi
-HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-if [ "$DRY" != 1 ] && [ "$HAS_CUDA" != 1 ]; then
-  echo "no CUDA device for $PY: running the CPU dry run instead (--dry-run)"
-  DRY=1
-fi
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-if [ "$DRY" = 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 rm -f "$OUT"/*.rc "$OUT"/*.log "$OUT"/*.json "$OUT"/table.md
-echo "gpu_check: python $PY, out $OUT, $([ "$DRY" = 1 ] && echo 'DRY RUN (CPU, tiny sizes)' || echo "GPU, budget ${BUDGET}s")"
 
 limit() {  # limit STEP DEFAULT: the step's time limit in seconds (GPU_CHECK_TIMEOUT_STEP overrides)
   local var="GPU_CHECK_TIMEOUT_$1"
@@ -207,6 +201,13 @@ EOF
 fi
 
 # ------------------------------------------------------------------------------------------- checks
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if [ "$DRY" != 1 ] && [ "$HAS_CUDA" != 1 ]; then
+  echo "no CUDA device for $PY: running the CPU dry run instead (--dry-run)"
+  DRY=1
+fi
+if [ "$DRY" = 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
+echo "gpu_check: python $PY, out $OUT, $([ "$DRY" = 1 ] && echo 'DRY RUN (CPU, tiny sizes)' || echo "GPU, budget ${BUDGET}s")"
 run_step env "$(limit ENV 60)" "$PY" benchmarks/gpu_check.py env --json "$OUT/env.json"
 run_step xformers "$(limit XFORMERS 60)" "$PY" benchmarks/gpu_check.py xformers --json "$OUT/xformers.json"
 
