@@ -27,6 +27,7 @@ MODULES = ("torch", "torchvision", "yaml", "numpy", "deepspeed", "webdataset", "
 BACKENDS = ("xformers", "flex", "sdpa")
 LENGTHS = [197, 3333, 1, 600]  # a packed ViT-L batch: 224 px image tokens alone, with 2 µm bins, CLS only, Xenium
 MFU_TARGET = 0.45
+DATASHEET_TFLOPS = 989.0  # H100/H200 SXM dense bf16; gpu_train_check.py's MFU is against 790, measured here
 CORES_TARGET = 4.0
 SKIP_NO_CUDA = "skipped (no CUDA)"
 
@@ -272,7 +273,8 @@ def train_rows(out: Path, dry: bool) -> list[dict]:
     if not info:
         return [_row("ViT-L/16 bf16 ZeRO-2 MFU", _failure(step), target=target, verdict="FAIL"),
                 _row("ViT-L/16 end to end (loader)", _failure(step), verdict="FAIL")]
-    mfu = (f"MFU {info['mfu']:.1%} ({info['tflops']:.1f} of {info['peak_tflops']:.0f} TFLOP/s), "
+    mfu = (f"MFU {info['mfu']:.1%} ({info['tflops']:.1f} of {info['peak_tflops']:.0f} TFLOP/s; "
+           f"{info['tflops'] / DATASHEET_TFLOPS:.1%} of the datasheet's {DATASHEET_TFLOPS:.0f}), "
            f"{info['ms_per_step']:.0f} ms/step, {info['samples_per_s']:.1f} samples/s, batch {info['batch']}, "
            f"{info['steps']} steps, peak {info['peak_memory_gib']:.1f} GiB")
     e2e = (f"{info['end_to_end_samples_per_s']:.1f} samples/s from {info['loader_workers']} loader workers "
@@ -324,6 +326,9 @@ def loader_rows(out: Path, dry: bool) -> list[dict]:
         figure = "; ".join(parts) or "no figures in the log: " + " / ".join(step["log"].strip().splitlines()[-2:])[:200]
         if dry:
             rows.append(_row(check, "ran on CPU (dry run)", figure, target, "SKIP"))
+        elif device == "cuda" and not f.get("stage_device", "").startswith("cuda"):
+            rows.append(_row(check, f"the decode stage ran on {f.get('stage_device', '?')}, not the GPU", figure,
+                             target, "FAIL"))
         elif "cores" in f:
             rows.append(_row(check, "ran", figure, target, "PASS" if f["cores"] <= CORES_TARGET else "FAIL"))
         else:
