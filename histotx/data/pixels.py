@@ -5,8 +5,8 @@ transcript sites; this module only computes pixels, from those parameters, for m
 any device. The CPU loader calls it per sample in its workers, :mod:`histotx.data.device_decode` per
 batch on the GPU: the same code, so the two paths differ only by their JPEG decoders.
 
-A view's colour parameters are one row of :data:`COLOUR_FIELDS` (a float tensor, so a batch of them moves
-to the GPU in one copy). The operations are torchvision's (DINOv2's recipe: colour jitter in a random
+A view's colour parameters are one row of :data:`COLOUR_FIELDS`; they stay on the CPU, where the
+decisions (which views an operation touches) are made without device synchronisation. The operations are torchvision's (DINOv2's recipe: colour jitter in a random
 order, then stain jitter, grayscale, blur, solarize), written for a stack of views with per-view
 parameters: brightness, contrast and saturation as one pass per jitter step, hue as torchvision's HSV
 rotation, stain jitter as one 3×3 map in optical density, blur separable.
@@ -32,58 +32,81 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op codes in order0..order3 (
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
-def _hed_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+def _hed_matrices() -> tuple[np.ndarray, np.ndarray]:
     from skimage.color import hed_from_rgb, rgb_from_hed
 
-    return torch.as_tensor(hed_from_rgb, dtype=torch.float64), torch.as_tensor(rgb_from_hed, dtype=torch.float64)
+    return np.asarray(hed_from_rgb, np.float64), np.asarray(rgb_from_hed, np.float64)
 
 
 _HED = _hed_matrices()
 
 
-def _subset(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
-    """``fn`` applied to the views where ``mask`` holds, in place in ``x`` (a tensor this module owns);
-    the other views are untouched, bit for bit."""
-    idx = mask.nonzero().squeeze(1)
-    if idx.numel() == 0:
+def _per_view(values: np.ndarray, like: torch.Tensor, trailing: int = 3) -> torch.Tensor:
+    """Per-view numbers as a tensor shaped to broadcast over ``like``'s views (dtype and device of ``like``)."""
+    return torch.as_tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).view(
+        *np.shape(values), *([1] * trailing))
+
+
+def _subset(x: torch.Tensor, mask: np.ndarray, fn) -> torch.Tensor:
+    """``fn(views, their indices)`` on the views where ``mask`` holds, in place in ``x`` (a tensor this
+    module owns); the other views are untouched, bit for bit. Decisions are made on the CPU (the
+    parameters live there): no device synchronisation."""
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
         return x
-    if idx.numel() == x.shape[0]:
+    if idx.size == x.shape[0]:
         return fn(x, idx)
-    return x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
+    where = torch.as_tensor(idx).to(x.device, non_blocking=True)
+    return _put(x, idx, where, fn(x.index_select(0, where), idx))
+
+
+def _put(out: torch.Tensor, idx: np.ndarray, where: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    """``out[idx] = values``: view by view on CPU (a memcpy each; index_copy_ is several times slower
+    there), one index_copy_ kernel on a GPU."""
+    if out.device.type != "cpu":
+        return out.index_copy_(0, where, values)
+    for j, i in enumerate(idx.tolist()):
+        out[i].copy_(values[j])
+    return out
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """``[N, 3, H, W]`` → ``[N, 1, H, W]`` luma, as torchvision computes it."""
     r, g, b = x.unbind(1)
-    return (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2]).unsqueeze(1)
+    return (r * _GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)
 
 
-def _affine(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def _affine(x: torch.Tensor, matrix: np.ndarray, offset: np.ndarray) -> torch.Tensor:
     """Per-view colour map ``matrix @ rgb + offset`` (``[N, 3, 3]``, ``[N, 3]``): three broadcast
     multiply-adds (a batched matmul with an inner size of 3 is several times slower on CPU)."""
-    m = matrix[..., None, None]  # [N, 3, 3, 1, 1]
-    out = (x[:, 0:1] * m[:, :, 0]).add_(offset[:, :, None, None])  # (an addcmul onto a broadcast base is slow)
+    m = _per_view(matrix, x, 2)  # [N, 3, 3, 1, 1]
+    out = (x[:, 0:1] * m[:, :, 0]).add_(_per_view(offset, x, 2))  # (an addcmul onto a broadcast base is slow)
     return out.addcmul_(m[:, :, 1], x[:, 1:2]).addcmul_(m[:, :, 2], x[:, 2:3])
 
 
-def _jitter_step(x: torch.Tensor, p: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+def _jitter_step(x: torch.Tensor, p: np.ndarray, op: np.ndarray) -> torch.Tensor:
     """One of the four jitter steps: each view applies its own op (``op[n]``) with its own factor, as
     torchvision's adjust_brightness (b·x), adjust_contrast (c·x + (1 − c)·mean gray), adjust_saturation
     (s·x + (1 − s)·gray) and adjust_hue, each clamped to [0, 1]. The first three are one pass for all
     views, x·a + gray·g + o, whose identity (a = 1, g = o = 0) leaves a view bit for bit as it was."""
-    one, zero = torch.ones_like(p[:, 0]), torch.zeros_like(p[:, 0])
-    b = torch.where(op == BRIGHTNESS, p[:, 0], one)
-    c = torch.where(op == CONTRAST, p[:, 1], one)
-    s = torch.where(op == SATURATION, p[:, 2], one)
-    if bool(((b != 1) | (c != 1) | (s != 1)).any()):
-        gray = _gray(x)
-        scale = (b * c * s)[:, None, None, None]
-        offset = torch.where(c != 1, (1 - c) * gray.mean(dim=(1, 2, 3)), zero)[:, None, None, None]
-        x = x.mul_(scale).add_(offset).addcmul_(gray, (1 - s)[:, None, None, None]).clamp_(0.0, 1.0)
+    b = np.where(op == BRIGHTNESS, p[:, 0], 1.0)
+    c = np.where(op == CONTRAST, p[:, 1], 1.0)
+    s = np.where(op == SATURATION, p[:, 2], 1.0)
+    if (b != 1).any() or (c != 1).any() or (s != 1).any():
+        gray = _gray(x) if (s != 1).any() else None
+        if (c != 1).any():  # mean gray = gray weights · channel means
+            gray_mean = x.mean(dim=(2, 3)) @ torch.tensor(_GRAY, dtype=x.dtype, device=x.device)
+            offset = (gray_mean * _per_view(1 - c, x, 0))[:, None, None, None]
+        x = x.mul_(_per_view(b * c * s, x))
+        if (c != 1).any():
+            x = x.add_(offset)
+        if gray is not None:
+            x = x.addcmul_(gray, _per_view(1 - s, x))
+        x = x.clamp_(0.0, 1.0)
     return _subset(x, (op == HUE) & (p[:, 3] != 0), lambda v, i: _hue(v, p[i, 3]))
 
 
-def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _hue(x: torch.Tensor, shift: np.ndarray) -> torch.Tensor:
     """torchvision's adjust_hue (HSV hue rotated by ``shift`` turns) with a shift per view, without
     building the HSV image or comparing (both slow on CPU): each channel is V − C·f(k), k = n + 6h,
     n = 5, 3, 1 for R, G, B, f the hexcone's ramp (periodic in k, written out over two periods)."""
@@ -95,54 +118,54 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     top_g = (maxc - g).sign_().neg_().add_(1.0).mul_(1.0 - top_r)
     h = (g - b).mul_(top_r).add_((b - r).add_(chroma, alpha=2.0).mul_(top_g)).add_(
         (r - g).add_(chroma, alpha=4.0).mul_((1.0 - top_r).sub_(top_g)))
-    h = h.div_(chroma.clamp_min(1e-30)).add_((6.0 * shift + 6.0)[:, None, None])
+    h = h.div_(chroma.clamp_min(1e-30)).add_(_per_view(6.0 * shift + 6.0, x, 2))
     h = h.sub_(torch.floor(h / 6.0).mul_(6.0))  # (hue + 6·shift) mod 6, in [0, 6)
-    k = h[:, None] + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[None, :, None, None]
+    k = h[:, None] + _per_view(np.array([5.0, 3.0, 1.0]), x, 2)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).add_(torch.minimum(k - 6.0, 10.0 - k).clamp_(0.0, 1.0))
     return maxc[:, None] - chroma[:, None] * ramp
 
 
-def _stain(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Tellez et al. stain jitter: optical density → H, E, DAB → scale α, shift β → back, one 3×3 map."""
-    hed_from_rgb, rgb_from_hed = (m.to(x.device) for m in _HED)
-    alpha, beta = p[:, 9:12].double(), p[:, 12:15].double()
-    matrix = (rgb_from_hed.T @ torch.diag_embed(alpha) @ hed_from_rgb.T).to(x.dtype)  # column form of od @ H·α·R
-    offset = (beta @ rgb_from_hed).to(x.dtype)
-    od = x.clamp_min(1e-6).log_().neg_()
-    return _affine(od, matrix, offset).neg_().exp_().clamp_(0.0, 1.0)
+def _stain(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+    """Tellez et al. stain jitter: optical density → H, E, DAB → scale α, shift β → back, as one 3×3 map
+    of log intensities: exp(−((−log x) @ H·diag(α)·R + β·R)) = exp(log x @ H·diag(α)·R − β·R)."""
+    hed_from_rgb, rgb_from_hed = _HED
+    alpha, beta = p[:, 9:12], p[:, 12:15]
+    matrix = np.einsum("ji,nj,kj->nik", rgb_from_hed, alpha, hed_from_rgb)  # column form of H·diag(α)·R
+    log_x = x.clamp_min(1e-6).log_()
+    return _affine(log_x, matrix, -(beta @ rgb_from_hed)).exp_().clamp_(0.0, 1.0)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _blur(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
     """torchvision's gaussian_blur (kernel 2·⌈3σ⌉ + 1, reflect padding) with a σ per view, separable, as
     shifted multiply-adds (depthwise convolutions and banded matmuls are several times slower on CPU):
     every kernel is zero-padded to the widest, which leaves each view's result as its own kernel's."""
     hgt, wid = x.shape[-2:]
-    radius = torch.ceil(3 * sigma.double()).long()
+    radius = np.ceil(3 * sigma).astype(int)
     r = int(radius.max())
-    taps = torch.arange(-r, r + 1, dtype=torch.float64, device=x.device)
-    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma.double()[:, None] ** 2)) * (taps.abs()[None] <= radius[:, None])
-    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.dtype)[:, :, None, None, None]  # [N, 2r + 1, 1, 1, 1]
+    taps = np.arange(-r, r + 1, dtype=np.float64)
+    kernel = np.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2)) * (np.abs(taps)[None] <= radius[:, None])
+    kernel = _per_view((kernel / kernel.sum(1, keepdims=True)).T, x)  # [2r + 1, N, 1, 1, 1]
     padded = F.pad(x, (r, r, r, r), mode="reflect")
-    rows = padded[..., 0:wid] * kernel[:, 0]
+    rows = padded[..., 0:wid] * kernel[0]
     for t in range(1, 2 * r + 1):
-        rows.addcmul_(padded[..., t:t + wid], kernel[:, t])
-    out = rows[..., 0:hgt, :] * kernel[:, 0]
+        rows.addcmul_(padded[..., t:t + wid], kernel[t])
+    out = rows[..., 0:hgt, :] * kernel[0]
     for t in range(1, 2 * r + 1):
-        out.addcmul_(rows[..., t:t + hgt, :], kernel[:, t])
+        out.addcmul_(rows[..., t:t + hgt, :], kernel[t])
     return out
 
 
-def colour(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``x``: ``[N, 3, H, W]`` float in [0, 1], overwritten; ``p``: ``[N, len(COLOUR_FIELDS)]`` → jittered
-    views in [0, 1]."""
-    p = p.to(x.dtype)
+def colour(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+    """``x``: ``[N, 3, H, W]`` float in [0, 1], overwritten; ``p``: ``[N, len(COLOUR_FIELDS)]`` (numpy or
+    a CPU tensor) → jittered views in [0, 1]."""
+    p = np.asarray(p, dtype=np.float64)
     for step in range(4):
-        x = _jitter_step(x, p, p[:, 4 + step].round().long())
+        x = _jitter_step(x, p, np.rint(p[:, 4 + step]).astype(int))
     x = _subset(x, p[:, 8] > 0, lambda v, i: _stain(v, p[i]))
     x = _subset(x, p[:, 15] > 0, lambda v, i: _gray(v).expand(-1, 3, -1, -1).contiguous())
     x = _subset(x, p[:, 16] > 0, lambda v, i: _blur(v, p[i, 16]))
     x = _subset(x, p[:, 17] > 0, lambda v, i: torch.where(v >= 0.5, 1.0 - v, v))
-    return x.clamp(0.0, 1.0)
+    return x.clamp_(0.0, 1.0)
 
 
 def render(tiles: list[torch.Tensor], tile_of_view: list[int], geometries: list[CropGeometry],
@@ -151,7 +174,7 @@ def render(tiles: list[torch.Tensor], tile_of_view: list[int], geometries: list[
     ``tiles[tile_of_view[n]]`` by ``geometries[n]`` and coloured by ``params[n]``; → ``[N, 3, S, S]``
     float, normalised by ``mean``/``std`` (``[3]``)."""
     crops = torch.stack([g.apply_to_image(tiles[t]) for t, g in zip(tile_of_view, geometries)])
-    x = colour(crops.float().div_(255.0), params.to(crops.device))
+    x = colour(torch.div(crops, 255.0), params)
     mean, std = mean.to(x.device).view(1, 3, 1, 1), std.to(x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
 
@@ -174,7 +197,7 @@ def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tenso
         idx = [n for n, tv in enumerate(tile_of_view) if tv == t]
         if idx:
             images = render([tiles[t]], [0] * len(idx), [geometries[n] for n in idx], params[idx], mean, std)
-            out.index_copy_(0, torch.tensor(idx), images)
+            _put(out, np.array(idx), None, images)
     return out
 
 
