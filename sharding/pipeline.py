@@ -16,25 +16,27 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from histotx.config import ConfigError, dump_config
 from histotx.format import VOCAB_NAME, TileSample, TranscriptGrid, encode_image_rgb, write_manifest
 from histotx.vocab import Vocab
-from sharding.bands import BandedSites
 from sharding.cohort import Cohort, CohortSample, load_cohort, patient_warning
 from sharding.config import ShardConfig
 from sharding.errors import InputError, OutputError
 from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
-from sharding.sites import Sites
 from sharding.slides import Slide
 from sharding.tiles import plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
 from sharding.tissue import TissueMap, tissue_mask
 from sharding.writer import (
     OutputLock, ShardSink, assemble_manifest, clear_sample, load_done, out_of_space, part_manifest_name, write_done,
 )
+
+if TYPE_CHECKING:
+    from sharding.bands import BandedSites
+    from sharding.sites import Sites
 
 log = logging.getLogger(__name__)
 

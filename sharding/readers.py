@@ -5,18 +5,24 @@ the sites on the slide's level-0 pixels. Every bad input raises ``InputError`` n
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from sharding.bands import BandedSites
 from sharding.cohort import Cohort, CohortSample
 from sharding.errors import InputError
-from sharding.hest import hest_genes, hest_mpp_hint, hest_root_and_id, hest_slide, read_hest
-from sharding.sites import Sites
-from sharding.visium import read_visium, visium_genes, visium_mpp_hint
-from sharding.visium_hd import read_visium_hd, visium_hd_genes, visium_hd_mpp_hint
-from sharding.xenium import read_xenium, xenium_genes, xenium_mpp_hint
+
+if TYPE_CHECKING:
+    from sharding.bands import BandedSites
+    from sharding.sites import Sites
+
+
+def _call(function: str, *args: Any) -> Any:
+    """``sharding.<module>.<name>(*args)``, imported on first use: the readers pull in pandas, h5py, pyarrow
+    and scipy (~2 s), which image-only samples and every sharding worker's start-up need not pay."""
+    module, name = function.rsplit(".", 1)
+    return getattr(importlib.import_module(f"sharding.{module}"), name)(*args)
 
 
 @dataclass
@@ -44,24 +50,25 @@ class _Technology:
 
 _TECHNOLOGIES = {
     "visium": _Technology(
-        sites=lambda s, d, c, o: read_visium(d, s.image_scale, o.in_tissue_only),
-        mpp_hint=lambda s, d, c: visium_mpp_hint(d, s.image_scale),
-        genes=lambda s, d: visium_genes(d),
+        sites=lambda s, d, c, o: _call("visium.read_visium", d, s.image_scale, o.in_tissue_only),
+        mpp_hint=lambda s, d, c: _call("visium.visium_mpp_hint", d, s.image_scale),
+        genes=lambda s, d: _call("visium.visium_genes", d),
     ),
     "visium_hd": _Technology(
-        sites=lambda s, d, c, o: read_visium_hd(d, s.bin_size_um, s.image_scale, o.in_tissue_only, o.slide_px),
-        mpp_hint=lambda s, d, c: visium_hd_mpp_hint(d, s.bin_size_um, s.image_scale),
-        genes=lambda s, d: visium_hd_genes(d, s.bin_size_um),
+        sites=lambda s, d, c, o: _call("visium_hd.read_visium_hd", d, s.bin_size_um, s.image_scale,
+                                       o.in_tissue_only, o.slide_px),
+        mpp_hint=lambda s, d, c: _call("visium_hd.visium_hd_mpp_hint", d, s.bin_size_um, s.image_scale),
+        genes=lambda s, d: _call("visium_hd.visium_hd_genes", d, s.bin_size_um),
     ),
     "xenium": _Technology(
-        sites=lambda s, d, c, o: read_xenium(d, c.resolve(s.alignment), o.qv_min, o.slide_px),
-        mpp_hint=lambda s, d, c: xenium_mpp_hint(d, c.resolve(s.alignment)),
-        genes=lambda s, d: xenium_genes(d),
+        sites=lambda s, d, c, o: _call("xenium.read_xenium", d, c.resolve(s.alignment), o.qv_min, o.slide_px),
+        mpp_hint=lambda s, d, c: _call("xenium.xenium_mpp_hint", d, c.resolve(s.alignment)),
+        genes=lambda s, d: _call("xenium.xenium_genes", d),
     ),
     "hest": _Technology(
-        sites=lambda s, d, c, o: read_hest(d, s.id, o.in_tissue_only),
-        mpp_hint=lambda s, d, c: hest_mpp_hint(d, s.id),
-        genes=lambda s, d: hest_genes(d, s.id),
+        sites=lambda s, d, c, o: _call("hest.read_hest", d, s.id, o.in_tissue_only),
+        mpp_hint=lambda s, d, c: _call("hest.hest_mpp_hint", d, s.id),
+        genes=lambda s, d: _call("hest.hest_genes", d, s.id),
     ),
 }
 
@@ -80,7 +87,7 @@ def slide_path(sample: CohortSample, cohort: Cohort) -> Path:
     if sample.slide:
         return cohort.resolve(sample.slide)
     if sample.technology == "hest":
-        return hest_slide(*hest_root_and_id(_data(sample, cohort), sample.id))
+        return _call("hest.hest_slide", *_call("hest.hest_root_and_id", _data(sample, cohort), sample.id))
     raise InputError(cohort.path, f"sample {sample.id}: no `slide:` given")
 
 
