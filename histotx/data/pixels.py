@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
 if TYPE_CHECKING:
     from histotx.data.augment import CropGeometry, View
@@ -174,7 +175,7 @@ def render(tiles: list[torch.Tensor], tile_of_view: list[int], geometries: list[
     ``tiles[tile_of_view[n]]`` by ``geometries[n]`` and coloured by ``params[n]``; → ``[N, 3, S, S]``
     float, normalised by ``mean``/``std`` (``[3]``)."""
     crops = torch.stack([g.apply_to_image(tiles[t]) for t, g in zip(tile_of_view, geometries)])
-    x = colour(torch.div(crops, 255.0), params)
+    x = colour(crops.float().div_(255.0), params)
     mean, std = mean.to(x.device).view(1, 3, 1, 1), std.to(x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
 
@@ -193,6 +194,9 @@ def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tenso
         return render(tiles, tile_of_view, geometries, params, mean, std)
     size = views[0].size
     out = torch.empty(len(views), 3, size, size)
+    if torch.utils.data.get_worker_info() is not None:  # in a loader worker: made in shared memory, as
+        # torch's default_collate does, so the hand-over to the trainer does not copy it again
+        out = out.new(out._typed_storage()._new_shared(out.numel(), device=out.device)).resize_(out.shape)
     for t in range(len(tiles)):
         idx = [n for n, tv in enumerate(tile_of_view) if tv == t]
         if idx:
