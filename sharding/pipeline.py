@@ -213,7 +213,10 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                        "panel": sites.panel if sites is not None else ""}
         try:
             for idx in runs(plan, cfg.run_tiles):
-                for i, rgb in zip(idx, render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)):
+                # each stage over the whole run before the next: the codec's code and tables stay in cache
+                images = [encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
+                          for rgb in render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)]
+                for i, image in zip(idx, images):
                     origin = plan.origins[i]
                     grid, n_genes, tile_count = no_sites, 0, 0.0
                     if sites is not None:  # the sites whose centre lies in the tile (and on the slide)
@@ -232,7 +235,6 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                         "tissue_fraction": round(float(plan.tissue[i]), 4),
                         "n_sites": grid.n_sites, "n_genes": n_genes, "total_count": tile_count,
                     }
-                    image = encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
                     sink.add(TileSample(f"{sample.id}__{plan.names[i]}", image, cfg.image_format, grid, meta))
             shards = sink.close()
         except BaseException:
