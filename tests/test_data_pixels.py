@@ -138,3 +138,25 @@ def test_gpu_decode_survives_a_damaged_scan():
         out = decoder.decode([good, cut])
     assert out[0].shape == out[1].shape == (3, 96, 96) and decoder.failed == 1
     assert torch.equal(out[1], torch.full_like(out[1], 128))
+
+
+def test_batched_resize_of_the_gpu_stage_is_the_per_view_resize():
+    """resize_batched (two matmuls for all views, used on a GPU) = CropGeometry.apply_to_image view by view:
+    within rounding of torch's float antialiased kernel (≤ 0.5 after rounding to integers), within one grey
+    level of the CPU's uint8 kernel (fixed-point weights), through every flip and quarter turn."""
+    from histotx.data.augment import CropGeometry
+    from histotx.data.pixels import resize_batched
+
+    rng = np.random.default_rng(0)
+    tiles = torch.from_numpy(rng.integers(0, 256, (3, 3, 64, 64), dtype=np.uint8))
+    geometries = []
+    for _ in range(8):  # crop-major: view k·3 + t of tile t
+        for _ in range(3):
+            w, h = (int(v) for v in rng.integers(10, 64, 2))  # down- and upsampled to 24 px
+            geometries.append(CropGeometry(int(rng.integers(0, 65 - w)), int(rng.integers(0, 65 - h)), w, h, 24,
+                                           bool(rng.random() < 0.5), bool(rng.random() < 0.5), int(rng.integers(4))))
+    got = resize_batched(tiles, geometries, 8)
+    as_float = torch.stack([g.apply_to_image(tiles[i % 3].float()) for i, g in enumerate(geometries)])
+    as_uint8 = torch.stack([g.apply_to_image(tiles[i % 3]) for i, g in enumerate(geometries)]).float()
+    assert (got - as_float).abs().max() <= 0.5 + 1e-3
+    assert (got - as_uint8).abs().max() <= 1.0

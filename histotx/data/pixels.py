@@ -169,13 +169,67 @@ def colour(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
     return x.clamp_(0.0, 1.0)
 
 
+def _aa_weights(start: int, length: int, out: int, size: int) -> np.ndarray:
+    """``[out, size]``: torch's antialiased bilinear resize (align_corners False; PIL's triangle filter,
+    widened by the downscale) of the span ``[start, start + length)`` of an axis of ``size`` pixels."""
+    scale = length / out
+    support, invscale = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
+    centre = scale * (np.arange(out) + 0.5)
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)  # C's truncation, as torch's kernel
+    hi = np.minimum((centre + support + 0.5).astype(np.int64), length)
+    j = np.arange(length)
+    w = np.clip(1.0 - np.abs((j[None] - centre[:, None] + 0.5) * invscale), 0.0, None)
+    w *= (j[None] >= lo[:, None]) & (j[None] < hi[:, None])
+    out_w = np.zeros((out, size))
+    out_w[:, start:start + length] = w / w.sum(1, keepdims=True)
+    return out_w
+
+
+def resize_batched(tiles: torch.Tensor, geometries: list[CropGeometry], per_tile: int) -> torch.Tensor:
+    """The crops of :meth:`CropGeometry.apply_to_image` for views in crop-major order (view ``k·T + t`` of
+    tile ``t``), as two batched matmuls instead of a dozen kernels per view (a GPU batch has hundreds of
+    views): each view is ``L·X·Rᵀ`` with L, R the resize weights over rows and columns, flips reversing
+    them and quarter turns swapping them (``(B·X·Aᵀ)ᵀ``); rounded to uint8 values as the CPU path is.
+    ``tiles``: ``[T, 3, H, W]`` uint8 → ``[T·per_tile, 3, S, S]`` float (0-255)."""
+    n_tiles, _, hgt, wid = tiles.shape
+    size = geometries[0].size
+    left, right, transposed = [], [], []
+    for g in geometries:
+        rows, cols = _aa_weights(g.top, g.height, size, hgt), _aa_weights(g.left, g.width, size, wid)
+        rows, cols = (rows[::-1] if g.vflip else rows), (cols[::-1] if g.hflip else cols)
+        swap = False
+        for _ in range(g.quarter_turns % 4):  # rot90(O) = flip_rows(Oᵀ), Oᵀ = cols·Xᵀ·rowsᵀ
+            rows, cols, swap = cols[::-1], rows, not swap
+        # swapped: O = rows·Xᵀ·colsᵀ = (cols·X·rowsᵀ)ᵀ, computed untransposed then turned
+        left.append(cols if swap else rows)
+        right.append(rows if swap else cols)
+        transposed.append(swap)
+
+    def stack(ms):  # [per_tile, T, S, ·] → [T, per_tile, S, ·]
+        w = torch.as_tensor(np.stack(ms), dtype=torch.float32).to(tiles.device, non_blocking=True)
+        return w.view(per_tile, n_tiles, *w.shape[1:]).transpose(0, 1)
+
+    x = tiles.float()
+    y = torch.einsum("tksh,tchw->tkcsw", stack(left), x)
+    out = y @ stack(right).transpose(-1, -2)[:, :, None]  # [T, per_tile, 3, S, S]
+    swap = torch.as_tensor(transposed).to(tiles.device).view(per_tile, n_tiles).T[..., None, None, None]
+    out = torch.where(swap, out.transpose(-1, -2), out)
+    return out.transpose(0, 1).reshape(per_tile * n_tiles, 3, size, size).round_().clamp_(0.0, 255.0)
+
+
 def render(tiles: list[torch.Tensor], tile_of_view: list[int], geometries: list[CropGeometry],
            params: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Views of one size: ``tiles`` are ``[3, H, W]`` uint8 (any device), view ``n`` is cut from
     ``tiles[tile_of_view[n]]`` by ``geometries[n]`` and coloured by ``params[n]``; → ``[N, 3, S, S]``
-    float, normalised by ``mean``/``std`` (``[3]``)."""
-    crops = torch.stack([g.apply_to_image(tiles[t]) for t, g in zip(tile_of_view, geometries)])
-    x = colour(crops.float().div_(255.0), params)
+    float, normalised by ``mean``/``std`` (``[3]``). On a GPU, a batch of equal tiles with the same
+    number of views each, in crop-major order, is resized in one go (:func:`resize_batched`)."""
+    n_tiles, n = len(tiles), len(tile_of_view)
+    if (tiles[0].device.type != "cpu" and n % n_tiles == 0 and len({t.shape for t in tiles}) == 1
+            and list(tile_of_view) == [t for _ in range(n // n_tiles) for t in range(n_tiles)]):
+        crops = resize_batched(torch.stack(tiles), geometries, n // n_tiles)
+    else:
+        crops = torch.stack([g.apply_to_image(tiles[t]) for t, g in zip(tile_of_view, geometries)]).float()
+    x = colour(crops.div_(255.0), params)
     mean, std = mean.to(x.device).view(1, 3, 1, 1), std.to(x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
 
