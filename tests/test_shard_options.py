@@ -110,10 +110,14 @@ def test_40x_scan_is_halved_inside_the_jpeg_decoder(scan_40x, tmp_path):
 
 
 def test_sharding_imports_no_torch(scan_40x, tmp_path):
-    """The offline stage runs where torch is absent or slow to import: a whole run loads none of it."""
+    """The offline stage runs where torch is absent or slow to import: a whole run, its verification and its
+    QC sheets load none of it."""
+    out = str(tmp_path / "out")
     code = ("import sys; from sharding.pipeline import run_cohort; from sharding.config import ShardConfig; "
-            f"m = run_cohort({str(scan_40x)!r}, {str(tmp_path / 'out')!r}, ShardConfig()); "
-            "assert m['totals']['tiles'] > 0; print(sorted(k for k in sys.modules if k.split('.')[0] in "
+            "from sharding.verify import verify; from sharding.qc import write_qc; "
+            f"m = run_cohort({str(scan_40x)!r}, {out!r}, ShardConfig()); "
+            f"v = verify({out!r}); assert not v['problems'] and v['tiles'] == m['totals']['tiles'] > 0, v; "
+            f"write_qc({out!r}, {str(tmp_path / 'qc')!r}); print(sorted(k for k in sys.modules if k.split('.')[0] in "
             "('torch', 'torchvision', 'webdataset')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
