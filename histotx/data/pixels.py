@@ -169,51 +169,47 @@ def colour(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
     return x.clamp_(0.0, 1.0)
 
 
-def _aa_weights(start: int, length: int, out: int, size: int) -> np.ndarray:
-    """``[out, size]``: torch's antialiased bilinear resize (align_corners False; PIL's triangle filter,
-    widened by the downscale) of the span ``[start, start + length)`` of an axis of ``size`` pixels."""
-    scale = length / out
-    support, invscale = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
-    centre = scale * (np.arange(out) + 0.5)
-    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)  # C's truncation, as torch's kernel
-    hi = np.minimum((centre + support + 0.5).astype(np.int64), length)
-    j = np.arange(length)
-    w = np.clip(1.0 - np.abs((j[None] - centre[:, None] + 0.5) * invscale), 0.0, None)
-    w *= (j[None] >= lo[:, None]) & (j[None] < hi[:, None])
-    out_w = np.zeros((out, size))
-    out_w[:, start:start + length] = w / w.sum(1, keepdims=True)
-    return out_w
+def _aa_weights(start: torch.Tensor, length: torch.Tensor, out: int, size: int) -> torch.Tensor:
+    """``[N, out, size]``: torch's antialiased bilinear resize (align_corners False; PIL's triangle filter,
+    widened by the downscale) of the spans ``[start, start + length)`` (``[N]``) of an axis of ``size``."""
+    scale = (length.double() / out)[:, None]  # [N, 1]
+    support, invscale = torch.clamp(scale, min=1.0), 1.0 / torch.clamp(scale, min=1.0)
+    centre = scale * (torch.arange(out, dtype=torch.float64, device=start.device) + 0.5)  # [N, out]
+    lo = torch.clamp((centre - support + 0.5).long(), min=0)  # C's truncation toward 0, as torch's kernel
+    hi = torch.minimum((centre + support + 0.5).long(), length[:, None])
+    j = torch.arange(size, device=start.device)[None, None] - start[:, None, None]  # [N, 1, size], crop coords
+    w = torch.clamp(1.0 - ((j - centre[..., None] + 0.5) * invscale[..., None]).abs(), min=0.0)
+    w = w * ((j >= lo[..., None]) & (j < hi[..., None]))
+    return w / w.sum(-1, keepdim=True)
 
 
 def resize_batched(tiles: torch.Tensor, geometries: list[CropGeometry], per_tile: int) -> torch.Tensor:
     """The crops of :meth:`CropGeometry.apply_to_image` for views in crop-major order (view ``k·T + t`` of
     tile ``t``), as two batched matmuls instead of a dozen kernels per view (a GPU batch has hundreds of
-    views): each view is ``L·X·Rᵀ`` with L, R the resize weights over rows and columns, flips reversing
-    them and quarter turns swapping them (``(B·X·Aᵀ)ᵀ``); rounded to uint8 values as the CPU path is.
-    ``tiles``: ``[T, 3, H, W]`` uint8 → ``[T·per_tile, 3, S, S]`` float (0-255)."""
+    views): each view is ``L·X·Rᵀ`` with L, R the resize weights over rows and columns; a flip reverses
+    one, quarter turns swap and reverse them (``rot90(O) = flip_rows(Oᵀ)``, ``Oᵀ = R·Xᵀ·Lᵀ``); rounded to
+    uint8 values as the CPU path is. ``tiles``: ``[T, 3, H, W]`` uint8 → ``[T·per_tile, 3, S, S]`` float."""
     n_tiles, _, hgt, wid = tiles.shape
     size = geometries[0].size
-    left, right, transposed = [], [], []
-    for g in geometries:
-        rows, cols = _aa_weights(g.top, g.height, size, hgt), _aa_weights(g.left, g.width, size, wid)
-        rows, cols = (rows[::-1] if g.vflip else rows), (cols[::-1] if g.hflip else cols)
-        swap = False
-        for _ in range(g.quarter_turns % 4):  # rot90(O) = flip_rows(Oᵀ), Oᵀ = cols·Xᵀ·rowsᵀ
-            rows, cols, swap = cols[::-1], rows, not swap
-        # swapped: O = rows·Xᵀ·colsᵀ = (cols·X·rowsᵀ)ᵀ, computed untransposed then turned
-        left.append(cols if swap else rows)
-        right.append(rows if swap else cols)
-        transposed.append(swap)
+    g = torch.tensor([[v.left, v.top, v.width, v.height, v.hflip, v.vflip, v.quarter_turns % 4] for v in geometries],
+                     dtype=torch.long).to(tiles.device)
+    rows = _aa_weights(g[:, 1], g[:, 3], size, hgt)
+    cols = _aa_weights(g[:, 0], g[:, 2], size, wid)
+    rows = torch.where(g[:, 5, None, None].bool(), rows.flip(1), rows)
+    cols = torch.where(g[:, 4, None, None].bool(), cols.flip(1), cols)
+    turns = g[:, 6, None, None]
+    # after k turns, O = rows'·X·cols'ᵀ for even k, (rows'·X·cols'ᵀ)ᵀ for odd k, with rows' = rows reversed
+    # for k ∈ {2, 3} and cols' = cols reversed for k ∈ {1, 2} (one turn: (rows, cols) → (cols reversed, rows))
+    left = torch.where(turns >= 2, rows.flip(1), rows).float()
+    right = torch.where((turns == 1) | (turns == 2), cols.flip(1), cols).float()
 
-    def stack(ms):  # [per_tile, T, S, ·] → [T, per_tile, S, ·]
-        w = torch.as_tensor(np.stack(ms), dtype=torch.float32).to(tiles.device, non_blocking=True)
+    def per_tile_first(w):  # [per_tile·T, ...] → [T, per_tile, ...]
         return w.view(per_tile, n_tiles, *w.shape[1:]).transpose(0, 1)
 
-    x = tiles.float()
-    y = torch.einsum("tksh,tchw->tkcsw", stack(left), x)
-    out = y @ stack(right).transpose(-1, -2)[:, :, None]  # [T, per_tile, 3, S, S]
-    swap = torch.as_tensor(transposed).to(tiles.device).view(per_tile, n_tiles).T[..., None, None, None]
-    out = torch.where(swap, out.transpose(-1, -2), out)
+    y = torch.einsum("tksh,tchw->tkcsw", per_tile_first(left), tiles.float())
+    out = y @ per_tile_first(right).transpose(-1, -2)[:, :, None]  # [T, per_tile, 3, S, S]
+    odd = per_tile_first(turns % 2 == 1)[..., None]
+    out = torch.where(odd, out.transpose(-1, -2), out)
     return out.transpose(0, 1).reshape(per_tile * n_tiles, 3, size, size).round_().clamp_(0.0, 255.0)
 
 
