@@ -22,7 +22,8 @@ class ShardConfig:
     mask_mpp: float = 8.0             # µm/px of the thumbnail the tissue mask is computed on
     image_format: str = "jpg"         # jpg | png | webp
     jpeg_quality: int = 90
-    jpeg_subsampling: str = "444"    # 444 | 422 | 420: 4:2:0 encodes ~1.5× faster, a third smaller (CMU-1 tiles), blurs colour edges
+    jpeg_subsampling: str = "444"    # 444 | 422 | 420: 4:2:0 encodes ~1.5x faster, a third smaller (CMU-1 tiles),
+                                      # but blurs colour edges
     shard_max_tiles: int = 1000       # a shard closes at this many tiles ...
     shard_max_bytes: int = 512 * 1024 * 1024  # ... or this many bytes
     max_tiles_per_sample: int = 0     # 0 = all; else a seeded random subset

@@ -92,7 +92,8 @@ class _TiledLevel:
         if count == 0:
             return np.full((self._th // k, self._tw // k, 3), 255, np.uint8)
         if data is None or len(data) != count:
-            raise InputError(self._tif.filehandle.path, f"{_segment_name(page, self._level, i)}: read {0 if data is None else len(data)} of "
+            raise InputError(self._tif.filehandle.path, f"{_segment_name(page, self._level, i)}: read "
+                                                        f"{0 if data is None else len(data)} of "
                                                         f"{count} bytes (file truncated or changed since opened)")
         try:
             if k > 1 and self._dct is not None:

@@ -80,7 +80,8 @@ def scan_40x(shared_data, tmp_path_factory):
 
 
 def _tiles(out):
-    return {t.key: t for t in (decode_sample(m) for e in read_manifest(out)["shards"] for m in iter_shard(out / e["name"]))}
+    members = (m for e in read_manifest(out)["shards"] for m in iter_shard(out / e["name"]))
+    return {t.key: t for t in map(decode_sample, members)}
 
 
 def test_40x_scan_is_halved_inside_the_jpeg_decoder(scan_40x, tmp_path):
