@@ -52,6 +52,7 @@ class _TiledLevel:
         self._cache, self._budget = cache, budget  # budget: [bytes still free], shared by all levels
         self._key = id(page)
         self._dct = standalone_jpeg_prefix(page)  # None, or the bytes to put before a tile for a standalone JPEG
+        self._dct_checked = False  # the first scaled decode is compared with a full one
 
     @staticmethod
     def supports(series_level) -> bool:
@@ -115,7 +116,7 @@ class _TiledLevel:
         tile = simplejpeg.decode_jpeg(self._dct + bytes(data)[2:], colorspace="RGB", min_height=h, min_width=w)
         if tile.shape != (h, w, 3):
             raise ValueError(f"scaled decode gave {tile.shape}, expected {(h, w, 3)}")
-        if not getattr(self, "_dct_checked", False):
+        if not self._dct_checked:
             full = np.asarray(self._page.decode(data, i, jpegtables=self._page.jpegtables)[0]).reshape(
                 self._th, self._tw, -1)
             self._dct_checked = True
