@@ -6,7 +6,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 
 from histotx.format import FormatError, TileSample, decode_image_rgb, decode_sample, read_manifest, sha256_file
 from histotx.vocab import Vocab

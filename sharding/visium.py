@@ -9,7 +9,6 @@ the sample fails with an InputError. A barcode listed twice in either file is an
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
