@@ -24,8 +24,8 @@ def marked_tile(rng):
     cells = rng.choice(16, size=len(COLOURS), replace=False)  # one site per 64×64 cell, kept apart
     xy = np.stack([(cells % 4) * 64 + rng.uniform(16, 48, len(cells)),
                    (cells // 4) * 64 + rng.uniform(16, 48, len(cells))], axis=1)
-    for (x, y), colour in zip(xy, COLOURS):
-        rgb[int(y) - 6: int(y) + 7, int(x) - 6: int(x) + 7] = colour
+    for (x, y), marker in zip(xy, COLOURS):
+        rgb[int(y) - 6: int(y) + 7, int(x) - 6: int(x) + 7] = marker
     offsets = np.arange(len(COLOURS) + 1)
     grid = TranscriptGrid(xy, offsets, np.arange(len(COLOURS)), np.ones(len(COLOURS)), 0.0, "point")
     return rgb, grid
@@ -42,7 +42,7 @@ def geometric_only(**extra):
 
 def test_markers_stay_under_their_sites_through_every_transform():
     crop = geometric_only()
-    seen_turns, checked = set(), 0
+    checked = 0
     for seed in range(12):
         rng = np.random.default_rng(seed)
         rgb, grid = marked_tile(rng)
@@ -56,8 +56,8 @@ def test_markers_stay_under_their_sites_through_every_transform():
                 assert np.abs(pixel - COLOURS[s] / 255.0).max() < 0.2, (seed, s, pixel)
                 checked += 1
             # every marker centre visible in the view has its site: sites are dropped only outside
-            for s, colour in enumerate(COLOURS / 255.0):
-                hits = (np.abs(view.image.numpy() - colour[:, None, None]).max(0) < 0.05)
+            for s, marker in enumerate(COLOURS / 255.0):
+                hits = (np.abs(view.image.numpy() - marker[:, None, None]).max(0) < 0.05)
                 if hits.sum() >= 9 and s not in site:
                     ys, xs = np.nonzero(hits)
                     assert min(xs.min(), ys.min()) < 4 or max(xs.max(), ys.max()) > size - 5

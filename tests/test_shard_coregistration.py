@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from histotx.format import decode_image_rgb, decode_sample, read_manifest
+from histotx.format import decode_image_rgb, decode_sample
 from histotx.synth import generate_cohort
 from sharding.config import ShardConfig
 from sharding.pipeline import run_cohort

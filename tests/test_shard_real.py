@@ -17,7 +17,7 @@ import tifffile
 import yaml
 
 from histotx.cli import main as histotx_main
-from histotx.format import decode_image_rgb, decode_sample, read_manifest
+from histotx.format import decode_sample, read_manifest
 from histotx.vocab import Vocab
 from sharding.config import ShardConfig
 from sharding.pipeline import run_cohort

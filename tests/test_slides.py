@@ -9,7 +9,6 @@ import pytest
 import tifffile
 import yaml
 
-from histotx.format import read_manifest
 from sharding.config import ShardConfig
 from sharding.errors import InputError
 from sharding.pipeline import run_cohort
