@@ -82,6 +82,19 @@ def test_geometry_matches_numpy_on_pixel_centres(hflip, vflip, turns):
         assert out[0, int(y), int(x)] == img[0, r, c]
 
 
+@pytest.mark.parametrize("hflip,vflip,turns", list(itertools.product((False, True), (False, True), range(4))))
+def test_channels_last_crops_are_the_channels_first_crops(hflip, vflip, turns):
+    """The CPU loader's apply_to_hwc (OpenCV flips and turns, channels-last resize) = apply_to_image, bit for
+    bit: shrunk, enlarged, non-square and unresized crops of a uint8 tile."""
+    rgb = np.random.default_rng(turns).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    for box, size in (((3, 5, 30, 26), 16), ((1, 2, 9, 12), 20), ((4, 0, 8, 8), 8)):
+        geom = CropGeometry(*box, size=size, hflip=hflip, vflip=vflip, quarter_turns=turns)
+        out = geom.apply_to_hwc(rgb)
+        assert out.flags.c_contiguous and out.shape == (size, size, 3)
+        expected = geom.apply_to_image(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(out, expected)
+
+
 def test_footprints_reaching_into_a_crop_are_kept():
     grid = TranscriptGrid([[10, 50], [95, 50], [130, 50]], [0, 1, 2, 3], [0, 1, 2], [1, 1, 1], 20.0, "disk")
     geom = CropGeometry(left=40, top=0, width=80, height=100, size=80)

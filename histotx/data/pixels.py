@@ -10,12 +10,18 @@ decisions (which views an operation touches) are made without device synchronisa
 order, then stain jitter, grayscale, blur, solarize), written for a stack of views with per-view
 parameters: brightness, contrast and saturation as one pass per jitter step, hue as torchvision's HSV
 rotation, stain jitter as one 3×3 map in optical density, blur separable.
+
+A CPU worker makes its views one at a time, channels last, with OpenCV's kernels for the same operations
+(:func:`colour_hwc`): each op is one cache-resident pass over one view (a 3×4 colour map, an HSV
+conversion, a separable filter), where torch's elementwise ops on CPU take several passes per op. It costs
+about a fifth of the CPU time; the tests hold both implementations to torchvision's reference.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -232,27 +238,29 @@ def render(tiles: list[torch.Tensor], tile_of_view: list[int], geometries: list[
 
 def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``[N, 3, S, S]`` images of views of one size, whose ``source`` is one of ``tiles`` (``[3, H, W]``
-    uint8; a view without a source is cut from ``tiles[0]``). On CPU one tile's views at a time, which
-    keeps each pass over the pixels in cache (a whole batch's views are tens of MB)."""
+    uint8; a view without a source is cut from ``tiles[0]``). On CPU one view at a time
+    (:func:`colour_hwc`), which keeps each pass over the pixels in cache."""
     if not views:
         return torch.zeros(0, 3, 0, 0)
     where = {id(s): i for i, s in enumerate(tiles)}
     tile_of_view = [where[id(v.source)] if v.source is not None else 0 for v in views]
-    params = torch.from_numpy(np.stack([v.colour for v in views]))
     geometries = [v.geometry for v in views]
     if tiles[0].device.type != "cpu":
+        params = torch.from_numpy(np.stack([v.colour for v in views]))
         return render(tiles, tile_of_view, geometries, params, mean, std)
     size = views[0].size
-    out = torch.empty(len(views), 3, size, size)
+    out = torch.empty(len(views), size, size, 3)  # channels last: each view's last map writes straight into it
     if torch.utils.data.get_worker_info() is not None:  # in a loader worker: made in shared memory, as
         # torch's default_collate does, so the hand-over to the trainer does not copy it again
         out = out.new(out._typed_storage()._new_shared(out.numel(), device=out.device)).resize_(out.shape)
-    for t in range(len(tiles)):
-        idx = [n for n, tv in enumerate(tile_of_view) if tv == t]
-        if idx:
-            images = render([tiles[t]], [0] * len(idx), [geometries[n] for n in idx], params[idx], mean, std)
-            _put(out, np.array(idx), None, images)
-    return out
+        cv2.setNumThreads(1)  # one worker, one core: OpenCV's own pool would contend with the other workers
+    normalise, pixels = _normalise_map(mean, std), out.numpy()
+    hwc = [tile.permute(1, 2, 0).numpy() for tile in tiles]  # the decoder's own [H, W, 3] arrays
+    for n, (t, g) in enumerate(zip(tile_of_view, geometries)):
+        crop = g.apply_to_hwc(hwc[t])  # [S, S, 3] uint8
+        x = colour_hwc(np.divide(crop, np.float32(255.0), dtype=np.float32), views[n].colour)
+        cv2.transform(x, normalise, dst=pixels[n])
+    return out.permute(0, 3, 1, 2)  # [N, 3, S, S], memory format channels_last
 
 
 @dataclass
@@ -293,3 +301,62 @@ class PendingViews:
         if self.local_tile:
             return images, render(tiles, self.local_tile, self.local_geometry, self.local_colour, mean, std)
         return images, torch.zeros(0, 3, self.local_size, self.local_size, device=images.device)
+
+
+# -- the CPU worker's kernels: one view, channels last, OpenCV ------------------------------------------
+
+_GRAY_ROWS = np.tile(np.array(_GRAY), (3, 1))  # [3, 3]: every output channel is the luma
+
+
+def _clip(x: np.ndarray) -> np.ndarray:
+    """Clamped to [0, 1] in place (OpenCV's thresholds: several times faster than numpy's clip)."""
+    cv2.threshold(x, 1.0, 1.0, cv2.THRESH_TRUNC, dst=x)
+    return cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)[1]
+
+
+def _map(x: np.ndarray, matrix: np.ndarray, offset: np.ndarray | float = 0.0) -> np.ndarray:
+    """``matrix @ rgb + offset`` per pixel (cv2.transform: one pass, the 3×4 map in float64)."""
+    return cv2.transform(x, np.concatenate([matrix, np.broadcast_to(offset, (3,))[:, None]], axis=1))
+
+
+def colour_hwc(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """:func:`colour` for one view on a CPU: ``x`` ``[H, W, 3]`` float32 in [0, 1] (may be overwritten),
+    ``p`` a row of :data:`COLOUR_FIELDS` → the jittered view in [0, 1]. An op whose parameter is its
+    identity is skipped, as there."""
+    for op in np.rint(p[4:8]).astype(int):
+        if op == HUE:
+            if p[3] != 0:  # OpenCV's float HSV has hue in degrees and wraps values ≥ 360 (not < 0)
+                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+                hsv[..., 0] += np.float32(360.0 * (p[3] % 1.0))
+                x = _clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+            continue
+        factor = p[op]
+        if factor == 1:
+            continue
+        if op == BRIGHTNESS:
+            x = _clip(np.multiply(x, np.float32(factor), out=x))
+        elif op == CONTRAST:
+            gray_mean = float(np.dot(cv2.mean(x)[:3], _GRAY))
+            x = _clip(_map(x, factor * np.eye(3), (1 - factor) * gray_mean))
+        else:  # saturation
+            x = _clip(_map(x, factor * np.eye(3) + (1 - factor) * _GRAY_ROWS))
+    if p[8] > 0:  # stain jitter, as _stain: exp(log x @ H·diag(α)·R − β·R)
+        hed_from_rgb, rgb_from_hed = _HED
+        matrix = np.einsum("ji,j,kj->ik", rgb_from_hed, p[9:12], hed_from_rgb)
+        x = _clip(cv2.exp(_map(cv2.log(np.maximum(x, np.float32(1e-6), out=x)), matrix, -(p[12:15] @ rgb_from_hed))))
+    if p[15] > 0:
+        x = _map(x, _GRAY_ROWS)
+    if p[16] > 0:  # torchvision's kernel (2·⌈3σ⌉ + 1 taps) and "reflect" padding (OpenCV's REFLECT_101)
+        r = int(np.ceil(3 * p[16]))
+        taps = np.exp(-np.arange(-r, r + 1, dtype=np.float64) ** 2 / (2 * p[16] ** 2))
+        taps /= taps.sum()
+        x = cv2.sepFilter2D(x, -1, taps, taps, borderType=cv2.BORDER_REFLECT_101)
+    if p[17] > 0:
+        np.subtract(np.float32(1.0), x, out=x, where=x >= 0.5)
+    return _clip(x)
+
+
+def _normalise_map(mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    """The 3×4 map of ``(x − mean) / std`` per channel, for cv2.transform."""
+    m, s = mean.double().numpy(), std.double().numpy()
+    return np.concatenate([np.diag(1.0 / s), (-m / s)[:, None]], axis=1)
