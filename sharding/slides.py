@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -53,6 +54,14 @@ class _TiledLevel:
         self._key = id(page)
         self._dct = standalone_jpeg_prefix(page)  # None, or the bytes to put before a tile for a standalone JPEG
         self._dct_checked = False  # the first scaled decode is compared with a full one
+        self._jpeg = None  # 8-bit RGB JPEG tiles: imagecodecs' arguments, as tifffile's page.decode passes them
+        if self._dct is not None:
+            from tifffile.tifffile import jpeg_decode_colorspace
+
+            colorspace, out = jpeg_decode_colorspace(page.photometric, page.planarconfig, page.extrasamples,
+                                                     page.is_jfif)
+            self._jpeg = dict(tables=page.jpegtables, colorspace=colorspace, outcolorspace=out,
+                              shape=(self._th, self._tw))
 
     @staticmethod
     def supports(series_level) -> bool:
@@ -73,10 +82,10 @@ class _TiledLevel:
                 self._cache.move_to_end((self._key, i, k))
                 out[i] = hit
         if missing:
-            offsets = [page.dataoffsets[i] for i in missing]
-            counts = [page.databytecounts[i] for i in missing]
-            for data, i in self._tif.filehandle.read_segments(offsets, counts, indices=missing):
-                tile = self._decode(data, i, k)
+            fd = self._tif.filehandle.fileno()  # pread: no seek, no lock, no generator per tile
+            for i in missing:
+                count = page.databytecounts[i]
+                tile = self._decode(os.pread(fd, count, page.dataoffsets[i]) if count else None, i, k)
                 out[i] = tile
                 self._cache[(self._key, i, k)] = tile
                 self._budget[0] -= tile.nbytes
@@ -99,7 +108,12 @@ class _TiledLevel:
         try:
             if k > 1 and self._dct is not None:
                 return self._decode_scaled(data, i, k)
-            tile = np.asarray(page.decode(data, i, jpegtables=page.jpegtables)[0]).reshape(self._th, self._tw, -1)
+            if self._jpeg is not None:  # the call page.decode makes, without its per-tile wrapping
+                import imagecodecs
+
+                tile = imagecodecs.jpeg8_decode(data, **self._jpeg).reshape(self._th, self._tw, -1)
+            else:
+                tile = np.asarray(page.decode(data, i, jpegtables=page.jpegtables)[0]).reshape(self._th, self._tw, -1)
         except InputError:
             raise
         except Exception as exc:  # imagecodecs/tifffile/simplejpeg raise many types for damaged data
