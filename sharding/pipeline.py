@@ -211,13 +211,14 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         sample_meta = {"sample": sample.id, "patient": sample.patient_id, "technology": sample.technology,
                        "tile_px": cfg.tile_px, "mpp": geom.mpp, "source_mpp": slide.mpp,
                        "panel": sites.panel if sites is not None else ""}
+        origins, tissue_fractions = plan.origins.tolist(), plan.tissue.tolist()  # Python floats: no numpy per tile
         try:
             for idx in runs(plan, cfg.run_tiles):
                 # each stage over the whole run before the next: the codec's code and tables stay in cache
                 images = [encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
                           for rgb in render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)]
-                for i, image in zip(idx, images):
-                    origin = plan.origins[i]
+                for i, image in zip(idx.tolist(), images):
+                    origin = origins[i]
                     grid, n_genes, tile_count = no_sites, 0, 0.0
                     if sites is not None:  # the sites whose centre lies in the tile (and on the slide)
                         xy, sub = sites.in_box(max(origin[0], 0), max(origin[1], 0), min(origin[0] + plan.size0,
@@ -230,9 +231,9 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                     total_count += tile_count
                     meta = {
                         **sample_meta,
-                        "origin_level0_px": [float(origin[0]), float(origin[1])],
-                        "origin_um": [float(origin[0] * slide.mpp), float(origin[1] * slide.mpp)],
-                        "tissue_fraction": round(float(plan.tissue[i]), 4),
+                        "origin_level0_px": origin,
+                        "origin_um": [origin[0] * slide.mpp, origin[1] * slide.mpp],
+                        "tissue_fraction": round(tissue_fractions[i], 4),
                         "n_sites": grid.n_sites, "n_genes": n_genes, "total_count": tile_count,
                     }
                     sink.add(TileSample(f"{sample.id}__{plan.names[i]}", image, cfg.image_format, grid, meta))

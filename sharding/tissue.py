@@ -7,7 +7,6 @@ close small gaps. Fractions per box come from an integral image, so scoring ever
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 MIN_SATURATION = 0.07
@@ -18,7 +17,9 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """Boolean (h, w) mask of tissue in an RGB uint8 thumbnail.
 
     Channel extremes and sums in integers, the closing by OpenCV (same border rule as scipy's: outside is
-    background, so tissue touching the edge erodes there): a 2 Mpx thumbnail costs ~0.1 s, not ~0.45 s."""
+    background, so tissue touching the edge erodes there), holes filled by one OpenCV flood fill of the glass
+    from the border (4-connected, as scipy's ``binary_fill_holes``, ~6x faster): a 2 Mpx thumbnail costs ~0.05 s,
+    not ~0.45 s."""
     import cv2
 
     r, g, b = (rgb[..., i] for i in range(3))
@@ -30,8 +31,17 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     bright = r.astype(np.uint16) + g + b >= MAX_BRIGHTNESS * 3 * 255
     mask = ((sat > thr) & ~bright).astype(np.uint8)
     kernel, edge = np.ones((3, 3), np.uint8), dict(borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    mask = cv2.erode(cv2.dilate(mask, kernel, iterations=2, **edge), kernel, iterations=2, **edge)
-    return ndimage.binary_fill_holes(mask.astype(bool))
+    return fill_holes(cv2.erode(cv2.dilate(mask, kernel, iterations=2, **edge), kernel, iterations=2, **edge))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Boolean mask with its holes (background not 4-connected to the border) filled, as scipy's
+    ``binary_fill_holes`` (tested equal), by one OpenCV flood fill of the background from the border."""
+    import cv2
+
+    glass = np.pad(mask.astype(np.uint8), 1)  # a background frame joins all the border's background into one region
+    cv2.floodFill(glass, np.zeros((glass.shape[0] + 2, glass.shape[1] + 2), np.uint8), (0, 0), 1, flags=4)
+    return (glass[1:-1, 1:-1] == 0) | mask.astype(bool)  # holes: the background the fill did not reach
 
 
 class TissueMap:

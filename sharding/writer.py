@@ -22,6 +22,7 @@ import signal
 import socket
 import tarfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,11 @@ def shard_name(sample_id: str, index: int) -> str:
 
 
 class _HashingFile:
-    """A write-only file that hashes what passes through, so a closed shard's sha256 needs no second read."""
+    """A write-only file that hashes what passes through, so a closed shard's sha256 needs no second read.
+    Buffered by the megabyte: one write call per ~40 tiles, not one per tile."""
 
     def __init__(self, path: Path) -> None:
-        self._fh = open(path, "wb")
+        self._fh = open(path, "wb", buffering=1 << 20)
         self.sha256 = hashlib.sha256()
         self.size = 0
 
@@ -63,17 +65,24 @@ class _HashingFile:
     def flush(self) -> None:
         self._fh.flush()
 
-    def close(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+    def sync_and_close(self) -> None:
+        """fsync (the data on disk before the shard is renamed into place) and close, after :meth:`flush`; it
+        releases the GIL while it waits for the disk, so a background thread runs it while the next shard is
+        encoded."""
+        try:
+            os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
 
 
 @functools.cache
-def _ustar_template() -> bytes:
+def _ustar_template() -> tuple[bytes, bytes, bytes, int]:
+    """tarfile's header of a read-only file, mtime 0, cut around name, size and checksum: (mode..mtime fields,
+    the type..end fields after the checksum, the mtime field, the sum of all bytes but name and size)."""
     info = tarfile.TarInfo("x")
     info.mode, info.mtime = 0o444, 0
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    t = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    return t[100:124], t[156:], t[136:148], sum(t[100:124]) + sum(t[136:148]) + 8 * ord(" ") + sum(t[156:])
 
 
 def ustar_header(name: str, size: int) -> bytes:
@@ -84,9 +93,10 @@ def ustar_header(name: str, size: int) -> bytes:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = size, 0o444, 0
         return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-    t = _ustar_template()
-    block = raw.ljust(100, b"\0") + t[100:124] + b"%011o\0" % size + t[136:148] + b" " * 8 + t[156:]
-    return block[:148] + b"%06o\0 " % sum(block) + block[156:]  # checksum: bytes summed, its field as spaces
+    fields, rest, mtime, fixed = _ustar_template()
+    size_field = b"%011o\0" % size
+    checksum = fixed + sum(raw) + sum(size_field)  # all bytes summed, the checksum field counted as spaces
+    return b"".join((raw.ljust(100, b"\0"), fields, size_field, mtime, b"%06o\0 " % checksum, rest))
 
 
 class ShardSink:
@@ -103,6 +113,9 @@ class ShardSink:
         self._fh: _HashingFile | None = None
         self._count = 0
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final) of closed shards not yet renamed
+        self._syncs: list[Future] = []  # fsync + close of closed shards, in a background thread
+        self._syncer: ThreadPoolExecutor | None = None
+        self._fault_after = int(os.environ.get(_FAULT_ENV, "0") or 0)
 
     def _open(self) -> None:
         name = shard_name(self.sample_id, len(self.shards))
@@ -126,7 +139,7 @@ class ShardSink:
         self._count += 1
         global _tiles_written
         _tiles_written += 1
-        if _tiles_written == int(os.environ.get(_FAULT_ENV, "0") or 0):
+        if _tiles_written == self._fault_after:
             self._fh.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         if self._count >= self.max_tiles or self._fh.size >= self.max_bytes:
@@ -137,14 +150,27 @@ class ShardSink:
             return
         self._fh.write(bytes(2 * tarfile.BLOCKSIZE))  # end of archive, as tarfile writes it
         self._fh.write(bytes(-self._fh.size % tarfile.RECORDSIZE))
-        self._fh.close()  # flush + fsync
+        self._fh.flush()  # a full disk fails here, in this thread
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
+        self._syncs.append(self._syncer.submit(self._fh.sync_and_close))
         self.shards.append({"name": self._name, "samples": self._count, "bytes": self._fh.size,
                             "sha256": self._fh.sha256.hexdigest(), "sample_id": self.sample_id})
         self._pending.append((self._tmp, self.out_dir / self._name))
         self._fh = None
 
+    def _wait_syncs(self) -> None:
+        """Wait for the background fsyncs; the first failure (a full disk) is raised once all have ended."""
+        if self._syncer is None:
+            return
+        self._syncer.shutdown(wait=True)
+        self._syncer, syncs, self._syncs = None, self._syncs, []
+        for sync in syncs:
+            sync.result()
+
     def close(self) -> list[dict[str, Any]]:
         self._close_current()
+        self._wait_syncs()  # every shard on disk before any is renamed into place
         for tmp, final in self._pending:
             os.replace(tmp, final)
         self._pending = []
@@ -160,6 +186,10 @@ class ShardSink:
             finally:
                 Path(self._tmp).unlink(missing_ok=True)
                 self._fh = None
+        try:
+            self._wait_syncs()
+        except OSError:
+            pass
         for tmp, _ in self._pending:
             tmp.unlink(missing_ok=True)
         self._pending = []
