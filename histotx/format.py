@@ -19,6 +19,7 @@ bytes and an image to at most ``MAX_TILE_PX``² pixels of the size its metadata 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import io
@@ -125,6 +126,17 @@ class TranscriptGrid:
             raise FormatError("gene ids must be >= 0")
         if self.footprint_shape not in FOOTPRINT_SHAPES:
             raise FormatError(f"footprint_shape must be one of {FOOTPRINT_SHAPES}, got {self.footprint_shape!r}")
+
+    def select(self, keep: np.ndarray) -> "TranscriptGrid":
+        """The sites where ``keep`` (bool, ``n_sites``) holds, with their entries. A subset of a valid grid
+        is valid: it is not checked again (the loader takes one per view, ten per sample)."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        entries = np.repeat(keep, counts)
+        offsets = np.zeros(int(np.count_nonzero(keep)) + 1, dtype=np.int64)
+        np.cumsum(counts[keep], out=offsets[1:])
+        out = copy.copy(self)  # (no __init__: no re-validation)
+        out.xy, out.offsets, out.gene, out.count = self.xy[keep], offsets, self.gene[entries], self.count[entries]
+        return out
 
     @classmethod
     def empty(cls, footprint_um: float = 0.0, footprint_shape: str = "point") -> "TranscriptGrid":

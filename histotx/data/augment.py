@@ -113,15 +113,6 @@ class CropGeometry:
         return tile_mpp * math.sqrt(self.width * self.height) / self.size
 
 
-def select_sites(grid: TranscriptGrid, keep: np.ndarray) -> TranscriptGrid:
-    """The sites where ``keep`` is True, with their CSR entries."""
-    counts = np.diff(grid.offsets)
-    entries = np.repeat(keep, counts)
-    offsets = np.concatenate([[0], np.cumsum(counts[keep])])
-    return TranscriptGrid(grid.xy[keep], offsets, grid.gene[entries], grid.count[entries], grid.footprint_um,
-                          grid.footprint_shape)
-
-
 def transform_grid(grid: TranscriptGrid, geometry: CropGeometry, tile_mpp: float) -> TranscriptGrid:
     """Sites whose footprint overlaps the crop, moved into the view's pixel frame.
 
@@ -132,7 +123,7 @@ def transform_grid(grid: TranscriptGrid, geometry: CropGeometry, tile_mpp: float
     x, y = grid.xy[:, 0], grid.xy[:, 1]
     keep = ((x + reach >= geometry.left) & (x - reach < geometry.left + geometry.width)
             & (y + reach >= geometry.top) & (y - reach < geometry.top + geometry.height))
-    kept = select_sites(grid, keep)
+    kept = grid.select(keep)
     kept.xy = geometry.apply_to_xy(kept.xy)
     return kept
 
@@ -196,11 +187,10 @@ class MultiCrop:
         p[17] = float(rng.random() < solarize_p)
         return p
 
-    def view(self, tile_hw: tuple[int, int], grid: TranscriptGrid, mpp: float, rng: np.random.Generator, size: int,
-             scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> View:
-        """A view without its pixels."""
-        # Separate streams for geometry and colour: the crops do not change when colour settings do.
-        geometry_rng, colour_rng = rng.spawn(2)
+    def view(self, tile_hw: tuple[int, int], grid: TranscriptGrid, mpp: float, rngs: list[np.random.Generator],
+             size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> View:
+        """A view without its pixels; ``rngs``: the sample's geometry and colour generators."""
+        geometry_rng, colour_rng = rngs
         geometry = self.geometry(geometry_rng, tile_hw, size, scale)
         return View(None, transform_grid(grid, geometry, mpp), geometry.mpp(mpp), size, geometry,
                     self.colour(colour_rng, blur_p, solarize_p))
@@ -225,11 +215,12 @@ class MultiCrop:
         """Every view's geometry, colour and sites (no pixels), in the order the generator is consumed."""
         c = self.cfg
         g_size, g_scale = c.global_crop_size, c.global_crop_scale
+        rngs = rng.spawn(2)  # geometry, colour: the crops do not change when colour settings do
         globals_ = [
-            self.view(tile_hw, grid, mpp, rng, g_size, g_scale, c.blur_p_global1),
-            self.view(tile_hw, grid, mpp, rng, g_size, g_scale, c.blur_p_global2, c.solarize_p_global2),
+            self.view(tile_hw, grid, mpp, rngs, g_size, g_scale, c.blur_p_global1),
+            self.view(tile_hw, grid, mpp, rngs, g_size, g_scale, c.blur_p_global2, c.solarize_p_global2),
         ]
-        locals_ = [self.view(tile_hw, grid, mpp, rng, c.local_crop_size, c.local_crop_scale, c.blur_p_local)
+        locals_ = [self.view(tile_hw, grid, mpp, rngs, c.local_crop_size, c.local_crop_scale, c.blur_p_local)
                    for _ in range(c.local_crops_number)]
         return globals_, locals_
 

@@ -1,7 +1,7 @@
 """A batch of multi-crop tiles → the teacher's and the student's packed inputs, masks included.
 
 Per batch, one transcript token size is drawn from ``resolutions_um`` (so the model learns every
-scale) and every view's sites are binned at it in the view's own frame (:func:`histotx.tokens.bin_grid`),
+scale) and every view's sites are binned at it in the view's own frame (:func:`histotx.tokens.bin_grids`),
 except where the sites are coarser than the draw (55 µm spots at 8 µm): those keep one token per site at
 their own size, since spreading a spot over smaller cells makes copies of one expression that the
 masked-expression and transcript-iBOT targets would leak through. Every site thus feeds exactly one
@@ -25,7 +25,7 @@ from histotx.data.masking import image_masks, token_masks
 from histotx.data.pixels import PendingViews, render_views
 from histotx.format import VOCAB_NAME, read_manifest
 from histotx.model.transcripts import TranscriptBatch
-from histotx.tokens import TranscriptCells, bin_grid, token_size
+from histotx.tokens import TranscriptCells, bin_grids, token_size
 from histotx.vocab import Vocab
 
 BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY = 0, 1, 2
@@ -105,9 +105,15 @@ class SSLBatch:
 
 def _tokens(views: list[View], resolution_um: float | None) -> list[TranscriptCells]:
     """Each view's tokens at the drawn size, or one per site (native) when the draw is "native" or finer
-    than the site footprint."""
-    return [bin_grid(v.grid, v.mpp, token_size(v.grid.footprint_um, resolution_um), (v.size, v.size))
-            for v in views]
+    than the site footprint; binned for all views of a size at once."""
+    out: list[TranscriptCells] = [None] * len(views)  # type: ignore[list-item]
+    for size in {v.size for v in views}:
+        idx = [i for i, v in enumerate(views) if v.size == size]
+        cells = bin_grids([views[i].grid for i in idx], [views[i].mpp for i in idx],
+                          [token_size(views[i].grid.footprint_um, resolution_um) for i in idx], (size, size))
+        for i, c in zip(idx, cells):
+            out[i] = c
+    return out
 
 
 def _images(views: list[View], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
