@@ -15,7 +15,8 @@
    time, so that other processes on a shared machine do not distort it.
 3. Loader rate: samples/s per CPU core for the default recipe (2 global 224 + 8 local 96 crops with
    transcript grids, from the cohort's 256 px JPEG tiles): the CPU time of one DataLoader worker per
-   sample it delivers. From it, the cores one H200 needs at the ViT-L/16 step rate (GPU_* constants
+   sample it delivers, in steady state (the worker's own CPU clock from its first batch to its last,
+   LoaderStats.worker_cpu_s: process start-up and batches made ahead are left out). From it, the cores one H200 needs at the ViT-L/16 step rate (GPU_* constants
    below; goal ≤ 4). With --decode-device cuda the worker leaves decoding and pixel work to the GPU
    (data.augment.decode_device); then its CPU cost per sample, and the GPU stage's time per sample
    (histotx.data.device_decode.BatchDecoder; on CPU when no GPU is present, said so in the output).
@@ -160,13 +161,14 @@ def loader_rate(shards: Path, batch: int, samples: int, decode_device: str) -> d
     cfg = load_config(DataConfig, overrides=[f"stream.shards={shards}", f"stream.batch_size={batch}",
                                              "stream.num_workers=1", "stream.shuffle_buffer=64",
                                              "stream.resample=true", f"augment.decode_device={decode_device}"])
-    start = _children_cpu()
-    it = iter(build_loader(cfg, rank=0, world_size=1))
-    delivered = list(itertools.islice(it, batches))
-    del it  # the worker may have made up to prefetch_factor (2) more batches: counted against it
-    gc.collect()
-    time.sleep(1.0)  # the worker exits; its CPU time is counted once it has been waited for
-    out = {"worker_cpu_s": (_children_cpu() - start) / (batch * batches)}
+    loader = build_loader(cfg, rank=0, world_size=1)
+    it = iter(loader)
+    delivered = [next(it)]
+    first = loader.stats  # the worker's CPU clock when it had made the first batch: start-up left out
+    delivered += list(itertools.islice(it, batches))
+    last = loader.stats
+    del it
+    out = {"worker_cpu_s": (last.worker_cpu_s - first.worker_cpu_s) / (last.samples - first.samples)}
     if decode_device == "cuda":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         decoder = BatchDecoder(cfg.augment, device)

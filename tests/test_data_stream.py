@@ -44,6 +44,8 @@ def test_one_epoch_covers_every_tile_once_with_two_workers(shards):
     epoch0 = list(islice(loader, 6))
     assert sorted(indices(epoch0)) == list(range(24))
     assert loader.epoch == 1 and loader.stats.shards_read == 4 and loader.stats.corrupt_shards == 0
+    # each worker reports the samples it delivered and its own CPU clock (what benchmarks/train_step.py reads)
+    assert loader.stats.samples == 24 and loader.stats.worker_cpu_s > 0
     epoch1 = list(islice(loader, 6))
     assert sorted(indices(epoch1)) == list(range(24)) and indices(epoch1) != indices(epoch0)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,8 @@ class LoaderStats:
     shards_read: int = 0
     corrupt_shards: int = 0
     bad_samples: int = 0
+    samples: int = 0  # delivered in batches
+    worker_cpu_s: float = 0.0  # CPU seconds of the worker process(es) when their last batch was made (0 without workers)
 
     def __add__(self, other: "LoaderStats") -> "LoaderStats":
         return LoaderStats(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
@@ -194,6 +197,8 @@ class ShardStream(IterableDataset):
                         raise RuntimeError(f"{bad_run} bad samples in a row on rank {self.rank} slot {slot}; "
                                            f"last: {exc}") from exc
             batch = self.collate(items, np.random.default_rng([cfg.seed, _BATCH, epoch, self.rank, index]))
+            stats.samples += len(items)
+            stats.worker_cpu_s = time.process_time() if info else 0.0
             yield {"batch": batch, "epoch": epoch, "index": index, "slot": slot, "position": position,
                    "worker": worker, "stats": asdict(stats)}
 
