@@ -256,9 +256,10 @@ def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tenso
         cv2.setNumThreads(1)  # one worker, one core: OpenCV's own pool would contend with the other workers
     normalise, pixels = _normalise_map(mean, std), out.numpy()
     hwc = [tile.permute(1, 2, 0).numpy() for tile in tiles]  # the decoder's own [H, W, 3] arrays
+    work, spare = np.empty((size, size, 3), np.float32), np.empty((size, size, 3), np.float32)
     for n, (t, g) in enumerate(zip(tile_of_view, geometries)):
         crop = g.apply_to_hwc(hwc[t])  # [S, S, 3] uint8
-        x = colour_hwc(np.divide(crop, np.float32(255.0), dtype=np.float32), views[n].colour)
+        x = colour_hwc(np.divide(crop, np.float32(255.0), out=work), views[n].colour, spare)
         cv2.transform(x, normalise, dst=pixels[n])
     return out.permute(0, 3, 1, 2)  # [N, 3, S, S], memory format channels_last
 
@@ -320,22 +321,25 @@ def _clip(x: np.ndarray, low: bool = True) -> np.ndarray:
 
 
 def _map(x: np.ndarray, matrix: np.ndarray, offset: np.ndarray | float = 0.0) -> np.ndarray:
-    """``matrix @ rgb + offset`` per pixel (cv2.transform: one pass, the 3×4 map in float64)."""
+    """``matrix @ rgb + offset`` per pixel, in place (cv2.transform: one pass, the 3×4 map in float64)."""
     m = np.empty((3, 4))
     m[:, :3], m[:, 3] = matrix, offset
-    return cv2.transform(x, m)
+    return cv2.transform(x, m, dst=x)
 
 
-def colour_hwc(x: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """:func:`colour` for one view on a CPU: ``x`` ``[H, W, 3]`` float32 in [0, 1] (may be overwritten),
-    ``p`` a row of :data:`COLOUR_FIELDS` → the jittered view in [0, 1]. An op whose parameter is its
-    identity is skipped, as there; a clamp is skipped only where the op cannot leave [0, 1]."""
+def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
+    """:func:`colour` for one view on a CPU: ``x`` ``[H, W, 3]`` float32 in [0, 1], ``p`` a row of
+    :data:`COLOUR_FIELDS` → the jittered view in [0, 1]. An op whose parameter is its identity is
+    skipped, as there; a clamp is skipped only where the op cannot leave [0, 1]. Every op runs in place
+    in ``x`` but the blur, which writes to ``spare`` (an array like ``x``, made if not given): the result
+    is one of the two. Reusing two buffers for all views matters: on a virtual machine, the first touch
+    of fresh memory can cost more than the op itself."""
     for op in (np.rint(p[4:8]).astype(int) if (p[0:3] != 1).any() or p[3] != 0 else ()):
         if op == HUE:
             if p[3] != 0:  # OpenCV's float HSV has hue in degrees and wraps values ≥ 360 (not < 0)
-                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
-                cv2.add(hsv, (360.0 * (p[3] % 1.0), 0.0, 0.0, 0.0), dst=hsv)
-                x = _clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+                cv2.cvtColor(x, cv2.COLOR_RGB2HSV, dst=x)
+                cv2.add(x, (360.0 * (p[3] % 1.0), 0.0, 0.0, 0.0), dst=x)
+                x = _clip(cv2.cvtColor(x, cv2.COLOR_HSV2RGB, dst=x))
             continue
         factor = p[op]
         if factor == 1:
@@ -351,17 +355,18 @@ def colour_hwc(x: np.ndarray, p: np.ndarray) -> np.ndarray:
     if p[8] > 0:  # stain jitter, as _stain: exp(log x @ H·diag(α)·R − β·R), positive
         hed_from_rgb, rgb_from_hed = _HED
         matrix = (rgb_from_hed.T * p[9:12]) @ hed_from_rgb.T
-        log_x = cv2.log(cv2.max(x, _scalar(1e-6), dst=x))
-        x = _clip(cv2.exp(_map(log_x, matrix, -(p[12:15] @ rgb_from_hed))), low=False)
+        cv2.log(cv2.max(x, _scalar(1e-6), dst=x), dst=x)
+        x = _clip(cv2.exp(_map(x, matrix, -(p[12:15] @ rgb_from_hed)), dst=x), low=False)
     if p[15] > 0:  # luma weights sum to 0.9999: stays in [0, 1]
         x = _map(x, _GRAY_ROWS)
     if p[16] > 0:  # torchvision's kernel (2·⌈3σ⌉ + 1 taps) and "reflect" padding (OpenCV's REFLECT_101)
         r = int(np.ceil(3 * p[16]))
         taps = np.exp(-np.arange(-r, r + 1, dtype=np.float64) ** 2 / (2 * p[16] ** 2))
         taps /= taps.sum()
-        x = cv2.sepFilter2D(x, -1, taps, taps, borderType=cv2.BORDER_REFLECT_101)
+        spare = np.empty_like(x) if spare is None else spare
+        x = cv2.sepFilter2D(x, -1, taps, taps, dst=spare, borderType=cv2.BORDER_REFLECT_101)
     if p[17] > 0:  # x < 0.5 stays, x ≥ 0.5 becomes 1 − x: 0.5 − |x − 0.5| (a masked numpy op is 20× slower)
-        x = cv2.subtract(_scalar(0.5), cv2.absdiff(x, _scalar(0.5)))
+        x = cv2.subtract(_scalar(0.5), cv2.absdiff(x, _scalar(0.5), dst=x), dst=x)
     return _clip(x)
 
 
