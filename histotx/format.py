@@ -128,14 +128,25 @@ class TranscriptGrid:
             raise FormatError(f"footprint_shape must be one of {FOOTPRINT_SHAPES}, got {self.footprint_shape!r}")
 
     def select(self, keep: np.ndarray) -> "TranscriptGrid":
-        """The sites where ``keep`` (bool, ``n_sites``) holds, with their entries. A subset of a valid grid
-        is valid: it is not checked again (the loader takes one per view, ten per sample)."""
-        counts = self.offsets[1:] - self.offsets[:-1]
-        entries = np.repeat(keep, counts)
-        offsets = np.zeros(int(np.count_nonzero(keep)) + 1, dtype=np.int64)
-        np.cumsum(counts[keep], out=offsets[1:])
-        out = copy.copy(self)  # (no __init__: no re-validation)
-        out.xy, out.offsets, out.gene, out.count = self.xy[keep], offsets, self.gene[entries], self.count[entries]
+        """The sites where ``keep`` (bool, ``n_sites``) holds, with their entries."""
+        return self.select_many(np.asarray(keep, dtype=bool)[None])[0]
+
+    def select_many(self, keep: np.ndarray) -> list["TranscriptGrid"]:
+        """One subset per row of ``keep`` (bool, ``[subsets, n_sites]``), made in one pass. A subset of a
+        valid grid is valid: it is not checked again (the loader takes ten per sample, one per view)."""
+        subset, site = np.nonzero(keep)  # ordered by subset, then site
+        nnz = (self.offsets[1:] - self.offsets[:-1])[site]
+        offsets = np.zeros(site.size + 1, dtype=np.int64)
+        np.cumsum(nnz, out=offsets[1:])
+        entry = np.repeat(self.offsets[site] - offsets[:-1], nnz) + np.arange(offsets[-1])
+        xy, gene, count = self.xy[site], self.gene[entry], self.count[entry]
+        bounds = np.searchsorted(subset, np.arange(keep.shape[0] + 1))
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            grid = copy.copy(self)  # (no __init__: no re-validation)
+            e0, e1 = offsets[a], offsets[b]
+            grid.xy, grid.offsets, grid.gene, grid.count = xy[a:b], offsets[a:b + 1] - e0, gene[e0:e1], count[e0:e1]
+            out.append(grid)
         return out
 
     @classmethod

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from histotx.config import load_config
-from histotx.data.augment import CropGeometry, MultiCrop, transform_grid
+from histotx.data.augment import CropGeometry, MultiCrop, transform_grid, transform_grids
 from histotx.data.pixels import IDENTITY, colour
 from histotx.data.config import DataConfig
 from histotx.format import TileSample, TranscriptGrid, encode_image_rgb
@@ -93,6 +93,27 @@ def test_channels_last_crops_are_the_channels_first_crops(hflip, vflip, turns):
         assert out.flags.c_contiguous and out.shape == (size, size, 3)
         expected = geom.apply_to_image(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy()
         np.testing.assert_array_equal(out, expected)
+
+
+def test_all_crops_of_a_tile_move_its_sites_as_each_crop_alone():
+    """transform_grids (one pass for a sample's views) = transform_grid crop by crop, bit for bit, with
+    spots reaching in from outside, flips, turns and resizing."""
+    rng = np.random.default_rng(0)
+    nnz = rng.integers(0, 4, 300)
+    offsets = np.concatenate([[0], np.cumsum(nnz)])
+    grid = TranscriptGrid(rng.uniform(-10, 140, (300, 2)), offsets, rng.integers(0, 9, offsets[-1]),
+                          rng.uniform(0, 3, offsets[-1]), 20.0, "disk")
+    geometries = []
+    for _ in range(12):
+        w, h = (int(v) for v in rng.integers(1, 128, 2))
+        geometries.append(CropGeometry(int(rng.integers(0, 129 - w)), int(rng.integers(0, 129 - h)), w, h,
+                                       int(rng.choice([24, 96])), bool(rng.random() < 0.5), bool(rng.random() < 0.5),
+                                       int(rng.integers(0, 4))))
+    for geometry, together in zip(geometries, transform_grids(grid, geometries, tile_mpp=0.5)):
+        alone = transform_grid(grid, geometry, tile_mpp=0.5)
+        for name in ("xy", "offsets", "gene", "count"):
+            np.testing.assert_array_equal(getattr(together, name), getattr(alone, name))
+        together.validate()
 
 
 def test_footprints_reaching_into_a_crop_are_kept():

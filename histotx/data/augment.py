@@ -97,20 +97,27 @@ class CropGeometry:
 
     def apply_to_xy(self, xy: np.ndarray) -> np.ndarray:
         """Tile pixel positions (x right, y down, continuous) → view pixel positions."""
-        s = float(self.size)
-        x = (xy[:, 0].astype(np.float64) - self.left) * (s / self.width)
-        y = (xy[:, 1].astype(np.float64) - self.top) * (s / self.height)
-        if self.hflip:
-            x = s - x
-        if self.vflip:
-            y = s - y
-        for _ in range(self.quarter_turns % 4):
-            x, y = y, s - x  # a counter-clockwise quarter turn of an S×S image: (x, y) → (y, S − x)
-        return np.stack([x, y], axis=1).astype(np.float32)
+        return _to_view(xy, *(np.asarray(v) for v in self._params()))
+
+    def _params(self) -> tuple:
+        return self.left, self.top, self.width, self.height, self.size, self.hflip, self.vflip, self.quarter_turns
 
     def mpp(self, tile_mpp: float) -> float:
         """µm per view pixel (geometric mean over the axes when the crop's aspect was jittered)."""
         return tile_mpp * math.sqrt(self.width * self.height) / self.size
+
+
+def _to_view(xy, left, top, width, height, size, hflip, vflip, turns) -> np.ndarray:
+    """:meth:`CropGeometry.apply_to_xy` with the geometry's fields as arrays broadcast over the points
+    (one geometry, or one per point)."""
+    s = size.astype(np.float64)
+    x = (xy[:, 0].astype(np.float64) - left) * (s / width)
+    y = (xy[:, 1].astype(np.float64) - top) * (s / height)
+    x, y = np.where(hflip, s - x, x), np.where(vflip, s - y, y)
+    turns = turns % 4
+    for k in (1, 2, 3):  # a counter-clockwise quarter turn of an S×S image: (x, y) → (y, S − x)
+        x, y = np.where(turns >= k, y, x), np.where(turns >= k, s - x, y)
+    return np.stack([x, y], axis=1).astype(np.float32)
 
 
 def transform_grid(grid: TranscriptGrid, geometry: CropGeometry, tile_mpp: float) -> TranscriptGrid:
@@ -119,12 +126,22 @@ def transform_grid(grid: TranscriptGrid, geometry: CropGeometry, tile_mpp: float
     A spot whose centre lies just outside the crop but whose disk reaches into it is kept: binning
     assigns it only the share of its footprint inside the view.
     """
+    return transform_grids(grid, [geometry], tile_mpp)[0]
+
+
+def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_mpp: float) -> list[TranscriptGrid]:
+    """:func:`transform_grid` for many crops of one tile, in one pass over its sites."""
     reach = 0.5 * grid.footprint_um / tile_mpp if grid.footprint_shape != "point" else 0.0
+    params = np.array([g._params() for g in geometries], dtype=np.int64)  # [crops, 8]
+    left, top, right, bottom = (params[:, i:i + 1] for i in range(4))
+    right, bottom = left + right, top + bottom
     x, y = grid.xy[:, 0], grid.xy[:, 1]
-    keep = ((x + reach >= geometry.left) & (x - reach < geometry.left + geometry.width)
-            & (y + reach >= geometry.top) & (y - reach < geometry.top + geometry.height))
-    kept = grid.select(keep)
-    kept.xy = geometry.apply_to_xy(kept.xy)
+    keep = (x + reach >= left) & (x - reach < right) & (y + reach >= top) & (y - reach < bottom)  # [crops, sites]
+    kept = grid.select_many(keep)
+    moved = _to_view(np.concatenate([k.xy for k in kept]),
+                     *np.repeat(params, [k.n_sites for k in kept], axis=0).T)
+    for k, xy in zip(kept, np.split(moved, np.cumsum([k.n_sites for k in kept])[:-1])):
+        k.xy = xy
     return kept
 
 
@@ -153,9 +170,10 @@ def sample_crop_box(rng: np.random.Generator, height: int, width: int, scale: tu
 class MultiCrop:
     """2 global + N local co-registered views of a tile, DINOv2 style.
 
-    Drawing (here, per view: geometry, then colour parameters, from the sample's generator) is separate
-    from pixel work (:func:`histotx.data.pixels.render`, all views of a size at once). With
-    ``decode_device`` "cuda" the JPEG stays undecoded and the GPU renders the same views per batch."""
+    Drawing (here: every view's geometry, then its colour parameters, from two streams of the sample's
+    generator; the sites of all views moved in one pass) is separate from pixel work
+    (:func:`histotx.data.pixels.render_views`, per batch). With ``decode_device`` "cuda" the JPEG stays
+    undecoded and the GPU renders the same views per batch."""
 
     def __init__(self, cfg: AugmentConfig) -> None:
         self.cfg = cfg
@@ -187,13 +205,6 @@ class MultiCrop:
         p[17] = float(rng.random() < solarize_p)
         return p
 
-    def view(self, tile_hw: tuple[int, int], grid: TranscriptGrid, mpp: float, rngs: list[np.random.Generator],
-             size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> View:
-        """A view without its pixels; ``rngs``: the sample's geometry and colour generators."""
-        geometry_rng, colour_rng = rngs
-        geometry = self.geometry(geometry_rng, tile_hw, size, scale)
-        return View(None, transform_grid(grid, geometry, mpp), geometry.mpp(mpp), size, geometry,
-                    self.colour(colour_rng, blur_p, solarize_p))
 
     def __call__(self, tile: TileSample, rng: np.random.Generator) -> TileViews:
         """A shard sample's views (the loader's per-sample transform), pixels not yet made: the tile
@@ -214,15 +225,16 @@ class MultiCrop:
              rng: np.random.Generator) -> tuple[list[View], list[View]]:
         """Every view's geometry, colour and sites (no pixels), in the order the generator is consumed."""
         c = self.cfg
-        g_size, g_scale = c.global_crop_size, c.global_crop_scale
-        rngs = rng.spawn(2)  # geometry, colour: the crops do not change when colour settings do
-        globals_ = [
-            self.view(tile_hw, grid, mpp, rngs, g_size, g_scale, c.blur_p_global1),
-            self.view(tile_hw, grid, mpp, rngs, g_size, g_scale, c.blur_p_global2, c.solarize_p_global2),
-        ]
-        locals_ = [self.view(tile_hw, grid, mpp, rngs, c.local_crop_size, c.local_crop_scale, c.blur_p_local)
-                   for _ in range(c.local_crops_number)]
-        return globals_, locals_
+        # (size, scale, blur probability, solarize probability) per view: 2 global crops, then the local ones
+        specs = [(c.global_crop_size, c.global_crop_scale, c.blur_p_global1, 0.0),
+                 (c.global_crop_size, c.global_crop_scale, c.blur_p_global2, c.solarize_p_global2)]
+        specs += [(c.local_crop_size, c.local_crop_scale, c.blur_p_local, 0.0)] * c.local_crops_number
+        geometry_rng, colour_rng = rng.spawn(2)  # the crops do not change when colour settings do
+        geometries = [self.geometry(geometry_rng, tile_hw, size, scale) for size, scale, _, _ in specs]
+        grids = transform_grids(grid, geometries, mpp)
+        views = [View(None, g_sites, g.mpp(mpp), size, g, self.colour(colour_rng, blur_p, solarize_p))
+                 for g, g_sites, (size, _, blur_p, solarize_p) in zip(geometries, grids, specs)]
+        return views[:2], views[2:]
 
     def crops(self, rgb: np.ndarray, grid: TranscriptGrid, mpp: float,
               rng: np.random.Generator) -> tuple[list[View], list[View]]:
