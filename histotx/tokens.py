@@ -64,6 +64,16 @@ class TranscriptCells:
             raise ValueError(f"resolution_um must be positive, got {self.resolution_um}")
 
     @classmethod
+    def trusted(cls, xy: np.ndarray, offsets: np.ndarray, gene: np.ndarray, weight: np.ndarray,
+                resolution_um: float) -> "TranscriptCells":
+        """Cells from arrays already in this class's dtypes and forming a valid CSR index (binning's own
+        output, cut per tile): not converted or checked again."""
+        cells = cls.__new__(cls)
+        cells.xy, cells.offsets, cells.gene, cells.weight = xy, offsets, gene, weight
+        cells.resolution_um = float(resolution_um)
+        return cells
+
+    @classmethod
     def empty(cls, resolution_um: float) -> "TranscriptCells":
         return cls(np.zeros((0, 2)), np.zeros(1), np.zeros(0), np.zeros(0), resolution_um)
 
@@ -199,13 +209,16 @@ def _concat(grids: Sequence[TranscriptGrid]):
 
 
 def _split(occupied, offsets, gene, weight, start, xy, resolutions) -> list[TranscriptCells]:
-    """:func:`_normalise`'s output over all tiles (``occupied`` sorted global ids), cut at ``start``."""
+    """:func:`_normalise`'s output over all tiles (``occupied`` sorted global ids), cut at ``start``; the
+    dtypes set once for all tiles."""
     bounds = np.searchsorted(occupied, start)
+    xy = np.ascontiguousarray(xy, dtype=np.float32).reshape(-1, 2)
+    offsets, gene, weight = offsets.astype(np.int64), gene.astype(np.int64), weight.astype(np.float32)
     out = []
     for v, resolution in enumerate(resolutions):
         a, b = bounds[v], bounds[v + 1]
         e0, e1 = offsets[a], offsets[b]
-        out.append(TranscriptCells(xy[a:b], offsets[a:b + 1] - e0, gene[e0:e1], weight[e0:e1], resolution))
+        out.append(TranscriptCells.trusted(xy[a:b], offsets[a:b + 1] - e0, gene[e0:e1], weight[e0:e1], resolution))
     return out
 
 

@@ -195,3 +195,6 @@ def test_binning_many_tiles_at_once_gives_each_tile_its_own_tokens():
             for name in ("xy", "offsets", "gene", "weight"):
                 np.testing.assert_array_equal(getattr(got, name), getattr(alone, name))
             assert got.resolution_um == alone.resolution_um
+            again = TranscriptCells(got.xy, got.offsets, got.gene, got.weight, got.resolution_um)  # checks the CSR
+            for name in ("xy", "offsets", "gene", "weight"):  # already in the class's dtypes, contiguous
+                assert getattr(again, name).dtype == getattr(got, name).dtype and getattr(got, name).flags.c_contiguous
