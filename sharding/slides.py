@@ -141,6 +141,12 @@ class _TiledLevel:
                 return area_reduce(full, k)
         return tile
 
+    def forget_above(self, y: int) -> None:
+        """Drop the cached tiles of this level (at any reduction) lying wholly above level row ``y``."""
+        stale = [key for key in self._cache if key[0] == self._key and (key[1] // self._per_row + 1) * self._th <= y]
+        for key in stale:
+            self._budget[0] += self._cache.pop(key).nbytes
+
     def reducible(self, k: int) -> bool:
         """Whether tiles split into whole k×k blocks, so the level reduced by ``k`` is read tile by tile."""
         return self._th % k == 0 and self._tw % k == 0
@@ -458,6 +464,14 @@ class Slide:
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         out[y0 - y : y1 - y, x0 - x : x1 - x] = patch
         return out
+
+    def forget_above(self, level: int, y: int, reduce: int = 1) -> None:
+        """A reader going down the slide row by row will not read above row ``y`` (of ``level`` reduced by
+        ``reduce``) again: the decoded tiles there leave the cache, which then stays a few tile rows deep and
+        keeps reusing the same memory (fresh memory costs a page fault per 4 kB: ~10 % of a 1:1 tile's time)."""
+        data = self._levels_data[level]
+        if isinstance(data, _TiledLevel):
+            data.forget_above(y * reduce)
 
     def thumbnail(self, target_mpp: float) -> tuple[np.ndarray, float]:
         """Whole slide at about ``target_mpp`` (from the coarsest adequate level, reduced by 2/4/8 while decoding,

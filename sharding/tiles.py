@@ -130,8 +130,12 @@ def runs(plan: TilePlan, max_tiles: int) -> Iterator[np.ndarray]:
 def render_run(slide: Slide, geom: TileGeometry, plan: TilePlan, idx: np.ndarray, tile_px: int,
                resample: str = "area") -> list[np.ndarray]:
     """Pixels of the tiles ``idx`` (one run of a row, or one spot tile), each (tile_px, tile_px, 3) uint8: the
-    run is read as one strip, each tile resized from its own square of it (so no tile depends on its run)."""
+    run is read as one strip, each tile resized from its own square of it (so no tile depends on its run).
+    Grid runs come row by row (:func:`runs`), so the slide's cache forgets the source tiles above a grid run
+    (a caller going another way only costs decodes, never pixels)."""
     x, y = geom.read_px(slide, *plan.origins[idx[0]])
     n, side = len(idx), geom.size_px
+    if plan.rows[idx[0]] >= 0:
+        slide.forget_above(geom.level, y, geom.reduce)
     strip = slide.read_region(geom.level, x, y, n * side, side, geom.reduce)
     return [resize_pixels(strip[:, i * side : (i + 1) * side], tile_px, tile_px, resample) for i in range(n)]

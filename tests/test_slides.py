@@ -13,7 +13,7 @@ from sharding.config import ShardConfig
 from sharding.errors import InputError
 from sharding.pipeline import run_cohort
 from sharding.slides import Slide, area_reduce
-from sharding.tiles import plan_spots, render_run, tile_geometry
+from sharding.tiles import plan_grid, plan_spots, render_run, runs, tile_geometry
 from sharding.tissue import TissueMap, fill_holes
 from shardkit import write_pyramid
 
@@ -212,3 +212,36 @@ def test_fill_holes_equals_scipy():
         h, w = rng.integers(1, 40, 2)
         mask = rng.random((h, w)) < rng.random()
         np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+@pytest.mark.parametrize("mpp", [0.5, 1.0])  # 1:1 and 2× reduced inside the decoder
+def test_grid_runs_decode_each_tile_once_with_a_cache_a_few_rows_deep(tmp_path, monkeypatch, mpp):
+    """Rendering a grid row by row, the slide forgets the source tiles above the current run: each source tile
+    is still decoded once, the tiles are those of a slide that forgets nothing, and the cache never holds
+    more than the rows one run spans plus the next."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (1000, 1100, 3), dtype=np.uint8)
+    path = tmp_path / "grid.tif"
+    tifffile.imwrite(path, rgb, tile=(112, 112), photometric="rgb", compression="jpeg", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    cfg = ShardConfig(mpp=mpp, tile_px=128, min_tissue_fraction=0)
+    with Slide(path) as slide:
+        geom = tile_geometry(slide, cfg)
+        plan = plan_grid(slide, TissueMap(np.ones((10, 11), bool), 100.0), cfg, geom)
+        level = slide._levels_data[geom.level]
+        decoded, deepest = [], 0
+        real = level._decode
+        monkeypatch.setattr(level, "_decode", lambda data, i, k=1: decoded.append(i) or real(data, i, k))
+        tiles = []
+        for idx in runs(plan, 3):
+            tiles += render_run(slide, geom, plan, idx, cfg.tile_px)
+            deepest = max(deepest, len({i // level._per_row for _, i, _ in level._cache}))
+        keep_all = Slide(path)
+        monkeypatch.setattr(keep_all, "forget_above", lambda *a: None)
+        want = [t for idx in runs(plan, 3) for t in render_run(keep_all, geom, plan, idx, cfg.tile_px)]
+        keep_all.close()
+    under_grid = -(-int(plan.size0 * (plan.rows.max() + 1)) // 112) * -(-int(plan.size0 * (plan.cols.max() + 1)) // 112)
+    assert len(decoded) == len(set(decoded)) == under_grid  # every source tile under the grid, once
+    assert deepest <= -(-cfg.tile_px * geom.reduce // 112) + 2
+    for got, ref in zip(tiles, want, strict=True):
+        np.testing.assert_array_equal(got, ref)
