@@ -320,20 +320,22 @@ def _clip(x: np.ndarray, low: bool = True) -> np.ndarray:
     return cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)[1] if low else x
 
 
-def _map(x: np.ndarray, matrix: np.ndarray, offset: np.ndarray | float = 0.0) -> np.ndarray:
-    """``matrix @ rgb + offset`` per pixel, in place (cv2.transform: one pass, the 3×4 map in float64)."""
+def _map(x: np.ndarray, matrix: np.ndarray, offset: np.ndarray | float, out: np.ndarray) -> np.ndarray:
+    """``matrix @ rgb + offset`` per pixel into ``out`` (cv2.transform: one pass, the 3×4 map in float64;
+    in place it copies its input first, twice the time)."""
     m = np.empty((3, 4))
     m[:, :3], m[:, 3] = matrix, offset
-    return cv2.transform(x, m, dst=x)
+    return cv2.transform(x, m, dst=out)
 
 
 def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
     """:func:`colour` for one view on a CPU: ``x`` ``[H, W, 3]`` float32 in [0, 1], ``p`` a row of
     :data:`COLOUR_FIELDS` → the jittered view in [0, 1]. An op whose parameter is its identity is
-    skipped, as there; a clamp is skipped only where the op cannot leave [0, 1]. Every op runs in place
-    in ``x`` but the blur, which writes to ``spare`` (an array like ``x``, made if not given): the result
-    is one of the two. Reusing two buffers for all views matters: on a virtual machine, the first touch
-    of fresh memory can cost more than the op itself."""
+    skipped, as there; a clamp is skipped only where the op cannot leave [0, 1]. The ops write into
+    ``x`` or ``spare`` (an array like ``x``, made if not given) and the result is one of the two: reusing
+    two buffers for all views matters, as on a virtual machine the first touch of fresh memory can cost
+    more than the op itself."""
+    spare = np.empty_like(x) if spare is None else spare
     for op in (np.rint(p[4:8]).astype(int) if (p[0:3] != 1).any() or p[3] != 0 else ()):
         if op == HUE:
             if p[3] != 0:  # OpenCV's float HSV has hue in degrees and wraps values ≥ 360 (not < 0)
@@ -349,22 +351,22 @@ def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) ->
             x = _clip(x, low=False) if factor > 1 else x
         elif op == CONTRAST:
             gray_mean = float(np.dot(cv2.mean(x)[:3], _GRAY))
-            x = _clip(_map(x, factor * np.eye(3), (1 - factor) * gray_mean))
+            x, spare = _clip(_map(x, factor * np.eye(3), (1 - factor) * gray_mean, spare)), x
         else:  # saturation
-            x = _clip(_map(x, factor * np.eye(3) + (1 - factor) * _GRAY_ROWS))
+            x, spare = _clip(_map(x, factor * np.eye(3) + (1 - factor) * _GRAY_ROWS, 0.0, spare)), x
     if p[8] > 0:  # stain jitter, as _stain: exp(log x @ H·diag(α)·R − β·R), positive
         hed_from_rgb, rgb_from_hed = _HED
         matrix = (rgb_from_hed.T * p[9:12]) @ hed_from_rgb.T
         cv2.log(cv2.max(x, _scalar(1e-6), dst=x), dst=x)
-        x = _clip(cv2.exp(_map(x, matrix, -(p[12:15] @ rgb_from_hed)), dst=x), low=False)
+        x, spare = _map(x, matrix, -(p[12:15] @ rgb_from_hed), spare), x
+        x = _clip(cv2.exp(x, dst=x), low=False)
     if p[15] > 0:  # luma weights sum to 0.9999: stays in [0, 1]
-        x = _map(x, _GRAY_ROWS)
+        x, spare = _map(x, _GRAY_ROWS, 0.0, spare), x
     if p[16] > 0:  # torchvision's kernel (2·⌈3σ⌉ + 1 taps) and "reflect" padding (OpenCV's REFLECT_101)
         r = int(np.ceil(3 * p[16]))
         taps = np.exp(-np.arange(-r, r + 1, dtype=np.float64) ** 2 / (2 * p[16] ** 2))
         taps /= taps.sum()
-        spare = np.empty_like(x) if spare is None else spare
-        x = cv2.sepFilter2D(x, -1, taps, taps, dst=spare, borderType=cv2.BORDER_REFLECT_101)
+        x, spare = cv2.sepFilter2D(x, -1, taps, taps, dst=spare, borderType=cv2.BORDER_REFLECT_101), x
     if p[17] > 0:  # x < 0.5 stays, x ≥ 0.5 becomes 1 − x: 0.5 − |x − 0.5| (a masked numpy op is 20× slower)
         x = cv2.subtract(_scalar(0.5), cv2.absdiff(x, _scalar(0.5), dst=x), dst=x)
     return _clip(x)
