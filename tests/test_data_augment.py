@@ -166,3 +166,33 @@ def test_views_are_made_by_the_batch_and_equal_the_per_tile_views():
     for views, ready in ((later.globals, made[0]), (later.locals, made[1])):
         images = render_views(views, [views[0].source], crop.mean, crop.std)
         assert torch.equal(images, torch.stack([v.image for v in ready]))
+
+
+def test_colour_draws_follow_the_configured_probabilities():
+    """The per-view colour parameters, drawn for a sample's views at once: jitter, stain, grayscale at
+    their probabilities on every view, blur per view kind (DINOv2: first global always, second rarely,
+    locals half), solarize only on the second global crop, factors within their ranges, the four jitter
+    ops in every order. Bounds: ±5 binomial standard deviations over 2000 samples."""
+    c = load_config(DataConfig).augment
+    crop = MultiCrop(c)
+    blur_p = np.array([c.blur_p_global1, c.blur_p_global2] + [c.blur_p_local] * c.local_crops_number)
+    solarize_p = np.array([0.0, c.solarize_p_global2] + [0.0] * c.local_crops_number)
+    rng = np.random.default_rng(0)
+    p = np.stack([crop.colours(rng, blur_p, solarize_p) for _ in range(2000)])  # [samples, views, fields]
+
+    def rate_is(observed: np.ndarray, expected: np.ndarray) -> None:
+        sd = np.sqrt(expected * (1 - expected) / observed.shape[0])
+        assert np.all(np.abs(observed.mean(0) - expected) <= 5 * sd + 1e-12), (observed.mean(0), expected)
+
+    n_views = len(blur_p)
+    jittered = (p[..., 4:8] != np.arange(4)).any(-1) | (p[..., 0:3] != 1).any(-1)
+    rate_is(jittered, np.full(n_views, c.color_jitter_p))
+    rate_is(p[..., 8] > 0, np.full(n_views, c.hed_jitter_p))
+    rate_is(p[..., 15] > 0, np.full(n_views, c.grayscale_p))
+    rate_is(p[..., 16] > 0, blur_p)
+    rate_is(p[..., 17] > 0, solarize_p)
+    j = p[jittered]
+    assert (np.abs(j[:, 0] - 1) <= c.brightness).all() and (np.abs(j[:, 3]) <= c.hue).all()
+    assert len({tuple(row) for row in j[:, 4:8]}) == 24  # every order of the four ops occurs
+    sigma = p[..., 16][p[..., 16] > 0]
+    assert sigma.min() >= c.blur_sigma[0] and sigma.max() <= c.blur_sigma[1]

@@ -188,23 +188,25 @@ class MultiCrop:
                             vflip=bool(rng.random() < c.vflip_p),
                             quarter_turns=int(rng.integers(0, 4)) if c.rot90 else 0)
 
-    def colour(self, rng: np.random.Generator, blur_p: float, solarize_p: float) -> np.ndarray:
-        """A view's photometric parameters (a row of pixels.COLOUR_FIELDS), drawn in the order they apply."""
-        c, p = self.cfg, np.array(IDENTITY)
-        if rng.random() < c.color_jitter_p:
-            p[0:4] = (rng.uniform(1 - c.brightness, 1 + c.brightness), rng.uniform(1 - c.contrast, 1 + c.contrast),
-                      rng.uniform(1 - c.saturation, 1 + c.saturation), rng.uniform(-c.hue, c.hue))
-            p[4:8] = rng.permutation(4)
-        if rng.random() < c.hed_jitter_p:
-            p[8] = 1.0
-            p[9:12] = rng.uniform(1 - c.hed_sigma, 1 + c.hed_sigma, 3)
-            p[12:15] = rng.uniform(-c.hed_sigma, c.hed_sigma, 3)
-        p[15] = float(rng.random() < c.grayscale_p)
-        if rng.random() < blur_p:
-            p[16] = rng.uniform(*c.blur_sigma)
-        p[17] = float(rng.random() < solarize_p)
+    def colours(self, rng: np.random.Generator, blur_p: np.ndarray, solarize_p: np.ndarray) -> np.ndarray:
+        """Photometric parameters of views with these blur and solarize probabilities: ``[views,
+        len(pixels.COLOUR_FIELDS)]``, each kind of draw made for all views at once."""
+        c, n = self.cfg, len(blur_p)
+        p = np.tile(np.array(IDENTITY), (n, 1))
+        jitter = rng.random(n) < c.color_jitter_p
+        low = [1 - c.brightness, 1 - c.contrast, 1 - c.saturation, -c.hue]
+        high = [1 + c.brightness, 1 + c.contrast, 1 + c.saturation, c.hue]
+        p[jitter, 0:4] = rng.uniform(low, high, (n, 4))[jitter]
+        p[jitter, 4:8] = rng.permuted(np.tile(np.arange(4.0), (n, 1)), axis=1)[jitter]  # the ops' order
+        stain = rng.random(n) < c.hed_jitter_p
+        p[stain, 8] = 1.0
+        p[stain, 9:12] = rng.uniform(1 - c.hed_sigma, 1 + c.hed_sigma, (n, 3))[stain]
+        p[stain, 12:15] = rng.uniform(-c.hed_sigma, c.hed_sigma, (n, 3))[stain]
+        p[:, 15] = rng.random(n) < c.grayscale_p
+        blur = rng.random(n) < blur_p
+        p[blur, 16] = rng.uniform(*c.blur_sigma, n)[blur]
+        p[:, 17] = rng.random(n) < solarize_p
         return p
-
 
     def __call__(self, tile: TileSample, rng: np.random.Generator) -> TileViews:
         """A shard sample's views (the loader's per-sample transform), pixels not yet made: the tile
@@ -232,8 +234,9 @@ class MultiCrop:
         geometry_rng, colour_rng = rng.spawn(2)  # the crops do not change when colour settings do
         geometries = [self.geometry(geometry_rng, tile_hw, size, scale) for size, scale, _, _ in specs]
         grids = transform_grids(grid, geometries, mpp)
-        views = [View(None, g_sites, g.mpp(mpp), size, g, self.colour(colour_rng, blur_p, solarize_p))
-                 for g, g_sites, (size, _, blur_p, solarize_p) in zip(geometries, grids, specs)]
+        colours = self.colours(colour_rng, np.array([s[2] for s in specs]), np.array([s[3] for s in specs]))
+        views = [View(None, g_sites, g.mpp(mpp), size, g, p)
+                 for g, g_sites, (size, *_), p in zip(geometries, grids, specs, colours)]
         return views[:2], views[2:]
 
     def crops(self, rgb: np.ndarray, grid: TranscriptGrid, mpp: float,
