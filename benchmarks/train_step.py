@@ -184,6 +184,56 @@ def loader_rate(shards: Path, batch: int, samples: int, decode_device: str) -> d
     return out
 
 
+def loader_stages(shards: Path, batch: int, samples: int) -> dict[str, float]:
+    """CPU seconds per sample of each stage of the default recipe (decode on CPU), in one plain loop over
+    the shards' samples: shard reading, sample checks + grid decompression, JPEG decode, view drawing
+    (geometry, colour draws, sites), then the collation's pixels, tokens and the rest (masks, batch)."""
+    import torch
+
+    import histotx.data.collate as collate_module
+    from histotx.config import load_config
+    from histotx.data.augment import MultiCrop, TileViews
+    from histotx.data.collate import SSLCollate
+    from histotx.data.config import DataConfig
+    from histotx.data.stream import LoaderStats, read_shard
+    from histotx.format import decode_image_rgb, decode_sample, read_manifest
+
+    torch.set_num_threads(1)
+    cfg = load_config(DataConfig, overrides=[f"stream.shards={shards}"])
+    crop, collate = MultiCrop(cfg.augment), SSLCollate(cfg)
+    t = dict.fromkeys(("read", "checks + grid", "JPEG decode", "draw", "pixels", "tokens", "masks + rest"), 0.0)
+
+    def timed(fn, stage):
+        def run(*a, **k):
+            start = time.process_time()
+            out = fn(*a, **k)
+            t[stage] += time.process_time() - start
+            return out
+        return run
+
+    start = time.process_time()
+    raw = [r for s in read_manifest(shards)["shards"] for r in read_shard(str(shards / s["name"]), LoaderStats())]
+    read_per_sample = (time.process_time() - start) / len(raw)
+    raw = (raw * (samples // len(raw) + 1))[:samples]
+    collate_module._images = timed(collate_module._images, "pixels")  # (this process only: a benchmark)
+    collate_module._tokens = timed(collate_module._tokens, "tokens")
+    for i in range(0, samples - batch + 1, batch):
+        items = []
+        for j, r in enumerate(raw[i:i + batch]):
+            tile = timed(decode_sample, "checks + grid")(r)
+            rgb = timed(decode_image_rgb, "JPEG decode")(tile.image)
+            source = torch.from_numpy(rgb).permute(2, 0, 1)
+            globals_, locals_ = timed(crop.draw, "draw")(rgb.shape[:2], tile.grid, float(tile.meta["mpp"]),
+                                                         np.random.default_rng([i, j]))
+            for v in globals_ + locals_:
+                v.source = source
+            items.append(TileViews(tile.key, globals_, locals_))
+        timed(collate, "masks + rest")(items, np.random.default_rng(i))
+    t["masks + rest"] -= t["pixels"] + t["tokens"]
+    n = samples // batch * batch
+    return {**{k: v / n for k, v in t.items()}, "read": read_per_sample}
+
+
 def print_loader_rate(args: argparse.Namespace, shards: Path) -> None:
     rounds = [loader_rate(shards, args.loader_batch, args.loader_samples, args.decode_device) for _ in range(args.rounds)]
     worker = float(np.median([r["worker_cpu_s"] for r in rounds]))
@@ -199,6 +249,13 @@ def print_loader_rate(args: argparse.Namespace, shards: Path) -> None:
     cores = GPU_SAMPLES_PER_S / per_core
     print(f"  cores per GPU at {GPU_SAMPLES_PER_S:.0f} samples/s: {cores:.1f} "
           f"({'meets' if cores <= CORES_PER_GPU_GOAL else 'misses'} the goal of ≤ {CORES_PER_GPU_GOAL})")
+    if args.decode_device == "cpu":
+        stages = loader_stages(shards, args.loader_batch, args.loader_samples)
+        total = sum(stages.values())
+        print("  where a sample's CPU time goes (one process, plain loop): "
+              + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in stages.items())
+              + f" ms; total {total * 1e3:.2f} ms. The worker's steady state adds {(worker - total) * 1e3:.2f} ms "
+              f"(shuffle buffer, hand-over of the views in shared memory, queue)")
     if args.decode_device == "cuda":
         stage = float(np.median([r["stage_s"] for r in rounds]))
         stage_cpu = float(np.median([r["stage_cpu_s"] for r in rounds]))
