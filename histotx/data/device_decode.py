@@ -5,8 +5,8 @@ workers cannot keep up with. With this option the workers only read shards, draw
 (crop geometry, colour parameters — from the same generator as on CPU) and move the transcripts; the
 batch carries the tiles' JPEG bytes (:class:`~histotx.data.pixels.PendingViews`). :class:`BatchDecoder`
 then decodes the whole batch at once with ``torchvision.io.decode_jpeg`` on the trainer's device and makes
-the views with the same code as the CPU path (:func:`histotx.data.pixels.render`). The trainer calls it on
-each batch and knows nothing of what it does.
+the views with the same operations and parameters as the CPU path (:func:`histotx.data.pixels.render`). The
+trainer calls it on each batch and knows nothing of what it does.
 """
 from __future__ import annotations
 

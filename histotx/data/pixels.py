@@ -1,20 +1,20 @@
-"""The pixel half of multi-crop: decoded tiles + drawn view parameters → normalised views, batched.
+"""The pixel half of multi-crop: decoded tiles + drawn view parameters → normalised views.
 
 :mod:`histotx.data.augment` draws every random number (crop geometry, colour parameters) and moves the
-transcript sites; this module only computes pixels, from those parameters, for many views at once and on
-any device. The CPU loader calls it per sample in its workers, :mod:`histotx.data.device_decode` per
-batch on the GPU: the same code, so the two paths differ only by their JPEG decoders.
+transcript sites; this module only computes pixels from those parameters, in two implementations of the
+same operations, both held by the tests to torchvision's reference. The operations are DINOv2's recipe:
+colour jitter (brightness, contrast, saturation, hue) in a random order, then stain jitter, grayscale,
+blur, solarize.
 
-A view's colour parameters are one row of :data:`COLOUR_FIELDS`; they stay on the CPU, where the
-decisions (which views an operation touches) are made without device synchronisation. The operations are torchvision's (DINOv2's recipe: colour jitter in a random
-order, then stain jitter, grayscale, blur, solarize), written for a stack of views with per-view
-parameters: brightness, contrast and saturation as one pass per jitter step, hue as torchvision's HSV
-rotation, stain jitter as one 3×3 map in optical density, blur separable.
-
-A CPU worker makes its views one at a time, channels last, with OpenCV's kernels for the same operations
-(:func:`colour_hwc`): each op is one cache-resident pass over one view (a 3×4 colour map, an HSV
-conversion, a separable filter), where torch's elementwise ops on CPU take several passes per op. It costs
-about a fifth of the CPU time; the tests hold both implementations to torchvision's reference.
+- On a GPU (:mod:`histotx.data.device_decode`, per batch): torch ops over a stack of views with per-view
+  parameters (:func:`render`, :func:`colour`): brightness, contrast and saturation as one pass per jitter
+  step, hue as torchvision's HSV rotation, stain jitter as one 3×3 map in optical density, blur separable.
+  A view's parameters stay on the CPU, where the decisions (which views an operation touches) are made
+  without device synchronisation.
+- In a CPU loader worker (:func:`render_views` on CPU tiles): one view at a time, channels last, with
+  OpenCV's kernels (:func:`colour_hwc`): each op is one cache-resident pass over one view (a 3×4 colour
+  map, an HSV conversion, a separable filter) in two buffers reused for all views, where torch's
+  elementwise ops on CPU take several passes per op.
 """
 from __future__ import annotations
 
