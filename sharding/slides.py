@@ -56,6 +56,7 @@ class _TiledLevel:
         self._dct_checked = False  # the first scaled decode is compared with a full one
         self._standalone = self._dct is not None  # full decodes as standalone JPEGs, until one differs
         self._standalone_checked = False  # ... from tifffile's decode, checked on the first textured tile
+        self._forgotten_rows = 0  # tile rows above this one have left the cache (forget_above)
 
     @staticmethod
     def supports(series_level) -> bool:
@@ -153,8 +154,13 @@ class _TiledLevel:
         return tile
 
     def forget_above(self, y: int) -> None:
-        """Drop the cached tiles of this level (at any reduction) lying wholly above level row ``y``."""
-        stale = [key for key in self._cache if key[0] == self._key and (key[1] // self._per_row + 1) * self._th <= y]
+        """Drop the cached tiles of this level (at any reduction) lying wholly above level row ``y``; the cache is
+        scanned only when ``y`` enters a new row of tiles."""
+        row = y // self._th
+        if row <= self._forgotten_rows:
+            return
+        self._forgotten_rows = row
+        stale = [key for key in self._cache if key[0] == self._key and key[1] // self._per_row < row]
         for key in stale:
             self._budget[0] += self._cache.pop(key).nbytes
 
