@@ -5,7 +5,10 @@ Aperio SVS, pyramidal TIFF (levels as SubIFDs or pages) and OME-TIFF all come th
 only the tiles it touches, never a whole level. Levels stored as tiled pages (nearly every WSI)
 additionally keep their recently decoded tiles in a bounded LRU cache (:class:`_TiledLevel`), so that
 neighbouring output tiles — which share source tiles whenever the two tile grids differ — decode each
-source tile once; zarr offers no such cache and decodes again on every read. A level can also be read
+source tile once; zarr offers no such cache and decodes again on every read. A reader going down the slide
+row by row lets the cache forget the rows above it (:meth:`Slide.forget_above`), so it stays a few rows deep and
+reuses its memory. JPEG tiles are decoded by simplejpeg as standalone JPEGs (checked equal to tifffile's decode
+on each level's first textured tile). A level can also be read
 *reduced* by 2, 4 or 8 (each output px the mean of a k×k block): JPEG tiles are then decoded at that scale
 inside libjpeg-turbo (DCT scaling, via simplejpeg), which costs a fraction of a full decode, other data is
 decoded in full and area-averaged. µm/px comes from the
