@@ -25,7 +25,7 @@ Prints tiles/s, the fastest library per step, and the ratios: pipeline (1 worker
 pipeline / naive (goal ≥ 2), 2 workers / 1 worker (goal ≥ 1.8 on ≥ 2 free cores). Wall time, single
 process, so run it on a quiet machine (the CPU-time ratio is printed beside it as a check).
 
-    python benchmarks/shard_throughput.py [--mosaic 6] [--cases 1:1,upsample,down2] [jpeg_subsampling=420 ...]
+    python benchmarks/shard_throughput.py [--mosaic 6] [--cases 1:1,upsample,down2] [--rounds 3] [jpeg_subsampling=420 ...]
 """
 from __future__ import annotations
 
@@ -267,6 +267,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mosaic", type=int, default=6, help="each slide is mosaic² copies of the 2220×2967 CMU region")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds per case, the four measurements interleaved in "
+                    "each; medians printed, with the ratios' range (a virtual machine's rates drift between runs)")
     ap.add_argument("overrides", nargs="*", help="ShardConfig key=value, e.g. jpeg_subsampling=420 resample=bilinear")
     args = ap.parse_args()
     from histotx.config import load_config
@@ -288,22 +290,32 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             cohort = make_slides(tmp, CASES[case], args.mosaic)
-            n_b, t_b, winners = bound(tmp, cfg)
-            n_n, t_n = naive(tmp, cfg)
-            n_1, t_1 = pipeline(cohort, tmp / "out1", cfg, workers=1)
-            n_2, t_2 = pipeline(cohort, tmp / "out2", cfg, workers=2)
-        assert n_b == n_n == n_1 == n_2, (n_b, n_n, n_1, n_2)
+            runs = []
+            for r in range(args.rounds):
+                n_b, t_b, winners = bound(tmp, cfg)
+                n_n, t_n = naive(tmp, cfg)
+                n_1, t_1 = pipeline(cohort, tmp / f"out1_{r}", cfg, workers=1)
+                n_2, t_2 = pipeline(cohort, tmp / f"out2_{r}", cfg, workers=2)
+                assert n_b == n_n == n_1 == n_2, (n_b, n_n, n_1, n_2)
+                runs.append((t_b, t_n, t_1, t_2))
         print(f"[{case}] {CASES[case]} → {cfg.mpp} µm/px, {n_1} tiles; bound's fastest steps: " +
               "; ".join(f"{k}: {v}" for k, v in winners.items()))
-        rows.append((case, n_1, t_b, t_n, t_1, t_2))
+        rows.append((case, n_1, runs))
     print(f"\n{'':>9} {'':>6} {'tiles/s (wall; CPU in brackets)':^52}   {'ratios (wall; CPU)':^36}")
     print(f"{'case':>9} {'tiles':>6} {'bound':>16} {'naive':>16} {'pipeline x1':>16} {'x2':>6}   "
           f"{'x1/bound':>12} {'x1/naive':>12} {'x2/x1':>6}")
-    for case, n, b, nv, p1, p2 in rows:
-        rate = lambda c: f"{n / c.wall:7.0f} ({n / c.cpu:6.0f})"  # noqa: E731
-        print(f"{case:>9} {n:6d} {rate(b):>16} {rate(nv):>16} {rate(p1):>16} {n / p2.wall:6.0f}   "
-              f"{b.wall / p1.wall:5.2f} ({b.cpu / p1.cpu:4.2f}) {nv.wall / p1.wall:5.2f} ({nv.cpu / p1.cpu:4.2f}) "
-              f"{p1.wall / p2.wall:6.2f}")
+    for case, n, runs in rows:
+        med = lambda values: float(np.median(values))  # noqa: E731
+        rate = lambda i: f"{n / med([r[i].wall for r in runs]):7.0f} ({n / med([r[i].cpu for r in runs]):6.0f})"  # noqa: E731
+        b_wall, b_cpu = [r[0].wall / r[2].wall for r in runs], [r[0].cpu / r[2].cpu for r in runs]
+        n_wall, n_cpu = [r[1].wall / r[2].wall for r in runs], [r[1].cpu / r[2].cpu for r in runs]
+        scaling = [r[2].wall / r[3].wall for r in runs]
+        print(f"{case:>9} {n:6d} {rate(0):>16} {rate(1):>16} {rate(2):>16} {n / med([r[3].wall for r in runs]):6.0f}   "
+              f"{med(b_wall):5.2f} ({med(b_cpu):4.2f}) {med(n_wall):5.2f} ({med(n_cpu):4.2f}) {med(scaling):6.2f}")
+        if len(runs) > 1:
+            span = lambda v: f"{min(v):.2f}-{max(v):.2f}"  # noqa: E731
+            print(f"{'':>9} {'':>6} {'(range over ' + str(len(runs)) + ' rounds)':>69}   "
+                  f"{span(b_wall):>12} {span(n_wall):>12} {span(scaling):>9}")
     print("goals: x1/bound >= 0.8, x1/naive >= 2, x2/x1 >= 1.8 (needs 2 free cores); load average now "
           f"{os.getloadavg()[0]:.1f}")
 
