@@ -133,8 +133,8 @@ def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_m
     """:func:`transform_grid` for many crops of one tile, in one pass over its sites."""
     reach = 0.5 * grid.footprint_um / tile_mpp if grid.footprint_shape != "point" else 0.0
     params = np.array([g._params() for g in geometries], dtype=np.int64)  # [crops, 8]
-    left, top, right, bottom = (params[:, i:i + 1] for i in range(4))
-    right, bottom = left + right, top + bottom
+    left, top, width, height = (params[:, i:i + 1] for i in range(4))
+    right, bottom = left + width, top + height
     x, y = grid.xy[:, 0], grid.xy[:, 1]
     keep = (x + reach >= left) & (x - reach < right) & (y + reach >= top) & (y - reach < bottom)  # [crops, sites]
     kept = grid.select_many(keep)
