@@ -10,7 +10,8 @@ row by row lets the cache forget the rows above it (:meth:`Slide.forget_above`),
 reuses its memory. JPEG tiles are decoded by simplejpeg as standalone JPEGs (checked equal to tifffile's decode
 on each level's first textured tile). A level can also be read
 *reduced* by 2, 4 or 8 (each output px the mean of a k×k block): JPEG tiles are then decoded at that scale
-inside libjpeg-turbo (DCT scaling, via simplejpeg), which costs a fraction of a full decode, other data is
+inside libjpeg-turbo (DCT scaling, via simplejpeg; checked against a full decode up to a level's first textured
+tile), which costs a fraction of a full decode, other data is
 decoded in full and area-averaged. µm/px comes from the
 file (SVS ``MPP =``, OME ``PhysicalSizeX``, TIFF X/YResolution), the data (a hint) or an override.
 
@@ -56,7 +57,7 @@ class _TiledLevel:
         self._cache, self._budget = cache, budget  # budget: [bytes still free], shared by all levels
         self._key = id(page)
         self._dct = standalone_jpeg_prefix(page)  # None, or the bytes to put before a tile for a standalone JPEG
-        self._dct_checked = False  # the first scaled decode is compared with a full one
+        self._dct_checked = False  # scaled decodes are compared with full ones up to a textured tile
         self._standalone = self._dct is not None  # full decodes as standalone JPEGs, until one differs
         self._standalone_checked = False  # ... from tifffile's decode, checked on the first textured tile
         self._forgotten_rows = 0  # tile rows above this one have left the cache (forget_above)
@@ -137,8 +138,9 @@ class _TiledLevel:
         return tile
 
     def _decode_scaled(self, data: bytes, i: int, k: int) -> np.ndarray:
-        """DCT-scaled decode at 1/k. The first use on a level is checked against a full decode area-averaged
-        (mean difference ≤ 3 of 255); a level whose JPEG the check rejects is decoded in full from then on."""
+        """DCT-scaled decode at 1/k, checked against a full decode area-averaged (mean difference ≤ 3 of 255)
+        until a tile with texture has passed (a flat tile shows colour errors, not spatial ones); a level whose
+        JPEG the check rejects is decoded in full from then on."""
         import simplejpeg
 
         h, w = self._th // k, self._tw // k
@@ -148,12 +150,12 @@ class _TiledLevel:
         if not self._dct_checked:
             full = np.asarray(self._page.decode(data, i, jpegtables=self._page.jpegtables)[0]).reshape(
                 self._th, self._tw, -1)
-            self._dct_checked = True
             if full.shape[-1] != 3 or np.abs(area_reduce(full, k).astype(np.int16) - tile).mean() > 3:
                 log.warning("%s level %d: decoding JPEG tiles at reduced scale does not match a full decode; "
                             "decoding in full", self._tif.filehandle.path, self._level)
                 self._dct = None
                 return area_reduce(full, k)
+            self._dct_checked = int(np.ptp(full)) > 32
         return tile
 
     def forget_above(self, y: int) -> None:

