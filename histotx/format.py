@@ -127,10 +127,6 @@ class TranscriptGrid:
         if self.footprint_shape not in FOOTPRINT_SHAPES:
             raise FormatError(f"footprint_shape must be one of {FOOTPRINT_SHAPES}, got {self.footprint_shape!r}")
 
-    def select(self, keep: np.ndarray) -> "TranscriptGrid":
-        """The sites where ``keep`` (bool, ``n_sites``) holds, with their entries."""
-        return self.select_many(np.asarray(keep, dtype=bool)[None])[0]
-
     def select_many(self, keep: np.ndarray) -> list["TranscriptGrid"]:
         """One subset per row of ``keep`` (bool, ``[subsets, n_sites]``), made in one pass. A subset of a
         valid grid is valid: it is not checked again (the loader takes ten per sample, one per view)."""
