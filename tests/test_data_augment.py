@@ -153,7 +153,7 @@ def test_stain_jitter_is_identity_at_unit_scale_and_zero_shift():
 def test_views_are_made_by_the_batch_and_equal_the_per_tile_views():
     """The loader's transform leaves pixels to the collation (one pass per op over the batch); a view's
     pixels are the same whether made with its tile (crops) or later (render in the batch)."""
-    from histotx.data.pixels import render_views
+    from histotx.data.pixels import normalise, render_views
 
     cfg = load_config(DataConfig, overrides=["augment.global_crop_size=64", "augment.local_crop_size=32"]).augment
     crop = MultiCrop(cfg)
@@ -165,7 +165,8 @@ def test_views_are_made_by_the_batch_and_equal_the_per_tile_views():
     assert all(v.image is None for v in later.globals + later.locals)
     for views, ready in ((later.globals, made[0]), (later.locals, made[1])):
         images = render_views(views, [views[0].source], crop.mean, crop.std)
-        assert torch.equal(images, torch.stack([v.image for v in ready]))
+        assert images.dtype == torch.uint8  # a CPU worker's views, normalised on the trainer's device
+        assert torch.equal(normalise(images, crop.mean, crop.std), torch.stack([v.image for v in ready]))
 
 
 def test_colour_draws_follow_the_configured_probabilities():

@@ -12,6 +12,7 @@ from histotx.config import load_config
 from histotx.data.augment import MultiCrop
 from histotx.data.collate import BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY, SSLCollate
 from histotx.data.config import DataConfig
+from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
 from histotx.format import TranscriptGrid
 from histotx.model import FusedViT, FusedViTConfig, TranscriptBatch
@@ -89,7 +90,10 @@ def test_token_size_drawn_per_batch_and_modality_rates():
 
 def test_the_fused_model_takes_teacher_and_student_inputs():
     cfg = config("collate.p_image_only=0.3", "collate.p_transcripts_only=0.3", "collate.resolutions_um=[16]")
-    batch = SSLCollate(cfg)(items(cfg, n=4), np.random.default_rng(2))
+    made = SSLCollate(cfg)(items(cfg, n=4), np.random.default_rng(2))
+    with pytest.raises(ValueError, match="BatchDecoder"):  # a CPU worker's views: bytes until the device stage
+        made.teacher_inputs()
+    batch = BatchDecoder(cfg.augment, "cpu")(made)
     torch.manual_seed(0)
     model = FusedViT(FusedViTConfig(size="tiny", img_size=32, patch_size=8, vocab_size=64)).eval()
     with torch.no_grad():

@@ -114,7 +114,8 @@ def test_gpu_decode_path_gives_the_cpu_views_from_the_same_draws():
     modality draws as the CPU loader, and images equal up to the decoders' difference. Tolerance: the
     largest pixel difference between the two decoders on these tiles (d, in 1/255), times a bound on how
     much the colour chain can amplify it (brightness, contrast, saturation ≤ 1.4 each, hue ≤ 2, stain
-    jitter ≤ 1.5 on pixels this bright, normalisation 1/min std), plus float rounding."""
+    jitter ≤ 1.5 on pixels this bright, normalisation 1/min std), plus the CPU views' rounding to bytes
+    (0.5/255 before normalisation) and float rounding."""
     overrides = ["augment.global_crop_size=64", "augment.local_crop_size=32", "augment.local_crops_number=3",
                  "mask.patch_size=16", "collate.resolutions_um=[8]", "augment.color_jitter_p=1",
                  "augment.hed_jitter_p=0.5"]
@@ -133,6 +134,9 @@ def test_gpu_decode_path_gives_the_cpu_views_from_the_same_draws():
         return SSLCollate(cfg)(items, np.random.default_rng(11))
 
     cpu, pending = batch(cpu_cfg), batch(gpu_cfg)
+    assert cpu.global_images.dtype == torch.uint8 and cpu.local_images.dtype == torch.uint8  # the workers' bytes
+    cpu = BatchDecoder(cpu_cfg.augment, "cpu")(cpu)
+    assert cpu.global_images.dtype == torch.float32 and cpu.local_images.dtype == torch.float32
     assert pending.pending is not None and pending.global_images.numel() == 0
     assert sum(isinstance(t, bytes) for t in pending.pending.tiles) == 6
     gpu = BatchDecoder(gpu_cfg.augment, "cpu")(pending)
@@ -145,7 +149,7 @@ def test_gpu_decode_path_gives_the_cpu_views_from_the_same_draws():
                        - decode_jpeg(torch.frombuffer(bytearray(t.image), dtype=torch.uint8)).permute(1, 2, 0).numpy()
                        ).max()) for t in tiles[:6])
     gain = 1.4 ** 3 * 2.0 * 1.5 / min(cpu_cfg.augment.std)
-    tol = gain * d / 255 + 1e-4
+    tol = gain * d / 255 + 0.5 / 255 / min(cpu_cfg.augment.std) + 1e-4
     for a, b in ((cpu.global_images, gpu.global_images), (cpu.local_images, gpu.local_images)):
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, atol=tol, rtol=0)
@@ -186,3 +190,19 @@ def test_batched_resize_of_the_gpu_stage_is_the_per_view_resize():
     as_uint8 = torch.stack([g.apply_to_image(tiles[i % 3]) for i, g in enumerate(geometries)]).float()
     assert (got - as_float).abs().max() <= 0.5 + 1e-3
     assert (got - as_uint8).abs().max() <= 1.0
+
+
+def test_byte_views_are_normalised_on_the_device_as_torchvision_normalises_floats():
+    """A CPU worker's views (bytes, channels last) → (x / 255 − mean) / std in float32, memory format kept;
+    float views (already normalised) pass through. Tolerance: a few float32 roundings of values ≤ 3."""
+    from histotx.data.pixels import normalise
+
+    cfg = load_config(DataConfig).augment
+    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    images = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = images.permute(0, 3, 1, 2)  # [N, 3, S, S], channels last, as render_views hands them over
+    got = normalise(images, mean, std)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    want = TF.normalize(images.double() / 255.0, mean.double().tolist(), std.double().tolist())
+    torch.testing.assert_close(got.double(), want, atol=3 * 4 * torch.finfo(torch.float32).eps, rtol=0)
+    assert normalise(got, mean, std) is got

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from histotx.data.augment import MultiCrop, TileViews
 from histotx.data.collate import SSLCollate
+from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
 from histotx.format import TranscriptGrid
 from histotx.ssl.heads import DINOHead
@@ -73,7 +74,7 @@ def test_views_without_tokens_are_dropped_from_every_loss_term_and_counted():
     cfg = config("data.collate.p_transcripts_only=1.0", "data.collate.p_image_only=0.0")
     meta = meta_arch(cfg)
     data = cfg.data
-    batch = SSLCollate(data)(_views_with_empty_crops(cfg), np.random.default_rng(0))
+    batch = BatchDecoder(data.augment, "cpu")(SSLCollate(data)(_views_with_empty_crops(cfg), np.random.default_rng(0)))
     b = batch.batch_size
     n_global, n_local = 2, data.augment.local_crops_number
     image = torch.cat([batch.student_global_image_present, batch.student_local_image_present])
@@ -106,7 +107,7 @@ def test_expression_loss_gives_no_gradient_to_genes_outside_the_sample_panel(tmp
     manifest_path.write_text(json.dumps(manifest))
     cfg = config(f"data.stream.shards={shards}", "data.stream.batch_size=8", "data.stream.num_workers=0",
                  "data.collate.p_image_only=0.0", "data.mask.transcript_mask_probability=1.0")
-    batch = next(iter(build_loader(cfg.data, rank=0, world_size=1)))
+    batch = BatchDecoder(cfg.data.augment, "cpu")(next(iter(build_loader(cfg.data, rank=0, world_size=1))))
     assert batch.transcript_mask.any()
     meta = meta_arch(cfg)
     out = meta.student(batch)

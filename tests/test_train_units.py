@@ -12,6 +12,7 @@ import torch
 from histotx.config import ConfigError, load_config
 from histotx.data.augment import MultiCrop
 from histotx.data.collate import IMAGE_ONLY, TRANSCRIPTS_ONLY, SSLCollate
+from histotx.data.device_decode import BatchDecoder
 from histotx.format import TranscriptGrid
 from histotx.model import FusedViT
 from histotx.ssl.meta import SSLMetaArch
@@ -47,7 +48,7 @@ def ssl_batch(cfg: TrainConfig, n: int = 4, seed: int = 0, empty_grids: bool = F
     crop = MultiCrop(data.augment)
     items = [crop(tile_sample(rng, "s", i, tile_px=48, grid=TranscriptGrid.empty(55.0, "disk") if empty_grids else None),
                   np.random.default_rng([seed, i])) for i in range(n)]
-    return SSLCollate(data)(items, np.random.default_rng(seed))
+    return BatchDecoder(data.augment, "cpu")(SSLCollate(data)(items, np.random.default_rng(seed)))
 
 
 # ---------------------------------------------------------------------------------------------- config

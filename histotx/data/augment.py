@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from histotx.data.config import AugmentConfig
-from histotx.data.pixels import IDENTITY, render_views
+from histotx.data.pixels import IDENTITY, normalise, render_views
 from histotx.format import TileSample, TranscriptGrid, decode_image_rgb
 
 
@@ -246,6 +246,7 @@ class MultiCrop:
         tile = torch.from_numpy(np.require(rgb, np.uint8, ["C", "W"])).permute(2, 0, 1)
         globals_, locals_ = self.draw((tile.shape[-2], tile.shape[-1]), grid, mpp, rng)
         for views in (globals_, locals_):
-            for v, image in zip(views, render_views(views, [tile], self.mean, self.std)):
+            images = render_views(views, [tile], self.mean, self.std)
+            for v, image in zip(views, normalise(images, self.mean, self.std)):
                 v.image = image
         return globals_, locals_

@@ -39,7 +39,7 @@ class SSLBatch:
     for a "native" draw; the tokens carry their own sizes)."""
 
     keys: list[str]
-    global_images: torch.Tensor  # [2B, 3, G, G]
+    global_images: torch.Tensor  # [2B, 3, G, G]: uint8 from a CPU worker until BatchDecoder normalises it
     local_images: torch.Tensor  # [nL·B, 3, L, L]
     teacher_transcripts: TranscriptBatch  # global crops, all samples
     student_global_transcripts: TranscriptBatch
@@ -76,18 +76,24 @@ class SSLBatch:
     def n_empty_views(self) -> int:
         return int((~self.student_view_nonempty()).sum())
 
+    def _model_images(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            raise ValueError("this batch's images are still the loader workers' bytes: pass the batch through "
+                             "histotx.data.device_decode.BatchDecoder, which normalises them on the device")
+        return images
+
     def teacher_inputs(self) -> dict:
-        return {"images": self.global_images, "transcripts": self.teacher_transcripts}
+        return {"images": self._model_images(self.global_images), "transcripts": self.teacher_transcripts}
 
     def student_global_inputs(self) -> dict:
-        return {"images": self.global_images, "transcripts": self.student_global_transcripts,
+        return {"images": self._model_images(self.global_images), "transcripts": self.student_global_transcripts,
                 "image_present": self.student_global_image_present, "image_mask": self.image_mask,
                 "transcript_mask": self.transcript_mask}
 
     def student_local_inputs(self) -> dict | None:
         if self.local_images.shape[0] == 0:
             return None
-        return {"images": self.local_images, "transcripts": self.student_local_transcripts,
+        return {"images": self._model_images(self.local_images), "transcripts": self.student_local_transcripts,
                 "image_present": self.student_local_image_present}
 
     def _map(self, fn) -> "SSLBatch":

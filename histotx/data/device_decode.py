@@ -1,6 +1,10 @@
-"""GPU-side JPEG decoding: the trainer-side half of the loader when ``data.augment.decode_device`` is "cuda".
+"""The trainer-side half of the loader: the last pixel work of a batch, on the trainer's device.
 
-On a node with few CPU cores per GPU, decoding and colouring ten views per tile is what the loader
+A CPU worker hands its views over as bytes (a quarter of the floats' shared memory and host-to-device
+copy); :class:`BatchDecoder` normalises them on the device (:func:`histotx.data.pixels.normalise`).
+
+GPU-side JPEG decoding, when ``data.augment.decode_device`` is "cuda": on a node with few CPU cores per
+GPU, decoding and colouring ten views per tile is what the loader
 workers cannot keep up with. With this option the workers only read shards, draw every random number
 (crop geometry, colour parameters — from the same generator as on CPU) and move the transcripts; the
 batch carries the tiles' JPEG bytes (:class:`~histotx.data.pixels.PendingViews`). :class:`BatchDecoder`
@@ -16,10 +20,12 @@ import torch
 
 from histotx.data.collate import SSLBatch
 from histotx.data.config import AugmentConfig
+from histotx.data.pixels import normalise
 
 
 class BatchDecoder:
-    """Makes a batch's pending views on ``device`` (a no-op for batches whose images the workers made)."""
+    """Makes a batch's images on ``device``: the pending views decoded and made, or the workers' byte
+    views normalised. Every batch of the loader goes through it before the model sees it."""
 
     def __init__(self, cfg: AugmentConfig, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -61,6 +67,8 @@ class BatchDecoder:
     def __call__(self, batch: SSLBatch) -> SSLBatch:
         pending = batch.pending
         if pending is None:
+            batch.global_images = normalise(batch.global_images, self.mean, self.std)
+            batch.local_images = normalise(batch.local_images, self.mean, self.std)
             return batch
         batch.global_images, batch.local_images = pending.render(self.decode(pending.tiles), self.mean, self.std)
         batch.pending = None

@@ -1,4 +1,4 @@
-"""The pixel half of multi-crop: decoded tiles + drawn view parameters → normalised views.
+"""The pixel half of multi-crop: decoded tiles + drawn view parameters → views.
 
 :mod:`histotx.data.augment` draws every random number (crop geometry, colour parameters) and moves the
 transcript sites; this module only computes pixels from those parameters, in two implementations of the
@@ -14,7 +14,8 @@ blur, solarize.
 - In a CPU loader worker (:func:`render_views` on CPU tiles): one view at a time, channels last, with
   OpenCV's kernels (:func:`colour_hwc`): each op is one cache-resident pass over one view (a 3×4 colour
   map, an HSV conversion, a separable filter) in two buffers reused for all views, where torch's
-  elementwise ops on CPU take several passes per op.
+  elementwise ops on CPU take several passes per op. The views leave the worker as bytes; the trainer's
+  device normalises them (:func:`normalise`, called by :class:`histotx.data.device_decode.BatchDecoder`).
 """
 from __future__ import annotations
 
@@ -237,9 +238,17 @@ def render(tiles: list[torch.Tensor], tile_of_view: list[int], geometries: list[
 
 
 def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``[N, 3, S, S]`` images of views of one size, whose ``source`` is one of ``tiles`` (``[3, H, W]``
-    uint8; a view without a source is cut from ``tiles[0]``). On CPU one view at a time
-    (:func:`colour_hwc`), which keeps each pass over the pixels in cache."""
+    """Images of views of one size, whose ``source`` is one of ``tiles`` (``[3, H, W]`` uint8; a view
+    without a source is cut from ``tiles[0]``): on a GPU ``[N, 3, S, S]`` float32, normalised; on a CPU
+    ``[N, 3, S, S]`` uint8 (memory format channels_last), the coloured views rounded to 0–255, for
+    :func:`normalise` on the trainer's device.
+
+    On a CPU, one view at a time (:func:`colour_hwc`), which keeps each pass over the pixels in cache.
+    Handing over bytes rather than floats is the fast loaders' design (timm's prefetcher, FFCV, DALI):
+    a quarter of the shared memory to fill and of the host-to-device copy, and the normalisation is
+    free on a GPU. The rounding moves a pixel by at most 0.5/255, once: DINOv2's reference pipeline
+    rounds to bytes after every colour op (PIL images).
+    """
     if not views:
         return torch.zeros(0, 3, 0, 0)
     where = {id(s): i for i, s in enumerate(tiles)}
@@ -249,19 +258,29 @@ def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tenso
         params = torch.from_numpy(np.stack([v.colour for v in views]))
         return render(tiles, tile_of_view, geometries, params, mean, std)
     size = views[0].size
-    out = torch.empty(len(views), size, size, 3)  # channels last: each view's last map writes straight into it
+    out = torch.empty(len(views), size, size, 3, dtype=torch.uint8)  # channels last: each view written once
     if torch.utils.data.get_worker_info() is not None:  # in a loader worker: made in shared memory, as
         # torch's default_collate does, so the hand-over to the trainer does not copy it again
         out = out.new(out._typed_storage()._new_shared(out.numel(), device=out.device)).resize_(out.shape)
         cv2.setNumThreads(1)  # one worker, one core: OpenCV's own pool would contend with the other workers
-    normalise, pixels = _normalise_map(mean, std), out.numpy()
+    pixels = out.numpy()
     hwc = [tile.permute(1, 2, 0).numpy() for tile in tiles]  # the decoder's own [H, W, 3] arrays
     work, spare = np.empty((size, size, 3), np.float32), np.empty((size, size, 3), np.float32)
     for n, (t, g) in enumerate(zip(tile_of_view, geometries)):
         crop = g.apply_to_hwc(hwc[t])  # [S, S, 3] uint8
         x = colour_hwc(np.divide(crop, np.float32(255.0), out=work), views[n].colour, spare)
-        cv2.transform(x, normalise, dst=pixels[n])
+        # 255·x rounded and saturated (x can leave [0, 1] by float rounding only: |·| is a no-op but at -0)
+        cv2.convertScaleAbs(x, dst=pixels[n], alpha=255.0)
     return out.permute(0, 3, 1, 2)  # [N, 3, S, S], memory format channels_last
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 views (:func:`render_views` on a CPU), on any device → float32 ``(x / 255 − mean) / std``
+    (``mean``, ``std``: ``[3]`` on the same device), the memory format kept; float views pass through."""
+    if images.dtype != torch.uint8:
+        return images
+    scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
+    return torch.addcmul((-mean / std).view(1, 3, 1, 1), images.float(), scale)
 
 
 @dataclass
@@ -330,8 +349,9 @@ def _map(x: np.ndarray, matrix: np.ndarray, offset: np.ndarray | float, out: np.
 
 def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
     """:func:`colour` for one view on a CPU: ``x`` ``[H, W, 3]`` float32 in [0, 1], ``p`` a row of
-    :data:`COLOUR_FIELDS` → the jittered view in [0, 1]. An op whose parameter is its identity is
-    skipped, as there; a clamp is skipped only where the op cannot leave [0, 1]. The ops write into
+    :data:`COLOUR_FIELDS` → the jittered view in [0, 1] (up to float rounding: a blur's taps sum to
+    1 ± 1 ulp). An op whose parameter is its identity is skipped, as there; a clamp is skipped where the
+    op cannot leave [0, 1] (a contrast or saturation factor below 1 mixes values in [0, 1]). The ops write into
     ``x`` or ``spare`` (an array like ``x``, made if not given) and the result is one of the two: reusing
     two buffers for all views matters, as on a virtual machine the first touch of fresh memory can cost
     more than the op itself."""
@@ -351,9 +371,11 @@ def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) ->
             x = _clip(x, low=False) if factor > 1 else x
         elif op == CONTRAST:
             gray_mean = float(np.dot(cv2.mean(x)[:3], _GRAY))
-            x, spare = _clip(_map(x, factor * np.eye(3), (1 - factor) * gray_mean, spare)), x
+            x, spare = _map(x, factor * np.eye(3), (1 - factor) * gray_mean, spare), x
+            x = _clip(x) if factor > 1 else x
         else:  # saturation
-            x, spare = _clip(_map(x, factor * np.eye(3) + (1 - factor) * _GRAY_ROWS, 0.0, spare)), x
+            x, spare = _map(x, factor * np.eye(3) + (1 - factor) * _GRAY_ROWS, 0.0, spare), x
+            x = _clip(x) if factor > 1 else x
     if p[8] > 0:  # stain jitter, as _stain: exp(log x @ H·diag(α)·R − β·R), positive
         hed_from_rgb, rgb_from_hed = _HED
         matrix = (rgb_from_hed.T * p[9:12]) @ hed_from_rgb.T
@@ -369,10 +391,4 @@ def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) ->
         x, spare = cv2.sepFilter2D(x, -1, taps, taps, dst=spare, borderType=cv2.BORDER_REFLECT_101), x
     if p[17] > 0:  # x < 0.5 stays, x ≥ 0.5 becomes 1 − x: 0.5 − |x − 0.5| (a masked numpy op is 20× slower)
         x = cv2.subtract(_scalar(0.5), cv2.absdiff(x, _scalar(0.5), dst=x), dst=x)
-    return _clip(x)
-
-
-def _normalise_map(mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-    """The 3×4 map of ``(x − mean) / std`` per channel, for cv2.transform."""
-    m, s = mean.double().numpy(), std.double().numpy()
-    return np.concatenate([np.diag(1.0 / s), (-m / s)[:, None]], axis=1)
+    return x
