@@ -19,6 +19,7 @@ blur, solarize.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -325,7 +326,9 @@ class PendingViews:
 
 # -- the CPU worker's kernels: one view, channels last, OpenCV ------------------------------------------
 
-_GRAY_ROWS = np.tile(np.array(_GRAY), (3, 1))  # [3, 3]: every output channel is the luma
+_EYE_MAP = np.eye(3, 4)  # 3×4 colour maps for cv2.transform: identity,
+_GRAY_MAP = np.concatenate([np.tile(np.array(_GRAY), (3, 1)), np.zeros((3, 1))], axis=1)  # every channel the luma,
+_OFFSET_MAP = np.concatenate([np.zeros((3, 3)), np.ones((3, 1))], axis=1)  # a constant
 
 
 def _scalar(c: float) -> tuple[float, ...]:
@@ -339,56 +342,64 @@ def _clip(x: np.ndarray, low: bool = True) -> np.ndarray:
     return cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO, dst=x)[1] if low else x
 
 
-def _map(x: np.ndarray, matrix: np.ndarray, offset: np.ndarray | float, out: np.ndarray) -> np.ndarray:
-    """``matrix @ rgb + offset`` per pixel into ``out`` (cv2.transform: one pass, the 3×4 map in float64;
-    in place it copies its input first, twice the time)."""
-    m = np.empty((3, 4))
-    m[:, :3], m[:, 3] = matrix, offset
+def _map(x: np.ndarray, m: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The 3×4 colour map ``m`` (``m[:, :3] @ rgb + m[:, 3]``) per pixel into ``out`` (cv2.transform: one
+    pass, the map in float64; in place it copies its input first, twice the time)."""
     return cv2.transform(x, m, dst=out)
 
 
 def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) -> np.ndarray:
     """:func:`colour` for one view on a CPU: ``x`` ``[H, W, 3]`` float32 in [0, 1], ``p`` a row of
-    :data:`COLOUR_FIELDS` → the jittered view in [0, 1] (up to float rounding: a blur's taps sum to
-    1 ± 1 ulp). An op whose parameter is its identity is skipped, as there; a clamp is skipped where the
-    op cannot leave [0, 1] (a contrast or saturation factor below 1 mixes values in [0, 1]). The ops write into
-    ``x`` or ``spare`` (an array like ``x``, made if not given) and the result is one of the two: reusing
-    two buffers for all views matters, as on a virtual machine the first touch of fresh memory can cost
-    more than the op itself."""
+    :data:`COLOUR_FIELDS` → the jittered view in [0, 1], up to float rounding (a blur's taps sum to
+    1 ± 1 ulp, an HSV round trip's saturation can reach 1 + 1 ulp). An op whose parameter is its identity
+    is skipped, as there; a clamp is skipped where the op cannot leave [0, 1]: a brightness, contrast or
+    saturation factor below 1 (they mix values in [0, 1]), a hue rotation (HSV → RGB gives values in
+    [0, V]). The ops write into ``x`` or ``spare`` (an array like ``x``, made if not given) and the result
+    is one of the two: reusing two buffers for all views matters, as on a virtual machine the first touch
+    of fresh memory can cost more than the op itself. The parameters are read as Python floats: numpy's
+    per-call overhead on one-element arrays is a visible share of a 96 px view."""
     spare = np.empty_like(x) if spare is None else spare
-    for op in (np.rint(p[4:8]).astype(int) if (p[0:3] != 1).any() or p[3] != 0 else ()):
-        if op == HUE:
-            if p[3] != 0:  # OpenCV's float HSV has hue in degrees and wraps values ≥ 360 (not < 0)
-                cv2.cvtColor(x, cv2.COLOR_RGB2HSV, dst=x)
-                cv2.add(x, (360.0 * (p[3] % 1.0), 0.0, 0.0, 0.0), dst=x)
-                x = _clip(cv2.cvtColor(x, cv2.COLOR_HSV2RGB, dst=x))
-            continue
-        factor = p[op]
-        if factor == 1:
-            continue
-        if op == BRIGHTNESS:
-            x = np.multiply(x, np.float32(factor), out=x)
-            x = _clip(x, low=False) if factor > 1 else x
-        elif op == CONTRAST:
-            gray_mean = float(np.dot(cv2.mean(x)[:3], _GRAY))
-            x, spare = _map(x, factor * np.eye(3), (1 - factor) * gray_mean, spare), x
-            x = _clip(x) if factor > 1 else x
-        else:  # saturation
-            x, spare = _map(x, factor * np.eye(3) + (1 - factor) * _GRAY_ROWS, 0.0, spare), x
-            x = _clip(x) if factor > 1 else x
-    if p[8] > 0:  # stain jitter, as _stain: exp(log x @ H·diag(α)·R − β·R), positive
+    q = p.tolist()
+    if q[0] != 1 or q[1] != 1 or q[2] != 1 or q[3] != 0:
+        for op in (round(code) for code in q[4:8]):
+            factor = q[op]
+            if op == HUE:
+                if factor != 0:  # OpenCV's float HSV has hue in degrees and wraps values ≥ 360 (not < 0)
+                    cv2.cvtColor(x, cv2.COLOR_RGB2HSV, dst=x)
+                    cv2.add(x, (360.0 * (factor % 1.0), 0.0, 0.0, 0.0), dst=x)
+                    x = cv2.cvtColor(x, cv2.COLOR_HSV2RGB, dst=x)
+            elif factor == 1:
+                continue
+            elif op == BRIGHTNESS:
+                x = np.multiply(x, np.float32(factor), out=x)  # (cv2.multiply by a scalar: 7× slower)
+                x = _clip(x, low=False) if factor > 1 else x
+            elif op == CONTRAST:
+                r, g, b, _ = cv2.mean(x)
+                offset = (1 - factor) * (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2])  # towards the mean gray
+                x, spare = _map(x, _EYE_MAP * factor + _OFFSET_MAP * offset, spare), x
+                x = _clip(x) if factor > 1 else x
+            else:  # saturation: towards each pixel's gray
+                x, spare = _map(x, _EYE_MAP * factor + _GRAY_MAP * (1 - factor), spare), x
+                x = _clip(x) if factor > 1 else x
+    if q[8] > 0:  # stain jitter, as _stain: exp(log x @ H·diag(α)·R − β·R), positive
         hed_from_rgb, rgb_from_hed = _HED
-        matrix = (rgb_from_hed.T * p[9:12]) @ hed_from_rgb.T
+        m = np.empty((3, 4))
+        m[:, :3], m[:, 3] = (rgb_from_hed.T * p[9:12]) @ hed_from_rgb.T, -(p[12:15] @ rgb_from_hed)
         cv2.log(cv2.max(x, _scalar(1e-6), dst=x), dst=x)
-        x, spare = _map(x, matrix, -(p[12:15] @ rgb_from_hed), spare), x
+        x, spare = _map(x, m, spare), x
         x = _clip(cv2.exp(x, dst=x), low=False)
-    if p[15] > 0:  # luma weights sum to 0.9999: stays in [0, 1]
-        x, spare = _map(x, _GRAY_ROWS, 0.0, spare), x
-    if p[16] > 0:  # torchvision's kernel (2·⌈3σ⌉ + 1 taps) and "reflect" padding (OpenCV's REFLECT_101)
-        r = int(np.ceil(3 * p[16]))
-        taps = np.exp(-np.arange(-r, r + 1, dtype=np.float64) ** 2 / (2 * p[16] ** 2))
-        taps /= taps.sum()
-        x, spare = cv2.sepFilter2D(x, -1, taps, taps, dst=spare, borderType=cv2.BORDER_REFLECT_101), x
-    if p[17] > 0:  # x < 0.5 stays, x ≥ 0.5 becomes 1 − x: 0.5 − |x − 0.5| (a masked numpy op is 20× slower)
+    if q[15] > 0:  # luma weights sum to 0.9999: stays in [0, 1]
+        x, spare = _map(x, _GRAY_MAP, spare), x
+    if q[16] > 0:  # torchvision's kernel (2·⌈3σ⌉ + 1 taps) and "reflect" padding (OpenCV's REFLECT_101)
+        x, spare = cv2.sepFilter2D(x, -1, *(_gauss_taps(q[16]),) * 2, dst=spare,
+                                   borderType=cv2.BORDER_REFLECT_101), x
+    if q[17] > 0:  # x < 0.5 stays, x ≥ 0.5 becomes 1 − x: 0.5 − |x − 0.5| (a masked numpy op is 20× slower)
         x = cv2.subtract(_scalar(0.5), cv2.absdiff(x, _scalar(0.5), dst=x), dst=x)
     return x
+
+
+def _gauss_taps(sigma: float) -> np.ndarray:
+    """torchvision's gaussian_blur kernel: 2·⌈3σ⌉ + 1 taps, normalised."""
+    r = math.ceil(3 * sigma)
+    taps = np.exp(np.arange(-r, r + 1, dtype=np.float64) ** 2 * (-0.5 / sigma ** 2))
+    return taps / taps.sum()
