@@ -16,22 +16,35 @@ MAX_BRIGHTNESS = 0.94
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """Boolean (h, w) mask of tissue in an RGB uint8 thumbnail.
 
-    Channel extremes and sums in integers, the closing by OpenCV (same border rule as scipy's: outside is
-    background, so tissue touching the edge erodes there), holes filled by one OpenCV flood fill of the glass
-    from the border (4-connected, as scipy's ``binary_fill_holes``, ~6x faster): a 2 Mpx thumbnail costs ~0.05 s,
-    not ~0.45 s."""
+    A pixel's saturation depends only on its channel maximum and range, so it is computed once per (max, range)
+    pair present, and Otsu's threshold from those values weighted by their pixel counts (the histogram, hence
+    the threshold, of ``threshold_otsu`` on the whole image: tested equal). Channel sums in integers, the closing
+    by OpenCV (same border rule as scipy's: outside is background, so tissue touching the edge erodes there),
+    holes filled by one OpenCV flood fill of the glass from the border (4-connected, as scipy's
+    ``binary_fill_holes``, ~6x faster)."""
     import cv2
 
     r, g, b = (rgb[..., i] for i in range(3))
     hi, lo = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
-    sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1).astype(np.float32), np.float32(0))
+    pair = (hi.astype(np.intp) << 8) | (hi - lo)  # (max, range) of each px, as max·256 + range
+    counts = np.bincount(pair.ravel(), minlength=1 << 16)
+    present = np.flatnonzero(counts)
+    sat = saturation(present >> 8, present & 255)
     thr = MIN_SATURATION
-    if np.ptp(sat) > 1e-3:
-        thr = max(thr, float(threshold_otsu(sat)))
+    if sat.size and np.ptp(sat) > 1e-3:
+        hist, edges = np.histogram(sat, bins=256, weights=counts[present])  # = np.histogram of every px's value
+        thr = max(thr, float(threshold_otsu(hist=(hist, (edges[:-1] + edges[1:]) / 2))))
+    tissue = np.zeros(1 << 16, bool)
+    tissue[present] = sat > thr
     bright = r.astype(np.uint16) + g + b >= MAX_BRIGHTNESS * 3 * 255
-    mask = ((sat > thr) & ~bright).astype(np.uint8)
+    mask = (tissue[pair] & ~bright).astype(np.uint8)
     kernel, edge = np.ones((3, 3), np.uint8), dict(borderType=cv2.BORDER_CONSTANT, borderValue=0)
     return fill_holes(cv2.erode(cv2.dilate(mask, kernel, iterations=2, **edge), kernel, iterations=2, **edge))
+
+
+def saturation(hi: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """HSV saturation (float32) of pixels with channel maximum ``hi`` and range ``spread``; 0 for black."""
+    return np.where(hi > 0, spread.astype(np.float32) / np.maximum(hi, 1).astype(np.float32), np.float32(0))
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -44,13 +57,23 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return (glass[1:-1, 1:-1] == 0) | mask.astype(bool)  # holes: the background the fill did not reach
 
 
+def integral(mask: np.ndarray) -> np.ndarray:
+    """(h + 1, w + 1) counts of True above and left of each corner (a zero first row and column), by OpenCV:
+    ~10x faster than two numpy cumulative sums; int32 while the mask has under 2**31 px, else int64."""
+    import cv2
+
+    if mask.size < 2**31:
+        return cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_32S)
+    return np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+
 class TissueMap:
     """The mask of a slide with its scale, answering "what fraction of this level-0 box is tissue?"."""
 
     def __init__(self, mask: np.ndarray, level0_per_px: float) -> None:
         self.mask = mask
         self.scale = level0_per_px
-        self._integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        self._integral = integral(mask)
 
     @property
     def fraction(self) -> float:

