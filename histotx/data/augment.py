@@ -96,8 +96,18 @@ class CropGeometry:
         return out
 
     def apply_to_xy(self, xy: np.ndarray) -> np.ndarray:
-        """Tile pixel positions (x right, y down, continuous) → view pixel positions."""
-        return _to_view(xy, *(np.asarray(v) for v in self._params()))
+        """Tile pixel positions (x right, y down, continuous) → view pixel positions (float32, computed
+        in float64)."""
+        s = float(self.size)
+        x = (xy[:, 0].astype(np.float64) - self.left) * (s / self.width)
+        y = (xy[:, 1].astype(np.float64) - self.top) * (s / self.height)
+        if self.hflip:
+            x = s - x
+        if self.vflip:
+            y = s - y
+        for _ in range(self.quarter_turns % 4):  # a counter-clockwise quarter turn of an S×S image
+            x, y = y, s - x
+        return np.stack([x, y], axis=1).astype(np.float32)
 
     def _params(self) -> tuple:
         return self.left, self.top, self.width, self.height, self.size, self.hflip, self.vflip, self.quarter_turns
@@ -105,19 +115,6 @@ class CropGeometry:
     def mpp(self, tile_mpp: float) -> float:
         """µm per view pixel (geometric mean over the axes when the crop's aspect was jittered)."""
         return tile_mpp * math.sqrt(self.width * self.height) / self.size
-
-
-def _to_view(xy, left, top, width, height, size, hflip, vflip, turns) -> np.ndarray:
-    """:meth:`CropGeometry.apply_to_xy` with the geometry's fields as arrays broadcast over the points
-    (one geometry, or one per point)."""
-    s = size.astype(np.float64)
-    x = (xy[:, 0].astype(np.float64) - left) * (s / width)
-    y = (xy[:, 1].astype(np.float64) - top) * (s / height)
-    x, y = np.where(hflip, s - x, x), np.where(vflip, s - y, y)
-    turns = turns % 4
-    for k in (1, 2, 3):  # a counter-clockwise quarter turn of an S×S image: (x, y) → (y, S − x)
-        x, y = np.where(turns >= k, y, x), np.where(turns >= k, s - x, y)
-    return np.stack([x, y], axis=1).astype(np.float32)
 
 
 def transform_grid(grid: TranscriptGrid, geometry: CropGeometry, tile_mpp: float) -> TranscriptGrid:
@@ -138,10 +135,8 @@ def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_m
     x, y = grid.xy[:, 0], grid.xy[:, 1]
     keep = (x + reach >= left) & (x - reach < right) & (y + reach >= top) & (y - reach < bottom)  # [crops, sites]
     kept = grid.select_many(keep)
-    moved = _to_view(np.concatenate([k.xy for k in kept]),
-                     *np.repeat(params, [k.n_sites for k in kept], axis=0).T)
-    for k, xy in zip(kept, np.split(moved, np.cumsum([k.n_sites for k in kept])[:-1])):
-        k.xy = xy
+    for k, g in zip(kept, geometries):
+        k.xy = g.apply_to_xy(k.xy)
     return kept
 
 
