@@ -37,6 +37,7 @@ from histotx.format import (
 from sharding.errors import OutputError
 
 DONE_DIR = ".done"
+SYNC_BYTES = 8 << 20  # an open shard's data is synced to disk in the background every this many bytes
 _FAULT_ENV = "HISTOTX_FAULT_AFTER_TILES"  # fault injection for the crash tests: SIGKILL self after N tiles
 _tiles_written = 0  # in this process, for the fault injection
 
@@ -53,6 +54,7 @@ class _HashingFile:
         self._fh = open(path, "wb", buffering=1 << 20)
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.synced = 0  # bytes handed to a background sync so far
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
@@ -64,6 +66,12 @@ class _HashingFile:
 
     def flush(self) -> None:
         self._fh.flush()
+
+    def sync_so_far(self) -> int:
+        """Flush, then return the descriptor for a background ``os.fdatasync`` of the bytes written so far."""
+        self._fh.flush()
+        self.synced = self.size
+        return self._fh.fileno()
 
     def sync_and_close(self) -> None:
         """fsync (the data on disk before the shard is renamed into place) and close, after :meth:`flush`; it
@@ -144,6 +152,15 @@ class ShardSink:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._count >= self.max_tiles or self._fh.size >= self.max_bytes:
             self._close_current()
+        elif self._fh.size - self._fh.synced >= SYNC_BYTES and (not self._syncs or self._syncs[-1].done()):
+            # a sample's last shard is waited for at close: sync it as it grows, so little is left to wait for
+            self._submit(os.fdatasync, self._fh.sync_so_far())
+
+    def _submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` in the background sync thread (in order); failures are raised by close()."""
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
+        self._syncs.append(self._syncer.submit(fn, *args))
 
     def _close_current(self) -> None:
         if self._fh is None:
@@ -151,9 +168,7 @@ class ShardSink:
         self._fh.write(bytes(2 * tarfile.BLOCKSIZE))  # end of archive, as tarfile writes it
         self._fh.write(bytes(-self._fh.size % tarfile.RECORDSIZE))
         self._fh.flush()  # a full disk fails here, in this thread
-        if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="shard-fsync")
-        self._syncs.append(self._syncer.submit(self._fh.sync_and_close))
+        self._submit(self._fh.sync_and_close)
         self.shards.append({"name": self._name, "samples": self._count, "bytes": self._fh.size,
                             "sha256": self._fh.sha256.hexdigest(), "sample_id": self.sample_id})
         self._pending.append((self._tmp, self.out_dir / self._name))
@@ -178,6 +193,10 @@ class ShardSink:
 
     def abort(self) -> None:
         """Drop every shard of the sample; never raises over the error that caused the abort."""
+        try:
+            self._wait_syncs()  # before closing a file a background sync may be using
+        except OSError:
+            pass
         if self._fh is not None:
             try:
                 self._fh._fh.close()
@@ -186,10 +205,6 @@ class ShardSink:
             finally:
                 Path(self._tmp).unlink(missing_ok=True)
                 self._fh = None
-        try:
-            self._wait_syncs()
-        except OSError:
-            pass
         for tmp, _ in self._pending:
             tmp.unlink(missing_ok=True)
         self._pending = []

@@ -106,3 +106,45 @@ def test_no_shard_of_a_sample_appears_before_its_last_tile(tmp_path):
     shards = sink.close()
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == [s["name"] for s in shards]
     assert [s["samples"] for s in shards] == [3, 3, 3, 1] and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_growing_shard_is_synced_in_the_background_and_a_failed_sync_stops_the_sample(tmp_path, monkeypatch):
+    """A shard is fdatasynced in the background each SYNC_BYTES while it grows (so closing the sample waits for
+    its tail only), with the same bytes as without; a sync that fails (a full disk) fails close(), which then
+    renames no shard into place."""
+    import errno
+    import os
+
+    import numpy as np
+
+    from shardkit import tile_sample
+    from sharding import writer
+
+    def write(folder, n_tiles=12):
+        folder.mkdir()
+        sink = writer.ShardSink(folder, "s1", max_tiles=1000, max_bytes=1 << 30)
+        rng = np.random.default_rng(0)
+        for i in range(n_tiles):
+            sink.add(tile_sample(rng, "s1", i, tile_px=32))
+        return sink
+
+    synced_at = []  # the shard's size on disk when each background sync ran
+    real_sync = os.fdatasync
+    monkeypatch.setattr(writer, "SYNC_BYTES", 20_000)
+    monkeypatch.setattr(writer.os, "fdatasync", lambda fd: synced_at.append(os.fstat(fd).st_size) or real_sync(fd))
+    often = write(tmp_path / "often").close()
+    monkeypatch.setattr(writer, "SYNC_BYTES", 1 << 40)
+    never = write(tmp_path / "never").close()
+    assert len(synced_at) >= 1 and synced_at == sorted(synced_at)  # (one at a time, as the shard grows)
+    assert often == never and (tmp_path / "often/s1.00000.tar").read_bytes() == (tmp_path / "never/s1.00000.tar").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "SYNC_BYTES", 20_000)
+    monkeypatch.setattr(writer.os, "fdatasync", full)
+    sink = write(tmp_path / "full")
+    with pytest.raises(OSError, match="No space"):
+        sink.close()
+    sink.abort()  # as the pipeline does
+    assert not list((tmp_path / "full").iterdir())
