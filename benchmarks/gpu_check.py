@@ -294,7 +294,8 @@ def loader_figures(log: str) -> dict:
         found["per_core"] = float(m.group(1))
     if m := re.search(r"cores per GPU at ([\d.]+) samples/s: ([\d.]+)", log):
         found["gpu_rate"], found["cores"] = float(m.group(1)), float(m.group(2))
-    if m := re.search(r"GPU stage on (\S+) .*?: ([\d.]+) ms/sample wall.*?takes ([\d.]+)% of the GPU's time", log):
+    if m := re.search(r"trainer-side stage on (\S+) .*?: ([\d.]+) ms/sample wall.*?take ([\d.]+)% of the device's time",
+                      log):
         found["stage_device"], found["stage_ms"], found["stage_share"] = m.group(1), float(m.group(2)), float(m.group(3))
     return found
 
@@ -321,8 +322,8 @@ def loader_rows(out: Path, dry: bool) -> list[dict]:
         if "cores" in f:
             parts.append(f"{f['cores']:.1f} cores per GPU at {f['gpu_rate']:.0f} samples/s")
         if "stage_ms" in f:
-            parts.append(f"GPU stage on {f['stage_device']}: {f['stage_ms']:.3f} ms/sample, "
-                         f"{f['stage_share']:.1f} % of the GPU's time")
+            parts.append(f"trainer-side stage on {f['stage_device']}: {f['stage_ms']:.3f} ms/sample, "
+                         f"{f['stage_share']:.1f} % of the device's time")
         figure = "; ".join(parts) or "no figures in the log: " + " / ".join(step["log"].strip().splitlines()[-2:])[:200]
         if dry:
             rows.append(_row(check, "ran on CPU (dry run)", figure, target, "SKIP"))

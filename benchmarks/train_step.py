@@ -16,10 +16,12 @@
 3. Loader rate: samples/s per CPU core for the default recipe (2 global 224 + 8 local 96 crops with
    transcript grids, from the cohort's 256 px JPEG tiles): the CPU time of one DataLoader worker per
    sample it delivers, in steady state (the worker's own CPU clock from its first batch to its last,
-   LoaderStats.worker_cpu_s: process start-up and batches made ahead are left out). From it, the cores one H200 needs at the ViT-L/16 step rate (GPU_* constants
-   below; goal ≤ 4). With --decode-device cuda the worker leaves decoding and pixel work to the GPU
-   (data.augment.decode_device); then its CPU cost per sample, and the GPU stage's time per sample
-   (histotx.data.device_decode.BatchDecoder; on CPU when no GPU is present, said so in the output).
+   LoaderStats.worker_cpu_s: process start-up and batches made ahead are left out). From it, the cores
+   one H200 needs at the ViT-L/16 step rate (GPU_* constants below; goal ≤ 4). The worker hands its views
+   over as bytes; the trainer-side stage (histotx.data.device_decode.BatchDecoder) normalises them on the
+   device, and its time per sample is printed too (on CPU when no GPU is present, said so in the output).
+   With --decode-device cuda the worker leaves decoding and pixel work to that stage
+   (data.augment.decode_device): then its CPU cost per sample, and the stage's time per sample.
 
     OMP_NUM_THREADS=1 python benchmarks/train_step.py [--steps 40] [--batch 32] [--window 10] [--zero 2]
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --loader-only [--decode-device cpu|cuda]
@@ -147,8 +149,9 @@ def loader_ratio(shards: Path, batch: int, batches: int) -> tuple[float, float]:
 
 
 def loader_rate(shards: Path, batch: int, samples: int, decode_device: str) -> dict[str, float]:
-    """CPU seconds per delivered sample of one loader worker on the default recipe, and with decode_device
-    "cuda" the GPU stage's seconds per sample (wall, synchronised) and the trainer process's CPU seconds."""
+    """CPU seconds per delivered sample of one loader worker on the default recipe, and the trainer-side
+    stage's seconds per sample (wall, synchronised; with decode_device "cuda" decoding and pixel work, else
+    the normalisation of the workers' byte views) and the trainer process's CPU seconds in it."""
     import torch
 
     from histotx.config import load_config
@@ -169,18 +172,17 @@ def loader_rate(shards: Path, batch: int, samples: int, decode_device: str) -> d
     last = loader.stats
     del it
     out = {"worker_cpu_s": (last.worker_cpu_s - first.worker_cpu_s) / (last.samples - first.samples)}
-    if decode_device == "cuda":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        decoder = BatchDecoder(cfg.augment, device)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        decoder(delivered[0].to(device))  # warm-up: decoder and kernels initialised
-        sync()
-        wall, cpu = time.perf_counter(), _cpu()
-        for b in delivered[1:] or delivered[:1]:
-            decoder(b.to(device, non_blocking=True))
-        sync()
-        n = batch * max(1, len(delivered) - 1)
-        out.update(stage_s=(time.perf_counter() - wall) / n, stage_cpu_s=(_cpu() - cpu) / n, stage_device=str(device))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    decoder = BatchDecoder(cfg.augment, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    decoder(delivered[0].to(device))  # warm-up: decoder and kernels initialised
+    sync()
+    wall, cpu = time.perf_counter(), _cpu()
+    for b in delivered[1:] or delivered[:1]:
+        decoder(b.to(device, non_blocking=True))
+    sync()
+    n = batch * max(1, len(delivered) - 1)
+    out.update(stage_s=(time.perf_counter() - wall) / n, stage_cpu_s=(_cpu() - cpu) / n, stage_device=str(device))
     return out
 
 
@@ -256,12 +258,12 @@ def print_loader_rate(args: argparse.Namespace, shards: Path) -> None:
               + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in stages.items())
               + f" ms; total {total * 1e3:.2f} ms. The worker's steady state adds {(worker - total) * 1e3:.2f} ms "
               f"(shuffle buffer, hand-over of the views in shared memory, queue)")
-    if args.decode_device == "cuda":
-        stage = float(np.median([r["stage_s"] for r in rounds]))
-        stage_cpu = float(np.median([r["stage_cpu_s"] for r in rounds]))
-        print(f"  GPU stage on {rounds[0]['stage_device']} (batched decode_jpeg + crops + colour): "
-              f"{stage * 1e3:.3f} ms/sample wall, {stage_cpu * 1e3:.3f} CPU ms/sample in the trainer process; "
-              f"at {GPU_SAMPLES_PER_S:.0f} samples/s it takes {stage * GPU_SAMPLES_PER_S:.1%} of the GPU's time")
+    stage = float(np.median([r["stage_s"] for r in rounds]))
+    stage_cpu = float(np.median([r["stage_cpu_s"] for r in rounds]))
+    what = "batched decode_jpeg + crops + colour" if args.decode_device == "cuda" else "normalising the byte views"
+    print(f"  trainer-side stage on {rounds[0]['stage_device']} ({what}): {stage * 1e3:.3f} ms/sample wall, "
+          f"{stage_cpu * 1e3:.3f} CPU ms/sample in the trainer process; at {GPU_SAMPLES_PER_S:.0f} samples/s "
+          f"it would take {stage * GPU_SAMPLES_PER_S:.1%} of the device's time")
 
 
 def main() -> None:

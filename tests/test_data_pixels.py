@@ -201,8 +201,10 @@ def test_byte_views_are_normalised_on_the_device_as_torchvision_normalises_float
     mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
     images = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images = images.permute(0, 3, 1, 2)  # [N, 3, S, S], channels last, as render_views hands them over
-    got = normalise(images, mean, std)
+    got = normalise(images, mean, std)  # on a CPU: a table per channel
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
     want = TF.normalize(images.double() / 255.0, mean.double().tolist(), std.double().tolist())
     torch.testing.assert_close(got.double(), want, atol=3 * 4 * torch.finfo(torch.float32).eps, rtol=0)
+    planar = normalise(images.contiguous(), mean, std)  # the arithmetic a GPU runs
+    torch.testing.assert_close(planar.double(), want, atol=3 * 4 * torch.finfo(torch.float32).eps, rtol=0)
     assert normalise(got, mean, std) is got

@@ -82,8 +82,8 @@ def test_verdicts_follow_the_figures(tmp_path):
     _write(tmp_path, "loader_cuda", 0, log=(
         "loader, ..., decode on cuda, 1 worker: 6.00 CPU ms/sample in the worker = 166.7 samples/s per CPU core\n"
         "  cores per GPU at 278 samples/s: 1.7 (meets the goal of ≤ 4)\n"
-        "  GPU stage on cpu (batched decode_jpeg + crops + colour): 1.500 ms/sample wall, 1.400 CPU ms/sample in "
-        "the trainer process; at 278 samples/s it takes 41.7% of the GPU's time\n"))
+        "  trainer-side stage on cpu (batched decode_jpeg + crops + colour): 1.500 ms/sample wall, 1.400 CPU ms/sample "
+        "in the trainer process; at 278 samples/s it would take 41.7% of the device's time\n"))
     _write(tmp_path, "loader_cpu", 0, log=(  # as benchmarks/train_step.py --loader-only prints it
         "loader, default recipe (...), decode on cpu, 1 worker, 960 samples × 1 rounds (median; range 90.1-90.1): "
         "11.10 CPU ms/sample in the worker = 90.1 samples/s per CPU core\n"
