@@ -197,3 +197,26 @@ def test_colour_draws_follow_the_configured_probabilities():
     assert len({tuple(row) for row in j[:, 4:8]}) == 24  # every order of the four ops occurs
     sigma = p[..., 16][p[..., 16] > 0]
     assert sigma.min() >= c.blur_sigma[0] and sigma.max() <= c.blur_sigma[1]
+
+
+def test_crop_boxes_are_torchvisions_random_resized_crops():
+    """Every box inside the tile, its area share within its view's scale range and its aspect within the
+    ratio range (up to the rounding of its sides to pixels); a tile no allowed box fits gets the largest
+    centred box of an allowed aspect, as torchvision's fallback."""
+    from histotx.data.augment import crop_boxes
+
+    rng = np.random.default_rng(0)
+    scales = np.array([(0.32, 1.0)] * 2 + [(0.05, 0.32)] * 8)
+    boxes = np.concatenate([crop_boxes(rng, 256, 200, scales, (3 / 4, 4 / 3)) for _ in range(300)])
+    left, top, w, h = boxes.T
+    assert (left >= 0).all() and (top >= 0).all() and (left + w <= 200).all() and (top + h <= 256).all()
+    share = w * h / (256 * 200)
+    lo, hi = np.tile(scales, (300, 1)).T
+    slack = (w + h + 1) / (256 * 200)  # each side rounded by at most half a pixel
+    assert (share >= lo - slack).all() and (share <= hi + slack).all()
+    aspect, slack = w / h, (0.5 + 0.5 * 4 / 3) / h  # |w − a·h| ≤ 0.5 + 0.5·a for the drawn aspect a
+    assert (aspect >= 3 / 4 - slack).all() and (aspect <= 4 / 3 + slack).all()
+    assert len({tuple(b) for b in boxes}) > 0.9 * len(boxes)  # positions and sizes vary
+    # a 256 × 40 tile: no box of aspect ≥ 3/4 covers ≥ 90 % of it; the fallback is 40 wide, 53 high, centred
+    (box,) = crop_boxes(rng, 256, 40, np.array([(0.9, 1.0)]), (3 / 4, 4 / 3))
+    assert box.tolist() == [0, (256 - 53) // 2, 40, 53]

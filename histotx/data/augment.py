@@ -140,33 +140,38 @@ def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_m
     return kept
 
 
-def sample_crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-                    ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """(left, top, width, height) of a random-resized crop (area share in ``scale``, aspect in ``ratio``)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    # Fallback (as torchvision): the largest centred crop with an aspect inside the range.
-    aspect = width / height
-    w, h = (width, height)
-    if aspect < ratio[0]:
-        h = int(round(width / ratio[0]))
-    elif aspect > ratio[1]:
-        w = int(round(height * ratio[1]))
-    return (width - w) // 2, (height - h) // 2, w, h
+def crop_boxes(rng: np.random.Generator, height: int, width: int, scales: np.ndarray,
+               ratio: tuple[float, float], attempts: int = 10) -> np.ndarray:
+    """``[n, 4]`` (left, top, width, height) of random-resized crops, one per row of ``scales`` (``[n, 2]``,
+    the range of the crop's share of the tile's area): torchvision's RandomResizedCrop draw — up to 10
+    tries of an area share and a log-uniform aspect in ``ratio``, the first that fits — for all crops at
+    once, and where none fits, the largest centred crop of an aspect inside the range."""
+    scales = np.asarray(scales, dtype=np.float64)
+    n = scales.shape[0]
+    target = height * width * rng.uniform(scales[:, :1], scales[:, 1:], (n, attempts))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)  # (rint: Python's round, halves to even)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(axis=1)
+    w, h = w[np.arange(n), first], h[np.arange(n), first]
+    left, top = rng.integers(0, width - np.minimum(w, width) + 1), rng.integers(0, height - np.minimum(h, height) + 1)
+    none = ~fits.any(axis=1)
+    if none.any():
+        fw, fh = width, height
+        if width / height < ratio[0]:
+            fh = int(round(width / ratio[0]))
+        elif width / height > ratio[1]:
+            fw = int(round(height * ratio[1]))
+        w[none], h[none], left[none], top[none] = fw, fh, (width - fw) // 2, (height - fh) // 2
+    return np.stack([left, top, w, h], axis=1)
 
 
 class MultiCrop:
     """2 global + N local co-registered views of a tile, DINOv2 style.
 
-    Drawing (here: every view's geometry, then its colour parameters, from two streams of the sample's
-    generator; the sites of all views moved in one pass) is separate from pixel work
+    Drawing (here: every view's geometry, then its colour parameters, each kind of draw made for all views
+    at once from the sample's generator; the sites of all views moved in one pass) is separate from pixel work
     (:func:`histotx.data.pixels.render_views`, per batch). With ``decode_device`` "cuda" the JPEG stays
     undecoded and the GPU renders the same views per batch."""
 
@@ -175,13 +180,15 @@ class MultiCrop:
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32)
         self.std = torch.tensor(cfg.std, dtype=torch.float32)
 
-    def geometry(self, rng: np.random.Generator, tile_hw: tuple[int, int], size: int,
-                 scale: tuple[float, float]) -> CropGeometry:
-        c = self.cfg
-        left, top, w, h = sample_crop_box(rng, tile_hw[0], tile_hw[1], scale, c.crop_ratio)
-        return CropGeometry(left, top, w, h, size, hflip=bool(rng.random() < c.hflip_p),
-                            vflip=bool(rng.random() < c.vflip_p),
-                            quarter_turns=int(rng.integers(0, 4)) if c.rot90 else 0)
+    def geometries(self, rng: np.random.Generator, tile_hw: tuple[int, int], sizes: list[int],
+                   scales: list[tuple[float, float]]) -> list[CropGeometry]:
+        """One crop per view (output side ``sizes[i]``, area share in ``scales[i]``): box, flips and quarter
+        turn, each kind drawn for all views at once."""
+        c, n = self.cfg, len(sizes)
+        boxes = crop_boxes(rng, tile_hw[0], tile_hw[1], np.array(scales), c.crop_ratio).tolist()
+        hflip, vflip = (rng.random(n) < c.hflip_p).tolist(), (rng.random(n) < c.vflip_p).tolist()
+        turns = rng.integers(0, 4, n).tolist() if c.rot90 else [0] * n
+        return [CropGeometry(*box, size, hf, vf, k) for box, size, hf, vf, k in zip(boxes, sizes, hflip, vflip, turns)]
 
     def colours(self, rng: np.random.Generator, blur_p: np.ndarray, solarize_p: np.ndarray) -> np.ndarray:
         """Photometric parameters of views with these blur and solarize probabilities: ``[views,
@@ -226,10 +233,10 @@ class MultiCrop:
         specs = [(c.global_crop_size, c.global_crop_scale, c.blur_p_global1, 0.0),
                  (c.global_crop_size, c.global_crop_scale, c.blur_p_global2, c.solarize_p_global2)]
         specs += [(c.local_crop_size, c.local_crop_scale, c.blur_p_local, 0.0)] * c.local_crops_number
-        geometry_rng, colour_rng = rng.spawn(2)  # the crops do not change when colour settings do
-        geometries = [self.geometry(geometry_rng, tile_hw, size, scale) for size, scale, _, _ in specs]
+        # geometry first: the crops do not change when colour settings do
+        geometries = self.geometries(rng, tile_hw, [s[0] for s in specs], [s[1] for s in specs])
         grids = transform_grids(grid, geometries, mpp)
-        colours = self.colours(colour_rng, np.array([s[2] for s in specs]), np.array([s[3] for s in specs]))
+        colours = self.colours(rng, np.array([s[2] for s in specs]), np.array([s[3] for s in specs]))
         views = [View(None, g_sites, g.mpp(mpp), size, g, p)
                  for g, g_sites, (size, *_), p in zip(geometries, grids, specs, colours)]
         return views[:2], views[2:]
