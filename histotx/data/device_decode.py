@@ -3,14 +3,14 @@
 A CPU worker hands its views over as bytes (a quarter of the floats' shared memory and host-to-device
 copy); :class:`BatchDecoder` normalises them on the device (:func:`histotx.data.pixels.normalise`).
 
-GPU-side JPEG decoding, when ``data.augment.decode_device`` is "cuda": on a node with few CPU cores per
-GPU, decoding and colouring ten views per tile is what the loader
-workers cannot keep up with. With this option the workers only read shards, draw every random number
-(crop geometry, colour parameters — from the same generator as on CPU) and move the transcripts; the
-batch carries the tiles' JPEG bytes (:class:`~histotx.data.pixels.PendingViews`). :class:`BatchDecoder`
-then decodes the whole batch at once with ``torchvision.io.decode_jpeg`` on the trainer's device and makes
-the views with the same operations and parameters as the CPU path (:func:`histotx.data.pixels.render`). The
-trainer calls it on each batch and knows nothing of what it does.
+GPU-side JPEG decoding, when ``data.augment.decode_device`` is "cuda": on a node with few CPU cores per GPU,
+decoding and colouring ten views per tile is what the loader workers cannot keep up with. With this option the
+workers only read shards, draw every random number (crop geometry, colour parameters — from the same generator
+as on CPU) and move the transcripts; the batch carries the tiles' JPEG bytes
+(:class:`~histotx.data.pixels.PendingViews`). :class:`BatchDecoder` then decodes the whole batch at once with
+``torchvision.io.decode_jpeg`` on the trainer's device and makes the views with the same operations and
+parameters as the CPU path (:func:`histotx.data.pixels.render`). The trainer calls it on each batch and knows
+nothing of what it does.
 """
 from __future__ import annotations
 

@@ -270,7 +270,7 @@ def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tenso
     for n, (t, g) in enumerate(zip(tile_of_view, geometries)):
         crop = g.apply_to_hwc(hwc[t])  # [S, S, 3] uint8
         x = colour_hwc(np.divide(crop, np.float32(255.0), out=work), views[n].colour, spare)
-        # 255·x rounded and saturated (x can leave [0, 1] by float rounding only: |·| is a no-op but at -0)
+        # |255·x| rounded and saturated to 0–255: x leaves [0, 1] by float rounding only, so the |·| changes nothing
         cv2.convertScaleAbs(x, dst=pixels[n], alpha=255.0)
     return out.permute(0, 3, 1, 2)  # [N, 3, S, S], memory format channels_last
 
