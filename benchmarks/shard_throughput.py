@@ -282,13 +282,14 @@ def main() -> None:
           f"{cfg.resample}, decode_reduce={cfg.decode_reduce}; {SLIDES_PER_CASE} slides per case of {args.mosaic}² "
           f"CMU-1 mosaics ({args.mosaic * 2220}×{args.mosaic * 2967} px); {os.cpu_count()} cores here\n")
     with tempfile.TemporaryDirectory() as tmp:  # the worker pool's server, started once per run of the CLI
+        small = make_slides(Path(tmp), 0.5, 1)
         t0 = time.perf_counter()
-        pipeline(make_slides(Path(tmp), 0.5, 1), Path(tmp) / "out", cfg, workers=2)
+        pipeline(small, Path(tmp) / "out", cfg, workers=2)
         print(f"worker pool start-up (once per `histotx shard run`, before its first slide): "
               f"{time.perf_counter() - t0:.1f} s; not in the 2-worker figures below")
         t0 = time.perf_counter()  # the in-process run's one-off imports (numcodecs, ...), which the pool's server
-        pipeline(make_slides(Path(tmp), 0.5, 1), Path(tmp) / "out1", cfg, workers=1)  # preloads for the workers
-        print(f"in-process warm-up (a 1-slide run: one-off imports): {time.perf_counter() - t0:.1f} s; not in the "
+        pipeline(small, Path(tmp) / "out1", cfg, workers=1)  # preloads for the workers
+        print(f"in-process warm-up (the same small cohort: one-off imports): {time.perf_counter() - t0:.1f} s; not in the "
               "1-worker figures below\n")
     rows = []
     for case in args.cases.split(","):
