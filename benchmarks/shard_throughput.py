@@ -289,8 +289,8 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f} s; not in the 2-worker figures below")
         t0 = time.perf_counter()  # the in-process run's one-off imports (numcodecs, ...), which the pool's server
         pipeline(small, Path(tmp) / "out1", cfg, workers=1)  # preloads for the workers
-        print(f"in-process warm-up (the same small cohort: one-off imports): {time.perf_counter() - t0:.1f} s; not in the "
-              "1-worker figures below\n")
+        print(f"in-process warm-up (the same small cohort: one-off imports): {time.perf_counter() - t0:.1f} s; "
+              "not in the 1-worker figures below\n")
     rows = []
     for case in args.cases.split(","):
         with tempfile.TemporaryDirectory() as tmp:
