@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +212,43 @@ def test_byte_views_are_normalised_on_the_device_as_torchvision_normalises_float
     planar = normalise(images.contiguous(), mean, std)  # the arithmetic a GPU runs
     torch.testing.assert_close(planar.double(), want, atol=3 * 4 * torch.finfo(torch.float32).eps, rtol=0)
     assert normalise(got, mean, std) is got
+
+
+_FORK_AFTER_PARALLEL_OPENCV = """
+import multiprocessing, sys, time
+import numpy as np
+from histotx.data.pixels import render_views  # noqa: F401 (the data path's OpenCV, with its fork guard)
+import cv2
+
+def child(done):
+    cv2.setNumThreads(1)  # what render_views does in a loader worker
+    cv2.convertScaleAbs(np.ones((64, 64, 3), np.float32), alpha=255.0)
+    done.put("ok")
+
+if __name__ == "__main__":
+    cv2.setNumThreads(2)
+    image = np.random.default_rng(0).random((1500, 1500, 3), dtype=np.float32)
+    cv2.resize(image, (700, 700), interpolation=cv2.INTER_AREA)  # the pool's threads start ...
+    time.sleep(0.5)  # ... and fall asleep on their condition variables
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+    worker = ctx.Process(target=child, args=(done,))
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():
+        worker.kill()
+        sys.exit("the forked child hung in OpenCV")
+    assert worker.exitcode == 0 and done.get(timeout=1) == "ok"
+    assert cv2.getNumThreads() == 2  # the parent's setting is back
+    cv2.resize(image, (700, 700), interpolation=cv2.INTER_AREA)
+"""
+
+
+def test_a_process_forked_after_parallel_opencv_work_can_use_opencv(tmp_path):
+    """A loader worker forked from a process whose OpenCV pool has run (and gone to sleep) used to wait
+    forever in ``cv2.setNumThreads`` (opencv/opencv#5150); seen as a hung `make test`."""
+    script = tmp_path / "fork_after_opencv.py"
+    script.write_text(_FORK_AFTER_PARALLEL_OPENCV)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from histotx.data.config import AugmentConfig
+from histotx.data.opencv import cv2
 from histotx.data.pixels import IDENTITY, normalise, render_views
 from histotx.format import TileSample, TranscriptGrid, decode_image_rgb
 

@@ -23,11 +23,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.data
+
+from histotx.data.opencv import cv2
 
 if TYPE_CHECKING:
     from histotx.data.augment import CropGeometry, View
