@@ -101,15 +101,14 @@ def _run(args) -> int:
 
     cfg = load_config(ShardConfig, args.config, args.overrides)
     part = Part.parse(args.part)
-    bar = tqdm(desc="samples", unit="sample", file=sys.stderr)
+    with tqdm(desc="samples", unit="sample", file=sys.stderr) as bar:  # closed even when the run stops
 
-    def progress(record: dict) -> None:
-        bar.update(1)
-        bar.set_postfix_str(f"{record['sample']}: {record['status']} ({record.get('tiles', 0)} tiles)")
+        def progress(record: dict) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"{record['sample']}: {record['status']} ({record.get('tiles', 0)} tiles)")
 
-    manifest = run_cohort(args.cohort, args.out, cfg, workers=args.workers, part=part, vocab_from=args.vocab,
-                          progress=progress)
-    bar.close()
+        manifest = run_cohort(args.cohort, args.out, cfg, workers=args.workers, part=part, vocab_from=args.vocab,
+                              progress=progress)
     _summary_table(manifest)
     return 1 if manifest["totals"]["samples_failed"] else 0
 
