@@ -21,7 +21,7 @@ For the same tissue tiles of each case (the pipeline's own tile plan), three way
             tile (OpenCV INTER_AREA / INTER_LINEAR, Pillow reduce / resize), encode it (imagecodecs /
             simplejpeg / Pillow / OpenCV) at the same quality and chroma subsampling as the pipeline; and
             the same winning steps over whole slides in 1 process and in 2 at once (one slide each, timed
-            from a common start): the most that 2 workers can gain on this machine for these slides;
+            from a common start): what 2 processes gain on this machine for these slides;
 - naive:    OpenSlide `read_region` per tile at the best level → OpenCV INTER_AREA → simplejpeg.
 
 Prints tiles/s, the fastest library per step, and the ratios: pipeline (1 worker) / bound (goal ≥ 0.8),
@@ -183,6 +183,13 @@ def _timed(fn, items) -> tuple[Clock, list]:
     return Clock(time.perf_counter() - t0, time.process_time() - c0), out
 
 
+def _sources(page, origin: tuple[int, int], side: int) -> list[int]:
+    """Indices of the raw tiles of ``page`` under the square ``side`` px wide at ``origin``, row by row."""
+    (th, tw), per_row, (a, b) = page.chunks[:2], -(-page.imagewidth // page.chunks[1]), origin
+    return [ty * per_row + tx for ty in range(b // th, (b + side - 1) // th + 1)
+            for tx in range(a // tw, (a + side - 1) // tw + 1)]
+
+
 @dataclass
 class SlideWork:
     """One slide's unavoidable codec work, read off its file outside every timing: the raw JPEG tiles of the
@@ -202,8 +209,7 @@ class SlideWork:
         per_row = -(-page.imagewidth // tw)
         side = geom.size_px * geom.reduce
         origins = [(x * geom.reduce, y * geom.reduce) for x, y in (geom.read_px(slide, *o) for o in plan.origins)]
-        needed = sorted({ty * per_row + tx for a, b in origins for ty in range(b // th, (b + side - 1) // th + 1)
-                         for tx in range(a // tw, (a + side - 1) // tw + 1)})
+        needed = sorted({i for o in origins for i in _sources(page, o, side)})
         raw = [bytes(d) for d, _ in slide._tif.filehandle.read_segments(
             [page.dataoffsets[i] for i in needed], [page.databytecounts[i] for i in needed], indices=needed)]
         return cls(page, needed, raw, origins, side, geom.reduce)
@@ -264,14 +270,24 @@ def bound(folder: Path, cfg: ShardConfig) -> tuple[int, Clock, dict[str, str], l
 
 
 def _codec_pass(works: list[SlideWork], cfg: ShardConfig, names: tuple[str, str, str]) -> None:
-    """The bound's winning libraries over whole slides, one after another: decode, then cut, resize, encode."""
+    """The bound's winning libraries over whole slides, one after another, streaming down each slide as the
+    pipeline does: each tile's raw tiles decoded when first needed and dropped once the tiles move below them
+    (each decoded once), the tile cut, resized and encoded."""
     dec, res, enc = names
     encode = dict(_encoders(cfg.jpeg_quality, cfg.jpeg_subsampling))[enc]
     resize = dict(_resizers(cfg.tile_px))[res.removesuffix(" after DCT-scaled decode")]
     for work in works:
         decode, scale = {n: (f, k) for n, f, k in _decoders(work.page, work.reduce)}[dec]
-        decoded = dict(zip(work.needed, [decode(d) for d in work.raw]))
-        for origin in work.origins:
+        raw, decoded, row = dict(zip(work.needed, work.raw)), {}, None
+        per_row = -(-work.page.imagewidth // work.page.chunks[1])
+        for origin in work.origins:  # row-major, as the pipeline's plan
+            sources = _sources(work.page, origin, work.side)
+            if sources[0] // per_row != row:  # a new row of tiles: the raw rows above it are done
+                row = sources[0] // per_row
+                decoded = {i: t for i, t in decoded.items() if i // per_row >= row}
+            for i in sources:
+                if i not in decoded:
+                    decoded[i] = decode(raw[i])
             encode(work.cut(origin, decoded, scale, cfg.tile_px, resize))
 
 
@@ -286,8 +302,8 @@ def _timed_pass(works, cfg, names, start, conn) -> None:
 
 def bound_scaling(works: list[SlideWork], cfg: ShardConfig, names: tuple[str, str, str]) -> float:
     """x2/x1 of the bound's own codec work: all slides in one process against one slide per process, 2 at once.
-    The ceiling of the pipeline's 2-worker scaling on this machine (shared caches and memory, the hypervisor,
-    the slides' unequal sizes), whatever the pipeline does."""
+    What 2 processes gain on this machine (shared caches and memory, the hypervisor, the slides' unequal sizes)
+    on the same codec work, streamed as the pipeline streams it: the reference for the pipeline's x2/x1."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")  # the children inherit the raw tiles already read
@@ -410,7 +426,7 @@ def main() -> None:
     print("goals: x1/bound >= 0.8, x1/naive >= 2, x2/x1 >= 1.8 (needs 2 free cores); load average now "
           f"{os.getloadavg()[0]:.1f}\nbound/naive (CPU): what x1/naive would be if the pipeline ran at the bound; "
           "x1/naive >= 2 needs x1/bound >= 2 / (bound/naive)\nbound x2/x1: the bound's own codec work, one slide per "
-          "process, 2 at once, against all in one: the most x2/x1 can be on this machine for these slides")
+          "process, 2 at once, against all in one: what 2 processes gain here on these slides")
 
 
 if __name__ == "__main__":
