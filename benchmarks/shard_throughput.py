@@ -205,8 +205,6 @@ class SlideWork:
     @classmethod
     def of(cls, slide: Slide, geom, plan) -> "SlideWork":
         page = slide._tif.series[0].levels[geom.level].pages[0]
-        th, tw = page.chunks[:2]
-        per_row = -(-page.imagewidth // tw)
         side = geom.size_px * geom.reduce
         origins = [(x * geom.reduce, y * geom.reduce) for x, y in (geom.read_px(slide, *o) for o in plan.origins)]
         needed = sorted({i for o in origins for i in _sources(page, o, side)})
