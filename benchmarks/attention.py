@@ -23,6 +23,7 @@ the inputs; CPU, Linux: the rise of the resident set's high-water mark, each in 
 TFLOP/s counts the attention matmuls of the samples' own tokens (backward = 2 × forward); --json FILE
 writes every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def _tissue(rng: np.random.Generator, xy: np.ndarray, tile_px: float) -> np.ndar
 def _grid(rng, xy, genes_per_site, vocab, footprint_um, shape) -> TranscriptGrid:
     nnz = rng.integers(1, genes_per_site + 1, size=len(xy))
     offsets = np.concatenate([[0], np.cumsum(nnz)])
-    return TranscriptGrid(xy, offsets, rng.integers(0, vocab, offsets[-1]), rng.integers(1, 4, offsets[-1]),
-                          footprint_um, shape)
+    return TranscriptGrid(
+        xy, offsets, rng.integers(0, vocab, offsets[-1]), rng.integers(1, 4, offsets[-1]), footprint_um, shape
+    )
 
 
 def synthetic_grids(n_tiles: int, mpp: float, seed: int = 0) -> list[TranscriptGrid]:
@@ -74,13 +76,14 @@ def synthetic_grids(n_tiles: int, mpp: float, seed: int = 0) -> list[TranscriptG
             xy = xy[_tissue(rng, xy, tile_px) & (rng.random(len(xy)) > 0.1)]
             grids.append(_grid(rng, xy, 6, 18000, 2.0, "square"))
         elif kind == "xenium":
-            xy = rng.uniform(0, tile_px, size=(rng.poisson(TILE_UM ** 2 * rng.uniform(0.3, 1.5)), 2))
+            xy = rng.uniform(0, tile_px, size=(rng.poisson(TILE_UM**2 * rng.uniform(0.3, 1.5)), 2))
             grids.append(_grid(rng, xy[_tissue(rng, xy, tile_px)], 1, 5000, 0.0, "point"))
         elif kind == "visium":
             pitch = 100 / mpp
             rows = np.arange(-1, 3)
-            xy = np.array([[(c + 0.5 * (r % 2)) * pitch, r * pitch * np.sqrt(3) / 2]
-                           for r in rows for c in range(-1, 3)])
+            xy = np.array(
+                [[(c + 0.5 * (r % 2)) * pitch, r * pitch * np.sqrt(3) / 2] for r in rows for c in range(-1, 3)]
+            )
             xy = xy + rng.uniform(0, pitch, size=2)
             xy = xy[(xy >= 0).all(1) & (xy < tile_px).all(1)]
             grids.append(_grid(rng, xy, 40, 18000, 55.0, "disk"))
@@ -136,6 +139,7 @@ def _padded_step(lengths, heads, dim, device, dtype):
 
     def step():
         F.scaled_dot_product_attention(q, k, v, attn_mask=keep).backward(grad)
+
     return step
 
 
@@ -147,6 +151,7 @@ def _packed_step(lengths, heads, dim, device, dtype, backend):
 
     def step():
         attend(qkv, seq).backward(grad)
+
     return step
 
 
@@ -183,7 +188,7 @@ def peak_mib(variant, lengths, heads, dim, device, dtype) -> float:
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     spawn = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(1, mp_context=spawn) as pool:
         return pool.submit(_cpu_peak_mib, variant, lengths, heads, dim).result()
@@ -211,32 +216,52 @@ def benchmark(args) -> list[dict]:
     if unavailable:
         print(f"not run (their kernels do not run on {device}): {', '.join(unavailable)}")
     rng = np.random.default_rng(args.seed)
-    print(f"{len(grids)} tiles ({'shards ' + args.shards if args.shards else 'synthetic'}), {tile_px} px at "
-          f"{mpp} µm/px, {n_patches} patches + {1 + args.registers} prefix; batch {args.batch}, heads {args.heads}, "
-          f"head dim {args.head_dim}, {dtype}, {device}; attention forward+backward, median of {args.repeats}")
+    print(
+        f"{len(grids)} tiles ({'shards ' + args.shards if args.shards else 'synthetic'}), {tile_px} px at "
+        f"{mpp} µm/px, {n_patches} patches + {1 + args.registers} prefix; batch {args.batch}, heads {args.heads}, "
+        f"head dim {args.head_dim}, {dtype}, {device}; attention forward+backward, median of {args.repeats}"
+    )
     header = f"{'r µm':>5} {'tokens mean/max':>16} {'Lmax':>5} {'ΣL²share':>8} {'padded ms':>9} {'ideal ms':>8}"
-    print(header + "".join(f" | {b:>9} ms  ÷ideal TFLOP/s" for b in backends)
-          + ("  | peak MiB: padded, " + ", ".join(backends) if args.memory else "")
-          + "\n(TFLOP/s: the attention matmuls of the samples' own tokens, backward = 2 × forward)")
+    print(
+        header
+        + "".join(f" | {b:>9} ms  ÷ideal TFLOP/s" for b in backends)
+        + ("  | peak MiB: padded, " + ", ".join(backends) if args.memory else "")
+        + "\n(TFLOP/s: the attention matmuls of the samples' own tokens, backward = 2 × forward)"
+    )
     rows = []
     for r in args.resolutions:
         tokens = np.array([bin_grid(g, mpp, r, (tile_px, tile_px)).n_cells for g in grids])
         batch = rng.choice(len(grids), size=args.batch, replace=len(grids) < args.batch)
         lengths = [int(1 + args.registers + n_patches + tokens[i]) for i in batch]
         share = sum(n * n for n in lengths) / (len(lengths) * max(lengths) ** 2)
-        padded = _median_seconds(_make_step("padded", lengths, args.heads, args.head_dim, device, dtype),
-                                 args.repeats, device)
+        padded = _median_seconds(
+            _make_step("padded", lengths, args.heads, args.head_dim, device, dtype), args.repeats, device
+        )
         ideal = padded * share
         flops = attention_flops(lengths, args.heads, args.head_dim)
-        result = {"resolution_um": r, "batch": len(lengths), "heads": args.heads, "head_dim": args.head_dim,
-                  "dtype": str(dtype).removeprefix("torch."), "max_len": max(lengths), "tokens": sum(lengths),
-                  "sum_sq_share": share, "padded_ms": padded * 1e3, "ideal_ms": ideal * 1e3,
-                  "padded_tflops": flops / padded / 1e12, "backends": {}, "unavailable": unavailable}
-        row = (f"{r:>5g} {f'{tokens.mean():.0f}/{tokens.max()}':>16} {max(lengths):>5} {share:>8.3f} "
-               f"{padded * 1e3:>9.1f} {ideal * 1e3:>8.1f}")
+        result = {
+            "resolution_um": r,
+            "batch": len(lengths),
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "dtype": str(dtype).removeprefix("torch."),
+            "max_len": max(lengths),
+            "tokens": sum(lengths),
+            "sum_sq_share": share,
+            "padded_ms": padded * 1e3,
+            "ideal_ms": ideal * 1e3,
+            "padded_tflops": flops / padded / 1e12,
+            "backends": {},
+            "unavailable": unavailable,
+        }
+        row = (
+            f"{r:>5g} {f'{tokens.mean():.0f}/{tokens.max()}':>16} {max(lengths):>5} {share:>8.3f} "
+            f"{padded * 1e3:>9.1f} {ideal * 1e3:>8.1f}"
+        )
         for backend in backends:
-            t = _median_seconds(_make_step(backend, lengths, args.heads, args.head_dim, device, dtype),
-                                args.repeats, device)
+            t = _median_seconds(
+                _make_step(backend, lengths, args.heads, args.head_dim, device, dtype), args.repeats, device
+            )
             result["backends"][backend] = {"ms": t * 1e3, "per_ideal": t / ideal, "tflops": flops / t / 1e12}
             row += f" | {t * 1e3:>12.1f} {t / ideal:>7.2f} {flops / t / 1e12:>7.2f}"
         if args.memory:
@@ -251,8 +276,7 @@ def benchmark(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------- GPU check
 
 
-def reference_and_bounds(qkv: torch.Tensor, grad: torch.Tensor, lengths: list[int], unit: float,
-                         acc_unit: float):
+def reference_and_bounds(qkv: torch.Tensor, grad: torch.Tensor, lengths: list[int], unit: float, acc_unit: float):
     """Exact (float64) packed attention of ``qkv`` and its input gradient for output gradient ``grad``, with
     first-order bounds on the error of a kernel that works as FlashAttention does: inputs and outputs
     stored at unit roundoff ``unit``, P and dS rounded to it before their matmuls, products and sums
@@ -264,7 +288,7 @@ def reference_and_bounds(qkv: torch.Tensor, grad: torch.Tensor, lengths: list[in
         q, k, v = part.permute(1, 2, 0, 3)  # each (heads, n, dim)
         do = g.transpose(0, 1)  # (heads, n, dim)
         dim = q.shape[-1]
-        scale = dim ** -0.5
+        scale = dim**-0.5
         p = (q @ k.transpose(-1, -2) * scale).softmax(-1)  # (heads, n, n)
         o = p @ v
         ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
@@ -300,25 +324,38 @@ def equivalence(args, device: torch.device) -> list[dict]:
     qkv = torch.randn(sum(lengths), 3, heads, dim, generator=g).to(device, dtype)
     grad = torch.randn(sum(lengths), heads, dim, generator=g).to(device, dtype)
     unit = torch.finfo(dtype).eps / 2
-    ref_out, ref_grad, b_out, b_grad = reference_and_bounds(qkv, grad, lengths, unit, torch.finfo(torch.float32).eps / 2)
+    ref_out, ref_grad, b_out, b_grad = reference_and_bounds(
+        qkv, grad, lengths, unit, torch.finfo(torch.float32).eps / 2
+    )
     tiny = torch.finfo(torch.float64).tiny
     rows = []
-    for backend in (["xformers", "flex", "sdpa"] if device.type == "cuda" else ["sdpa", "loop", "reference"]):
-        row = {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "lengths": lengths, "heads": heads,
-               "head_dim": dim}
+    for backend in ["xformers", "flex", "sdpa"] if device.type == "cuda" else ["sdpa", "loop", "reference"]:
+        row = {
+            "backend": backend,
+            "dtype": str(dtype).removeprefix("torch."),
+            "lengths": lengths,
+            "heads": heads,
+            "head_dim": dim,
+        }
         try:
             x = qkv.clone().requires_grad_()
             out = attend(x, PackedSeq(lengths, device, backend))
             out.backward(grad)
             d_out, d_grad = out.double() - ref_out, x.grad.double() - ref_grad
-            row.update(out_ratio=(d_out.abs() / b_out.clamp_min(tiny)).max().item(),
-                       grad_ratio=(d_grad.abs() / b_grad.clamp_min(tiny)).max().item(),
-                       max_abs_out=d_out.abs().max().item(), max_abs_grad=d_grad.abs().max().item())
+            row.update(
+                out_ratio=(d_out.abs() / b_out.clamp_min(tiny)).max().item(),
+                grad_ratio=(d_grad.abs() / b_grad.clamp_min(tiny)).max().item(),
+                max_abs_out=d_out.abs().max().item(),
+                max_abs_grad=d_grad.abs().max().item(),
+            )
             row["ok"] = row["out_ratio"] <= 1 and row["grad_ratio"] <= 1
-            print(f"equivalence {backend}, {dtype}, lengths {lengths}, {heads} heads × {dim}: max |Δout| "
-                  f"{row['max_abs_out']:.2e} ({row['out_ratio']:.3f} of its bound), max |Δgrad| "
-                  f"{row['max_abs_grad']:.2e} ({row['grad_ratio']:.3f} of its bound) → "
-                  f"{'OK' if row['ok'] else 'MISMATCH'}", flush=True)
+            print(
+                f"equivalence {backend}, {dtype}, lengths {lengths}, {heads} heads × {dim}: max |Δout| "
+                f"{row['max_abs_out']:.2e} ({row['out_ratio']:.3f} of its bound), max |Δgrad| "
+                f"{row['max_abs_grad']:.2e} ({row['grad_ratio']:.3f} of its bound) → "
+                f"{'OK' if row['ok'] else 'MISMATCH'}",
+                flush=True,
+            )
         except Exception as exc:  # a backend that does not run here is a result, not the end of the check
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
             print(f"equivalence {backend}: did not run: {row['error']}", flush=True)
@@ -338,15 +375,23 @@ def throughput(args, device: torch.device) -> list[dict]:
     from histotx.model import FusedViT, FusedViTConfig, TranscriptBatch
     from histotx.tokens import TranscriptCells
 
-    cfg = FusedViTConfig(size=args.size, img_size=args.img_size, patch_size=args.patch, vocab_size=20000,
-                         attention=args.attention, grad_checkpointing=args.checkpointing)
+    cfg = FusedViTConfig(
+        size=args.size,
+        img_size=args.img_size,
+        patch_size=args.patch,
+        vocab_size=20000,
+        attention=args.attention,
+        grad_checkpointing=args.checkpointing,
+    )
     model = FusedViT(cfg).to(device).train()
     n_patches = (args.img_size // args.patch) ** 2
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
     rng = np.random.default_rng(0)
-    print(f"FusedViT {args.size}/{args.patch} at {args.img_size} px, bf16 autocast, "
-          f"attention {PackedSeq([1], device, cfg.attention).backend}, checkpointing {cfg.grad_checkpointing}; "
-          "TFLOP/s counts forward + backward as 3 × the forward's matmuls")
+    print(
+        f"FusedViT {args.size}/{args.patch} at {args.img_size} px, bf16 autocast, "
+        f"attention {PackedSeq([1], device, cfg.attention).backend}, checkpointing {cfg.grad_checkpointing}; "
+        "TFLOP/s counts forward + backward as 3 × the forward's matmuls"
+    )
     rows = []
     for n_tx in args.transcripts:
         batch = args.batch or max(1, args.tokens_per_step // (1 + n_patches + n_tx))
@@ -354,8 +399,15 @@ def throughput(args, device: torch.device) -> list[dict]:
         for _ in range(batch):
             nnz = rng.integers(5, 40, size=n_tx)
             offsets = np.concatenate([[0], np.cumsum(nnz)])
-            cells.append(TranscriptCells(rng.uniform(0, args.img_size, (n_tx, 2)), offsets,
-                                         rng.integers(0, 20000, offsets[-1]), rng.uniform(0, 5, offsets[-1]), 2.0))
+            cells.append(
+                TranscriptCells(
+                    rng.uniform(0, args.img_size, (n_tx, 2)),
+                    offsets,
+                    rng.integers(0, 20000, offsets[-1]),
+                    rng.uniform(0, 5, offsets[-1]),
+                    2.0,
+                )
+            )
         tx = TranscriptBatch.collate(cells).to(device)
         images = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
 
@@ -373,11 +425,21 @@ def throughput(args, device: torch.device) -> list[dict]:
         seconds = _median_seconds(step, args.repeats, device)
         lengths = [1 + n_patches + n_tx] * batch
         flops = 3 * model_flops(cfg, lengths)  # forward + backward ≈ 3 × forward
-        mem = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
-        print(f"  {n_tx:>5} transcript tokens/sample, batch {batch:>3}: {sum(lengths) / seconds:,.0f} tokens/s, "
-              f"{flops / seconds / 1e12:.2f} TFLOP/s, {seconds * 1e3:.1f} ms/step{mem}", flush=True)
-        rows.append({"transcripts": n_tx, "batch": batch, "tokens_per_s": sum(lengths) / seconds,
-                     "tflops": flops / seconds / 1e12, "ms_per_step": seconds * 1e3})
+        mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        print(
+            f"  {n_tx:>5} transcript tokens/sample, batch {batch:>3}: {sum(lengths) / seconds:,.0f} tokens/s, "
+            f"{flops / seconds / 1e12:.2f} TFLOP/s, {seconds * 1e3:.1f} ms/step{mem}",
+            flush=True,
+        )
+        rows.append(
+            {
+                "transcripts": n_tx,
+                "batch": batch,
+                "tokens_per_s": sum(lengths) / seconds,
+                "tflops": flops / seconds / 1e12,
+                "ms_per_step": seconds * 1e3,
+            }
+        )
     return rows
 
 
@@ -389,8 +451,11 @@ def main() -> None:
     p.add_argument("--tiles", type=int, default=64, help="tiles to draw token counts from")
     p.add_argument("--mpp", type=float, default=0.5, help="µm/px of the synthetic tiles")
     p.add_argument("--resolutions", type=float, nargs="+", default=[2, 8, 16, 55])
-    p.add_argument("--batch", type=int, help="samples per batch (default: 32 on CUDA, 4 on CPU; --gpu-check: "
-                   "as many as --tokens-per-step allows)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="samples per batch (default: 32 on CUDA, 4 on CPU; --gpu-check: as many as --tokens-per-step allows)",
+    )
     p.add_argument("--tokens-per-step", type=int, default=32768, help="--gpu-check: token budget of one step")
     p.add_argument("--heads", type=int, default=16 if cuda else 2)
     p.add_argument("--head-dim", type=int, default=64 if cuda else 32)
@@ -400,16 +465,25 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5 if cuda else 2)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurements")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gpu-check", action="store_true",
-                   help="every backend ≡ exact attention within bf16 rounding, then fused-model throughput")
+    p.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="every backend ≡ exact attention within bf16 rounding, then fused-model throughput",
+    )
     p.add_argument("--equivalence", action="store_true", help="only the backends' agreement of --gpu-check")
-    p.add_argument("--lengths", type=int, nargs="+", default=[197, 3333, 1, 600],
-                   help="--gpu-check/--equivalence: the packed batch's sequence lengths")
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[197, 3333, 1, 600],
+        help="--gpu-check/--equivalence: the packed batch's sequence lengths",
+    )
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--size", default="L", help="--gpu-check: model size preset")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--transcripts", type=int, nargs="+", default=[0, 196, 3136],
-                   help="--gpu-check: transcript tokens per sample")
+    p.add_argument(
+        "--transcripts", type=int, nargs="+", default=[0, 196, 3136], help="--gpu-check: transcript tokens per sample"
+    )
     p.add_argument("--attention", default="auto")
     p.add_argument("--checkpointing", action="store_true")
     args = p.parse_args()
@@ -417,8 +491,10 @@ def main() -> None:
         args.batch = 32 if args.device == "cuda" else 4
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__}
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     if args.gpu_check or args.equivalence:
         results["equivalence"] = equivalence(args, device)
         if args.gpu_check:

@@ -50,6 +50,7 @@ has therefore seen 100 more steps than the FM (no image-only continuation of equ
     python benchmarks/claims.py                      # → out/claims/, prints the table
     python benchmarks/claims.py --seeds 0 --steps-image 40 --steps-fusion 20   # a smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,19 +87,27 @@ def log(msg: str) -> None:
 
 def make_data(out: Path, workers: int) -> dict[str, Path]:
     """The cohort and three shard sets: pretraining image-only (grid), pretraining fused (spots), evaluation."""
+    from histotx.sharding.config import ShardConfig
+    from histotx.sharding.pipeline import run_cohort
     from histotx.synth import generate_cohort
-    from sharding.config import ShardConfig
-    from sharding.pipeline import run_cohort
 
     cohort_dir = out / "cohort"
     cohort = cohort_dir / "cohort.yaml"
     if not cohort.is_file():
-        generate_cohort(cohort_dir, seed=COHORT_SEED, size="bench", technologies=("visium", "visium_sr2"),
-                        replicates=N_SAMPLES // 2, patients=N_SAMPLES)
+        generate_cohort(
+            cohort_dir,
+            seed=COHORT_SEED,
+            size="bench",
+            technologies=("visium", "visium_sr2"),
+            replicates=N_SAMPLES // 2,
+            patients=N_SAMPLES,
+        )
     entries = yaml.safe_load(cohort.read_text())["samples"]
     pre = [e for e in entries if e["patient"] in PRETRAIN_PATIENTS]
     ev = [e for e in entries if e["patient"] not in PRETRAIN_PATIENTS]
-    image_only = [{"id": e["id"], "patient": e["patient"], "technology": "image_only", "slide": e["slide"]} for e in pre]
+    image_only = [
+        {"id": e["id"], "patient": e["patient"], "technology": "image_only", "slide": e["slide"]} for e in pre
+    ]
     sets = {"pretrain_image": (image_only, "grid"), "pretrain_fused": (pre, "spots"), "eval": (ev, "spots")}
     shards = {}
     for name, (samples, tiling) in sets.items():
@@ -152,8 +161,19 @@ def train(config: Path, shards: Path, run: Path, seed: int, steps: int | None, p
     """One single-process training run (1 thread + 1 loader worker), skipped when already finished."""
     if (run / "checkpoints" / "latest").is_file():
         return run
-    cmd = [sys.executable, "-m", "histotx.cli", "train", str(config), f"data.stream.shards={shards}", f"out={run}",
-           f"seed={seed}", f"data.stream.seed={seed}", *([f"steps={steps}"] if steps else []), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "histotx.cli",
+        "train",
+        str(config),
+        f"data.stream.shards={shards}",
+        f"out={run}",
+        f"seed={seed}",
+        f"data.stream.seed={seed}",
+        *([f"steps={steps}"] if steps else []),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     t0 = time.monotonic()
     run.mkdir(parents=True, exist_ok=True)
@@ -165,8 +185,9 @@ def train(config: Path, shards: Path, run: Path, seed: int, steps: int | None, p
     return run
 
 
-def pretrain(out: Path, shards: dict[str, Path], seeds: list[int], steps_image: int | None,
-             steps_fusion: int | None, jobs: int) -> dict[int, tuple[Path, Path]]:
+def pretrain(
+    out: Path, shards: dict[str, Path], seeds: list[int], steps_image: int | None, steps_fusion: int | None, jobs: int
+) -> dict[int, tuple[Path, Path]]:
     """Stage 1 (image-only FM) then stage 2 (fusion, from stage 1's export) for every seed, ``jobs`` at a time."""
     from histotx.export.write import export
 
@@ -177,12 +198,23 @@ def pretrain(out: Path, shards: dict[str, Path], seeds: list[int], steps_image: 
         init = runs / f"fm_s{seed}_export"
         if not (init / "teacher.safetensors").is_file():
             export(fm, init, formats=(), overwrite=True)
-        return train(FUSION_CONFIG, shards["pretrain_fused"], runs / f"histotx_s{seed}", seed, steps_fusion,
-                     29600 + 2 * seed + 1, [f"init.backbone={init}"])
+        return train(
+            FUSION_CONFIG,
+            shards["pretrain_fused"],
+            runs / f"histotx_s{seed}",
+            seed,
+            steps_fusion,
+            29600 + 2 * seed + 1,
+            [f"init.backbone={init}"],
+        )
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        first = {s: pool.submit(train, IMAGE_CONFIG, shards["pretrain_image"], runs / f"fm_s{s}", s, steps_image,
-                                29600 + 2 * s, []) for s in seeds}
+        first = {
+            s: pool.submit(
+                train, IMAGE_CONFIG, shards["pretrain_image"], runs / f"fm_s{s}", s, steps_image, 29600 + 2 * s, []
+            )
+            for s in seeds
+        }
         second = {s: pool.submit(stage2, s, first[s]) for s in seeds}
         return {s: (first[s].result(), second[s].result()) for s in seeds}
 
@@ -204,8 +236,15 @@ def random_backbone(seed: int, shards: Path):
     torch.manual_seed(seed)
     model = FusedViT(cfg.model_config()).eval()
     a = cfg.data.augment
-    return LoadedModel(model, Vocab.load(shards / "vocab.tsv").symbols, TILE["mpp"], cfg.model_config().img_size,
-                       tuple(a.mean), tuple(a.std), f"random init (seed {seed})")
+    return LoadedModel(
+        model,
+        Vocab.load(shards / "vocab.tsv").symbols,
+        TILE["mpp"],
+        cfg.model_config().img_size,
+        tuple(a.mean),
+        tuple(a.std),
+        f"random init (seed {seed})",
+    )
 
 
 def evaluate_all(out: Path, shards: Path, labels: Path, runs: dict[int, tuple[Path, Path]]) -> pd.DataFrame:
@@ -217,23 +256,44 @@ def evaluate_all(out: Path, shards: Path, labels: Path, runs: dict[int, tuple[Pa
     emb = out / "embeddings"
     tables = []
     for seed, (fm, fused) in runs.items():
-        models = {f"random_s{seed}": (random_backbone(seed, shards), ("image", "fused", "transcripts")),
-                  f"fm_s{seed}": (load_model(fm), ("image",)),
-                  f"histotx_s{seed}": (load_model(fused), ("image", "fused", "transcripts"))}
+        models = {
+            f"random_s{seed}": (random_backbone(seed, shards), ("image", "fused", "transcripts")),
+            f"fm_s{seed}": (load_model(fm), ("image",)),
+            f"histotx_s{seed}": (load_model(fused), ("image", "fused", "transcripts")),
+        }
         for name, (model, modes) in models.items():
             if not (emb / name).is_dir():
                 embed_shards(model, shards, emb / name, modes=modes, drop_genes=targets, progress=False)
-        for modes, names in ((["image"], list(models)), (["fused", "transcripts"], [f"random_s{seed}", f"histotx_s{seed}"])):
-            t = evaluate(shards, embeddings={n: emb / n for n in names}, modes=modes, out=out / "eval" / f"s{seed}_{modes[0]}",
-                         targets=targets, labels=labels, label="region", gene_groups=groups, progress=False, show=False)
+        for modes, names in (
+            (["image"], list(models)),
+            (["fused", "transcripts"], [f"random_s{seed}", f"histotx_s{seed}"]),
+        ):
+            t = evaluate(
+                shards,
+                embeddings={n: emb / n for n in names},
+                modes=modes,
+                out=out / "eval" / f"s{seed}_{modes[0]}",
+                targets=targets,
+                labels=labels,
+                label="region",
+                gene_groups=groups,
+                progress=False,
+                show=False,
+            )
             t["seed"] = seed
             tables.append(t)
     return pd.concat(tables, ignore_index=True)
 
 
-ROWS = [("random init", "random", "image"), ("FM (image-only SSL)", "fm", "image"), ("HistoTx", "histotx", "image"),
-        ("HistoTx", "histotx", "fused"), ("HistoTx", "histotx", "transcripts"),
-        ("random init", "random", "fused"), ("random init", "random", "transcripts")]
+ROWS = [
+    ("random init", "random", "image"),
+    ("FM (image-only SSL)", "fm", "image"),
+    ("HistoTx", "histotx", "image"),
+    ("HistoTx", "histotx", "fused"),
+    ("HistoTx", "histotx", "transcripts"),
+    ("random init", "random", "fused"),
+    ("random init", "random", "transcripts"),
+]
 
 
 def summarise(long: pd.DataFrame) -> pd.DataFrame:
@@ -245,7 +305,7 @@ def summarise(long: pd.DataFrame) -> pd.DataFrame:
         sub = long[(long["kind"] == kind) & (long["mode"] == mode)]
         row = {"model": label, "mode": mode, "seeds": len(sub)}
         for c in cols:
-            name = c[len("pearson_"):-len("_mean")] if c.startswith("pearson_") and c != "pearson_mean" else c
+            name = c[len("pearson_") : -len("_mean")] if c.startswith("pearson_") and c != "pearson_mean" else c
             row[f"{name}"] = sub[c].mean()
             row[f"{name}_sd"] = sub[c].std(ddof=1) if len(sub) > 1 else float("nan")
         rows.append(row)
@@ -254,7 +314,11 @@ def summarise(long: pd.DataFrame) -> pd.DataFrame:
 
 def print_table(summary: pd.DataFrame, long: pd.DataFrame, header: str) -> None:
     print(header)
-    names = [("pearson_mean", "Pearson all"), *[(g, f"Pearson {g}") for g in GROUPS], ("label_bal_acc_mean", "region probe bal.acc")]
+    names = [
+        ("pearson_mean", "Pearson all"),
+        *[(g, f"Pearson {g}") for g in GROUPS],
+        ("label_bal_acc_mean", "region probe bal.acc"),
+    ]
     widths = [22, 13] + [23] * len(names)
     line = "".join(h.ljust(w) for h, w in zip(["model", "mode", *[n for _, n in names]], widths))
     print(line)
@@ -262,13 +326,17 @@ def print_table(summary: pd.DataFrame, long: pd.DataFrame, header: str) -> None:
     for _, r in summary.iterrows():
         cells = [r["model"], r["mode"]] + [f"{r[c]:.3f} ± {r[c + '_sd']:.3f}" for c, _ in names]
         print("".join(str(c).ljust(w) for c, w in zip(cells, widths)))
-    print(f"mean ± sd over {int(summary['seeds'].max())} seeds (sd: sample sd, ddof=1, of the per-seed means over "
-          "leave-one-patient-out folds)")
+    print(
+        f"mean ± sd over {int(summary['seeds'].max())} seeds (sd: sample sd, ddof=1, of the per-seed means over "
+        "leave-one-patient-out folds)"
+    )
     # The margins the claims and the issue ask about, per seed then over seeds.
     wide = long.assign(kind=long["model"].str.replace(r"_s\d+$", "", regex=True)).pivot_table(
-        index="seed", columns=["kind", "mode"], values="pearson_mean")
+        index="seed", columns=["kind", "mode"], values="pearson_mean"
+    )
     region = long.assign(kind=long["model"].str.replace(r"_s\d+$", "", regex=True)).pivot_table(
-        index="seed", columns=["kind", "mode"], values="pearson_region_mean")
+        index="seed", columns=["kind", "mode"], values="pearson_region_mean"
+    )
 
     def diff(table, a, b, what):
         d = table[a] - table[b]
@@ -303,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     long.to_csv(out / "claims_per_seed.csv", index=False)
     summary.to_csv(out / "claims.csv", index=False)
     targets, groups = claims_targets()
-    header = (f"HistoTx claims on the synthetic bench cohort (seed {COHORT_SEED}): pretraining on 4 patients, "
-              f"evaluation on 4 others, leave-one-patient-out; {len(targets)} targets "
-              f"({', '.join(f'{g} {len(v)}' for g, v in groups.items())}), all removed from the transcript input")
+    header = (
+        f"HistoTx claims on the synthetic bench cohort (seed {COHORT_SEED}): pretraining on 4 patients, "
+        f"evaluation on 4 others, leave-one-patient-out; {len(targets)} targets "
+        f"({', '.join(f'{g} {len(v)}' for g, v in groups.items())}), all removed from the transcript input"
+    )
     print_table(summary, long, header)
     log(f"total {time.monotonic() - t0:.0f} s; per seed: {out / 'claims_per_seed.csv'}, summary: {out / 'claims.csv'}")
     return 0

@@ -9,6 +9,7 @@ finding, not a crash); `report` turns the step files that gpu_check.sh leaves in
 holding "exit-status seconds timeout", and the JSON the benchmarks write) into rows of
 (check, result, figure, target, pass/fail), prints them and writes OUT/table.md and OUT/table.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,22 @@ from pathlib import Path
 
 TORCH_PIN = "2.14.1"  # the Makefile's pin
 # what the checks import: the project's training path, and xformers for the attention kernels
-MODULES = ("torch", "torchvision", "yaml", "numpy", "deepspeed", "webdataset", "imagecodecs", "timm", "safetensors",
-           "einops", "zarr", "anndata", "xformers", "histotx", "sharding")
+MODULES = (
+    "torch",
+    "torchvision",
+    "yaml",
+    "numpy",
+    "deepspeed",
+    "webdataset",
+    "imagecodecs",
+    "timm",
+    "safetensors",
+    "einops",
+    "zarr",
+    "anndata",
+    "xformers",
+    "histotx",
+)
 BACKENDS = ("xformers", "flex", "sdpa")
 LENGTHS = [197, 3333, 1, 600]  # a packed ViT-L batch: 224 px image tokens alone, with 2 µm bins, CLS only, Xenium
 MFU_TARGET = 0.45
@@ -45,8 +60,13 @@ def _version(dist: str) -> str | None:
 def env_probe() -> dict:
     """Versions, and which modules the checks import are not installed (found, not imported: the steps
     import them and say so when one is broken)."""
-    info = {"python": platform.python_version(), "executable": sys.executable, "torch_pin": TORCH_PIN,
-            "modules": {}, "missing": []}
+    info = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "torch_pin": TORCH_PIN,
+        "modules": {},
+        "missing": [],
+    }
     for name in MODULES:
         found = importlib.util.find_spec(name) is not None
         info["modules"][name] = found
@@ -97,8 +117,10 @@ def xformers_probe(lengths: list[int], heads: int, dim: int) -> dict:
     try:
         device = torch.device("cuda")
         g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(1, sum(lengths), heads, dim, generator=g).to(device, torch.bfloat16).requires_grad_()
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(1, sum(lengths), heads, dim, generator=g).to(device, torch.bfloat16).requires_grad_()
+            for _ in range(3)
+        )
         bias = fmha.BlockDiagonalMask.from_seqlens(lengths, device=device)
         inp = fmha.Inputs(query=q, key=k, value=v, attn_bias=bias)
         from xformers.ops.fmha import dispatch
@@ -120,8 +142,9 @@ def xformers_probe(lengths: list[int], heads: int, dim: int) -> dict:
             out = fmha.memory_efficient_attention(q, k, v, attn_bias=bias)
             out.float().square().sum().backward()
             torch.cuda.synchronize()
-        kernels = sorted(((e.device_time_total, e.key) for e in prof.key_averages() if e.device_time_total > 0),
-                         reverse=True)
+        kernels = sorted(
+            ((e.device_time_total, e.key) for e in prof.key_averages() if e.device_time_total > 0), reverse=True
+        )
         info["kernels"] = [name[:90] for _, name in kernels[:4]]
         info["finite"] = bool(torch.isfinite(out).all() and torch.isfinite(q.grad).all())
         info["status"] = "ran" if info["finite"] else "ran, non-finite output"
@@ -172,8 +195,7 @@ def env_rows(out: Path) -> list[dict]:
     step, info = _step(out, "env"), _load(out / "env.json")
     if not info:
         return [_row("python environment", _failure(step), target=f"torch {TORCH_PIN}", verdict="FAIL")]
-    figure = (f"Python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), "
-              f"{info['device'] or 'no GPU'}")
+    figure = f"Python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), {info['device'] or 'no GPU'}"
     problems = [f"missing {', '.join(info['missing'])}"] if info["missing"] else []
     if info["torch"] and info["torch"].split("+")[0] != TORCH_PIN:
         problems.append(f"torch {info['torch'].split('+')[0]} is not the pin")
@@ -181,38 +203,67 @@ def env_rows(out: Path) -> list[dict]:
     result = "; ".join(problems) or "ok"
     if install.get("ran"):
         result += f"; installed: {install['what']} ({'ok' if install['ok'] else 'failed'})"
-    return [_row("python environment", result, figure, f"torch {TORCH_PIN}, every module imports",
-                 "FAIL" if problems else "PASS")]
+    return [
+        _row(
+            "python environment",
+            result,
+            figure,
+            f"torch {TORCH_PIN}, every module imports",
+            "FAIL" if problems else "PASS",
+        )
+    ]
 
 
 def xformers_rows(out: Path, dry: bool) -> list[dict]:
     step, info = _step(out, "xformers"), _load(out / "xformers.json")
     if not info:
         reason = _failure(step)
-        return [_row("xformers _C.so loads", reason, verdict="FAIL"),
-                _row("xformers attention runs", reason, verdict="FAIL")]
+        return [
+            _row("xformers _C.so loads", reason, verdict="FAIL"),
+            _row("xformers attention runs", reason, verdict="FAIL"),
+        ]
     if info["version"] is None or "c_library_loaded" not in info:
         reason = info.get("status", "?") + (f": {info['error']}" if info.get("error") else "")
-        return [_row("xformers _C.so loads", reason, target="loads with the torch pin", verdict="FAIL"),
-                _row("xformers attention runs", reason, target="runs on CUDA", verdict="FAIL")]
+        return [
+            _row("xformers _C.so loads", reason, target="loads with the torch pin", verdict="FAIL"),
+            _row("xformers attention runs", reason, target="runs on CUDA", verdict="FAIL"),
+        ]
     loaded = info["c_library_loaded"]
     # _C.so holds xformers' own CUDA kernels (sparse 2:4, indexing); its attention operators named "-pt"
     # are PyTorch's bundled FlashAttention-2 / CUTLASS kernels and run whether or not _C.so loads
-    rows = [_row("xformers _C.so loads", "loaded" if loaded else "not loaded",
-                 f"xformers {info['version']}" + ("" if loaded else f"; {info.get('c_library_error', '')}"),
-                 "loads with the torch pin (attention does not need it: see the next row's operator)",
-                 "PASS" if loaded else "FAIL")]
+    rows = [
+        _row(
+            "xformers _C.so loads",
+            "loaded" if loaded else "not loaded",
+            f"xformers {info['version']}" + ("" if loaded else f"; {info.get('c_library_error', '')}"),
+            "loads with the torch pin (attention does not need it: see the next row's operator)",
+            "PASS" if loaded else "FAIL",
+        )
+    ]
     target = "memory_efficient_attention, bf16, BlockDiagonalMask, on CUDA"
     if not info["cuda"]:
         rows.append(_row("xformers attention runs", SKIP_NO_CUDA, target=target, verdict="SKIP"))
     elif info.get("status") == "ran":
         passed = "; ".join(f"{op} not used: {', '.join(why)}" for op, why in info.get("passed_over", {}).items())
-        rows.append(_row("xformers attention runs", f"ran: forward {info['forward_op']}, backward {info['backward_op']}"
-                         + (f" ({passed})" if passed else ""),
-                         "kernels: " + "; ".join(info.get("kernels", [])), target, "PASS"))
+        rows.append(
+            _row(
+                "xformers attention runs",
+                f"ran: forward {info['forward_op']}, backward {info['backward_op']}"
+                + (f" ({passed})" if passed else ""),
+                "kernels: " + "; ".join(info.get("kernels", [])),
+                target,
+                "PASS",
+            )
+        )
     else:
-        rows.append(_row("xformers attention runs", f"{info.get('status')}: {info.get('error', '')}"[:300],
-                         target=target, verdict="FAIL"))
+        rows.append(
+            _row(
+                "xformers attention runs",
+                f"{info.get('status')}: {info.get('error', '')}"[:300],
+                target=target,
+                verdict="FAIL",
+            )
+        )
     return rows
 
 
@@ -225,16 +276,24 @@ def agreement_rows(out: Path, dry: bool) -> list[dict]:
         r = found.get(backend)
         if r is None:
             result = SKIP_NO_CUDA if dry and backend != "sdpa" else _failure(step)
-            rows.append(_row(check, result, target="error ≤ 1 × its rounding bound",
-                             verdict="SKIP" if dry and backend != "sdpa" else "FAIL"))
+            rows.append(
+                _row(
+                    check,
+                    result,
+                    target="error ≤ 1 × its rounding bound",
+                    verdict="SKIP" if dry and backend != "sdpa" else "FAIL",
+                )
+            )
             continue
         target = f"error ≤ 1 × its first-order {r['dtype']} bound, vs float64"
         if "error" in r:
             rows.append(_row(check, f"did not run: {r['error']}"[:300], target=target, verdict="FAIL"))
             continue
-        figure = (f"out {r['out_ratio']:.3f}, grad {r['grad_ratio']:.3f} of the bound; largest Δout "
-                  f"{r['max_abs_out']:.1e}, Δgrad {r['max_abs_grad']:.1e}; {r['dtype']}, lengths {r['lengths']}, "
-                  f"{r['heads']}×{r['head_dim']}")
+        figure = (
+            f"out {r['out_ratio']:.3f}, grad {r['grad_ratio']:.3f} of the bound; largest Δout "
+            f"{r['max_abs_out']:.1e}, Δgrad {r['max_abs_grad']:.1e}; {r['dtype']}, lengths {r['lengths']}, "
+            f"{r['heads']}×{r['head_dim']}"
+        )
         rows.append(_row(check, "agrees" if r["ok"] else "MISMATCH", figure, target, "PASS" if r["ok"] else "FAIL"))
     return rows
 
@@ -246,8 +305,7 @@ def throughput_rows(out: Path, dry: bool) -> list[dict]:
     for backend in BACKENDS:
         check = f"attention TFLOP/s: {backend}"
         packed = backend != "sdpa"  # sdpa pads uneven batches: it is the baseline, no target
-        target = ("time ÷ ideal ≤ 1.1 (ideal: padded SDPA × non-padding share)" if packed
-                  else "— (padded baseline)")
+        target = "time ÷ ideal ≤ 1.1 (ideal: padded SDPA × non-padding share)" if packed else "— (padded baseline)"
         figures = [(r["resolution_um"], r["backends"][backend], r) for r in results if backend in r["backends"]]
         if not figures:
             if dry and backend != "sdpa":
@@ -257,8 +315,11 @@ def throughput_rows(out: Path, dry: bool) -> list[dict]:
             else:
                 rows.append(_row(check, _failure(step), target=target, verdict="FAIL"))
             continue
-        figure = "; ".join(f"{b['tflops']:.1f} TFLOP/s at {res:g} µm (÷ideal {b['per_ideal']:.2f}, {r['dtype']}, "
-                           f"batch {r['batch']}, Lmax {r['max_len']})" for res, b, r in figures)
+        figure = "; ".join(
+            f"{b['tflops']:.1f} TFLOP/s at {res:g} µm (÷ideal {b['per_ideal']:.2f}, {r['dtype']}, "
+            f"batch {r['batch']}, Lmax {r['max_len']})"
+            for res, b, r in figures
+        )
         ok = all(b["per_ideal"] <= 1.1 for _, b, _ in figures)
         if dry:
             rows.append(_row(check, "ran on CPU (dry run)", figure, target, "SKIP"))
@@ -271,20 +332,30 @@ def train_rows(out: Path, dry: bool) -> list[dict]:
     step, info = _step(out, "train"), _load(out / "train.json")
     target = f"MFU ≥ {MFU_TARGET:.0%}"
     if not info:
-        return [_row("ViT-L/16 bf16 ZeRO-2 MFU", _failure(step), target=target, verdict="FAIL"),
-                _row("ViT-L/16 end to end (loader)", _failure(step), verdict="FAIL")]
-    mfu = (f"MFU {info['mfu']:.1%} ({info['tflops']:.1f} of {info['peak_tflops']:.0f} TFLOP/s; "
-           f"{info['tflops'] / DATASHEET_TFLOPS:.1%} of the datasheet's {DATASHEET_TFLOPS:.0f}), "
-           f"{info['ms_per_step']:.0f} ms/step, {info['samples_per_s']:.1f} samples/s, batch {info['batch']}, "
-           f"{info['steps']} steps, peak {info['peak_memory_gib']:.1f} GiB")
-    e2e = (f"{info['end_to_end_samples_per_s']:.1f} samples/s from {info['loader_workers']} loader workers "
-           f"({info['end_to_end_samples_per_s'] / info['samples_per_s']:.2f} of the model's rate)")
+        return [
+            _row("ViT-L/16 bf16 ZeRO-2 MFU", _failure(step), target=target, verdict="FAIL"),
+            _row("ViT-L/16 end to end (loader)", _failure(step), verdict="FAIL"),
+        ]
+    mfu = (
+        f"MFU {info['mfu']:.1%} ({info['tflops']:.1f} of {info['peak_tflops']:.0f} TFLOP/s; "
+        f"{info['tflops'] / DATASHEET_TFLOPS:.1%} of the datasheet's {DATASHEET_TFLOPS:.0f}), "
+        f"{info['ms_per_step']:.0f} ms/step, {info['samples_per_s']:.1f} samples/s, batch {info['batch']}, "
+        f"{info['steps']} steps, peak {info['peak_memory_gib']:.1f} GiB"
+    )
+    e2e = (
+        f"{info['end_to_end_samples_per_s']:.1f} samples/s from {info['loader_workers']} loader workers "
+        f"({info['end_to_end_samples_per_s'] / info['samples_per_s']:.2f} of the model's rate)"
+    )
     if dry:
-        return [_row("ViT-L/16 bf16 ZeRO-2 MFU", f"ran on CPU (dry run, {info['model']} model)", mfu, target, "SKIP"),
-                _row("ViT-L/16 end to end (loader)", "ran on CPU (dry run)", e2e, "— (info)", "SKIP")]
+        return [
+            _row("ViT-L/16 bf16 ZeRO-2 MFU", f"ran on CPU (dry run, {info['model']} model)", mfu, target, "SKIP"),
+            _row("ViT-L/16 end to end (loader)", "ran on CPU (dry run)", e2e, "— (info)", "SKIP"),
+        ]
     ok = info["mfu"] >= MFU_TARGET
-    return [_row("ViT-L/16 bf16 ZeRO-2 MFU", "ran", mfu, target, "PASS" if ok else "FAIL"),
-            _row("ViT-L/16 end to end (loader)", "ran", e2e, "— (info)", "INFO")]
+    return [
+        _row("ViT-L/16 bf16 ZeRO-2 MFU", "ran", mfu, target, "PASS" if ok else "FAIL"),
+        _row("ViT-L/16 end to end (loader)", "ran", e2e, "— (info)", "INFO"),
+    ]
 
 
 def loader_figures(log: str) -> dict:
@@ -294,9 +365,14 @@ def loader_figures(log: str) -> dict:
         found["per_core"] = float(m.group(1))
     if m := re.search(r"cores per GPU at ([\d.]+) samples/s: ([\d.]+)", log):
         found["gpu_rate"], found["cores"] = float(m.group(1)), float(m.group(2))
-    if m := re.search(r"trainer-side stage on (\S+) .*?: ([\d.]+) ms/sample wall.*?take ([\d.]+)% of the device's time",
-                      log):
-        found["stage_device"], found["stage_ms"], found["stage_share"] = m.group(1), float(m.group(2)), float(m.group(3))
+    if m := re.search(
+        r"trainer-side stage on (\S+) .*?: ([\d.]+) ms/sample wall.*?take ([\d.]+)% of the device's time", log
+    ):
+        found["stage_device"], found["stage_ms"], found["stage_share"] = (
+            m.group(1),
+            float(m.group(2)),
+            float(m.group(3)),
+        )
     return found
 
 
@@ -311,8 +387,11 @@ def loader_rows(out: Path, dry: bool) -> list[dict]:
             continue
         if step["state"] != "ok":
             missing = re.search(r"unrecognized arguments: .*|invalid choice: .*", step["log"])
-            result = (f"not available: benchmarks/train_step.py has no such option ({missing.group(0)[:100]})"
-                      if missing else _failure(step))
+            result = (
+                f"not available: benchmarks/train_step.py has no such option ({missing.group(0)[:100]})"
+                if missing
+                else _failure(step)
+            )
             rows.append(_row(check, result, target=target, verdict="FAIL"))
             continue
         f = loader_figures(step["log"])
@@ -322,14 +401,19 @@ def loader_rows(out: Path, dry: bool) -> list[dict]:
         if "cores" in f:
             parts.append(f"{f['cores']:.1f} cores per GPU at {f['gpu_rate']:.0f} samples/s")
         if "stage_ms" in f:
-            parts.append(f"trainer-side stage on {f['stage_device']}: {f['stage_ms']:.3f} ms/sample, "
-                         f"{f['stage_share']:.1f} % of the device's time")
+            parts.append(
+                f"trainer-side stage on {f['stage_device']}: {f['stage_ms']:.3f} ms/sample, "
+                f"{f['stage_share']:.1f} % of the device's time"
+            )
         figure = "; ".join(parts) or "no figures in the log: " + " / ".join(step["log"].strip().splitlines()[-2:])[:200]
         if dry:
             rows.append(_row(check, "ran on CPU (dry run)", figure, target, "SKIP"))
         elif device == "cuda" and not f.get("stage_device", "").startswith("cuda"):
-            rows.append(_row(check, f"the decode stage ran on {f.get('stage_device', '?')}, not the GPU", figure,
-                             target, "FAIL"))
+            rows.append(
+                _row(
+                    check, f"the decode stage ran on {f.get('stage_device', '?')}, not the GPU", figure, target, "FAIL"
+                )
+            )
         elif "cores" in f:
             rows.append(_row(check, "ran", figure, target, "PASS" if f["cores"] <= CORES_TARGET else "FAIL"))
         else:
@@ -338,12 +422,25 @@ def loader_rows(out: Path, dry: bool) -> list[dict]:
 
 
 def report(out: Path, dry: bool, budget_s: float, elapsed_s: float) -> list[dict]:
-    rows = (env_rows(out) + xformers_rows(out, dry) + agreement_rows(out, dry) + throughput_rows(out, dry)
-            + train_rows(out, dry) + loader_rows(out, dry))
+    rows = (
+        env_rows(out)
+        + xformers_rows(out, dry)
+        + agreement_rows(out, dry)
+        + throughput_rows(out, dry)
+        + train_rows(out, dry)
+        + loader_rows(out, dry)
+    )
     steps = {f.stem: _step(out, f.stem)["seconds"] for f in sorted(out.glob("*.rc"))}
     figure = f"{elapsed_s:.0f} s end to end (" + ", ".join(f"{k} {v:.0f}" for k, v in steps.items()) + ")"
-    rows.append(_row("gpu_check wall time", "dry run" if dry else "measured", figure, f"≤ {budget_s:.0f} s",
-                     "SKIP" if dry else ("PASS" if elapsed_s <= budget_s else "FAIL")))
+    rows.append(
+        _row(
+            "gpu_check wall time",
+            "dry run" if dry else "measured",
+            figure,
+            f"≤ {budget_s:.0f} s",
+            "SKIP" if dry else ("PASS" if elapsed_s <= budget_s else "FAIL"),
+        )
+    )
     return rows
 
 

@@ -11,6 +11,7 @@ dense bf16, by default).
     python benchmarks/gpu_train_check.py [--steps 20] [--warmup 5] [--batch 32] [key=value ...]
     python benchmarks/gpu_train_check.py --allow-cpu --config configs/train/tiny_cpu.yaml   # smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_shards(root: Path) -> Path:
+    from histotx.sharding.config import ShardConfig
+    from histotx.sharding.pipeline import run_cohort
     from histotx.synth import generate_cohort
-    from sharding.config import ShardConfig
-    from sharding.pipeline import run_cohort
 
     cohort = generate_cohort(root / "cohort", seed=0, size="small")
     run_cohort(cohort, root / "shards", ShardConfig(seed=0), workers=min(4, os.cpu_count() or 1))
@@ -85,39 +86,68 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or make_shards(Path(tmp))
-        cfg = load_config(TrainConfig, args.config, [
-            f"data.stream.shards={shards}", f"out={Path(tmp) / 'run'}", f"data.stream.batch_size={args.batch}",
-            f"data.stream.num_workers={args.workers}", "data.stream.resample=true", "deepspeed.zero_stage=2",
-            f"steps={args.warmup + 2 * args.steps + args.held}", "log.progress=false", "log.tensorboard=false",
-            "checkpoint.every_steps=1000000", *args.overrides])
+        cfg = load_config(
+            TrainConfig,
+            args.config,
+            [
+                f"data.stream.shards={shards}",
+                f"out={Path(tmp) / 'run'}",
+                f"data.stream.batch_size={args.batch}",
+                f"data.stream.num_workers={args.workers}",
+                "data.stream.resample=true",
+                "deepspeed.zero_stage=2",
+                f"steps={args.warmup + 2 * args.steps + args.held}",
+                "log.progress=false",
+                "log.tensorboard=false",
+                "checkpoint.every_steps=1000000",
+                *args.overrides,
+            ],
+        )
         trainer = Trainer(cfg)
         device = trainer.device
         model = trainer.meta.student.backbone.config
         n_params = sum(p.numel() for p in trainer.meta.student.parameters())
-        print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; model {model.size} "
-              f"{model.embed_dim}×{model.depth}, {n_params / 1e6:.1f} M student parameters; "
-              f"{'bf16 autocast' if use_bf16(cfg, device) else 'fp32'}; ZeRO-{cfg.deepspeed.zero_stage}; "
-              f"batch {args.batch} × (2 × {cfg.data.augment.global_crop_size} px + "
-              f"{cfg.data.augment.local_crops_number} × {cfg.data.augment.local_crop_size} px)")
+        print(
+            f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; model {model.size} "
+            f"{model.embed_dim}×{model.depth}, {n_params / 1e6:.1f} M student parameters; "
+            f"{'bf16 autocast' if use_bf16(cfg, device) else 'fp32'}; ZeRO-{cfg.deepspeed.zero_stage}; "
+            f"batch {args.batch} × (2 × {cfg.data.augment.global_crop_size} px + "
+            f"{cfg.data.augment.local_crops_number} × {cfg.data.augment.local_crop_size} px)"
+        )
         try:
             held = [trainer.next_batch() for _ in range(args.held)]
             timed_steps(trainer, itertools.cycle(held), args.warmup)
             seconds, flops, samples = timed_steps(trainer, itertools.cycle(held), args.steps)
             tflops = flops / seconds / 1e12
-            result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      "model": model.size, "zero_stage": cfg.deepspeed.zero_stage, "batch": args.batch,
-                      "steps": args.steps, "ms_per_step": seconds / args.steps * 1e3,
-                      "samples_per_s": samples / seconds, "tflops": tflops, "mfu": tflops / args.peak_tflops,
-                      "peak_tflops": args.peak_tflops}
-            print(f"model (batches on the device): {seconds / args.steps * 1e3:.1f} ms/step, "
-                  f"{samples / seconds:.1f} samples/s, {flops / args.steps / 1e12:.2f} TFLOP/step, "
-                  f"{tflops:.1f} TFLOP/s, MFU {tflops / args.peak_tflops:.1%} of {args.peak_tflops:.0f} TFLOP/s")
+            result = {
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "model": model.size,
+                "zero_stage": cfg.deepspeed.zero_stage,
+                "batch": args.batch,
+                "steps": args.steps,
+                "ms_per_step": seconds / args.steps * 1e3,
+                "samples_per_s": samples / seconds,
+                "tflops": tflops,
+                "mfu": tflops / args.peak_tflops,
+                "peak_tflops": args.peak_tflops,
+            }
+            print(
+                f"model (batches on the device): {seconds / args.steps * 1e3:.1f} ms/step, "
+                f"{samples / seconds:.1f} samples/s, {flops / args.steps / 1e12:.2f} TFLOP/step, "
+                f"{tflops:.1f} TFLOP/s, MFU {tflops / args.peak_tflops:.1%} of {args.peak_tflops:.0f} TFLOP/s"
+            )
             loader = iter(trainer.next_batch, None)
             seconds, flops, samples = timed_steps(trainer, loader, args.steps)
-            print(f"end to end (batches from {args.workers} loader workers): {samples / seconds:.1f} samples/s, "
-                  f"{flops / seconds / 1e12:.1f} TFLOP/s; peak memory {memory_mb(device) / 1024:.1f} GiB")
-            result.update(end_to_end_samples_per_s=samples / seconds, end_to_end_tflops=flops / seconds / 1e12,
-                          loader_workers=args.workers, peak_memory_gib=memory_mb(device) / 1024)
+            print(
+                f"end to end (batches from {args.workers} loader workers): {samples / seconds:.1f} samples/s, "
+                f"{flops / seconds / 1e12:.1f} TFLOP/s; peak memory {memory_mb(device) / 1024:.1f} GiB"
+            )
+            result.update(
+                end_to_end_samples_per_s=samples / seconds,
+                end_to_end_tflops=flops / seconds / 1e12,
+                loader_workers=args.workers,
+                peak_memory_gib=memory_mb(device) / 1024,
+            )
             if args.json:
                 args.json.write_text(json.dumps(result, indent=1))
         except torch.cuda.OutOfMemoryError:

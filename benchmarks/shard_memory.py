@@ -18,6 +18,7 @@ RSS (``ru_maxrss``) are printed against size, so the slope per transcript / bin 
     python benchmarks/shard_memory.py --xenium 500e6 --hd 1.0 --work /big/scratch   # full size
     PYTHONPATH=/path/to/other/checkout python benchmarks/shard_memory.py ...     # the same inputs, other code
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,8 @@ HD_IN_TISSUE = 0.6
 SHARD = """
 import sys
 from pathlib import Path
-from sharding.config import ShardConfig
-from sharding.pipeline import run_cohort
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.pipeline import run_cohort
 m = run_cohort(Path(sys.argv[1]), Path(sys.argv[2]), ShardConfig(mpp=0.5, tile_px=256))
 r = next(iter(m["samples"].values()))
 assert r["status"] == "ok", r
@@ -62,8 +63,10 @@ print(r["tiles"], r["sites_kept"])
 def write_slide(path: Path, width: int, height: int, mpp: float, seed: int = 0) -> None:
     """Pink tissue over the whole area, JPEG tiles, levels down to ≤ 1024 px, written tile by tile."""
     rng = np.random.default_rng(seed)
-    bank = [np.clip(np.array([205, 125, 175]) + rng.integers(-25, 26, (256, 256, 1)), 0, 255).astype(np.uint8)
-            for _ in range(8)]
+    bank = [
+        np.clip(np.array([205, 125, 175]) + rng.integers(-25, 26, (256, 256, 1)), 0, 255).astype(np.uint8)
+        for _ in range(8)
+    ]
 
     def tiles(w: int, h: int):
         for i in range(-(-h // 256) * -(-w // 256)):
@@ -72,14 +75,27 @@ def write_slide(path: Path, width: int, height: int, mpp: float, seed: int = 0) 
     levels = [(width, height)]
     while max(levels[-1]) > 1024:
         levels.append((levels[-1][0] // 2, levels[-1][1] // 2))
-    kw = dict(tile=(256, 256), dtype=np.uint8, photometric="rgb", compression="jpeg", compressionargs={"level": 85},
-              resolutionunit="CENTIMETER", metadata=None)
+    kw = dict(
+        tile=(256, 256),
+        dtype=np.uint8,
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 85},
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**31) as tw:
-        tw.write(tiles(width, height), shape=(height, width, 3), subifds=len(levels) - 1,
-                 resolution=(1e4 / mpp, 1e4 / mpp), **kw)
+        tw.write(
+            tiles(width, height),
+            shape=(height, width, 3),
+            subifds=len(levels) - 1,
+            resolution=(1e4 / mpp, 1e4 / mpp),
+            **kw,
+        )
         for k, (w, h) in enumerate(levels[1:], 1):
-            tw.write(tiles(w, h), shape=(h, w, 3), subfiletype=1,
-                     resolution=(1e4 / (mpp * 2**k), 1e4 / (mpp * 2**k)), **kw)
+            tw.write(
+                tiles(w, h), shape=(h, w, 3), subfiletype=1, resolution=(1e4 / (mpp * 2**k), 1e4 / (mpp * 2**k)), **kw
+            )
 
 
 def make_xenium(folder: Path, n: int, seed: int = 0) -> Path:
@@ -92,12 +108,21 @@ def make_xenium(folder: Path, n: int, seed: int = 0) -> Path:
     write_slide(bundle / "bench_he_image.ome.tif", side_px, side_px, HE_MPP, seed)
     s = HE_MPP / PIXEL_SIZE_UM  # H&E px → morphology px
     np.savetxt(bundle / "bench_he_imagealignment.csv", [[s, 0, 40.0], [0, s, 25.0], [0, 0, 1]], delimiter=",")
-    (bundle / "experiment.xenium").write_text(json.dumps(
-        {"pixel_size": PIXEL_SIZE_UM, "panel_name": "Xenium Prime 5K (benchmark)", "analysis_sw_version": "xenium-3.0"}))
+    (bundle / "experiment.xenium").write_text(
+        json.dumps(
+            {
+                "pixel_size": PIXEL_SIZE_UM,
+                "panel_name": "Xenium Prime 5K (benchmark)",
+                "analysis_sw_version": "xenium-3.0",
+            }
+        )
+    )
     controls = [f"NegControlProbe_{i:05d}" for i in range(20)] + [f"UnassignedCodeword_{i:04d}" for i in range(60)]
     names = pa.array([f"G{i:04d}" for i in range(XENIUM_GENES)] + controls)
-    cells = pa.array(["UNASSIGNED"] + [f"{i:08x}-1".translate(str.maketrans("0123456789abcdef", "abcdefghijklmnop"))
-                                       for i in range(1, 20001)])
+    cells = pa.array(
+        ["UNASSIGNED"]
+        + [f"{i:08x}-1".translate(str.maketrans("0123456789abcdef", "abcdefghijklmnop")) for i in range(1, 20001)]
+    )
     fovs = pa.array([f"{chr(65 + i // 26)}{i % 26 + 1}" for i in range(100)])
     schema = None
     with_writer = None
@@ -105,29 +130,37 @@ def make_xenium(folder: Path, n: int, seed: int = 0) -> Path:
         k = min(ROW_GROUP, n - start)
         he = rng.random((k, 2)) * side_px
         morph_um = (he * s + [40.0, 25.0]) * PIXEL_SIZE_UM
-        feature = np.where(rng.random(k) < 0.02, rng.integers(XENIUM_GENES, len(names), k),
-                           rng.integers(0, XENIUM_GENES, k)).astype(np.int32)
+        feature = np.where(
+            rng.random(k) < 0.02, rng.integers(XENIUM_GENES, len(names), k), rng.integers(0, XENIUM_GENES, k)
+        ).astype(np.int32)
         cell = np.where(rng.random(k) < 0.2, 0, rng.integers(1, len(cells), k)).astype(np.int32)
-        table = pa.table({
-            "transcript_id": pa.array(np.arange(start, start + k, dtype=np.uint64) + (1 << 48)),
-            "cell_id": pa.DictionaryArray.from_arrays(pa.array(cell), cells),
-            "overlaps_nucleus": pa.array(rng.integers(0, 2, k).astype(np.uint8)),
-            "feature_name": pa.DictionaryArray.from_arrays(pa.array(feature), names),
-            "x_location": pa.array(morph_um[:, 0].astype(np.float32)),
-            "y_location": pa.array(morph_um[:, 1].astype(np.float32)),
-            "z_location": pa.array(rng.uniform(5, 25, k).astype(np.float32)),
-            "qv": pa.array(np.where(rng.random(k) < 0.15, rng.uniform(5, 20, k), rng.uniform(20, 40, k)).astype(np.float32)),
-            "fov_name": pa.DictionaryArray.from_arrays(pa.array(rng.integers(0, 100, k).astype(np.int32)), fovs),
-            "nucleus_distance": pa.array(rng.exponential(5, k).astype(np.float32)),
-            "codeword_index": pa.array(feature),
-        })
+        table = pa.table(
+            {
+                "transcript_id": pa.array(np.arange(start, start + k, dtype=np.uint64) + (1 << 48)),
+                "cell_id": pa.DictionaryArray.from_arrays(pa.array(cell), cells),
+                "overlaps_nucleus": pa.array(rng.integers(0, 2, k).astype(np.uint8)),
+                "feature_name": pa.DictionaryArray.from_arrays(pa.array(feature), names),
+                "x_location": pa.array(morph_um[:, 0].astype(np.float32)),
+                "y_location": pa.array(morph_um[:, 1].astype(np.float32)),
+                "z_location": pa.array(rng.uniform(5, 25, k).astype(np.float32)),
+                "qv": pa.array(
+                    np.where(rng.random(k) < 0.15, rng.uniform(5, 20, k), rng.uniform(20, 40, k)).astype(np.float32)
+                ),
+                "fov_name": pa.DictionaryArray.from_arrays(pa.array(rng.integers(0, 100, k).astype(np.int32)), fovs),
+                "nucleus_distance": pa.array(rng.exponential(5, k).astype(np.float32)),
+                "codeword_index": pa.array(feature),
+            }
+        )
         if with_writer is None:
             schema = table.schema
             with_writer = pq.ParquetWriter(bundle / "transcripts.parquet", schema, compression="zstd")
         with_writer.write_table(table, row_group_size=ROW_GROUP)
     with_writer.close()
-    cohort = {"samples": [{"id": "xenium", "technology": "xenium", "slide": "xenium/bench_he_image.ome.tif",
-                           "data": "xenium"}]}
+    cohort = {
+        "samples": [
+            {"id": "xenium", "technology": "xenium", "slide": "xenium/bench_he_image.ome.tif", "data": "xenium"}
+        ]
+    }
     (folder / "cohort.yaml").write_text(yaml.safe_dump(cohort))
     return folder / "cohort.yaml"
 
@@ -142,23 +175,38 @@ def make_visium_hd(folder: Path, scale: float, seed: int = 0) -> tuple[Path, int
     px_per_bin = 2.0 / HE_MPP
     margin = 200
     write_slide(outs / "he.tif", int(side * px_per_bin) + 2 * margin, int(side * px_per_bin) + 2 * margin, HE_MPP, seed)
-    (spatial / "scalefactors_json.json").write_text(json.dumps({
-        "spot_diameter_fullres": px_per_bin, "bin_size_um": 2.0, "microns_per_pixel": HE_MPP,
-        "tissue_hires_scalef": 0.1, "tissue_lowres_scalef": 0.01, "fiducial_diameter_fullres": 10 * px_per_bin}))
+    (spatial / "scalefactors_json.json").write_text(
+        json.dumps(
+            {
+                "spot_diameter_fullres": px_per_bin,
+                "bin_size_um": 2.0,
+                "microns_per_pixel": HE_MPP,
+                "tissue_hires_scalef": 0.1,
+                "tissue_lowres_scalef": 0.01,
+                "fiducial_diameter_fullres": 10 * px_per_bin,
+            }
+        )
+    )
     # Every bin of the grid, row-major, as Space Ranger lists them; a disc-ish blob is in tissue.
     writer = None
     in_tissue_rows = []
     for r0 in range(0, side, 256):
-        rows, cols = (a.ravel() for a in np.mgrid[r0:min(side, r0 + 256), 0:side])
+        rows, cols = (a.ravel() for a in np.mgrid[r0 : min(side, r0 + 256), 0:side])
         inside = ((rows - side / 2) ** 2 + (cols - side / 2) ** 2) <= HD_IN_TISSUE * side**2 / np.pi
-        bc = np.char.add(np.char.add(np.char.add("s_002um_", np.char.zfill(rows.astype(str), 5)), "_"),
-                         np.char.add(np.char.zfill(cols.astype(str), 5), "-1"))
-        table = pa.table({
-            "barcode": pa.array(bc), "in_tissue": pa.array(inside.astype(np.int32)),
-            "array_row": pa.array(rows.astype(np.int32)), "array_col": pa.array(cols.astype(np.int32)),
-            "pxl_row_in_fullres": pa.array(margin + (rows + 0.5) * px_per_bin),
-            "pxl_col_in_fullres": pa.array(margin + (cols + 0.5) * px_per_bin),
-        })
+        bc = np.char.add(
+            np.char.add(np.char.add("s_002um_", np.char.zfill(rows.astype(str), 5)), "_"),
+            np.char.add(np.char.zfill(cols.astype(str), 5), "-1"),
+        )
+        table = pa.table(
+            {
+                "barcode": pa.array(bc),
+                "in_tissue": pa.array(inside.astype(np.int32)),
+                "array_row": pa.array(rows.astype(np.int32)),
+                "array_col": pa.array(cols.astype(np.int32)),
+                "pxl_row_in_fullres": pa.array(margin + (rows + 0.5) * px_per_bin),
+                "pxl_col_in_fullres": pa.array(margin + (cols + 0.5) * px_per_bin),
+            }
+        )
         writer = writer or pq.ParquetWriter(spatial / "tissue_positions.parquet", table.schema)
         writer.write_table(table)
         in_tissue_rows.append(bc[inside])
@@ -184,8 +232,11 @@ def make_visium_hd(folder: Path, scale: float, seed: int = 0) -> tuple[Path, int
         m["features/id"] = np.array([f"ENSG{i:011d}" for i in range(HD_GENES)], dtype="S")
         m["features/name"] = np.array([f"GENE{i}" for i in range(HD_GENES)], dtype="S")
         m["features/feature_type"] = np.array([b"Gene Expression"] * HD_GENES)
-    cohort = {"samples": [{"id": "hd", "technology": "visium_hd", "slide": "hd/outs/he.tif", "data": "hd/outs",
-                           "bin_size_um": 2}]}
+    cohort = {
+        "samples": [
+            {"id": "hd", "technology": "visium_hd", "slide": "hd/outs/he.tif", "data": "hd/outs", "bin_size_um": 2}
+        ]
+    }
     (folder / "cohort.yaml").write_text(yaml.safe_dump(cohort))
     return folder / "cohort.yaml", side * side
 
@@ -195,8 +246,13 @@ def measure(cohort: Path, out: Path) -> tuple[float, float, float, str]:
     (user + system) is the figure to compare on a shared machine, where wall time depends on the neighbours."""
     t0 = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SHARD, str(cohort), str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHARD, str(cohort), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     stdout, stderr = proc.stdout.read(), proc.stderr.read()
@@ -208,16 +264,22 @@ def measure(cohort: Path, out: Path) -> tuple[float, float, float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--xenium", default="4e6,16e6,64e6", help="transcript counts, comma-separated ('' for none)")
-    ap.add_argument("--hd", default="0.25,0.5,1.0",
-                    help="fractions of the full 6.5 mm capture area's side for Visium HD 2 µm ('' for none)")
+    ap.add_argument(
+        "--hd",
+        default="0.25,0.5,1.0",
+        help="fractions of the full 6.5 mm capture area's side for Visium HD 2 µm ('' for none)",
+    )
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shard-memory-", dir=args.work))
-    print(f"{'input':<10}{'size':>14}{'make s':>9}{'shard s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'B/unit':>9}"
-          "  tiles, sites kept")
+    print(
+        f"{'input':<10}{'size':>14}{'make s':>9}{'shard s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'B/unit':>9}"
+        "  tiles, sites kept"
+    )
     try:
-        jobs = [("xenium", float(v)) for v in args.xenium.split(",") if v] + \
-               [("visium_hd", float(v)) for v in args.hd.split(",") if v]
+        jobs = [("xenium", float(v)) for v in args.xenium.split(",") if v] + [
+            ("visium_hd", float(v)) for v in args.hd.split(",") if v
+        ]
         for kind, size in jobs:
             folder = work / f"{kind}-{size:g}"
             folder.mkdir()
@@ -229,9 +291,12 @@ def main() -> None:
                 unit = "grid bins"
             made = time.perf_counter() - t0
             wall, cpu, rss, result = measure(cohort, folder / "shards")
-            print(f"{kind:<10}{units:>14,}{made:>9.1f}{wall:>9.1f}{cpu:>9.1f}{rss:>13.2f}{rss * 2**30 / units:>9.0f}"
-                  f"  {result}"
-                  f"   ({unit})", flush=True)
+            print(
+                f"{kind:<10}{units:>14,}{made:>9.1f}{wall:>9.1f}{cpu:>9.1f}{rss:>13.2f}{rss * 2**30 / units:>9.0f}"
+                f"  {result}"
+                f"   ({unit})",
+                flush=True,
+            )
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)

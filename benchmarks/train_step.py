@@ -27,6 +27,7 @@
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --loader-only [--decode-device cpu|cuda]
         [--loader-samples 1600] [--loader-batch 32]     (small and fast: --loader-samples 64 --loader-batch 8)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,20 +53,36 @@ GPU_MFU = 0.45
 GPU_SAMPLES_PER_S = GPU_PEAK_FLOPS * GPU_MFU / GPU_FLOP_PER_SAMPLE
 CORES_PER_GPU_GOAL = 4
 PHASES = ("data_wait", "forward", "backward", "optimizer", "ema")
-SMALL_MODEL = ["model.size=custom", "model.embed_dim=128", "model.depth=4", "model.num_heads=4", "model.img_size=64",
-               "model.patch_size=8", "model.num_registers=1",
-               "model.vocab_size=1024", "data.mask.patch_size=8", "data.augment.global_crop_size=64",
-               "data.augment.local_crop_size=32", "data.augment.local_crops_number=4",
-               "data.collate.resolutions_um=[8.0, 16.0, 32.0]", "ssl.head.out_dim=4096", "ssl.head.hidden_dim=256",
-               "ssl.head.bottleneck_dim=64", "deepspeed.precision=fp32",
-               "data.stream.shuffle_buffer=64", "data.stream.resample=true", "log.progress=false",
-               "log.tensorboard=false", "checkpoint.every_steps=100000"]
+SMALL_MODEL = [
+    "model.size=custom",
+    "model.embed_dim=128",
+    "model.depth=4",
+    "model.num_heads=4",
+    "model.img_size=64",
+    "model.patch_size=8",
+    "model.num_registers=1",
+    "model.vocab_size=1024",
+    "data.mask.patch_size=8",
+    "data.augment.global_crop_size=64",
+    "data.augment.local_crop_size=32",
+    "data.augment.local_crops_number=4",
+    "data.collate.resolutions_um=[8.0, 16.0, 32.0]",
+    "ssl.head.out_dim=4096",
+    "ssl.head.hidden_dim=256",
+    "ssl.head.bottleneck_dim=64",
+    "deepspeed.precision=fp32",
+    "data.stream.shuffle_buffer=64",
+    "data.stream.resample=true",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "checkpoint.every_steps=100000",
+]
 
 
 def make_shards(root: Path) -> Path:
+    from histotx.sharding.config import ShardConfig
+    from histotx.sharding.pipeline import run_cohort
     from histotx.synth import generate_cohort
-    from sharding.config import ShardConfig
-    from sharding.pipeline import run_cohort
 
     cohort = generate_cohort(root / "cohort", seed=0, size="small")
     run_cohort(cohort, root / "shards", ShardConfig(seed=0, shard_max_tiles=64))
@@ -84,15 +101,36 @@ def step_breakdown(shards: Path, out: Path, steps: int, batch: int, window: int,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    overrides = SMALL_MODEL + [f"data.stream.shards={shards}", f"out={out}", f"steps={steps}",
-                               f"data.stream.batch_size={batch}", "data.stream.num_workers=1",
-                               f"log.every_steps={window}", f"deepspeed.zero_stage={zero}"]
+    overrides = SMALL_MODEL + [
+        f"data.stream.shards={shards}",
+        f"out={out}",
+        f"steps={steps}",
+        f"data.stream.batch_size={batch}",
+        "data.stream.num_workers=1",
+        f"log.every_steps={window}",
+        f"deepspeed.zero_stage={zero}",
+    ]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--rank", *overrides], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--rank", *overrides],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for p in procs:
         log, _ = p.communicate()
         if p.returncode:
@@ -126,9 +164,11 @@ def loader_ratio(shards: Path, batch: int, batches: int) -> tuple[float, float]:
     from histotx.format import decode_sample, read_manifest
 
     torch.set_num_threads(1)
-    data_overrides = [o[len("data."):] for o in SMALL_MODEL if o.startswith("data.")]
-    cfg = load_config(DataConfig, overrides=data_overrides + [f"stream.shards={shards}", f"stream.batch_size={batch}",
-                                                              "stream.num_workers=1"])
+    data_overrides = [o[len("data.") :] for o in SMALL_MODEL if o.startswith("data.")]
+    cfg = load_config(
+        DataConfig,
+        overrides=data_overrides + [f"stream.shards={shards}", f"stream.batch_size={batch}", "stream.num_workers=1"],
+    )
     start = _children_cpu()
     it = iter(build_loader(cfg, rank=0, world_size=1))  # endless: stop after `batches`
     delivered = [b.keys for b in itertools.islice(it, batches)]
@@ -137,8 +177,11 @@ def loader_ratio(shards: Path, batch: int, batches: int) -> tuple[float, float]:
     time.sleep(1.0)  # the worker exits; its CPU time is counted once it has been waited for
     worker = (_children_cpu() - start) / (batch * batches)
 
-    raw = {r["__key__"]: r for s in read_manifest(shards)["shards"]
-           for r in read_shard(str(shards / s["name"]), LoaderStats())}
+    raw = {
+        r["__key__"]: r
+        for s in read_manifest(shards)["shards"]
+        for r in read_shard(str(shards / s["name"]), LoaderStats())
+    }
     crop, collate = MultiCrop(cfg.augment), SSLCollate(cfg)
     start = _cpu()
     for i, keys in enumerate(delivered):
@@ -161,9 +204,17 @@ def loader_rate(shards: Path, batch: int, samples: int, decode_device: str) -> d
 
     torch.set_num_threads(1)
     batches = max(1, samples // batch)
-    cfg = load_config(DataConfig, overrides=[f"stream.shards={shards}", f"stream.batch_size={batch}",
-                                             "stream.num_workers=1", "stream.shuffle_buffer=64",
-                                             "stream.resample=true", f"augment.decode_device={decode_device}"])
+    cfg = load_config(
+        DataConfig,
+        overrides=[
+            f"stream.shards={shards}",
+            f"stream.batch_size={batch}",
+            "stream.num_workers=1",
+            "stream.shuffle_buffer=64",
+            "stream.resample=true",
+            f"augment.decode_device={decode_device}",
+        ],
+    )
     loader = build_loader(cfg, rank=0, world_size=1)
     it = iter(loader)
     delivered = [next(it)]
@@ -211,6 +262,7 @@ def loader_stages(shards: Path, batch: int, samples: int) -> dict[str, float]:
             out = fn(*a, **k)
             t[stage] += time.process_time() - start
             return out
+
         return run
 
     start = time.process_time()
@@ -221,12 +273,13 @@ def loader_stages(shards: Path, batch: int, samples: int) -> dict[str, float]:
     collate_module._tokens = timed(collate_module._tokens, "tokens")
     for i in range(0, samples - batch + 1, batch):
         items = []
-        for j, r in enumerate(raw[i:i + batch]):
+        for j, r in enumerate(raw[i : i + batch]):
             tile = timed(decode_sample, "checks + grid")(r)
             rgb = timed(decode_image_rgb, "JPEG decode")(tile.image)
             source = torch.from_numpy(rgb).permute(2, 0, 1)
-            globals_, locals_ = timed(crop.draw, "draw")(rgb.shape[:2], tile.grid, float(tile.meta["mpp"]),
-                                                         np.random.default_rng([i, j]))
+            globals_, locals_ = timed(crop.draw, "draw")(
+                rgb.shape[:2], tile.grid, float(tile.meta["mpp"]), np.random.default_rng([i, j])
+            )
             for v in globals_ + locals_:
                 v.source = source
             items.append(TileViews(tile.key, globals_, locals_))
@@ -237,48 +290,70 @@ def loader_stages(shards: Path, batch: int, samples: int) -> dict[str, float]:
 
 
 def print_loader_rate(args: argparse.Namespace, shards: Path) -> None:
-    rounds = [loader_rate(shards, args.loader_batch, args.loader_samples, args.decode_device) for _ in range(args.rounds)]
+    rounds = [
+        loader_rate(shards, args.loader_batch, args.loader_samples, args.decode_device) for _ in range(args.rounds)
+    ]
     worker = float(np.median([r["worker_cpu_s"] for r in rounds]))
     per_core = 1.0 / worker
-    print(f"GPU rate model: {GPU_FLOP_PER_SAMPLE / 1e12:.1f} TFLOP per sample (ViT-L/16; teacher 2×224, student "
-          f"2×224 + 8×96, fwd + bwd) at {GPU_MFU:.0%} MFU of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H200 dense bf16): "
-          f"{GPU_SAMPLES_PER_S:.0f} samples/s per GPU")
-    print(f"loader, default recipe (2×224 + 8×96 crops with transcript grids, 256 px JPEG tiles), decode on "
-          f"{args.decode_device}, 1 worker, {args.loader_batch * max(1, args.loader_samples // args.loader_batch)} "
-          f"samples × {args.rounds} rounds (median; range {min(1 / r['worker_cpu_s'] for r in rounds):.1f}-"
-          f"{max(1 / r['worker_cpu_s'] for r in rounds):.1f}): {worker * 1e3:.2f} CPU ms/sample in the worker = "
-          f"{per_core:.1f} samples/s per CPU core")
+    print(
+        f"GPU rate model: {GPU_FLOP_PER_SAMPLE / 1e12:.1f} TFLOP per sample (ViT-L/16; teacher 2×224, student "
+        f"2×224 + 8×96, fwd + bwd) at {GPU_MFU:.0%} MFU of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H200 dense bf16): "
+        f"{GPU_SAMPLES_PER_S:.0f} samples/s per GPU"
+    )
+    print(
+        f"loader, default recipe (2×224 + 8×96 crops with transcript grids, 256 px JPEG tiles), decode on "
+        f"{args.decode_device}, 1 worker, {args.loader_batch * max(1, args.loader_samples // args.loader_batch)} "
+        f"samples × {args.rounds} rounds (median; range {min(1 / r['worker_cpu_s'] for r in rounds):.1f}-"
+        f"{max(1 / r['worker_cpu_s'] for r in rounds):.1f}): {worker * 1e3:.2f} CPU ms/sample in the worker = "
+        f"{per_core:.1f} samples/s per CPU core"
+    )
     cores = GPU_SAMPLES_PER_S / per_core
-    print(f"  cores per GPU at {GPU_SAMPLES_PER_S:.0f} samples/s: {cores:.1f} "
-          f"({'meets' if cores <= CORES_PER_GPU_GOAL else 'misses'} the goal of ≤ {CORES_PER_GPU_GOAL})")
+    print(
+        f"  cores per GPU at {GPU_SAMPLES_PER_S:.0f} samples/s: {cores:.1f} "
+        f"({'meets' if cores <= CORES_PER_GPU_GOAL else 'misses'} the goal of ≤ {CORES_PER_GPU_GOAL})"
+    )
     if args.decode_device == "cpu":
         stages = loader_stages(shards, args.loader_batch, args.loader_samples)
         total = sum(stages.values())
-        print("  where a sample's CPU time goes (one process, plain loop): "
-              + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in stages.items())
-              + f" ms; total {total * 1e3:.2f} ms. The worker's steady state adds {(worker - total) * 1e3:.2f} ms "
-              f"(shuffle buffer, hand-over of the views in shared memory, queue)")
+        print(
+            "  where a sample's CPU time goes (one process, plain loop): "
+            + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in stages.items())
+            + f" ms; total {total * 1e3:.2f} ms. The worker's steady state adds {(worker - total) * 1e3:.2f} ms "
+            f"(shuffle buffer, hand-over of the views in shared memory, queue)"
+        )
     stage = float(np.median([r["stage_s"] for r in rounds]))
     stage_cpu = float(np.median([r["stage_cpu_s"] for r in rounds]))
     what = "batched decode_jpeg + crops + colour" if args.decode_device == "cuda" else "normalising the byte views"
-    print(f"  trainer-side stage on {rounds[0]['stage_device']} ({what}): {stage * 1e3:.3f} ms/sample wall, "
-          f"{stage_cpu * 1e3:.3f} CPU ms/sample in the trainer process; at {GPU_SAMPLES_PER_S:.0f} samples/s "
-          f"it would take {stage * GPU_SAMPLES_PER_S:.1%} of the device's time")
+    print(
+        f"  trainer-side stage on {rounds[0]['stage_device']} ({what}): {stage * 1e3:.3f} ms/sample wall, "
+        f"{stage_cpu * 1e3:.3f} CPU ms/sample in the trainer process; at {GPU_SAMPLES_PER_S:.0f} samples/s "
+        f"it would take {stage * GPU_SAMPLES_PER_S:.1%} of the device's time"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=32, help="per rank (32: a usual per-GPU DINOv2 batch; "
-                        "at 8 the fixed per-step costs of gloo collectives weigh 3x more)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=32,
+        help="per rank (32: a usual per-GPU DINOv2 batch; "
+        "at 8 the fixed per-step costs of gloo collectives weigh 3x more)",
+    )
     parser.add_argument("--window", type=int, default=10, help="steps per logging window")
     parser.add_argument("--zero", type=int, default=2, help="ZeRO stage")
-    parser.add_argument("--loader-batches", type=int, default=100,
-                        help="batches per loader measurement (the ≤ 2 prefetched extra weigh ≤ 2 %%)")
+    parser.add_argument(
+        "--loader-batches",
+        type=int,
+        default=100,
+        help="batches per loader measurement (the ≤ 2 prefetched extra weigh ≤ 2 %%)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="loader measurements (worker, then bound)")
     parser.add_argument("--loader-only", action="store_true", help="only the loader rate (3.), no training")
-    parser.add_argument("--decode-device", choices=("cpu", "cuda"), default="cpu",
-                        help="data.augment.decode_device for the loader rate")
+    parser.add_argument(
+        "--decode-device", choices=("cpu", "cuda"), default="cpu", help="data.augment.decode_device for the loader rate"
+    )
     parser.add_argument("--loader-samples", type=int, default=1600, help="samples per loader-rate round")
     parser.add_argument("--loader-batch", type=int, default=32, help="batch size for the loader rate")
     args = parser.parse_args()
@@ -289,21 +364,27 @@ def main() -> None:
             return
         t = step_breakdown(shards, Path(tmp) / "run", args.steps, args.batch, args.window, args.zero)
         total = sum(t[p] for p in PHASES)
-        print(f"ViT 128×4 on CPU, 2 ranks × batch {args.batch}, ZeRO-{args.zero}, {args.steps} steps, windows of "
-              f"{args.window} after the first: {t['samples_per_s']:.1f} samples/s")
+        print(
+            f"ViT 128×4 on CPU, 2 ranks × batch {args.batch}, ZeRO-{args.zero}, {args.steps} steps, windows of "
+            f"{args.window} after the first: {t['samples_per_s']:.1f} samples/s"
+        )
         for p in PHASES:
             print(f"  {p:<10} {t[p] * 1e3:8.1f} ms  {t[p] / total:6.1%}")
         outside = (t["data_wait"] + t["optimizer"] + t["ema"]) / total
         overhead = (t["optimizer"] + t["ema"]) / total
-        print(f"  outside forward/backward: {outside:.1%} (target ≤ 5 %); of which optimiser + EMA {overhead:.1%}, "
-              f"data wait {t['data_wait'] / total:.1%}")
+        print(
+            f"  outside forward/backward: {outside:.1%} (target ≤ 5 %); of which optimiser + EMA {overhead:.1%}, "
+            f"data wait {t['data_wait'] / total:.1%}"
+        )
         # alternate the two measurements: CPU time per sample drifts with what else the machine runs
         rounds = [loader_ratio(shards, args.batch, args.loader_batches) for _ in range(args.rounds)]
         ratios = sorted(b / w for b, w in rounds)
         bound, worker = (float(np.median(x)) for x in zip(*rounds))
-        print(f"loader: decode + augment + collate alone {bound * 1e3:.2f} CPU ms/sample, in a worker "
-              f"{worker * 1e3:.2f} CPU ms/sample: per-worker throughput ratio {ratios[len(ratios) // 2]:.2f} "
-              f"(median of {args.rounds}, range {ratios[0]:.2f}-{ratios[-1]:.2f}; target ≥ 0.9)")
+        print(
+            f"loader: decode + augment + collate alone {bound * 1e3:.2f} CPU ms/sample, in a worker "
+            f"{worker * 1e3:.2f} CPU ms/sample: per-worker throughput ratio {ratios[len(ratios) // 2]:.2f} "
+            f"(median of {args.rounds}, range {ratios[0]:.2f}-{ratios[-1]:.2f}; target ≥ 0.9)"
+        )
         print_loader_rate(args, shards)
 
 

@@ -1,4 +1,5 @@
 """`histotx`: one command, one subcommand per stage. Thin: parse, then call the stage."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,11 @@ Run `histotx <subcommand> --help` for each stage's options.
 
 def _register_all(sub) -> None:
     from histotx import demo, synth
+    from histotx.eval import cli as eval_cli
     from histotx.export import cli as export_cli
     from histotx.export.during_training import checkpoint_hooks
-    from histotx.eval import cli as eval_cli
+    from histotx.sharding import cli as shard_cli
     from histotx.train import cli as train_cli
-    from sharding import cli as shard_cli
 
     synth.register_cli(sub)
     shard_cli.register(sub)
@@ -39,8 +40,9 @@ def _register_all(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="histotx", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="histotx", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<subcommand>")
     _register_all(sub)
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sharding.cli import normalise_argv
+    from histotx.sharding.cli import normalise_argv
 
     argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
@@ -59,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -4,6 +4,7 @@ Every stage defines its own dataclass (nested dataclasses for sections); this mo
 command-line overrides into an instance, checks types and unknown keys, and dumps the resolved config
 beside a run or shard set so that what ran can always be read back.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -17,6 +17,7 @@ the codecs HistoTx writes are accepted (:data:`GRID_CODECS`, never ``pickle``); 
 anything is allocated, so a member decodes to at most ``MAX_EXPANSION`` × its size + ``EXPANSION_FLOOR``
 bytes and an image to at most ``MAX_TILE_PX``² pixels of the size its metadata states.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,8 @@ import functools
 import hashlib
 import io
 import json
-import os
 import math
+import os
 import re
 import struct
 import tempfile
@@ -51,9 +52,9 @@ _GRID_ARRAYS = {"xy": np.float32, "offsets": np.int64, "gene": np.int32, "count"
 _SAMPLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 GRID_CODECS = ("blosc", "zstd", "lz4", "zlib")  # numcodecs ids a grid may name; anything else is refused
 MAX_HEADER_BYTES = 1 << 16
-MAX_EXPANSION = 64           # a grid member decodes to ≤ MAX_EXPANSION × its size + EXPANSION_FLOOR bytes
+MAX_EXPANSION = 64  # a grid member decodes to ≤ MAX_EXPANSION × its size + EXPANSION_FLOOR bytes
 EXPANSION_FLOOR = 1 << 24
-MAX_TILE_PX = 8192           # tile side bound: an image decodes to ≤ MAX_TILE_PX² pixels
+MAX_TILE_PX = 8192  # tile side bound: an image decodes to ≤ MAX_TILE_PX² pixels
 _IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
@@ -141,7 +142,7 @@ class TranscriptGrid:
         for a, b in zip(bounds[:-1], bounds[1:]):
             grid = copy.copy(self)  # (no __init__: no re-validation)
             e0, e1 = offsets[a], offsets[b]
-            grid.xy, grid.offsets, grid.gene, grid.count = xy[a:b], offsets[a:b + 1] - e0, gene[e0:e1], count[e0:e1]
+            grid.xy, grid.offsets, grid.gene, grid.count = xy[a:b], offsets[a : b + 1] - e0, gene[e0:e1], count[e0:e1]
             out.append(grid)
         return out
 
@@ -282,14 +283,17 @@ def _decompress(codec_id: str, chunk: bytes, raw: int, name: str) -> bytes:
         else:
             announced = _stored_size(codec_id, chunk)
             if announced != raw:
-                raise FormatError(f"grid array {name}: {codec_id} chunk announces {announced} decoded bytes, the "
-                                  f"header's shape needs {raw}")
+                raise FormatError(
+                    f"grid array {name}: {codec_id} chunk announces {announced} decoded bytes, the "
+                    f"header's shape needs {raw}"
+                )
             out = bytes(_decoder(codec_id).decode(chunk))
     except FormatError:
         raise
     except Exception as exc:  # numcodecs raises RuntimeError/ValueError/... for damaged streams
-        raise FormatError(f"grid array {name}: {codec_id} payload does not decode ({type(exc).__name__}: {exc})") \
-            from exc
+        raise FormatError(
+            f"grid array {name}: {codec_id} payload does not decode ({type(exc).__name__}: {exc})"
+        ) from exc
     if len(out) != raw:
         raise FormatError(f"grid array {name}: decoded {len(out)} bytes, expected {raw}")
     return out
@@ -317,8 +321,10 @@ def decode_grid(data: bytes) -> TranscriptGrid:
     budget = MAX_EXPANSION * len(data) + EXPANSION_FLOOR
     decoded = sum(raw for _, _, raw in specs.values())
     if decoded > budget:
-        raise FormatError(f"transcript grid would decode to {decoded} bytes from {len(data)} (limit {budget}): "
-                          "a decompression bomb or a damaged header")
+        raise FormatError(
+            f"transcript grid would decode to {decoded} bytes from {len(data)} (limit {budget}): "
+            "a decompression bomb or a damaged header"
+        )
     pos, out = 8 + hlen, {}
     for name, dtype in _GRID_ARRAYS.items():
         shape, nbytes, raw = specs[name]
@@ -331,8 +337,11 @@ def decode_grid(data: bytes) -> TranscriptGrid:
     if pos != len(data):
         raise FormatError(f"transcript grid has {len(data) - pos} bytes after its last array")
     footprint_um, shape = header.get("footprint_um"), header.get("footprint_shape")
-    if not isinstance(footprint_um, (int, float)) or isinstance(footprint_um, bool) or \
-            not (math.isfinite(footprint_um) and footprint_um >= 0):
+    if (
+        not isinstance(footprint_um, (int, float))
+        or isinstance(footprint_um, bool)
+        or not (math.isfinite(footprint_um) and footprint_um >= 0)
+    ):
         raise FormatError(f"transcript grid footprint_um must be a finite number >= 0, got {footprint_um}")
     if not isinstance(shape, str):
         raise FormatError(f"transcript grid footprint_shape must be a string, got {shape}")
@@ -351,8 +360,17 @@ class TileSample:
 
 
 REQUIRED_META = (
-    "sample", "patient", "technology", "tile_px", "mpp", "origin_level0_px", "origin_um", "source_mpp",
-    "n_sites", "n_genes", "total_count",
+    "sample",
+    "patient",
+    "technology",
+    "tile_px",
+    "mpp",
+    "origin_level0_px",
+    "origin_um",
+    "source_mpp",
+    "n_sites",
+    "n_genes",
+    "total_count",
 )
 
 
@@ -372,8 +390,17 @@ def encode_sample(sample: TileSample) -> dict[str, Any]:
 
 
 _META_TYPES = {
-    "sample": str, "patient": str, "technology": str, "tile_px": int, "mpp": float, "source_mpp": float,
-    "origin_level0_px": list, "origin_um": list, "n_sites": int, "n_genes": int, "total_count": float,
+    "sample": str,
+    "patient": str,
+    "technology": str,
+    "tile_px": int,
+    "mpp": float,
+    "source_mpp": float,
+    "origin_level0_px": list,
+    "origin_um": list,
+    "n_sites": int,
+    "n_genes": int,
+    "total_count": float,
 }
 
 
@@ -390,8 +417,11 @@ def _check_meta(meta: dict[str, Any], key: str) -> None:
         elif kind is float:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
         else:
-            ok = isinstance(v, list) and len(v) == 2 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            ok = (
+                isinstance(v, list)
+                and len(v) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            )
         if not ok:
             raise FormatError(f"sample {key}: metadata {name} = {v} is not a valid {kind.__name__}")
     if not (1 <= meta["tile_px"] <= MAX_TILE_PX and meta["mpp"] > 0):
@@ -425,8 +455,10 @@ def decode_sample(members: dict[str, Any]) -> TileSample:
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if image_ext is None or GRID_EXTENSION not in members or META_EXTENSION not in members:
         have = sorted(str(k) for k in members if not str(k).startswith("__"))
-        raise FormatError(f"sample {key}: expected an image, .{GRID_EXTENSION} and .{META_EXTENSION}, "
-                          f"found {', '.join(have) or 'nothing'}")
+        raise FormatError(
+            f"sample {key}: expected an image, .{GRID_EXTENSION} and .{META_EXTENSION}, "
+            f"found {', '.join(have) or 'nothing'}"
+        )
     meta = members[META_EXTENSION]
     meta = meta if isinstance(meta, dict) else _json_object(meta, f"sample {key}: metadata")
     _check_meta(meta, key)
@@ -436,8 +468,9 @@ def decode_sample(members: dict[str, Any]) -> TileSample:
     image = bytes(image)
     with _image_header(image, image_ext, f"sample {key}: image") as img:
         if img.size != (meta["tile_px"], meta["tile_px"]):
-            raise FormatError(f"sample {key}: image is {img.size[0]}×{img.size[1]} px, metadata says tile_px "
-                              f"{meta['tile_px']}")
+            raise FormatError(
+                f"sample {key}: image is {img.size[0]}×{img.size[1]} px, metadata says tile_px {meta['tile_px']}"
+            )
     grid = members[GRID_EXTENSION]
     if not isinstance(grid, (bytes, bytearray, memoryview)):
         raise FormatError(f"sample {key}: grid member is {type(grid).__name__}, not bytes")
@@ -528,8 +561,11 @@ def encode_image_rgb(rgb: np.ndarray, ext: str = "jpg", quality: int = 90, subsa
 
         if subsampling not in JPEG_SUBSAMPLINGS:
             raise FormatError(f"JPEG subsampling must be one of {JPEG_SUBSAMPLINGS}, got {subsampling!r}")
-        return bytes(imagecodecs.jpeg8_encode(rgb, level=quality, colorspace="RGB", outcolorspace="YCBCR",
-                                              subsampling=subsampling))
+        return bytes(
+            imagecodecs.jpeg8_encode(
+                rgb, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=subsampling
+            )
+        )
     from PIL import Image
 
     buf = io.BytesIO()

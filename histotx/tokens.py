@@ -17,6 +17,7 @@ footprints, and molecules, go wholly to the cell holding their centre. A token's
 expression normalised to a fixed total and log1p-transformed, so tokens from different
 technologies and cell sizes have comparable scales.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,9 @@ class TranscriptCells:
             raise ValueError(f"resolution_um must be positive, got {self.resolution_um}")
 
     @classmethod
-    def trusted(cls, xy: np.ndarray, offsets: np.ndarray, gene: np.ndarray, weight: np.ndarray,
-                resolution_um: float) -> "TranscriptCells":
+    def trusted(
+        cls, xy: np.ndarray, offsets: np.ndarray, gene: np.ndarray, weight: np.ndarray, resolution_um: float
+    ) -> "TranscriptCells":
         """Cells from arrays already in this class's dtypes and forming a valid CSR index (binning's own
         output, cut per tile): not converted or checked again."""
         cells = cls.__new__(cls)
@@ -169,8 +171,12 @@ def bin_grid(
     return bin_grids([grid], [mpp], [resolution_um], image_hw)[0]
 
 
-def bin_grids(grids: Sequence[TranscriptGrid], mpps: Sequence[float], resolutions_um: Sequence[float | None],
-              image_hw: tuple[int, int]) -> list[TranscriptCells]:
+def bin_grids(
+    grids: Sequence[TranscriptGrid],
+    mpps: Sequence[float],
+    resolutions_um: Sequence[float | None],
+    image_hw: tuple[int, int],
+) -> list[TranscriptCells]:
     """:func:`bin_grid` for many tiles of one size (a batch's views), each with its own µm per pixel and
     token size: the tiles' sites and cells are numbered one after the other and binned in one pass of
     numpy calls, instead of a few dozen calls per tile (a loader bins ten views per sample)."""
@@ -187,8 +193,16 @@ def bin_grids(grids: Sequence[TranscriptGrid], mpps: Sequence[float], resolution
         for i, cells in zip(native, _native([grids[i] for i in native], [mpps[i] for i in native], h, w)):
             out[i] = cells
     if binned:
-        for i, cells in zip(binned, _binned([grids[i] for i in binned], [float(mpps[i]) for i in binned],
-                                            [float(resolutions_um[i]) for i in binned], h, w)):
+        for i, cells in zip(
+            binned,
+            _binned(
+                [grids[i] for i in binned],
+                [float(mpps[i]) for i in binned],
+                [float(resolutions_um[i]) for i in binned],
+                h,
+                w,
+            ),
+        ):
             out[i] = cells
     return out
 
@@ -218,7 +232,7 @@ def _split(occupied, offsets, gene, weight, start, xy, resolutions) -> list[Tran
     for v, resolution in enumerate(resolutions):
         a, b = bounds[v], bounds[v + 1]
         e0, e1 = offsets[a], offsets[b]
-        out.append(TranscriptCells.trusted(xy[a:b], offsets[a:b + 1] - e0, gene[e0:e1], weight[e0:e1], resolution))
+        out.append(TranscriptCells.trusted(xy[a:b], offsets[a : b + 1] - e0, gene[e0:e1], weight[e0:e1], resolution))
     return out
 
 
@@ -229,21 +243,32 @@ def _native(grids: Sequence[TranscriptGrid], mpps: Sequence[float], h: int, w: i
     site = np.repeat(np.arange(xy.shape[0]), nnz)
     keep = inside[site]
     occupied, offsets, gene, weight = _normalise(site[keep], gene[keep], count[keep], xy.shape[0])
-    return _split(occupied, offsets, gene, weight, site_start, xy[occupied],
-                  [max(g.footprint_um, mpp) for g, mpp in zip(grids, mpps)])
+    return _split(
+        occupied,
+        offsets,
+        gene,
+        weight,
+        site_start,
+        xy[occupied],
+        [max(g.footprint_um, mpp) for g, mpp in zip(grids, mpps)],
+    )
 
 
-def _binned(grids: Sequence[TranscriptGrid], mpps: list[float], resolutions: list[float], h: int,
-            w: int) -> list[TranscriptCells]:
+def _binned(
+    grids: Sequence[TranscriptGrid], mpps: list[float], resolutions: list[float], h: int, w: int
+) -> list[TranscriptCells]:
     sides = np.array([r / m for r, m in zip(resolutions, mpps)])  # cell side in pixels, per tile
     n_cols = np.maximum(1, np.ceil(w / sides)).astype(np.int64)
     n_rows = np.maximum(1, np.ceil(h / sides)).astype(np.int64)
     cell_start = _starts(n_cols * n_rows)
     site_start, xy, nnz, gene, count = _concat(grids)
     # Sample points: one per site at its centre, or a lattice over a footprint wider than a cell.
-    lattices = [_footprint_lattice(g.footprint_um / m, g.footprint_shape, side)
-                if g.footprint_shape != "point" and g.footprint_um / m > side else np.zeros((1, 2))
-                for g, m, side in zip(grids, mpps, sides)]
+    lattices = [
+        _footprint_lattice(g.footprint_um / m, g.footprint_shape, side)
+        if g.footprint_shape != "point" and g.footprint_um / m > side
+        else np.zeros((1, 2))
+        for g, m, side in zip(grids, mpps, sides)
+    ]
     per_tile = np.array([lat.shape[0] for lat in lattices])
     site_tile = np.repeat(np.arange(len(grids)), np.diff(site_start))
     per_site = per_tile[site_tile]

@@ -4,6 +4,7 @@ A gene is identified by its Ensembl id when one is known, else by its symbol. Id
 re-assigned: a new cohort appends the genes it adds at the end, so shards written earlier stay valid.
 Stored as ``vocab.tsv`` with the columns ``index``, ``symbol``, ``ensembl_id`` (empty when unknown).
 """
+
 from __future__ import annotations
 
 import os

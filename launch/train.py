@@ -1,42 +1,14 @@
-"""Per-rank entry point of `histotx train` for torchrun, the deepspeed launcher and srun.
+"""The per-rank script that torchrun, the deepspeed launcher and srun start (see histotx.launch.train).
 
-    torchrun --nproc-per-node 2 launch/train.py CONFIG.yaml [key=value ...] [--resume auto]
-    deepspeed --num_gpus 2 launch/train.py CONFIG.yaml ...
-    srun --ntasks-per-node 4 python launch/train.py CONFIG.yaml ...
+torchrun --nproc-per-node 2 launch/train.py CONFIG.yaml [key=value ...] [--resume auto]
 """
-from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's histotx, installed or not
 
-from launch.env import set_distributed_env  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    set_distributed_env()
-    from histotx.export.during_training import checkpoint_hooks
-    from histotx.train import cli
-
-    parser = argparse.ArgumentParser(prog="launch/train.py", description=cli.DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_arguments(parser)
-    args, extra = parser.parse_known_args(argv)
-    if any("=" not in e or e.startswith("-") for e in extra):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = list(args.overrides) + extra  # key=value may also follow the options
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    try:
-        return cli.run(args, checkpoint_hooks)
-    except (ValueError, FileNotFoundError) as exc:  # config errors, missing inputs: one clear line
-        logging.getLogger("histotx").error("%s", exc)
-        return 2
-
+from histotx.launch.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

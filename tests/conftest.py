@@ -1,4 +1,5 @@
 """Shared fixtures: where the real public test files live (../shared/data beside the repository)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """A tiny shard set of random tiles and transcript grids, written the way `histotx shard` writes one."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,28 +8,61 @@ import numpy as np
 import webdataset as wds
 
 from histotx.format import (
-    TileSample, TranscriptGrid, encode_image_rgb, encode_sample, new_manifest, sha256_file, tile_key, write_manifest,
+    TileSample,
+    TranscriptGrid,
+    encode_image_rgb,
+    encode_sample,
+    new_manifest,
+    sha256_file,
+    tile_key,
+    write_manifest,
 )
 
 
-def random_grid(rng: np.random.Generator, tile_px: int, n_sites: int = 20, n_genes: int = 50,
-                footprint_um: float = 55.0, footprint_shape: str = "disk") -> TranscriptGrid:
+def random_grid(
+    rng: np.random.Generator,
+    tile_px: int,
+    n_sites: int = 20,
+    n_genes: int = 50,
+    footprint_um: float = 55.0,
+    footprint_shape: str = "disk",
+) -> TranscriptGrid:
     per_site = rng.integers(1, 6, n_sites)
     offsets = np.concatenate([[0], np.cumsum(per_site)])
     gene = np.concatenate([rng.choice(n_genes, k, replace=False) for k in per_site]) if n_sites else np.zeros(0)
-    return TranscriptGrid(rng.uniform(0, tile_px, (n_sites, 2)), offsets, gene,
-                          rng.integers(1, 20, offsets[-1]).astype(np.float32), footprint_um, footprint_shape)
+    return TranscriptGrid(
+        rng.uniform(0, tile_px, (n_sites, 2)),
+        offsets,
+        gene,
+        rng.integers(1, 20, offsets[-1]).astype(np.float32),
+        footprint_um,
+        footprint_shape,
+    )
 
 
-def tile_sample(rng: np.random.Generator, sample_id: str, index: int, tile_px: int = 64, mpp: float = 0.5,
-                grid: TranscriptGrid | None = None) -> TileSample:
+def tile_sample(
+    rng: np.random.Generator,
+    sample_id: str,
+    index: int,
+    tile_px: int = 64,
+    mpp: float = 0.5,
+    grid: TranscriptGrid | None = None,
+) -> TileSample:
     grid = random_grid(rng, tile_px) if grid is None else grid
     rgb = rng.integers(0, 256, (tile_px, tile_px, 3), dtype=np.uint8)
     meta = {
-        "sample": sample_id, "patient": f"p-{sample_id}", "technology": "visium", "tile_px": tile_px, "mpp": mpp,
-        "origin_level0_px": [0.0, float(index * tile_px)], "origin_um": [0.0, index * tile_px * mpp],
-        "source_mpp": mpp, "n_sites": grid.n_sites, "n_genes": int(np.unique(grid.gene).size),
-        "total_count": grid.total_count, "index": index,
+        "sample": sample_id,
+        "patient": f"p-{sample_id}",
+        "technology": "visium",
+        "tile_px": tile_px,
+        "mpp": mpp,
+        "origin_level0_px": [0.0, float(index * tile_px)],
+        "origin_um": [0.0, index * tile_px * mpp],
+        "source_mpp": mpp,
+        "n_sites": grid.n_sites,
+        "n_genes": int(np.unique(grid.gene).size),
+        "total_count": grid.total_count,
+        "index": index,
     }
     return TileSample(tile_key(sample_id, f"t{index:05d}"), encode_image_rgb(rgb, "png"), "png", grid, meta)
 

@@ -4,6 +4,7 @@ Needs Debian's slurmctld, slurmd, slurm-client and munge (`.ci/run` installs the
 use it are skipped with that reason otherwise. Everything lives under a temporary folder, with its own
 ports, and is stopped afterwards; `env` carries SLURM_CONF for sbatch/squeue/scancel.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,9 +79,16 @@ def local_slurm(root: Path, port: int = 16817):
     conf.write_text(_conf(root, socket.gethostname(), port))
     env = dict(os.environ, SLURM_CONF=str(conf))
     _start_munge()
-    procs = [subprocess.Popen([daemon, "-D", "-f", str(conf)], env=env, start_new_session=True,
-                              stdout=open(root / f"{daemon}.out", "wb"), stderr=subprocess.STDOUT)
-             for daemon in ("slurmctld", "slurmd")]
+    procs = [
+        subprocess.Popen(
+            [daemon, "-D", "-f", str(conf)],
+            env=env,
+            start_new_session=True,
+            stdout=open(root / f"{daemon}.out", "wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for daemon in ("slurmctld", "slurmd")
+    ]
     try:
         deadline = time.time() + 30
         while time.time() < deadline:

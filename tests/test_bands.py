@@ -1,4 +1,5 @@
 """Sites banded on disk: the same sites as in memory, whatever the chunking, and the right ones per box."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-import sharding.bands as bands
-import sharding.xenium as xenium
-from sharding.bands import BandedSites
-from sharding.sites import Sites
+import histotx.sharding.bands as bands
+import histotx.sharding.xenium as xenium
+from histotx.sharding.bands import BandedSites
+from histotx.sharding.sites import Sites
 
 
 def _boxes(rng: np.random.Generator, n: int, side: float) -> list[tuple[float, float, float, float]]:
@@ -36,7 +37,9 @@ def test_banded_sites_match_in_memory(monkeypatch, unit):
     genes = [(f"G{i}", "") for i in range(n_genes)]
     banded = BandedSites(37.0, (int(side), int(side)), genes, 0.0, "point", unit_counts=unit)
     for a in range(0, n, 900):  # chunks as a reader adds them
-        banded.add(xy[a:a + 900], counts=None if unit else counts[a:a + 900], gene=gene[a:a + 900] if unit else None)
+        banded.add(
+            xy[a : a + 900], counts=None if unit else counts[a : a + 900], gene=gene[a : a + 900] if unit else None
+        )
     banded.finish()
     memory = Sites(xy, counts, genes, 0.0, "point")
     assert banded.n_sites == memory.n_sites == n  # NaN positions count as off the slide, as in memory
@@ -63,11 +66,20 @@ def test_streamed_xenium_reader_is_chunking_invariant(tmp_path, monkeypatch):
     feature = rng.integers(0, len(names), n)
     x, y, qv = rng.uniform(0, 300, n), rng.uniform(0, 300, n), rng.uniform(0, 40, n).astype(np.float32)
     is_gene = np.array([not n_.startswith(("BLANK", "NegControl", "ctrl")) for n_ in names])[feature]
-    pq.write_table(pa.table({
-        "feature_name": pa.DictionaryArray.from_arrays(pa.array(feature.astype(np.int32)), pa.array(names)),
-        "x_location": x.astype(np.float32), "y_location": y.astype(np.float32), "qv": qv, "is_gene": is_gene,
-        "cell_id": ["UNASSIGNED"] * n,
-    }), tmp_path / "transcripts.parquet", row_group_size=2500)
+    pq.write_table(
+        pa.table(
+            {
+                "feature_name": pa.DictionaryArray.from_arrays(pa.array(feature.astype(np.int32)), pa.array(names)),
+                "x_location": x.astype(np.float32),
+                "y_location": y.astype(np.float32),
+                "qv": qv,
+                "is_gene": is_gene,
+                "cell_id": ["UNASSIGNED"] * n,
+            }
+        ),
+        tmp_path / "transcripts.parquet",
+        row_group_size=2500,
+    )
     (tmp_path / "experiment.xenium").write_text('{"pixel_size": 0.2125, "panel_name": "p"}')
     one_shot = xenium.read_xenium(tmp_path)
     monkeypatch.setattr(xenium, "BATCH_ROWS", 1000)
@@ -94,12 +106,23 @@ def _hd_outs(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, np.ndarray
     barcodes = np.array([f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)])
     in_tissue = rng.random(len(rows)) < 0.7
     xy = np.stack([cols * 7.3 + 20.5, rows * 7.3 + 11.25], 1)
-    pq.write_table(pa.table({"barcode": barcodes, "in_tissue": in_tissue.astype(np.int32),
-                             "array_row": rows.astype(np.int32), "array_col": cols.astype(np.int32),
-                             "pxl_row_in_fullres": xy[:, 1], "pxl_col_in_fullres": xy[:, 0]}),
-                   folder / "spatial" / "tissue_positions.parquet", row_group_size=300)
+    pq.write_table(
+        pa.table(
+            {
+                "barcode": barcodes,
+                "in_tissue": in_tissue.astype(np.int32),
+                "array_row": rows.astype(np.int32),
+                "array_col": cols.astype(np.int32),
+                "pxl_row_in_fullres": xy[:, 1],
+                "pxl_col_in_fullres": xy[:, 0],
+            }
+        ),
+        folder / "spatial" / "tissue_positions.parquet",
+        row_group_size=300,
+    )
     (folder / "spatial" / "scalefactors_json.json").write_text(
-        '{"microns_per_pixel": 0.274, "bin_size_um": 2.0, "spot_diameter_fullres": 7.3}')
+        '{"microns_per_pixel": 0.274, "bin_size_um": 2.0, "spot_diameter_fullres": 7.3}'
+    )
     listed = rng.permutation(len(rows))[:1200]  # the matrix lists some bins, in its own order
     counts = sp.random(len(listed), 25, density=0.3, format="csr", random_state=2, dtype=np.float32)
     counts.data = np.ceil(counts.data * 5)
@@ -109,7 +132,7 @@ def _hd_outs(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, np.ndarray
 
 
 def test_streamed_visium_hd_reader(tmp_path, monkeypatch):
-    import sharding.visium_hd as visium_hd
+    import histotx.sharding.visium_hd as visium_hd
 
     outs, xy, counts, in_tissue = _hd_outs(tmp_path, np.random.default_rng(5))
     monkeypatch.setattr(visium_hd, "CHUNK_BARCODES", 100)
@@ -129,8 +152,8 @@ def test_streamed_visium_hd_reader(tmp_path, monkeypatch):
 
 
 def test_visium_hd_barcodes_must_name_their_bin(tmp_path):
-    from sharding.errors import InputError
-    from sharding.visium_hd import parse_bin_barcodes
+    from histotx.sharding.errors import InputError
+    from histotx.sharding.visium_hd import parse_bin_barcodes
 
     rows, cols = parse_bin_barcodes(np.array(["s_002um_00305_01021-1", "s_008um_00000_00007-1"]), tmp_path)
     assert rows.tolist() == [305, 0] and cols.tolist() == [1021, 7]

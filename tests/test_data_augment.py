@@ -1,5 +1,6 @@
 """Co-registered multi-crop: a coloured marker under each transcript site stays under it through
 crop, resize, flips and quarter turns; sites outside a crop are dropped; colour touches pixels only."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,8 +11,8 @@ import torch
 
 from histotx.config import load_config
 from histotx.data.augment import CropGeometry, MultiCrop, transform_grid, transform_grids
-from histotx.data.pixels import IDENTITY, colour
 from histotx.data.config import DataConfig
+from histotx.data.pixels import IDENTITY, colour
 from histotx.format import TileSample, TranscriptGrid, encode_image_rgb
 
 COLOURS = np.array([c for c in itertools.product((0, 255), repeat=3) if any(c)], dtype=np.uint8)  # 7, no black
@@ -22,22 +23,36 @@ def marked_tile(rng):
     """A black tile with a 13×13 coloured square under each of 7 sites (point footprints)."""
     rgb = np.zeros((TILE, TILE, 3), np.uint8)
     cells = rng.choice(16, size=len(COLOURS), replace=False)  # one site per 64×64 cell, kept apart
-    xy = np.stack([(cells % 4) * 64 + rng.uniform(16, 48, len(cells)),
-                   (cells // 4) * 64 + rng.uniform(16, 48, len(cells))], axis=1)
+    xy = np.stack(
+        [(cells % 4) * 64 + rng.uniform(16, 48, len(cells)), (cells // 4) * 64 + rng.uniform(16, 48, len(cells))],
+        axis=1,
+    )
     for (x, y), marker in zip(xy, COLOURS):
-        rgb[int(y) - 6: int(y) + 7, int(x) - 6: int(x) + 7] = marker
+        rgb[int(y) - 6 : int(y) + 7, int(x) - 6 : int(x) + 7] = marker
     offsets = np.arange(len(COLOURS) + 1)
     grid = TranscriptGrid(xy, offsets, np.arange(len(COLOURS)), np.ones(len(COLOURS)), 0.0, "point")
     return rgb, grid
 
 
 def geometric_only(**extra):
-    overrides = ["augment.color_jitter_p=0", "augment.hed_jitter_p=0", "augment.grayscale_p=0",
-                 "augment.blur_p_global1=0", "augment.blur_p_global2=0", "augment.blur_p_local=0",
-                 "augment.solarize_p_global2=0", "augment.mean=[0,0,0]", "augment.std=[1,1,1]",
-                 "augment.global_crop_size=128", "augment.local_crop_size=48", "augment.local_crops_number=4",
-                 "mask.patch_size=16"]
-    return MultiCrop(load_config(DataConfig, overrides=overrides + [f"augment.{k}={v}" for k, v in extra.items()]).augment)
+    overrides = [
+        "augment.color_jitter_p=0",
+        "augment.hed_jitter_p=0",
+        "augment.grayscale_p=0",
+        "augment.blur_p_global1=0",
+        "augment.blur_p_global2=0",
+        "augment.blur_p_local=0",
+        "augment.solarize_p_global2=0",
+        "augment.mean=[0,0,0]",
+        "augment.std=[1,1,1]",
+        "augment.global_crop_size=128",
+        "augment.local_crop_size=48",
+        "augment.local_crops_number=4",
+        "mask.patch_size=16",
+    ]
+    return MultiCrop(
+        load_config(DataConfig, overrides=overrides + [f"augment.{k}={v}" for k, v in extra.items()]).augment
+    )
 
 
 def test_markers_stay_under_their_sites_through_every_transform():
@@ -57,7 +72,7 @@ def test_markers_stay_under_their_sites_through_every_transform():
                 checked += 1
             # every marker centre visible in the view has its site: sites are dropped only outside
             for s, marker in enumerate(COLOURS / 255.0):
-                hits = (np.abs(view.image.numpy() - marker[:, None, None]).max(0) < 0.05)
+                hits = np.abs(view.image.numpy() - marker[:, None, None]).max(0) < 0.05
                 if hits.sum() >= 9 and s not in site:
                     ys, xs = np.nonzero(hits)
                     assert min(xs.min(), ys.min()) < 4 or max(xs.max(), ys.max()) > size - 5
@@ -101,14 +116,29 @@ def test_all_crops_of_a_tile_move_its_sites_as_each_crop_alone():
     rng = np.random.default_rng(0)
     nnz = rng.integers(0, 4, 300)
     offsets = np.concatenate([[0], np.cumsum(nnz)])
-    grid = TranscriptGrid(rng.uniform(-10, 140, (300, 2)), offsets, rng.integers(0, 9, offsets[-1]),
-                          rng.uniform(0, 3, offsets[-1]), 20.0, "disk")
+    grid = TranscriptGrid(
+        rng.uniform(-10, 140, (300, 2)),
+        offsets,
+        rng.integers(0, 9, offsets[-1]),
+        rng.uniform(0, 3, offsets[-1]),
+        20.0,
+        "disk",
+    )
     geometries = []
     for _ in range(12):
         w, h = (int(v) for v in rng.integers(1, 128, 2))
-        geometries.append(CropGeometry(int(rng.integers(0, 129 - w)), int(rng.integers(0, 129 - h)), w, h,
-                                       int(rng.choice([24, 96])), bool(rng.random() < 0.5), bool(rng.random() < 0.5),
-                                       int(rng.integers(0, 4))))
+        geometries.append(
+            CropGeometry(
+                int(rng.integers(0, 129 - w)),
+                int(rng.integers(0, 129 - h)),
+                w,
+                h,
+                int(rng.choice([24, 96])),
+                bool(rng.random() < 0.5),
+                bool(rng.random() < 0.5),
+                int(rng.integers(0, 4)),
+            )
+        )
     for geometry, together in zip(geometries, transform_grids(grid, geometries, tile_mpp=0.5)):
         alone = transform_grid(grid, geometry, tile_mpp=0.5)
         for name in ("xy", "offsets", "gene", "count"):
@@ -131,7 +161,8 @@ def test_colour_jitter_changes_pixels_not_sites_and_is_seeded():
     a = crop.crops(rgb, grid, 0.5, np.random.default_rng(5))
     b = crop.crops(rgb, grid, 0.5, np.random.default_rng(5))
     plain = geometric_only(global_crop_size=224, local_crop_size=96, local_crops_number=8).crops(
-        rgb, grid, 0.5, np.random.default_rng(5))
+        rgb, grid, 0.5, np.random.default_rng(5)
+    )
     assert len(a[0]) == 2 and len(a[1]) == 8
     assert a[0][0].image.shape == (3, 224, 224) and a[1][0].image.shape == (3, 96, 96)
     for va, vb, vp in zip(a[0] + a[1], b[0] + b[1], plain[0] + plain[1]):

@@ -1,5 +1,6 @@
 """SSL collation: per-batch token size, per-sample modality dropout, masks, teacher/student pairing,
 the tiny fused model on the result, and the whole pipeline with two loader workers."""
+
 from __future__ import annotations
 
 from itertools import islice
@@ -7,6 +8,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
+from shardkit import tile_sample, write_shard_set
 
 from histotx.config import load_config
 from histotx.data.augment import MultiCrop
@@ -16,10 +18,15 @@ from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
 from histotx.format import TranscriptGrid
 from histotx.model import FusedViT, FusedViTConfig, TranscriptBatch
-from shardkit import tile_sample, write_shard_set
 
-SMALL = ["augment.global_crop_size=32", "augment.local_crop_size=16", "augment.local_crops_number=2",
-         "mask.patch_size=8", "augment.global_crop_scale=[0.5,1]", "augment.local_crop_scale=[0.2,0.5]"]
+SMALL = [
+    "augment.global_crop_size=32",
+    "augment.local_crop_size=16",
+    "augment.local_crops_number=2",
+    "mask.patch_size=8",
+    "augment.global_crop_scale=[0.5,1]",
+    "augment.local_crop_scale=[0.2,0.5]",
+]
 
 
 def config(*extra):
@@ -37,8 +44,12 @@ def items(cfg, n=6, seed=0, empty=()):
 
 
 def test_batch_layout_and_teacher_student_pairing():
-    cfg = config("collate.p_image_only=0.3", "collate.p_transcripts_only=0.3", "collate.resolutions_um=[8]",
-                 "mask.transcript_mask_probability=1")
+    cfg = config(
+        "collate.p_image_only=0.3",
+        "collate.p_transcripts_only=0.3",
+        "collate.resolutions_um=[8]",
+        "mask.transcript_mask_probability=1",
+    )
     batch = SSLCollate(cfg)(items(cfg, n=8), np.random.default_rng(1))
     b = 8
     assert batch.global_images.shape == (2 * b, 3, 32, 32) and batch.local_images.shape == (2 * b, 3, 16, 16)
@@ -49,7 +60,9 @@ def test_batch_layout_and_teacher_student_pairing():
     assert teacher.batch_size == student.batch_size == 2 * b
     crop_mod = np.tile(mod, 2)
     assert np.all(student.lengths.numpy()[crop_mod == IMAGE_ONLY] == 0)
-    assert np.array_equal(student.lengths.numpy()[crop_mod != IMAGE_ONLY], teacher.lengths.numpy()[crop_mod != IMAGE_ONLY])
+    assert np.array_equal(
+        student.lengths.numpy()[crop_mod != IMAGE_ONLY], teacher.lengths.numpy()[crop_mod != IMAGE_ONLY]
+    )
     assert torch.equal(batch.student_global_image_present, torch.from_numpy(crop_mod != TRANSCRIPTS_ONLY))
     assert not batch.image_mask[crop_mod == TRANSCRIPTS_ONLY].any()
     # each student token is its teacher token: same place, same expression
@@ -73,8 +86,9 @@ def test_tiles_without_transcripts_stay_image_only():
 
 
 def test_token_size_drawn_per_batch_and_modality_rates():
-    cfg = config("collate.resolutions_um=[native, 8, 16]", "collate.p_image_only=0.25",
-                 "collate.p_transcripts_only=0.25")
+    cfg = config(
+        "collate.resolutions_um=[native, 8, 16]", "collate.p_image_only=0.25", "collate.p_transcripts_only=0.25"
+    )
     collate, views = SSLCollate(cfg), items(cfg, n=8)
     sizes, mods = set(), []
     for s in range(40):
@@ -85,7 +99,9 @@ def test_token_size_drawn_per_batch_and_modality_rates():
             assert batch.resolution_um is None and batch.teacher_transcripts.resolution_um == 55.0  # shard kit spots
     assert sizes == {"native", 8.0, 16.0}
     share = np.bincount(mods, minlength=3) / len(mods)
-    assert share[IMAGE_ONLY] == pytest.approx(0.25, abs=0.08) and share[TRANSCRIPTS_ONLY] == pytest.approx(0.25, abs=0.08)
+    assert share[IMAGE_ONLY] == pytest.approx(0.25, abs=0.08) and share[TRANSCRIPTS_ONLY] == pytest.approx(
+        0.25, abs=0.08
+    )
 
 
 def test_the_fused_model_takes_teacher_and_student_inputs():
@@ -131,16 +147,28 @@ def _spot_and_molecule_items(cfg, n=4, seed=0):
         grid = None
         if i % 2:
             k = 60
-            grid = TranscriptGrid(rng.uniform(0, 48, (k, 2)), np.arange(k + 1), rng.integers(0, 50, k),
-                                  np.ones(k, np.float32), 0.0, "point")
+            grid = TranscriptGrid(
+                rng.uniform(0, 48, (k, 2)),
+                np.arange(k + 1),
+                rng.integers(0, 50, k),
+                np.ones(k, np.float32),
+                0.0,
+                "point",
+            )
         out.append(crop(tile_sample(rng, "s", i, tile_px=48, grid=grid), np.random.default_rng([seed, i])))
     return out
 
 
 def _compositions(tb, lo, hi):
-    return [tuple(zip(tb.gene[tb.offsets[t]:tb.offsets[t + 1]].tolist(),
-                      np.round(tb.weight[tb.offsets[t]:tb.offsets[t + 1]].numpy(), 5).tolist()))
-            for t in range(lo, hi)]
+    return [
+        tuple(
+            zip(
+                tb.gene[tb.offsets[t] : tb.offsets[t + 1]].tolist(),
+                np.round(tb.weight[tb.offsets[t] : tb.offsets[t + 1]].numpy(), 5).tolist(),
+            )
+        )
+        for t in range(lo, hi)
+    ]
 
 
 def _visium_items(cfg, n=4, seed=0):
@@ -163,8 +191,13 @@ def _visium_items(cfg, n=4, seed=0):
 
 def test_no_masked_token_target_is_visible_in_an_unmasked_token_of_its_view():
     """A spot binned finer than itself must not leave copies of a masked token's expression in view."""
-    cfg = config("collate.resolutions_um=[8]", "collate.p_image_only=0", "collate.p_transcripts_only=0",
-                 "mask.transcript_mask_probability=1", "mask.transcript_mask_ratio=[0.3,0.5]")
+    cfg = config(
+        "collate.resolutions_um=[8]",
+        "collate.p_image_only=0",
+        "collate.p_transcripts_only=0",
+        "mask.transcript_mask_probability=1",
+        "mask.transcript_mask_ratio=[0.3,0.5]",
+    )
     collate = SSLCollate(cfg)
     leaks = masked = 0
     for seed in range(4):
@@ -173,7 +206,7 @@ def test_no_masked_token_target_is_visible_in_an_unmasked_token_of_its_view():
         starts = np.concatenate([[0], np.cumsum(student.lengths.numpy())])
         for v in range(student.batch_size):
             comps = _compositions(student, starts[v], starts[v + 1])
-            view_mask = mask[starts[v]:starts[v + 1]]
+            view_mask = mask[starts[v] : starts[v + 1]]
             visible = {c for c, m in zip(comps, view_mask) if not m}
             masked += int(view_mask.sum())
             leaks += sum(c in visible for c, m in zip(comps, view_mask) if m)
@@ -212,9 +245,14 @@ def test_the_model_reads_each_token_size():
         starts = np.concatenate([[0], np.cumsum(tb.lengths.numpy())])
         for b in range(tb.batch_size):
             lo, hi = starts[b], starts[b + 1]
-            one = TranscriptBatch(tb.lengths[b:b + 1], tb.xy[lo:hi], tb.offsets[lo:hi + 1] - tb.offsets[lo],
-                                  tb.gene[tb.offsets[lo]:tb.offsets[hi]], tb.weight[tb.offsets[lo]:tb.offsets[hi]],
-                                  float(tb.resolution_um[lo]) if hi > lo else 1.0)
-            alone = model(batch.global_images[b:b + 1].double(), one)
+            one = TranscriptBatch(
+                tb.lengths[b : b + 1],
+                tb.xy[lo:hi],
+                tb.offsets[lo : hi + 1] - tb.offsets[lo],
+                tb.gene[tb.offsets[lo] : tb.offsets[hi]],
+                tb.weight[tb.offsets[lo] : tb.offsets[hi]],
+                float(tb.resolution_um[lo]) if hi > lo else 1.0,
+            )
+            alone = model(batch.global_images[b : b + 1].double(), one)
             assert torch.allclose(out.cls[b], alone.cls[0], rtol=0, atol=1e-10)
             assert torch.allclose(out.transcript[lo:hi], alone.transcript, rtol=0, atol=1e-10)

@@ -1,4 +1,5 @@
 """iBOT block masks and transcript token masks."""
+
 import numpy as np
 import pytest
 

@@ -1,5 +1,6 @@
 """The batched pixel stage: torchvision's colour operations with per-view parameters, and GPU-side decoding
 (run here on CPU) giving the views the CPU loader gives, from the same draws."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ import pytest
 import simplejpeg
 import torch
 import torchvision.transforms.v2.functional as TF
+from shardkit import random_grid, tile_sample
 from skimage.color import hed_from_rgb, rgb_from_hed
 from torchvision.io import decode_jpeg
 
@@ -24,7 +26,6 @@ from histotx.data.config import DataConfig
 from histotx.data.device_decode import BatchDecoder
 from histotx.data.pixels import COLOUR_FIELDS, IDENTITY, colour, colour_hwc
 from histotx.format import encode_image_rgb
-from shardkit import random_grid, tile_sample
 
 OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
@@ -88,8 +89,10 @@ def test_colour_ops_match_torchvision_view_by_view(kernels):
     if kernels == "torch":
         got = colour(views.float().clone(), torch.from_numpy(p))
     else:
-        got = [torch.from_numpy(colour_hwc(v.permute(1, 2, 0).float().numpy().copy(), row)).permute(2, 0, 1)
-               for v, row in zip(views, p)]
+        got = [
+            torch.from_numpy(colour_hwc(v.permute(1, 2, 0).float().numpy().copy(), row)).permute(2, 0, 1)
+            for v, row in zip(views, p)
+        ]
     for v, row, out in zip(views, p, got):
         before: list[torch.Tensor] = []
         expected = reference(v.clone(), row, before)
@@ -120,9 +123,15 @@ def test_gpu_decode_path_gives_the_cpu_views_from_the_same_draws():
     much the colour chain can amplify it (brightness, contrast, saturation ≤ 1.4 each, hue ≤ 2, stain
     jitter ≤ 1.5 on pixels this bright, normalisation 1/min std), plus the CPU views' rounding to bytes
     (0.5/255 before normalisation) and float rounding."""
-    overrides = ["augment.global_crop_size=64", "augment.local_crop_size=32", "augment.local_crops_number=3",
-                 "mask.patch_size=16", "collate.resolutions_um=[8]", "augment.color_jitter_p=1",
-                 "augment.hed_jitter_p=0.5"]
+    overrides = [
+        "augment.global_crop_size=64",
+        "augment.local_crop_size=32",
+        "augment.local_crops_number=3",
+        "mask.patch_size=16",
+        "collate.resolutions_um=[8]",
+        "augment.color_jitter_p=1",
+        "augment.hed_jitter_p=0.5",
+    ]
     cpu_cfg = load_config(DataConfig, overrides=overrides)
     gpu_cfg = load_config(DataConfig, overrides=overrides + ["augment.decode_device=cuda"])
     rng = np.random.default_rng(3)
@@ -149,10 +158,16 @@ def test_gpu_decode_path_gives_the_cpu_views_from_the_same_draws():
         assert torch.equal(getattr(cpu, name), getattr(gpu, name)), name
     assert torch.equal(cpu.teacher_transcripts.lengths, gpu.teacher_transcripts.lengths)
 
-    d = max(int(np.abs(simplejpeg.decode_jpeg(t.image).astype(int)
-                       - decode_jpeg(torch.frombuffer(bytearray(t.image), dtype=torch.uint8)).permute(1, 2, 0).numpy()
-                       ).max()) for t in tiles[:6])
-    gain = 1.4 ** 3 * 2.0 * 1.5 / min(cpu_cfg.augment.std)
+    d = max(
+        int(
+            np.abs(
+                simplejpeg.decode_jpeg(t.image).astype(int)
+                - decode_jpeg(torch.frombuffer(bytearray(t.image), dtype=torch.uint8)).permute(1, 2, 0).numpy()
+            ).max()
+        )
+        for t in tiles[:6]
+    )
+    gain = 1.4**3 * 2.0 * 1.5 / min(cpu_cfg.augment.std)
     tol = gain * d / 255 + 0.5 / 255 / min(cpu_cfg.augment.std) + 1e-4
     for a, b in ((cpu.global_images, gpu.global_images), (cpu.local_images, gpu.local_images)):
         assert a.shape == b.shape
@@ -187,8 +202,18 @@ def test_batched_resize_of_the_gpu_stage_is_the_per_view_resize():
     for _ in range(8):  # crop-major: view k·3 + t of tile t
         for _ in range(3):
             w, h = (int(v) for v in rng.integers(10, 64, 2))  # down- and upsampled to 24 px
-            geometries.append(CropGeometry(int(rng.integers(0, 65 - w)), int(rng.integers(0, 65 - h)), w, h, 24,
-                                           bool(rng.random() < 0.5), bool(rng.random() < 0.5), int(rng.integers(4))))
+            geometries.append(
+                CropGeometry(
+                    int(rng.integers(0, 65 - w)),
+                    int(rng.integers(0, 65 - h)),
+                    w,
+                    h,
+                    24,
+                    bool(rng.random() < 0.5),
+                    bool(rng.random() < 0.5),
+                    int(rng.integers(4)),
+                )
+            )
     got = resize_batched(tiles, geometries, 8)
     as_float = torch.stack([g.apply_to_image(tiles[i % 3].float()) for i, g in enumerate(geometries)])
     as_uint8 = torch.stack([g.apply_to_image(tiles[i % 3]) for i, g in enumerate(geometries)]).float()

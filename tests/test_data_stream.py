@@ -1,4 +1,5 @@
 """The streaming loader on tiny shard sets: coverage, splits, determinism, exact resume, faults."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,11 @@ import warnings
 from itertools import islice
 
 import pytest
+from shardkit import write_shard_set
 
 from histotx.config import load_config
 from histotx.data.config import DataConfig
 from histotx.data.stream import ShardStream, ShardWarning, StreamLoader
-from shardkit import write_shard_set
 
 
 def tile_index(tile, rng):
@@ -101,8 +102,9 @@ def damaged(tmp_path):
     raw = (out / "shard-00001.tar").read_bytes()
     (out / "shard-00001.tar").write_bytes(raw[: len(raw) // 2])
     (out / "shard-00002.tar").write_bytes(b"not a tar file " * 300)
-    import tarfile
     import io
+    import tarfile
+
     src = out / "shard-00003.tar"
     members = []
     with tarfile.open(src) as tf:

@@ -1,4 +1,5 @@
 """`histotx embed`: whole-tile embeddings of a shard set or a slide → one .h5ad per sample."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,18 +12,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from shardkit import random_grid, tile_sample
 
 from histotx.data.config import IMAGENET_MEAN, IMAGENET_STD
 from histotx.eval.embed import MODES, embed_shards, embed_slide
 from histotx.export import LoadedModel
 from histotx.format import (
-    FormatError, TranscriptGrid, decode_image_rgb, decode_sample, encode_sample, new_manifest, read_manifest,
-    sha256_file, write_manifest,
+    FormatError,
+    TranscriptGrid,
+    decode_image_rgb,
+    decode_sample,
+    encode_sample,
+    new_manifest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
 )
 from histotx.model import FusedViT, FusedViTConfig
+from histotx.sharding.config import ShardConfig
 from histotx.vocab import Vocab
-from sharding.config import ShardConfig
-from shardkit import random_grid, tile_sample
 
 N_GENES = 50
 GENES = [f"G{i}" for i in range(N_GENES)]
@@ -33,16 +41,26 @@ OBS_COLUMNS = ["sample", "patient", "technology", "x0_px", "y0_px", "x_um", "y_u
 
 def point_grid(rng: np.random.Generator, n_sites: int, genes: np.ndarray) -> TranscriptGrid:
     """Molecule-like sites (no footprint), one gene each, drawn from ``genes``."""
-    return TranscriptGrid(rng.uniform(0, TILE_PX, (n_sites, 2)), np.arange(n_sites + 1), rng.choice(genes, n_sites),
-                          np.ones(n_sites), 0.0, "point")
+    return TranscriptGrid(
+        rng.uniform(0, TILE_PX, (n_sites, 2)),
+        np.arange(n_sites + 1),
+        rng.choice(genes, n_sites),
+        np.ones(n_sites),
+        0.0,
+        "point",
+    )
 
 
 def _write_shard(out: Path, name: str, tiles: list, sample_id: str | None) -> dict:
     with wds.TarWriter(str(out / name), encoder=False, mtime=0) as sink:
         for t in tiles:
             sink.write(encode_sample(t))
-    entry = {"name": name, "samples": len(tiles), "bytes": (out / name).stat().st_size,
-             "sha256": sha256_file(out / name)}
+    entry = {
+        "name": name,
+        "samples": len(tiles),
+        "bytes": (out / name).stat().st_size,
+        "sha256": sha256_file(out / name),
+    }
     return {**entry, "sample_id": sample_id} if sample_id else entry
 
 
@@ -61,9 +79,13 @@ def shards(tmp_path_factory) -> Path:
     s03 = [tile_sample(rng, "s03", 0, TILE_PX, grid=clean)]
     for t in s02:
         t.meta["technology"] = "xenium"
-    entries = [_write_shard(out, "s00.00000.tar", s00, "s00"), _write_shard(out, "s01.00000.tar", s01[:3], "s01"),
-               _write_shard(out, "s01.00001.tar", s01[3:], "s01"), _write_shard(out, "mixed.tar", s02, None),
-               _write_shard(out, "s03.00000.tar", s03, "s03")]
+    entries = [
+        _write_shard(out, "s00.00000.tar", s00, "s00"),
+        _write_shard(out, "s01.00000.tar", s01[:3], "s01"),
+        _write_shard(out, "s01.00001.tar", s01[3:], "s01"),
+        _write_shard(out, "mixed.tar", s02, None),
+        _write_shard(out, "s03.00000.tar", s03, "s03"),
+    ]
     samples = {s: {"status": "ok", "tiles": n} for s, n in (("s00", 5), ("s01", 6), ("s02", 4), ("s03", 1))}
     write_manifest(out, new_manifest({"synthetic": True}, entries, samples))
     vocab = Vocab()
@@ -75,8 +97,18 @@ def shards(tmp_path_factory) -> Path:
 def tiny_model(genes=GENES, seed: int = 0) -> LoadedModel:
     """No LayerScale (init_values None): at its 1e-5 init the CLS output would barely depend on the input."""
     torch.manual_seed(seed)
-    net = FusedViT(FusedViTConfig(size="tiny", embed_dim=32, num_heads=2, img_size=IMAGE_PX, patch_size=8,
-                                  num_registers=1, init_values=None, vocab_size=len(genes)))
+    net = FusedViT(
+        FusedViTConfig(
+            size="tiny",
+            embed_dim=32,
+            num_heads=2,
+            img_size=IMAGE_PX,
+            patch_size=8,
+            num_registers=1,
+            init_values=None,
+            vocab_size=len(genes),
+        )
+    )
     return LoadedModel(net.eval(), list(genes), 0.5, IMAGE_PX, IMAGENET_MEAN, IMAGENET_STD, "tiny-test")
 
 
@@ -104,7 +136,7 @@ def test_all_modes_obs_and_shapes(shards, model, tmp_path):
         a = ad.read_h5ad(path)
         sample = path.stem
         assert a.shape == (n, 0) and a.X is None
-        assert list(a.obs.columns[:len(OBS_COLUMNS)]) == OBS_COLUMNS
+        assert list(a.obs.columns[: len(OBS_COLUMNS)]) == OBS_COLUMNS
         assert list(a.obs_names) == [t.key for t in tiles_of(shards, sample)]
         assert (a.obs["sample"] == sample).all() and (a.obs["patient"] == f"p-{sample}").all()
         for mode in MODES:
@@ -122,8 +154,9 @@ def test_all_modes_obs_and_shapes(shards, model, tmp_path):
         assert np.isnan(a.obsm["transcripts"][empty]).all() and not np.isnan(a.obsm["transcripts"][~empty]).any()
         assert not np.isnan(a.obsm["image"]).any() and not np.isnan(a.obsm["fused"]).any()
         scale = np.abs(a.obsm["image"]).max()  # same sample, other batch mates: fp32 rounding apart at most
-        np.testing.assert_allclose(a.obsm["fused"][empty], a.obsm["image"][empty], rtol=0,
-                                   atol=64 * np.finfo(np.float32).eps * scale)
+        np.testing.assert_allclose(
+            a.obsm["fused"][empty], a.obsm["image"][empty], rtol=0, atol=64 * np.finfo(np.float32).eps * scale
+        )
         assert not np.allclose(a.obsm["fused"][~empty], a.obsm["image"][~empty], atol=1e-3)
     assert (ad.read_h5ad(paths[0]).obs["n_tokens"] == 0).sum() == 1  # s00's tile without sites
 
@@ -139,11 +172,10 @@ def test_image_mode_equals_a_direct_model_call(shards, model, tmp_path):
     images = []
     for t in tiles:
         rgb = torch.from_numpy(decode_image_rgb(t.image).copy()).permute(2, 0, 1)
-        x = F.interpolate(rgb[None], size=(IMAGE_PX, IMAGE_PX), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
+        x = F.interpolate(rgb[None], size=(IMAGE_PX, IMAGE_PX), mode="bilinear", align_corners=False, antialias=True)[0]
         images.append((x.float() / 255.0 - mean) / std)
     with torch.inference_mode():
-        direct = torch.cat([model.model(torch.stack(images[i:i + 3])).cls for i in (0, 3)]).numpy()
+        direct = torch.cat([model.model(torch.stack(images[i : i + 3])).cls for i in (0, 3)]).numpy()
     np.testing.assert_array_equal(ad.read_h5ad(path).obsm["image"], direct)
 
 
@@ -151,8 +183,9 @@ def test_transcript_tokens_sit_where_the_molecules_are(shards, model, tmp_path):
     """s02's molecules (no footprint) make one 16 µm token per occupied cell of the 32 µm tile (2 × 2 cells
     of 16 px at the shown 1 µm/px), and one per molecule at the native resolution."""
     [grid_16] = embed_shards(model, shards, tmp_path / "16", samples=["s02"], modes=["transcripts"], progress=False)
-    [native] = embed_shards(model, shards, tmp_path / "n", samples=["s02"], modes=["transcripts"], progress=False,
-                            resolution_um="native")
+    [native] = embed_shards(
+        model, shards, tmp_path / "n", samples=["s02"], modes=["transcripts"], progress=False, resolution_um="native"
+    )
     tiles = tiles_of(shards, "s02")
     cells = [len({(int(x * 0.5 // 16), int(y * 0.5 // 16)) for x, y in t.grid.xy}) for t in tiles]
     assert list(ad.read_h5ad(grid_16).obs["n_tokens"]) == cells
@@ -167,8 +200,15 @@ def test_leakage_guard_drops_genes_before_the_model_sees_them(shards, model, tmp
         kept = embed_shards(model, shards, tmp_path / "kept", modes=MODES, batch_size=2, progress=False)
         kept_genes = torch.cat(seen)
         seen.clear()
-        dropped = embed_shards(model, shards, tmp_path / "dropped", modes=MODES, batch_size=2, progress=False,
-                               drop_genes=["G7", "G3", "G7"])
+        dropped = embed_shards(
+            model,
+            shards,
+            tmp_path / "dropped",
+            modes=MODES,
+            batch_size=2,
+            progress=False,
+            drop_genes=["G7", "G3", "G7"],
+        )
         dropped_genes = torch.cat(seen)
     finally:
         hook.remove()
@@ -244,8 +284,9 @@ def test_workers_give_the_same_file(shards, model, tmp_path):
     """Tiles prepared in 2 DataLoader worker processes: same rows in the same (shard) order, same numbers
     (each sample's batches hold the same tiles: its shards are read in order)."""
     [a] = embed_shards(model, shards, tmp_path / "a", samples=["s01"], modes=MODES, batch_size=4, progress=False)
-    [b] = embed_shards(model, shards, tmp_path / "b", samples=["s01"], modes=MODES, batch_size=4, progress=False,
-                       num_workers=2)
+    [b] = embed_shards(
+        model, shards, tmp_path / "b", samples=["s01"], modes=MODES, batch_size=4, progress=False, num_workers=2
+    )
     a, b = ad.read_h5ad(a), ad.read_h5ad(b)
     assert list(a.obs_names) == list(b.obs_names)
     for mode in MODES:
@@ -260,8 +301,15 @@ def write_export(loaded: LoadedModel, out: Path) -> Path:
     vocab = Vocab()
     vocab.extend((g, "") for g in loaded.genes)
     augment = {"global_crop_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std)}
-    teacher = Teacher(loaded.model.state_dict(), loaded.model.config, {"data": {"augment": augment}}, vocab,
-                      {"config": {"mpp": loaded.mpp}}, out.parent / "run" / "checkpoints" / "step_00000010", 10)
+    teacher = Teacher(
+        loaded.model.state_dict(),
+        loaded.model.config,
+        {"data": {"augment": augment}},
+        vocab,
+        {"config": {"mpp": loaded.mpp}},
+        out.parent / "run" / "checkpoints" / "step_00000010",
+        10,
+    )
     return write_native(teacher, out)
 
 
@@ -270,9 +318,9 @@ def test_slide_is_tiled_as_histotx_shard_tiles_it(tmp_path):
     """`histotx embed --slide` shards through the sharding pipeline itself, with the same settings syntax:
     the same shard bytes, and the same embeddings, as `histotx shard run` + embed_shards."""
     from histotx.cli import main
+    from histotx.sharding.config import ShardConfig
+    from histotx.sharding.pipeline import run_cohort
     from histotx.synth import generate_cohort
-    from sharding.config import ShardConfig
-    from sharding.pipeline import run_cohort
 
     cohort = generate_cohort(tmp_path / "synth", seed=1, size="small", technologies=("visium",))
     settings = dict(mpp=2.0, tile_px=64, max_tiles_per_sample=12)
@@ -282,10 +330,30 @@ def test_slide_is_tiled_as_histotx_shard_tiles_it(tmp_path):
     loaded.mpp = 2.0
     [ref] = embed_shards(loaded, tmp_path / "shards", tmp_path / "ref", modes=MODES, progress=False)
     folder = cohort.parent / "visium"
-    code = main(["embed", "--model", str(write_export(loaded, tmp_path / "export")), "--out", str(tmp_path / "emb"),
-                 "--slide", str(folder / "visium_fullres.tif"), "--data", str(folder / "outs"), "--technology",
-                 "visium", "--sample-id", "visium", "--patient", "P01", "--modes", "image,transcripts,fused",
-                 "--keep-shards", str(tmp_path / "kept")] + [f"{k}={v}" for k, v in settings.items()])
+    code = main(
+        [
+            "embed",
+            "--model",
+            str(write_export(loaded, tmp_path / "export")),
+            "--out",
+            str(tmp_path / "emb"),
+            "--slide",
+            str(folder / "visium_fullres.tif"),
+            "--data",
+            str(folder / "outs"),
+            "--technology",
+            "visium",
+            "--sample-id",
+            "visium",
+            "--patient",
+            "P01",
+            "--modes",
+            "image,transcripts,fused",
+            "--keep-shards",
+            str(tmp_path / "kept"),
+        ]
+        + [f"{k}={v}" for k, v in settings.items()]
+    )
     assert code == 0
     assert sha256_file(tmp_path / "kept" / "visium.00000.tar") == sha256_file(tmp_path / "shards" / "visium.00000.tar")
     a, b = ad.read_h5ad(ref), ad.read_h5ad(tmp_path / "emb" / "visium.h5ad")
@@ -302,12 +370,18 @@ def test_slide_shards_in_a_temporary_folder(tmp_path, model, monkeypatch):
     from histotx.synth.slides import write_slide
 
     rng = np.random.default_rng(0)
-    write_slide(tmp_path / "he-01.tif", rng.integers(0, 200, (256, 192, 3), dtype=np.uint8), 0.5, "tiff_subifds",
-                n_levels=1)
+    write_slide(
+        tmp_path / "he-01.tif", rng.integers(0, 200, (256, 192, 3), dtype=np.uint8), 0.5, "tiff_subifds", n_levels=1
+    )
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    path = embed_slide(model, tmp_path / "he-01.tif", tmp_path / "emb", progress=False,
-                       shard_config=ShardConfig(tile_px=64, min_tissue_fraction=0.0))
+    path = embed_slide(
+        model,
+        tmp_path / "he-01.tif",
+        tmp_path / "emb",
+        progress=False,
+        shard_config=ShardConfig(tile_px=64, min_tissue_fraction=0.0),
+    )
     a = ad.read_h5ad(path)
     assert path.name == "he-01.h5ad" and a.n_obs == 12 and set(a.obs["technology"]) == {"image_only"}
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -330,9 +404,29 @@ def test_cli(shards, model, tmp_path, monkeypatch, capsys, caplog):
     assert main(["embed", "--model", "m", "--out", str(tmp_path), "--shards", str(shards), "--slide", "x.tif"]) == 2
     assert "either --shards" in caplog.text
     (tmp_path / "drop.txt").write_text("# targets\nG3\n")
-    code = main(["embed", "--model", "runs/x", "--shards", str(shards), "--out", str(tmp_path / "emb"),
-                 "--samples", "s01,s03", "--modes", "image,fused", "--drop-genes", "G7",
-                 "--drop-genes-file", str(tmp_path / "drop.txt"), "--batch-size", "4", "--resolution-um", "native"])
+    code = main(
+        [
+            "embed",
+            "--model",
+            "runs/x",
+            "--shards",
+            str(shards),
+            "--out",
+            str(tmp_path / "emb"),
+            "--samples",
+            "s01,s03",
+            "--modes",
+            "image,fused",
+            "--drop-genes",
+            "G7",
+            "--drop-genes-file",
+            str(tmp_path / "drop.txt"),
+            "--batch-size",
+            "4",
+            "--resolution-um",
+            "native",
+        ]
+    )
     assert code == 0 and sources == ["runs/x"]
     a = ad.read_h5ad(tmp_path / "emb" / "s01.h5ad")
     assert sorted(a.obsm) == ["fused", "image"] and list(a.uns["dropped_genes"]) == DROP
@@ -347,8 +441,26 @@ def test_cli_with_an_export_folder(shards, model, tmp_path):
     from histotx.cli import main
 
     export = write_export(model, tmp_path / "export")
-    assert main(["embed", "--model", str(export), "--shards", str(shards), "--out", str(tmp_path / "cli"),
-                 "--samples", "s00", "--modes", "image,transcripts,fused", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(export),
+                "--shards",
+                str(shards),
+                "--out",
+                str(tmp_path / "cli"),
+                "--samples",
+                "s00",
+                "--modes",
+                "image,transcripts,fused",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     [ref] = embed_shards(model, shards, tmp_path / "ref", samples=["s00"], modes=MODES, progress=False)
     a, b = ad.read_h5ad(tmp_path / "cli" / "s00.h5ad"), ad.read_h5ad(ref)
     assert a.uns["model"] == "run@step_00000010"

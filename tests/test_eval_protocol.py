@@ -1,4 +1,5 @@
 """The HEST-Bench protocol (histotx.eval.hestbench): a hand-computed case, folds, the linear probe."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,8 +70,9 @@ def test_no_intercept_gives_the_pearson_of_a_ridge_with_intercept():
     ridge.fit(pca.transform(scaler.transform(X[tr])), Y[tr])
     with_intercept = ridge.predict(pca.transform(scaler.transform(X[te])))
     np.testing.assert_allclose(pred, with_intercept - ridge.intercept_, atol=1e-8)
-    np.testing.assert_allclose(hestbench.pearson_per_gene(Y[te], pred),
-                               hestbench.pearson_per_gene(Y[te], with_intercept), atol=1e-10)
+    np.testing.assert_allclose(
+        hestbench.pearson_per_gene(Y[te], pred), hestbench.pearson_per_gene(Y[te], with_intercept), atol=1e-10
+    )
 
 
 def test_pca_is_capped_and_alpha_follows_it():

@@ -1,5 +1,6 @@
 """`histotx eval` end to end: the leakage guard, the table, CSV/PNG/JSON, the label probe, gene groups,
 HEST-Benchmark's own task layout, and the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -28,28 +29,43 @@ def _cohort(tmp_path: Path, n_tiles: int = 16) -> Path:
         grids = []
         for _ in range(n_tiles):
             level = rng.uniform(0.5, 6.0, len(GENES))
-            grids.append(grid_from_sites([{g: float(c) for g, c in enumerate(rng.poisson(level)) if c > 0}
-                                          for _ in range(2)]))
+            grids.append(
+                grid_from_sites([{g: float(c) for g, c in enumerate(rng.poisson(level)) if c > 0} for _ in range(2)])
+            )
         tiles[sid] = grids
     return write_shards(tmp_path / "shards", tiles, SAMPLES, genes=GENES)
 
 
-def _write_embeddings(folder: Path, shards: Path, targets: list[str], dropped: list[str], modes=("image", "fused"),
-                      dim: int = 12, seed: int = 1) -> Path:
+def _write_embeddings(
+    folder: Path,
+    shards: Path,
+    targets: list[str],
+    dropped: list[str],
+    modes=("image", "fused"),
+    dim: int = 12,
+    seed: int = 1,
+) -> Path:
     """Embeddings that carry the targets linearly plus noise, one h5ad per sample as `histotx embed` writes."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     proj = rng.normal(size=(len(targets), dim))
     for sid, entry in tile_expression(shards).items():
         Y = target_matrix(entry, targets)
-        obs = pd.DataFrame({"sample": sid, "patient": SAMPLES[sid],
-                            "region": np.where(Y[:, 0] > np.median(Y[:, 0]), "high", "low")},
-                           index=pd.Index(entry.keys, dtype=str))
+        obs = pd.DataFrame(
+            {"sample": sid, "patient": SAMPLES[sid], "region": np.where(Y[:, 0] > np.median(Y[:, 0]), "high", "low")},
+            index=pd.Index(entry.keys, dtype=str),
+        )
         adata = ad.AnnData(obs=obs)
         for i, mode in enumerate(modes):
             adata.obsm[mode] = (Y @ proj + rng.normal(scale=0.5 + i, size=(len(Y), dim))).astype(np.float32)
-        adata.uns.update({"model": "hand-made", "modes": np.array(modes, dtype=object),
-                          "dropped_genes": np.array(sorted(dropped), dtype=object), "embedding": "cls"})
+        adata.uns.update(
+            {
+                "model": "hand-made",
+                "modes": np.array(modes, dtype=object),
+                "dropped_genes": np.array(sorted(dropped), dtype=object),
+                "embedding": "cls",
+            }
+        )
         adata.write_h5ad(folder / f"{sid}.h5ad")
     return folder
 
@@ -76,10 +92,24 @@ def test_table_csv_png_json_label_probe_and_gene_groups(tmp_path):
     pd.DataFrame({"key": keys, "region": ["a", "b"] * (len(keys) // 2)}).to_csv(labels, index=False)
     groups = {"first": targets[:2], "rest": targets[2:] + ["NOT_A_TARGET"]}
     out = tmp_path / "out"
-    table = evaluate(shards, embeddings={"one": emb, "two": emb2}, modes=["image", "fused"], out=out, n_targets=6,
-                     labels=labels, label="region", gene_groups=groups, show=False, progress=False)
-    assert list(zip(table["model"], table["mode"])) == [("one", "image"), ("one", "fused"),
-                                                        ("two", "image"), ("two", "fused")]
+    table = evaluate(
+        shards,
+        embeddings={"one": emb, "two": emb2},
+        modes=["image", "fused"],
+        out=out,
+        n_targets=6,
+        labels=labels,
+        label="region",
+        gene_groups=groups,
+        show=False,
+        progress=False,
+    )
+    assert list(zip(table["model"], table["mode"])) == [
+        ("one", "image"),
+        ("one", "fused"),
+        ("two", "image"),
+        ("two", "fused"),
+    ]
     assert set(table["n_folds"]) == {3} and set(table["n_tiles"]) == {48} and set(table["n_genes"]) == {6}
     assert (table["pearson_mean"] > 0.3).all()  # the embeddings carry the targets
     assert {"pearson_first_mean", "pearson_rest_sd", "label_bal_acc_mean"} <= set(table.columns)
@@ -148,9 +178,11 @@ def _hest_task(root: Path, n_spots: int = 20, genes=("A", "B", "C", "D")) -> Pat
         barcodes = [f"{sid}_{i:03d}x{i:03d}" for i in range(n_spots)]
         counts = rng.poisson(rng.uniform(1, 8, (n_spots, 1)) * rng.uniform(0.5, 2, len(all_genes)))
         order = rng.permutation(n_spots)  # adata rows in another order than the patches
-        adata = ad.AnnData(X=counts[order].astype(np.float32),
-                           obs=pd.DataFrame(index=pd.Index([barcodes[i] for i in order], dtype=str)),
-                           var=pd.DataFrame(index=pd.Index(all_genes, dtype=str)))
+        adata = ad.AnnData(
+            X=counts[order].astype(np.float32),
+            obs=pd.DataFrame(index=pd.Index([barcodes[i] for i in order], dtype=str)),
+            var=pd.DataFrame(index=pd.Index(all_genes, dtype=str)),
+        )
         adata.write_h5ad(root / "adata" / f"{sid}.h5ad")
         brightness = (counts[:, 0] / counts[:, 0].max() * 200).astype(np.uint8)
         img = np.broadcast_to(brightness[:, None, None, None], (n_spots, 32, 32, 3)).copy()
@@ -161,9 +193,13 @@ def _hest_task(root: Path, n_spots: int = 20, genes=("A", "B", "C", "D")) -> Pat
             f["barcode"] = np.array([[b.encode()] for b in barcodes])
     for i, (train, test) in enumerate([(["S1", "S2"], ["S3", "S4"]), (["S3", "S4"], ["S1", "S2"])]):
         for kind, ids in (("train", train), ("test", test)):
-            pd.DataFrame({"sample_id": ids, "patches_path": [f"patches/{s}.h5" for s in ids],
-                          "expr_path": [f"adata/{s}.h5ad" for s in ids]}).to_csv(root / "splits" / f"{kind}_{i}.csv",
-                                                                                  index=False)
+            pd.DataFrame(
+                {
+                    "sample_id": ids,
+                    "patches_path": [f"patches/{s}.h5" for s in ids],
+                    "expr_path": [f"adata/{s}.h5ad" for s in ids],
+                }
+            ).to_csv(root / "splits" / f"{kind}_{i}.csv", index=False)
     (root / "var_50genes.json").write_text(json.dumps({"genes": list(genes)}))
     return root
 
@@ -171,8 +207,10 @@ def _hest_task(root: Path, n_spots: int = 20, genes=("A", "B", "C", "D")) -> Pat
 def test_hest_layout_read(tmp_path):
     root = _hest_task(tmp_path / "IDC")
     task = hestlayout.read_task(root)
-    assert task.genes == ["A", "B", "C", "D"] and task.splits == [(["S1", "S2"], ["S3", "S4"]),
-                                                                  (["S3", "S4"], ["S1", "S2"])]
+    assert task.genes == ["A", "B", "C", "D"] and task.splits == [
+        (["S1", "S2"], ["S3", "S4"]),
+        (["S3", "S4"], ["S1", "S2"]),
+    ]
     barcodes = hestlayout.read_barcodes(task.patches["S2"])
     assert barcodes[:2] == ["S2_000x000", "S2_001x001"]
     Y = hestlayout.read_targets(task.expression["S2"], ["C", "A"], barcodes)
@@ -192,9 +230,26 @@ def test_cli_eval(tmp_path, capsys):
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({"g": targets[:2]}))
     out = tmp_path / "out"
-    rc = main(["eval", "--shards", str(shards), "--embeddings", f"mine={emb}", "--modes", "image,fused",
-               "--targets", "5", "--gene-groups", str(groups), "--label", "region", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--shards",
+            str(shards),
+            "--embeddings",
+            f"mine={emb}",
+            "--modes",
+            "image,fused",
+            "--targets",
+            "5",
+            "--gene-groups",
+            str(groups),
+            "--label",
+            "region",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "HEST-Bench protocol" in printed and "removed from the transcript input" in printed

@@ -1,4 +1,5 @@
 """Tile expression from shards and the target-gene rule (present in ≥ 10 % of the sites of every sample)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,9 @@ from histotx.vocab import Vocab
 GENES = ["G0", "G1", "G2", "G3", "G4", "BLANK_0001"]
 
 
-def grid_from_sites(sites: list[dict[int, float]], shape: str = "disk", footprint: float = 55.0,
-                    tile_px: int = 64) -> TranscriptGrid:
+def grid_from_sites(
+    sites: list[dict[int, float]], shape: str = "disk", footprint: float = 55.0, tile_px: int = 64
+) -> TranscriptGrid:
     """A grid whose site i holds ``sites[i]`` (gene id → count)."""
     offsets = np.cumsum([0] + [len(s) for s in sites])
     gene = [g for s in sites for g in s]
@@ -24,8 +26,14 @@ def grid_from_sites(sites: list[dict[int, float]], shape: str = "disk", footprin
     return TranscriptGrid(xy, offsets, np.array(gene, np.int32), np.array(count, np.float32), footprint, shape)
 
 
-def write_shards(out: Path, tiles: dict[str, list[TranscriptGrid]], patients: dict[str, str],
-                 genes: list[str] = GENES, tile_px: int = 64, seed: int = 0) -> Path:
+def write_shards(
+    out: Path,
+    tiles: dict[str, list[TranscriptGrid]],
+    patients: dict[str, str],
+    genes: list[str] = GENES,
+    tile_px: int = 64,
+    seed: int = 0,
+) -> Path:
     """One shard per sample, laid out as `histotx shard` lays it out (manifest, vocab.tsv)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -40,8 +48,15 @@ def write_shards(out: Path, tiles: dict[str, list[TranscriptGrid]], patients: di
                 tile = tile_sample(rng, sid, i, tile_px, grid=grid)
                 tile.meta["patient"] = patients[sid]
                 sink.write(encode_sample(tile))
-        shards.append({"name": name, "samples": len(grids), "bytes": (out / name).stat().st_size,
-                       "sha256": sha256_file(out / name), "sample_id": sid})
+        shards.append(
+            {
+                "name": name,
+                "samples": len(grids),
+                "bytes": (out / name).stat().st_size,
+                "sha256": sha256_file(out / name),
+                "sample_id": sid,
+            }
+        )
         samples[sid] = {"status": "ok", "tiles": len(grids)}
     write_manifest(out, new_manifest({"tile_px": tile_px}, shards, samples))
     return out

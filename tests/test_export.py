@@ -14,6 +14,7 @@
   ``timm.create_model("local-dir:...")`` loads as the teacher (float64); export_every=0 writes nothing;
 - the generated remote code imports nothing transformers would refuse; the CLI teaches and fails clearly.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from test_train_distributed import RUN, TINY, start_ranks, wait_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +36,14 @@ EXPORT_EVERY = 2  # the ZeRO-1 run: a checkpoint at every step, the timm export 
 
 def build_synthetic_shard_set(root: Path) -> Path:
     """The synthetic cohort (every technology) sharded like the training tests' set, at 8 µm/px."""
+    from histotx.sharding.config import ShardConfig
+    from histotx.sharding.pipeline import run_cohort
     from histotx.synth import generate_cohort
-    from sharding.config import ShardConfig
-    from sharding.pipeline import run_cohort
 
     cohort = generate_cohort(root / "synth", seed=0, size="small")
-    cfg = ShardConfig(mpp=8.0, tile_px=32, mask_mpp=16.0, min_tissue_fraction=0.3, shard_max_tiles=4,
-                      max_tiles_per_sample=4)
+    cfg = ShardConfig(
+        mpp=8.0, tile_px=32, mask_mpp=16.0, min_tissue_fraction=0.3, shard_max_tiles=4, max_tiles_per_sample=4
+    )
     manifest = run_cohort(cohort, root / "shards", cfg)
     assert manifest["totals"]["samples_failed"] == 0, manifest["samples"]
     return root / "shards"
@@ -58,9 +59,20 @@ def runs(tmp_path_factory) -> dict[int, Path]:
     for stage in (1, 3):
         out[stage] = root / f"zero{stage}"
         exporting = ["checkpoint.every_steps=1", f"checkpoint.export_every={EXPORT_EVERY}"] if stage == 1 else []
-        wait_ranks(start_ranks([str(REPO / "launch" / "train.py"), str(TINY), f"out={out[stage]}", *RUN,
-                                f"data.stream.shards={shards}", f"steps={STEPS}", f"deepspeed.zero_stage={stage}",
-                                *exporting]))
+        wait_ranks(
+            start_ranks(
+                [
+                    str(REPO / "launch" / "train.py"),
+                    str(TINY),
+                    f"out={out[stage]}",
+                    *RUN,
+                    f"data.stream.shards={shards}",
+                    f"steps={STEPS}",
+                    f"deepspeed.zero_stage={stage}",
+                    *exporting,
+                ]
+            )
+        )
     return out
 
 
@@ -79,7 +91,7 @@ def exports(runs, tmp_path_factory) -> dict[int, Path]:
 def _teacher_in_checkpoint(run: Path) -> dict[str, torch.Tensor]:
     path = run / "checkpoints" / f"step_{STEPS:08d}" / "teacher.safetensors"
     prefix = "teacher.backbone."
-    return {k[len(prefix):]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
 
 
 @pytest.mark.slow
@@ -89,13 +101,22 @@ def test_export_of_a_zero_checkpoint_is_its_teacher(runs, exports, stage):
 
     expected = _teacher_in_checkpoint(runs[stage])
     folder = exports[stage]
-    assert {p.name for p in folder.iterdir()} == {"teacher.safetensors", "model_config.yaml", "vocab.tsv",
-                                                  "export.json", "hf", "timm"}
+    assert {p.name for p in folder.iterdir()} == {
+        "teacher.safetensors",
+        "model_config.yaml",
+        "vocab.tsv",
+        "export.json",
+        "hf",
+        "timm",
+    }
     assert not list(folder.parent.glob(".*partial*"))  # built aside, renamed into place
     exported = load_file(folder / "teacher.safetensors")
     assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
-    shards = Path(json.loads((runs[stage] / "checkpoints" / f"step_{STEPS:08d}" / "trainer.json").read_text())
-                  ["config"]["data"]["stream"]["shards"])
+    shards = Path(
+        json.loads((runs[stage] / "checkpoints" / f"step_{STEPS:08d}" / "trainer.json").read_text())["config"]["data"][
+            "stream"
+        ]["shards"]
+    )
     genes = (shards / "vocab.tsv").read_text().splitlines()[1:]
     for source in (runs[stage], runs[stage] / "checkpoints" / f"step_{STEPS:08d}", folder, folder / "hf"):
         loaded = load_model(source)
@@ -146,10 +167,9 @@ def test_student_is_reassembled_from_the_zero_partitions(runs, tmp_path):
 
 # ------------------------------------------------------------------------------ the folders without HistoTx
 
-OUTSIDE = r'''
+OUTSIDE = r"""
 import sys
 sys.modules["histotx"] = None  # the exported folders must work where HistoTx cannot be imported
-sys.modules["sharding"] = None
 import timm, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
@@ -194,7 +214,7 @@ with torch.no_grad():
     out["timm.pooled"] = encoder(x["images"])
 save_file({k: v.contiguous() for k, v in out.items()}, out_file)
 print("outside ok", type(model).__module__, type(encoder).__name__)
-'''
+"""
 
 
 def _inputs(vocab: int) -> dict[str, torch.Tensor]:
@@ -202,12 +222,14 @@ def _inputs(vocab: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     offsets = torch.tensor([0, 2, 5, 6, 9, 10])
     n = int(offsets[-1])
-    return {"images": torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
-            "transcript_lengths": torch.tensor([3, 2]),
-            "transcript_xy": torch.rand(5, 2, generator=g) * 32,
-            "transcript_offsets": offsets,
-            "transcript_genes": torch.randint(0, vocab, (n,), generator=g),
-            "transcript_weights": torch.rand(n, generator=g, dtype=torch.float64) * 3}
+    return {
+        "images": torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
+        "transcript_lengths": torch.tensor([3, 2]),
+        "transcript_xy": torch.rand(5, 2, generator=g) * 32,
+        "transcript_offsets": offsets,
+        "transcript_genes": torch.randint(0, vocab, (n,), generator=g),
+        "transcript_weights": torch.rand(n, generator=g, dtype=torch.float64) * 3,
+    }
 
 
 @pytest.mark.slow
@@ -219,33 +241,64 @@ def test_hf_and_timm_folders_without_histotx_give_the_teachers_outputs(runs, exp
     x = _inputs(len(teacher.genes))
     save_file(x, str(tmp_path / "inputs.safetensors"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WORLD_SIZE", "RANK")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
-               OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", OUTSIDE, str(exports[3] / "hf"), str(exports[3] / "timm"),
-                          str(tmp_path / "inputs.safetensors"), str(tmp_path / "outputs.safetensors")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            OUTSIDE,
+            str(exports[3] / "hf"),
+            str(exports[3] / "timm"),
+            str(tmp_path / "inputs.safetensors"),
+            str(tmp_path / "outputs.safetensors"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "outside ok transformers_modules." in run.stdout
     got = load_file(str(tmp_path / "outputs.safetensors"))
 
     model = teacher.model.double()
-    tx = TranscriptBatch(lengths=x["transcript_lengths"], xy=x["transcript_xy"], offsets=x["transcript_offsets"],
-                         gene=x["transcript_genes"], weight=x["transcript_weights"], resolution_um=16.0)
+    tx = TranscriptBatch(
+        lengths=x["transcript_lengths"],
+        xy=x["transcript_xy"],
+        offsets=x["transcript_offsets"],
+        gene=x["transcript_genes"],
+        weight=x["transcript_weights"],
+        resolution_um=16.0,
+    )
     with torch.no_grad():
-        expected = {"image": model(x["images"]), "transcripts": model(None, tx, image_hw=(32, 32)),
-                    "fused": model(x["images"], tx)}
+        expected = {
+            "image": model(x["images"]),
+            "transcripts": model(None, tx, image_hw=(32, 32)),
+            "fused": model(x["images"], tx),
+        }
     # float64 on both sides: a difference of kernels or summation order stays ~1e-15 of the O(1) outputs.
     for mode, out in expected.items():
-        for field, ours in (("pooler_output", out.cls), ("patch_embeddings", out.patch),
-                            ("register_embeddings", out.registers), ("transcript_embeddings", out.transcript)):
+        for field, ours in (
+            ("pooler_output", out.cls),
+            ("patch_embeddings", out.patch),
+            ("register_embeddings", out.registers),
+            ("transcript_embeddings", out.transcript),
+        ):
             theirs = got[f"{mode}.{field}"]
             assert theirs.dtype == torch.float64 and theirs.shape == ours.shape, (mode, field)
             torch.testing.assert_close(theirs, ours, rtol=1e-9, atol=1e-12, msg=f"{mode}.{field}")
     image = expected["image"]
     assert expected["transcripts"].transcript.shape == (5, model.config.embed_dim)
     assert not torch.allclose(expected["fused"].cls, image.cls)  # the transcripts change the CLS
-    for name, ours in (("cls", image.cls), ("registers", image.registers), ("patch", image.patch),
-                       ("pooled", image.cls)):
+    for name, ours in (
+        ("cls", image.cls),
+        ("registers", image.registers),
+        ("patch", image.patch),
+        ("pooled", image.cls),
+    ):
         torch.testing.assert_close(got[f"timm.{name}"], ours, rtol=1e-9, atol=1e-12, msg=f"timm.{name}")
 
 
@@ -299,8 +352,11 @@ def test_export_every_writes_the_checkpoint_teacher_for_timm(runs, exports):
         feats, expected = encoder.forward_features(x), teacher(x)
     r = encoder.num_reg_tokens
     # float64 on both sides: a difference of kernels or summation order stays ~1e-15 of the O(1) outputs.
-    for name, a, b in (("cls", feats[:, 0], expected.cls), ("registers", feats[:, 1:1 + r], expected.registers),
-                       ("patch", feats[:, 1 + r:], expected.patch)):
+    for name, a, b in (
+        ("cls", feats[:, 0], expected.cls),
+        ("registers", feats[:, 1 : 1 + r], expected.registers),
+        ("patch", feats[:, 1 + r :], expected.patch),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
 
 
@@ -342,8 +398,9 @@ def test_remote_code_is_the_model_source_and_passes_transformers_import_check(tm
     assert 'importlib.import_module("xformers.ops").fmha' in with_xformers and "from xformers" not in with_xformers
     # the model's source is copied, not rewritten: every line of fused.py but its imports is there verbatim
     source = (REPO / "histotx" / "model" / "fused.py").read_text().splitlines()
-    assert [line for line in source if "import" not in line] == \
-        [line for line in files["histotx_fused.py"].splitlines()[2:] if "import" not in line]
+    assert [line for line in source if "import" not in line] == [
+        line for line in files["histotx_fused.py"].splitlines()[2:] if "import" not in line
+    ]
 
 
 def test_export_cli_teaches_and_fails_clearly(tmp_path, capsys):
@@ -367,8 +424,11 @@ def test_adapters_are_inverse_key_maps():
     from histotx.model.pretrained import HFAdapter, TimmAdapter
 
     torch.manual_seed(0)
-    model = FusedViT(FusedViTConfig(size="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8,
-                                    num_registers=2, vocab_size=10))
+    model = FusedViT(
+        FusedViTConfig(
+            size="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_registers=2, vocab_size=10
+        )
+    )
     state = model.state_dict()
 
     def same(a, b):
@@ -379,8 +439,9 @@ def test_adapters_are_inverse_key_maps():
     timm_state = TimmAdapter.to_target(state)
     assert same(timm_state, model.image_backbone_state_dict())
     assert not any(k.startswith("transcript.") for k in timm_state)
-    back, dropped = TimmAdapter.from_target({**timm_state, "head.weight": torch.zeros(1)}, embed_class=False,
-                                            n_registers=2)
+    back, dropped = TimmAdapter.from_target(
+        {**timm_state, "head.weight": torch.zeros(1)}, embed_class=False, n_registers=2
+    )
     assert same(back, timm_state) and dropped == ["head.weight"]
     # timm's other layout: position rows for CLS and registers fold into those tokens
     pos = torch.randn(1, 3 + 16, 32)

@@ -1,4 +1,5 @@
 """The shard format, vocabulary and configs: round trips, validation, append-only ids, overrides."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +9,13 @@ import pytest
 
 from histotx.config import ConfigError, dump_config, load_config
 from histotx.format import (
-    FormatError, TileSample, TranscriptGrid, decode_grid, decode_sample, encode_grid, encode_image_rgb,
+    FormatError,
+    TileSample,
+    TranscriptGrid,
+    decode_grid,
+    decode_sample,
+    encode_grid,
+    encode_image_rgb,
     encode_sample,
 )
 from histotx.vocab import Vocab
@@ -18,8 +25,14 @@ def _grid(n=5, seed=0):
     rng = np.random.default_rng(seed)
     per = rng.integers(0, 4, n)
     offsets = np.concatenate([[0], np.cumsum(per)])
-    return TranscriptGrid(rng.uniform(0, 256, (n, 2)), offsets, rng.integers(0, 300, offsets[-1]),
-                          rng.integers(1, 9, offsets[-1]).astype(float), 55.0, "disk")
+    return TranscriptGrid(
+        rng.uniform(0, 256, (n, 2)),
+        offsets,
+        rng.integers(0, 300, offsets[-1]),
+        rng.integers(1, 9, offsets[-1]).astype(float),
+        55.0,
+        "disk",
+    )
 
 
 def test_grid_round_trip_is_exact_and_pickle_free():
@@ -46,8 +59,19 @@ def test_grid_validation_and_truncation():
 
 
 def test_sample_round_trip():
-    meta = {"sample": "s1", "patient": "p", "technology": "visium", "tile_px": 8, "mpp": 0.5, "source_mpp": 0.25,
-            "origin_level0_px": [0.0, 0.0], "origin_um": [0.0, 0.0], "n_sites": 5, "n_genes": 3, "total_count": 9.0}
+    meta = {
+        "sample": "s1",
+        "patient": "p",
+        "technology": "visium",
+        "tile_px": 8,
+        "mpp": 0.5,
+        "source_mpp": 0.25,
+        "origin_level0_px": [0.0, 0.0],
+        "origin_um": [0.0, 0.0],
+        "n_sites": 5,
+        "n_genes": 3,
+        "total_count": 9.0,
+    }
     s = TileSample("s1__r00000_c00001", encode_image_rgb(np.zeros((8, 8, 3), np.uint8)), "jpg", _grid(), meta)
     members = encode_sample(s)
     assert set(members) == {"__key__", "jpg", "tx", "json"}
@@ -92,4 +116,3 @@ def test_config_yaml_overrides_and_dump(tmp_path):
         load_config(_Cfg, None, ["inner.lrr=1"])
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(_Cfg, None, ["inner.lr=abc"])
-

@@ -1,6 +1,7 @@
 """Shards are untrusted input: every malformed member is a FormatError (never another exception, never
 pickle), decoding allocates a bounded multiple of the member's size, and a seeded fuzz of real shard
 members yields only FormatError or a valid sample. The training stream skips and counts such samples."""
+
 from __future__ import annotations
 
 import io
@@ -23,12 +24,22 @@ import yaml
 from PIL import Image
 
 from histotx.format import (
-    EXPANSION_FLOOR, MAX_EXPANSION, FormatError, TranscriptGrid, decode_grid, decode_image_rgb, decode_sample,
-    encode_grid, new_manifest, read_manifest, sha256_file, write_manifest,
+    EXPANSION_FLOOR,
+    MAX_EXPANSION,
+    FormatError,
+    TranscriptGrid,
+    decode_grid,
+    decode_image_rgb,
+    decode_sample,
+    encode_grid,
+    new_manifest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
 )
-from sharding.config import ShardConfig
-from sharding.pipeline import run_cohort
-from sharding.verify import iter_shard
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.pipeline import run_cohort
+from histotx.sharding.verify import iter_shard
 
 FUZZ_CASES = 5000
 
@@ -38,9 +49,21 @@ def real_members(shared_data, tmp_path_factory):
     """Raw members of every tile `histotx shard` writes for the real Visium sample (JPEG + spot grids)."""
     root = tmp_path_factory.mktemp("real")
     outs = shared_data / "scanpy-visium/visium_data/1.0.0"
-    (root / "cohort.yaml").write_text(yaml.safe_dump({"samples": [
-        {"id": "v1", "technology": "visium", "image_scale": "lowres", "data": str(outs),
-         "slide": str(outs / "spatial/tissue_lowres_image.png")}]}))
+    (root / "cohort.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "samples": [
+                    {
+                        "id": "v1",
+                        "technology": "visium",
+                        "image_scale": "lowres",
+                        "data": str(outs),
+                        "slide": str(outs / "spatial/tissue_lowres_image.png"),
+                    }
+                ]
+            }
+        )
+    )
     manifest = run_cohort(root / "cohort.yaml", root / "out", ShardConfig(mpp=16, tile_px=32, mask_mpp=16))
     assert manifest["samples"]["v1"]["status"] == "ok"
     members = [dict(m) for e in manifest["shards"] for m in iter_shard(root / "out" / e["name"])]
@@ -62,12 +85,27 @@ def _grid(n=30, seed=0) -> TranscriptGrid:
     rng = np.random.default_rng(seed)
     per = rng.integers(1, 5, n)
     offsets = np.concatenate([[0], np.cumsum(per)])
-    return TranscriptGrid(rng.uniform(0, 64, (n, 2)), offsets, rng.integers(0, 300, offsets[-1]),
-                          rng.integers(1, 9, offsets[-1]).astype(np.float32), 55.0, "disk")
+    return TranscriptGrid(
+        rng.uniform(0, 64, (n, 2)),
+        offsets,
+        rng.integers(0, 300, offsets[-1]),
+        rng.integers(1, 9, offsets[-1]).astype(np.float32),
+        55.0,
+        "disk",
+    )
 
 
-@pytest.mark.parametrize("codec", [numcodecs.Blosc(cname="zstd"), numcodecs.Blosc(cname="lz4"), numcodecs.Zstd(),
-                                   numcodecs.LZ4(), numcodecs.Zlib(level=6)], ids=lambda c: c.codec_id)
+@pytest.mark.parametrize(
+    "codec",
+    [
+        numcodecs.Blosc(cname="zstd"),
+        numcodecs.Blosc(cname="lz4"),
+        numcodecs.Zstd(),
+        numcodecs.LZ4(),
+        numcodecs.Zlib(level=6),
+    ],
+    ids=lambda c: c.codec_id,
+)
 def test_every_allowed_codec_round_trips(codec):
     g = _grid()
     h = decode_grid(encode_grid(g, codec))
@@ -139,8 +177,12 @@ def test_malformed_grid_is_a_format_error(case):
 def test_decompression_bombs_are_refused_before_allocating(codec):
     """64 MiB of zeros compressed to a few KiB, announced honestly in the header: over the expansion bound."""
     n = 1 << 24  # float32 → 64 MiB
-    c = {"blosc": numcodecs.Blosc(cname="zstd", clevel=9), "zlib": numcodecs.Zlib(level=9), "zstd": numcodecs.Zstd(),
-         "lz4": numcodecs.LZ4()}[codec]
+    c = {
+        "blosc": numcodecs.Blosc(cname="zstd", clevel=9),
+        "zlib": numcodecs.Zlib(level=9),
+        "zstd": numcodecs.Zstd(),
+        "lz4": numcodecs.LZ4(),
+    }[codec]
     header, _ = _header(encode_grid(TranscriptGrid.empty(), c))
     payload = bytes(c.encode(np.zeros(n, np.float32)))
     assert 64 * len(payload) + EXPANSION_FLOOR < 4 * n  # a bomb by our own definition
@@ -165,10 +207,16 @@ def _png(w, h) -> bytes:
 
 def _png_bomb(w, h) -> bytes:
     """A valid PNG header announcing w × h RGB pixels, with a few bytes of (zlib) data: a bomb's shape."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_malformed_sample_members_are_format_errors(real_members):
@@ -182,8 +230,10 @@ def test_malformed_sample_members_are_format_errors(real_members):
         "meta NaN": ({**good, "json": json.dumps({**meta, "mpp": float("nan")}).encode()}, "not valid JSON"),
         "meta a list": ({**good, "json": b"[1]"}, "must be a JSON object"),
         "meta wrong type": ({**good, "json": json.dumps({**meta, "tile_px": "32"}).encode()}, "tile_px"),
-        "meta lacks a key": ({**good, "json": json.dumps({k: v for k, v in meta.items() if k != "mpp"}).encode()},
-                             "lacks mpp"),
+        "meta lacks a key": (
+            {**good, "json": json.dumps({k: v for k, v in meta.items() if k != "mpp"}).encode()},
+            "lacks mpp",
+        ),
         "image not an image": ({**good, "jpg": b"this is not a JPEG"}, "not a readable jpg"),
         "image wrong size": ({**without_jpg, "png": _png(64, 64)}, "image is 64×64 px, metadata says tile_px 32"),
         "image bomb": ({**without_jpg, "png": _png_bomb(10000, 10000)}, "beyond the 8192-px bound"),
@@ -222,8 +272,22 @@ def _mutate(rng: np.random.Generator, members: dict) -> dict:
         header, payload = _header(bytes(blob))
         name = rng.choice(["xy", "offsets", "gene", "count"])
         field = rng.choice(["shape", "nbytes", "dtype", "codec", "footprint_um", "version"])
-        value = [None, -1, 0, 1 << 40, "x", [3], [1, 2], [-5, 2], 2.5, {"id": "pickle"}, {"id": "zlib"},
-                 "<f8", [1 << 20, 2], True][rng.integers(0, 14)]
+        value = [
+            None,
+            -1,
+            0,
+            1 << 40,
+            "x",
+            [3],
+            [1, 2],
+            [-5, 2],
+            2.5,
+            {"id": "pickle"},
+            {"id": "zlib"},
+            "<f8",
+            [1 << 20, 2],
+            True,
+        ][rng.integers(0, 14)]
         if field in ("shape", "nbytes", "dtype"):
             header["arrays"][name][field] = value
         else:
@@ -276,9 +340,11 @@ def test_fuzzed_real_members_give_format_error_or_a_valid_sample(real_members, c
         assert peak <= MAX_EXPANSION * size + EXPANSION_FLOOR
     tracemalloc.stop()
     with capsys.disabled():
-        print(f"\nfuzz: {FUZZ_CASES} cases, {dict(outcomes)}, {seconds:.1f} s; peak traced allocation of a case "
-              f"{peak_overall / 1e6:.3f} MB (worst {worst_ratio:.1f}× its members' size, {len(cases[::4])} cases "
-              f"traced); process max RSS grew {rss_growth / 1024:.1f} MB")
+        print(
+            f"\nfuzz: {FUZZ_CASES} cases, {dict(outcomes)}, {seconds:.1f} s; peak traced allocation of a case "
+            f"{peak_overall / 1e6:.3f} MB (worst {worst_ratio:.1f}× its members' size, {len(cases[::4])} cases "
+            f"traced); process max RSS grew {rss_growth / 1024:.1f} MB"
+        )
     assert sum(outcomes.values()) == FUZZ_CASES and outcomes["format_error"] > FUZZ_CASES // 2
     assert seconds < 30
 
@@ -305,12 +371,24 @@ def test_training_stream_skips_and_counts_fuzzed_samples(real_members, tmp_path)
             bad["__key__"] = f"v1__bad{i:03d}"
             sink.write(bad)
             n_bad += 1
-    write_manifest(tmp_path, new_manifest({}, [{"name": path.name, "samples": 2 * len(goods),
-                                                "bytes": path.stat().st_size, "sha256": sha256_file(path)}],
-                                          {"v1": {"status": "ok", "tiles": 2 * len(goods)}}))
-    cfg = load_config(DataConfig, overrides=[f"stream.shards={tmp_path}", "stream.batch_size=4",
-                                              "stream.num_workers=0", "stream.shuffle_buffer=8",
-                                              "stream.steps_per_epoch=6"]).stream
+    write_manifest(
+        tmp_path,
+        new_manifest(
+            {},
+            [{"name": path.name, "samples": 2 * len(goods), "bytes": path.stat().st_size, "sha256": sha256_file(path)}],
+            {"v1": {"status": "ok", "tiles": 2 * len(goods)}},
+        ),
+    )
+    cfg = load_config(
+        DataConfig,
+        overrides=[
+            f"stream.shards={tmp_path}",
+            "stream.batch_size=4",
+            "stream.num_workers=0",
+            "stream.shuffle_buffer=8",
+            "stream.steps_per_epoch=6",
+        ],
+    ).stream
     loader = StreamLoader(ShardStream(cfg, lambda tile, rng: tile.key, lambda items, rng: items))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ShardWarning)
@@ -322,10 +400,14 @@ def test_training_stream_skips_and_counts_fuzzed_samples(real_members, tmp_path)
     # A well-formed sample whose gene ids lie beyond the vocabulary would index past the model's gene
     # table: skipped and counted too.
     genes = max(int(decode_sample(m).grid.gene.max(initial=0)) for m in goods)
-    (tmp_path / "vocab.tsv").write_text("index\tsymbol\tensembl_id\n" +  # one gene short of the largest id
-                                        "".join(f"{i}\tG{i}\t\n" for i in range(genes)))
+    (tmp_path / "vocab.tsv").write_text(
+        "index\tsymbol\tensembl_id\n"  # one gene short of the largest id
+        + "".join(f"{i}\tG{i}\t\n" for i in range(genes))
+    )
     loader = StreamLoader(ShardStream(cfg, lambda tile, rng: tile.key, lambda items, rng: items))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShardWarning)
         list(islice(loader, 6))
-    assert loader.stats.bad_samples > n_bad and any("beyond the shard set's vocabulary" in str(w.message) for w in caught)
+    assert loader.stats.bad_samples > n_bad and any(
+        "beyond the shard set's vocabulary" in str(w.message) for w in caught
+    )

@@ -1,4 +1,5 @@
 """HEST-1k samples as HEST writes them: spot footprints per st_technology, patients from the metadata."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,13 @@ import tifffile
 import webdataset as wds
 
 from histotx.format import decode_sample, read_manifest
+from histotx.sharding.cohort import Cohort, CohortSample, dump_cohort, load_cohort, patient_warning
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.hest import Lattice, measure_lattice, spot_footprint
+from histotx.sharding.pipeline import run_cohort
+from histotx.sharding.readers import read_sites
+from histotx.sharding.scan import PATIENT_TODO, scan
 from histotx.synth.hest import HEST_LAYOUTS, tissue_blob, write_hest_layout
-from sharding.cohort import Cohort, CohortSample, dump_cohort, load_cohort, patient_warning
-from sharding.config import ShardConfig
-from sharding.hest import Lattice, measure_lattice, spot_footprint
-from sharding.pipeline import run_cohort
-from sharding.readers import read_sites
-from sharding.scan import PATIENT_TODO, scan
 
 MPP = 2.0  # µm/px of the synthetic WSIs: coarse, so 1.6 mm of tissue is 800 px
 SIDE_PX = 800
@@ -156,8 +157,10 @@ def test_scan_and_shard_carry_patients_and_footprints(hest_root, tmp_path, caplo
 
 
 def test_every_sample_its_own_patient_warns(tmp_path):
-    samples = [CohortSample(id=f"s{i}", technology="image_only", slide="x.svs", patient=p)
-               for i, p in enumerate(["", f"{PATIENT_TODO}", "P9"])]
+    samples = [
+        CohortSample(id=f"s{i}", technology="image_only", slide="x.svs", patient=p)
+        for i, p in enumerate(["", f"{PATIENT_TODO}", "P9"])
+    ]
     message = patient_warning(Cohort(path=tmp_path / "c.yaml", samples=samples))
     assert "every one of the 3 samples is its own patient" in message and "2 have no patient" in message
     assert samples[1].patient_id == "s1"  # a TODO is not a patient id

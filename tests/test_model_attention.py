@@ -3,6 +3,7 @@
 Backends sum in different orders (and the order depends on the CPU's kernels), so CPU equivalences are
 checked in float64 with tolerances near its precision; the GPU test compares bf16 kernels at bf16's.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -41,11 +42,11 @@ def test_reference_attends_within_each_sample_only():
     out = attend(qkv, PackedSeq(LENGTHS, "cpu", "reference"))
     # the third sample alone gives the same rows
     start = sum(LENGTHS[:2])
-    alone = attend(qkv[start: start + LENGTHS[2]], PackedSeq([LENGTHS[2]], "cpu", "reference"))
-    torch.testing.assert_close(out[start: start + LENGTHS[2]], alone, atol=0, rtol=0)
+    alone = attend(qkv[start : start + LENGTHS[2]], PackedSeq([LENGTHS[2]], "cpu", "reference"))
+    torch.testing.assert_close(out[start : start + LENGTHS[2]], alone, atol=0, rtol=0)
     # and is an explicit softmax(q kᵀ / √d) v
-    q, k, v = qkv[start: start + LENGTHS[2]].unbind(1)
-    weights = torch.einsum("ihd,jhd->hij", q, k).div(8 ** 0.5).softmax(-1)
+    q, k, v = qkv[start : start + LENGTHS[2]].unbind(1)
+    weights = torch.einsum("ihd,jhd->hij", q, k).div(8**0.5).softmax(-1)
     torch.testing.assert_close(alone, torch.einsum("hij,jhd->ihd", weights, v), atol=1e-10, rtol=1e-10)
 
 

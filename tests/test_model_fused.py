@@ -6,6 +6,7 @@ reference, checkpointed vs not) sum in different orders, and the order depends o
 to ~1e-13 relative and a tolerance of 1e-9 is meaningful on any CPU; fp32 would need a tolerance derived
 from each reduction's length, which a fixed 1e-5 is not.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,8 +55,14 @@ def sample_of(tb: TranscriptBatch, b: int) -> TranscriptBatch:
     start = int(tb.lengths[:b].sum())
     n = int(tb.lengths[b])
     lo, hi = int(tb.offsets[start]), int(tb.offsets[start + n])
-    return TranscriptBatch(tb.lengths[b: b + 1], tb.xy[start: start + n], tb.offsets[start: start + n + 1] - lo,
-                           tb.gene[lo:hi], tb.weight[lo:hi], tb.resolution_um)
+    return TranscriptBatch(
+        tb.lengths[b : b + 1],
+        tb.xy[start : start + n],
+        tb.offsets[start : start + n + 1] - lo,
+        tb.gene[lo:hi],
+        tb.weight[lo:hi],
+        tb.resolution_um,
+    )
 
 
 def assert_close(a, b, tol=1e-9):
@@ -102,12 +109,17 @@ def test_packed_batch_equals_each_sample_alone(backend):
     assert torch.count_nonzero(out.patch[2]) == 0
     for b in range(4):
         start, n = int(tb.lengths[:b].sum()), int(tb.lengths[b])
-        one = model(x[b: b + 1], sample_of(tb, b), image_present=present[b: b + 1],
-                    image_mask=image_mask[b: b + 1], transcript_mask=tx_mask[start: start + n])
+        one = model(
+            x[b : b + 1],
+            sample_of(tb, b),
+            image_present=present[b : b + 1],
+            image_mask=image_mask[b : b + 1],
+            transcript_mask=tx_mask[start : start + n],
+        )
         assert_close(out.cls[b], one.cls[0])
         assert_close(out.registers[b], one.registers[0])
         assert_close(out.patch[b], one.patch[0])
-        assert_close(out.transcript[start: start + n], one.transcript)
+        assert_close(out.transcript[start : start + n], one.transcript)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "loop"])
@@ -156,15 +168,16 @@ def test_missing_images_and_masks_remove_what_they_hide():
     tmask = torch.zeros(tb.n_tokens, dtype=torch.bool)
     tmask[2] = True
     gene = tb.gene.clone()
-    gene[tb.offsets[2]: tb.offsets[3]] = (gene[tb.offsets[2]: tb.offsets[3]] + 1) % VOCAB
+    gene[tb.offsets[2] : tb.offsets[3]] = (gene[tb.offsets[2] : tb.offsets[3]] + 1) % VOCAB
     tb2 = TranscriptBatch(tb.lengths, tb.xy, tb.offsets, gene, tb.weight, tb.resolution_um)
     assert_close(model(x, tb, transcript_mask=tmask).transcript[2], model(x, tb2, transcript_mask=tmask).transcript[2])
     assert (model(x, tb).transcript[2] - model(x, tb2).transcript[2]).abs().max() > 1e-3
     xy = tb.xy.clone()
     xy[2] += 10.0
     moved = TranscriptBatch(tb.lengths, xy, tb.offsets, tb.gene, tb.weight, tb.resolution_um)
-    assert (model(x, tb, transcript_mask=tmask).transcript[2]
-            - model(x, moved, transcript_mask=tmask).transcript[2]).abs().max() > 1e-3
+    assert (
+        model(x, tb, transcript_mask=tmask).transcript[2] - model(x, moved, transcript_mask=tmask).transcript[2]
+    ).abs().max() > 1e-3
 
 
 def test_transcript_position_samples_the_patch_position_grid():
@@ -246,8 +259,12 @@ def test_optimiser_helpers():
     no_decay = model.no_weight_decay()
     assert {"pos_embed", "cls_token", "blocks.0.ls1.gamma", "blocks.0.norm1.weight", "transcript.modality"} <= no_decay
     assert "blocks.0.attn.qkv.weight" not in no_decay and "transcript.gene_embed.weight" not in no_decay
-    assert [model.layer_id(n) for n in ("pos_embed", "blocks.0.mlp.fc1.weight", "blocks.1.ls2.gamma", "norm.bias")] \
-        == [0, 1, 2, 3]
+    assert [model.layer_id(n) for n in ("pos_embed", "blocks.0.mlp.fc1.weight", "blocks.1.ls2.gamma", "norm.bias")] == [
+        0,
+        1,
+        2,
+        3,
+    ]
 
 
 def test_config_presets_yaml_and_validation():
@@ -268,9 +285,8 @@ def test_config_presets_yaml_and_validation():
 
 def test_config_presets_follow_the_file():
     """Fields derived from a preset come from the preset the file names, not from the defaults' preset."""
-    from histotx.model import FusedViTConfig
-
     from histotx.config import load_config
+    from histotx.model import FusedViTConfig
 
     cfg = load_config(FusedViTConfig, None, ["size=L"])
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (1024, 24, 16)

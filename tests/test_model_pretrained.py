@@ -1,5 +1,6 @@
 """Pathology foundation models into FusedViT: small random UNI / H-optimus-0 / Virchow2 (timm) and
 Phikon-v2 (transformers) in their hub layouts, loaded and compared with the original model's outputs."""
+
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,7 @@ from histotx.model.pretrained import init_from_pretrained, load_pretrained, read
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-FP32_FOLD_TOL = 32 * 2.0 ** -24
+FP32_FOLD_TOL = 32 * 2.0**-24
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
 
 
@@ -34,10 +35,20 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def save_timm_hub(model, folder, architecture, model_args, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
     """The hub layout: config.json (architecture, model_args, pretrained_cfg) + model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"architecture": architecture, "num_classes": 0, "num_features": model.embed_dim, "global_pool": "token",
-           "model_args": model_args,
-           "pretrained_cfg": {"input_size": [3, model_args["img_size"], model_args["img_size"]],
-                              "interpolation": "bicubic", "mean": list(mean), "std": list(std), "num_classes": 0}}
+    cfg = {
+        "architecture": architecture,
+        "num_classes": 0,
+        "num_features": model.embed_dim,
+        "global_pool": "token",
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, model_args["img_size"], model_args["img_size"]],
+            "interpolation": "bicubic",
+            "mean": list(mean),
+            "std": list(std),
+            "num_classes": 0,
+        },
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     return folder
@@ -47,7 +58,7 @@ def timm_tokens(model, x):
     """(cls, registers, patches) of timm's normalised forward_features."""
     feats = model.forward_features(x)
     r = model.num_reg_tokens
-    return feats[:, 0], feats[:, 1: 1 + r], feats[:, 1 + r:]
+    return feats[:, 0], feats[:, 1 : 1 + r], feats[:, 1 + r :]
 
 
 def dinov2_tokens(model, x):
@@ -76,21 +87,31 @@ def assert_same_image_outputs(ours: FusedViT, theirs: torch.nn.Module, size: int
 def check_report(report, model):
     block_keys = [k for k in model.image_backbone_state_dict() if k.startswith("blocks.")]
     assert set(block_keys) <= set(report.loaded) and len(block_keys) == len(model.blocks) * len(
-        [k for k in block_keys if k.startswith("blocks.0.")])
+        [k for k in block_keys if k.startswith("blocks.0.")]
+    )
     assert all(k == "mask_token" or k.startswith("transcript.") for k in report.missing)
     assert "blocks" in report.summary()
 
 
 def test_uni_layout(tmp_path):
-    args = dict(img_size=64, patch_size=16, depth=2, embed_dim=64, num_heads=2, init_values=1e-5,
-                num_classes=0, dynamic_img_size=True)
+    args = dict(
+        img_size=64,
+        patch_size=16,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        init_values=1e-5,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     torch.manual_seed(0)
     uni = randomise(timm.create_model("vit_large_patch16_224", pretrained=False, **args))
     folder = save_timm_hub(uni, tmp_path / "uni", "vit_large_patch16_224", args)
     # the fixture really is a timm hub folder
     again = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    torch.testing.assert_close(again.forward_features(torch.ones(1, 3, 64, 64)),
-                               uni.forward_features(torch.ones(1, 3, 64, 64)))
+    torch.testing.assert_close(
+        again.forward_features(torch.ones(1, 3, 64, 64)), uni.forward_features(torch.ones(1, 3, 64, 64))
+    )
 
     # hub folders holding pytorch_model.bin instead (read with weights_only) load the same
     as_bin = tmp_path / "uni_bin"
@@ -119,8 +140,16 @@ def test_uni_layout(tmp_path):
 
 
 def test_hoptimus_layout_registers_swiglu(tmp_path):
-    args = dict(img_size=56, depth=2, embed_dim=64, num_heads=2, mlp_ratio=4.0, init_values=1e-5,
-                num_classes=0, dynamic_img_size=True)
+    args = dict(
+        img_size=56,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        mlp_ratio=4.0,
+        init_values=1e-5,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     torch.manual_seed(1)
     hopt = randomise(timm.create_model("vit_giant_patch14_reg4_dinov2", pretrained=False, **args))
     folder = save_timm_hub(hopt, tmp_path / "hopt", "vit_giant_patch14_reg4_dinov2", args, HOPTIMUS_MEAN, HOPTIMUS_STD)
@@ -136,11 +165,24 @@ def test_hoptimus_layout_registers_swiglu(tmp_path):
 def test_virchow2_layout_by_config_and_by_name(tmp_path):
     from timm.layers import SwiGLUPacked
 
-    args = dict(img_size=56, depth=2, embed_dim=96, num_heads=2, reg_tokens=4, mlp_ratio=5.3375,
-                init_values=1e-5, num_classes=0, global_pool="", dynamic_img_size=True)
+    args = dict(
+        img_size=56,
+        depth=2,
+        embed_dim=96,
+        num_heads=2,
+        reg_tokens=4,
+        mlp_ratio=5.3375,
+        init_values=1e-5,
+        num_classes=0,
+        global_pool="",
+        dynamic_img_size=True,
+    )
     torch.manual_seed(2)
-    virchow = randomise(timm.create_model("vit_huge_patch14_224", pretrained=False, mlp_layer=SwiGLUPacked,
-                                          act_layer=torch.nn.SiLU, **args))
+    virchow = randomise(
+        timm.create_model(
+            "vit_huge_patch14_224", pretrained=False, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, **args
+        )
+    )
     assert not virchow.no_embed_class  # CLS and registers have position rows, folded in at load
     # as on the hub, config.json cannot name the MLP layer: the weights' shapes must tell
     folder = save_timm_hub(virchow, tmp_path / "virchow2", "vit_huge_patch14_224", args)
@@ -155,8 +197,16 @@ def test_virchow2_layout_by_config_and_by_name(tmp_path):
 
 
 def make_dinov2(swiglu: bool, seed: int):
-    config = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4,
-                                       image_size=64, patch_size=16, layerscale_value=1e-5, use_swiglu_ffn=swiglu)
+    config = transformers.Dinov2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=4,
+        image_size=64,
+        patch_size=16,
+        layerscale_value=1e-5,
+        use_swiglu_ffn=swiglu,
+    )
     torch.manual_seed(seed)
     return randomise(transformers.Dinov2Model(config), seed)
 
@@ -194,8 +244,10 @@ def test_loads_fail_loudly(tmp_path):
     # a block tensor missing
     partial = tmp_path / "partial"
     save_timm_hub(vit, partial, "vit_base_patch16_224", args)
-    save_file({k: v.contiguous() for k, v in state.items() if k != "blocks.1.attn.proj.weight"},
-              str(partial / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in state.items() if k != "blocks.1.attn.proj.weight"},
+        str(partial / "model.safetensors"),
+    )
     with pytest.raises(ModelConfigError, match="blocks.1.attn.proj.weight"):
         load_pretrained(partial)
     # into a model of another shape
@@ -213,9 +265,22 @@ def test_loads_fail_loudly(tmp_path):
 @pytest.mark.parametrize("mlp,registers", [("mlp", 0), ("swiglu", 4)])
 def test_save_timm_round_trip(tmp_path, mlp, registers):
     torch.manual_seed(5)
-    ours = randomise(FusedViT(FusedViTConfig(size="custom", embed_dim=64, depth=2, num_heads=2, mlp=mlp,
-                                             mlp_hidden_dim=170 if mlp == "swiglu" else 128, patch_size=8,
-                                             img_size=32, num_registers=registers, vocab_size=20)))
+    ours = randomise(
+        FusedViT(
+            FusedViTConfig(
+                size="custom",
+                embed_dim=64,
+                depth=2,
+                num_heads=2,
+                mlp=mlp,
+                mlp_hidden_dim=170 if mlp == "swiglu" else 128,
+                patch_size=8,
+                img_size=32,
+                num_registers=registers,
+                vocab_size=20,
+            )
+        )
+    )
     folder = save_timm(ours, tmp_path / "export", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD)
     theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     assert theirs.pretrained_cfg["mean"] == HOPTIMUS_MEAN or tuple(theirs.pretrained_cfg["mean"]) == HOPTIMUS_MEAN

@@ -1,4 +1,5 @@
 """Technology readers on the real files in ../shared/data, plus fixtures built from them in tmp_path."""
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from sharding.cohort import Cohort, CohortSample
-from sharding.errors import InputError
-from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
-from sharding.tenx import read_10x_h5
-from sharding.xenium import is_control
+from histotx.sharding.cohort import Cohort, CohortSample
+from histotx.sharding.errors import InputError
+from histotx.sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
+from histotx.sharding.tenx import read_10x_h5
+from histotx.sharding.xenium import is_control
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VISIUM = DATA / "scanpy-visium" / "visium_data" / "1.0.0"
@@ -82,7 +83,7 @@ def real_matrix():
 
 
 def real_positions() -> pd.DataFrame:
-    from sharding.visium import read_positions
+    from histotx.sharding.visium import read_positions
 
     return read_positions(VISIUM / "spatial" / "tissue_positions_list.csv")
 
@@ -181,11 +182,16 @@ def test_visium_outs_with_only_a_probe_matrix(tmp_path):
         barcodes = f["matrix/barcodes"][()].astype(str)
         in_tissue = f["matrix/filtered_barcodes"][()].astype(int)
     n = len(barcodes)  # a made-up lattice: the barcodes of this file are not in the 1.0 positions
-    pd.DataFrame({"barcode": barcodes, "in_tissue": in_tissue, "array_row": np.arange(n) // 64,
-                  "array_col": 2 * (np.arange(n) % 64), "pxl_row_in_fullres": 120 * (np.arange(n) // 64),
-                  "pxl_col_in_fullres": 200 * (np.arange(n) % 64)}).to_csv(
-        outs / "spatial" / "tissue_positions.csv", index=False
-    )
+    pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue,
+            "array_row": np.arange(n) // 64,
+            "array_col": 2 * (np.arange(n) % 64),
+            "pxl_row_in_fullres": 120 * (np.arange(n) // 64),
+            "pxl_col_in_fullres": 200 * (np.arange(n) % 64),
+        }
+    ).to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
     sites, _, _ = visium(tmp_path, outs)
     assert sites.n_sites == in_tissue.sum() == 2348 and sites.dropped == {"not_in_tissue": n - 2348}
     assert sites.info["matrix"] == "raw_probe_bc_matrix.h5" and sites.mpp_estimate == pytest.approx(0.5)
@@ -204,16 +210,25 @@ def make_visium_hd(tmp_path: Path) -> Path:
         barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)]
         write_10x_h5(folder / "filtered_feature_bc_matrix.h5", m.counts[:n], barcodes, genes, genes)
         mpp = 0.27382
-        table = pa.table({
-            "barcode": barcodes + ["s_002um_09999_09999-1"],
-            "in_tissue": np.r_[np.ones(n, np.int32), 0],
-            "array_row": np.r_[rows, 9999].astype(np.int32), "array_col": np.r_[cols, 9999].astype(np.int32),
-            "pxl_row_in_fullres": np.r_[rows * size / mpp + 100.25, 1.0],
-            "pxl_col_in_fullres": np.r_[cols * size / mpp + 50.5, 1.0],
-        })
+        table = pa.table(
+            {
+                "barcode": barcodes + ["s_002um_09999_09999-1"],
+                "in_tissue": np.r_[np.ones(n, np.int32), 0],
+                "array_row": np.r_[rows, 9999].astype(np.int32),
+                "array_col": np.r_[cols, 9999].astype(np.int32),
+                "pxl_row_in_fullres": np.r_[rows * size / mpp + 100.25, 1.0],
+                "pxl_col_in_fullres": np.r_[cols * size / mpp + 50.5, 1.0],
+            }
+        )
         pq.write_table(table, folder / "spatial" / "tissue_positions.parquet")
-        sf = {"spot_diameter_fullres": size / mpp, "bin_size_um": float(size), "microns_per_pixel": mpp,
-              "tissue_lowres_scalef": 0.0125, "tissue_hires_scalef": 0.125, "fiducial_diameter_fullres": 1000.0}
+        sf = {
+            "spot_diameter_fullres": size / mpp,
+            "bin_size_um": float(size),
+            "microns_per_pixel": mpp,
+            "tissue_lowres_scalef": 0.0125,
+            "tissue_hires_scalef": 0.125,
+            "fiducial_diameter_fullres": 1000.0,
+        }
         (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(sf))
     return outs
 
@@ -290,8 +305,11 @@ def test_xenium_parquet_and_gzip_with_string_cell_ids(tmp_path, fmt):
     bundle = copy_xenium(tmp_path, keep_csv=False)
     if fmt == "parquet":  # Xenium 1.x wrote feature_name as binary
         table = pa.Table.from_pandas(df, preserve_index=False)
-        table = table.set_column(table.schema.get_field_index("feature_name"), "feature_name",
-                                 pa.array(df.feature_name.str.encode("utf-8"), pa.binary()))
+        table = table.set_column(
+            table.schema.get_field_index("feature_name"),
+            "feature_name",
+            pa.array(df.feature_name.str.encode("utf-8"), pa.binary()),
+        )
         pq.write_table(table, bundle / "transcripts.parquet")
     else:
         df.to_csv(bundle / "transcripts.csv.gz", index=False)
@@ -371,8 +389,12 @@ def make_hest(tmp_path: Path, hid: str = "TENX01", metadata: bool = True) -> Pat
     adata.write_h5ad(root / "st" / f"{hid}.h5ad")
     (root / "wsis" / f"{hid}.tif").write_bytes(b"")
     if metadata:
-        meta = {"pixel_size_um_estimated": 0.7268, "spot_diameter": 55.0, "inter_spot_dist": 100.0,
-                "st_technology": "Visium"}
+        meta = {
+            "pixel_size_um_estimated": 0.7268,
+            "spot_diameter": 55.0,
+            "inter_spot_dist": 100.0,
+            "st_technology": "Visium",
+        }
         (root / "metadata" / f"{hid}.json").write_text(json.dumps(meta))
     return root
 

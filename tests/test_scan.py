@@ -1,4 +1,5 @@
 """`scan` drafts a cohort file from a folder of outputs; the draft loads, validates and reads."""
+
 from __future__ import annotations
 
 import shutil
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sharding.cohort import dump_cohort, load_cohort
-from sharding.readers import read_sites, slide_path
-from sharding.scan import PATIENT_TODO, TODO, scan
+from histotx.sharding.cohort import dump_cohort, load_cohort
+from histotx.sharding.readers import read_sites, slide_path
+from histotx.sharding.scan import PATIENT_TODO, TODO, scan
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VISIUM = DATA / "scanpy-visium" / "visium_data" / "1.0.0"
@@ -60,8 +61,14 @@ def test_scan_finds_every_kind(tree):
     entries = by_id(scan(tree))
     assert set(entries) == {"lungA", "lungB", "s1", "s1_2", "hd1", "run1_region1", "TENX01", "NCBI7"}
     assert {k: e["technology"] for k, e in entries.items()} == {
-        "lungA": "visium", "lungB": "visium", "s1": "visium", "s1_2": "visium", "hd1": "visium_hd",
-        "run1_region1": "xenium", "TENX01": "hest", "NCBI7": "hest",
+        "lungA": "visium",
+        "lungB": "visium",
+        "s1": "visium",
+        "s1_2": "visium",
+        "hd1": "visium_hd",
+        "run1_region1": "xenium",
+        "TENX01": "hest",
+        "NCBI7": "hest",
     }
     assert entries["lungA"]["data"] == "lungA/outs" and entries["lungA"]["slide"] == "lungA/lungA_HE.svs"
     assert entries["lungB"]["slide"] == "lungB_scan.svs"

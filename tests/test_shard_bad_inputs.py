@@ -1,6 +1,7 @@
 """The bad-input catalogue: one cohort, one good sample among many broken ones. Each broken sample fails
 with a message naming its file and the problem; the good one is still written; the exit status is 1.
 The README's "Bad input" table lists these cases and their errors."""
+
 from __future__ import annotations
 
 import io
@@ -17,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 import yaml
+from shardkit import write_pyramid
 
 from histotx.cli import main as histotx_main
 from histotx.format import read_manifest, sha256_file, write_manifest
-from sharding.verify import verify
-from shardkit import write_pyramid
+from histotx.sharding.verify import verify
 
 
 def _rewrite_features(h5: str, ids: list[str]) -> None:
@@ -44,14 +45,31 @@ def _visium_hd(root, outs, keep_positions: float):
         del f["matrix/barcodes"]
         f["matrix/barcodes"] = np.array(barcodes, dtype="S")
     mpp, k = 0.27382, int(n * keep_positions)
-    pq.write_table(pa.table({
-        "barcode": barcodes[:k], "in_tissue": np.ones(k, np.int32),
-        "array_row": rows[:k].astype(np.int32), "array_col": cols[:k].astype(np.int32),
-        "pxl_row_in_fullres": rows[:k] * 2 / mpp + 100.0, "pxl_col_in_fullres": cols[:k] * 2 / mpp + 50.0,
-    }), folder / "spatial" / "tissue_positions.parquet")
-    (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps({
-        "spot_diameter_fullres": 2 / mpp, "bin_size_um": 2.0, "microns_per_pixel": mpp,
-        "tissue_lowres_scalef": 0.0125, "tissue_hires_scalef": 0.125, "fiducial_diameter_fullres": 1000.0}))
+    pq.write_table(
+        pa.table(
+            {
+                "barcode": barcodes[:k],
+                "in_tissue": np.ones(k, np.int32),
+                "array_row": rows[:k].astype(np.int32),
+                "array_col": cols[:k].astype(np.int32),
+                "pxl_row_in_fullres": rows[:k] * 2 / mpp + 100.0,
+                "pxl_col_in_fullres": cols[:k] * 2 / mpp + 50.0,
+            }
+        ),
+        folder / "spatial" / "tissue_positions.parquet",
+    )
+    (folder / "spatial" / "scalefactors_json.json").write_text(
+        json.dumps(
+            {
+                "spot_diameter_fullres": 2 / mpp,
+                "bin_size_um": 2.0,
+                "microns_per_pixel": mpp,
+                "tissue_lowres_scalef": 0.0125,
+                "tissue_hires_scalef": 0.125,
+                "fiducial_diameter_fullres": 1000.0,
+            }
+        )
+    )
     return root / "hd_missing_bins"
 
 
@@ -100,8 +118,14 @@ def broken_cohort(shared_data, tmp_path_factory):
     (root / "corrupt_tile.tif").write_bytes(bytes(corrupt))
     png = (outs / "spatial/tissue_lowres_image.png").read_bytes()
     (root / "truncated.png").write_bytes(png[: len(png) // 2])
-    tifffile.imwrite(root / "blank.tif", np.full((2000, 2000, 3), 250, np.uint8), photometric="rgb",
-                     tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        root / "blank.tif",
+        np.full((2000, 2000, 3), 250, np.uint8),
+        photometric="rgb",
+        tile=(256, 256),
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
     # --- Visium
     no_sf = visium_copy("no_scalefactors")
     (no_sf / "spatial/scalefactors_json.json").unlink()
@@ -118,10 +142,13 @@ def broken_cohort(shared_data, tmp_path_factory):
     with h5py.File(not10x / "filtered_feature_bc_matrix.h5", "w") as f:
         f["X"] = np.zeros((3, 3))
     n_genes = len(h5py.File(outs / "filtered_feature_bc_matrix.h5")["matrix/features/id"])
-    _rewrite_features(visium_copy("genes_symbols") / "filtered_feature_bc_matrix.h5",
-                      [f"CUSTOM{i}" for i in range(n_genes)])
-    _rewrite_features(visium_copy("genes_ensembl") / "filtered_feature_bc_matrix.h5",
-                      [f"ENSG{99000000000 + i}" for i in range(n_genes)])
+    _rewrite_features(
+        visium_copy("genes_symbols") / "filtered_feature_bc_matrix.h5", [f"CUSTOM{i}" for i in range(n_genes)]
+    )
+    _rewrite_features(
+        visium_copy("genes_ensembl") / "filtered_feature_bc_matrix.h5",
+        [f"ENSG{99000000000 + i}" for i in range(n_genes)],
+    )
     hd = _visium_hd(root, outs, keep_positions=0.5)
     # --- Xenium (the 20 µm real patch; the lowres image stands in for the H&E)
     xenium_copy("xenium_bad_alignment", alignment="1,0,0\n0,1,0\n")  # 2×3: the wrong shape
@@ -178,8 +205,12 @@ EXPECTED = {
     "nan_counts": ["filtered_feature_bc_matrix.h5", "NaN"],
     "duplicated_barcodes": ["tissue_positions_list.csv", "1 duplicated barcodes (e.g.", "appears 2 times"],
     "not_a_10x_matrix": ["filtered_feature_bc_matrix.h5", "not a 10x feature-barcode matrix"],
-    "genes_symbols": ["genes_symbols", "named by symbols only (e.g. CUSTOM0)",
-                      "sample good (human) names them by Ensembl ids only", "100 of 100 cannot be matched"],
+    "genes_symbols": [
+        "genes_symbols",
+        "named by symbols only (e.g. CUSTOM0)",
+        "sample good (human) names them by Ensembl ids only",
+        "100 of 100 cannot be matched",
+    ],
     "unknown_tech": ["cohort.yaml", "unknown technology 'spatialomics'"],
     "hd_missing_bins": ["tissue_positions.parquet", "50 of 100 barcodes", "have no position"],
     "bad_alignment": ["he_imagealignment.csv", "wrong shape"],
@@ -190,8 +221,19 @@ EXPECTED = {
 
 def test_each_bad_sample_fails_clearly_and_the_good_one_lands(broken_cohort, tmp_path):
     out = tmp_path / "out"
-    rc = histotx_main(["shard", "run", str(broken_cohort), "--out", str(out), "mpp=16", "tile_px=32",
-                       "mask_mpp=16", "min_tissue_fraction=0.5"])
+    rc = histotx_main(
+        [
+            "shard",
+            "run",
+            str(broken_cohort),
+            "--out",
+            str(out),
+            "mpp=16",
+            "tile_px=32",
+            "mask_mpp=16",
+            "min_tissue_fraction=0.5",
+        ]
+    )
     assert rc == 1
     manifest = read_manifest(out)
     samples = manifest["samples"]
@@ -214,12 +256,28 @@ def test_a_shard_with_a_missing_member_is_named_by_verify(shared_data, tmp_path,
     """A shard member lost in transfer: `histotx shard verify` names the shard, the tile and what is missing,
     still reads the other tiles, and exits 1."""
     outs = shared_data / "scanpy-visium/visium_data/1.0.0"
-    (tmp_path / "cohort.yaml").write_text(yaml.safe_dump({"samples": [
-        {"id": "good", "technology": "visium", "image_scale": "lowres", "data": str(outs),
-         "slide": str(outs / "spatial/tissue_lowres_image.png")}]}))
+    (tmp_path / "cohort.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "samples": [
+                    {
+                        "id": "good",
+                        "technology": "visium",
+                        "image_scale": "lowres",
+                        "data": str(outs),
+                        "slide": str(outs / "spatial/tissue_lowres_image.png"),
+                    }
+                ]
+            }
+        )
+    )
     out = tmp_path / "out"
-    assert histotx_main(["shard", "run", str(tmp_path / "cohort.yaml"), "--out", str(out), "mpp=16", "tile_px=32",
-                         "mask_mpp=16"]) == 0
+    assert (
+        histotx_main(
+            ["shard", "run", str(tmp_path / "cohort.yaml"), "--out", str(out), "mpp=16", "tile_px=32", "mask_mpp=16"]
+        )
+        == 0
+    )
     manifest = read_manifest(out)
     entry = manifest["shards"][0]
     shard = out / entry["name"]
@@ -231,7 +289,7 @@ def test_a_shard_with_a_missing_member_is_named_by_verify(shared_data, tmp_path,
             if m.name != lost:
                 tf.addfile(m, io.BytesIO(data))
     entry["bytes"], entry["sha256"] = shard.stat().st_size, sha256_file(shard)  # the manifest agrees: only
-    write_manifest(out, manifest)                                                # the member is missing
+    write_manifest(out, manifest)  # the member is missing
     capsys.readouterr()
     assert histotx_main(["shard", "verify", str(out)]) == 1
     err = capsys.readouterr()

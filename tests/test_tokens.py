@@ -1,4 +1,5 @@
 """Binning transcript grids into tokens (histotx.tokens): counts, geometry, normalisation, transforms."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,8 @@ def test_native_tokens_are_sites_inside_the_image_normalised():
         [[1.5, 2.5], [10.0, 3.0], [-1.0, 4.0], [5.0, 5.0]],
         [[3, 7], [2], [1], [4]],
         [[1.0, 3.0], [5.0], [9.0], [0.0]],
-        footprint_um=2.0, shape="square",
+        footprint_um=2.0,
+        shape="square",
     )
     cells = bin_grid(grid, mpp=0.5, resolution_um=None, image_hw=(8, 12))
     # site 2 lies outside the image, site 3 holds no counts
@@ -44,7 +46,11 @@ def test_native_tokens_are_sites_inside_the_image_normalised():
     np.testing.assert_allclose(cells.weight, np.log1p(np.array([0.25, 0.75, 1.0]) * NORMALISED_TOTAL), rtol=1e-6)
     assert cells.resolution_um == 2.0
     assert (cells.xy.dtype, cells.gene.dtype, cells.weight.dtype, cells.offsets.dtype) == (
-        np.float32, np.int64, np.float32, np.int64)
+        np.float32,
+        np.int64,
+        np.float32,
+        np.int64,
+    )
     # molecules (no footprint) are given the pixel size as their token size
     molecules = make_grid([[1.0, 1.0]], [[0]], [[1.0]])
     assert bin_grid(molecules, mpp=0.25, resolution_um=None, image_hw=(4, 4)).resolution_um == 0.25
@@ -87,7 +93,8 @@ def test_large_footprints_spread_by_area_and_lose_the_share_outside_the_tile():
         [[16, 16], [24, 16], [0, 48], [8, 48]],
         [[0], [1], [2], [3]],
         [[4.0], [12.0], [6.0], [6.0]],
-        footprint_um=16.0, shape="square",
+        footprint_um=16.0,
+        shape="square",
     )
     got = as_dict(bin_grid(grid, mpp=1.0, resolution_um=8.0, image_hw=(64, 64)))
     centre = lambda row, col: (col * 8 + 4.0, row * 8 + 4.0)  # noqa: E731

@@ -10,6 +10,7 @@ the synthetic cohort (every technology, one vocabulary):
 
 Run as a script, this file is the per-rank harness of the stage checks.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "train" / "tiny_cpu.yaml"
-RUN = ["data.collate.resolutions_um=[16.0, 32.0]", "data.stream.batch_size=4", "log.every_steps=1",
-       "checkpoint.every_steps=1000"]
+RUN = [
+    "data.collate.resolutions_um=[16.0, 32.0]",
+    "data.stream.batch_size=4",
+    "log.every_steps=1",
+    "checkpoint.every_steps=1000",
+]
 STEPS = 24
 
 
@@ -37,9 +42,9 @@ def build_shard_set(root: Path, shared_data: Path) -> Path:
     The real sample names its genes by Ensembl id only and the synthetic ones by symbol only, which
     `histotx shard` rightly refuses to mix blindly; as a user would, the run starts from a vocabulary that
     already holds the real sample's genes (`--vocab`), made by sharding that sample alone first."""
+    from histotx.sharding.config import ShardConfig
+    from histotx.sharding.pipeline import run_cohort
     from histotx.synth import generate_cohort
-    from sharding.config import ShardConfig
-    from sharding.pipeline import run_cohort
 
     cohort = generate_cohort(root / "synth", seed=0, size="small")
     data = yaml.safe_load(cohort.read_text())
@@ -48,13 +53,20 @@ def build_shard_set(root: Path, shared_data: Path) -> Path:
             if key in sample:
                 sample[key] = str((cohort.parent / sample[key]).resolve())
     outs = shared_data / "scanpy-visium" / "visium_data" / "1.0.0"
-    real = {"id": "scanpy_visium", "patient": "real", "technology": "visium", "data": str(outs),
-            "image_scale": "lowres", "slide": str(outs / "spatial" / "tissue_lowres_image.png")}
+    real = {
+        "id": "scanpy_visium",
+        "patient": "real",
+        "technology": "visium",
+        "data": str(outs),
+        "image_scale": "lowres",
+        "slide": str(outs / "spatial" / "tissue_lowres_image.png"),
+    }
     data["samples"].append(real)
     (root / "cohort.yaml").write_text(yaml.safe_dump(data))
     (root / "real.yaml").write_text(yaml.safe_dump({"samples": [real]}))
-    cfg = ShardConfig(mpp=8.0, tile_px=32, mask_mpp=16.0, min_tissue_fraction=0.3, shard_max_tiles=4,
-                      max_tiles_per_sample=4)
+    cfg = ShardConfig(
+        mpp=8.0, tile_px=32, mask_mpp=16.0, min_tissue_fraction=0.3, shard_max_tiles=4, max_tiles_per_sample=4
+    )
     run_cohort(root / "real.yaml", root / "real_only", cfg)
     manifest = run_cohort(root / "cohort.yaml", root / "shards", cfg, vocab_from=root / "real_only" / "vocab.tsv")
     assert manifest["totals"]["samples_failed"] == 0, manifest["samples"]
@@ -77,11 +89,21 @@ def start_ranks(argv: list[str], world: int = 2) -> list[subprocess.Popen]:
     port = str(_free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *argv], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     return procs
 
 
@@ -110,7 +132,12 @@ def stage_results(shards, tmp_path_factory):
     results = {}
     for stage in (1, 2, 3):
         out = tmp_path_factory.mktemp(f"zero{stage}")
-        overrides = RUN + [f"data.stream.shards={shards}", f"out={out}", f"steps={STEPS}", f"deepspeed.zero_stage={stage}"]
+        overrides = RUN + [
+            f"data.stream.shards={shards}",
+            f"out={out}",
+            f"steps={STEPS}",
+            f"deepspeed.zero_stage={stage}",
+        ]
         wait_ranks(start_ranks([__file__, "stage", str(TINY), str(out / "report.json"), *overrides]))
         results[stage] = json.loads((out / "report.json").read_text())
     return results
@@ -145,8 +172,13 @@ def test_zero_stages_take_the_same_steps(stage_results):
 
 @pytest.mark.slow
 def test_nonfinite_losses_are_skipped_by_every_rank_and_a_run_of_them_stops_training(shards, tmp_path):
-    overrides = RUN + [f"data.stream.shards={shards}", f"out={tmp_path}", "steps=20", "deepspeed.zero_stage=2",
-                       "max_consecutive_nonfinite=3"]
+    overrides = RUN + [
+        f"data.stream.shards={shards}",
+        f"out={tmp_path}",
+        "steps=20",
+        "deepspeed.zero_stage=2",
+        "max_consecutive_nonfinite=3",
+    ]
     wait_ranks(start_ranks([__file__, "nonfinite", str(TINY), str(tmp_path / "report.json"), *overrides]))
     r = json.loads((tmp_path / "report.json").read_text())
     # micro-steps 1 ok, 2-3 skipped (NaN on rank 1 only, so rank 0 skipped them too), 4-5 ok, 6-8 NaN → stop
@@ -164,20 +196,55 @@ def test_bf16_autocast_zero0_gradient_accumulation_on_cpu(shards, tmp_path):
 
     held_out = write_shard_set(tmp_path / "held_out", n_shards=3, per_shard=4, tile_px=32)  # 3 samples, one panel
     entry = str(REPO / "launch" / "train.py")
-    wait_ranks(start_ranks([entry, str(TINY), f"out={tmp_path}", *RUN, f"data.stream.shards={shards}", "steps=3",
-                            "deepspeed.precision=bf16", "deepspeed.zero_stage=0", "optim.accumulation_steps=2",
-                            "monitor.every_steps=2", f"monitor.shards={held_out}", "monitor.k=2"],
-                           world=1))
+    wait_ranks(
+        start_ranks(
+            [
+                entry,
+                str(TINY),
+                f"out={tmp_path}",
+                *RUN,
+                f"data.stream.shards={shards}",
+                "steps=3",
+                "deepspeed.precision=bf16",
+                "deepspeed.zero_stage=0",
+                "optim.accumulation_steps=2",
+                "monitor.every_steps=2",
+                f"monitor.shards={held_out}",
+                "monitor.k=2",
+            ],
+            world=1,
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     probes = [r for r in rows if "probe/knn_pearson" in r]
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["step"] for r in probes] == [0, 2, 3]
     assert all(-1 <= r["probe/knn_pearson"] <= 1 for r in probes)
     assert all(0 < r["loss"] < 1e3 for r in rows) and rows[0]["samples_per_s"] > 0
-    expected = {"loss", "dino", "ibot_image", "ibot_transcript", "koleo", "expression", "lr", "last_layer_lr",
-                "weight_decay", "momentum", "teacher_temperature", "samples_per_s", "tokens_per_s", "memory_mb",
-                "time/data_wait_s", "time/compute_s", "time/data_wait_fraction", "nonfinite_skipped", "empty_views",
-                "teacher/entropy", "teacher/kl_to_uniform", "teacher/prototypes_used"}
+    expected = {
+        "loss",
+        "dino",
+        "ibot_image",
+        "ibot_transcript",
+        "koleo",
+        "expression",
+        "lr",
+        "last_layer_lr",
+        "weight_decay",
+        "momentum",
+        "teacher_temperature",
+        "samples_per_s",
+        "tokens_per_s",
+        "memory_mb",
+        "time/data_wait_s",
+        "time/compute_s",
+        "time/data_wait_fraction",
+        "nonfinite_skipped",
+        "empty_views",
+        "teacher/entropy",
+        "teacher/kl_to_uniform",
+        "teacher/prototypes_used",
+    }
     assert expected <= set(rows[-1]) and rows[-1]["tokens_per_s"] > rows[-1]["samples_per_s"]
     assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     saved = tmp_path / "checkpoints" / "step_00000003"
@@ -190,10 +257,32 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(shards):
     GPU session does not find it broken."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_train_check.py"), "--allow-cpu", "--config",
-                          str(TINY), "--steps", "2", "--warmup", "1", "--batch", "2", "--workers", "1", "--held", "2",
-                          "--shards", str(shards), "data.collate.resolutions_um=[16.0]"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_train_check.py"),
+            "--allow-cpu",
+            "--config",
+            str(TINY),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "2",
+            "--workers",
+            "1",
+            "--held",
+            "2",
+            "--shards",
+            str(shards),
+            "data.collate.resolutions_um=[16.0]",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "TFLOP/s, MFU" in run.stdout and "samples/s" in run.stdout and "end to end" in run.stdout
 
@@ -235,8 +324,12 @@ def test_sigterm_then_resume_gives_the_same_run(shards, tmp_path, stage):
 
     n = 10
     entry = str(REPO / "launch" / "train.py")
-    common = RUN + [f"data.stream.shards={shards}", f"steps={n}", f"deepspeed.zero_stage={stage}",
-                    "data.stream.num_workers=1"]
+    common = RUN + [
+        f"data.stream.shards={shards}",
+        f"steps={n}",
+        f"deepspeed.zero_stage={stage}",
+        "data.stream.num_workers=1",
+    ]
     straight = tmp_path / "straight"
     wait_ranks(start_ranks([entry, str(TINY), f"out={straight}", *common]))
 
@@ -288,19 +381,29 @@ def _harness(config: str, report: str, overrides: list[str]) -> None:
     losses.append(trainer.train_step(trainer.next_batch()))
     student = [w.clone() for w in student_weights(engine, trainer.student_params)]
     teacher = list(meta.teacher.parameters())
-    error = max(float((t - (momentum * b + (1 - momentum) * s)).abs().max() / (s.abs().max() + 1e-12))
-                for t, b, s in zip(teacher, before, student))
+    error = max(
+        float((t - (momentum * b + (1 - momentum) * s)).abs().max() / (s.abs().max() + 1e-12))
+        for t, b, s in zip(teacher, before, student)
+    )
     meta.update_teacher(0.0, student_weights(engine, trainer.student_params))
     equal = all(torch.equal(t, s) for t, s in zip(meta.teacher.parameters(), student))
-    checksum = torch.tensor([float(sum(t.double().sum() for t in teacher)), float(sum(s.double().sum() for s in student))])
+    checksum = torch.tensor(
+        [float(sum(t.double().sum() for t in teacher)), float(sum(s.double().sum() for s in student))]
+    )
     gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, checksum.double())
     params = trainer.student_params
-    out = {"losses": losses, "ema_max_error": error, "momentum": momentum, "teacher_equals_student_after_momentum_0": equal,
-           "ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered),
-           "n_teacher_tensors": len(teacher), "n_student_tensors": len(student),
-           "zero3_whole": sum(bool(getattr(p, "ds_persist", False)) for p in params),
-           "zero3_partitioned": sum(hasattr(p, "ds_id") and not getattr(p, "ds_persist", False) for p in params)}
+    out = {
+        "losses": losses,
+        "ema_max_error": error,
+        "momentum": momentum,
+        "teacher_equals_student_after_momentum_0": equal,
+        "ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered),
+        "n_teacher_tensors": len(teacher),
+        "n_student_tensors": len(student),
+        "zero3_whole": sum(bool(getattr(p, "ds_persist", False)) for p in params),
+        "zero3_partitioned": sum(hasattr(p, "ds_id") and not getattr(p, "ds_persist", False) for p in params),
+    }
     if dist.get_rank() == 0:
         Path(report).write_text(json.dumps(out))
     trainer.close()

@@ -1,4 +1,5 @@
 """Run monitors: teacher-collapse statistics and the kNN expression probe on held-out tiles."""
+
 from __future__ import annotations
 
 import math
@@ -6,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from shardkit import write_shard_set
 
 from histotx.data.config import AugmentConfig
 from histotx.model import FusedViT, FusedViTConfig
 from histotx.train.monitor import CollapseStats, KnnProbe
-from shardkit import write_shard_set
 
 
 def test_collapse_statistics_of_a_uniform_and_a_collapsed_teacher():
@@ -18,7 +19,9 @@ def test_collapse_statistics_of_a_uniform_and_a_collapsed_teacher():
     uniform = CollapseStats()
     uniform.add(torch.full((8, k), 1.0 / k))
     u = uniform.reduce(torch.device("cpu"))
-    assert u["teacher/entropy"] == pytest.approx(math.log(k)) and u["teacher/kl_to_uniform"] == pytest.approx(0.0, abs=1e-9)
+    assert u["teacher/entropy"] == pytest.approx(math.log(k)) and u["teacher/kl_to_uniform"] == pytest.approx(
+        0.0, abs=1e-9
+    )
     collapsed = CollapseStats()
     for _ in range(3):  # a window of three steps, every row on prototype 5
         collapsed.add(torch.nn.functional.one_hot(torch.full((8,), 5), k).float())

@@ -5,6 +5,7 @@ USR1 to the batch shell — what `#SBATCH --signal=B:USR1@120` or `scancel -b -s
 reach both torchrun ranks through the trap and torchrun's forwarding, the ranks must save and stop,
 the script must requeue and exit 0, and the requeued start must resume and finish the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_train_distributed import RUN, TINY, build_shard_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +47,28 @@ def test_usr1_to_the_batch_script_saves_requeues_and_the_next_start_resumes(shar
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     out, n = tmp_path / "run", 12
-    env = {**os.environ, "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
-           "SLURM_JOB_ID": str(random.randint(1000, 19000)), "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1",
-           "GPUS_PER_NODE": "2", "HISTOTX_REPO": str(REPO), "REQUEUE_LOG": str(tmp_path / "requeued"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = ["bash", str(REPO / "slurm" / "pretrain.sbatch"), str(TINY), f"out={out}", *RUN,
-               f"data.stream.shards={shards}", f"steps={n}", "deepspeed.zero_stage=1"]
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "SLURM_JOB_ID": str(random.randint(1000, 19000)),
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NNODES": "1",
+        "GPUS_PER_NODE": "2",
+        "HISTOTX_REPO": str(REPO),
+        "REQUEUE_LOG": str(tmp_path / "requeued"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    command = [
+        "bash",
+        str(REPO / "slurm" / "pretrain.sbatch"),
+        str(TINY),
+        f"out={out}",
+        *RUN,
+        f"data.stream.shards={shards}",
+        f"steps={n}",
+        "deepspeed.zero_stage=1",
+    ]
 
     job = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180

@@ -1,5 +1,6 @@
 """The trainer's parts without a process group: config, optimiser groups and schedules, the DeepSpeed
 config, checkpoint discovery, the launch environment, the FLOP count, and the student's graph."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,12 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from shardkit import tile_sample
 
 from histotx.config import ConfigError, load_config
 from histotx.data.augment import MultiCrop
 from histotx.data.collate import IMAGE_ONLY, TRANSCRIPTS_ONLY, SSLCollate
 from histotx.data.device_decode import BatchDecoder
 from histotx.format import TranscriptGrid
+from histotx.launch.env import first_host, set_distributed_env
 from histotx.model import FusedViT
 from histotx.ssl.meta import SSLMetaArch
 from histotx.ssl.schedules import SSLSchedules
@@ -21,14 +24,26 @@ from histotx.train import checkpoint
 from histotx.train.config import TrainConfig
 from histotx.train.engine import apply_schedule, deepspeed_config, param_groups
 from histotx.train.flops import step_flops
-from launch.env import first_host, set_distributed_env
-from shardkit import tile_sample
 
-TINY = ["model.size=tiny", "model.embed_dim=32", "model.num_heads=2", "model.img_size=32", "model.patch_size=8",
-        "model.vocab_size=64", "data.mask.patch_size=8", "data.augment.global_crop_size=32",
-        "data.augment.local_crop_size=16", "data.augment.local_crops_number=2", "data.augment.global_crop_scale=[0.5,1]",
-        "data.augment.local_crop_scale=[0.2,0.5]", "data.collate.resolutions_um=[16.0]", "ssl.head.out_dim=32",
-        "ssl.head.hidden_dim=16", "ssl.head.bottleneck_dim=8", "ssl.loss.masked_expression_weight=0.5"]
+TINY = [
+    "model.size=tiny",
+    "model.embed_dim=32",
+    "model.num_heads=2",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "model.vocab_size=64",
+    "data.mask.patch_size=8",
+    "data.augment.global_crop_size=32",
+    "data.augment.local_crop_size=16",
+    "data.augment.local_crops_number=2",
+    "data.augment.global_crop_scale=[0.5,1]",
+    "data.augment.local_crop_scale=[0.2,0.5]",
+    "data.collate.resolutions_um=[16.0]",
+    "ssl.head.out_dim=32",
+    "ssl.head.hidden_dim=16",
+    "ssl.head.bottleneck_dim=8",
+    "ssl.loss.masked_expression_weight=0.5",
+]
 
 
 def config(*extra: str) -> TrainConfig:
@@ -46,8 +61,13 @@ def ssl_batch(cfg: TrainConfig, n: int = 4, seed: int = 0, empty_grids: bool = F
     data.collate.resolutions_um = cfg.data.collate.resolutions_um
     rng = np.random.default_rng(seed)
     crop = MultiCrop(data.augment)
-    items = [crop(tile_sample(rng, "s", i, tile_px=48, grid=TranscriptGrid.empty(55.0, "disk") if empty_grids else None),
-                  np.random.default_rng([seed, i])) for i in range(n)]
+    items = [
+        crop(
+            tile_sample(rng, "s", i, tile_px=48, grid=TranscriptGrid.empty(55.0, "disk") if empty_grids else None),
+            np.random.default_rng([seed, i]),
+        )
+        for i in range(n)
+    ]
     return BatchDecoder(data.augment, "cpu")(SSLCollate(data)(items, np.random.default_rng(seed)))
 
 
@@ -95,7 +115,7 @@ def test_param_groups_follow_the_recipe():
         return of[id(named[name])]
 
     depth = network.backbone.config.depth  # 2: embeddings layer 0, blocks 1..2, final norm 3
-    assert group("backbone.blocks.0.attn.qkv.weight")["lr_mult"] == pytest.approx(0.5 ** depth)
+    assert group("backbone.blocks.0.attn.qkv.weight")["lr_mult"] == pytest.approx(0.5**depth)
     assert group("backbone.blocks.1.mlp.fc1.weight")["lr_mult"] == pytest.approx(0.5)
     assert group("backbone.norm.weight")["lr_mult"] == pytest.approx(1.0)
     assert group("backbone.patch_embed.proj.weight")["lr_mult"] == pytest.approx(0.5 ** (depth + 1) * 0.2)
@@ -103,9 +123,15 @@ def test_param_groups_follow_the_recipe():
         assert group(name)["lr_mult"] == 2.0, name
     decay = {n for n, _ in trainable if group(n)["wd_mult"] == 1.0}
     assert "backbone.blocks.0.attn.qkv.weight" in decay and "dino_head.mlp.0.weight" in decay
-    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.reg_token" if "backbone.reg_token" in named
-                 else "backbone.mask_token", "backbone.blocks.0.ls1.gamma", "backbone.blocks.0.norm1.weight",
-                 "backbone.blocks.0.attn.qkv.bias", "dino_head.mlp.0.bias"):
+    for name in (
+        "backbone.pos_embed",
+        "backbone.cls_token",
+        "backbone.reg_token" if "backbone.reg_token" in named else "backbone.mask_token",
+        "backbone.blocks.0.ls1.gamma",
+        "backbone.blocks.0.norm1.weight",
+        "backbone.blocks.0.attn.qkv.bias",
+        "dino_head.mlp.0.bias",
+    ):
         assert name not in decay, name
     last = group("dino_head.last_layer.parametrizations.weight.original1")
     assert last["last_layer"] and sum(g["last_layer"] for g in groups) == 1
@@ -125,12 +151,21 @@ def test_param_groups_follow_the_recipe():
 
 
 def test_deepspeed_config_from_the_train_config():
-    cfg = config("deepspeed.zero_stage=3", "optim.accumulation_steps=2", "data.stream.batch_size=8",
-                 "deepspeed.precision=bf16", "optim.clip_grad=1.5", "deepspeed.extra={zero_optimization: {sub_group_size: 7}}")
+    cfg = config(
+        "deepspeed.zero_stage=3",
+        "optim.accumulation_steps=2",
+        "data.stream.batch_size=8",
+        "deepspeed.precision=bf16",
+        "optim.clip_grad=1.5",
+        "deepspeed.extra={zero_optimization: {sub_group_size: 7}}",
+    )
     ds = deepspeed_config(cfg, world_size=4, device=torch.device("cpu"))
     assert ds["train_batch_size"] == 8 * 2 * 4 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["sub_group_size"] == 7
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == cfg.deepspeed.stage3_param_persistence_threshold
+    assert (
+        ds["zero_optimization"]["stage3_param_persistence_threshold"]
+        == cfg.deepspeed.stage3_param_persistence_threshold
+    )
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["gradient_clipping"] == 1.5
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # weights stay fp32
     auto = deepspeed_config(config(), world_size=1, device=torch.device("cpu"))
@@ -148,8 +183,13 @@ def test_every_trainable_parameter_gets_a_gradient_whatever_the_batch(case):
     if case == "no_sites":
         batch = ssl_batch(cfg, empty_grids=True)
     else:
-        batch = ssl_batch(cfg, **{"p_image_only": 1.0 if case == "image_only" else 0.0,
-                                  "p_transcripts_only": 1.0 if case == "transcripts_only" else 0.0})
+        batch = ssl_batch(
+            cfg,
+            **{
+                "p_image_only": 1.0 if case == "image_only" else 0.0,
+                "p_transcripts_only": 1.0 if case == "transcripts_only" else 0.0,
+            },
+        )
         assert set(batch.modality.tolist()) == {IMAGE_ONLY if case == "image_only" else TRANSCRIPTS_ONLY}
     targets = meta.teacher_targets(batch, 0.04)
     losses = meta.losses(meta.student(batch), targets, batch)
@@ -242,8 +282,17 @@ def test_checkpoint_hooks_run_on_rank_0_and_a_failing_one_does_not_stop_the_run(
     monkeypatch.setattr(loop.dist, "barrier", lambda: barriers.append(1))
 
     def save(rank, hooks):
-        trainer = SimpleNamespace(cfg=config(), checkpoints=tmp_path, step=7, engine=None, meta=None, loader=None,
-                                  nonfinite_total=0, rank=rank, hooks=hooks)
+        trainer = SimpleNamespace(
+            cfg=config(),
+            checkpoints=tmp_path,
+            step=7,
+            engine=None,
+            meta=None,
+            loader=None,
+            nonfinite_total=0,
+            rank=rank,
+            hooks=hooks,
+        )
         assert loop.Trainer.save(trainer) == tmp_path / "step_00000007"
 
     for rank in (0, 1):
@@ -259,8 +308,13 @@ def test_checkpoint_hooks_run_on_rank_0_and_a_failing_one_does_not_stop_the_run(
 
 
 def test_launch_environment_from_srun_and_launchers():
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8", "SLURM_JOB_ID": "12345",
-           "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_JOB_ID": "12345",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+    }
     set_distributed_env(env)
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("5", "1", "8")
     assert env["MASTER_ADDR"] == first_host("gpu[07-08]") and env["MASTER_PORT"] == str(20000 + 12345 % 20000)

@@ -6,6 +6,7 @@ was measured on and the tokens later made from it sit on the right patches. Colo
 touch the image only. All randomness comes from the ``numpy.random.Generator`` passed in, so a sample's
 views are a function of its seed (needed for exact resume).
 """
+
 from __future__ import annotations
 
 import math
@@ -65,12 +66,17 @@ class CropGeometry:
 
     def apply_to_image(self, image: torch.Tensor) -> torch.Tensor:
         """``image``: ``[C, H, W]`` tile → ``[C, size, size]`` view."""
-        out = image[..., self.top:self.top + self.height, self.left:self.left + self.width]
+        out = image[..., self.top : self.top + self.height, self.left : self.left + self.width]
         if (self.height, self.width) != (self.size, self.size):  # torchvision's resized_crop, less its overhead
             native = image.dtype != torch.uint8 or image.device.type == "cpu"  # uint8 kernel: CPU only
             x = out.reshape(-1, *out.shape[-3:])
-            x = F.interpolate(x if native else x.float(), size=(self.size, self.size), mode="bilinear",
-                              align_corners=False, antialias=True)
+            x = F.interpolate(
+                x if native else x.float(),
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
             out = (x if native else x.round_().to(image.dtype)).reshape(*out.shape[:-2], self.size, self.size)
         if self.hflip:
             out = out.flip(-1)
@@ -82,7 +88,7 @@ class CropGeometry:
         """:meth:`apply_to_image` for an ``[H, W, C]`` uint8 array (the CPU loader's layout): the same
         pixels, contiguous, about twice as fast (torch's channels-last uint8 resize kernel, OpenCV's flips
         and quarter turns, which only move bytes)."""
-        out = image[self.top:self.top + self.height, self.left:self.left + self.width]
+        out = image[self.top : self.top + self.height, self.left : self.left + self.width]
         if (self.height, self.width) != (self.size, self.size):
             h, w, c = out.shape  # as [1, C, h, w] with channels-last strides, which the kernel keeps
             x = torch.from_numpy(np.ascontiguousarray(out)).as_strided((1, c, h, w), (h * w * c, 1, w * c, c))
@@ -130,7 +136,7 @@ def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_m
     """:func:`transform_grid` for many crops of one tile, in one pass over its sites."""
     reach = 0.5 * grid.footprint_um / tile_mpp if grid.footprint_shape != "point" else 0.0
     params = np.array([g._params() for g in geometries], dtype=np.int64)  # [crops, 8]
-    left, top, width, height = (params[:, i:i + 1] for i in range(4))
+    left, top, width, height = (params[:, i : i + 1] for i in range(4))
     right, bottom = left + width, top + height
     x, y = grid.xy[:, 0], grid.xy[:, 1]
     keep = (x + reach >= left) & (x - reach < right) & (y + reach >= top) & (y - reach < bottom)  # [crops, sites]
@@ -140,8 +146,14 @@ def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_m
     return kept
 
 
-def crop_boxes(rng: np.random.Generator, height: int, width: int, scales: np.ndarray,
-               ratio: tuple[float, float], attempts: int = 10) -> np.ndarray:
+def crop_boxes(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scales: np.ndarray,
+    ratio: tuple[float, float],
+    attempts: int = 10,
+) -> np.ndarray:
     """``[n, 4]`` (left, top, width, height) of random-resized crops, one per row of ``scales`` (``[n, 2]``,
     the range of the crop's share of the tile's area): torchvision's RandomResizedCrop draw — up to 10
     tries of an area share and a log-uniform aspect in ``ratio``, the first that fits — for all crops at
@@ -180,8 +192,9 @@ class MultiCrop:
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32)
         self.std = torch.tensor(cfg.std, dtype=torch.float32)
 
-    def geometries(self, rng: np.random.Generator, tile_hw: tuple[int, int], sizes: list[int],
-                   scales: list[tuple[float, float]]) -> list[CropGeometry]:
+    def geometries(
+        self, rng: np.random.Generator, tile_hw: tuple[int, int], sizes: list[int], scales: list[tuple[float, float]]
+    ) -> list[CropGeometry]:
         """One crop per view (output side ``sizes[i]``, area share in ``scales[i]``): box, flips and quarter
         turn, each kind drawn for all views at once."""
         c, n = self.cfg, len(sizes)
@@ -225,24 +238,30 @@ class MultiCrop:
             v.source = source
         return TileViews(tile.key, globals_, locals_)
 
-    def draw(self, tile_hw: tuple[int, int], grid: TranscriptGrid, mpp: float,
-             rng: np.random.Generator) -> tuple[list[View], list[View]]:
+    def draw(
+        self, tile_hw: tuple[int, int], grid: TranscriptGrid, mpp: float, rng: np.random.Generator
+    ) -> tuple[list[View], list[View]]:
         """Every view's geometry, colour and sites (no pixels), in the order the generator is consumed."""
         c = self.cfg
         # (size, scale, blur probability, solarize probability) per view: 2 global crops, then the local ones
-        specs = [(c.global_crop_size, c.global_crop_scale, c.blur_p_global1, 0.0),
-                 (c.global_crop_size, c.global_crop_scale, c.blur_p_global2, c.solarize_p_global2)]
+        specs = [
+            (c.global_crop_size, c.global_crop_scale, c.blur_p_global1, 0.0),
+            (c.global_crop_size, c.global_crop_scale, c.blur_p_global2, c.solarize_p_global2),
+        ]
         specs += [(c.local_crop_size, c.local_crop_scale, c.blur_p_local, 0.0)] * c.local_crops_number
         # geometry first: the crops do not change when colour settings do
         geometries = self.geometries(rng, tile_hw, [s[0] for s in specs], [s[1] for s in specs])
         grids = transform_grids(grid, geometries, mpp)
         colours = self.colours(rng, np.array([s[2] for s in specs]), np.array([s[3] for s in specs]))
-        views = [View(None, g_sites, g.mpp(mpp), size, g, p)
-                 for g, g_sites, (size, *_), p in zip(geometries, grids, specs, colours)]
+        views = [
+            View(None, g_sites, g.mpp(mpp), size, g, p)
+            for g, g_sites, (size, *_), p in zip(geometries, grids, specs, colours)
+        ]
         return views[:2], views[2:]
 
-    def crops(self, rgb: np.ndarray, grid: TranscriptGrid, mpp: float,
-              rng: np.random.Generator) -> tuple[list[View], list[View]]:
+    def crops(
+        self, rgb: np.ndarray, grid: TranscriptGrid, mpp: float, rng: np.random.Generator
+    ) -> tuple[list[View], list[View]]:
         """Views with their pixels made. ``rgb``: H×W×3 uint8 tile; ``grid``: its sites in tile pixels;
         ``mpp``: µm per tile pixel."""
         tile = torch.from_numpy(np.require(rgb, np.uint8, ["C", "W"])).permute(2, 0, 1)

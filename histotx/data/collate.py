@@ -11,6 +11,7 @@ the teacher always sees both, so the student learns to reach the fused embedding
 (which is what keeps image-only inference strong). Crops are ordered crop-major (all samples' first
 global crop, then all second ones), so a ``[2B, ...]`` output views as ``[2, B, ...]``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -78,28 +79,41 @@ class SSLBatch:
 
     def _model_images(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
-            raise ValueError("this batch's images are still the loader workers' bytes: pass the batch through "
-                             "histotx.data.device_decode.BatchDecoder, which normalises them on the device")
+            raise ValueError(
+                "this batch's images are still the loader workers' bytes: pass the batch through "
+                "histotx.data.device_decode.BatchDecoder, which normalises them on the device"
+            )
         return images
 
     def teacher_inputs(self) -> dict:
         return {"images": self._model_images(self.global_images), "transcripts": self.teacher_transcripts}
 
     def student_global_inputs(self) -> dict:
-        return {"images": self._model_images(self.global_images), "transcripts": self.student_global_transcripts,
-                "image_present": self.student_global_image_present, "image_mask": self.image_mask,
-                "transcript_mask": self.transcript_mask}
+        return {
+            "images": self._model_images(self.global_images),
+            "transcripts": self.student_global_transcripts,
+            "image_present": self.student_global_image_present,
+            "image_mask": self.image_mask,
+            "transcript_mask": self.transcript_mask,
+        }
 
     def student_local_inputs(self) -> dict | None:
         if self.local_images.shape[0] == 0:
             return None
-        return {"images": self._model_images(self.local_images), "transcripts": self.student_local_transcripts,
-                "image_present": self.student_local_image_present}
+        return {
+            "images": self._model_images(self.local_images),
+            "transcripts": self.student_local_transcripts,
+            "image_present": self.student_local_image_present,
+        }
 
     def _map(self, fn) -> "SSLBatch":
         def move(value):
-            return fn(value) if isinstance(value, torch.Tensor) else (
-                value._map(fn) if isinstance(value, TranscriptBatch) else value)
+            return (
+                fn(value)
+                if isinstance(value, torch.Tensor)
+                else (value._map(fn) if isinstance(value, TranscriptBatch) else value)
+            )
+
         return SSLBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     def to(self, device, non_blocking: bool = False) -> "SSLBatch":
@@ -115,8 +129,12 @@ def _tokens(views: list[View], resolution_um: float | None) -> list[TranscriptCe
     out: list[TranscriptCells] = [None] * len(views)  # type: ignore[list-item]
     for size in {v.size for v in views}:
         idx = [i for i, v in enumerate(views) if v.size == size]
-        cells = bin_grids([views[i].grid for i in idx], [views[i].mpp for i in idx],
-                          [token_size(views[i].grid.footprint_um, resolution_um) for i in idx], (size, size))
+        cells = bin_grids(
+            [views[i].grid for i in idx],
+            [views[i].mpp for i in idx],
+            [token_size(views[i].grid.footprint_um, resolution_um) for i in idx],
+            (size, size),
+        )
         for i, c in zip(idx, cells):
             out[i] = c
     return out
@@ -137,12 +155,17 @@ def read_panels(shards: str) -> tuple[dict[str, np.ndarray], int]:
     if not shards:
         return {}, 0
     samples = read_manifest(shards).get("samples", {})
-    panels = {sid: np.concatenate([np.zeros(0, np.int64)] + [np.arange(a, b) for a, b in rec["gene_ranges"]])
-              for sid, rec in samples.items() if rec.get("gene_ranges") is not None}
+    panels = {
+        sid: np.concatenate([np.zeros(0, np.int64)] + [np.arange(a, b) for a, b in rec["gene_ranges"]])
+        for sid, rec in samples.items()
+        if rec.get("gene_ranges") is not None
+    }
     if not panels:
         return {}, 0
     vocab = Path(shards) / VOCAB_NAME
-    width = max([len(Vocab.load(vocab)) if vocab.is_file() else 0] + [int(g.max()) + 1 for g in panels.values() if g.size])
+    width = max(
+        [len(Vocab.load(vocab)) if vocab.is_file() else 0] + [int(g.max()) + 1 for g in panels.values() if g.size]
+    )
     return panels, width
 
 
@@ -180,31 +203,48 @@ class SSLCollate:
         resolution = None if native else float(choice)
 
         draw = rng.random(batch)
-        modality = np.where(draw < c.p_image_only, IMAGE_ONLY,
-                            np.where(draw < c.p_image_only + c.p_transcripts_only, TRANSCRIPTS_ONLY, BOTH))
+        modality = np.where(
+            draw < c.p_image_only,
+            IMAGE_ONLY,
+            np.where(draw < c.p_image_only + c.p_transcripts_only, TRANSCRIPTS_ONLY, BOTH),
+        )
         has_sites = np.array([any(v.grid.n_sites for v in it.globals + it.locals) for it in items])
         modality[~has_sites] = IMAGE_ONLY  # nothing to drop the image for
 
         global_views = [it.globals[k] for k in range(n_global) for it in items]
         local_views = [it.locals[k] for k in range(n_local) for it in items]
         cells = _tokens(global_views + local_views, resolution)
-        global_cells, local_cells = cells[: len(global_views)], cells[len(global_views):]
+        global_cells, local_cells = cells[: len(global_views)], cells[len(global_views) :]
 
         keep_tx = np.tile(modality != IMAGE_ONLY, n_global)
-        student_cells = [cell if keep else TranscriptCells.empty(cell.resolution_um)
-                         for cell, keep in zip(global_cells, keep_tx)]
+        student_cells = [
+            cell if keep else TranscriptCells.empty(cell.resolution_um) for cell, keep in zip(global_cells, keep_tx)
+        ]
         starts = np.cumsum([0] + [cell.n_cells for cell in global_cells])
         transcript_index = np.concatenate(
-            [np.zeros(0, np.int64)] + [np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(keep_tx)])
+            [np.zeros(0, np.int64)] + [np.arange(starts[i], starts[i + 1]) for i in np.flatnonzero(keep_tx)]
+        )
         local_keep = np.tile(modality != IMAGE_ONLY, n_local)
-        local_student = [cell if keep else TranscriptCells.empty(cell.resolution_um)
-                         for cell, keep in zip(local_cells, local_keep)]
+        local_student = [
+            cell if keep else TranscriptCells.empty(cell.resolution_um) for cell, keep in zip(local_cells, local_keep)
+        ]
 
         image_present = np.tile(modality != TRANSCRIPTS_ONLY, n_global)
-        masks = image_masks(len(global_views), self.grid_hw, rng, m.image_mask_probability, m.image_mask_ratio,
-                            m.mask_aspect, m.min_block_patches) & image_present[:, None]
-        tx_masks = token_masks([cell.n_cells for cell in student_cells], rng, m.transcript_mask_probability,
-                               m.transcript_mask_ratio)
+        masks = (
+            image_masks(
+                len(global_views),
+                self.grid_hw,
+                rng,
+                m.image_mask_probability,
+                m.image_mask_ratio,
+                m.mask_aspect,
+                m.min_block_patches,
+            )
+            & image_present[:, None]
+        )
+        tx_masks = token_masks(
+            [cell.n_cells for cell in student_cells], rng, m.transcript_mask_probability, m.transcript_mask_ratio
+        )
 
         size = self.cfg.augment.local_crop_size
         pending = None
@@ -213,8 +253,7 @@ class SSLCollate:
             global_images, local_images = torch.zeros(0), torch.zeros(0)
         else:
             global_images = _images(global_views, self.mean, self.std)
-            local_images = (_images(local_views, self.mean, self.std) if local_views
-                            else torch.zeros(0, 3, size, size))
+            local_images = _images(local_views, self.mean, self.std) if local_views else torch.zeros(0, 3, size, size)
         return SSLBatch(
             keys=[it.key for it in items],
             global_images=global_images,

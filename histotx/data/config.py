@@ -1,4 +1,5 @@
 """Typed configuration of the training data pipeline (see histotx.config for YAML and overrides)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -84,8 +85,9 @@ class DataConfig:
     def validate(self) -> None:
         s, a, m, c = self.stream, self.augment, self.mask, self.collate
         if s.batch_size < 1 or s.shuffle_buffer < 1 or min(s.num_workers, s.steps_per_epoch, s.seed) < 0:
-            raise ConfigError("data.stream: batch_size and shuffle_buffer must be >= 1; num_workers, "
-                              "steps_per_epoch and seed >= 0")
+            raise ConfigError(
+                "data.stream: batch_size and shuffle_buffer must be >= 1; num_workers, steps_per_epoch and seed >= 0"
+            )
         for name in ("global_crop_scale", "local_crop_scale", "crop_ratio", "blur_sigma"):
             lo, hi = getattr(a, name)
             if not 0 < lo <= hi:
@@ -96,8 +98,9 @@ class DataConfig:
             raise ConfigError(f"data.augment.decode_device must be 'cpu' or 'cuda', got {a.decode_device!r}")
         for size in (a.global_crop_size, a.local_crop_size):
             if size % m.patch_size:
-                raise ConfigError(f"data.augment crop size {size} is not a multiple of data.mask.patch_size "
-                                  f"{m.patch_size}")
+                raise ConfigError(
+                    f"data.augment crop size {size} is not a multiple of data.mask.patch_size {m.patch_size}"
+                )
         for name in ("image_mask_ratio", "transcript_mask_ratio"):
             lo, hi = getattr(m, name)
             if not 0 <= lo <= hi <= 1:

@@ -12,6 +12,7 @@ as on CPU) and move the transcripts; the batch carries the tiles' JPEG bytes
 parameters as the CPU path (:func:`histotx.data.pixels.render`). The trainer calls it on each batch and knows
 nothing of what it does.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -57,8 +58,11 @@ class BatchDecoder:
         except RuntimeError as exc:
             # The worker checked the header (a tile of tile_px); only the scan can be damaged here.
             self.failed += 1
-            warnings.warn(f"a JPEG tile did not decode on {self.device} ({exc}); its views are made from a "
-                          "mid-grey tile", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"a JPEG tile did not decode on {self.device} ({exc}); its views are made from a mid-grey tile",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             import io
 
             w, h = Image.open(io.BytesIO(data.numpy().tobytes())).size

@@ -1,4 +1,5 @@
 """The training loader of one rank: shard stream → multi-crop → SSL collation."""
+
 from __future__ import annotations
 
 import torch.distributed as dist
@@ -9,8 +10,9 @@ from histotx.data.config import DataConfig
 from histotx.data.stream import ShardStream, StreamLoader
 
 
-def build_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None,
-                 pin_memory: bool = False) -> StreamLoader:
+def build_loader(
+    cfg: DataConfig, rank: int | None = None, world_size: int | None = None, pin_memory: bool = False
+) -> StreamLoader:
     """An endless, resumable iterator of :class:`~histotx.data.collate.SSLBatch` for this rank
     (rank and world size default to torch.distributed's when it is initialised)."""
     distributed = dist.is_available() and dist.is_initialized()

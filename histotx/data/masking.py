@@ -3,6 +3,7 @@
 As in DINOv2, a share of the global crops in a batch is masked and their mask ratios are spread evenly
 over a range (rather than drawn independently), so every batch sees easy and hard masks.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,14 @@ import math
 import numpy as np
 
 
-def block_mask(height: int, width: int, n_masked: int, rng: np.random.Generator,
-               aspect: tuple[float, float] = (0.3, 3.3), min_block: int = 4) -> np.ndarray:
+def block_mask(
+    height: int,
+    width: int,
+    n_masked: int,
+    rng: np.random.Generator,
+    aspect: tuple[float, float] = (0.3, 3.3),
+    min_block: int = 4,
+) -> np.ndarray:
     """A ``[height, width]`` boolean mask of about ``n_masked`` patches made of rectangular blocks (BEiT).
 
     Blocks of random area (at least ``min_block``) and log-uniform aspect are added until the target is
@@ -42,8 +49,9 @@ def block_mask(height: int, width: int, n_masked: int, rng: np.random.Generator,
     return mask
 
 
-def _spread_ratios(n_items: int, probability: float, ratio: tuple[float, float],
-                   rng: np.random.Generator) -> np.ndarray:
+def _spread_ratios(
+    n_items: int, probability: float, ratio: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
     """Mask ratio of each item: ``probability`` of them get ratios spread evenly over ``ratio``, the
     rest 0; shuffled."""
     n_masked = int(n_items * probability)
@@ -53,9 +61,15 @@ def _spread_ratios(n_items: int, probability: float, ratio: tuple[float, float],
     return ratios[rng.permutation(n_items)]
 
 
-def image_masks(n_crops: int, grid_hw: tuple[int, int], rng: np.random.Generator, probability: float = 0.5,
-                ratio: tuple[float, float] = (0.1, 0.5), aspect: tuple[float, float] = (0.3, 3.3),
-                min_block: int = 4) -> np.ndarray:
+def image_masks(
+    n_crops: int,
+    grid_hw: tuple[int, int],
+    rng: np.random.Generator,
+    probability: float = 0.5,
+    ratio: tuple[float, float] = (0.1, 0.5),
+    aspect: tuple[float, float] = (0.3, 3.3),
+    min_block: int = 4,
+) -> np.ndarray:
     """iBOT masks for ``n_crops`` global crops: ``[n_crops, h*w]`` booleans (True = masked patch)."""
     h, w = grid_hw
     ratios = _spread_ratios(n_crops, probability, ratio, rng)
@@ -66,8 +80,9 @@ def image_masks(n_crops: int, grid_hw: tuple[int, int], rng: np.random.Generator
     return out
 
 
-def token_masks(n_tokens: list[int], rng: np.random.Generator, probability: float = 0.5,
-                ratio: tuple[float, float] = (0.1, 0.5)) -> list[np.ndarray]:
+def token_masks(
+    n_tokens: list[int], rng: np.random.Generator, probability: float = 0.5, ratio: tuple[float, float] = (0.1, 0.5)
+) -> list[np.ndarray]:
     """Random masks over each crop's transcript tokens (token order carries no geometry to block).
 
     The number masked is ``ratio × n`` rounded stochastically, so crops with few tokens are masked

@@ -7,6 +7,7 @@ DataLoader worker forked after the trainer rendered views itself (a probe, ``num
 so. Before each fork the pool is shrunk to the calling thread (which joins its threads), and the parent gets
 its setting back afterwards; the child keeps one thread, as a loader worker should.
 """
+
 from __future__ import annotations
 
 import os

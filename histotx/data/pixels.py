@@ -17,6 +17,7 @@ blur, solarize.
   elementwise ops on CPU take several passes per op. The views leave the worker as bytes; the trainer's
   device normalises them (:func:`normalise`, called by :class:`histotx.data.device_decode.BatchDecoder`).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,26 @@ from histotx.data.opencv import cv2
 if TYPE_CHECKING:
     from histotx.data.augment import CropGeometry, View
 
-COLOUR_FIELDS = ("brightness", "contrast", "saturation", "hue", "order0", "order1", "order2", "order3",
-                 "hed", "alpha_h", "alpha_e", "alpha_d", "beta_h", "beta_e", "beta_d", "grayscale", "blur_sigma",
-                 "solarize")
+COLOUR_FIELDS = (
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "order0",
+    "order1",
+    "order2",
+    "order3",
+    "hed",
+    "alpha_h",
+    "alpha_e",
+    "alpha_d",
+    "beta_h",
+    "beta_e",
+    "beta_d",
+    "grayscale",
+    "blur_sigma",
+    "solarize",
+)
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 """Colour parameters that leave a view unchanged (jitter factors 1, hue 0, every other op off)."""
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op codes in order0..order3 (torchvision's order)
@@ -53,8 +71,11 @@ _HED = _hed_matrices()
 
 def _per_view(values: np.ndarray, like: torch.Tensor, trailing: int = 3) -> torch.Tensor:
     """Per-view numbers as a tensor shaped to broadcast over ``like``'s views (dtype and device of ``like``)."""
-    return torch.as_tensor(values, dtype=like.dtype).to(like.device, non_blocking=True).view(
-        *np.shape(values), *([1] * trailing))
+    return (
+        torch.as_tensor(values, dtype=like.dtype)
+        .to(like.device, non_blocking=True)
+        .view(*np.shape(values), *([1] * trailing))
+    )
 
 
 def _subset(x: torch.Tensor, mask: np.ndarray, fn) -> torch.Tensor:
@@ -126,8 +147,12 @@ def _hue(x: torch.Tensor, shift: np.ndarray) -> torch.Tensor:
     # hue in sextants, from the sector torchvision picks: max at R, else at G, else at B (grey: 0)
     top_r = (maxc - r).sign_().neg_().add_(1.0)  # 1 where max == r (maxc − r ≥ 0)
     top_g = (maxc - g).sign_().neg_().add_(1.0).mul_(1.0 - top_r)
-    h = (g - b).mul_(top_r).add_((b - r).add_(chroma, alpha=2.0).mul_(top_g)).add_(
-        (r - g).add_(chroma, alpha=4.0).mul_((1.0 - top_r).sub_(top_g)))
+    h = (
+        (g - b)
+        .mul_(top_r)
+        .add_((b - r).add_(chroma, alpha=2.0).mul_(top_g))
+        .add_((r - g).add_(chroma, alpha=4.0).mul_((1.0 - top_r).sub_(top_g)))
+    )
     h = h.div_(chroma.clamp_min(1e-30)).add_(_per_view(6.0 * shift + 6.0, x, 2))
     h = h.sub_(torch.floor(h / 6.0).mul_(6.0))  # (hue + 6·shift) mod 6, in [0, 6)
     k = h[:, None] + _per_view(np.array([5.0, 3.0, 1.0]), x, 2)
@@ -158,10 +183,10 @@ def _blur(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
     padded = F.pad(x, (r, r, r, r), mode="reflect")
     rows = padded[..., 0:wid] * kernel[0]
     for t in range(1, 2 * r + 1):
-        rows.addcmul_(padded[..., t:t + wid], kernel[t])
+        rows.addcmul_(padded[..., t : t + wid], kernel[t])
     out = rows[..., 0:hgt, :] * kernel[0]
     for t in range(1, 2 * r + 1):
-        out.addcmul_(rows[..., t:t + hgt, :], kernel[t])
+        out.addcmul_(rows[..., t : t + hgt, :], kernel[t])
     return out
 
 
@@ -200,8 +225,10 @@ def resize_batched(tiles: torch.Tensor, geometries: list[CropGeometry], per_tile
     uint8 values as the CPU path is. ``tiles``: ``[T, 3, H, W]`` uint8 → ``[T·per_tile, 3, S, S]`` float."""
     n_tiles, _, hgt, wid = tiles.shape
     size = geometries[0].size
-    g = torch.tensor([[v.left, v.top, v.width, v.height, v.hflip, v.vflip, v.quarter_turns % 4] for v in geometries],
-                     dtype=torch.long).to(tiles.device)
+    g = torch.tensor(
+        [[v.left, v.top, v.width, v.height, v.hflip, v.vflip, v.quarter_turns % 4] for v in geometries],
+        dtype=torch.long,
+    ).to(tiles.device)
     rows = _aa_weights(g[:, 1], g[:, 3], size, hgt)
     cols = _aa_weights(g[:, 0], g[:, 2], size, wid)
     rows = torch.where(g[:, 5, None, None].bool(), rows.flip(1), rows)
@@ -222,15 +249,25 @@ def resize_batched(tiles: torch.Tensor, geometries: list[CropGeometry], per_tile
     return out.transpose(0, 1).reshape(per_tile * n_tiles, 3, size, size).round_().clamp_(0.0, 255.0)
 
 
-def render(tiles: list[torch.Tensor], tile_of_view: list[int], geometries: list[CropGeometry],
-           params: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def render(
+    tiles: list[torch.Tensor],
+    tile_of_view: list[int],
+    geometries: list[CropGeometry],
+    params: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
     """Views of one size: ``tiles`` are ``[3, H, W]`` uint8 (any device), view ``n`` is cut from
     ``tiles[tile_of_view[n]]`` by ``geometries[n]`` and coloured by ``params[n]``; → ``[N, 3, S, S]``
     float, normalised by ``mean``/``std`` (``[3]``). On a GPU, a batch of equal tiles with the same
     number of views each, in crop-major order, is resized in one go (:func:`resize_batched`)."""
     n_tiles, n = len(tiles), len(tile_of_view)
-    if (tiles[0].device.type != "cpu" and n % n_tiles == 0 and len({t.shape for t in tiles}) == 1
-            and list(tile_of_view) == [t for _ in range(n // n_tiles) for t in range(n_tiles)]):
+    if (
+        tiles[0].device.type != "cpu"
+        and n % n_tiles == 0
+        and len({t.shape for t in tiles}) == 1
+        and list(tile_of_view) == [t for _ in range(n // n_tiles) for t in range(n_tiles)]
+    ):
         crops = resize_batched(torch.stack(tiles), geometries, n // n_tiles)
     else:
         crops = torch.stack([g.apply_to_image(tiles[t]) for t, g in zip(tile_of_view, geometries)]).float()
@@ -322,12 +359,20 @@ class PendingViews:
         def colour(views):
             return torch.from_numpy(np.stack([v.colour for v in views])) if views else torch.zeros(0, len(IDENTITY))
 
-        return cls(tiles, [where[id(v.source)] for v in global_views], [v.geometry for v in global_views],
-                   colour(global_views), [where[id(v.source)] for v in local_views], [v.geometry for v in local_views],
-                   colour(local_views), local_size)
+        return cls(
+            tiles,
+            [where[id(v.source)] for v in global_views],
+            [v.geometry for v in global_views],
+            colour(global_views),
+            [where[id(v.source)] for v in local_views],
+            [v.geometry for v in local_views],
+            colour(local_views),
+            local_size,
+        )
 
-    def render(self, tiles: list[torch.Tensor], mean: torch.Tensor,
-               std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def render(
+        self, tiles: list[torch.Tensor], mean: torch.Tensor, std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(global images, local images) from ``tiles``, the decoded :attr:`tiles` (``[3, H, W]`` uint8)."""
         images = render(tiles, self.global_tile, self.global_geometry, self.global_colour, mean, std)
         if self.local_tile:
@@ -402,8 +447,7 @@ def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) ->
     if q[15] > 0:  # luma weights sum to 0.9999: stays in [0, 1]
         x, spare = _map(x, _GRAY_MAP, spare), x
     if q[16] > 0:  # torchvision's kernel (2·⌈3σ⌉ + 1 taps) and "reflect" padding (OpenCV's REFLECT_101)
-        x, spare = cv2.sepFilter2D(x, -1, *(_gauss_taps(q[16]),) * 2, dst=spare,
-                                   borderType=cv2.BORDER_REFLECT_101), x
+        x, spare = cv2.sepFilter2D(x, -1, *(_gauss_taps(q[16]),) * 2, dst=spare, borderType=cv2.BORDER_REFLECT_101), x
     if q[17] > 0:  # x < 0.5 stays, x ≥ 0.5 becomes 1 − x: 0.5 − |x − 0.5| (a masked numpy op is 20× slower)
         x = cv2.subtract(_scalar(0.5), cv2.absdiff(x, _scalar(0.5), dst=x), dst=x)
     return x
@@ -412,5 +456,5 @@ def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) ->
 def _gauss_taps(sigma: float) -> np.ndarray:
     """torchvision's gaussian_blur kernel: 2·⌈3σ⌉ + 1 taps, normalised."""
     r = math.ceil(3 * sigma)
-    taps = np.exp(np.arange(-r, r + 1, dtype=np.float64) ** 2 * (-0.5 / sigma ** 2))
+    taps = np.exp(np.arange(-r, r + 1, dtype=np.float64) ** 2 * (-0.5 / sigma**2))
     return taps / taps.sum()

@@ -25,6 +25,7 @@ an undecodable sample (any :class:`~histotx.format.FormatError`, or a gene id be
 vocabulary, which would index past the model's gene table) is skipped and counted. A slot whose shards hold nothing readable, or a long run
 of bad samples, stops the loader with an error rather than spinning forever.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -63,7 +64,9 @@ class LoaderStats:
     corrupt_shards: int = 0
     bad_samples: int = 0
     samples: int = 0  # delivered in batches
-    worker_cpu_s: float = 0.0  # CPU seconds of the worker process(es) when their last batch was made (0 without workers)
+    worker_cpu_s: float = (
+        0.0  # CPU seconds of the worker process(es) when their last batch was made (0 without workers)
+    )
 
     def __add__(self, other: "LoaderStats") -> "LoaderStats":
         return LoaderStats(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
@@ -81,8 +84,11 @@ def read_shard(url: str, stats: LoaderStats) -> Iterator[dict[str, Any]]:
                 yield sample
     except Exception as exc:  # noqa: BLE001 — any damage (tar, I/O, format) skips the rest of the shard
         stats.corrupt_shards += 1
-        warnings.warn(f"{url}: unreadable after {n} samples, rest of the shard skipped "
-                      f"({type(exc).__name__}: {exc})", ShardWarning, stacklevel=2)
+        warnings.warn(
+            f"{url}: unreadable after {n} samples, rest of the shard skipped ({type(exc).__name__}: {exc})",
+            ShardWarning,
+            stacklevel=2,
+        )
 
 
 class ShardStream(IterableDataset):
@@ -92,8 +98,14 @@ class ShardStream(IterableDataset):
     (decode the image, multi-crop); ``collate(items, rng)`` packs ``batch_size`` items into a batch.
     """
 
-    def __init__(self, cfg: StreamConfig, transform: Callable[[TileSample, np.random.Generator], Any],
-                 collate: Callable[[list, np.random.Generator], Any], rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        transform: Callable[[TileSample, np.random.Generator], Any],
+        collate: Callable[[list, np.random.Generator], Any],
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if not cfg.shards:
             raise ValueError("data.stream.shards is empty: set it to a shard folder made by `histotx shard`")
         manifest = read_manifest(cfg.shards)
@@ -136,8 +148,9 @@ class ShardStream(IterableDataset):
         mine = self.slot_shards(epoch, slot)
         yield mine
         for repeat in itertools.count(1):
-            yield random.Random(derive_seed(self.cfg.seed, _REPEAT, epoch, self.rank, slot, repeat)).sample(mine,
-                                                                                                          len(mine))
+            yield random.Random(derive_seed(self.cfg.seed, _REPEAT, epoch, self.rank, slot, repeat)).sample(
+                mine, len(mine)
+            )
 
     def _slot_stream(self, epoch: int, slot: int, start: int, stats: LoaderStats) -> Iterator[tuple[int, dict]]:
         """(position, raw sample) from ``start`` on, each pass over the slot's shards shuffled through the
@@ -153,8 +166,10 @@ class ShardStream(IterableDataset):
                     n += 1
                     yield sample
                 if n == 0:
-                    raise RuntimeError(f"rank {self.rank} worker slot {slot}: no readable sample in its shards "
-                                       f"{[Path(u).name for u in shards]}")
+                    raise RuntimeError(
+                        f"rank {self.rank} worker slot {slot}: no readable sample in its shards "
+                        f"{[Path(u).name for u in shards]}"
+                    )
 
         return itertools.islice(enumerate(passes(), start=1), start, None)
 
@@ -163,8 +178,10 @@ class ShardStream(IterableDataset):
         tile = decode_sample(raw)
         genes = tile.grid.gene
         if self.vocab_size is not None and genes.size and int(genes.max()) >= self.vocab_size:
-            raise FormatError(f"sample {tile.key}: gene id {int(genes.max())} is beyond the shard set's "
-                              f"vocabulary ({self.vocab_size} genes)")
+            raise FormatError(
+                f"sample {tile.key}: gene id {int(genes.max())} is beyond the shard set's "
+                f"vocabulary ({self.vocab_size} genes)"
+            )
         return tile
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -191,16 +208,28 @@ class ShardStream(IterableDataset):
                 except Exception as exc:  # noqa: BLE001 — a bad sample must not stop training
                     stats.bad_samples += 1
                     bad_run += 1
-                    warnings.warn(f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')} skipped "
-                                  f"({type(exc).__name__}: {exc})", ShardWarning, stacklevel=2)
+                    warnings.warn(
+                        f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')} skipped "
+                        f"({type(exc).__name__}: {exc})",
+                        ShardWarning,
+                        stacklevel=2,
+                    )
                     if bad_run >= cfg.max_consecutive_bad_samples:
-                        raise RuntimeError(f"{bad_run} bad samples in a row on rank {self.rank} slot {slot}; "
-                                           f"last: {exc}") from exc
+                        raise RuntimeError(
+                            f"{bad_run} bad samples in a row on rank {self.rank} slot {slot}; last: {exc}"
+                        ) from exc
             batch = self.collate(items, np.random.default_rng([cfg.seed, _BATCH, epoch, self.rank, index]))
             stats.samples += len(items)
             stats.worker_cpu_s = time.process_time() if info else 0.0
-            yield {"batch": batch, "epoch": epoch, "index": index, "slot": slot, "position": position,
-                   "worker": worker, "stats": asdict(stats)}
+            yield {
+                "batch": batch,
+                "epoch": epoch,
+                "index": index,
+                "slot": slot,
+                "position": position,
+                "worker": worker,
+                "stats": asdict(stats),
+            }
 
 
 def _worker_init(_: int) -> None:
@@ -238,14 +267,21 @@ class StreamLoader:
     def __iter__(self) -> Iterator[Any]:
         ds, cfg = self.dataset, self.dataset.cfg
         ds.start_batch, ds.start_positions = self.batches, dict(self.positions)
-        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=self.pin_memory,
-                            worker_init_fn=_worker_init if cfg.num_workers else None,
-                            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None)
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=_worker_init if cfg.num_workers else None,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+        )
         for delivery in loader:
             expected = divmod(self.batches, self.steps_per_epoch)
             if (delivery["epoch"], delivery["index"]) != expected:
-                raise RuntimeError(f"loader delivered batch {(delivery['epoch'], delivery['index'])}, expected "
-                                   f"{expected} (epoch, index)")
+                raise RuntimeError(
+                    f"loader delivered batch {(delivery['epoch'], delivery['index'])}, expected "
+                    f"{expected} (epoch, index)"
+                )
             self.positions[delivery["slot"]] = delivery["position"]
             self.batches += 1
             if self.batches % self.steps_per_epoch == 0:
@@ -259,8 +295,13 @@ class StreamLoader:
         return {
             "batches": self.batches,
             "positions": {str(k): v for k, v in sorted(self.positions.items())},
-            "rank": ds.rank, "world_size": ds.world_size, "num_workers": ds.n_slots, "seed": ds.cfg.seed,
-            "batch_size": ds.cfg.batch_size, "steps_per_epoch": ds.steps_per_epoch, "resample": ds.cfg.resample,
+            "rank": ds.rank,
+            "world_size": ds.world_size,
+            "num_workers": ds.n_slots,
+            "seed": ds.cfg.seed,
+            "batch_size": ds.cfg.batch_size,
+            "steps_per_epoch": ds.steps_per_epoch,
+            "resample": ds.cfg.resample,
             "shards": len(ds.urls),
         }
 

@@ -4,6 +4,7 @@
 the linear probe; ``hestlayout``: HEST-Benchmark's own task folders; ``report``: table, CSV, PNG, JSON;
 ``run``: :func:`evaluate` and ``histotx eval``. Names are imported on first use (no sklearn at import).
 """
+
 from __future__ import annotations
 
 import importlib

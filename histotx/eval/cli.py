@@ -4,6 +4,7 @@ The CLI builds every subcommand's parser at start, so this module imports nothin
 sklearn or pandas); the handlers import :mod:`histotx.eval.embed` / :mod:`histotx.eval.run` when they run.
 That keeps `histotx shard ...` torch-free and quick to start.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,27 +53,40 @@ bf16 autocast on a GPU, fp32 on CPU.
 def _names(text: str | None, file: Path | None) -> list[str]:
     names = [n.strip() for n in (text or "").split(",") if n.strip()]
     if file is not None:
-        names += [line.strip() for line in Path(file).read_text().splitlines() if line.strip()
-                  and not line.startswith("#")]
+        names += [
+            line.strip() for line in Path(file).read_text().splitlines() if line.strip() and not line.startswith("#")
+        ]
     return names
 
 
 def register_embed(subparsers) -> None:
-    p = subparsers.add_parser("embed", help="embed a shard set or a slide with a trained model (→ .h5ad per sample)",
-                              description=CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "embed",
+        help="embed a shard set or a slide with a trained model (→ .h5ad per sample)",
+        description=CLI_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="run folder, checkpoint folder or export folder")
     p.add_argument("--out", type=Path, required=True, help="folder for <sample>.h5ad (created)")
     p.add_argument("--modes", default="image", help="comma-separated: image, transcripts, fused (default image)")
     p.add_argument("--drop-genes", help="comma-separated gene symbols removed from the transcript input")
     p.add_argument("--drop-genes-file", type=Path, help="a file of gene symbols to remove, one per line")
-    p.add_argument("--resolution-um", default=str(DEFAULT_RESOLUTION_UM),
-                   help="transcript token side in µm, or 'native' (one token per spot/bin/molecule); "
-                        f"default {DEFAULT_RESOLUTION_UM:g}, a size every shipped training config draws")
+    p.add_argument(
+        "--resolution-um",
+        default=str(DEFAULT_RESOLUTION_UM),
+        help="transcript token side in µm, or 'native' (one token per spot/bin/molecule); "
+        f"default {DEFAULT_RESOLUTION_UM:g}, a size every shipped training config draws",
+    )
     p.add_argument("--image-px", type=int, help="resize each tile to this side (default: the model's input size)")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=0, help="processes that decode, resize and bin tiles (default 0: the main process; "
-                        "on a GPU use several, or the GPU waits for them)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that decode, resize and bin tiles (default 0: the main process; "
+        "on a GPU use several, or the GPU waits for them)",
+    )
     g = p.add_argument_group("a shard set")
     g.add_argument("--shards", type=Path, help="shard folder with manifest.json (made by `histotx shard`)")
     g.add_argument("--samples", help="comma-separated sample ids (default: all)")
@@ -101,20 +115,40 @@ def _run_embed(args) -> int:
     if args.shards and (args.overrides or args.shard_config):
         raise ValueError("shard settings (--shard-config, key=value) apply to --slide only")
     t0 = time.time()
-    kwargs = dict(modes=_names(args.modes, None), drop_genes=_names(args.drop_genes, args.drop_genes_file),
-                  batch_size=args.batch_size, device=args.device, image_px=args.image_px, num_workers=args.workers,
-                  resolution_um="native" if args.resolution_um == "native" else float(args.resolution_um))
+    kwargs = dict(
+        modes=_names(args.modes, None),
+        drop_genes=_names(args.drop_genes, args.drop_genes_file),
+        batch_size=args.batch_size,
+        device=args.device,
+        image_px=args.image_px,
+        num_workers=args.workers,
+        resolution_um="native" if args.resolution_um == "native" else float(args.resolution_um),
+    )
     if args.shards:
         samples = _names(args.samples, None) or None
         paths = embed_shards(args.model, args.shards, args.out, samples=samples, **kwargs)
     else:
-        from sharding.config import ShardConfig
+        from histotx.sharding.config import ShardConfig
 
         cfg = load_config(ShardConfig, args.shard_config, args.overrides)
-        paths = [embed_slide(args.model, args.slide, args.out, data=args.data, technology=args.technology,
-                             sample_id=args.sample_id, patient=args.patient, mpp=args.mpp,
-                             image_scale=args.image_scale, bin_size_um=args.bin_size_um, alignment=args.alignment,
-                             shard_config=cfg, shards_dir=args.keep_shards, **kwargs)]
+        paths = [
+            embed_slide(
+                args.model,
+                args.slide,
+                args.out,
+                data=args.data,
+                technology=args.technology,
+                sample_id=args.sample_id,
+                patient=args.patient,
+                mpp=args.mpp,
+                image_scale=args.image_scale,
+                bin_size_um=args.bin_size_um,
+                alignment=args.alignment,
+                shard_config=cfg,
+                shards_dir=args.keep_shards,
+                **kwargs,
+            )
+        ]
     _summary(paths, time.time() - t0)
     return 0
 
@@ -135,8 +169,10 @@ def _summary(paths: list[Path], seconds: float) -> None:
         table.add_row(path.stem, str(adata.n_obs), dims, str(path))
     console = Console(stderr=True, width=160)
     console.print(table)
-    console.print(f"{len(paths)} samples, {tiles} tiles in {seconds:.1f} s ({tiles / max(seconds, 1e-9):.1f} tiles/s) "
-                  f"→ {paths[0].parent if paths else '-'}")
+    console.print(
+        f"{len(paths)} samples, {tiles} tiles in {seconds:.1f} s ({tiles / max(seconds, 1e-9):.1f} tiles/s) "
+        f"→ {paths[0].parent if paths else '-'}"
+    )
 
 
 # ---------------------------------------------------------------- `histotx eval`
@@ -181,27 +217,48 @@ examples:
 
 def register_eval(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="HEST-Bench-style expression prediction (+ a label probe) from each model x mode",
+        "eval",
+        help="HEST-Bench-style expression prediction (+ a label probe) from each model x mode",
         description="Compare models and embedding modes on predicting gene expression from tile embeddings, "
-                    "with the HEST-Benchmark protocol, on a HistoTx shard set or a HEST-Benchmark task folder.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "with the HEST-Benchmark protocol, on a HistoTx shard set or a HEST-Benchmark task folder.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shards", type=Path, help="a shard folder made by `histotx shard` (targets come from it)")
-    src.add_argument("--hest", type=Path, metavar="DIR",
-                     help="a HEST-Benchmark task folder (splits/, adata/, patches/, var_50genes.json), or a folder "
-                          "of them (bench_data/: every task, plus the mean over tasks); image mode only")
-    p.add_argument("--model", action="append", metavar="NAME=SOURCE",
-                   help="a model to embed with: an export folder, a run folder or a checkpoint (repeatable)")
-    p.add_argument("--embeddings", action="append", metavar="NAME=DIR",
-                   help="precomputed embeddings (<DIR>/<sample>.h5ad from `histotx embed`) (repeatable)")
+    src.add_argument(
+        "--hest",
+        type=Path,
+        metavar="DIR",
+        help="a HEST-Benchmark task folder (splits/, adata/, patches/, var_50genes.json), or a folder "
+        "of them (bench_data/: every task, plus the mean over tasks); image mode only",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=SOURCE",
+        help="a model to embed with: an export folder, a run folder or a checkpoint (repeatable)",
+    )
+    p.add_argument(
+        "--embeddings",
+        action="append",
+        metavar="NAME=DIR",
+        help="precomputed embeddings (<DIR>/<sample>.h5ad from `histotx embed`) (repeatable)",
+    )
     p.add_argument("--modes", default="image", help="comma-separated: image, transcripts, fused (default image)")
     p.add_argument("--out", type=Path, required=True, help="folder for the table, plot, JSON and embeddings")
     p.add_argument("--samples", help="comma-separated sample ids (default: every sample with transcripts)")
     p.add_argument("--targets", type=int, default=50, help="number of target genes (default 50)")
-    p.add_argument("--min-frac", type=float, default=0.10,
-                   help="a target must be present in this share of the sites of every sample (default 0.10)")
+    p.add_argument(
+        "--min-frac",
+        type=float,
+        default=0.10,
+        help="a target must be present in this share of the sites of every sample (default 0.10)",
+    )
     p.add_argument("--label", help="label column for the linear probe (obs column, or the --labels CSV column)")
-    p.add_argument("--labels", type=Path, help="CSV of tile labels: columns key (tile key) and --label (default 'label')")
+    p.add_argument(
+        "--labels", type=Path, help="CSV of tile labels: columns key (tile key) and --label (default 'label')"
+    )
     p.add_argument("--gene-groups", type=Path, help='JSON {"group": ["GENE", ...]}: per-group Pearson columns')
     p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
@@ -223,14 +280,40 @@ def _run_eval(args) -> int:
         if embeddings or not models or modes != ["image"]:
             raise ValueError("--hest takes --model (one or more) and --modes image (HEST-Benchmark tasks are images)")
         if hestlayout.is_task(args.hest):
-            hestlayout.evaluate_hest_task(args.hest, models, args.out, gene_groups=groups, batch_size=args.batch_size,
-                                          device=args.device, progress=not args.no_progress)
+            hestlayout.evaluate_hest_task(
+                args.hest,
+                models,
+                args.out,
+                gene_groups=groups,
+                batch_size=args.batch_size,
+                device=args.device,
+                progress=not args.no_progress,
+            )
         else:
-            hestlayout.evaluate_hest_bench(args.hest, models, args.out, batch_size=args.batch_size,
-                                           device=args.device, progress=not args.no_progress)
+            hestlayout.evaluate_hest_bench(
+                args.hest,
+                models,
+                args.out,
+                batch_size=args.batch_size,
+                device=args.device,
+                progress=not args.no_progress,
+            )
         return 0
     samples = [s.strip() for s in args.samples.split(",")] if args.samples else None
-    evaluate(args.shards, models, modes, args.out, embeddings=embeddings, samples=samples,
-             n_targets=args.targets, min_frac=args.min_frac, label=args.label, labels=args.labels,
-             gene_groups=groups, batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    evaluate(
+        args.shards,
+        models,
+        modes,
+        args.out,
+        embeddings=embeddings,
+        samples=samples,
+        n_targets=args.targets,
+        min_frac=args.min_frac,
+        label=args.label,
+        labels=args.labels,
+        gene_groups=groups,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     return 0

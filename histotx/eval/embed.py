@@ -15,6 +15,7 @@ Modes: ``image`` (image alone), ``transcripts`` (transcript tokens alone, on the
 (both in one sequence). The embedding is the final-norm CLS token. A ``transcripts`` row of a tile with
 no token left is NaN (no input); a ``fused`` row of such a tile is its image-only embedding.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,13 @@ from histotx.data.augment import CropGeometry, transform_grid
 from histotx.data.stream import LoaderStats, ShardWarning, read_shard
 from histotx.eval.cli import DEFAULT_RESOLUTION_UM
 from histotx.format import (
-    VOCAB_NAME, FormatError, TileSample, TranscriptGrid, decode_image_rgb, decode_sample, read_manifest,
+    VOCAB_NAME,
+    FormatError,
+    TileSample,
+    TranscriptGrid,
+    decode_image_rgb,
+    decode_sample,
+    read_manifest,
 )
 from histotx.model.transcripts import TranscriptBatch
 from histotx.tokens import TranscriptCells, bin_grid, token_size
@@ -74,8 +81,9 @@ def gene_map(vocab: Vocab, model_genes: Sequence[str], drop_genes: Iterable[str]
 def remap_grid(grid: TranscriptGrid, mapping: np.ndarray) -> TranscriptGrid:
     """The grid with gene ids mapped to the model's; entries mapped to -1 removed (sites stay, maybe empty)."""
     if grid.gene.size and int(grid.gene.max()) >= mapping.shape[0]:
-        raise FormatError(f"gene id {int(grid.gene.max())} is outside the shard set's vocabulary of "
-                          f"{mapping.shape[0]} genes")
+        raise FormatError(
+            f"gene id {int(grid.gene.max())} is outside the shard set's vocabulary of {mapping.shape[0]} genes"
+        )
     gene = mapping[grid.gene]
     keep = gene >= 0
     per_site = np.bincount(grid.site_of_entry()[keep], minlength=grid.n_sites)
@@ -119,8 +127,10 @@ class TileInputs:
 def resolve_model(model: Any, device: torch.device):
     """A LoadedModel as is, or anything :func:`histotx.export.load_model` accepts (export, run, checkpoint)."""
     if isinstance(model, torch.nn.Module):
-        raise TypeError("embed needs a histotx.export.LoadedModel (the network with its genes, µm/px, input size "
-                        "and normalisation) or a run/checkpoint/export folder, not a bare module")
+        raise TypeError(
+            "embed needs a histotx.export.LoadedModel (the network with its genes, µm/px, input size "
+            "and normalisation) or a run/checkpoint/export folder, not a bare module"
+        )
     if not hasattr(model, "model"):
         from histotx.export import load_model
 
@@ -143,8 +153,13 @@ def _autocast(device: torch.device):
 
 
 @torch.inference_mode()
-def embed_batch(net: torch.nn.Module, images: torch.Tensor, cells: list[TranscriptCells] | None,
-                modes: Sequence[str], device: torch.device) -> dict[str, np.ndarray]:
+def embed_batch(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    cells: list[TranscriptCells] | None,
+    modes: Sequence[str],
+    device: torch.device,
+) -> dict[str, np.ndarray]:
     """CLS embeddings (B, D) float32 per mode for one batch (NaN rows: no input for that mode)."""
     images = images.to(device, net.cls_token.dtype, non_blocking=True)  # fp32 (autocast on GPU), or a float64 model
     batch = TranscriptBatch.collate(cells).to(device) if cells is not None else None
@@ -173,10 +188,18 @@ def embed_batch(net: torch.nn.Module, images: torch.Tensor, cells: list[Transcri
 
 def _obs_row(tile: TileSample, cells: TranscriptCells | None) -> dict[str, Any]:
     m = tile.meta
-    row = {"sample": m["sample"], "patient": m["patient"], "technology": m["technology"],
-           "x0_px": float(m["origin_level0_px"][0]), "y0_px": float(m["origin_level0_px"][1]),
-           "x_um": float(m["origin_um"][0]), "y_um": float(m["origin_um"][1]), "mpp": float(m["mpp"]),
-           "n_sites": int(m["n_sites"]), "n_counts": float(m["total_count"])}
+    row = {
+        "sample": m["sample"],
+        "patient": m["patient"],
+        "technology": m["technology"],
+        "x0_px": float(m["origin_level0_px"][0]),
+        "y0_px": float(m["origin_level0_px"][1]),
+        "x_um": float(m["origin_um"][0]),
+        "y_um": float(m["origin_um"][1]),
+        "mpp": float(m["mpp"]),
+        "n_sites": int(m["n_sites"]),
+        "n_counts": float(m["total_count"]),
+    }
     if cells is not None:
         row["n_tokens"] = cells.n_cells
     return row
@@ -268,7 +291,9 @@ class SampleEmbeddings:
         import pandas as pd
 
         order = sorted(range(len(self.rows)), key=lambda i: self.rows[i][0])
-        obs = pd.DataFrame([self.rows[i][2] for i in order], index=pd.Index([self.rows[i][1] for i in order], dtype=str))
+        obs = pd.DataFrame(
+            [self.rows[i][2] for i in order], index=pd.Index([self.rows[i][1] for i in order], dtype=str)
+        )
         for col in ("sample", "patient", "technology"):
             if col in obs:
                 obs[col] = obs[col].astype("category")
@@ -310,10 +335,20 @@ def _shard_plan(shard_dir: Path, manifest: dict, samples: Sequence[str] | None) 
     return wanted, [s for s in manifest["shards"] if s.get("sample_id") is None or s["sample_id"] in wanted]
 
 
-def embed_shards(model, shards, out_dir, modes: Sequence[str] = ("image",), samples: Sequence[str] | None = None,
-                 drop_genes: Iterable[str] = (), batch_size: int = 64, device: str | torch.device = "auto",
-                 progress: bool = True, resolution_um: float | str | None = DEFAULT_RESOLUTION_UM,
-                 image_px: int | None = None, num_workers: int = 0) -> list[Path]:
+def embed_shards(
+    model,
+    shards,
+    out_dir,
+    modes: Sequence[str] = ("image",),
+    samples: Sequence[str] | None = None,
+    drop_genes: Iterable[str] = (),
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    resolution_um: float | str | None = DEFAULT_RESOLUTION_UM,
+    image_px: int | None = None,
+    num_workers: int = 0,
+) -> list[Path]:
     """Embed the tiles of a shard set, writing ``<out_dir>/<sample>.h5ad`` per sample; returns the paths.
 
     ``model``: a LoadedModel or a source for :func:`histotx.export.load_model`. ``modes``: any of
@@ -349,10 +384,15 @@ def embed_shards(model, shards, out_dir, modes: Sequence[str] = ("image",), samp
     genes = _input_genes(shard_dir, loaded, dropped) if {"transcripts", "fused"} & set(modes) else None
     inputs = TileInputs(image_px, tuple(loaded.mean), tuple(loaded.std), resolution, genes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    uns = {"model": loaded.name, "modes": np.array(modes, dtype=object),
-           "dropped_genes": np.array(dropped, dtype=object), "embedding": "cls",
-           "resolution_um": "native" if resolution is None else resolution, "image_px": image_px,
-           "shards": str(shard_dir.resolve())}
+    uns = {
+        "model": loaded.name,
+        "modes": np.array(modes, dtype=object),
+        "dropped_genes": np.array(dropped, dtype=object),
+        "embedding": "cls",
+        "resolution_um": "native" if resolution is None else resolution,
+        "image_px": image_px,
+        "shards": str(shard_dir.resolve()),
+    }
 
     acc = {s: SampleEmbeddings() for s in wanted}
     shards_left = {s: sum(e.get("sample_id") == s for e in entries) for s in wanted}
@@ -364,13 +404,19 @@ def embed_shards(model, shards, out_dir, modes: Sequence[str] = ("image",), samp
         a.flush(net, modes, dev)
         expected = manifest["samples"][sample].get("tiles")
         if expected is not None and len(a.rows) != int(expected):
-            raise FormatError(f"{shard_dir}: sample {sample} has {len(a.rows)} tiles in its shards, the manifest "
-                              f"says {expected}")
+            raise FormatError(
+                f"{shard_dir}: sample {sample} has {len(a.rows)} tiles in its shards, the manifest says {expected}"
+            )
         paths[sample] = write_h5ad_atomic(a.to_anndata(modes, net.config.embed_dim, uns), out_dir / f"{sample}.h5ad")
 
     stream = PreparedShards([str(shard_dir / e["name"]) for e in entries], set(wanted), inputs, batch_size)
-    loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
-                        worker_init_fn=_one_thread if num_workers else None)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=num_workers,
+        worker_init_fn=_one_thread if num_workers else None,
+    )
     total = sum(int(manifest["samples"][s].get("tiles", 0)) for s in wanted)
     seen: set[str] = set()
     with tqdm(total=total, desc="embed", unit="tile", disable=not progress, dynamic_ncols=True) as bar:
@@ -408,8 +454,12 @@ def _input_genes(shard_dir: Path, loaded, dropped: list[str]) -> np.ndarray:
     drop = set(dropped)
     unknown = sum(1 for i, m in enumerate(mapping) if m < 0 and not {vocab.symbols[i], vocab.ensembl[i]} & drop)
     if unknown:
-        log.warning("%s: %d of %d genes are not in the model's vocabulary and are left out of its input",
-                    path, unknown, len(vocab))
+        log.warning(
+            "%s: %d of %d genes are not in the model's vocabulary and are left out of its input",
+            path,
+            unknown,
+            len(vocab),
+        )
     absent = [g for g in dropped if g not in named]
     if absent:
         log.warning("drop_genes not in %s (nothing to drop): %s", path, absent)
@@ -419,8 +469,14 @@ def _input_genes(shard_dir: Path, loaded, dropped: list[str]) -> np.ndarray:
 def _check_mpp(sample: str, tile_mpp: float, model_mpp: float | None) -> None:
     """A model sees tiles at the scale it was trained on (timm exports may not know it: no check)."""
     if model_mpp and math.isfinite(model_mpp) and abs(tile_mpp - model_mpp) > MPP_TOLERANCE * model_mpp:
-        log.warning("%s: tiles at %.4g µm/px, the model was trained on tiles at %.4g µm/px; embeddings of a "
-                    "different scale (reshard with mpp=%.4g to match)", sample, tile_mpp, model_mpp, model_mpp)
+        log.warning(
+            "%s: tiles at %.4g µm/px, the model was trained on tiles at %.4g µm/px; embeddings of a "
+            "different scale (reshard with mpp=%.4g to match)",
+            sample,
+            tile_mpp,
+            model_mpp,
+            model_mpp,
+        )
 
 
 # ---------------------------------------------------------------- a slide → shards (as `histotx shard`) → h5ad
@@ -432,17 +488,31 @@ def slide_sample_id(slide: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem).lstrip("_-") or "slide"
 
 
-def embed_slide(model, slide, out_dir, *, data=None, technology: str | None = None, sample_id: str | None = None,
-                patient: str = "", mpp: float | None = None, image_scale: str = "fullres",
-                bin_size_um: float = 2.0, alignment: str | None = None, shard_config=None,
-                shards_dir=None, progress: bool = True, **embed_kwargs) -> Path:
+def embed_slide(
+    model,
+    slide,
+    out_dir,
+    *,
+    data=None,
+    technology: str | None = None,
+    sample_id: str | None = None,
+    patient: str = "",
+    mpp: float | None = None,
+    image_scale: str = "fullres",
+    bin_size_um: float = 2.0,
+    alignment: str | None = None,
+    shard_config=None,
+    shards_dir=None,
+    progress: bool = True,
+    **embed_kwargs,
+) -> Path:
     """Embed one slide (+ its Visium / Visium HD / Xenium / HEST data): tile it with the sharding pipeline
-    itself (``shard_config``: a :class:`sharding.config.ShardConfig`, default as ``histotx shard run``)
+    itself (``shard_config``: a :class:`histotx.sharding.config.ShardConfig`, default as ``histotx shard run``)
     into ``shards_dir`` (default a temporary folder, removed after), then :func:`embed_shards`.
     Returns the path of ``<out_dir>/<sample_id>.h5ad``."""
-    from sharding.cohort import dump_cohort
-    from sharding.config import ShardConfig
-    from sharding.pipeline import run_cohort
+    from histotx.sharding.cohort import dump_cohort
+    from histotx.sharding.config import ShardConfig
+    from histotx.sharding.pipeline import run_cohort
 
     technology = technology or ("image_only" if data is None else None)
     if technology is None:
@@ -451,10 +521,19 @@ def embed_slide(model, slide, out_dir, *, data=None, technology: str | None = No
         raise ValueError("embed_slide: a HEST sample needs its id (sample_id)")
     slide = Path(slide).resolve() if slide else None
     sample_id = sample_id or slide_sample_id(slide)
-    entry = {"id": sample_id, "technology": technology, "patient": patient or sample_id,
-             "image_scale": image_scale, "bin_size_um": bin_size_um}
-    for key, value in (("slide", slide), ("data", Path(data).resolve() if data else None), ("mpp", mpp),
-                       ("alignment", str(Path(alignment).resolve()) if alignment else None)):
+    entry = {
+        "id": sample_id,
+        "technology": technology,
+        "patient": patient or sample_id,
+        "image_scale": image_scale,
+        "bin_size_um": bin_size_um,
+    }
+    for key, value in (
+        ("slide", slide),
+        ("data", Path(data).resolve() if data else None),
+        ("mpp", mpp),
+        ("alignment", str(Path(alignment).resolve()) if alignment else None),
+    ):
         if value is not None:
             entry[key] = str(value) if isinstance(value, Path) else value
     cfg = shard_config or ShardConfig()

@@ -28,6 +28,7 @@ that fold's mean (HEST would return NaN for the whole fold).
 The second task, a linear probe of a label: StandardScaler → LogisticRegression(max_iter=1000) on the
 same embeddings and the same patient folds; accuracy and balanced accuracy per fold.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -62,8 +63,14 @@ def ridge_alpha(n_components: int, n_genes: int) -> float:
     return ALPHA_NUMERATOR / (n_components * n_genes)
 
 
-def fit_predict(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, latent_dim: int = LATENT_DIM,
-                seed: int = SEED, solver: str = "lsqr") -> tuple[np.ndarray, dict]:
+def fit_predict(
+    X_train: np.ndarray,
+    Y_train: np.ndarray,
+    X_test: np.ndarray,
+    latent_dim: int = LATENT_DIM,
+    seed: int = SEED,
+    solver: str = "lsqr",
+) -> tuple[np.ndarray, dict]:
     """Fit scaler → PCA → ridge on the training rows; predictions for the test rows and what was used."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import Ridge
@@ -72,11 +79,13 @@ def fit_predict(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, la
 
     n_components = min(latent_dim, X_train.shape[0], X_train.shape[1])
     alpha = ridge_alpha(n_components, Y_train.shape[1])
-    pipe = Pipeline([
-        ("scaler", StandardScaler()),
-        ("pca", PCA(n_components=n_components, random_state=seed)),
-        ("ridge", Ridge(alpha=alpha, solver=solver, fit_intercept=False, max_iter=1000, random_state=seed)),
-    ])
+    pipe = Pipeline(
+        [
+            ("scaler", StandardScaler()),
+            ("pca", PCA(n_components=n_components, random_state=seed)),
+            ("ridge", Ridge(alpha=alpha, solver=solver, fit_intercept=False, max_iter=1000, random_state=seed)),
+        ]
+    )
     pipe.fit(X_train, Y_train)
     return pipe.predict(X_test), {"n_components": n_components, "alpha": alpha}
 
@@ -132,8 +141,7 @@ class RegressionResult:
         cols = [i for i, g in enumerate(self.genes) if g in set(genes)]
         if not cols:
             return float("nan"), float("nan"), 0
-        per_fold = [np.nanmean(f.pearson[cols]) if np.isfinite(f.pearson[cols]).any() else np.nan
-                    for f in self.folds]
+        per_fold = [np.nanmean(f.pearson[cols]) if np.isfinite(f.pearson[cols]).any() else np.nan for f in self.folds]
         return float(np.mean(per_fold)), float(np.std(per_fold)), len(cols)
 
     def to_json(self) -> dict:
@@ -142,17 +150,30 @@ class RegressionResult:
             "pearson_mean": self.mean,
             "pearson_sd": self.sd,
             "mean_per_fold": self.fold_means.tolist(),
-            "folds": [{
-                "test_patients": f.test_patients, "n_train": f.n_train, "n_test": f.n_test,
-                "n_components": f.n_components, "alpha": f.alpha,
-                "pearson": {g: (None if np.isnan(r) else float(r)) for g, r in zip(self.genes, f.pearson)},
-            } for f in self.folds],
+            "folds": [
+                {
+                    "test_patients": f.test_patients,
+                    "n_train": f.n_train,
+                    "n_test": f.n_test,
+                    "n_components": f.n_components,
+                    "alpha": f.alpha,
+                    "pearson": {g: (None if np.isnan(r) else float(r)) for g, r in zip(self.genes, f.pearson)},
+                }
+                for f in self.folds
+            ],
         }
 
 
-def regression_probe(X: np.ndarray, Y: np.ndarray, genes: Sequence[str], patients: Sequence[str],
-                     folds: list[Fold] | None = None, latent_dim: int = LATENT_DIM,
-                     seed: int = SEED, solver: str = "lsqr") -> RegressionResult:
+def regression_probe(
+    X: np.ndarray,
+    Y: np.ndarray,
+    genes: Sequence[str],
+    patients: Sequence[str],
+    folds: list[Fold] | None = None,
+    latent_dim: int = LATENT_DIM,
+    seed: int = SEED,
+    solver: str = "lsqr",
+) -> RegressionResult:
     """The HEST-Bench regression over ``folds`` (default :func:`patient_folds`)."""
     X = np.asarray(X)
     Y = np.asarray(Y, dtype=np.float64)
@@ -168,9 +189,16 @@ def regression_probe(X: np.ndarray, Y: np.ndarray, genes: Sequence[str], patient
         if np.intersect1d(patients[train], patients[test]).size:
             raise ValueError("a patient is in both the training and the test split of a fold")
         pred, info = fit_predict(X[train], Y[train], X[test], latent_dim, seed, solver)
-        result.folds.append(FoldResult(sorted(map(str, np.unique(patients[test]))), int(train.size),
-                                       int(test.size), info["n_components"], info["alpha"],
-                                       pearson_per_gene(Y[test], pred)))
+        result.folds.append(
+            FoldResult(
+                sorted(map(str, np.unique(patients[test]))),
+                int(train.size),
+                int(test.size),
+                info["n_components"],
+                info["alpha"],
+                pearson_per_gene(Y[test], pred),
+            )
+        )
     return result
 
 
@@ -182,13 +210,19 @@ class ClassificationResult:
     n_test: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"classes": self.classes, "accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy,
-                "n_test": self.n_test, "balanced_accuracy_mean": float(np.mean(self.balanced_accuracy)),
-                "balanced_accuracy_sd": float(np.std(self.balanced_accuracy))}
+        return {
+            "classes": self.classes,
+            "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
+            "n_test": self.n_test,
+            "balanced_accuracy_mean": float(np.mean(self.balanced_accuracy)),
+            "balanced_accuracy_sd": float(np.std(self.balanced_accuracy)),
+        }
 
 
-def classification_probe(X: np.ndarray, labels: Sequence, patients: Sequence[str],
-                         folds: list[Fold] | None = None, seed: int = SEED) -> ClassificationResult:
+def classification_probe(
+    X: np.ndarray, labels: Sequence, patients: Sequence[str], folds: list[Fold] | None = None, seed: int = SEED
+) -> ClassificationResult:
     """Linear probe of a label: StandardScaler → LogisticRegression, per patient fold."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
@@ -200,10 +234,10 @@ def classification_probe(X: np.ndarray, labels: Sequence, patients: Sequence[str
     result = ClassificationResult(sorted(np.unique(labels).tolist()))
     for train, test in folds if folds is not None else patient_folds(patients):
         if np.unique(labels[train]).size < 2:
-            raise ValueError(f"a training split holds one label only ({labels[train][0]!r}); "
-                             "a probe needs ≥ 2 classes")
-        pipe = Pipeline([("scaler", StandardScaler()),
-                         ("logreg", LogisticRegression(max_iter=1000, random_state=seed))])
+            raise ValueError(f"a training split holds one label only ({labels[train][0]!r}); a probe needs ≥ 2 classes")
+        pipe = Pipeline(
+            [("scaler", StandardScaler()), ("logreg", LogisticRegression(max_iter=1000, random_state=seed))]
+        )
         pipe.fit(X[train], labels[train])
         pred = pipe.predict(X[test])
         with warnings.catch_warnings():

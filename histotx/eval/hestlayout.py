@@ -16,6 +16,7 @@ counts at the patches' barcodes for the task's genes; then :mod:`.hestbench`. HE
 A folder of tasks (HEST-Bench's ``bench_data``) runs every task and adds, per model, the mean over tasks,
 HEST-Bench's headline number (:func:`evaluate_hest_bench`).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,7 @@ def read_task(task_dir: str | Path, genes_file: str = GENES_FILE) -> HestTask:
     try:
         genes = json.loads(genes_path.read_text())["genes"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{genes_path}: expected {{\"genes\": [...]}} ({exc})") from exc
+        raise ValueError(f'{genes_path}: expected {{"genes": [...]}} ({exc})') from exc
     splits, patches, expression = [], {}, {}
     i = 0
     while (split_dir / f"train_{i}.csv").is_file():
@@ -82,7 +83,9 @@ def read_task(task_dir: str | Path, genes_file: str = GENES_FILE) -> HestTask:
                     where[sid] = kind_path
             pair.append(table["sample_id"].tolist())
         if set(pair[0]) & set(pair[1]):
-            raise ValueError(f"{split_dir}: split {i} has samples in both train and test: {set(pair[0]) & set(pair[1])}")
+            raise ValueError(
+                f"{split_dir}: split {i} has samples in both train and test: {set(pair[0]) & set(pair[1])}"
+            )
         splits.append((pair[0], pair[1]))
         i += 1
     if not splits:
@@ -110,8 +113,10 @@ def read_targets(expr_path: Path, genes: Sequence[str], barcodes: Sequence[str])
     rows = pd.Index(adata.obs_names.astype(str)).get_indexer(list(barcodes))
     cols = pd.Index(adata.var_names.astype(str)).get_indexer(list(genes))
     if (rows < 0).any():
-        raise ValueError(f"{expr_path}: {(rows < 0).sum()} patch barcodes are not in its obs "
-                         f"(e.g. {[b for b, r in zip(barcodes, rows) if r < 0][:3]})")
+        raise ValueError(
+            f"{expr_path}: {(rows < 0).sum()} patch barcodes are not in its obs "
+            f"(e.g. {[b for b, r in zip(barcodes, rows) if r < 0][:3]})"
+        )
     if (cols < 0).any():
         raise ValueError(f"{expr_path}: target genes not in its var: {[g for g, c in zip(genes, cols) if c < 0][:5]}")
     X = adata.X[rows][:, cols]
@@ -138,7 +143,7 @@ def embed_patches(loaded, h5_path: Path, batch_size: int = 64, device=None, prog
             raise ValueError(f"{h5_path}: img must be (N, H, W, 3), is {img.shape}")
         geometry = CropGeometry(0, 0, img.shape[2], img.shape[1], int(loaded.image_size))
         for start in tqdm(range(0, img.shape[0], batch_size), desc=h5_path.stem, unit="batch", disable=not progress):
-            pixels = torch.from_numpy(np.ascontiguousarray(img[start:start + batch_size], dtype=np.uint8))
+            pixels = torch.from_numpy(np.ascontiguousarray(img[start : start + batch_size], dtype=np.uint8))
             images = geometry.apply_to_image(pixels.permute(0, 3, 1, 2)).float().div_(255.0)
             out.append(embed_batch(net, (images - mean) / std, None, ("image",), device)["image"])
     return np.concatenate(out) if out else np.zeros((0, net.config.embed_dim), np.float32)
@@ -151,8 +156,14 @@ def _write_embeddings(path: Path, barcodes: list[str], emb: np.ndarray, name: st
 
     adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(barcodes, dtype=str)))
     adata.obsm["image"] = emb
-    adata.uns.update({"model": name, "modes": np.array(["image"], dtype=object),
-                      "dropped_genes": np.array([], dtype=object), "embedding": "cls"})
+    adata.uns.update(
+        {
+            "model": name,
+            "modes": np.array(["image"], dtype=object),
+            "dropped_genes": np.array([], dtype=object),
+            "embedding": "cls",
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_h5ad_atomic(adata, path)
 
@@ -167,11 +178,20 @@ def _read_embeddings(path: Path, barcodes: list[str]) -> np.ndarray:
     return np.asarray(adata.obsm["image"])[rows]
 
 
-def evaluate_hest_task(task_dir: str | Path, models: Mapping[str, Any] | None = None, out: str | Path | None = None,
-                       *, embeddings: Mapping[str, str | Path] | None = None,
-                       gene_groups: Mapping[str, Sequence[str]] | None = None, batch_size: int = 64,
-                       device: str = "auto", latent_dim: int = hestbench.LATENT_DIM, seed: int = hestbench.SEED,
-                       progress: bool = True, show: bool = True) -> pd.DataFrame:
+def evaluate_hest_task(
+    task_dir: str | Path,
+    models: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    *,
+    embeddings: Mapping[str, str | Path] | None = None,
+    gene_groups: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    latent_dim: int = hestbench.LATENT_DIM,
+    seed: int = hestbench.SEED,
+    progress: bool = True,
+    show: bool = True,
+) -> pd.DataFrame:
     """HEST-Bench on one task folder for each model (name → LoadedModel or load_model source) and/or
     precomputed embedding folder (name → folder of ``<sample_id>.h5ad`` with obsm["image"], obs = barcodes)."""
     if not models and not embeddings:
@@ -190,14 +210,19 @@ def evaluate_hest_task(task_dir: str | Path, models: Mapping[str, Any] | None = 
         for name, model in models.items():
             loaded = resolve_model(model, dev)
             if loaded.mpp and math.isfinite(loaded.mpp) and abs(loaded.mpp - PATCH_MPP) > 0.05 * loaded.mpp:
-                log.warning("%s was trained on tiles at %.4g µm/px; HEST-Bench patches are at %.4g µm/px",
-                            name, loaded.mpp, PATCH_MPP)
+                log.warning(
+                    "%s was trained on tiles at %.4g µm/px; HEST-Bench patches are at %.4g µm/px",
+                    name,
+                    loaded.mpp,
+                    PATCH_MPP,
+                )
             per_sample = {}
             for s in samples:
                 per_sample[s] = embed_patches(loaded, task.patches[s], batch_size, dev, progress)
                 if out is not None:
-                    _write_embeddings(Path(out) / "embeddings" / name / f"{s}.h5ad", barcodes[s], per_sample[s],
-                                      loaded.name)
+                    _write_embeddings(
+                        Path(out) / "embeddings" / name / f"{s}.h5ad", barcodes[s], per_sample[s], loaded.name
+                    )
             X[(name, "image")] = per_sample
     for name, folder in folders.items():
         X[(name, "image")] = {s: _read_embeddings(folder / f"{s}.h5ad", barcodes[s]) for s in samples}
@@ -205,8 +230,9 @@ def evaluate_hest_task(task_dir: str | Path, models: Mapping[str, Any] | None = 
     # all samples once, in order; fold i = split i's samples
     offsets = np.cumsum([0] + [len(barcodes[s]) for s in samples])
     rows_of = {s: np.arange(offsets[i], offsets[i + 1]) for i, s in enumerate(samples)}
-    folds = [(np.concatenate([rows_of[s] for s in tr]), np.concatenate([rows_of[s] for s in te]))
-             for tr, te in task.splits]
+    folds = [
+        (np.concatenate([rows_of[s] for s in tr]), np.concatenate([rows_of[s] for s in te])) for tr, te in task.splits
+    ]
     groups = np.concatenate([[s] * len(barcodes[s]) for s in samples])  # HEST's splits keep patients apart
     Y_all = np.concatenate([Y[s] for s in samples])
     regression = {}
@@ -214,11 +240,15 @@ def evaluate_hest_task(task_dir: str | Path, models: Mapping[str, Any] | None = 
         X_all = np.concatenate([per_sample[s] for s in samples])
         regression[key] = hestbench.regression_probe(X_all, Y_all, task.genes, groups, folds, latent_dim, seed)
     table = report.build_table(regression, {}, gene_groups, int(Y_all.shape[0]))
-    header = (f"HEST-Bench task {task.root.name}: {len(task.genes)} genes ({GENES_FILE}), log1p; the task's "
-              f"{len(folds)} splits; StandardScaler → PCA(256) → Ridge(α = 100/(PCs·genes), no intercept, lsqr); "
-              "Pearson per gene on test, mean over genes then splits (± sd over splits). Image mode.")
+    header = (
+        f"HEST-Bench task {task.root.name}: {len(task.genes)} genes ({GENES_FILE}), log1p; the task's "
+        f"{len(folds)} splits; StandardScaler → PCA(256) → Ridge(α = 100/(PCs·genes), no intercept, lsqr); "
+        "Pearson per gene on test, mean over genes then splits (± sd over splits). Image mode."
+    )
     results = {
-        "protocol": header, "task": str(task.root), "targets": task.genes,
+        "protocol": header,
+        "task": str(task.root),
+        "targets": task.genes,
         "splits": [{"train": tr, "test": te} for tr, te in task.splits],
         "n_patches": {s: len(barcodes[s]) for s in samples},
         "settings": {"latent_dim": latent_dim, "seed": seed, "ridge_solver": "lsqr"},
@@ -232,9 +262,17 @@ def is_task(folder: str | Path) -> bool:
     return (Path(folder) / "splits").is_dir()
 
 
-def evaluate_hest_bench(root: str | Path, models: Mapping[str, Any], out: str | Path | None = None, *,
-                        tasks: Sequence[str] | None = None, batch_size: int = 64, device: str = "auto",
-                        progress: bool = True, show: bool = True) -> pd.DataFrame:
+def evaluate_hest_bench(
+    root: str | Path,
+    models: Mapping[str, Any],
+    out: str | Path | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+    show: bool = True,
+) -> pd.DataFrame:
     """Every task folder under ``root`` (or ``tasks``), each as :func:`evaluate_hest_task`; one table with a
     row per task × model and, per model, the mean over tasks (``task`` = "average")."""
     from histotx.eval.embed import resolve_device, resolve_model
@@ -247,30 +285,53 @@ def evaluate_hest_bench(root: str | Path, models: Mapping[str, Any], out: str | 
     loaded = {n: resolve_model(m, dev) for n, m in models.items()}  # each model loaded once for all tasks
     parts, runs = [], {}
     for task in names:
-        t = evaluate_hest_task(root / task, loaded, Path(out) / task if out is not None else None,
-                               batch_size=batch_size, device=device, progress=progress, show=False)
+        t = evaluate_hest_task(
+            root / task,
+            loaded,
+            Path(out) / task if out is not None else None,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            show=False,
+        )
         parts.append(t.assign(task=task))
         runs[task] = t.attrs["results"]
     per_task = pd.concat(parts, ignore_index=True)
     by_model = per_task.groupby(["model", "mode"], sort=False)
-    average = by_model.agg(pearson_mean=("pearson_mean", "mean"),
-                           pearson_sd=("pearson_mean", lambda v: float(np.std(v))),
-                           n_folds=("n_folds", "sum"), n_genes=("n_genes", "max"), n_tiles=("n_tiles", "sum"),
-                           n_nan=("n_nan", "sum")).reset_index().assign(task="average")
+    average = (
+        by_model.agg(
+            pearson_mean=("pearson_mean", "mean"),
+            pearson_sd=("pearson_mean", lambda v: float(np.std(v))),
+            n_folds=("n_folds", "sum"),
+            n_genes=("n_genes", "max"),
+            n_tiles=("n_tiles", "sum"),
+            n_nan=("n_nan", "sum"),
+        )
+        .reset_index()
+        .assign(task="average")
+    )
     table = pd.concat([per_task, average], ignore_index=True)
     table = table[["task"] + [c for c in table.columns if c != "task"]]
-    header = (f"HEST-Bench on {len(names)} tasks of {root}: per task, Pearson mean ± sd over its splits; "
-              "average = mean over tasks (± sd over tasks), HEST-Bench's headline number. Image mode.")
-    results = {"protocol": header, "root": str(root), "tasks": runs,
-               "average": {m: float(v) for m, v in zip(average["model"], average["pearson_mean"])}}
+    header = (
+        f"HEST-Bench on {len(names)} tasks of {root}: per task, Pearson mean ± sd over its splits; "
+        "average = mean over tasks (± sd over tasks), HEST-Bench's headline number. Image mode."
+    )
+    results = {
+        "protocol": header,
+        "root": str(root),
+        "tasks": runs,
+        "average": {m: float(v) for m, v in zip(average["model"], average["pearson_mean"])},
+    }
     table.attrs["results"], table.attrs["header"] = results, header
     if show:
         report.print_table(table, header)
     if out is not None:
         plot = table.assign(mode=table["task"])  # bars: one group per task
-        paths = {"csv": report.write_csv(table, Path(out) / report.CSV_NAME),
-                 "png": report.plot_bars(plot, Path(out) / report.PNG_NAME, header),
-                 "json": report.write_json(results, Path(out) / report.JSON_NAME)}
+        paths = {
+            "csv": report.write_csv(table, Path(out) / report.CSV_NAME),
+            "png": report.plot_bars(plot, Path(out) / report.PNG_NAME, header),
+            "json": report.write_json(results, Path(out) / report.JSON_NAME),
+        }
         table.attrs["paths"] = {k: str(v) for k, v in paths.items()}
         if show:
             print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -3,6 +3,7 @@
 The table has one row per model × embedding mode; ``results.json`` holds every number behind it (per
 gene, per fold, the folds' patients and sizes, the settings), so any figure can be recomputed.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,9 +24,12 @@ PNG_NAME = "pearson.png"
 JSON_NAME = "results.json"
 
 
-def build_table(regression: dict[tuple[str, str], RegressionResult],
-                labels: dict[tuple[str, str], ClassificationResult],
-                gene_groups: Mapping[str, Sequence[str]] | None, n_rows: int) -> pd.DataFrame:
+def build_table(
+    regression: dict[tuple[str, str], RegressionResult],
+    labels: dict[tuple[str, str], ClassificationResult],
+    gene_groups: Mapping[str, Sequence[str]] | None,
+    n_rows: int,
+) -> pd.DataFrame:
     """One row per model × mode: Pearson mean ± sd over folds, per gene group, the label probe, sizes."""
     rows = []
     for (model, mode), res in regression.items():
@@ -35,7 +39,10 @@ def build_table(regression: dict[tuple[str, str], RegressionResult],
             row[f"pearson_{group}_mean"], row[f"pearson_{group}_sd"] = mean, sd
         if (model, mode) in labels:
             lab = labels[(model, mode)].to_json()
-            row["label_bal_acc_mean"], row["label_bal_acc_sd"] = lab["balanced_accuracy_mean"], lab["balanced_accuracy_sd"]
+            row["label_bal_acc_mean"], row["label_bal_acc_sd"] = (
+                lab["balanced_accuracy_mean"],
+                lab["balanced_accuracy_sd"],
+            )
         row.update({"n_folds": len(res.folds), "n_genes": len(res.genes), "n_tiles": n_rows, "n_nan": res.n_nan})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -48,15 +55,22 @@ def _pm(mean: float, sd: float) -> str:
 def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """The table for people: mean ± sd in one cell, groups by name, sizes last (the CSV keeps every column)."""
     pairs = [("Pearson", "pearson_mean", "pearson_sd")]
-    pairs += [(c[len("pearson_"):-len("_mean")], c, c[:-len("_mean")] + "_sd")
-              for c in table.columns if c.startswith("pearson_") and c.endswith("_mean") and c != "pearson_mean"]
+    pairs += [
+        (c[len("pearson_") : -len("_mean")], c, c[: -len("_mean")] + "_sd")
+        for c in table.columns
+        if c.startswith("pearson_") and c.endswith("_mean") and c != "pearson_mean"
+    ]
     if "label_bal_acc_mean" in table.columns:
         pairs.append(("label bal. acc.", "label_bal_acc_mean", "label_bal_acc_sd"))
     sizes = [("folds", "n_folds"), ("genes", "n_genes"), ("tiles", "n_tiles"), ("NaN r", "n_nan")]
     lead = [c for c in ("task", "model", "mode") if c in table.columns]
     header = lead + [p[0] for p in pairs] + [s[0] for s in sizes]
-    rows = [[str(r[c]) for c in lead] + [_pm(float(r[m]), float(r[sd])) for _, m, sd in pairs]
-            + [str(int(r[c])) for _, c in sizes] for _, r in table.iterrows()]
+    rows = [
+        [str(r[c]) for c in lead]
+        + [_pm(float(r[m]), float(r[sd])) for _, m, sd in pairs]
+        + [str(int(r[c])) for _, c in sizes]
+        for _, r in table.iterrows()
+    ]
     return header, rows
 
 
@@ -91,9 +105,11 @@ def plot_bars(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     panels = [("pearson_mean", "pearson_sd", "all target genes")]
-    panels += [(c, c.replace("_mean", "_sd"), c[len("pearson_"):-len("_mean")])
-               for c in table.columns if c.startswith("pearson_") and c.endswith("_mean") and c != "pearson_mean"
-               and table[c].notna().any()]  # a group without target genes has no panel
+    panels += [
+        (c, c.replace("_mean", "_sd"), c[len("pearson_") : -len("_mean")])
+        for c in table.columns
+        if c.startswith("pearson_") and c.endswith("_mean") and c != "pearson_mean" and table[c].notna().any()
+    ]  # a group without target genes has no panel
     models = list(dict.fromkeys(table["model"]))
     modes = list(dict.fromkeys(table["mode"]))
     width = 0.8 / max(len(models), 1)
@@ -146,8 +162,11 @@ def write_json(results: dict[str, Any], path: str | Path) -> Path:
 def write_all(table: pd.DataFrame, results: dict[str, Any], out: str | Path, header: str) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return {"csv": write_csv(table, out / CSV_NAME), "png": plot_bars(table, out / PNG_NAME, header),
-            "json": write_json(results, out / JSON_NAME)}
+    return {
+        "csv": write_csv(table, out / CSV_NAME),
+        "png": plot_bars(table, out / PNG_NAME, header),
+        "json": write_json(results, out / JSON_NAME),
+    }
 
 
 def publish(table: pd.DataFrame, results: dict, header: str, out: Path | None, show: bool) -> pd.DataFrame:

@@ -6,6 +6,7 @@ embedding file must say, in ``uns["dropped_genes"]``, that all target genes were
 patient folds for every model × mode → :mod:`.hestbench` → :mod:`.report`. HEST-Benchmark's own task
 folders go through :mod:`.hestlayout` instead (``--hest``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,11 +41,13 @@ def check_no_leakage(adata, path: Path | str, mode: str, targets: Sequence[str])
         raise LeakageError(
             f"{path}: the {mode!r} embeddings were made with target genes still in the transcript input "
             f"({len(missing)} of {len(targets)}, e.g. {missing[:5]}); predicting a gene from an input that "
-            "holds it measures nothing. Re-embed with drop_genes ⊇ the targets (histotx embed --drop-genes)")
+            "holds it measures nothing. Re-embed with drop_genes ⊇ the targets (histotx embed --drop-genes)"
+        )
 
 
-def read_embeddings(folder: Path, samples: Sequence[str], keys: Mapping[str, list[str]], modes: Sequence[str],
-                    targets: Sequence[str]) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+def read_embeddings(
+    folder: Path, samples: Sequence[str], keys: Mapping[str, list[str]], modes: Sequence[str], targets: Sequence[str]
+) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
     """Per mode, the embeddings of the evaluated tiles (rows in ``keys`` order, samples in order), and the obs."""
     import anndata as ad
 
@@ -79,9 +82,11 @@ def read_labels(path: Path, column: str) -> dict[str, str]:
 
 
 def protocol_header(n_targets: int, folds_desc: str, modes: Sequence[str], source: str) -> str:
-    text = (f"HEST-Bench protocol on {source}: {n_targets} target genes, log1p; {folds_desc}; "
-            "StandardScaler → PCA(256) → Ridge(α = 100/(PCs·genes), no intercept), fitted on train; "
-            "Pearson per gene on test, mean over genes then folds (± sd over folds).")
+    text = (
+        f"HEST-Bench protocol on {source}: {n_targets} target genes, log1p; {folds_desc}; "
+        "StandardScaler → PCA(256) → Ridge(α = 100/(PCs·genes), no intercept), fitted on train; "
+        "Pearson per gene on test, mean over genes then folds (± sd over folds)."
+    )
     if set(modes) & set(TRANSCRIPT_MODES):
         text += " transcripts/fused: the target genes were removed from the transcript input before embedding."
     return text
@@ -93,9 +98,17 @@ def folds_description(folds: list[hestbench.Fold], patients: np.ndarray) -> str:
     return f"{kind}, {len(folds)} folds over {n_patients} patients"
 
 
-def run_probes(X: Mapping[tuple[str, str], np.ndarray], Y: np.ndarray, targets: Sequence[str],
-               patients: np.ndarray, folds: list[hestbench.Fold], label_values: np.ndarray | None,
-               latent_dim: int, seed: int, progress: bool):
+def run_probes(
+    X: Mapping[tuple[str, str], np.ndarray],
+    Y: np.ndarray,
+    targets: Sequence[str],
+    patients: np.ndarray,
+    folds: list[hestbench.Fold],
+    label_values: np.ndarray | None,
+    latent_dim: int,
+    seed: int,
+    progress: bool,
+):
     """Every model × mode through the regression (and the label probe when labels are given)."""
     from tqdm import tqdm
 
@@ -112,13 +125,27 @@ def run_probes(X: Mapping[tuple[str, str], np.ndarray], Y: np.ndarray, targets: 
     return regression, labels
 
 
-def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes: Sequence[str] = ("image",),
-             out: str | Path | None = None, *, embeddings: Mapping[str, str | Path] | None = None,
-             samples: Sequence[str] | None = None, targets: Sequence[str] | None = None, n_targets: int = 50,
-             min_frac: float = 0.10, label: str | None = None, labels: str | Path | None = None,
-             gene_groups: Mapping[str, Sequence[str]] | None = None, batch_size: int = 64, device: str = "auto",
-             latent_dim: int = hestbench.LATENT_DIM, seed: int = hestbench.SEED, progress: bool = True,
-             show: bool = True) -> pd.DataFrame:
+def evaluate(
+    shards: str | Path,
+    models: Mapping[str, Any] | None = None,
+    modes: Sequence[str] = ("image",),
+    out: str | Path | None = None,
+    *,
+    embeddings: Mapping[str, str | Path] | None = None,
+    samples: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    n_targets: int = 50,
+    min_frac: float = 0.10,
+    label: str | None = None,
+    labels: str | Path | None = None,
+    gene_groups: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    latent_dim: int = hestbench.LATENT_DIM,
+    seed: int = hestbench.SEED,
+    progress: bool = True,
+    show: bool = True,
+) -> pd.DataFrame:
     """Run the protocol on a shard set for each model (name → LoadedModel or source for ``load_model``)
     and/or precomputed embedding folders (name → folder of ``<sample>.h5ad``), for each mode.
 
@@ -145,8 +172,13 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
     keys = {s: expr[s].keys for s in sample_ids}
     Y = np.concatenate([target_matrix(expr[s], targets) for s in sample_ids])
     patients = np.concatenate([[expr[s].patient] * len(keys[s]) for s in sample_ids])
-    log.info("%d samples, %d tiles with transcripts, %d patients, %d targets",
-             len(sample_ids), Y.shape[0], np.unique(patients).size, len(targets))
+    log.info(
+        "%d samples, %d tiles with transcripts, %d patients, %d targets",
+        len(sample_ids),
+        Y.shape[0],
+        np.unique(patients).size,
+        len(targets),
+    )
 
     folders: dict[str, Path] = {n: Path(f) for n, f in (embeddings or {}).items()}
     tmp = None
@@ -158,8 +190,17 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
         root = Path(out) / "embeddings" if out is not None else Path(tmp.name)
         for name, model in models.items():
             folders[name] = root / name
-            embed_shards(model, shards, folders[name], modes=modes, samples=sample_ids, drop_genes=targets,
-                         batch_size=batch_size, device=device, progress=progress)
+            embed_shards(
+                model,
+                shards,
+                folders[name],
+                modes=modes,
+                samples=sample_ids,
+                drop_genes=targets,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+            )
     try:
         X, obs = {}, None
         for name in names:
@@ -174,9 +215,13 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
     if not finite.all():
         sample_of = np.concatenate([[s] * len(keys[s]) for s in sample_ids])
         lost = pd.Series(sample_of[~finite]).value_counts().sort_index()
-        log.warning("%d of %d tiles have no embedding in some model × mode (no transcript token left once the "
-                    "targets are dropped: %s); they are left out of every row so all rows see the same tiles",
-                    (~finite).sum(), finite.size, ", ".join(f"{s} {n}/{len(keys[s])}" for s, n in lost.items()))
+        log.warning(
+            "%d of %d tiles have no embedding in some model × mode (no transcript token left once the "
+            "targets are dropped: %s); they are left out of every row so all rows see the same tiles",
+            (~finite).sum(),
+            finite.size,
+            ", ".join(f"{s} {n}/{len(keys[s])}" for s, n in lost.items()),
+        )
     X = {k: v[finite] for k, v in X.items()}
     Y, patients = Y[finite], patients[finite]
     all_keys = np.concatenate([keys[s] for s in sample_ids])[finite]
@@ -190,8 +235,9 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
         elif column in obs.columns:
             label_values = obs[column].astype(str).to_numpy()[finite]
         else:
-            raise ValueError(f"label column {column!r} is not in the embeddings' obs ({list(obs.columns)}); "
-                             "give a CSV with --labels")
+            raise ValueError(
+                f"label column {column!r} is not in the embeddings' obs ({list(obs.columns)}); give a CSV with --labels"
+            )
         if not (label_values != "").any():
             raise ValueError(f"no evaluated tile has a {column!r} label")
 
@@ -200,14 +246,26 @@ def evaluate(shards: str | Path, models: Mapping[str, Any] | None = None, modes:
     table = report.build_table(regression, label_res, gene_groups, int(Y.shape[0]))
     header = protocol_header(len(targets), folds_description(folds, patients), modes, f"the shard set {shards}")
     results = {
-        "protocol": header, "shards": str(shards), "targets": list(targets), "modes": modes,
+        "protocol": header,
+        "shards": str(shards),
+        "targets": list(targets),
+        "modes": modes,
         "gene_groups": {g: [x for x in genes if x in set(targets)] for g, genes in (gene_groups or {}).items()},
-        "n_tiles": int(Y.shape[0]), "n_tiles_left_out": int((~finite).sum()),
-        "patients": sorted(map(str, np.unique(patients))), "label": (label or "label") if label_values is not None else None,
+        "n_tiles": int(Y.shape[0]),
+        "n_tiles_left_out": int((~finite).sum()),
+        "patients": sorted(map(str, np.unique(patients))),
+        "label": (label or "label") if label_values is not None else None,
         "settings": {"latent_dim": latent_dim, "seed": seed, "min_frac": min_frac, "ridge_solver": "lsqr"},
-        "runs": [{"model": m, "mode": mode, "embeddings": str(folders[m]), "regression": regression[(m, mode)].to_json(),
-                  "label_probe": label_res[(m, mode)].to_json() if (m, mode) in label_res else None}
-                 for (m, mode) in regression],
+        "runs": [
+            {
+                "model": m,
+                "mode": mode,
+                "embeddings": str(folders[m]),
+                "regression": regression[(m, mode)].to_json(),
+                "label_probe": label_res[(m, mode)].to_json() if (m, mode) in label_res else None,
+            }
+            for (m, mode) in regression
+        ],
         "seconds": time.monotonic() - started,
     }
     return report.publish(table, results, header, out, show)

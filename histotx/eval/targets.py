@@ -15,6 +15,7 @@ variable" ranks the variance of log1p(count) over all tiles of all samples, ties
 scanpy's seurat-flavour normalised dispersion (not a dependency here). HEST-Benchmark's own tasks ship
 their gene list (``var_50genes.json``), which :mod:`histotx.eval.hestlayout` uses as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,9 @@ def _shard_paths(shard_dir: Path, manifest: dict, samples: set[str] | None) -> l
     return paths
 
 
-def tile_expression(shards: str | Path, samples: Iterable[str] | None = None,
-                    progress: bool = False) -> dict[str, TileExpression]:
+def tile_expression(
+    shards: str | Path, samples: Iterable[str] | None = None, progress: bool = False
+) -> dict[str, TileExpression]:
     """Per sample, the summed expression of every tile that holds sites (see the module docstring)."""
     import webdataset as wds
     from tqdm import tqdm
@@ -91,11 +93,21 @@ def tile_expression(shards: str | Path, samples: Iterable[str] | None = None,
             if grid.n_sites == 0:
                 continue
             if grid.gene.size and grid.gene.max() >= n_genes:
-                raise ValueError(f"{path}: tile {tile.key} has gene id {int(grid.gene.max())} beyond "
-                                 f"the vocabulary ({n_genes} genes)")
-            a = acc.setdefault(sid, {"keys": [], "rows": [], "patient": str(tile.meta["patient"] or sid),
-                                     "pooled": grid.footprint_um < SPOT_MIN_UM, "n_sites": 0,
-                                     "presence": np.zeros(n_genes, np.int64)})
+                raise ValueError(
+                    f"{path}: tile {tile.key} has gene id {int(grid.gene.max())} beyond "
+                    f"the vocabulary ({n_genes} genes)"
+                )
+            a = acc.setdefault(
+                sid,
+                {
+                    "keys": [],
+                    "rows": [],
+                    "patient": str(tile.meta["patient"] or sid),
+                    "pooled": grid.footprint_um < SPOT_MIN_UM,
+                    "n_sites": 0,
+                    "presence": np.zeros(n_genes, np.int64),
+                },
+            )
             row = np.bincount(grid.gene, weights=grid.count.astype(np.float64), minlength=n_genes)
             a["keys"].append(tile.key)
             a["rows"].append(sp.csr_matrix(row))
@@ -113,8 +125,7 @@ def tile_expression(shards: str | Path, samples: Iterable[str] | None = None,
             unit, n_units, presence = "tile", counts.shape[0], np.asarray((counts > 0).sum(axis=0)).ravel()
         else:
             unit, n_units, presence = "site", a["n_sites"], a["presence"]
-        out[sid] = TileExpression(a["keys"], counts, genes, a["patient"], unit, int(n_units),
-                                  presence.astype(np.int64))
+        out[sid] = TileExpression(a["keys"], counts, genes, a["patient"], unit, int(n_units), presence.astype(np.int64))
     return out
 
 
@@ -151,7 +162,7 @@ def select_target_genes(expr: dict, n: int = 50, min_frac: float = 0.10) -> list
     stacked = sp.vstack([sp.csr_matrix(e[1])[:, candidates] for e in expr.values()]).astype(np.float64)
     logged = stacked.log1p()
     mean = np.asarray(logged.mean(axis=0)).ravel()
-    var = np.asarray(logged.multiply(logged).mean(axis=0)).ravel() - mean ** 2
+    var = np.asarray(logged.multiply(logged).mean(axis=0)).ravel() - mean**2
     order = sorted(range(candidates.size), key=lambda i: (-var[i], names[candidates[i]]))
     chosen = [str(names[candidates[i]]) for i in order[:n]]
     if len(chosen) < n:
@@ -178,6 +189,7 @@ def read_gene_groups(path: str | Path) -> dict[str, list[str]]:
     except ValueError as exc:
         raise ValueError(f"{path}: not JSON ({exc})") from exc
     if not isinstance(groups, dict) or not all(
-            isinstance(v, list) and all(isinstance(g, str) for g in v) for v in groups.values()):
+        isinstance(v, list) and all(isinstance(g, str) for g in v) for v in groups.values()
+    ):
         raise ValueError(f"{path}: expected an object of group name → list of gene symbols")
     return {str(k): list(v) for k, v in groups.items()}

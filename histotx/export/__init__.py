@@ -9,12 +9,17 @@ Modules, one concept each: :mod:`.source` (a run's teacher, no DeepSpeed needed)
 :mod:`.cli`, :mod:`.during_training` (the timm export at checkpoints, ``checkpoint.export_every``).
 Key maps: :class:`histotx.model.pretrained.HFAdapter` / ``TimmAdapter``.
 """
+
 from __future__ import annotations
 
 import importlib
 
-_LAZY = {"LoadedModel": "histotx.export.load", "load_model": "histotx.export.load",
-         "ExportSummary": "histotx.export.write", "export": "histotx.export.write"}
+_LAZY = {
+    "LoadedModel": "histotx.export.load",
+    "load_model": "histotx.export.load",
+    "ExportSummary": "histotx.export.write",
+    "export": "histotx.export.write",
+}
 __all__ = sorted(_LAZY)
 
 

@@ -1,4 +1,5 @@
 """The model card (README.md) of an export: YAML front matter, usage, training cohort and config, limitations."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -7,8 +8,15 @@ import yaml
 
 from histotx.export.source import Teacher
 
-TAGS = ["histopathology", "spatial-transcriptomics", "pathology", "vision-transformer", "dinov2", "multimodal",
-        "histotx"]
+TAGS = [
+    "histopathology",
+    "spatial-transcriptomics",
+    "pathology",
+    "vision-transformer",
+    "dinov2",
+    "multimodal",
+    "histotx",
+]
 
 
 def cohort_table(manifest: dict) -> str:
@@ -28,8 +36,10 @@ def cohort_table(manifest: dict) -> str:
     lines = ["| technology | samples | patients | tiles | sites kept | counts kept |", "|---|---:|---:|---:|---:|---:|"]
     for tech in sorted(rows):
         r = rows[tech]
-        lines.append(f"| {tech} | {r['samples']} | {len(patients[tech])} | {r['tiles']:,} | {r['sites']:,} | "
-                     f"{r['counts']:,.0f} |")
+        lines.append(
+            f"| {tech} | {r['samples']} | {len(patients[tech])} | {r['tiles']:,} | {r['sites']:,} | "
+            f"{r['counts']:,.0f} |"
+        )
     total = manifest["totals"]
     all_patients = set().union(*patients.values()) if patients else set()
     lines.append(f"| **all** | {total['samples_ok']} | {len(all_patients)} | {total['tiles']:,} | | |")
@@ -38,12 +48,17 @@ def cohort_table(manifest: dict) -> str:
 
 def model_card(teacher: Teacher, license: str = "other", timm: bool = False) -> str:
     cfg, shard = teacher.config, teacher.manifest["config"]
-    front = {"license": license, "tags": TAGS, "library_name": "transformers",
-             "pipeline_tag": "image-feature-extraction"}
+    front = {
+        "license": license,
+        "tags": TAGS,
+        "library_name": "transformers",
+        "pipeline_tag": "image-feature-extraction",
+    }
     size = teacher.image_size
     role = "EMA **teacher**" if teacher.which == "teacher" else f"**{teacher.which}**"
     failed = teacher.manifest["totals"]["samples_failed"]
-    timm_usage = f"""
+    timm_usage = (
+        f"""
 The image backbone alone is also exported for timm (the `timm/` folder beside this one; no HistoTx needed):
 
 ```python
@@ -51,7 +66,10 @@ import timm
 encoder = timm.create_model("local-dir:PATH/timm", pretrained=True).eval()   # or "hf-hub:ORG/NAME-timm"
 features = encoder(x)   # (B, {cfg.embed_dim}) CLS embedding
 ```
-""" if timm else ""
+"""
+        if timm
+        else ""
+    )
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -123,8 +141,8 @@ HistoTx itself reads this folder too: `histotx.export.load_model(PATH)`, `histot
 
 {cohort_table(teacher.manifest)}
 
-Tiles of {shard['tile_px']} px at {shard['mpp']:g} µm/px ({shard['tile_px'] * shard['mpp']:g} µm), tiling
-`{shard.get('tiling', '?')}`, minimum tissue fraction {shard.get('min_tissue_fraction', '?')}
+Tiles of {shard["tile_px"]} px at {shard["mpp"]:g} µm/px ({shard["tile_px"] * shard["mpp"]:g} µm), tiling
+`{shard.get("tiling", "?")}`, minimum tissue fraction {shard.get("min_tissue_fraction", "?")}
 {f"; {failed} sample(s) failed sharding and were left out" if failed else ""}.
 
 ## Training configuration

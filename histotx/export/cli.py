@@ -1,4 +1,5 @@
 """`histotx export RUN_OR_CHECKPOINT --out DIR [--format hf|timm|both]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,25 +32,51 @@ Examples:
 def run(args: argparse.Namespace) -> int:
     from histotx.export.write import FORMATS, export
 
-    summary = export(args.source, args.out, FORMATS[args.format], shards=args.shards, license=args.license,
-                     overwrite=args.overwrite, which=args.which)
+    summary = export(
+        args.source,
+        args.out,
+        FORMATS[args.format],
+        shards=args.shards,
+        license=args.license,
+        overwrite=args.overwrite,
+        which=args.which,
+    )
     print(summary.text())
     return 0
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("export", help="a run's teacher → HistoTx / Hugging Face / timm folders",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "export",
+        help="a run's teacher → HistoTx / Hugging Face / timm folders",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoints/step_* folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (built aside, then renamed into place)")
-    p.add_argument("--format", choices=("hf", "timm", "both"), default="hf",
-                   help="what to add to HistoTx's own folder (default: hf)")
-    p.add_argument("--shards", type=Path, default=None,
-                   help="the run's shard set, when it is no longer at the config's data.stream.shards")
-    p.add_argument("--license", default="other",
-                   help="license id for the model card (default: other); it must respect the training data's terms")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                   help="teacher (default: the EMA model one embeds with) or student (reassembled from DeepSpeed's "
-                        "ZeRO partitions, read weights-only)")
+    p.add_argument(
+        "--format",
+        choices=("hf", "timm", "both"),
+        default="hf",
+        help="what to add to HistoTx's own folder (default: hf)",
+    )
+    p.add_argument(
+        "--shards",
+        type=Path,
+        default=None,
+        help="the run's shard set, when it is no longer at the config's data.stream.shards",
+    )
+    p.add_argument(
+        "--license",
+        default="other",
+        help="license id for the model card (default: other); it must respect the training data's terms",
+    )
+    p.add_argument(
+        "--which",
+        choices=("teacher", "student"),
+        default="teacher",
+        help="teacher (default: the EMA model one embeds with) or student (reassembled from DeepSpeed's "
+        "ZeRO partitions, read weights-only)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     p.set_defaults(func=run)

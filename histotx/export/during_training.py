@@ -11,6 +11,7 @@ is kept: it outlives the checkpoint (``checkpoint.keep``), and the HistoTx / Hug
 the transcript branch, are a ``histotx export`` of the checkpoint away while it exists.
 This module imports nothing heavy at the top: the CLI builds its parsers without torch.
 """
+
 from __future__ import annotations
 
 import logging

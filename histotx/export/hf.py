@@ -10,6 +10,7 @@
 ``AutoModel.from_pretrained(DIR, trust_remote_code=True)`` and ``AutoImageProcessor.from_pretrained(DIR)``
 work offline where HistoTx is not installed; ``init.backbone=DIR`` and ``load_model(DIR)`` read it back.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -32,8 +33,7 @@ def hf_config(teacher: Teacher) -> dict:
     return {
         "model_type": HISTOTX_MODEL_TYPE,
         "architectures": ["HistoTxModel"],
-        "auto_map": {"AutoConfig": "configuration_histotx.HistoTxConfig",
-                     "AutoModel": "modeling_histotx.HistoTxModel"},
+        "auto_map": {"AutoConfig": "configuration_histotx.HistoTxConfig", "AutoModel": "modeling_histotx.HistoTxModel"},
         HF_CONFIG_KEY: asdict(teacher.config),
         MPP_KEY: teacher.mpp,
         "image_size": teacher.image_size,

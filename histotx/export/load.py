@@ -4,6 +4,7 @@ Sources: a run folder (its ``latest`` checkpoint) or one checkpoint folder, of a
 HistoTx export folder; the Hugging Face folder of an export; the timm folder of an export (image
 backbone only, no genes). No DeepSpeed engine, process group or GPU is needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,7 @@ import torch
 
 from histotx.format import VOCAB_NAME
 from histotx.model import FusedViT
-from histotx.model.pretrained import (HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, NATIVE_CONFIG, NATIVE_WEIGHTS,
-                                      load_pretrained)
+from histotx.model.pretrained import HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, NATIVE_CONFIG, NATIVE_WEIGHTS, load_pretrained
 from histotx.vocab import Vocab
 
 
@@ -61,8 +61,9 @@ def source_kind(path: Path) -> str:
     return "run"
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu", shards: str | Path | None = None,
-               which: str = "teacher") -> LoadedModel:
+def load_model(
+    source: str | Path, device: str | torch.device = "cpu", shards: str | Path | None = None, which: str = "teacher"
+) -> LoadedModel:
     """The teacher backbone of ``source`` (see the module docstring), in eval mode on ``device``.
     ``shards``: a run's shard set when it is no longer where the run's config says; ``which``: of a run or
     checkpoint, the teacher or the student."""
@@ -76,29 +77,51 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", shards: s
         teacher = read_teacher(path, shards, which)
         model = FusedViT(teacher.config)
         model.load_state_dict(teacher.state, strict=True)
-        loaded = LoadedModel(model, teacher.genes, teacher.mpp, teacher.image_size, teacher.mean, teacher.std,
-                             teacher.name)
+        loaded = LoadedModel(
+            model, teacher.genes, teacher.mpp, teacher.image_size, teacher.mean, teacher.std, teacher.name
+        )
     else:
         model, _ = load_pretrained(path)
         if kind == "native":
             from histotx.export.native import read_meta
 
             meta = read_meta(path)
-            loaded = LoadedModel(model, _genes(path), float(meta["mpp"]), int(meta["image_size"]),
-                                 _triple(meta["mean"]), _triple(meta["std"]), str(meta["name"]))
+            loaded = LoadedModel(
+                model,
+                _genes(path),
+                float(meta["mpp"]),
+                int(meta["image_size"]),
+                _triple(meta["mean"]),
+                _triple(meta["std"]),
+                str(meta["name"]),
+            )
         elif kind == "hf":
             from histotx.export.hf import MPP_KEY, SOURCE_KEY
 
             pre = json.loads((path / HF_PREPROCESSOR).read_text())
             name = json.loads((path / "config.json").read_text()).get(SOURCE_KEY, {}).get("name", path.name)
-            loaded = LoadedModel(model, _genes(path), float(pre[MPP_KEY]), int(pre["size"]["height"]),
-                                 _triple(pre["image_mean"]), _triple(pre["image_std"]), name)
+            loaded = LoadedModel(
+                model,
+                _genes(path),
+                float(pre[MPP_KEY]),
+                int(pre["size"]["height"]),
+                _triple(pre["image_mean"]),
+                _triple(pre["image_std"]),
+                name,
+            )
         else:  # timm: the image backbone alone
             from histotx.export.timm_hub import HISTOTX_KEY
 
             hub = json.loads((path / "config.json").read_text())
             extra, pre = hub.get(HISTOTX_KEY, {}), hub["pretrained_cfg"]
-            loaded = LoadedModel(model, [], float(extra.get("mpp", math.nan)), int(pre["input_size"][-1]),
-                                 _triple(pre["mean"]), _triple(pre["std"]), extra.get("name", path.name))
+            loaded = LoadedModel(
+                model,
+                [],
+                float(extra.get("mpp", math.nan)),
+                int(pre["input_size"][-1]),
+                _triple(pre["mean"]),
+                _triple(pre["std"]),
+                extra.get("name", path.name),
+            )
     loaded.model.to(device).eval()
     return loaded

@@ -8,6 +8,7 @@
 ``init.backbone`` and :func:`histotx.export.load_model` read it back
 (:func:`histotx.model.pretrained.read_checkpoint`).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,7 @@ VERSION = 1
 
 
 def preprocessing(teacher: Teacher) -> dict[str, Any]:
-    return {"mpp": teacher.mpp, "image_size": teacher.image_size, "mean": list(teacher.mean),
-            "std": list(teacher.std)}
+    return {"mpp": teacher.mpp, "image_size": teacher.image_size, "mean": list(teacher.mean), "std": list(teacher.std)}
 
 
 def write_native(teacher: Teacher, out: str | Path) -> Path:
@@ -37,9 +37,18 @@ def write_native(teacher: Teacher, out: str | Path) -> Path:
     atomic_write_bytes(out / NATIVE_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     dump_config(teacher.config, out / NATIVE_CONFIG)
     atomic_write_bytes(out / VOCAB_NAME, teacher.vocab.to_tsv().encode())
-    atomic_write_json(out / NATIVE_META, {"format": FORMAT, "version": VERSION, "name": teacher.name,
-                                          **preprocessing(teacher), "genes": len(teacher.vocab),
-                                          "source": str(teacher.checkpoint), "step": teacher.step})
+    atomic_write_json(
+        out / NATIVE_META,
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "name": teacher.name,
+            **preprocessing(teacher),
+            "genes": len(teacher.vocab),
+            "source": str(teacher.checkpoint),
+            "step": teacher.step,
+        },
+    )
     return out
 
 

@@ -9,6 +9,7 @@ DeepSpeed's own ``zero_to_fp32`` with every file read through the weights-only l
 What using a backbone needs besides its weights comes from the run's resolved config (``trainer.json``)
 and its shard set: the gene vocabulary (``vocab.tsv``), the tiles' µm/px and the cohort (``manifest.json``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,7 +88,9 @@ def _teacher_state(path: Path) -> dict[str, torch.Tensor]:
     weights = path / checkpoint.TEACHER
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing; every complete checkpoint has it (is {path} a HistoTx one?)")
-    state = {k[len(TEACHER_BACKBONE):]: v for k, v in load_file(str(weights)).items() if k.startswith(TEACHER_BACKBONE)}
+    state = {
+        k[len(TEACHER_BACKBONE) :]: v for k, v in load_file(str(weights)).items() if k.startswith(TEACHER_BACKBONE)
+    }
     if not state:
         raise ValueError(f"{weights}: no {TEACHER_BACKBONE}* tensors")
     return state
@@ -116,8 +119,10 @@ def student_state(path: Path, zero_stage: int) -> dict[str, torch.Tensor]:
 
         from deepspeed.utils import zero_to_fp32
 
-        with mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), \
-                contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+        with (
+            mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):  # its progress prints
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     return {k: v.float() for k, v in state.items()}
 
@@ -137,11 +142,21 @@ def read_teacher(source: str | Path, shards: str | Path | None = None, which: st
         state = _teacher_state(path)
     else:
         full = student_state(path, cfg.deepspeed.zero_stage)
-        state = {k[len(STUDENT_BACKBONE):]: v for k, v in full.items() if k.startswith(STUDENT_BACKBONE)}
+        state = {k[len(STUDENT_BACKBONE) :]: v for k, v in full.items() if k.startswith(STUDENT_BACKBONE)}
     shard_dir = Path(shards or cfg.data.stream.shards)
     if not (shard_dir / VOCAB_NAME).is_file() or not (shard_dir / MANIFEST_NAME).is_file():
-        raise FileNotFoundError(f"{shard_dir}: the run's shard set (data.stream.shards) has no {VOCAB_NAME} + "
-                                f"{MANIFEST_NAME}; they name the genes and the µm/px of the model's input. "
-                                "Pass the shard folder explicitly (--shards DIR)")
-    return Teacher(state, cfg.model_config(), info["config"], Vocab.load(shard_dir / VOCAB_NAME),
-                   read_manifest(shard_dir), path, int(info["step"]), which)
+        raise FileNotFoundError(
+            f"{shard_dir}: the run's shard set (data.stream.shards) has no {VOCAB_NAME} + "
+            f"{MANIFEST_NAME}; they name the genes and the µm/px of the model's input. "
+            "Pass the shard folder explicitly (--shards DIR)"
+        )
+    return Teacher(
+        state,
+        cfg.model_config(),
+        info["config"],
+        Vocab.load(shard_dir / VOCAB_NAME),
+        read_manifest(shard_dir),
+        path,
+        int(info["step"]),
+        which,
+    )

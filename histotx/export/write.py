@@ -3,6 +3,7 @@
 The folder is built under a temporary name beside OUT and renamed when complete, so OUT is either the
 whole export or absent (an existing OUT is replaced only with ``overwrite``).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,10 @@ class ExportSummary:
     seconds: float = 0.0
 
     def text(self) -> str:
-        lines = [f"exported {self.name} (step {self.step}, {self.parameters:,} parameters, {self.genes} genes, "
-                 f"{self.mpp:g} µm/px) from {self.checkpoint} in {self.seconds:.1f} s"]
+        lines = [
+            f"exported {self.name} (step {self.step}, {self.parameters:,} parameters, {self.genes} genes, "
+            f"{self.mpp:g} µm/px) from {self.checkpoint} in {self.seconds:.1f} s"
+        ]
         for kind, folder in self.folders.items():
             size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             lines.append(f"  {kind:<8}{folder}  ({size / 2**20:.1f} MiB)")
@@ -48,8 +51,15 @@ class ExportSummary:
         return "\n".join(lines)
 
 
-def export(source: str | Path, out: str | Path, formats: tuple[str, ...] = ("hf",), shards: str | Path | None = None,
-           license: str = "other", overwrite: bool = False, which: str = "teacher") -> ExportSummary:
+def export(
+    source: str | Path,
+    out: str | Path,
+    formats: tuple[str, ...] = ("hf",),
+    shards: str | Path | None = None,
+    license: str = "other",
+    overwrite: bool = False,
+    which: str = "teacher",
+) -> ExportSummary:
     """Export the teacher (or the student) of ``source`` (run or checkpoint folder) to ``out``;
     ``formats`` ⊆ {hf, timm}."""
     t0 = time.perf_counter()
@@ -77,6 +87,15 @@ def export(source: str | Path, out: str | Path, formats: tuple[str, ...] = ("hf"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     folders = {"histotx": out, **{kind: out / kind for kind in ("hf", "timm") if kind in formats}}
-    return ExportSummary(out, teacher.name, teacher.checkpoint, teacher.step,
-                         sum(p.numel() for p in model.parameters()), len(teacher.vocab), teacher.mpp,
-                         tuple(formats), folders, time.perf_counter() - t0)
+    return ExportSummary(
+        out,
+        teacher.name,
+        teacher.checkpoint,
+        teacher.step,
+        sum(p.numel() for p in model.parameters()),
+        len(teacher.vocab),
+        teacher.mpp,
+        tuple(formats),
+        folders,
+        time.perf_counter() - t0,
+    )

@@ -36,6 +36,7 @@ Pretrained backbones, :mod:`histotx.model.pretrained`:
 Attention backends, :mod:`histotx.model.attention`: ``PackedSeq(lengths, device, backend)``,
 ``attend(qkv, seq)``.
 """
+
 from histotx.model.attention import BACKENDS, PackedSeq, attend, resolve_backend
 from histotx.model.fused import FusedOutput, FusedViT, FusedViTConfig, LoadReport, ModelConfigError
 from histotx.model.transcripts import TranscriptBatch, TranscriptTokenizer

@@ -18,6 +18,7 @@ packed into one ``(tokens, heads, head_dim)`` tensor; sample b owns rows ``cu_se
 built for another torch import but fail at the first call), else sdpa; on CPU, sdpa for equal
 lengths and loop otherwise.
 """
+
 from __future__ import annotations
 
 import functools
@@ -121,8 +122,9 @@ class PackedSeq:
                 return doc[q_idx] == doc[kv_idx]
 
             # compiled on CUDA so that building the mask does not evaluate a tokens × tokens grid
-            return create_block_mask(same_sample, None, None, self.total, self.total, device=self.device,
-                                     _compile=self.device.type == "cuda")
+            return create_block_mask(
+                same_sample, None, None, self.total, self.total, device=self.device, _compile=self.device.type == "cuda"
+            )
 
         return self._cached("flex", build)
 

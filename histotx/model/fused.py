@@ -12,6 +12,7 @@ load by the key map of :mod:`histotx.model.pretrained`. A sample without transcr
 through exactly the computation of the plain image backbone. The model knows nothing of DeepSpeed:
 every parameter lives in an ``nn.Module`` used in its own forward (ZeRO-3 gathers per module).
 """
+
 from __future__ import annotations
 
 import math
@@ -145,8 +146,10 @@ class LoadReport:
 
     def summary(self) -> str:
         blocks = sum(k.startswith("blocks.") for k in self.loaded)
-        text = (f"{self.source}: loaded {len(self.loaded)} tensors ({blocks} in blocks), "
-                f"{len(self.missing)} model keys not in the checkpoint, {len(self.unexpected)} checkpoint keys unused")
+        text = (
+            f"{self.source}: loaded {len(self.loaded)} tensors ({blocks} in blocks), "
+            f"{len(self.missing)} model keys not in the checkpoint, {len(self.unexpected)} checkpoint keys unused"
+        )
         if self.resized:
             text += f", resized {self.resized}"
         return text
@@ -185,15 +188,23 @@ class FusedViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
         drop = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
-        self.blocks = nn.ModuleList([
-            Block(dim, config.num_heads, config.mlp_hidden_dim, config.mlp, config.qkv_bias,
-                  config.init_values, drop[i], config.norm_eps)
-            for i in range(config.depth)
-        ])
-        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
-        self.transcript = (
-            TranscriptTokenizer(config.vocab_size, config.gene_dim, dim) if config.vocab_size else None
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    dim,
+                    config.num_heads,
+                    config.mlp_hidden_dim,
+                    config.mlp,
+                    config.qkv_bias,
+                    config.init_values,
+                    drop[i],
+                    config.norm_eps,
+                )
+                for i in range(config.depth)
+            ]
         )
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.transcript = TranscriptTokenizer(config.vocab_size, config.gene_dim, dim) if config.vocab_size else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -290,7 +301,7 @@ class FusedViT(nn.Module):
         n_head_rows = batch_size * n_prefix
         n_image_rows = n_present * n_patches
         head = out[:n_head_rows].view(batch_size, n_prefix, dim)
-        image_rows = out[n_head_rows: n_head_rows + n_image_rows].view(n_present, n_patches, dim)
+        image_rows = out[n_head_rows : n_head_rows + n_image_rows].view(n_present, n_patches, dim)
         if n_present == batch_size:
             patch = image_rows
         else:
@@ -299,7 +310,7 @@ class FusedViT(nn.Module):
             cls=head[:, 0],
             registers=head[:, 1:],
             patch=patch,
-            transcript=out[n_head_rows + n_image_rows:],
+            transcript=out[n_head_rows + n_image_rows :],
             transcript_lengths=tx_lengths,
             image_present=present,
             grid_size=grid,
@@ -336,23 +347,30 @@ class FusedViT(nn.Module):
             if pos_grid_hw is None:
                 side = math.isqrt(pos.shape[1])
                 if side * side != pos.shape[1]:
-                    raise ModelConfigError(f"{source}: pos_embed has {pos.shape[1]} rows, not a square grid; "
-                                           "give its grid size")
+                    raise ModelConfigError(
+                        f"{source}: pos_embed has {pos.shape[1]} rows, not a square grid; give its grid size"
+                    )
                 pos_grid_hw = (side, side)
             if tuple(pos_grid_hw) != self.config.grid_size:
                 state["pos_embed"] = resample_pos_grid(pos, pos_grid_hw, self.config.grid_size)
                 resized.append(f"pos_embed {tuple(pos_grid_hw)} → {self.config.grid_size}")
         expected = [k for k in own if k.startswith(BACKBONE_KEYS) or k == "mask_token"]
-        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in expected if k in state and state[k].shape != own[k].shape]
+        mismatched = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in expected
+            if k in state and state[k].shape != own[k].shape
+        ]
         missing = [k for k in expected if k not in state]
         unexpected = sorted(k for k in state if k not in own or k not in expected)
         block_missing = [k for k in missing if k.startswith("blocks.")]
         if mismatched or block_missing or not any(k.startswith("blocks.") for k in state):
             raise ModelConfigError(
                 f"{source}: the backbone's blocks did not load: "
-                + "; ".join(mismatched[:8] + [f"missing {block_missing[:8]}" if block_missing else ""]
-                            + ([] if any(k.startswith("blocks.") for k in state) else ["no blocks.* keys at all"]))
+                + "; ".join(
+                    mismatched[:8]
+                    + [f"missing {block_missing[:8]}" if block_missing else ""]
+                    + ([] if any(k.startswith("blocks.") for k in state) else ["no blocks.* keys at all"])
+                )
             )
         if strict and ([k for k in missing if k != "mask_token"] or unexpected):
             raise ModelConfigError(f"{source}: missing {missing}, unexpected {unexpected}")
@@ -368,8 +386,11 @@ class FusedViT(nn.Module):
         """Names kept out of weight decay: tensors of at most one dimension (biases, norms, LayerScale) as
         in DINOv2, plus the tokens and the position embedding as in timm (DINOv2 decays those; see
         histotx.train.engine). Uses ZeRO-3's recorded shape when parameters are already partitioned."""
-        return {n for n, p in self.named_parameters() if len(getattr(p, "ds_shape", p.shape)) <= 1 or n in
-                ("cls_token", "reg_token", "pos_embed", "mask_token")}
+        return {
+            n
+            for n, p in self.named_parameters()
+            if len(getattr(p, "ds_shape", p.shape)) <= 1 or n in ("cls_token", "reg_token", "pos_embed", "mask_token")
+        }
 
     def layer_id(self, name: str) -> int:
         """Depth of a parameter for layer-wise lr decay: embeddings 0, block i → i + 1, the rest depth + 1."""

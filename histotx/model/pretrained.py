@@ -58,6 +58,7 @@ Position embeddings are interpolated like timm's (bicubic, antialiased) when gri
 Dinov2 interpolates without antialiasing, so a Phikon-v2 backbone matches transformers' outputs at its
 native input size and differs slightly at others.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,17 @@ from histotx.model.fused import BACKBONE_KEYS, PRESETS, FusedViT, FusedViTConfig
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp", "mlp_hidden_dim",
-                       "qkv_bias", "num_registers", "norm_eps")
+ARCHITECTURE_FIELDS = (
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp",
+    "mlp_hidden_dim",
+    "qkv_bias",
+    "num_registers",
+    "norm_eps",
+)
 """Fields a checkpoint fixes; the others (img_size, vocab, drop path, attention, ...) may be overridden."""
 
 TIMM_EXPORT_ARCHITECTURE = {"mlp": "vit_base_patch16_224", "swiglu": "vit_giant_patch14_dinov2"}
@@ -102,8 +112,9 @@ class TimmAdapter:
         return {k: v for k, v in state.items() if k.startswith(BACKBONE_KEYS)}
 
     @staticmethod
-    def from_target(state: dict[str, torch.Tensor], embed_class: bool, n_registers: int
-                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def from_target(
+        state: dict[str, torch.Tensor], embed_class: bool, n_registers: int
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """timm state → (FusedViT backbone state, dropped head keys). ``embed_class``: the timm model
         adds position rows to CLS and registers (``no_embed_class=False``)."""
         state = dict(state)
@@ -134,7 +145,7 @@ class HFAdapter:
         other = sorted(k for k in state if not k.startswith(HFAdapter.PREFIX))
         if other:
             raise ModelConfigError(f"HistoTx HF weights hold keys outside {HFAdapter.PREFIX!r}: {other[:6]}")
-        return {k[len(HFAdapter.PREFIX):]: v for k, v in state.items()}
+        return {k[len(HFAdapter.PREFIX) :]: v for k, v in state.items()}
 
 
 @dataclass
@@ -181,9 +192,11 @@ def read_checkpoint(
         if not config_path.exists():
             if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_WEIGHTS).is_file():
                 return _from_histotx_native(path)
-            raise ModelConfigError(f"{path}: no config.json (nor {NATIVE_CONFIG} + {NATIVE_WEIGHTS}); expected a "
-                                   "timm, transformers or HistoTx export folder (a run or checkpoint folder: "
-                                   "export it first, `histotx export RUN --out DIR`)")
+            raise ModelConfigError(
+                f"{path}: no config.json (nor {NATIVE_CONFIG} + {NATIVE_WEIGHTS}); expected a "
+                "timm, transformers or HistoTx export folder (a run or checkpoint folder: "
+                "export it first, `histotx export RUN --out DIR`)"
+            )
         hub = json.loads(config_path.read_text())
         state = read_weights(weights or path)
         if "architecture" in hub:
@@ -193,8 +206,9 @@ def read_checkpoint(
             return _from_histotx_hf(path, hub, state)
         if str(hub.get("model_type", "")).startswith("dinov2"):
             return _from_dinov2(path, state)
-        raise ModelConfigError(f"{config_path}: neither a timm config (no 'architecture'), a HistoTx export "
-                               "nor a Dinov2 config")
+        raise ModelConfigError(
+            f"{config_path}: neither a timm config (no 'architecture'), a HistoTx export nor a Dinov2 config"
+        )
     if weights is None:
         raise ModelConfigError(f"{source}: not a folder; a timm model name needs weights=<file>")
     return _from_timm(f"{source} ({weights})", str(source), dict(model_args or {}), read_weights(weights), {})
@@ -213,14 +227,17 @@ def _mlp_kind(state: dict[str, torch.Tensor], source: str) -> tuple[str, int]:
         fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
     except KeyError:
         found = sorted(state)[:6]
-        raise ModelConfigError(f"{source}: no blocks.0.mlp weights in the checkpoint (keys start {found}); "
-                               "the blocks would not load") from None
+        raise ModelConfigError(
+            f"{source}: no blocks.0.mlp weights in the checkpoint (keys start {found}); the blocks would not load"
+        ) from None
     if fc1.shape[0] == fc2.shape[1]:
         return "mlp", fc1.shape[0]
     if fc1.shape[0] == 2 * fc2.shape[1]:
         return "swiglu", fc1.shape[0]
-    raise ModelConfigError(f"{source}: MLP shapes fc1 {tuple(fc1.shape)} / fc2 {tuple(fc2.shape)} match neither "
-                           "a GELU MLP nor a packed SwiGLU")
+    raise ModelConfigError(
+        f"{source}: MLP shapes fc1 {tuple(fc1.shape)} / fc2 {tuple(fc2.shape)} match neither "
+        "a GELU MLP nor a packed SwiGLU"
+    )
 
 
 def _from_timm(source: str, architecture: str, args: dict, state: dict, pretrained_cfg: dict) -> Checkpoint:
@@ -260,18 +277,26 @@ def _from_timm(source: str, architecture: str, args: dict, state: dict, pretrain
     if patch[0] != patch[1]:
         raise ModelConfigError(f"{source}: non-square patches {patch}")
     config = dict(
-        img_size=grid[0] * patch[0], patch_size=patch[0], embed_dim=ref.embed_dim, depth=len(ref.blocks),
-        num_heads=block.attn.num_heads, mlp=mlp, mlp_hidden_dim=hidden,
-        qkv_bias=block.attn.qkv.bias is not None, num_registers=ref.num_reg_tokens,
-        init_values=block.ls1.init_values if isinstance(block.ls1, LayerScale) else None, norm_eps=ref.norm.eps,
+        img_size=grid[0] * patch[0],
+        patch_size=patch[0],
+        embed_dim=ref.embed_dim,
+        depth=len(ref.blocks),
+        num_heads=block.attn.num_heads,
+        mlp=mlp,
+        mlp_hidden_dim=hidden,
+        qkv_bias=block.attn.qkv.bias is not None,
+        num_registers=ref.num_reg_tokens,
+        init_values=block.ls1.init_values if isinstance(block.ls1, LayerScale) else None,
+        norm_eps=ref.norm.eps,
     )
 
     state, dropped = TimmAdapter.from_target(state, not ref.no_embed_class, ref.num_reg_tokens)
     pos_rows = state["pos_embed"].shape[1] if "pos_embed" in state else 0
     pos_grid = grid if pos_rows == grid[0] * grid[1] else None
     mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
-    return Checkpoint(source, state, config, pos_grid, dropped,
-                      tuple(mean) if mean else None, tuple(std) if std else None)
+    return Checkpoint(
+        source, state, config, pos_grid, dropped, tuple(mean) if mean else None, tuple(std) if std else None
+    )
 
 
 def _from_histotx(source: str, fields: dict, state: dict, mean, std) -> Checkpoint:
@@ -280,8 +305,9 @@ def _from_histotx(source: str, fields: dict, state: dict, mean, std) -> Checkpoi
         raise ModelConfigError(f"{source}: the model config lacks {missing}")
     config = {k: fields[k] for k in BUILD_FIELDS}
     side = config["img_size"] // config["patch_size"]
-    return Checkpoint(source, state, config, (side, side), [], tuple(mean) if mean else None,
-                      tuple(std) if std else None)
+    return Checkpoint(
+        source, state, config, (side, side), [], tuple(mean) if mean else None, tuple(std) if std else None
+    )
 
 
 def _from_histotx_hf(path: Path, hub: dict, state: dict) -> Checkpoint:
@@ -289,8 +315,9 @@ def _from_histotx_hf(path: Path, hub: dict, state: dict) -> Checkpoint:
         raise ModelConfigError(f"{path}/config.json: model_type {HISTOTX_MODEL_TYPE!r} without {HF_CONFIG_KEY!r}")
     pre = path / HF_PREPROCESSOR
     pre = json.loads(pre.read_text()) if pre.is_file() else {}
-    return _from_histotx(str(path), hub[HF_CONFIG_KEY], HFAdapter.from_target(state), pre.get("image_mean"),
-                         pre.get("image_std"))
+    return _from_histotx(
+        str(path), hub[HF_CONFIG_KEY], HFAdapter.from_target(state), pre.get("image_mean"), pre.get("image_std")
+    )
 
 
 def _from_histotx_native(path: Path) -> Checkpoint:
@@ -318,12 +345,21 @@ _DINOV2_RENAMES = [
 ]
 # Tensors that are concatenated (dim 0) into one: (pattern with the part name, parts in order, target).
 _DINOV2_STACKS = [
-    (r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$",
-     ("query", "key", "value"), r"blocks.{0}.attn.qkv.{2}"),
-    (r"^encoder\.layer\.(\d+)\.attention\.(q_proj|k_proj|v_proj)\.(weight|bias)$",
-     ("q_proj", "k_proj", "v_proj"), r"blocks.{0}.attn.qkv.{2}"),
-    (r"^encoder\.layer\.(\d+)\.mlp\.(gate_proj|up_proj)\.(weight|bias)$",
-     ("gate_proj", "up_proj"), r"blocks.{0}.mlp.fc1.{2}"),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$",
+        ("query", "key", "value"),
+        r"blocks.{0}.attn.qkv.{2}",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.(q_proj|k_proj|v_proj)\.(weight|bias)$",
+        ("q_proj", "k_proj", "v_proj"),
+        r"blocks.{0}.attn.qkv.{2}",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.mlp\.(gate_proj|up_proj)\.(weight|bias)$",
+        ("gate_proj", "up_proj"),
+        r"blocks.{0}.mlp.fc1.{2}",
+    ),
 ]
 
 
@@ -366,38 +402,52 @@ def _from_dinov2(path: Path, state: dict) -> Checkpoint:
         raise ModelConfigError(f"{source}: use_swiglu_ffn={hf.use_swiglu_ffn} but the weights hold a {mlp} MLP")
     grid = hf.image_size // hf.patch_size
     config = dict(
-        img_size=grid * hf.patch_size, patch_size=hf.patch_size, embed_dim=hf.hidden_size,
-        depth=hf.num_hidden_layers, num_heads=hf.num_attention_heads, mlp=mlp, mlp_hidden_dim=hidden,
-        qkv_bias=hf.qkv_bias, num_registers=int(getattr(hf, "num_register_tokens", 0)),
-        init_values=hf.layerscale_value, norm_eps=hf.layer_norm_eps,
+        img_size=grid * hf.patch_size,
+        patch_size=hf.patch_size,
+        embed_dim=hf.hidden_size,
+        depth=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        mlp=mlp,
+        mlp_hidden_dim=hidden,
+        qkv_bias=hf.qkv_bias,
+        num_registers=int(getattr(hf, "num_register_tokens", 0)),
+        init_values=hf.layerscale_value,
+        norm_eps=hf.layer_norm_eps,
     )
     mean = std = None
     preprocessor = path / "preprocessor_config.json"
     if preprocessor.exists():
         pre = json.loads(preprocessor.read_text())
         mean, std = pre.get("image_mean"), pre.get("image_std")
-    return Checkpoint(source, out, config, (grid, grid), sorted(dropped),
-                      tuple(mean) if mean else None, tuple(std) if std else None)
+    return Checkpoint(
+        source, out, config, (grid, grid), sorted(dropped), tuple(mean) if mean else None, tuple(std) if std else None
+    )
 
 
 def _load(model: FusedViT, ckpt: Checkpoint, strict: bool) -> LoadReport:
     """The image backbone (position grid resized if needed), then a HistoTx export's transcript branch."""
     prefix = "transcript."
     image = {k: v for k, v in ckpt.state_dict.items() if not k.startswith(prefix)}
-    tokenizer = {k[len(prefix):]: v for k, v in ckpt.state_dict.items() if k.startswith(prefix)}
+    tokenizer = {k[len(prefix) :]: v for k, v in ckpt.state_dict.items() if k.startswith(prefix)}
     report = model.load_image_backbone_state_dict(image, ckpt.pos_grid_hw, ckpt.source, strict)
     if tokenizer and model.transcript is None:
         if strict:
-            raise ModelConfigError(f"{ckpt.source}: the checkpoint has a transcript branch, the model none "
-                                   "(model.vocab_size is 0)")
+            raise ModelConfigError(
+                f"{ckpt.source}: the checkpoint has a transcript branch, the model none (model.vocab_size is 0)"
+            )
         report.unexpected += sorted(prefix + k for k in tokenizer)
     elif tokenizer:
         own = model.transcript.state_dict()
-        wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in tokenizer.items()
-                 if k in own and v.shape != own[k].shape]
+        wrong = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in tokenizer.items()
+            if k in own and v.shape != own[k].shape
+        ]
         if wrong:
-            raise ModelConfigError(f"{ckpt.source}: the transcript branch does not fit ({'; '.join(wrong)}); set "
-                                   f"model.vocab_size={ckpt.config.get('vocab_size')} and gene_dim as exported")
+            raise ModelConfigError(
+                f"{ckpt.source}: the transcript branch does not fit ({'; '.join(wrong)}); set "
+                f"model.vocab_size={ckpt.config.get('vocab_size')} and gene_dim as exported"
+            )
         try:
             model.transcript.load_state_dict(tokenizer, strict=True)
         except RuntimeError as exc:
@@ -419,8 +469,11 @@ def load_pretrained(
     does not fix (``img_size`` interpolates the position embedding once, ``vocab_size``,
     ``drop_path_rate``, ``attention``, ``grad_checkpointing``, ...)."""
     ckpt = read_checkpoint(source, weights, model_args)
-    fixed = {k: (overrides[k], ckpt.config[k]) for k in ARCHITECTURE_FIELDS
-             if k in overrides and overrides[k] != ckpt.config[k]}
+    fixed = {
+        k: (overrides[k], ckpt.config[k])
+        for k in ARCHITECTURE_FIELDS
+        if k in overrides and overrides[k] != ckpt.config[k]
+    }
     if fixed:
         raise ModelConfigError(f"{ckpt.source}: the checkpoint fixes {fixed} (requested, checkpoint)")
     config = FusedViTConfig(**{**ckpt.config, "size": _preset_name(ckpt.config), **overrides})
@@ -437,8 +490,11 @@ def init_from_pretrained(
 ) -> LoadReport:
     """Load a checkpoint's image backbone into an existing model (whose architecture must match)."""
     ckpt = read_checkpoint(source, weights, model_args)
-    differ = {k: (getattr(model.config, k), ckpt.config[k]) for k in ARCHITECTURE_FIELDS
-              if getattr(model.config, k) != ckpt.config[k]}
+    differ = {
+        k: (getattr(model.config, k), ckpt.config[k])
+        for k in ARCHITECTURE_FIELDS
+        if getattr(model.config, k) != ckpt.config[k]
+    }
     if differ:
         raise ModelConfigError(f"{ckpt.source}: model and checkpoint differ in {differ} (model, checkpoint)")
     return _load(model, ckpt, strict)
@@ -460,12 +516,21 @@ def save_timm(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_args = dict(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
         num_heads=cfg.num_heads,
         # timm computes fc1's width as int(dim · ratio): aim half a unit above to survive the rounding.
         mlp_ratio=(cfg.mlp_hidden_dim + 0.5) / cfg.embed_dim,
-        qkv_bias=cfg.qkv_bias, init_values=cfg.init_values, reg_tokens=cfg.num_registers,
-        no_embed_class=True, class_token=True, global_pool="token", num_classes=0, dynamic_img_size=True,
+        qkv_bias=cfg.qkv_bias,
+        init_values=cfg.init_values,
+        reg_tokens=cfg.num_registers,
+        no_embed_class=True,
+        class_token=True,
+        global_pool="token",
+        num_classes=0,
+        dynamic_img_size=True,
     )
     hub = {
         "architecture": TIMM_EXPORT_ARCHITECTURE[cfg.mlp],

@@ -10,6 +10,7 @@ A modality embedding and an embedding of the token size r (Fourier features of l
 small MLP, so any r works) are added; r may differ from token to token (a batch mixing 55 µm spots
 and 8 µm cells), and the MLP runs once per distinct size.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,9 @@ class TranscriptBatch:
     def __post_init__(self) -> None:
         n = int(self.xy.shape[0])
         if self.xy.shape != (n, 2) or self.offsets.shape != (n + 1,):
-            raise ValueError(f"xy must be (T, 2) and offsets (T + 1,), got {tuple(self.xy.shape)}, "
-                             f"{tuple(self.offsets.shape)}")
+            raise ValueError(
+                f"xy must be (T, 2) and offsets (T + 1,), got {tuple(self.xy.shape)}, {tuple(self.offsets.shape)}"
+            )
         if self.gene.shape != self.weight.shape:
             raise ValueError(f"gene {tuple(self.gene.shape)} and weight {tuple(self.weight.shape)} differ")
         if self.lengths.dim() != 1 or int(self.lengths.sum()) != n or bool((self.lengths < 0).any()):
@@ -147,8 +149,10 @@ class TranscriptTokenizer(nn.Module):
         """``pos_grid`` (gh, gw, D) is the image's patch position embedding at this input's grid;
         ``mask`` (T,) bool replaces the value of masked tokens by a learned mask token (position kept)."""
         if batch.n_tokens and int(batch.gene.max()) >= self.gene_embed.num_embeddings:
-            raise ValueError(f"gene id {int(batch.gene.max())} is outside the vocabulary of "
-                             f"{self.gene_embed.num_embeddings} (vocab_size in the model config)")
+            raise ValueError(
+                f"gene id {int(batch.gene.max())} is outside the vocabulary of "
+                f"{self.gene_embed.num_embeddings} (vocab_size in the model config)"
+            )
         weight = batch.weight.to(self.gene_embed.weight.dtype)
         bag = self.gene_embed(batch.gene, batch.offsets, per_sample_weights=weight)
         value = self.proj(self.norm(bag))

@@ -7,6 +7,7 @@ without padding. Parameter names follow timm (``patch_embed.proj``, ``blocks.N.n
 Attention is written here (qkv Linear + proj) rather than nn.MultiheadAttention, whose fused
 parameters DeepSpeed ZeRO-3 cannot partition.
 """
+
 from __future__ import annotations
 
 import torch

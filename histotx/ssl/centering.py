@@ -5,6 +5,7 @@ depend on how the batch was split. Every function here all-reduces when ``torch.
 initialised and runs the same collectives on every rank, also when a rank holds no rows (e.g. no
 masked tokens), so that no rank waits forever.
 """
+
 from __future__ import annotations
 
 import torch

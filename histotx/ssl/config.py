@@ -1,4 +1,5 @@
 """Typed configuration of the SSL objective (heads, loss terms, schedules); see histotx.config."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

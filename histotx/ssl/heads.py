@@ -1,4 +1,5 @@
 """Projection heads of the SSL objective (student and teacher each hold their own copy)."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ class DINOHead(nn.Module):
     which stabilises the start.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 n_layers: int = 3) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3
+    ) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"DINOHead needs at least one layer, got n_layers={n_layers}")

@@ -3,6 +3,7 @@
 Cross-entropies are computed in fp32 whatever the autocast dtype: at 65k prototypes and a student
 temperature of 0.1, bf16 log-softmax loses the signal.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,15 +28,18 @@ class DINOLoss(nn.Module):
         super().__init__()
         self.student_temperature = student_temperature
 
-    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                student_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``student_valid`` ``[n_s, B]`` bool leaves out student crops (views without any token): the
         mean runs over the remaining (teacher crop, other student crop, sample) triples."""
         n_s, batch, _ = student_logits.shape
         n_t = teacher_probs.shape[0]
         if n_t > n_s or teacher_probs.shape[1] != batch:
-            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher probabilities "
-                             f"{tuple(teacher_probs.shape)} do not pair up (teacher crops must come first)")
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} and teacher probabilities "
+                f"{tuple(teacher_probs.shape)} do not pair up (teacher crops must come first)"
+            )
         log_p = F.log_softmax(student_logits.float() / self.student_temperature, dim=-1)
         ce = -torch.einsum("tbk,sbk->tsb", teacher_probs.float(), log_p)  # [n_t, n_s, B]
         weight = ~torch.eye(n_t, n_s, dtype=torch.bool, device=ce.device)[:, :, None]
@@ -60,12 +64,15 @@ class iBOTLoss(nn.Module):  # noqa: N801 (the method's name)
         super().__init__()
         self.student_temperature = student_temperature
 
-    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, crop_index: torch.Tensor,
-                n_crops: int) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, crop_index: torch.Tensor, n_crops: int
+    ) -> torch.Tensor:
         """``student_logits``/``teacher_probs``: ``[M, K]`` for the M masked tokens; ``crop_index``: ``[M]``."""
         if student_logits.shape != teacher_probs.shape or crop_index.shape != student_logits.shape[:1]:
-            raise ValueError(f"masked-token shapes differ: student {tuple(student_logits.shape)}, teacher "
-                             f"{tuple(teacher_probs.shape)}, crop index {tuple(crop_index.shape)}")
+            raise ValueError(
+                f"masked-token shapes differ: student {tuple(student_logits.shape)}, teacher "
+                f"{tuple(teacher_probs.shape)}, crop index {tuple(crop_index.shape)}"
+            )
         if student_logits.shape[0] == 0 or n_crops == 0:
             return _zero_like_graph(student_logits)
         log_p = F.log_softmax(student_logits.float() / self.student_temperature, dim=-1)
@@ -105,14 +112,22 @@ class MaskedExpressionLoss(nn.Module):
     unmeasured gene is not taught to be absent. Tokens with no counts are ignored.
     """
 
-    def forward(self, logits: torch.Tensor, offsets: torch.Tensor, gene: torch.Tensor, weight: torch.Tensor,
-                gene_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        offsets: torch.Tensor,
+        gene: torch.Tensor,
+        weight: torch.Tensor,
+        gene_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``logits``: ``[M, V]``; targets in CSR form: ``offsets [M+1]``, ``gene``/``weight [nnz]``;
         ``gene_mask``: ``[V]`` or ``[M, V]`` booleans, True where a gene was measured."""
         n_tokens = logits.shape[0]
         if offsets.shape != (n_tokens + 1,) or gene.shape != weight.shape:
-            raise ValueError(f"CSR targets do not match {n_tokens} tokens: offsets {tuple(offsets.shape)}, "
-                             f"gene {tuple(gene.shape)}, weight {tuple(weight.shape)}")
+            raise ValueError(
+                f"CSR targets do not match {n_tokens} tokens: offsets {tuple(offsets.shape)}, "
+                f"gene {tuple(gene.shape)}, weight {tuple(weight.shape)}"
+            )
         logits = logits.float()
         if gene_mask is not None:
             logits = logits.masked_fill(~gene_mask.expand_as(logits), float("-inf"))

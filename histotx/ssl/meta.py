@@ -19,6 +19,7 @@ crops and runs every head, possibly on zero rows: unused parts receive zero grad
 The model knows nothing of DeepSpeed and this module knows nothing of it either: a sharded trainer
 hands :meth:`SSLMetaArch.update_teacher` the student's full fp32 weights (gathered under ZeRO-3).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,9 @@ class SSLNetwork(nn.Module):
         self.backbone = backbone
         self.dino_head = head()
         self.ibot_head = head() if h.separate_ibot_head else None
-        self.expression_head = (nn.Linear(dim, backbone.config.vocab_size)
-                                if cfg.loss.masked_expression_weight > 0 else None)
+        self.expression_head = (
+            nn.Linear(dim, backbone.config.vocab_size) if cfg.loss.masked_expression_weight > 0 else None
+        )
 
     def _token_logits(self, cls: torch.Tensor, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """CLS rows through the DINO head, masked-token rows through the iBOT head (one call when shared)."""
@@ -78,8 +80,12 @@ class SSLNetwork(nn.Module):
         patches = glob.patch[batch.image_mask]
         tokens = glob.transcript[batch.transcript_mask]
         cls_logits, (patch_logits, token_logits) = self._token_logits(torch.cat(cls), [patches, tokens])
-        out = {"cls_logits": cls_logits, "cls_features": glob.cls, "patch_logits": patch_logits,
-               "transcript_logits": token_logits}
+        out = {
+            "cls_logits": cls_logits,
+            "cls_features": glob.cls,
+            "patch_logits": patch_logits,
+            "transcript_logits": token_logits,
+        }
         if self.expression_head is not None:
             with fp32(tokens):
                 out["expression_logits"] = self.expression_head(tokens.float())
@@ -138,13 +144,20 @@ class SSLMetaArch(nn.Module):
             patches = (images.shape[-2] // cfg.patch_size) * (images.shape[-1] // cfg.patch_size)
             return prefix + present.long().cpu() * patches + transcripts.lengths.cpu()
 
-        out = {"teacher": lengths(batch.global_images, torch.ones(batch.global_images.shape[0], dtype=torch.bool),
-                                  batch.teacher_transcripts),
-               "student_global": lengths(batch.global_images, batch.student_global_image_present,
-                                         batch.student_global_transcripts)}
+        out = {
+            "teacher": lengths(
+                batch.global_images,
+                torch.ones(batch.global_images.shape[0], dtype=torch.bool),
+                batch.teacher_transcripts,
+            ),
+            "student_global": lengths(
+                batch.global_images, batch.student_global_image_present, batch.student_global_transcripts
+            ),
+        }
         if batch.local_images.shape[0]:
-            out["student_local"] = lengths(batch.local_images, batch.student_local_image_present,
-                                           batch.student_local_transcripts)
+            out["student_local"] = lengths(
+                batch.local_images, batch.student_local_image_present, batch.student_local_transcripts
+            )
         return out
 
     def teacher_state_dict(self) -> dict[str, torch.Tensor]:
@@ -154,8 +167,8 @@ class SSLMetaArch(nn.Module):
         return state
 
     def load_teacher_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
-        centers = {k[len("centers."):]: v for k, v in state.items() if k.startswith("centers.")}
+        teacher = {k[len("teacher.") :]: v for k, v in state.items() if k.startswith("teacher.")}
+        centers = {k[len("centers.") :]: v for k, v in state.items() if k.startswith("centers.")}
         self.teacher.load_state_dict(teacher, strict=True)
         self.centers.load_state_dict(centers, strict=True)
 
@@ -178,26 +191,33 @@ class SSLMetaArch(nn.Module):
         n_global = targets.cls.shape[0] // b
         n_crops = out["cls_logits"].shape[0] // b
         valid = batch.student_view_nonempty().to(out["cls_logits"].device)  # views without tokens left out
-        dino = self.dino_loss(out["cls_logits"].view(n_crops, b, -1), targets.cls.view(n_global, b, -1),
-                              valid.view(n_crops, b))
+        dino = self.dino_loss(
+            out["cls_logits"].view(n_crops, b, -1), targets.cls.view(n_global, b, -1), valid.view(n_crops, b)
+        )
         crops = n_global * b
         valid_global = valid[:crops]
         n_valid = int(valid_global.sum())
         image_crop = batch.image_mask.nonzero()[:, 0]
         tokens = batch.student_global_transcripts
-        token_crop = torch.repeat_interleave(torch.arange(crops, device=tokens.lengths.device), tokens.lengths,
-                                             output_size=tokens.n_tokens)[batch.transcript_mask]
+        token_crop = torch.repeat_interleave(
+            torch.arange(crops, device=tokens.lengths.device), tokens.lengths, output_size=tokens.n_tokens
+        )[batch.transcript_mask]
         terms = {
             "dino": dino,
             "ibot_image": self.ibot_loss(out["patch_logits"], targets.patch, image_crop, n_valid),
             "ibot_transcript": self.ibot_loss(out["transcript_logits"], targets.transcript, token_crop, n_valid),
-            "koleo": sum(self.koleo_loss(f[v]) for f, v in zip(out["cls_features"].chunk(n_global),
-                                                                valid_global.chunk(n_global))),
+            "koleo": sum(
+                self.koleo_loss(f[v]) for f, v in zip(out["cls_features"].chunk(n_global), valid_global.chunk(n_global))
+            ),
             "expression": self._expression_loss(out, batch),
         }
-        weights = {"dino": w.dino_weight, "ibot_image": w.ibot_image_weight,
-                   "ibot_transcript": w.ibot_transcript_weight, "koleo": w.koleo_weight,
-                   "expression": w.masked_expression_weight}
+        weights = {
+            "dino": w.dino_weight,
+            "ibot_image": w.ibot_image_weight,
+            "ibot_transcript": w.ibot_transcript_weight,
+            "koleo": w.koleo_weight,
+            "expression": w.masked_expression_weight,
+        }
         total = sum(weights[k] * v for k, v in terms.items() if weights[k])
         return {"loss": total, **terms}
 
@@ -211,13 +231,15 @@ class SSLMetaArch(nn.Module):
         counts = ends - starts
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         nnz = int(offsets[-1])
-        entries = (torch.repeat_interleave(starts - offsets[:-1], counts, output_size=nnz)
-                   + torch.arange(nnz, device=counts.device))
+        entries = torch.repeat_interleave(starts - offsets[:-1], counts, output_size=nnz) + torch.arange(
+            nnz, device=counts.device
+        )
         gene = teacher.gene[entries]
         gene_mask = None
         if batch.gene_panel is not None:  # each token's sample panel: unmeasured genes out of the softmax
-            crop = torch.repeat_interleave(torch.arange(teacher.batch_size, device=rows.device), teacher.lengths,
-                                           output_size=teacher.n_tokens)
+            crop = torch.repeat_interleave(
+                torch.arange(teacher.batch_size, device=rows.device), teacher.lengths, output_size=teacher.n_tokens
+            )
             panel = batch.gene_panel.to(logits.device)[crop[rows] % batch.batch_size]
             if panel.shape[1] > logits.shape[1]:
                 raise ValueError(f"the shard vocabulary has {panel.shape[1]} genes, the model {logits.shape[1]}")
@@ -253,8 +275,10 @@ class SSLMetaArch(nn.Module):
 
         for t, s in zip(teacher, weights):
             if s.numel() != t.numel():
-                raise RuntimeError(f"student weight {n} has {s.numel()} elements, the teacher's {t.numel()}: "
-                                   "a sharded student must be gathered before the EMA")
+                raise RuntimeError(
+                    f"student weight {n} has {s.numel()} elements, the teacher's {t.numel()}: "
+                    "a sharded student must be gathered before the EMA"
+                )
             chunk_t.append(t)
             chunk_s.append(s.reshape(t.shape).to(t.dtype))
             chunk_numel += t.numel()

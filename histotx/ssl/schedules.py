@@ -3,6 +3,7 @@
 All are closed-form functions of the optimiser step (no precomputed arrays), so a resumed run only
 needs the step to be back on schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ class CosineSchedule:
 
     def __post_init__(self) -> None:
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), "
-                             "total_steps >= 1")
+            raise ValueError(
+                f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), total_steps >= 1"
+            )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -66,8 +68,9 @@ class SSLSchedules:
         self.weight_decay = CosineSchedule(cfg.weight_decay, cfg.weight_decay_end, total_steps)
         self.momentum = CosineSchedule(cfg.momentum_teacher, cfg.momentum_teacher_end, total_steps)
         temp_warmup = min(cfg.teacher_temp_warmup_steps, total_steps)
-        self.teacher_temperature = CosineSchedule(cfg.teacher_temp, cfg.teacher_temp, total_steps, temp_warmup,
-                                                  cfg.teacher_temp_warmup)
+        self.teacher_temperature = CosineSchedule(
+            cfg.teacher_temp, cfg.teacher_temp, total_steps, temp_warmup, cfg.teacher_temp_warmup
+        )
 
     def __call__(self, step: int) -> StepValues:
         lr = self.lr(step)

@@ -4,6 +4,7 @@ Each sample gets its own tissue, cells and slide, drawn from seeds derived from 
 cohort of a few variants holds exactly the same samples as the full one. The expression model is shared
 by the cohort (same programs everywhere), with a mild per-patient batch effect.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,9 @@ _SMALL = {
 SPECS = {
     "small": _SMALL,
     "medium": {k: SlideSpec(4 * s.width, 4 * s.height, s.mpp, s.layout) for k, s in _SMALL.items()},
-    "bench": {k: SlideSpec(round(2 * s.width * s.mpp), round(2 * s.height * s.mpp), 1.0, s.layout) for k, s in _SMALL.items()},
+    "bench": {
+        k: SlideSpec(round(2 * s.width * s.mpp), round(2 * s.height * s.mpp), 1.0, s.layout) for k, s in _SMALL.items()
+    },
 }
 HD_CROP_UM = {"small": 400, "medium": 1200, "bench": 800}
 
@@ -128,7 +131,9 @@ class _Plan:
 def _spot_counts(s: _Sample, model: ExpressionModel, xy_um: np.ndarray):
     eff = EFFICIENCY["visium"]
     cover = coverage(xy_um, s.cells, SPOT_DIAMETER_UM / 2)
-    return negative_binomial(s.rng, site_rates(cover, s.rates, eff, _ambient(model, np.pi * (SPOT_DIAMETER_UM / 2) ** 2, eff)))
+    return negative_binomial(
+        s.rng, site_rates(cover, s.rates, eff, _ambient(model, np.pi * (SPOT_DIAMETER_UM / 2) ** 2, eff))
+    )
 
 
 def _visium(s: _Sample, out: Path, model: ExpressionModel, sr_version: int) -> _Plan:
@@ -143,9 +148,13 @@ def _visium(s: _Sample, out: Path, model: ExpressionModel, sr_version: int) -> _
     def write(image: np.ndarray) -> None:
         write_visium_outs(outs, spots, counts, in_tissue, model.genes, mpp, SpatialImages.of(image), sr_version, s.rng)
 
-    return _Plan({"slide": slide, "data": outs, "image_scale": "fullres"}, slide,
-                 _sites_truth("spot", spots.barcodes, spots.px, s, in_tissue=in_tissue.astype(int)),
-                 spots.px.astype(np.float64), write)
+    return _Plan(
+        {"slide": slide, "data": outs, "image_scale": "fullres"},
+        slide,
+        _sites_truth("spot", spots.barcodes, spots.px, s, in_tissue=in_tissue.astype(int)),
+        spots.px.astype(np.float64),
+        write,
+    )
 
 
 def _visium_hd(s: _Sample, out: Path, model: ExpressionModel, crop_um: int) -> _Plan:
@@ -169,9 +178,15 @@ def _visium_hd(s: _Sample, out: Path, model: ExpressionModel, crop_um: int) -> _
     def write(image: np.ndarray) -> None:
         write_visium_hd_outs(outs, grid, counts, s.tissue.in_tissue, model.genes, mpp, SpatialImages.of(image))
 
-    return _Plan({"slide": slide, "data": outs, "bin_size_um": 2}, slide,
-                 _sites_truth("bin", ids, xy_px, s, bin_size_um=2, subset=f"in-tissue 2 µm bins, one in {HD_MARK_EVERY} per axis"),
-                 xy_px, write)
+    return _Plan(
+        {"slide": slide, "data": outs, "bin_size_um": 2},
+        slide,
+        _sites_truth(
+            "bin", ids, xy_px, s, bin_size_um=2, subset=f"in-tissue 2 µm bins, one in {HD_MARK_EVERY} per axis"
+        ),
+        xy_px,
+        write,
+    )
 
 
 def _xenium(s: _Sample, out: Path, model: ExpressionModel, markers: bool) -> _Plan:
@@ -179,7 +194,9 @@ def _xenium(s: _Sample, out: Path, model: ExpressionModel, markers: bool) -> _Pl
     m = he_to_morphology(s.rng, mpp, w, h)
     panel = xenium_panel()
     per_cell = s.rng.poisson(s.rates[:, panel] * EFFICIENCY["xenium"])
-    mol = Molecules.sample(s.rng, s.cells, per_cell, [model.genes[i][0] for i in panel], mpp, (w, h), s.tissue.in_tissue)
+    mol = Molecules.sample(
+        s.rng, s.cells, per_cell, [model.genes[i][0] for i in panel], mpp, (w, h), s.tissue.in_tissue
+    )
     good = np.flatnonzero(~mol.is_control() & (mol.qv >= QV_PASS))
     marked = good[sparse_subset(mol.xy_he[good], XENIUM_MARK_SPACING_UM / mpp, s.rng)]
     if markers:
@@ -193,9 +210,14 @@ def _xenium(s: _Sample, out: Path, model: ExpressionModel, markers: bool) -> _Pl
     bundle = out / s.sample_id
     slide = bundle / f"{s.sample_id}_he_image.ome.tif"
     sites = _sites_truth(
-        "molecule", (TRANSCRIPT_ID_BASE + marked).tolist(), mol.xy_he[marked], s, feature=mol.feature[marked].tolist(),
+        "molecule",
+        (TRANSCRIPT_ID_BASE + marked).tolist(),
+        mol.xy_he[marked],
+        s,
+        feature=mol.feature[marked].tolist(),
         subset=f"gene molecules with qv >= {QV_PASS:g}, at least {XENIUM_MARK_SPACING_UM / 2:g} µm apart",
-        he_to_morphology=m, morphology_pixel_size_um=PIXEL_SIZE_UM,
+        he_to_morphology=m,
+        morphology_pixel_size_um=PIXEL_SIZE_UM,
     )
 
     def write(image: np.ndarray) -> None:
@@ -216,8 +238,13 @@ def _hest(s: _Sample, out: Path, model: ExpressionModel) -> _Plan:
     def write(image: np.ndarray) -> None:
         write_hest_sample(root, s.sample_id, spots, counts, model.genes, mpp, (s.spec.width, s.spec.height), s.patient)
 
-    return _Plan({"data": root}, root / "wsis" / f"{s.sample_id}.tif", _sites_truth("spot", spots.barcodes, spots.px, s),
-                 spots.px.astype(np.float64), write)
+    return _Plan(
+        {"data": root},
+        root / "wsis" / f"{s.sample_id}.tif",
+        _sites_truth("spot", spots.barcodes, spots.px, s),
+        spots.px.astype(np.float64),
+        write,
+    )
 
 
 def _image_only(s: _Sample, out: Path) -> _Plan:
@@ -225,8 +252,16 @@ def _image_only(s: _Sample, out: Path) -> _Plan:
     return _Plan({"slide": slide}, slide, _sites_truth("none", [], np.zeros((0, 2)), s), None)
 
 
-def _make_sample(variant: str, seed: int, size: str, out: Path, model: ExpressionModel, markers: bool,
-                 replicate: int = 0, patient_index: int | None = None) -> tuple[dict, dict]:
+def _make_sample(
+    variant: str,
+    seed: int,
+    size: str,
+    out: Path,
+    model: ExpressionModel,
+    markers: bool,
+    replicate: int = 0,
+    patient_index: int | None = None,
+) -> tuple[dict, dict]:
     spec = SPECS[size][variant]
     if patient_index is None:
         patient_index = VARIANTS.index(variant) % N_PATIENTS
@@ -238,7 +273,15 @@ def _make_sample(variant: str, seed: int, size: str, out: Path, model: Expressio
     patient_scale = model.patient_scale(np.random.default_rng([seed, 1000 + patient_index]))
     sample_seed = int(render_seed.generate_state(1)[0])  # pixel noise, and the OME UUID
     image = render_he(tissue, cells, spec.width, spec.height, spec.mpp, sample_seed)
-    s = _Sample(variant if not replicate else f"{variant}_r{replicate}", patient, spec, tissue, cells, model.cell_rates(cells, patient_scale), np.random.default_rng(rng_seed))
+    s = _Sample(
+        variant if not replicate else f"{variant}_r{replicate}",
+        patient,
+        spec,
+        tissue,
+        cells,
+        model.cell_rates(cells, patient_scale),
+        np.random.default_rng(rng_seed),
+    )
     if variant in ("visium", "visium_sr2"):
         plan = _visium(s, out, model, 1 if variant == "visium" else 2)
     elif variant == "visium_hd":
@@ -256,8 +299,12 @@ def _make_sample(variant: str, seed: int, size: str, out: Path, model: Expressio
     if plan.write is not None:
         plan.write(image)
     technology = TECHNOLOGY.get(variant, variant)
-    entry = {"id": s.sample_id, "patient": patient, "technology": technology,
-             **{k: (v.relative_to(out).as_posix() if isinstance(v, Path) else v) for k, v in plan.entry.items()}}
+    entry = {
+        "id": s.sample_id,
+        "patient": patient,
+        "technology": technology,
+        **{k: (v.relative_to(out).as_posix() if isinstance(v, Path) else v) for k, v in plan.entry.items()},
+    }
     truth = {
         "sample": s.sample_id,
         "variant": variant,
@@ -279,8 +326,15 @@ def _make_sample(variant: str, seed: int, size: str, out: Path, model: Expressio
     return entry, truth
 
 
-def generate_cohort(out_dir, seed: int = 0, size: str = "small", technologies=VARIANTS, markers: bool = False,
-                    replicates: int = 1, patients: int | None = None) -> Path:
+def generate_cohort(
+    out_dir,
+    seed: int = 0,
+    size: str = "small",
+    technologies=VARIANTS,
+    markers: bool = False,
+    replicates: int = 1,
+    patients: int | None = None,
+) -> Path:
     """Write the synthetic cohort under ``out_dir`` and return its cohort.yaml.
 
     ``technologies`` picks variants from VARIANTS (visium = Space Ranger 1.x, visium_sr2 = 2.x);
@@ -302,8 +356,9 @@ def generate_cohort(out_dir, seed: int = 0, size: str = "small", technologies=VA
     samples = []
     order = [(k, v) for k in range(replicates) for v in VARIANTS if v in technologies]
     for n, (k, variant) in enumerate(order):
-        entry, truth = _make_sample(variant, seed, size, out, model, markers, k,
-                                    None if patients is None else n % patients)
+        entry, truth = _make_sample(
+            variant, seed, size, out, model, markers, k, None if patients is None else n % patients
+        )
         samples.append(entry)
         (out / "truth" / f"{entry['id']}.json").write_text(json.dumps(truth) + "\n")
     path = out / "cohort.yaml"
@@ -333,21 +388,43 @@ def register_cli(subparsers) -> None:
     )
     p.add_argument("out", metavar="OUT", help="folder to write the cohort into (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same cohort")
-    p.add_argument("--size", choices=SIZES, default="small",
-                   help="small: ~2k px slides, seconds (tests, demo); medium: ~9k px slides, for benchmarks; "
-                        "bench: 2× small's tissue at 1 µm/px (CPU training benchmarks)")
-    p.add_argument("--markers", action="store_true",
-                   help="paint a green disk on the H&E at every site in truth/<id>.json (co-registration checks)")
-    p.add_argument("--technologies", default=",".join(VARIANTS), metavar="LIST",
-                   help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default="small",
+        help="small: ~2k px slides, seconds (tests, demo); medium: ~9k px slides, for benchmarks; "
+        "bench: 2× small's tissue at 1 µm/px (CPU training benchmarks)",
+    )
+    p.add_argument(
+        "--markers",
+        action="store_true",
+        help="paint a green disk on the H&E at every site in truth/<id>.json (co-registration checks)",
+    )
+    p.add_argument(
+        "--technologies",
+        default=",".join(VARIANTS),
+        metavar="LIST",
+        help=f"comma-separated subset of: {', '.join(VARIANTS)}",
+    )
     p.add_argument("--replicates", type=int, default=1, help="samples per variant, each its own tissue")
-    p.add_argument("--patients", type=int, default=None,
-                   help="deal the samples out to this many patients in turn (default: two, by variant)")
+    p.add_argument(
+        "--patients",
+        type=int,
+        default=None,
+        help="deal the samples out to this many patients in turn (default: two, by variant)",
+    )
     p.set_defaults(func=_run_cli)
 
 
 def _run_cli(args) -> int:
-    path = generate_cohort(args.out, seed=args.seed, size=args.size, markers=args.markers,
-                           replicates=args.replicates, patients=args.patients, technologies=tuple(t.strip() for t in args.technologies.split(",") if t.strip()))
+    path = generate_cohort(
+        args.out,
+        seed=args.seed,
+        size=args.size,
+        markers=args.markers,
+        replicates=args.replicates,
+        patients=args.patients,
+        technologies=tuple(t.strip() for t in args.technologies.split(",") if t.strip()),
+    )
     print(path)
     return 0

@@ -5,6 +5,7 @@ HEST files are CC BY-NC-SA, so none ship with HistoTx; this writes the same layo
 writes one sample per HEST ``st_technology`` the way HEST's own save code does: Xenium and Visium HD
 as pooled square pseudo-spots, blank metadata as NaN, LZW-tiled WSI, empty ``tissue_seg/``.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ from PIL import Image
 from histotx.synth.tenx import SPOT_DIAMETER_UM, SPOT_PITCH_UM, Spots
 
 
-def write_hest_sample(root: Path, sample_id: str, spots: Spots, counts: sp.csr_matrix, genes: list[tuple[str, str]],
-                      mpp: float, size_px: tuple[int, int], patient: str) -> None:
+def write_hest_sample(
+    root: Path,
+    sample_id: str,
+    spots: Spots,
+    counts: sp.csr_matrix,
+    genes: list[tuple[str, str]],
+    mpp: float,
+    size_px: tuple[int, int],
+    patient: str,
+) -> None:
     """The st/ and metadata/ parts (the WSI goes to ``wsis/{id}.tif``, written by the caller)."""
     (root / "st").mkdir(parents=True, exist_ok=True)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
@@ -116,9 +125,16 @@ def write_hest_wsi(path: Path, image: np.ndarray, mpp: float, n_levels: int = 3)
         for level in range(n_levels):
             step = 2**level
             lv = image if level == 0 else np.asarray(Image.fromarray(image).reduce(step))
-            tw.write(lv, tile=TILE, photometric="rgb", compression="lzw", metadata=None,
-                     subfiletype=1 if level else 0, resolution=(1e4 / (mpp * step), 1e4 / (mpp * step)),
-                     resolutionunit="CENTIMETER")
+            tw.write(
+                lv,
+                tile=TILE,
+                photometric="rgb",
+                compression="lzw",
+                metadata=None,
+                subfiletype=1 if level else 0,
+                resolution=(1e4 / (mpp * step), 1e4 / (mpp * step)),
+                resolutionunit="CENTIMETER",
+            )
 
 
 def _hest_spots(rng: np.random.Generator, layout: HestLayout, width: int, height: int, mpp: float):
@@ -132,9 +148,18 @@ def _hest_spots(rng: np.random.Generator, layout: HestLayout, width: int, height
     return [layout.index.format(r, c) for r, c in zip(rows, cols)], rows, cols, xy
 
 
-def write_hest_layout(root: Path, sample_id: str, st_technology: str, image: np.ndarray, mpp: float,
-                      genes: list[tuple[str, str]], rng: np.random.Generator, patient: str,
-                      organ: str = "Bowel", species: str = "Homo sapiens") -> int:
+def write_hest_layout(
+    root: Path,
+    sample_id: str,
+    st_technology: str,
+    image: np.ndarray,
+    mpp: float,
+    genes: list[tuple[str, str]],
+    rng: np.random.Generator,
+    patient: str,
+    organ: str = "Bowel",
+    species: str = "Homo sapiens",
+) -> int:
     """One HEST-1k sample of ``st_technology`` (a key of HEST_LAYOUTS) over ``image`` (H, W, 3 uint8):
     ``wsis/{id}.tif``, ``st/{id}.h5ad`` with the spots under tissue, ``metadata/{id}.json`` (NaN where HEST
     has no value) and an empty ``tissue_seg/``. Returns the number of spots written."""
@@ -148,8 +173,13 @@ def write_hest_layout(root: Path, sample_id: str, st_technology: str, image: np.
     counts = rng.poisson(rng.gamma(1.0, 2.0, len(genes))[None] * area, size=(len(names), len(genes)))
     X = counts.astype(np.uint16) if layout.dense_uint16 else sp.csr_matrix(counts, dtype=np.float32)
     obs = pd.DataFrame(
-        {"in_tissue": np.ones(len(names), dtype=np.int64), "array_row": rows.astype(np.int64),
-         "array_col": cols.astype(np.int64), "pxl_col_in_fullres": xy[:, 0], "pxl_row_in_fullres": xy[:, 1]},
+        {
+            "in_tissue": np.ones(len(names), dtype=np.int64),
+            "array_row": rows.astype(np.int64),
+            "array_col": cols.astype(np.int64),
+            "pxl_col_in_fullres": xy[:, 0],
+            "pxl_row_in_fullres": xy[:, 1],
+        },
         index=pd.Index(names),
     )
     var = pd.DataFrame({"gene_ids": [g[1] for g in genes]}, index=pd.Index([g[0] for g in genes]))
@@ -160,11 +190,20 @@ def write_hest_layout(root: Path, sample_id: str, st_technology: str, image: np.
     adata.write_h5ad(root / "st" / f"{sample_id}.h5ad")
     write_hest_wsi(root / "wsis" / f"{sample_id}.tif", image, mpp)
     meta = {
-        "dataset_title": "HistoTx synthetic HEST-layout sample", "id": sample_id, "patient": patient,
-        "st_technology": st_technology, "species": species, "organ": organ, "oncotree_code": math.nan,
-        "spot_diameter": layout.spot_diameter, "inter_spot_dist": layout.inter_spot_dist,
-        "spots_under_tissue": len(names), "pixel_size_um_embedded": mpp, "pixel_size_um_estimated": mpp,
-        "fullres_px_width": width, "fullres_px_height": height,
+        "dataset_title": "HistoTx synthetic HEST-layout sample",
+        "id": sample_id,
+        "patient": patient,
+        "st_technology": st_technology,
+        "species": species,
+        "organ": organ,
+        "oncotree_code": math.nan,
+        "spot_diameter": layout.spot_diameter,
+        "inter_spot_dist": layout.inter_spot_dist,
+        "spots_under_tissue": len(names),
+        "pixel_size_um_embedded": mpp,
+        "pixel_size_um_estimated": mpp,
+        "fullres_px_width": width,
+        "fullres_px_height": height,
     }
     (root / "metadata" / f"{sample_id}.json").write_text(json.dumps(meta, indent=4) + "\n")  # NaN as HEST writes it
     return len(names)

@@ -8,6 +8,7 @@ model must see the nuclei and textures (morphology) to predict what they drive. 
 horizontal stripes so memory stays bounded for benchmark-size slides; nothing random is drawn per
 stripe, so the image does not depend on the stripe height.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,10 @@ def _eosin(bank: list[np.ndarray], mpp: float, region: np.ndarray, density: np.n
     expected colour is then eosin·(1 − cover) + HAEMATOXYLIN·cover.
     """
     per_region = len(bank) // len(REGIONS)
-    alpha_um2 = np.array([np.mean([b.sum() for b in bank[r * per_region:(r + 1) * per_region]])
-                          for r in range(len(REGIONS))]) * mpp**2  # ∫ opacity over one nucleus, µm²
+    alpha_um2 = (
+        np.array([np.mean([b.sum() for b in bank[r * per_region : (r + 1) * per_region]]) for r in range(len(REGIONS))])
+        * mpp**2
+    )  # ∫ opacity over one nucleus, µm²
     o = NUCLEUS_OPACITY.take(region)
     cover = (o * (1.0 - np.exp(-density * alpha_um2.take(region) / o)))[..., None]
     return ((MEAN_RGB - HAEMATOXYLIN * cover) / (1.0 - cover)).astype(np.float32)
@@ -69,7 +72,9 @@ def _stamp_index(cells: Cells) -> np.ndarray:
     return (cells.region.astype(int) * len(_SIZES) + size) * _ANGLES + angle
 
 
-def render_he(tissue: Tissue, cells: Cells, width: int, height: int, mpp: float, seed: int, stripe: int = 256) -> np.ndarray:
+def render_he(
+    tissue: Tissue, cells: Cells, width: int, height: int, mpp: float, seed: int, stripe: int = 256
+) -> np.ndarray:
     """The level-0 RGB image (height, width, 3) uint8; pixel (i, j) shows the tissue at ((i+½)·mpp, (j+½)·mpp) µm.
 
     The tissue's own fields decide colour and texture; ``seed`` only drives the pixel noise.
@@ -97,7 +102,11 @@ def render_he(tissue: Tissue, cells: Cells, width: int, height: int, mpp: float,
         eosin = np.repeat(np.repeat(eosin, step, axis=0), step, axis=1)[:h, :width]
         edge = np.clip(tissue.mask.raster(xs, ys) / EDGE_WIDTH + 0.5, 0.0, 1.0)
         # np.take: several times faster than fancy indexing for these small lookup tables.
-        texture = 1.0 + FIBRE_AMP.take(region) * tissue.fibres.raster(xs, ys) + GRAIN_AMP.take(region) * tissue.grain.raster(xs, ys)
+        texture = (
+            1.0
+            + FIBRE_AMP.take(region) * tissue.fibres.raster(xs, ys)
+            + GRAIN_AMP.take(region) * tissue.grain.raster(xs, ys)
+        )
         # Nuclei: the most opaque stamp wins where two overlap.
         # Padded by 2·half so stamps of cells just above/below the stripe fit; stamp (y, x) covers padded
         # rows y - y0 + half … y - y0 + 3·half.

@@ -5,6 +5,7 @@ successive reduced pages; µm/px in XResolution/YResolution with ResolutionUnit 
 (PhysicalSizeX/Y; pyramid in SubIFDs) and an Aperio-like SVS (µm/px only in the ImageDescription's
 ``MPP = ``; baseline, thumbnail, reduced levels, label, macro). All JPEG-compressed in 256 px tiles.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -60,8 +61,15 @@ def write_slide(path: Path, level0: np.ndarray, mpp: float, layout: str, n_level
             tw.write(levels[0], tile=TILE, subifds=n_levels - 1, metadata=meta, **_resolution(mpp), **_jpeg())
         else:
             subifds = n_levels - 1 if layout == "tiff_subifds" else None
-            tw.write(levels[0], tile=TILE, subifds=subifds, metadata=None, software="histotx.synth",
-                     **_resolution(mpp), **_jpeg())
+            tw.write(
+                levels[0],
+                tile=TILE,
+                subifds=subifds,
+                metadata=None,
+                software="histotx.synth",
+                **_resolution(mpp),
+                **_jpeg(),
+            )
         for lv, s in zip(levels[1:], scale[1:]):
             tw.write(lv, tile=TILE, subfiletype=1, metadata=None, **_resolution(mpp * s), **_jpeg())
 
@@ -74,13 +82,28 @@ def _write_svs(path: Path, level0: np.ndarray, mpp: float, n_levels: int) -> Non
     tail = f"|AppMag = {20 if mpp > 0.35 else 40}|MPP = {mpp:.4f}|ScanScope ID = SYNTH|Filename = synthetic"
     thumb = np.asarray(Image.fromarray(level0).reduce(max(1, int(np.ceil(max(h, w) / 768)))))
     with tifffile.TiffWriter(path) as tw:
-        tw.write(levels[0], tile=TILE, metadata=None, description=f"{head}{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q={JPEG_QUALITY}{tail}", **_jpeg())
+        tw.write(
+            levels[0],
+            tile=TILE,
+            metadata=None,
+            description=f"{head}{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q={JPEG_QUALITY}{tail}",
+            **_jpeg(),
+        )
         tw.write(thumb, metadata=None, description=f"{head}{w}x{h} -> {thumb.shape[1]}x{thumb.shape[0]} - ", **_jpeg())
         for lv in levels[1:]:
             size = f"{w}x{h} [0,0 {w}x{h}] (256x256) -> {lv.shape[1]}x{lv.shape[0]} JPEG/RGB Q={JPEG_QUALITY}"
             tw.write(lv, tile=TILE, metadata=None, description=f"{head}{size}", **_jpeg())
         label = np.full((300, 300, 3), 255, np.uint8)
         label[40:260:20, 40:260] = 0  # a barcode-like pattern
-        tw.write(label, subfiletype=1, metadata=None, description=f"{head}label 300x300", photometric="rgb", compression="lzw")
+        tw.write(
+            label,
+            subfiletype=1,
+            metadata=None,
+            description=f"{head}label 300x300",
+            photometric="rgb",
+            compression="lzw",
+        )
         macro = np.asarray(Image.fromarray(level0).resize((800, max(1, int(800 * h / w)))))
-        tw.write(macro, subfiletype=9, metadata=None, description=f"{head}macro {macro.shape[1]}x{macro.shape[0]}", **_jpeg())
+        tw.write(
+            macro, subfiletype=9, metadata=None, description=f"{head}macro {macro.shape[1]}x{macro.shape[0]}", **_jpeg()
+        )

@@ -4,6 +4,7 @@ Layouts follow the real files (see ../shared/notes/formats.md): a spot lattice 1
 with same-row neighbours two ``array_col`` apart, whole-pixel ``pxl_row/col_in_fullres``,
 ``spot_diameter_fullres`` spanning 65 µm, HD barcodes ``s_002um_RRRRR_CCCCC-1`` and parquet positions.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,9 @@ def random_barcodes(rng: np.random.Generator, n: int) -> list[str]:
     return ["".join(row) + "-1" for row in letters]
 
 
-def write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes: list[str], genes: list[tuple[str, str]],
-                 software: str, chemistry: str) -> None:
+def write_10x_h5(
+    path: Path, counts: sp.csr_matrix, barcodes: list[str], genes: list[tuple[str, str]], software: str, chemistry: str
+) -> None:
     """The filtered_feature_bc_matrix.h5 layout: CSC features × barcodes, one indptr entry per barcode."""
     path.parent.mkdir(parents=True, exist_ok=True)
     counts = sp.csr_matrix(counts, dtype=np.int32)
@@ -131,9 +133,17 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_visium_outs(outs: Path, spots: Spots, counts: sp.csr_matrix, in_tissue: np.ndarray,
-                      genes: list[tuple[str, str]], mpp: float, images: SpatialImages, sr_version: int,
-                      rng: np.random.Generator) -> None:
+def write_visium_outs(
+    outs: Path,
+    spots: Spots,
+    counts: sp.csr_matrix,
+    in_tissue: np.ndarray,
+    genes: list[tuple[str, str]],
+    mpp: float,
+    images: SpatialImages,
+    sr_version: int,
+    rng: np.random.Generator,
+) -> None:
     """Space Ranger ``outs/``: 1.x writes tissue_positions_list.csv without header, 2.x tissue_positions.csv with one."""
     spatial = outs / "spatial"
     images.write(spatial, mpp)
@@ -148,9 +158,14 @@ def write_visium_outs(outs: Path, spots: Spots, counts: sp.csr_matrix, in_tissue
         (spatial / "tissue_positions.csv").write_text("\n".join([header, *lines]) + "\n")
     keep = np.flatnonzero(in_tissue)
     keep = keep[np.argsort([spots.barcodes[i] for i in keep], kind="stable")]
-    write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts[keep], [spots.barcodes[i] for i in keep], genes,
-                 software=f"spaceranger-{sr_version}.{'0.0' if sr_version == 1 else '1.0'}",
-                 chemistry="Spatial 3' v1")
+    write_10x_h5(
+        outs / "filtered_feature_bc_matrix.h5",
+        counts[keep],
+        [spots.barcodes[i] for i in keep],
+        genes,
+        software=f"spaceranger-{sr_version}.{'0.0' if sr_version == 1 else '1.0'}",
+        chemistry="Spatial 3' v1",
+    )
 
 
 @dataclass
@@ -176,11 +191,20 @@ class HDGrid:
         k = size_um // 2
         rr, cc = np.meshgrid(np.arange(self.n), np.arange(self.n), indexing="ij")
         parent = (rr.ravel() // k) * (self.n // k) + cc.ravel() // k
-        return sp.csr_matrix((np.ones(self.n**2), (parent, np.arange(self.n**2))), shape=((self.n // k) ** 2, self.n**2))
+        return sp.csr_matrix(
+            (np.ones(self.n**2), (parent, np.arange(self.n**2))), shape=((self.n // k) ** 2, self.n**2)
+        )
 
 
-def write_visium_hd_outs(outs: Path, grid: HDGrid, counts2: sp.csr_matrix, in_tissue_of, genes: list[tuple[str, str]],
-                         mpp: float, images: SpatialImages) -> None:
+def write_visium_hd_outs(
+    outs: Path,
+    grid: HDGrid,
+    counts2: sp.csr_matrix,
+    in_tissue_of,
+    genes: list[tuple[str, str]],
+    mpp: float,
+    images: SpatialImages,
+) -> None:
     """``binned_outputs/square_{002,008,016}um``: filtered matrix, parquet positions, scalefactors.
 
     ``in_tissue_of(x_um, y_um)`` says which bin centres are on tissue; coarser bins sum their 2 µm bins.
@@ -191,17 +215,25 @@ def write_visium_hd_outs(outs: Path, grid: HDGrid, counts2: sp.csr_matrix, in_ti
         counts = counts2 if size == 2 else sp.csr_matrix(grid.pooling(size) @ counts2)
         barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)]
         tissue = in_tissue_of(centre[:, 0], centre[:, 1]).astype(np.int32)
-        table = pa.table({
-            "barcode": pa.array(barcodes, pa.string()),
-            "in_tissue": pa.array(tissue, pa.int32()),
-            "array_row": pa.array(rows, pa.int32()),
-            "array_col": pa.array(cols, pa.int32()),
-            "pxl_row_in_fullres": pa.array(centre[:, 1] / mpp, pa.float64()),
-            "pxl_col_in_fullres": pa.array(centre[:, 0] / mpp, pa.float64()),
-        })
+        table = pa.table(
+            {
+                "barcode": pa.array(barcodes, pa.string()),
+                "in_tissue": pa.array(tissue, pa.int32()),
+                "array_row": pa.array(rows, pa.int32()),
+                "array_col": pa.array(cols, pa.int32()),
+                "pxl_row_in_fullres": pa.array(centre[:, 1] / mpp, pa.float64()),
+                "pxl_col_in_fullres": pa.array(centre[:, 0] / mpp, pa.float64()),
+            }
+        )
         # HD scalefactors describe the bin, not the 65 µm Visium spot.
         images.write(folder / "spatial", mpp, spot_um=size, bin_size_um=float(size), microns_per_pixel=mpp)
         pq.write_table(table, folder / "spatial" / "tissue_positions.parquet")
         keep = np.flatnonzero(tissue)
-        write_10x_h5(folder / "filtered_feature_bc_matrix.h5", counts[keep], [barcodes[i] for i in keep], genes,
-                     software="spaceranger-3.0.0", chemistry="Visium HD v1")
+        write_10x_h5(
+            folder / "filtered_feature_bc_matrix.h5",
+            counts[keep],
+            [barcodes[i] for i in keep],
+            genes,
+            software="spaceranger-3.0.0",
+            chemistry="Visium HD v1",
+        )

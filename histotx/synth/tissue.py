@@ -8,6 +8,7 @@ density within every region; both are visible only as morphology (the renderer k
 the same everywhere). The hidden state is never rendered: it modulates a gene program that the image
 alone cannot predict.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,7 +105,9 @@ class Tissue:
         fine = 1.5  # µm between texture nodes
         fibres = smooth_noise(rng, (384, 384), (0.6, 4.0), periodic=True)
         grain = smooth_noise(rng, (384, 384), 0.8, periodic=True)
-        crowding = np.clip(np.exp(CROWDING_SD * smooth_noise(rng, (ny, nx), CROWDING_SCALE_UM / step_um)), *CROWDING_RANGE)
+        crowding = np.clip(
+            np.exp(CROWDING_SD * smooth_noise(rng, (ny, nx), CROWDING_SCALE_UM / step_um)), *CROWDING_RANGE
+        )
         return cls(
             width_um,
             height_um,

@@ -4,6 +4,7 @@ The tissue lives in H&E pixels. The alignment matrix M (``*_he_imagealignment.cs
 maps H&E px → morphology px, so a molecule at H&E (x, y) is stored at µm = (M · [x, y, 1])[:2] × 0.2125,
 exactly as 10x's files relate; a reader must apply inv(M) to come back.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,16 @@ class Molecules:
     qv: np.ndarray  # (n,) float32
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, cells: Cells, counts: np.ndarray, symbols: list[str], he_mpp: float,
-               area_px: tuple[int, int], in_tissue) -> "Molecules":
+    def sample(
+        cls,
+        rng: np.random.Generator,
+        cells: Cells,
+        counts: np.ndarray,
+        symbols: list[str],
+        he_mpp: float,
+        area_px: tuple[int, int],
+        in_tissue,
+    ) -> "Molecules":
         """Molecules scattered around their cells, plus unassigned background, control probes and low-qv reads.
 
         ``counts`` is (n_cells, n_panel_genes) molecules per cell; ``in_tissue(x_um, y_um)`` bounds the background.
@@ -77,8 +86,9 @@ class Molecules:
         n_ctrl = int(CONTROL_FRACTION * len(owner))
         ctrl = rng.random((n_ctrl, 2)) * [w_um, h_um]
         names = np.array(symbols + list(XENIUM_CONTROLS), dtype=object)
-        feature = np.concatenate([gene, rng.integers(0, len(symbols), len(bg)),
-                                  len(symbols) + rng.integers(0, len(XENIUM_CONTROLS), n_ctrl)])
+        feature = np.concatenate(
+            [gene, rng.integers(0, len(symbols), len(bg)), len(symbols) + rng.integers(0, len(XENIUM_CONTROLS), n_ctrl)]
+        )
         xy = np.concatenate([xy_um, bg, ctrl]) / he_mpp
         cell = np.concatenate([np.where(assigned, owner, -1), np.full(len(bg) + n_ctrl, -1)])
         nucleus = np.concatenate([nucleus, np.zeros(len(bg) + n_ctrl, np.uint8)])
@@ -105,36 +115,48 @@ def sparse_subset(xy: np.ndarray, cell_px: float, rng: np.random.Generator) -> n
     return np.sort(near[first])
 
 
-def write_xenium_bundle(bundle: Path, name: str, molecules: Molecules, cells: Cells, he_mpp: float, m: np.ndarray,
-                        panel_size: int, z_rng: np.random.Generator) -> None:
+def write_xenium_bundle(
+    bundle: Path,
+    name: str,
+    molecules: Molecules,
+    cells: Cells,
+    he_mpp: float,
+    m: np.ndarray,
+    panel_size: int,
+    z_rng: np.random.Generator,
+) -> None:
     """transcripts.parquet, cells.parquet, experiment.xenium and ``{name}_he_imagealignment.csv``."""
     bundle.mkdir(parents=True, exist_ok=True)
     morph = (m @ np.vstack([molecules.xy_he.T, np.ones(len(molecules.qv))]))[:2].T
     um = morph * PIXEL_SIZE_UM
     ids = np.array(cell_ids(len(cells)) + ["UNASSIGNED"], dtype=object)
-    transcripts = pa.table({
-        "transcript_id": pa.array(TRANSCRIPT_ID_BASE + np.arange(len(um), dtype=np.uint64), pa.uint64()),
-        "cell_id": pa.array(ids[molecules.cell], pa.string()),
-        "overlaps_nucleus": pa.array(molecules.nucleus, pa.uint8()),
-        "feature_name": pa.array(molecules.feature, pa.string()),
-        "x_location": pa.array(um[:, 0].astype(np.float32), pa.float32()),
-        "y_location": pa.array(um[:, 1].astype(np.float32), pa.float32()),
-        "z_location": pa.array(z_rng.normal(12.0, 2.0, len(um)).astype(np.float32), pa.float32()),
-        "qv": pa.array(molecules.qv, pa.float32()),
-    })
+    transcripts = pa.table(
+        {
+            "transcript_id": pa.array(TRANSCRIPT_ID_BASE + np.arange(len(um), dtype=np.uint64), pa.uint64()),
+            "cell_id": pa.array(ids[molecules.cell], pa.string()),
+            "overlaps_nucleus": pa.array(molecules.nucleus, pa.uint8()),
+            "feature_name": pa.array(molecules.feature, pa.string()),
+            "x_location": pa.array(um[:, 0].astype(np.float32), pa.float32()),
+            "y_location": pa.array(um[:, 1].astype(np.float32), pa.float32()),
+            "z_location": pa.array(z_rng.normal(12.0, 2.0, len(um)).astype(np.float32), pa.float32()),
+            "qv": pa.array(molecules.qv, pa.float32()),
+        }
+    )
     pq.write_table(transcripts, bundle / "transcripts.parquet")
     centre = (m @ np.vstack([cells.xy_um.T / he_mpp, np.ones(len(cells))]))[:2].T * PIXEL_SIZE_UM
     assigned = molecules.cell[molecules.cell >= 0]
     controls = molecules.is_control()[molecules.cell >= 0]
-    cells_table = pa.table({
-        "cell_id": pa.array(ids[:-1], pa.string()),
-        "x_centroid": pa.array(centre[:, 0], pa.float64()),
-        "y_centroid": pa.array(centre[:, 1], pa.float64()),
-        "transcript_counts": pa.array(np.bincount(assigned[~controls], minlength=len(cells)), pa.int64()),
-        "control_probe_counts": pa.array(np.bincount(assigned[controls], minlength=len(cells)), pa.int64()),
-        "nucleus_area": pa.array(np.pi * cells.radius_um**2, pa.float64()),
-        "cell_area": pa.array(np.pi * (UNASSIGNED_BEYOND * 2.0 * cells.radius_um) ** 2, pa.float64()),
-    })
+    cells_table = pa.table(
+        {
+            "cell_id": pa.array(ids[:-1], pa.string()),
+            "x_centroid": pa.array(centre[:, 0], pa.float64()),
+            "y_centroid": pa.array(centre[:, 1], pa.float64()),
+            "transcript_counts": pa.array(np.bincount(assigned[~controls], minlength=len(cells)), pa.int64()),
+            "control_probe_counts": pa.array(np.bincount(assigned[controls], minlength=len(cells)), pa.int64()),
+            "nucleus_area": pa.array(np.pi * cells.radius_um**2, pa.float64()),
+            "cell_area": pa.array(np.pi * (UNASSIGNED_BEYOND * 2.0 * cells.radius_um) ** 2, pa.float64()),
+        }
+    )
     pq.write_table(cells_table, bundle / "cells.parquet")
     experiment = {
         "run_name": "histotx_synthetic",
@@ -150,4 +172,6 @@ def write_xenium_bundle(bundle: Path, name: str, molecules: Molecules, cells: Ce
         "images": {"morphology_filepath": "morphology.ome.tif", "morphology_focus_filepath": "morphology_focus/"},
     }
     (bundle / "experiment.xenium").write_text(json.dumps(experiment, indent=4) + "\n")
-    (bundle / f"{name}_he_imagealignment.csv").write_text("\n".join(",".join(repr(float(v)) for v in row) for row in m) + "\n")
+    (bundle / f"{name}_he_imagealignment.csv").write_text(
+        "\n".join(",".join(repr(float(v)) for v in row) for row in m) + "\n"
+    )

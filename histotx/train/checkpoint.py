@@ -14,6 +14,7 @@ folder without ``trainer.json``, which ``--resume auto`` passes over. What Histo
 safetensors; DeepSpeed's own files are ``torch.save`` archives, read back only with torch's weights-only
 unpickler (:func:`load_deepspeed_file`), never DeepSpeed's default ``weights_only=False``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -92,8 +93,9 @@ def newest(root: Path) -> Path | None:
         path = root / pointer.read_text().strip()
         if is_complete(path):
             return path
-        log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one",
-                    pointer, path.name)
+        log.warning(
+            "%s names %s, which is not a complete checkpoint; looking for the newest complete one", pointer, path.name
+        )
     found = complete_checkpoints(root)
     return found[-1] if found else None
 
@@ -112,8 +114,9 @@ def resolve(spec: str, root: Path) -> Path | None:
             return found
     if path.is_dir() and _TAG.match(path.name):
         raise FileNotFoundError(f"{path}: checkpoint is incomplete (no {COMPLETE}); it was interrupted while saving")
-    raise FileNotFoundError(f"{path}: no complete checkpoint there (a step_* folder with {COMPLETE}, or a run folder "
-                            "holding checkpoints/)")
+    raise FileNotFoundError(
+        f"{path}: no complete checkpoint there (a step_* folder with {COMPLETE}, or a run folder holding checkpoints/)"
+    )
 
 
 def prune(root: Path, step: int, keep: int) -> None:
@@ -184,11 +187,18 @@ def load(path: Path, engine, meta, loader) -> tuple[dict[str, Any], dict[str, An
     info = json.loads((path / COMPLETE).read_text())
     rank, world = dist.get_rank(), dist.get_world_size()
     if info["world_size"] != world:
-        raise ValueError(f"{path}: saved by {info['world_size']} ranks, resumed by {world}; exact resume needs the "
-                         "same world size (the data order and the ZeRO partitions depend on it)")
+        raise ValueError(
+            f"{path}: saved by {info['world_size']} ranks, resumed by {world}; exact resume needs the "
+            "same world size (the data order and the ZeRO partitions depend on it)"
+        )
     _weights_only_engine(engine)
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    load_path, _ = engine.load_checkpoint(
+        str(path.parent),
+        tag=path.name,
+        load_module_strict=True,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )
     if load_path is None:
         raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint files there")
     meta.load_teacher_state_dict(load_file(path / TEACHER, device=str(next(meta.teacher.parameters()).device)))

@@ -1,4 +1,5 @@
 """`histotx train CONFIG.yaml [key=value ...] [--resume auto|PATH]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ complete checkpoint (same world size, data and batch settings).
 """
 
 
-def run(args: argparse.Namespace,
-        checkpoint_hooks: Callable[[TrainConfig], Sequence[CheckpointHook]] | None = None) -> int:
+def run(
+    args: argparse.Namespace, checkpoint_hooks: Callable[[TrainConfig], Sequence[CheckpointHook]] | None = None
+) -> int:
     """``checkpoint_hooks``: the run's config → hooks for the trainer; given by the layer above training
     (the `histotx` CLI, launch/train.py), since training must not import what they do (the export)."""
     from histotx.config import load_config
@@ -47,17 +49,28 @@ def run(args: argparse.Namespace,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="training config (YAML), e.g. configs/train/tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. steps=1000 data.stream.batch_size=64 deepspeed.zero_stage=3")
-    p.add_argument("--resume", metavar="auto|PATH", default=None,
-                   help="auto: continue from the newest complete checkpoint under <out>/checkpoints (start fresh "
-                        "if none); PATH: a checkpoints/step_* folder, or a run folder to take its newest")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. steps=1000 data.stream.batch_size=64 deepspeed.zero_stage=3",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        default=None,
+        help="auto: continue from the newest complete checkpoint under <out>/checkpoints (start fresh "
+        "if none); PATH: a checkpoints/step_* folder, or a run folder to take its newest",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
-def register_cli(subparsers, checkpoint_hooks: Callable[[TrainConfig], Sequence[CheckpointHook]] | None = None
-                 ) -> None:
-    p = subparsers.add_parser("train", help="self-supervised pretraining under DeepSpeed (one process per rank)",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+def register_cli(subparsers, checkpoint_hooks: Callable[[TrainConfig], Sequence[CheckpointHook]] | None = None) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="self-supervised pretraining under DeepSpeed (one process per rank)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=functools.partial(run, checkpoint_hooks=checkpoint_hooks))

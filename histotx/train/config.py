@@ -8,6 +8,7 @@ is written beside the run and into every checkpoint, so what ran can always be r
 from the ``size`` preset when the model is built. (Storing a filled-in FusedViTConfig here would
 make the tiny preset's widths stick when a file only says ``size: L``.)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -115,22 +116,31 @@ class TrainConfig:
         if ds.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"deepspeed.backend must be auto, nccl or gloo, got {ds.backend!r}")
         if self.steps < 1 or o.accumulation_steps < 1 or self.checkpoint.every_steps < 1 or self.log.every_steps < 1:
-            raise ConfigError("steps, optim.accumulation_steps, checkpoint.every_steps and log.every_steps must be >= 1")
+            raise ConfigError(
+                "steps, optim.accumulation_steps, checkpoint.every_steps and log.every_steps must be >= 1"
+            )
         if not 0 < o.layer_decay <= 1 or o.patch_embed_lr_mult < 0 or o.new_module_lr_mult < 0 or o.clip_grad < 0:
             raise ConfigError("optim: layer_decay must be in (0, 1]; lr multipliers and clip_grad >= 0")
         c = self.checkpoint
         if c.export_every < 0 or c.export_every % c.every_steps:
-            raise ConfigError(f"checkpoint.export_every ({c.export_every}) must be 0 (off) or a multiple of "
-                              f"checkpoint.every_steps ({c.every_steps}): exports are made from checkpoints")
+            raise ConfigError(
+                f"checkpoint.export_every ({c.export_every}) must be 0 (off) or a multiple of "
+                f"checkpoint.every_steps ({c.every_steps}): exports are made from checkpoints"
+            )
         m = self.monitor
         if m.every_steps < 0 or (m.every_steps and (not m.shards or min(m.tiles, m.genes, m.k) < 1)):
-            raise ConfigError("monitor: every_steps must be >= 0; when on, set monitor.shards (a held-out shard "
-                              "folder) and tiles, genes, k >= 1")
+            raise ConfigError(
+                "monitor: every_steps must be >= 0; when on, set monitor.shards (a held-out shard "
+                "folder) and tiles, genes, k >= 1"
+            )
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError("max_consecutive_nonfinite must be >= 1")
         if self.data.mask.patch_size != model.patch_size:
-            raise ConfigError(f"data.mask.patch_size ({self.data.mask.patch_size}) must equal the model's "
-                              f"patch_size ({model.patch_size}): the iBOT masks are drawn per patch")
+            raise ConfigError(
+                f"data.mask.patch_size ({self.data.mask.patch_size}) must equal the model's "
+                f"patch_size ({model.patch_size}): the iBOT masks are drawn per patch"
+            )
         if model.vocab_size == 0:
-            raise ConfigError("model.vocab_size is 0 (no transcript branch): set it to at least the shard set's "
-                              "vocabulary size")
+            raise ConfigError(
+                "model.vocab_size is 0 (no transcript branch): set it to at least the shard set's vocabulary size"
+            )

@@ -20,6 +20,7 @@ the position embedding and the image mask token (:meth:`FusedViT.no_weight_decay
 pretraining should not shrink the position embedding and tokens a checkpoint brings. Each group carries ``lr_mult``, ``wd_mult`` and
 ``last_layer``; :func:`apply_schedule` turns a step's schedule values into every group's lr and decay.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,9 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ:  # a plain single-process run
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     cuda = torch.cuda.is_available()
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if cuda else "gloo")
     if cuda:
@@ -84,20 +86,28 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict[str, Any]:
     ds, o = cfg.deepspeed, cfg.optim
     micro = cfg.data.stream.batch_size
-    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.bucket_size,
-                            "overlap_comm": device.type == "cuda", "contiguous_gradients": True}
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "reduce_bucket_size": ds.bucket_size,
+        "overlap_comm": device.type == "cuda",
+        "contiguous_gradients": True,
+    }
     if ds.zero_stage in (1, 2):
         zero["allgather_bucket_size"] = ds.bucket_size
     if ds.zero_stage == 3:
-        zero.update(stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
-                    stage3_prefetch_bucket_size=ds.bucket_size)
+        zero.update(
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+            stage3_prefetch_bucket_size=ds.bucket_size,
+        )
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": o.accumulation_steps,
         "train_batch_size": micro * o.accumulation_steps * world_size,
         # lr and weight decay are set on every group at every step (apply_schedule)
-        "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "betas": list(o.betas), "eps": o.eps,
-                                                  "weight_decay": 0.0, "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 0.0, "betas": list(o.betas), "eps": o.eps, "weight_decay": 0.0, "torch_adam": True},
+        },
         "gradient_clipping": o.clip_grad,
         "zero_optimization": zero,
         "steps_per_print": 2**62,
@@ -119,8 +129,12 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
     o = cfg.optim
     depth = network.backbone.config.depth
     no_decay = _no_decay(network)
-    last_layer = {id(p) for head in (network.dino_head, network.ibot_head) if head is not None
-                  for p in head.last_layer_parameters()}
+    last_layer = {
+        id(p)
+        for head in (network.dino_head, network.ibot_head)
+        if head is not None
+        for p in head.last_layer_parameters()
+    }
     groups: dict[tuple, dict[str, Any]] = {}
     for name, p in network.named_parameters():
         if not p.requires_grad:
@@ -128,7 +142,7 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
         if name.startswith(NEW_MODULE_PREFIXES):
             kind, lr_mult = "new", o.new_module_lr_mult
         else:
-            inner = name[len("backbone."):]
+            inner = name[len("backbone.") :]
             layer = network.backbone.layer_id(inner)
             kind, lr_mult = f"layer{layer}", o.layer_decay ** (depth + 1 - layer)
             if inner.startswith("patch_embed."):
@@ -138,8 +152,15 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
         key = (lr_mult, wd_mult, is_last)  # one group per setting: ZeRO-1/2 pay collectives per group
         if key not in groups:
             label = f"{kind}{'-last_layer' if is_last else ''}{'-no_decay' if not wd_mult else ''}"
-            groups[key] = {"params": [], "name": label, "lr_mult": lr_mult, "wd_mult": wd_mult,
-                           "last_layer": is_last, "lr": 0.0, "weight_decay": 0.0}
+            groups[key] = {
+                "params": [],
+                "name": label,
+                "lr_mult": lr_mult,
+                "wd_mult": wd_mult,
+                "last_layer": is_last,
+                "lr": 0.0,
+                "weight_decay": 0.0,
+            }
         groups[key]["params"].append(p)
     return list(groups.values())
 

@@ -6,6 +6,7 @@ projections 2n·4d², the MLP 2n·(d·h + h·d) (SwiGLU: fc1 d → h, fc2 h/2 �
 weighted values 2 · 2n²d; plus the patch embedding per image patch and the heads per row they see.
 The teacher runs forward only; the student forward and backward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,21 +33,23 @@ def head_flops(embed_dim: int, ssl: SSLConfig, rows: int) -> float:
 
 def step_flops(cfg: FusedViTConfig, ssl: SSLConfig, batch: SSLBatch, lengths: dict[str, torch.Tensor]) -> float:
     """FLOPs of one micro-step on ``batch``; ``lengths`` from :meth:`SSLMetaArch.sequence_lengths`."""
+
     def grid(images: torch.Tensor) -> int:
         return (images.shape[-2] // cfg.patch_size) * (images.shape[-1] // cfg.patch_size)
 
     n_global = batch.global_images.shape[0]
     masked = int(batch.image_mask.sum()) + int(batch.transcript_mask.sum())
-    teacher = (backbone_flops(cfg, lengths["teacher"], n_global * grid(batch.global_images))
-               + head_flops(cfg.embed_dim, ssl, n_global + masked))
-    student = (backbone_flops(cfg, lengths["student_global"],
-                              int(batch.student_global_image_present.sum()) * grid(batch.global_images))
-               + head_flops(cfg.embed_dim, ssl, n_global + masked))
+    teacher = backbone_flops(cfg, lengths["teacher"], n_global * grid(batch.global_images)) + head_flops(
+        cfg.embed_dim, ssl, n_global + masked
+    )
+    student = backbone_flops(
+        cfg, lengths["student_global"], int(batch.student_global_image_present.sum()) * grid(batch.global_images)
+    ) + head_flops(cfg.embed_dim, ssl, n_global + masked)
     if "student_local" in lengths:
         n_local = batch.local_images.shape[0]
-        student += (backbone_flops(cfg, lengths["student_local"],
-                                   int(batch.student_local_image_present.sum()) * grid(batch.local_images))
-                    + head_flops(cfg.embed_dim, ssl, n_local))
+        student += backbone_flops(
+            cfg, lengths["student_local"], int(batch.student_local_image_present.sum()) * grid(batch.local_images)
+        ) + head_flops(cfg.embed_dim, ssl, n_local)
     if ssl.loss.masked_expression_weight > 0:
         student += 2.0 * int(batch.transcript_mask.sum()) * cfg.embed_dim * cfg.vocab_size
     return teacher + 3 * student

@@ -9,6 +9,7 @@ SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) only se
 agree on it in the same all-reduce as the loss check (one collective per step), finish that step,
 save a checkpoint and return 0, so a requeued job resumes with ``--resume auto`` from the next sample.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,15 @@ from histotx.ssl.meta import LOSS_TERMS, SSLMetaArch
 from histotx.ssl.schedules import SSLSchedules
 from histotx.train import checkpoint
 from histotx.train.config import TrainConfig
-from histotx.train.engine import (apply_schedule, autocast, build_engine, init_distributed, memory_mb, param_groups,
-                                  student_weights)
+from histotx.train.engine import (
+    apply_schedule,
+    autocast,
+    build_engine,
+    init_distributed,
+    memory_mb,
+    param_groups,
+    student_weights,
+)
 from histotx.train.flops import step_flops
 from histotx.train.metrics import MetricsWriter, Window
 from histotx.train.monitor import KnnProbe
@@ -54,8 +62,10 @@ def _check_vocabulary(cfg: TrainConfig, vocab_size: int) -> None:
 
     path = Path(cfg.data.stream.shards) / "vocab.tsv"
     if path.is_file() and len(Vocab.load(path)) > vocab_size:
-        raise ValueError(f"{path}: the shard set's vocabulary has {len(Vocab.load(path))} genes, more than "
-                         f"model.vocab_size={vocab_size}")
+        raise ValueError(
+            f"{path}: the shard set's vocabulary has {len(Vocab.load(path))} genes, more than "
+            f"model.vocab_size={vocab_size}"
+        )
 
 
 def build_backbone(cfg: TrainConfig) -> FusedViT:
@@ -66,11 +76,14 @@ def build_backbone(cfg: TrainConfig) -> FusedViT:
 
         report = init_from_pretrained(backbone, cfg.init.backbone, cfg.init.weights or None)
         log.info("backbone init: %s", report.summary())
-        for name, theirs, ours in (("mean", report.image_mean, cfg.data.augment.mean),
-                                   ("std", report.image_std, cfg.data.augment.std)):
+        for name, theirs, ours in (
+            ("mean", report.image_mean, cfg.data.augment.mean),
+            ("std", report.image_std, cfg.data.augment.std),
+        ):
             if theirs is not None and not np.allclose(theirs, ours, atol=1e-4):
-                log.warning("the checkpoint normalises images with %s %s, data.augment.%s is %s", name, theirs,
-                            name, ours)
+                log.warning(
+                    "the checkpoint normalises images with %s %s, data.augment.%s is %s", name, theirs, name, ours
+                )
     return backbone
 
 
@@ -83,8 +96,11 @@ class Trainer:
         self.device = init_distributed(cfg)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if cfg.checkpoint.export_every and not self.hooks and self.rank == 0:
-            log.warning("checkpoint.export_every=%d, but this trainer got no checkpoint hooks (`histotx train` and "
-                        "launch/train.py add the export's): nothing will be exported", cfg.checkpoint.export_every)
+            log.warning(
+                "checkpoint.export_every=%d, but this trainer got no checkpoint hooks (`histotx train` and "
+                "launch/train.py add the export's): nothing will be exported",
+                cfg.checkpoint.export_every,
+            )
         self.out = Path(cfg.out)
         self.checkpoints = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -99,8 +115,9 @@ class Trainer:
         self.meta = SSLMetaArch(build_backbone(cfg), cfg.ssl)
         self.meta.teacher.to(self.device)
         self.meta.centers.to(self.device)
-        self.engine, self.optimizer = build_engine(cfg, self.meta.student, param_groups(self.meta.student, cfg),
-                                                   self.device)
+        self.engine, self.optimizer = build_engine(
+            cfg, self.meta.student, param_groups(self.meta.student, cfg), self.device
+        )
         self.student_params = list(self.meta.student.parameters())
         self.loader = build_loader(cfg.data, self.rank, self.world, pin_memory=self.device.type == "cuda")
         self.decoder = BatchDecoder(cfg.data.augment, self.device)  # makes the views left to the GPU, if any
@@ -113,8 +130,11 @@ class Trainer:
         self._rng_to_restore: dict[str, Any] | None = None
         self._batches: Iterator | None = None
         m = cfg.monitor
-        self.probe = (KnnProbe(m.shards, m.tiles, m.genes, m.k, cfg.data.augment, model_cfg.vocab_size)
-                      if m.every_steps and self.rank == 0 else None)
+        self.probe = (
+            KnnProbe(m.shards, m.tiles, m.genes, m.k, cfg.data.augment, model_cfg.vocab_size)
+            if m.every_steps and self.rank == 0
+            else None
+        )
 
         path = checkpoint.resolve(resume, self.checkpoints) if resume else None
         if path is not None:
@@ -166,8 +186,12 @@ class Trainer:
         out = self.engine(batch)
         losses = self.meta.losses(out, targets, batch)
         # One collective agrees on both: a non-finite loss anywhere, and a stop signal anywhere.
-        flags = torch.stack([(~torch.isfinite(losses["loss"].detach())).float(),
-                             torch.tensor(float(self._signal is not None), device=self.device)])
+        flags = torch.stack(
+            [
+                (~torch.isfinite(losses["loss"].detach())).float(),
+                torch.tensor(float(self._signal is not None), device=self.device),
+            ]
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad, stop = flags.tolist()
         self._stop_agreed = self._stop_agreed or bool(stop)
@@ -176,13 +200,19 @@ class Trainer:
         if bad:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
-            log.warning("step %d: non-finite loss (%s), step skipped (%d in a row, %d in all)", self.step,
-                        {k: float(v.detach()) for k, v in losses.items()}, self.nonfinite_run, self.nonfinite_total)
+            log.warning(
+                "step %d: non-finite loss (%s), step skipped (%d in a row, %d in all)",
+                self.step,
+                {k: float(v.detach()) for k, v in losses.items()},
+                self.nonfinite_run,
+                self.nonfinite_total,
+            )
             if self.nonfinite_run >= self.cfg.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_run} steps in a row had a NaN/inf loss (at step {self.step}); stopping. "
                     "Lower ssl.schedule.lr or optim.clip_grad, check the data (corrupt_shards, bad_samples in "
-                    f"metrics.jsonl), or resume from an earlier checkpoint under {self.checkpoints}")
+                    f"metrics.jsonl), or resume from an earlier checkpoint under {self.checkpoints}"
+                )
             return None
         self.nonfinite_run = 0
         self.engine.backward(losses["loss"])
@@ -211,16 +241,21 @@ class Trainer:
         """A checkpoint, then the checkpoint hooks on rank 0. A failing hook is logged, not raised: the
         checkpoint is safe and the run goes on (the other ranks wait at the barrier either way)."""
         state = {"nonfinite_total": self.nonfinite_total, "config": to_dict(self.cfg)}
-        path = checkpoint.save(self.checkpoints, self.step, self.engine, self.meta, self.loader, state,
-                               self.cfg.checkpoint.keep)
+        path = checkpoint.save(
+            self.checkpoints, self.step, self.engine, self.meta, self.loader, state, self.cfg.checkpoint.keep
+        )
         if self.hooks:
             if self.rank == 0:
                 for hook in self.hooks:
                     try:
                         hook(path, self.step)
                     except Exception:
-                        log.exception("checkpoint hook %s failed at step %d (the checkpoint %s is complete)",
-                                      getattr(hook, "__name__", type(hook).__name__), self.step, path)
+                        log.exception(
+                            "checkpoint hook %s failed at step %d (the checkpoint %s is complete)",
+                            getattr(hook, "__name__", type(hook).__name__),
+                            self.step,
+                            path,
+                        )
             dist.barrier()
         return path
 
@@ -228,11 +263,18 @@ class Trainer:
         record = window.reduce(self.device)
         values = self.schedules(self.step - 1)
         stats = self.loader.stats
-        record.update(lr=values.lr, last_layer_lr=values.last_layer_lr, weight_decay=values.weight_decay,
-                      momentum=values.momentum, teacher_temperature=values.teacher_temperature,
-                      epoch=self.loader.epoch, memory_mb=memory_mb(self.device),
-                      nonfinite_skipped=self.nonfinite_total, corrupt_shards=stats.corrupt_shards,
-                      bad_samples=stats.bad_samples)
+        record.update(
+            lr=values.lr,
+            last_layer_lr=values.last_layer_lr,
+            weight_decay=values.weight_decay,
+            momentum=values.momentum,
+            teacher_temperature=values.teacher_temperature,
+            epoch=self.loader.epoch,
+            memory_mb=memory_mb(self.device),
+            nonfinite_skipped=self.nonfinite_total,
+            corrupt_shards=stats.corrupt_shards,
+            bad_samples=stats.bad_samples,
+        )
         return record
 
     def run_probe(self, metrics: MetricsWriter) -> float:
@@ -288,9 +330,11 @@ class Trainer:
                 if stopped or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
                     self.save()
                 if stopped:
-                    log.warning("stopped by %s after step %d; checkpoint saved, resume with --resume auto",
-                                signal.Signals(self._signal).name if self._signal else "a signal on another rank",
-                                self.step)
+                    log.warning(
+                        "stopped by %s after step %d; checkpoint saved, resume with --resume auto",
+                        signal.Signals(self._signal).name if self._signal else "a signal on another rank",
+                        self.step,
+                    )
                     break
         finally:
             for s, handler in previous.items():

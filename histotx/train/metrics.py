@@ -1,5 +1,6 @@
 """Training metrics: summed over a logging window on every rank, reduced once per window, written by
 rank 0 to ``metrics.jsonl`` (one JSON object per line) and TensorBoard, with a progress bar."""
+
 from __future__ import annotations
 
 import json
@@ -40,16 +41,25 @@ class Window:
     def reduce(self, device: torch.device) -> dict[str, Any]:
         """Global means and totals over ranks (collective: every rank calls it at the same step)."""
         keys = sorted(self.losses)
-        values = [self.losses[k] for k in keys] + [self.times[p] for p in PHASES] + [
-            float(self.steps), float(self.micro_steps), float(self.samples), float(self.tokens), self.flops,
-            float(self.empty_views)]
+        values = (
+            [self.losses[k] for k in keys]
+            + [self.times[p] for p in PHASES]
+            + [
+                float(self.steps),
+                float(self.micro_steps),
+                float(self.samples),
+                float(self.tokens),
+                self.flops,
+                float(self.empty_views),
+            ]
+        )
         t = torch.tensor(values, dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(t)
         v = t.tolist()
         world = dist.get_world_size() if dist.is_initialized() else 1
         n_loss, n_phase = len(keys), len(PHASES)
-        steps, micro, samples, tokens, flops, empty_views = v[n_loss + n_phase:]
+        steps, micro, samples, tokens, flops, empty_views = v[n_loss + n_phase :]
         wall = time.perf_counter() - self.started
         out: dict[str, Any] = {k: v[i] / max(steps, 1.0) for i, k in enumerate(keys)}
         per_rank_steps = max(micro / world, 1.0)
@@ -96,8 +106,9 @@ class MetricsWriter:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
-                                 sps=f"{record.get('samples_per_s', 0.0):.1f}")
+            self.bar.set_postfix(
+                loss=f"{record.get('loss', float('nan')):.4f}", sps=f"{record.get('samples_per_s', 0.0):.1f}"
+            )
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

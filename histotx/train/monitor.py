@@ -17,6 +17,7 @@ the uniform distribution to the batch-mean distribution (``teacher/kl_to_uniform
 samples go to few prototypes), and the number of prototypes that are some row's argmax within the
 logging window, all ranks together (``teacher/prototypes_used``).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,16 +63,21 @@ class CollapseStats:
         if self.entropy is None:
             return {}
         rows = torch.tensor([float(self.rows)], device=device)
-        packed = torch.cat([self.entropy.view(1).to(device), rows, self.prob_sum.to(device),
-                            self.argmax_count.to(device)]).double()
+        packed = torch.cat(
+            [self.entropy.view(1).to(device), rows, self.prob_sum.to(device), self.argmax_count.to(device)]
+        ).double()
         if dist.is_initialized():
             dist.all_reduce(packed)
         k = self.prob_sum.shape[0]
         entropy, n = packed[0].item(), max(packed[1].item(), 1.0)
-        mean = packed[2: 2 + k] / n
+        mean = packed[2 : 2 + k] / n
         kl = float((mean * (mean.clamp_min(1e-30) * k).log()).sum())
-        return {"teacher/entropy": entropy / n, "teacher/entropy_max": math.log(k), "teacher/kl_to_uniform": kl,
-                "teacher/prototypes_used": int((packed[2 + k:] > 0).sum())}
+        return {
+            "teacher/entropy": entropy / n,
+            "teacher/entropy_max": math.log(k),
+            "teacher/kl_to_uniform": kl,
+            "teacher/prototypes_used": int((packed[2 + k :] > 0).sum()),
+        }
 
 
 def pseudo_bulk(counts: np.ndarray) -> np.ndarray:
@@ -82,8 +88,9 @@ def pseudo_bulk(counts: np.ndarray) -> np.ndarray:
 class KnnProbe:
     """Held-out tiles (images and expression targets), read once; :meth:`__call__` scores a backbone."""
 
-    def __init__(self, shards: str, n_tiles: int, n_genes: int, k: int, augment: AugmentConfig,
-                 vocab_size: int) -> None:
+    def __init__(
+        self, shards: str, n_tiles: int, n_genes: int, k: int, augment: AugmentConfig, vocab_size: int
+    ) -> None:
         manifest = read_manifest(shards)
         images, targets, samples = [], [], []
         size = augment.global_crop_size
@@ -98,8 +105,11 @@ class KnnProbe:
                 rgb = torch.from_numpy(np.array(decode_image_rgb(tile.image))).permute(2, 0, 1)
                 whole = CropGeometry(0, 0, rgb.shape[2], rgb.shape[1], size)
                 images.append((whole.apply_to_image(rgb).float() / 255.0 - mean) / std)
-                targets.append(np.bincount(tile.grid.gene.astype(np.int64), weights=tile.grid.count,
-                                           minlength=vocab_size)[:vocab_size])
+                targets.append(
+                    np.bincount(tile.grid.gene.astype(np.int64), weights=tile.grid.count, minlength=vocab_size)[
+                        :vocab_size
+                    ]
+                )
                 samples.append(str(tile.meta["sample"]))
                 if len(images) == n_tiles:
                     break
@@ -107,15 +117,19 @@ class KnnProbe:
                 break
         _, sample_index = np.unique(samples, return_inverse=True)
         if len(images) - np.bincount(sample_index).max() < k:
-            raise ValueError(f"{shards}: {len(images)} tiles with transcripts in {sample_index.max() + 1} samples; the "
-                             f"kNN probe needs at least {k} outside any one sample")
+            raise ValueError(
+                f"{shards}: {len(images)} tiles with transcripts in {sample_index.max() + 1} samples; the "
+                f"kNN probe needs at least {k} outside any one sample"
+            )
         counts = np.stack(targets)
         shared = np.ones(vocab_size, dtype=bool)  # genes seen in some tile of every sample
         for s in range(sample_index.max() + 1):
             shared &= counts[sample_index == s].sum(axis=0) > 0
         if not shared.any():
-            raise ValueError(f"{shards}: no gene is measured by every sample of the first {len(images)} tiles; the "
-                             "kNN probe needs held-out samples that share a gene panel")
+            raise ValueError(
+                f"{shards}: no gene is measured by every sample of the first {len(images)} tiles; the "
+                "kNN probe needs held-out samples that share a gene panel"
+            )
         y = pseudo_bulk(counts[:, shared])
         top = np.argsort(-y.var(axis=0), kind="stable")[:n_genes]
         self.images = torch.stack(images)
@@ -125,8 +139,10 @@ class KnnProbe:
 
     @torch.no_grad()
     def embed(self, backbone: torch.nn.Module, device: torch.device, batch: int = 64) -> np.ndarray:
-        out = [backbone(images=self.images[i: i + batch].to(device)).cls.float().cpu()
-               for i in range(0, self.images.shape[0], batch)]
+        out = [
+            backbone(images=self.images[i : i + batch].to(device)).cls.float().cpu()
+            for i in range(0, self.images.shape[0], batch)
+        ]
         return torch.cat(out).numpy()
 
     def score(self, features: np.ndarray) -> float:
@@ -137,10 +153,13 @@ class KnnProbe:
         neighbours = np.argpartition(-similarity, self.k - 1, axis=1)[:, : self.k]
         pred = self.targets[neighbours].mean(axis=1)
         pc, tc = pred - pred.mean(0), self.targets - self.targets.mean(0)
-        denom = np.sqrt((pc ** 2).sum(0) * (tc ** 2).sum(0))
+        denom = np.sqrt((pc**2).sum(0) * (tc**2).sum(0))
         r = np.where(denom > 0, (pc * tc).sum(0) / np.where(denom > 0, denom, 1.0), 0.0)
         return float(r.mean())
 
     def __call__(self, backbone: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-        return {"probe/knn_pearson": self.score(self.embed(backbone, device)),
-                "probe/tiles": int(self.images.shape[0]), "probe/genes": int(self.targets.shape[1])}
+        return {
+            "probe/knn_pearson": self.score(self.embed(backbone, device)),
+            "probe/tiles": int(self.images.shape[0]),
+            "probe/genes": int(self.targets.shape[1]),
+        }

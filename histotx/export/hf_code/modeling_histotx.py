@@ -12,6 +12,7 @@ log1p(count / token total · 1e4); ``transcript_lengths[b]`` tokens belong to im
 batch has side ``transcript_resolution_um``. :func:`pack_transcripts` builds all of this from counts.
 Gene ids are rows of vocab.tsv.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,14 +52,22 @@ def pack_transcripts(samples: list[dict], resolution_um: float) -> dict:
     cells = []
     for sample in samples:
         xy = np.asarray(sample["xy"], dtype=np.float32).reshape(-1, 2)
-        occupied, offsets, gene, weight = _normalise(np.asarray(sample["token"], dtype=np.int64),
-                                                     np.asarray(sample["gene"], dtype=np.int64),
-                                                     np.asarray(sample["count"], dtype=np.float64), xy.shape[0])
+        occupied, offsets, gene, weight = _normalise(
+            np.asarray(sample["token"], dtype=np.int64),
+            np.asarray(sample["gene"], dtype=np.int64),
+            np.asarray(sample["count"], dtype=np.float64),
+            xy.shape[0],
+        )
         cells.append(TranscriptCells(xy[occupied], offsets, gene, weight, resolution_um))
     batch = TranscriptBatch.collate(cells)
-    return {"transcript_lengths": batch.lengths, "transcript_xy": batch.xy, "transcript_offsets": batch.offsets,
-            "transcript_genes": batch.gene, "transcript_weights": batch.weight,
-            "transcript_resolution_um": batch.resolution_um}
+    return {
+        "transcript_lengths": batch.lengths,
+        "transcript_xy": batch.xy,
+        "transcript_offsets": batch.offsets,
+        "transcript_genes": batch.gene,
+        "transcript_weights": batch.weight,
+        "transcript_resolution_um": batch.resolution_um,
+    }
 
 
 class HistoTxPreTrainedModel(PreTrainedModel):
@@ -105,9 +114,14 @@ class HistoTxModel(HistoTxPreTrainedModel):
             if transcript_resolution_um is None:
                 raise ValueError("transcript_resolution_um (the token side in µm) is required with transcripts")
             device = pixel_values.device if pixel_values is not None else transcript_xy.device
-            transcripts = TranscriptBatch(lengths=transcript_lengths, xy=transcript_xy, offsets=transcript_offsets,
-                                          gene=transcript_genes, weight=transcript_weights,
-                                          resolution_um=float(transcript_resolution_um)).to(device)
+            transcripts = TranscriptBatch(
+                lengths=transcript_lengths,
+                xy=transcript_xy,
+                offsets=transcript_offsets,
+                gene=transcript_genes,
+                weight=transcript_weights,
+                resolution_um=float(transcript_resolution_um),
+            ).to(device)
         if pixel_values is None and transcripts is None:
             raise ValueError("give pixel_values, transcripts (transcript_*), or both")
         dtype = self.backbone.cls_token.dtype
@@ -121,8 +135,13 @@ class HistoTxModel(HistoTxPreTrainedModel):
         with torch.autocast(device.type, dtype=dtype) if low else contextlib.nullcontext():
             out = self.backbone(pixel_values, transcripts, image_hw=frame)
         hidden = torch.cat([out.cls[:, None], out.registers, out.patch], dim=1)
-        result = HistoTxModelOutput(last_hidden_state=hidden, pooler_output=out.cls, patch_embeddings=out.patch,
-                                    register_embeddings=out.registers, transcript_embeddings=out.transcript,
-                                    transcript_lengths=out.transcript_lengths)
+        result = HistoTxModelOutput(
+            last_hidden_state=hidden,
+            pooler_output=out.cls,
+            patch_embeddings=out.patch,
+            register_embeddings=out.registers,
+            transcript_embeddings=out.transcript,
+            transcript_lengths=out.transcript_lengths,
+        )
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return result if use_dict else result.to_tuple()

@@ -1,4 +1,5 @@
 """One exception for bad input, carrying the file and the problem, so summaries say exactly what broke."""
+
 from __future__ import annotations
 
 import json

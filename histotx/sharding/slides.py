@@ -22,6 +22,7 @@ segment (offset + byte count) ends inside it, and no level is all empty segments
 fails to decode raises an error naming the level, the tile and its offset. Empty segments (byte count 0)
 in an otherwise intact level are background, as sparse TIFFs (e.g. Philips) mean them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sharding.errors import InputError
+from histotx.sharding.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,14 @@ class _TiledLevel:
         if len(pages) != 1:
             return False
         page = pages[0]
-        return (page is not None and page.is_tiled and page.planarconfig == 1 and page.imagedepth == 1
-                and series_level.axes in ("YXS", "YX") and page.dtype == "uint8")
+        return (
+            page is not None
+            and page.is_tiled
+            and page.planarconfig == 1
+            and page.imagedepth == 1
+            and series_level.axes in ("YXS", "YX")
+            and page.dtype == "uint8"
+        )
 
     def _tiles(self, indices: list[int], k: int = 1) -> dict[int, "np.ndarray"]:
         page, out, missing = self._page, {}, []
@@ -101,9 +108,12 @@ class _TiledLevel:
         if count == 0:
             return np.full((self._th // k, self._tw // k, 3), 255, np.uint8)
         if data is None or len(data) != count:
-            raise InputError(self._tif.filehandle.path, f"{_segment_name(page, self._level, i)}: read "
-                                                        f"{0 if data is None else len(data)} of "
-                                                        f"{count} bytes (file truncated or changed since opened)")
+            raise InputError(
+                self._tif.filehandle.path,
+                f"{_segment_name(page, self._level, i)}: read "
+                f"{0 if data is None else len(data)} of "
+                f"{count} bytes (file truncated or changed since opened)",
+            )
         try:
             if k > 1 and self._dct is not None:
                 return self._decode_scaled(data, i, k)
@@ -114,8 +124,10 @@ class _TiledLevel:
         except InputError:
             raise
         except Exception as exc:  # imagecodecs/tifffile/simplejpeg raise many types for damaged data
-            raise InputError(self._tif.filehandle.path, f"{_segment_name(page, self._level, i)} does not decode "
-                                                        f"({type(exc).__name__}: {exc})") from exc
+            raise InputError(
+                self._tif.filehandle.path,
+                f"{_segment_name(page, self._level, i)} does not decode ({type(exc).__name__}: {exc})",
+            ) from exc
         return tile if k == 1 else area_reduce(tile, k)
 
     def _decode_standalone(self, data: bytes, i: int) -> np.ndarray:
@@ -128,10 +140,14 @@ class _TiledLevel:
         tile = simplejpeg.decode_jpeg(self._dct + data[2:], colorspace="RGB")
         if not self._standalone_checked:
             ref = np.asarray(self._page.decode(data, i, jpegtables=self._page.jpegtables)[0]).reshape(
-                self._th, self._tw, -1)
+                self._th, self._tw, -1
+            )
             if ref.shape != tile.shape or not np.array_equal(ref, tile):
-                log.info("%s level %d: simplejpeg decodes JPEG tiles differently from tifffile; decoding by "
-                         "tifffile", self._tif.filehandle.path, self._level)
+                log.info(
+                    "%s level %d: simplejpeg decodes JPEG tiles differently from tifffile; decoding by tifffile",
+                    self._tif.filehandle.path,
+                    self._level,
+                )
                 self._standalone = False
                 return ref
             self._standalone_checked = int(np.ptp(tile)) > 32
@@ -149,10 +165,14 @@ class _TiledLevel:
             raise ValueError(f"scaled decode gave {tile.shape}, expected {(h, w, 3)}")
         if not self._dct_checked:
             full = np.asarray(self._page.decode(data, i, jpegtables=self._page.jpegtables)[0]).reshape(
-                self._th, self._tw, -1)
+                self._th, self._tw, -1
+            )
             if full.shape[-1] != 3 or np.abs(area_reduce(full, k).astype(np.int16) - tile).mean() > 3:
-                log.warning("%s level %d: decoding JPEG tiles at reduced scale does not match a full decode; "
-                            "decoding in full", self._tif.filehandle.path, self._level)
+                log.warning(
+                    "%s level %d: decoding JPEG tiles at reduced scale does not match a full decode; decoding in full",
+                    self._tif.filehandle.path,
+                    self._level,
+                )
                 self._dct = None
                 return area_reduce(full, k)
             self._dct_checked = int(np.ptp(full)) > 32
@@ -184,8 +204,9 @@ class _TiledLevel:
             for c in cols:
                 ty0, tx0 = max(y0, r * th), max(x0, c * tw)
                 ty1, tx1 = min(y1, (r + 1) * th), min(x1, (c + 1) * tw)
-                out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = \
-                    tiles[r * self._per_row + c][ty0 - r * th : ty1 - r * th, tx0 - c * tw : tx1 - c * tw]
+                out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = tiles[r * self._per_row + c][
+                    ty0 - r * th : ty1 - r * th, tx0 - c * tw : tx1 - c * tw
+                ]
         return out
 
 
@@ -279,24 +300,33 @@ def _check_tiff_file(tif, series, path: Path) -> None:
         tag = page.tags.get("SubIFDs") if hasattr(page, "tags") else None
         for k, offset in enumerate(tag.value if tag is not None else ()):
             if offset + 2 > size:
-                lost_ifds.append(f"page {pi}'s SubIFD {k} (pyramid level {k + 1}) lies at offset {offset}, past "
-                                 f"the end of the file ({size} bytes)")
+                lost_ifds.append(
+                    f"page {pi}'s SubIFD {k} (pyramid level {k + 1}) lies at offset {offset}, past "
+                    f"the end of the file ({size} bytes)"
+                )
     pages += labelled.values()  # levels stored as SubIFDs
     for label, page in pages:
         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         counts = np.asarray(page.databytecounts, dtype=np.int64)
         if offsets.shape != counts.shape:
-            raise InputError(path, f"damaged TIFF: {label} has {offsets.size} data offsets but {counts.size} "
-                                   "byte counts")
+            raise InputError(
+                path, f"damaged TIFF: {label} has {offsets.size} data offsets but {counts.size} byte counts"
+            )
         if offsets.size and not counts.any() and isinstance(label, int):
-            raise InputError(path, f"level {label} has no image data: all its {counts.size} "
-                                   f"{'tiles' if page.is_tiled else 'strips'} are 0 bytes")
+            raise InputError(
+                path,
+                f"level {label} has no image data: all its {counts.size} "
+                f"{'tiles' if page.is_tiled else 'strips'} are 0 bytes",
+            )
         past = np.flatnonzero((offsets < 0) | (counts < 0) | (offsets + counts > size))
         if past.size:
             i = int(past[0])
-            raise InputError(path, f"truncated: {_segment_name(page, label, i)} + {counts[i]} bytes ends past "
-                                   f"the end of the file ({size} bytes); {past.size} of {offsets.size} segments "
-                                   "of this level are beyond it")
+            raise InputError(
+                path,
+                f"truncated: {_segment_name(page, label, i)} + {counts[i]} bytes ends past "
+                f"the end of the file ({size} bytes); {past.size} of {offsets.size} segments "
+                "of this level are beyond it",
+            )
     if lost_ifds:
         raise InputError(path, f"truncated or damaged: {'; '.join(lost_ifds)}")
 
@@ -394,8 +424,11 @@ class Slide:
             _check_tiff_file(tif, series, self.path)
             levels = series.levels
         if logged:
-            raise InputError(self.path, f"damaged TIFF (truncated or corrupt): tifffile reports "
-                                        f"{'; '.join(logged[:3])} (the file has {tif.filehandle.size} bytes)")
+            raise InputError(
+                self.path,
+                f"damaged TIFF (truncated or corrupt): tifffile reports "
+                f"{'; '.join(logged[:3])} (the file has {tif.filehandle.size} bytes)",
+            )
         axes = series.axes
         if axes not in ("YXS", "YX", "CYX", "SYX"):
             raise InputError(self.path, f"unsupported slide axes {axes} (expected RGB YXS, CYX or grey YX)")
@@ -471,8 +504,10 @@ class Slide:
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(self.path, f"cannot decode region x={x0}..{x1} y={y0}..{y1} of level {level} "
-                                        f"({type(exc).__name__}: {exc})") from exc
+            raise InputError(
+                self.path,
+                f"cannot decode region x={x0}..{x1} y={y0}..{y1} of level {level} ({type(exc).__name__}: {exc})",
+            ) from exc
         if patch.ndim == 3 and patch.shape[-1] == 1:
             patch = patch[..., 0]
         if patch.ndim == 2:

@@ -3,6 +3,7 @@
 A sample that fails (bad file, empty tissue, spots off the slide, ...) is recorded with the error
 naming its file and never stops the others; the run's exit status reports it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,21 +23,28 @@ import numpy as np
 
 from histotx.config import ConfigError, dump_config
 from histotx.format import VOCAB_NAME, TileSample, TranscriptGrid, encode_image_rgb, write_manifest
-from histotx.vocab import Vocab
-from sharding.cohort import Cohort, CohortSample, load_cohort, patient_warning
-from sharding.config import ShardConfig
-from sharding.errors import InputError, OutputError
-from sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
-from sharding.slides import Slide
-from sharding.tiles import plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
-from sharding.tissue import TissueMap, tissue_mask
-from sharding.writer import (
-    OutputLock, ShardSink, assemble_manifest, clear_sample, load_done, out_of_space, part_manifest_name, write_done,
+from histotx.sharding.cohort import Cohort, CohortSample, load_cohort, patient_warning
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.errors import InputError, OutputError
+from histotx.sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
+from histotx.sharding.slides import Slide
+from histotx.sharding.tiles import plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
+from histotx.sharding.tissue import TissueMap, tissue_mask
+from histotx.sharding.writer import (
+    OutputLock,
+    ShardSink,
+    assemble_manifest,
+    clear_sample,
+    load_done,
+    out_of_space,
+    part_manifest_name,
+    write_done,
 )
+from histotx.vocab import Vocab
 
 if TYPE_CHECKING:
-    from sharding.bands import BandedSites
-    from sharding.sites import Sites
+    from histotx.sharding.bands import BandedSites
+    from histotx.sharding.sites import Sites
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +115,12 @@ def build_vocab(cohort: Cohort, out_dir: Path, start_from: Path | None) -> tuple
             unmatched = [s or e for s, e in genes if vocab.lookup(s, e) is None]
             if unmatched:
                 rejected[sample.id] = InputError(
-                    cohort.resolve(sample.data), f"genes are named by {naming} only (e.g. {unmatched[0]}) while "
+                    cohort.resolve(sample.data),
+                    f"genes are named by {naming} only (e.g. {unmatched[0]}) while "
                     f"sample {first_of[other]} ({species}) names them by {other[0]} only: {len(unmatched)} of "
                     f"{len(genes)} cannot be matched to its genes; use feature files that give both (10x features "
-                    "id and name), or start from a vocabulary that has both (--vocab)")
+                    "id and name), or start from a vocabulary that has both (--vocab)",
+                )
                 continue
         if naming != "both":
             first_of.setdefault((naming, species), sample.id)
@@ -142,8 +152,10 @@ def _check_pixel_size(slide: Slide, sites: Sites, cfg: ShardConfig, warnings: li
         return
     rel = abs(sites.mpp_estimate - slide.mpp) / slide.mpp
     if rel > cfg.mpp_tolerance:
-        msg = (f"{slide.path}: the data's pixel size ({sites.mpp_estimate:.4f} µm/px) and the slide's "
-               f"({slide.mpp:.4f} µm/px, {slide.mpp_source}) differ by {rel:.1%}")
+        msg = (
+            f"{slide.path}: the data's pixel size ({sites.mpp_estimate:.4f} µm/px) and the slide's "
+            f"({slide.mpp:.4f} µm/px, {slide.mpp_source}) differ by {rel:.1%}"
+        )
         log.warning(msg)
         warnings.append(msg)
 
@@ -151,8 +163,11 @@ def _check_pixel_size(slide: Slide, sites: Sites, cfg: ShardConfig, warnings: li
 def _sites_on_slide(slide: Slide, sites: Sites | BandedSites, cfg: ShardConfig, data_path: str) -> int:
     n_out = sites.count_outside(slide.width, slide.height)
     if sites.n_sites and n_out > cfg.max_outside_fraction * sites.n_sites:
-        raise InputError(data_path, f"{n_out} of {sites.n_sites} sites lie outside the slide {slide.path.name} "
-                                    f"({slide.width}×{slide.height} px): wrong slide, image_scale or alignment?")
+        raise InputError(
+            data_path,
+            f"{n_out} of {sites.n_sites} sites lie outside the slide {slide.path.name} "
+            f"({slide.width}×{slide.height} px): wrong slide, image_scale or alignment?",
+        )
     if n_out:
         sites.dropped["outside_slide"] = sites.dropped.get("outside_slide", 0) + n_out
     return sites.n_sites - n_out
@@ -160,26 +175,36 @@ def _sites_on_slide(slide: Slide, sites: Sites | BandedSites, cfg: ShardConfig, 
 
 def _dropped_warning(n_dropped: int, n_on_slide: int, cfg: ShardConfig) -> str:
     """What the summary says when many sites lie under no kept tile, and how to keep them."""
-    why = ("the tissue mask called their area background" if cfg.tiling != "spots" else
-           "their tiles hold less tissue than min_tissue_fraction")
+    why = (
+        "the tissue mask called their area background"
+        if cfg.tiling != "spots"
+        else "their tiles hold less tissue than min_tissue_fraction"
+    )
     if cfg.max_tiles_per_sample:
         why += ", or max_tiles_per_sample left their tiles out"
-    keep = ("tiling=grid_sites (also cuts a tile wherever there are sites) or a lower min_tissue_fraction"
-            if cfg.tiling != "spots" else "a lower min_tissue_fraction")
-    return (f"{n_dropped} of {n_on_slide} sites on the slide ({n_dropped / n_on_slide:.1%}, more than "
-            f"max_dropped_fraction={cfg.max_dropped_fraction:g}) lie under no kept tile ({why}); to keep them, "
-            f"set {keep}")
+    keep = (
+        "tiling=grid_sites (also cuts a tile wherever there are sites) or a lower min_tissue_fraction"
+        if cfg.tiling != "spots"
+        else "a lower min_tissue_fraction"
+    )
+    return (
+        f"{n_dropped} of {n_on_slide} sites on the slide ({n_dropped / n_on_slide:.1%}, more than "
+        f"max_dropped_fraction={cfg.max_dropped_fraction:g}) lie under no kept tile ({why}); to keep them, "
+        f"set {keep}"
+    )
 
 
-def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: Path,
-                 vocab: Vocab) -> dict[str, Any]:
+def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: Path, vocab: Vocab) -> dict[str, Any]:
     """Tile one sample and write its shards; returns its completion record."""
     t0 = time.time()
     warnings: list[str] = []
     spath = slide_path(sample, cohort)
     with Slide(spath, mpp=sample.mpp, mpp_hint=slide_mpp_hint(sample, cohort)) as slide:
-        sites = read_sites(sample, cohort, ReaderOptions(qv_min=cfg.qv_min, in_tissue_only=cfg.in_tissue_only,
-                                                         slide_px=(slide.width, slide.height)))
+        sites = read_sites(
+            sample,
+            cohort,
+            ReaderOptions(qv_min=cfg.qv_min, in_tissue_only=cfg.in_tissue_only, slide_px=(slide.width, slide.height)),
+        )
         data_path = str(cohort.resolve(sample.data)) if sample.data else str(spath)
         on_count = 0
         if sites is not None:
@@ -193,40 +218,59 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         tissue = TissueMap(tissue_mask(thumb), scale)
         if cfg.tiling == "spots":
             if sites is None or sample.technology not in ("visium", "hest"):
-                raise InputError(data_path, "tiling=spots needs spot data (Visium or HEST), "
-                                            f"not {sample.technology}")
+                raise InputError(data_path, f"tiling=spots needs spot data (Visium or HEST), not {sample.technology}")
             plan = plan_spots(sites.xy_px[sites.on_slide(slide.width, slide.height)], tissue, cfg, geom)
         else:
-            plan = plan_grid(slide, tissue, cfg, geom, site_xy=None if sites is None or cfg.tiling != "grid_sites"
-                             else sites.xy_px)
+            plan = plan_grid(
+                slide, tissue, cfg, geom, site_xy=None if sites is None or cfg.tiling != "grid_sites" else sites.xy_px
+            )
         if len(plan) == 0:
-            raise InputError(spath, f"no tissue tiles: tissue covers {tissue.fraction:.1%} of the slide and no "
-                                    f"{cfg.tile_px}px tile at {geom.mpp:.4g} µm/px reaches min_tissue_fraction="
-                                    f"{cfg.min_tissue_fraction}")
+            raise InputError(
+                spath,
+                f"no tissue tiles: tissue covers {tissue.fraction:.1%} of the slide and no "
+                f"{cfg.tile_px}px tile at {geom.mpp:.4g} µm/px reaches min_tissue_fraction="
+                f"{cfg.min_tissue_fraction}",
+            )
         plan = sample_subset(plan, cfg, sample.id)
         scale0 = plan.size0 / cfg.tile_px  # level-0 px per tile px
         sink = ShardSink(out_dir, sample.id, cfg.shard_max_tiles, cfg.shard_max_bytes)
         total_count = 0.0
         no_sites = TranscriptGrid.empty()  # every tile of an image-only sample
-        sample_meta = {"sample": sample.id, "patient": sample.patient_id, "technology": sample.technology,
-                       "tile_px": cfg.tile_px, "mpp": geom.mpp, "source_mpp": slide.mpp,
-                       "panel": sites.panel if sites is not None else ""}
+        sample_meta = {
+            "sample": sample.id,
+            "patient": sample.patient_id,
+            "technology": sample.technology,
+            "tile_px": cfg.tile_px,
+            "mpp": geom.mpp,
+            "source_mpp": slide.mpp,
+            "panel": sites.panel if sites is not None else "",
+        }
         origins, tissue_fractions = plan.origins.tolist(), plan.tissue.tolist()  # Python floats: no numpy per tile
         try:
             for idx in runs(plan, cfg.run_tiles):
                 # each stage over the whole run before the next: the codec's code and tables stay in cache
-                images = [encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
-                          for rgb in render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)]
+                images = [
+                    encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
+                    for rgb in render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)
+                ]
                 for i, image in zip(idx.tolist(), images):
                     origin = origins[i]
                     grid, n_genes, tile_count = no_sites, 0, 0.0
                     if sites is not None:  # the sites whose centre lies in the tile (and on the slide)
-                        xy, sub = sites.in_box(max(origin[0], 0), max(origin[1], 0), min(origin[0] + plan.size0,
-                                               slide.width), min(origin[1] + plan.size0, slide.height))
+                        xy, sub = sites.in_box(
+                            max(origin[0], 0),
+                            max(origin[1], 0),
+                            min(origin[0] + plan.size0, slide.width),
+                            min(origin[1] + plan.size0, slide.height),
+                        )
                         grid = TranscriptGrid(
-                            xy=(xy - origin) / scale0, offsets=sub.indptr,
-                            gene=gene_ids[sub.indices], count=sub.data,
-                            footprint_um=sites.footprint_um, footprint_shape=sites.footprint_shape)
+                            xy=(xy - origin) / scale0,
+                            offsets=sub.indptr,
+                            gene=gene_ids[sub.indices],
+                            count=sub.data,
+                            footprint_um=sites.footprint_um,
+                            footprint_shape=sites.footprint_shape,
+                        )
                         n_genes, tile_count = int(np.unique(grid.gene).size), grid.total_count
                     total_count += tile_count
                     meta = {
@@ -234,7 +278,9 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                         "origin_level0_px": origin,
                         "origin_um": [origin[0] * slide.mpp, origin[1] * slide.mpp],
                         "tissue_fraction": round(tissue_fractions[i], 4),
-                        "n_sites": grid.n_sites, "n_genes": n_genes, "total_count": tile_count,
+                        "n_sites": grid.n_sites,
+                        "n_genes": n_genes,
+                        "total_count": tile_count,
                     }
                     sink.add(TileSample(f"{sample.id}__{plan.names[i]}", image, cfg.image_format, grid, meta))
             shards = sink.close()
@@ -249,18 +295,30 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             if on_count - n_kept > cfg.max_dropped_fraction * on_count:
                 warnings.append(_dropped_warning(on_count - n_kept, on_count, cfg))
         record = {
-            "sample": sample.id, "status": "ok", "technology": sample.technology, "patient": sample.patient_id,
-            "organ": sample.organ, "species": sample.species,
-            "slide": str(spath), "slide_mpp": slide.mpp, "slide_mpp_source": slide.mpp_source,
+            "sample": sample.id,
+            "status": "ok",
+            "technology": sample.technology,
+            "patient": sample.patient_id,
+            "organ": sample.organ,
+            "species": sample.species,
+            "slide": str(spath),
+            "slide_mpp": slide.mpp,
+            "slide_mpp_source": slide.mpp_source,
             "data_mpp_estimate": sites.mpp_estimate if sites is not None else None,
-            "level": geom.level, "read_reduce": geom.reduce, "tile_mpp": geom.mpp,
+            "level": geom.level,
+            "read_reduce": geom.reduce,
+            "tile_mpp": geom.mpp,
             "tiles": int(sum(s["samples"] for s in shards)),
             "sites_read": n_sites,
-            "sites_kept": n_kept, "dropped": dropped, "counts_kept": total_count,
+            "sites_kept": n_kept,
+            "dropped": dropped,
+            "counts_kept": total_count,
             "footprint_um": sites.footprint_um if sites is not None else None,
-            "panel": sites.panel if sites is not None else "", "warnings": warnings,
+            "panel": sites.panel if sites is not None else "",
+            "warnings": warnings,
             "gene_ranges": _id_ranges(gene_ids) if sites is not None else [],
-            "seconds": round(time.time() - t0, 2), "shards": shards,
+            "seconds": round(time.time() - t0, 2),
+            "shards": shards,
         }
         if sites is not None:
             record["reader"] = sites.info
@@ -298,9 +356,15 @@ def _worker(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir: str
         return _fail_or_stop(out, sample, exc)
 
 
-def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int = 1, part: Part = Part(),
-               vocab_from: Path | None = None,
-               progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_cohort(
+    cohort_path: Path,
+    out_dir: Path,
+    cfg: ShardConfig,
+    workers: int = 1,
+    part: Part = Part(),
+    vocab_from: Path | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Shard (this part of) a cohort into ``out_dir``; resumes what an earlier run finished.
 
     Holds the folder's lock (a second run on it refuses); a full disk stops the run with an OutputError."""
@@ -316,15 +380,24 @@ def run_cohort(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int 
             raise stop from exc
 
 
-def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int, part: Part,
-                vocab_from: Path | None, progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+def _run_locked(
+    cohort_path: Path,
+    out_dir: Path,
+    cfg: ShardConfig,
+    workers: int,
+    part: Part,
+    vocab_from: Path | None,
+    progress: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     cohort = load_cohort(cohort_path)
     if message := patient_warning(cohort):
         log.warning(message)
-    config = {**asdict(cfg), "cohort": str(Path(cohort_path).resolve()),
-              "part": f"{part.index}/{part.count}" if part.count > 1 else None}
-    dump_config(cfg, out_dir / ("shard_config.yaml" if part.count == 1 else
-                                f"shard_config.part-{part.index:04d}.yaml"))
+    config = {
+        **asdict(cfg),
+        "cohort": str(Path(cohort_path).resolve()),
+        "part": f"{part.index}/{part.count}" if part.count > 1 else None,
+    }
+    dump_config(cfg, out_dir / ("shard_config.yaml" if part.count == 1 else f"shard_config.part-{part.index:04d}.yaml"))
     vocab, rejected = build_vocab(cohort, out_dir, vocab_from)
     records: dict[str, dict[str, Any]] = {}
     for pos, (label, message) in enumerate(cohort.invalid):
@@ -345,8 +418,12 @@ def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int
                 progress(done)
         else:
             todo.append(sample)
-    log.info("%d samples to shard, %d already done, %d workers", len(todo),
-             sum(1 for r in records.values() if r.get("resumed")), workers)
+    log.info(
+        "%d samples to shard, %d already done, %d workers",
+        len(todo),
+        sum(1 for r in records.values() if r.get("resumed")),
+        workers,
+    )
 
     def finish(record: dict[str, Any]) -> None:
         records[record["sample"]] = record
@@ -368,8 +445,9 @@ def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int
         # forkserver: workers start clean (no inherited threads or open files) yet share the imports of the
         # preloaded server (the pixel codecs included), so each does not pay seconds of imports.
         ctx = get_context("forkserver")
-        ctx.set_forkserver_preload(["sharding.pipeline", "tifffile", "imagecodecs", "simplejpeg", "cv2", "PIL.Image",
-                                   "numcodecs"])
+        ctx.set_forkserver_preload(
+            ["histotx.sharding.pipeline", "tifffile", "imagecodecs", "simplejpeg", "cv2", "PIL.Image", "numcodecs"]
+        )
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = {pool.submit(_worker, s, cohort, cfg, str(out_dir)): s for s in todo}
             for fut in as_completed(futures):
@@ -380,8 +458,13 @@ def _run_locked(cohort_path: Path, out_dir: Path, cfg: ShardConfig, workers: int
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
                 except BrokenProcessPool as exc:
-                    finish(_failure(sample.id, sample.technology,
-                                    RuntimeError(f"worker process died while sharding {sample.id}: {exc}")))
+                    finish(
+                        _failure(
+                            sample.id,
+                            sample.technology,
+                            RuntimeError(f"worker process died while sharding {sample.id}: {exc}"),
+                        )
+                    )
     manifest = assemble_manifest(config, records)
     if part.count == 1:
         write_manifest(out_dir, manifest)

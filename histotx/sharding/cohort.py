@@ -18,6 +18,7 @@ samples:
 ```
 Relative paths are resolved against the cohort file's folder.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -97,10 +98,15 @@ def patient_warning(cohort: Cohort) -> str | None:
     if n < 2 or len({s.patient_id for s in cohort.samples}) < n:
         return None
     unknown = [s.id for s in cohort.samples if not s.patient_known]
-    why = (f"{len(unknown)} have no patient (e.g. {', '.join(unknown[:3])}) and count as their own"
-           if unknown else "all patients differ")
-    return (f"{cohort.path}: every one of the {n} samples is its own patient ({why}); if sections come from "
-            "the same patient, give them one `patient:` or patient-stratified splits will leak")
+    why = (
+        f"{len(unknown)} have no patient (e.g. {', '.join(unknown[:3])}) and count as their own"
+        if unknown
+        else "all patients differ"
+    )
+    return (
+        f"{cohort.path}: every one of the {n} samples is its own patient ({why}); if sections come from "
+        "the same patient, give them one `patient:` or patient-stratified splits will leak"
+    )
 
 
 def load_cohort(path: str | Path) -> Cohort:

@@ -6,6 +6,7 @@
   molecules (or sites smaller than 2 overview px) as density. A half-missing slide, a tissue mask that cut
   away tissue, or a shifted alignment shows at a glance.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from histotx.format import decode_grid, decode_image_rgb, decode_sample, read_manifest
-from sharding.verify import iter_shard
+from histotx.sharding.verify import iter_shard
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,9 @@ def write_qc(shard_dir: Path, out_dir: Path, per_sample: int = 8, columns: int =
             if tile.grid.n_sites == 0 and manifest["samples"][sid].get("technology") != "image_only":
                 continue
             footprint_px = tile.grid.footprint_um / tile.meta["mpp"]
-            tiles.append(draw_sites(decode_image_rgb(tile.image), tile.grid.xy, footprint_px,
-                                    tile.grid.footprint_shape))
+            tiles.append(
+                draw_sites(decode_image_rgb(tile.image), tile.grid.xy, footprint_px, tile.grid.footprint_shape)
+            )
     written = []
     for sid, tiles in sorted(picked.items()):
         if not tiles:
@@ -98,22 +100,26 @@ def _tiles_and_sites(shard_dir: Path, manifest: dict, sid: str) -> tuple[list, n
 
 def _input_sites(manifest: dict, sid: str):
     """The sample's sites as read from its input (for the dropped ones), or None when it cannot be read."""
-    from sharding.cohort import load_cohort
-    from sharding.readers import ReaderOptions, read_sites
+    from histotx.sharding.cohort import load_cohort
+    from histotx.sharding.readers import ReaderOptions, read_sites
 
     cfg = manifest["config"]
     try:
         cohort = load_cohort(cfg["cohort"])
         sample = next(s for s in cohort.samples if s.id == sid)
-        return read_sites(sample, cohort, ReaderOptions(qv_min=cfg.get("qv_min", 20.0),
-                                                        in_tissue_only=cfg.get("in_tissue_only", True)))
+        return read_sites(
+            sample,
+            cohort,
+            ReaderOptions(qv_min=cfg.get("qv_min", 20.0), in_tissue_only=cfg.get("in_tissue_only", True)),
+        )
     except Exception as exc:  # noqa: BLE001 — the overview still shows what the shards hold
         log.warning("qc overview of %s: input sites not readable, dropped sites not drawn (%s)", sid, exc)
         return None
 
 
-def _draw_sites(img: Image.Image, xy: np.ndarray, per_px: float, footprint_px: float, shape: str,
-                rgb: tuple[int, int, int]) -> None:
+def _draw_sites(
+    img: Image.Image, xy: np.ndarray, per_px: float, footprint_px: float, shape: str, rgb: tuple[int, int, int]
+) -> None:
     """Sites at overview scale: outlines of their true size, or a density overlay when smaller than 2 px."""
     pts = xy / per_px
     if footprint_px >= 2 and shape in ("disk", "square"):
@@ -135,7 +141,7 @@ def _draw_sites(img: Image.Image, xy: np.ndarray, per_px: float, footprint_px: f
 
 def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max_px: int = OVERVIEW_PX) -> Path:
     """The whole-slide overview of one sample (see the module docstring)."""
-    from sharding.slides import Slide
+    from histotx.sharding.slides import Slide
 
     rec = manifest["samples"][sid]
     boxes, kept, footprint_um, shape = _tiles_and_sites(shard_dir, manifest, sid)
@@ -159,9 +165,15 @@ def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max
         draw.rectangle((x0 / per_px, y0 / per_px, x1 / per_px - 1, y1 / per_px - 1), outline=TILE_RGB)
     _draw_sites(img, kept, per_px, footprint_px, shape, KEPT_RGB)
     _draw_sites(img, dropped, per_px, footprint_px, shape, DROPPED_RGB)
-    legend = (f"{sid}: {len(boxes)} tiles (green), {len(kept)} sites in shards (cyan), {len(dropped)} sites "
-              f"under no tile (red)" + ("" if rec.get("technology") == "image_only" or sites is not None
-                                        else "; input not readable, dropped sites not drawn"))
+    legend = (
+        f"{sid}: {len(boxes)} tiles (green), {len(kept)} sites in shards (cyan), {len(dropped)} sites "
+        f"under no tile (red)"
+        + (
+            ""
+            if rec.get("technology") == "image_only" or sites is not None
+            else "; input not readable, dropped sites not drawn"
+        )
+    )
     canvas = Image.new("RGB", (img.width, img.height + 16), (255, 255, 255))
     canvas.paste(img, (0, 16))
     ImageDraw.Draw(canvas).text((2, 2), legend, fill=(0, 0, 0))
@@ -175,5 +187,8 @@ def write_overviews(shard_dir: Path, out_dir: Path, max_px: int = OVERVIEW_PX) -
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(shard_dir)
-    return [write_overview(shard_dir, manifest, sid, out_dir, max_px)
-            for sid, rec in sorted(manifest["samples"].items()) if rec.get("status") == "ok"]
+    return [
+        write_overview(shard_dir, manifest, sid, out_dir, max_px)
+        for sid, rec in sorted(manifest["samples"].items())
+        if rec.get("status") == "ok"
+    ]

@@ -7,6 +7,7 @@ dropped and counted as ``no_position`` (and logged); when more than ``MAX_UNPLAC
 (or all) have no position, the positions file is incomplete or the files do not belong together, and
 the sample fails with an InputError. A barcode listed twice in either file is an InputError too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from sharding.errors import InputError, read_json_object
-from sharding.sites import Sites
-from sharding.tenx import TenxMatrix, read_10x_genes, read_10x_h5
+from histotx.sharding.errors import InputError, read_json_object
+from histotx.sharding.sites import Sites
+from histotx.sharding.tenx import TenxMatrix, read_10x_genes, read_10x_h5
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +126,19 @@ def place_barcodes(
     for barcodes, path in ((pos["barcode"], pos_path), (pd.Series(matrix.barcodes), matrix_path)):
         dup = barcodes[barcodes.duplicated()]
         if len(dup):
-            raise InputError(path, f"{len(dup)} duplicated barcodes (e.g. {dup.iloc[0]} appears "
-                                   f"{int((barcodes == dup.iloc[0]).sum())} times): every spot must be listed once")
+            raise InputError(
+                path,
+                f"{len(dup)} duplicated barcodes (e.g. {dup.iloc[0]} appears "
+                f"{int((barcodes == dup.iloc[0]).sum())} times): every spot must be listed once",
+            )
     where = pd.Index(pos["barcode"]).get_indexer(matrix.barcodes)
     dropped: dict[str, int] = {}
     has_pos = where >= 0
     if not has_pos.any():
         raise InputError(
-            pos_path, f"none of the {len(where)} barcodes of {matrix_path.name} is in the positions file "
-            f"(e.g. {matrix.barcodes[0]}): the files are from different runs"
+            pos_path,
+            f"none of the {len(where)} barcodes of {matrix_path.name} is in the positions file "
+            f"(e.g. {matrix.barcodes[0]}): the files are from different runs",
         )
     x = np.full(len(where), np.nan)
     y = np.full(len(where), np.nan)
@@ -142,9 +147,12 @@ def place_barcodes(
     located = np.isfinite(x) & np.isfinite(y)
     if (~located).sum() > MAX_UNPLACED_FRACTION * len(located):
         first = matrix.barcodes[int(np.flatnonzero(~located)[0])]
-        raise InputError(pos_path, f"{int((~located).sum())} of {len(located)} barcodes of {matrix_path.name} "
-                                   f"have no position here (e.g. {first}): the positions file is incomplete or "
-                                   "from another run")
+        raise InputError(
+            pos_path,
+            f"{int((~located).sum())} of {len(located)} barcodes of {matrix_path.name} "
+            f"have no position here (e.g. {first}): the positions file is incomplete or "
+            "from another run",
+        )
     if (~located).any():
         dropped["no_position"] = int((~located).sum())
         log.warning(
@@ -180,8 +188,14 @@ def read_spaceranger(
         **matrix.attrs,
     }
     sites = Sites(
-        xy_px=xy, counts=matrix.counts[rows], genes=matrix.genes, footprint_um=0.0, footprint_shape="point",
-        panel=matrix.attrs.get("chemistry_description", ""), dropped=dropped, info=info,
+        xy_px=xy,
+        counts=matrix.counts[rows],
+        genes=matrix.genes,
+        footprint_um=0.0,
+        footprint_shape="point",
+        panel=matrix.attrs.get("chemistry_description", ""),
+        dropped=dropped,
+        info=info,
     )
     return sites, pos, sf
 

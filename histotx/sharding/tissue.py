@@ -4,6 +4,7 @@ H&E tissue is stained (saturated) and darker than the bright, grey glass around 
 saturation by Otsu (never below a floor, so an empty slide stays empty), drop pale pixels, then
 close small gaps. Fractions per box come from an integral image, so scoring every tile is cheap.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -90,5 +91,6 @@ class TissueMap:
         ii = self._integral
         inside = ii[ay1, ax1] - ii[ay0, ax1] - ii[ay1, ax0] + ii[ay0, ax0]
         area = np.maximum((np.asarray(x1) - np.asarray(x0)) / s, 1e-9) * np.maximum(
-            (np.asarray(y1) - np.asarray(y0)) / s, 1e-9)
+            (np.asarray(y1) - np.asarray(y0)) / s, 1e-9
+        )
         return np.clip(inside / area, 0.0, 1.0)

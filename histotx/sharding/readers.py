@@ -3,6 +3,7 @@
 Which slide, what µm/px the data itself implies, which genes (cheaply, for the vocabulary pass), and
 the sites on the slide's level-0 pixels. Every bad input raises ``InputError`` naming the file.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -10,19 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sharding.cohort import Cohort, CohortSample
-from sharding.errors import InputError
+from histotx.sharding.cohort import Cohort, CohortSample
+from histotx.sharding.errors import InputError
 
 if TYPE_CHECKING:
-    from sharding.bands import BandedSites
-    from sharding.sites import Sites
+    from histotx.sharding.bands import BandedSites
+    from histotx.sharding.sites import Sites
 
 
 def _call(function: str, *args: Any) -> Any:
     """``sharding.<module>.<name>(*args)``, imported on first use: the readers pull in pandas, h5py, pyarrow
     and scipy (~2 s), which image-only samples and every sharding worker's start-up need not pay."""
     module, name = function.rsplit(".", 1)
-    return getattr(importlib.import_module(f"sharding.{module}"), name)(*args)
+    return getattr(importlib.import_module(f"histotx.sharding.{module}"), name)(*args)
 
 
 @dataclass
@@ -55,8 +56,9 @@ _TECHNOLOGIES = {
         genes=lambda s, d: _call("visium.visium_genes", d),
     ),
     "visium_hd": _Technology(
-        sites=lambda s, d, c, o: _call("visium_hd.read_visium_hd", d, s.bin_size_um, s.image_scale,
-                                       o.in_tissue_only, o.slide_px),
+        sites=lambda s, d, c, o: _call(
+            "visium_hd.read_visium_hd", d, s.bin_size_um, s.image_scale, o.in_tissue_only, o.slide_px
+        ),
         mpp_hint=lambda s, d, c: _call("visium_hd.visium_hd_mpp_hint", d, s.bin_size_um, s.image_scale),
         genes=lambda s, d: _call("visium_hd.visium_hd_genes", d, s.bin_size_um),
     ),

@@ -5,6 +5,7 @@ deepspeed launcher set them; ``srun`` sets SLURM_PROCID / SLURM_LOCALID / SLURM_
 node list instead, which :func:`set_distributed_env` translates. A process started by hand (no launcher)
 is left alone and trains as a single rank.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,8 @@ def set_distributed_env(environ: dict[str, str] | None = None) -> dict[str, str]
         "RANK": env["SLURM_PROCID"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
-        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))),
+        "MASTER_ADDR": env.get("MASTER_ADDR")
+        or first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))),
         # one port per job, so two jobs sharing a node do not collide
         "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
     }

@@ -7,15 +7,16 @@ so one sample never silently gets another's slide. HEST samples take patient, or
 ``metadata/<id>.json``; a patient nobody recorded is a visible ``TODO`` (the sample then counts as its
 own patient, and `shard run` warns when that holds for every sample).
 """
+
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
 
-from sharding.cohort import TODO
-from sharding.errors import InputError
-from sharding.hest import sample_labels
+from histotx.sharding.cohort import TODO
+from histotx.sharding.errors import InputError
+from histotx.sharding.hest import sample_labels
 
 SLIDE_PATTERNS = ("*_he_image.ome.tif", "*.svs", "*.ome.tif", "*.tif", "*.tiff")  # best first
 NOT_HE = ("morphology",)  # Xenium fluorescence images, never the H&E
@@ -116,9 +117,12 @@ def _hest_entries(hest_root: Path, base: Path) -> list[dict]:
         except InputError:  # missing or unreadable metadata: `shard run` reports it for this sample
             labels = {}
         entry = {
-            "id": _sample_id(h5ad.stem), "patient": labels.get("patient") or PATIENT_TODO,
+            "id": _sample_id(h5ad.stem),
+            "patient": labels.get("patient") or PATIENT_TODO,
             **{k: v for k, v in labels.items() if k != "patient" and v},
-            "technology": "hest", "data": _rel(hest_root, base), "mpp": None,
+            "technology": "hest",
+            "data": _rel(hest_root, base),
+            "mpp": None,
         }
         if entry["id"] != h5ad.stem:  # an id the cohort cannot carry: point at the h5ad itself
             entry["data"] = _rel(h5ad, base)

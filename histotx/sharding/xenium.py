@@ -1,13 +1,14 @@
 """Xenium output bundle: each kept molecule becomes one site (count 1, point footprint) on the H&E.
 
 The transcripts file is streamed in chunks (parquet batches, csv blocks) twice: once for the panel's
-names, once for the molecules, which go to disk in bands of the slide (:mod:`sharding.bands`).
+names, once for the molecules, which go to disk in bands of the slide (:mod:`histotx.sharding.bands`).
 
 Transcript coordinates are µm in the morphology frame; ``experiment.xenium``'s ``pixel_size`` turns
 them into morphology pixels. The post-Xenium ``*_he_imagealignment.csv`` is a 3×3 affine M mapping
 **H&E px → morphology px**, so a molecule lands on the H&E at inv(M) @ [x/ps, y/ps, 1]. Without an
 alignment file the slide is taken to be in the morphology frame itself (H&E px = µm / pixel_size).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,15 +24,20 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from sharding.bands import BandedSites
-from sharding.errors import InputError, read_json_object
-from sharding.visium import MAX_UNPLACED_FRACTION
+from histotx.sharding.bands import BandedSites
+from histotx.sharding.errors import InputError, read_json_object
+from histotx.sharding.visium import MAX_UNPLACED_FRACTION
 
 log = logging.getLogger(__name__)
 
 CONTROL_PREFIXES = (
-    "NegControlProbe_", "NegControlCodeword_", "UnassignedCodeword_", "BLANK_", "DeprecatedCodeword_",
-    "Intergenic", "antisense_",
+    "NegControlProbe_",
+    "NegControlCodeword_",
+    "UnassignedCodeword_",
+    "BLANK_",
+    "DeprecatedCodeword_",
+    "Intergenic",
+    "antisense_",
 )
 COLUMNS = ("feature_name", "x_location", "y_location", "qv")
 OPTIONAL_COLUMNS = ("is_gene",)  # Xenium ≥ 2: False for control probes and codewords
@@ -90,11 +96,13 @@ def _batches(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = (
             # pre_buffer off: with it (pyarrow's default) every row group read stays cached until the file
             # closes, about 14 bytes per molecule (pyarrow 26: RSS 1.2 GB after 64 M rows, flat at 0.19 GB without).
             yield from pq.ParquetFile(path, pre_buffer=False, read_dictionary=["feature_name"]).iter_batches(
-                BATCH_ROWS, columns=list(columns))
+                BATCH_ROWS, columns=list(columns)
+            )
         else:
             string_cols = {"feature_name": pa.string()} if "feature_name" in columns else {}
             yield from pacsv.open_csv(
-                path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                path,
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                 convert_options=pacsv.ConvertOptions(include_columns=list(columns), column_types=string_cols),
             )
     except (OSError, pa.ArrowException) as exc:
@@ -206,8 +214,9 @@ def morphology_um_to_he_px(xy_um: np.ndarray, pixel_size: float, m: np.ndarray |
     return morph @ inv[:2, :2].T + inv[:2, 2]
 
 
-def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.0,
-                slide_px: tuple[int, int] | None = None) -> BandedSites:
+def read_xenium(
+    bundle: Path, alignment: Path | None = None, qv_min: float = 20.0, slide_px: tuple[int, int] | None = None
+) -> BandedSites:
     """Molecules streamed in chunks into bands of the slide (``slide_px``: its level-0 size, when known):
     memory is bounded by a chunk and a band, not by the section's 300–500 M molecules."""
     exp = read_experiment(bundle)
@@ -231,8 +240,17 @@ def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.
         "qv_min": qv_min,
         "analysis_sw_version": str(exp.get("analysis_sw_version", "")),
     }
-    sites = BandedSites(BAND_UM / mpp, slide_px, genes, footprint_um=0.0, footprint_shape="point",
-                        unit_counts=True, panel=str(exp.get("panel_name", "")), mpp_estimate=mpp, info=info)
+    sites = BandedSites(
+        BAND_UM / mpp,
+        slide_px,
+        genes,
+        footprint_um=0.0,
+        footprint_shape="point",
+        unit_counts=True,
+        panel=str(exp.get("panel_name", "")),
+        mpp_estimate=mpp,
+        info=info,
+    )
     dropped = dict.fromkeys(("control_probe", "low_qv", "no_position"), 0)
     for batch in _batches(path, COLUMNS):
         names, codes = _names(batch, path)
@@ -242,8 +260,11 @@ def read_xenium(bundle: Path, alignment: Path | None = None, qv_min: float = 20.
         low_qv = ~control & ~(qv >= qv_min)
         no_pos = ~control & ~low_qv & ~(np.isfinite(x) & np.isfinite(y))
         if no_pos.sum() > MAX_UNPLACED_FRACTION * max(int((~control & ~low_qv).sum()), 1):
-            raise InputError(path, f"{int(no_pos.sum())} of {int((~control & ~low_qv).sum())} transcripts "
-                                   "read have NaN/inf x_location or y_location: the file is damaged")
+            raise InputError(
+                path,
+                f"{int(no_pos.sum())} of {int((~control & ~low_qv).sum())} transcripts "
+                "read have NaN/inf x_location or y_location: the file is damaged",
+            )
         keep = ~(control | low_qv | no_pos)
         for reason, mask in zip(dropped, (control, low_qv, no_pos)):
             dropped[reason] += int(mask.sum())

@@ -11,6 +11,7 @@ Per site: x, y (float64 level-0 px), seq (int64 position in the input, so the re
 restored) and, unless every site is one molecule of count 1, nnz; per entry: gene column (int32)
 and count (float32).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -40,7 +41,7 @@ class _Row:
 
 @dataclass
 class BandedSites:
-    """A :class:`~sharding.sites.Sites` look-alike whose sites live on disk, one band of ``band_px`` rows
+    """A :class:`~histotx.sharding.sites.Sites` look-alike whose sites live on disk, one band of ``band_px`` rows
     each. Fill with :meth:`add`, then :meth:`finish`; sites off the slide (``slide_px``, when known) are
     counted, not kept."""
 
@@ -115,8 +116,8 @@ class BandedSites:
             entry_of = np.repeat(first, nnz) + (np.arange(nnz.sum()) - np.repeat(np.cumsum(nnz) - nnz, nnz))
             entry_starts = np.concatenate([[0], np.cumsum(nnz)])[starts]
         for i, b in enumerate(present.tolist()):
-            rows = order[starts[i]:starts[i + 1]]
-            ents = entry_of[entry_starts[i]:entry_starts[i + 1]]
+            rows = order[starts[i] : starts[i + 1]]
+            ents = entry_of[entry_starts[i] : entry_starts[i + 1]]
             for name, arr in sites.items():
                 self._append(b, name, arr[rows].astype(_SITE_ARRAYS[name], copy=False))
             for name, arr in entries.items():
@@ -162,8 +163,9 @@ class BandedSites:
 
     def _bands(self, bands: list[int], key: tuple[int, int], order_by: str) -> _Row:
         loaded = [self._load(b) for b in bands if b in self.band_sites]
-        cat = {k: np.concatenate([s[k] for s, _ in loaded] or [np.zeros(0, _SITE_ARRAYS[k])])
-               for k in ("x", "y", "seq")}
+        cat = {
+            k: np.concatenate([s[k] for s, _ in loaded] or [np.zeros(0, _SITE_ARRAYS[k])]) for k in ("x", "y", "seq")
+        }
         counts = sp.vstack([c for _, c in loaded], format="csr") if loaded else sp.csr_matrix((0, len(self.genes)))
         order = np.argsort(cat[order_by], kind="stable")
         return _Row(key, cat["x"][order], cat["y"][order], cat["seq"][order], counts[order])

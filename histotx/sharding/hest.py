@@ -12,6 +12,7 @@ alone is wrong for both: the footprint comes from ``st_technology`` and the spot
 (nearest-neighbour spacing × µm/px; 6 neighbours on a hexagonal lattice, 4 on a square grid), and
 the metadata only where it agrees. ``Sites.info['footprint']`` records which source was used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-from sharding.errors import InputError, read_json_object
-from sharding.sites import Sites
-from sharding.tenx import check_counts, gene_identity
+from histotx.sharding.errors import InputError, read_json_object
+from histotx.sharding.sites import Sites
+from histotx.sharding.tenx import check_counts, gene_identity
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +132,17 @@ def _close(a: float | None, b: float) -> bool:
     return a is not None and abs(a / b - 1) <= AGREE
 
 
-def spot_footprint(st_technology: str, lattice: Lattice | None, mpp: float | None,
-                   spot_diameter: float | None) -> tuple[float, str, dict]:
+def spot_footprint(
+    st_technology: str, lattice: Lattice | None, mpp: float | None, spot_diameter: float | None
+) -> tuple[float, str, dict]:
     """(size µm, shape, record) of a HEST sample's spots; the record says which source decided."""
     tech = TECHNOLOGIES.get(st_technology.strip().lower())
     pitch = lattice.pitch_px * mpp if lattice is not None and mpp is not None else None
     kind = lattice.kind if lattice is not None else None
     record: dict = {
         "st_technology": st_technology,
-        "lattice": kind, "lattice_pitch_um": round(pitch, 3) if pitch is not None else None,
+        "lattice": kind,
+        "lattice_pitch_um": round(pitch, 3) if pitch is not None else None,
         "metadata_spot_diameter_um": spot_diameter,
     }
     warnings = []
@@ -153,11 +156,16 @@ def spot_footprint(st_technology: str, lattice: Lattice | None, mpp: float | Non
     else:
         shape = tech.shape
         if lattice is None or pitch is None:
-            warnings.append("spot lattice not measured (" + ("no pixel size in the metadata" if lattice is not None
-                                                             else "fewer than 3 spots") + ")")
+            warnings.append(
+                "spot lattice not measured ("
+                + ("no pixel size in the metadata" if lattice is not None else "fewer than 3 spots")
+                + ")"
+            )
         elif kind != tech.lattice or not (tech.metadata_may_set or _close(pitch, tech.pitch_um)):
-            warnings.append(f"{kind} lattice of pitch {pitch:.1f} µm; {st_technology} in HEST is a "
-                            f"{tech.lattice} lattice of {tech.pitch_um:g} µm")
+            warnings.append(
+                f"{kind} lattice of pitch {pitch:.1f} µm; {st_technology} in HEST is a "
+                f"{tech.lattice} lattice of {tech.pitch_um:g} µm"
+            )
         if tech.diameter_um is None:  # gap-free squares: the pitch is the side
             lattice_ok = pitch is not None and kind == tech.lattice
             size, source = (pitch, "lattice") if lattice_ok else (tech.pitch_um, "st_technology")
@@ -226,15 +234,27 @@ def read_hest(data: Path, sample_id: str, in_tissue_only: bool = True) -> Sites:
         keep &= in_tissue
     rows = np.flatnonzero(keep)
     technology = _text(meta.get("st_technology"))
-    size, shape, footprint = spot_footprint(technology, measure_lattice(xy[located]), _mpp(meta),
-                                            _positive(meta, "spot_diameter"))
+    size, shape, footprint = spot_footprint(
+        technology, measure_lattice(xy[located]), _mpp(meta), _positive(meta, "spot_diameter")
+    )
     if "warning" in footprint:
         log.warning("%s: %s", path, footprint["warning"])
     return Sites(
-        xy_px=xy[rows], counts=counts[rows], genes=_genes(adata.var), footprint_um=size, footprint_shape=shape,
-        panel=technology, dropped=dropped, mpp_estimate=_positive(meta, "pixel_size_um_estimated"),
-        info={"hest_id": hid, "h5ad": path.name, "st_technology": technology, "footprint": footprint,
-              **{k: _text(meta.get(k)) for k in LABELS}},
+        xy_px=xy[rows],
+        counts=counts[rows],
+        genes=_genes(adata.var),
+        footprint_um=size,
+        footprint_shape=shape,
+        panel=technology,
+        dropped=dropped,
+        mpp_estimate=_positive(meta, "pixel_size_um_estimated"),
+        info={
+            "hest_id": hid,
+            "h5ad": path.name,
+            "st_technology": technology,
+            "footprint": footprint,
+            **{k: _text(meta.get(k)) for k in LABELS},
+        },
     )
 
 

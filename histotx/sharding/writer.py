@@ -9,8 +9,9 @@ point and rerun yields exactly the tiles of an uninterrupted run, none lost, non
 
 A run holds a lock file in its folder (:class:`OutputLock`, owner host and pid) so a second run on the
 same folder refuses to start; a write that fails for lack of space (disk full, quota, file-size limit)
-stops the run with an :class:`~sharding.errors.OutputError` and leaves no partial shard behind.
+stops the run with an :class:`~histotx.sharding.errors.OutputError` and leaves no partial shard behind.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,13 +29,13 @@ from typing import Any
 
 from histotx.format import (
     MANIFEST_NAME,
+    TileSample,
     atomic_write_json,
     encode_sample,
     new_manifest,
-    TileSample,
     write_manifest,
 )
-from sharding.errors import OutputError
+from histotx.sharding.errors import OutputError
 
 DONE_DIR = ".done"
 SYNC_BYTES = 8 << 20  # an open shard's data is synced to disk in the background every this many bytes
@@ -169,8 +170,15 @@ class ShardSink:
         self._fh.write(bytes(-self._fh.size % tarfile.RECORDSIZE))
         self._fh.flush()  # a full disk fails here, in this thread
         self._submit(self._fh.sync_and_close)
-        self.shards.append({"name": self._name, "samples": self._count, "bytes": self._fh.size,
-                            "sha256": self._fh.sha256.hexdigest(), "sample_id": self.sample_id})
+        self.shards.append(
+            {
+                "name": self._name,
+                "samples": self._count,
+                "bytes": self._fh.size,
+                "sha256": self._fh.sha256.hexdigest(),
+                "sample_id": self.sample_id,
+            }
+        )
         self._pending.append((self._tmp, self.out_dir / self._name))
         self._fh = None
 
@@ -248,8 +256,11 @@ def clear_sample(out_dir: Path, sample_id: str) -> int:
     return removed
 
 
-_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-             errno.EFBIG: "file larger than the file-size limit (ulimit -f)"}
+_NO_SPACE = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file larger than the file-size limit (ulimit -f)",
+}
 
 
 def out_of_space(exc: BaseException, out_dir: Path) -> OutputError | None:
@@ -257,9 +268,11 @@ def out_of_space(exc: BaseException, out_dir: Path) -> OutputError | None:
     if not isinstance(exc, OSError) or exc.errno not in _NO_SPACE:
         return None
     where = exc.filename or out_dir
-    return OutputError(f"{where}: cannot write: {_NO_SPACE[exc.errno]}. Samples finished so far are kept, the "
-                       f"one being written was removed; free space (or raise the limit) and run the same command "
-                       f"again: it resumes where it stopped")
+    return OutputError(
+        f"{where}: cannot write: {_NO_SPACE[exc.errno]}. Samples finished so far are kept, the "
+        f"one being written was removed; free space (or raise the limit) and run the same command "
+        f"again: it resumes where it stopped"
+    )
 
 
 class OutputLock:
@@ -301,12 +314,16 @@ class OutputLock:
     def _refuse(self, path: Path) -> OutputError:
         try:
             owner = json.loads(path.read_text())
-            who = (f"process {owner.get('pid')} on host {owner.get('host')}, started "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}")
+            who = (
+                f"process {owner.get('pid')} on host {owner.get('host')}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}"
+            )
         except (OSError, ValueError):
             who = "another run"
-        return OutputError(f"{self.out_dir}: {who} is already writing here (lock file {path}); wait for it to "
-                           f"finish, or if no such process is alive, delete {path} and run again")
+        return OutputError(
+            f"{self.out_dir}: {who} is already writing here (lock file {path}); wait for it to "
+            f"finish, or if no such process is alive, delete {path} and run again"
+        )
 
     def acquire(self) -> "OutputLock":
         for _ in range(2):
@@ -383,6 +400,15 @@ def merge_parts(out_dir: Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "OutputLock", "out_of_space", "ShardSink", "shard_name", "write_done", "load_done", "clear_sample", "assemble_manifest", "merge_parts",
-    "part_manifest_name", "MANIFEST_NAME",
+    "OutputLock",
+    "out_of_space",
+    "ShardSink",
+    "shard_name",
+    "write_done",
+    "load_done",
+    "clear_sample",
+    "assemble_manifest",
+    "merge_parts",
+    "part_manifest_name",
+    "MANIFEST_NAME",
 ]

@@ -6,8 +6,9 @@ Each bin is a site with a square footprint of its side; the pixel size comes fro
 A 2 µm output lists every bin of the capture area (11 M rows) and holds tens of millions of non-zeros,
 so nothing is read whole: the positions are streamed into a table keyed by (array_row, array_col), and
 the matrix is read in barcode chunks, each barcode placed through the bin its name gives
-(``s_002um_RRRRR_CCCCC-1``) and written to bands of the slide on disk (:mod:`sharding.bands`).
+(``s_002um_RRRRR_CCCCC-1``) and written to bands of the slide on disk (:mod:`histotx.sharding.bands`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,11 +18,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sharding.bands import BandedSites
-from sharding.errors import InputError
-from sharding.tenx import TenxChunks, read_10x_genes
-from sharding.visium import (
-    MAX_UNPLACED_FRACTION, POSITION_COLUMNS, find_matrix, find_positions, image_scale_factor, read_positions,
+from histotx.sharding.bands import BandedSites
+from histotx.sharding.errors import InputError
+from histotx.sharding.tenx import TenxChunks, read_10x_genes
+from histotx.sharding.visium import (
+    MAX_UNPLACED_FRACTION,
+    POSITION_COLUMNS,
+    find_matrix,
+    find_positions,
+    image_scale_factor,
+    read_positions,
     read_scalefactors,
 )
 
@@ -115,7 +121,7 @@ def parse_bin_barcodes(barcodes: np.ndarray, path: Path) -> tuple[np.ndarray, np
         raise InputError(path, f"barcode {barcodes[0]!r} does not name its bin (expected s_002um_RRRRR_CCCCC-1)")
     digits = codes[:, np.r_[8:13, 14:19]].astype(np.int64) - ord("0")
     sep = codes[:, [0, 1, 5, 6, 7, 13]]
-    ok = (np.all((digits >= 0) & (digits <= 9), axis=1) & np.all(sep == [ord(c) for c in "s_um__"], axis=1))
+    ok = np.all((digits >= 0) & (digits <= 9), axis=1) & np.all(sep == [ord(c) for c in "s_um__"], axis=1)
     if not ok.all():
         bad = barcodes[np.flatnonzero(~ok)[0]]
         raise InputError(path, f"barcode {bad!r} does not name its bin (expected s_002um_RRRRR_CCCCC-1)")
@@ -124,7 +130,10 @@ def parse_bin_barcodes(barcodes: np.ndarray, path: Path) -> tuple[np.ndarray, np
 
 
 def read_visium_hd(
-    data: Path, bin_size_um: float = 2.0, image_scale: str = "fullres", in_tissue_only: bool = True,
+    data: Path,
+    bin_size_um: float = 2.0,
+    image_scale: str = "fullres",
+    in_tissue_only: bool = True,
     slide_px: tuple[int, int] | None = None,
 ) -> BandedSites:
     folder = bin_dir(data, bin_size_um)
@@ -139,12 +148,27 @@ def read_visium_hd(
     bins = BinTable(pos_path)
     dropped = {"no_position": 0, "not_in_tissue": 0}
     with TenxChunks(matrix_path) as tenx:
-        info = {"positions": pos_path.name, "matrix": matrix_path.name, "image_scale": image_scale,
-                "scale_factor": scale, "probe_level": tenx.probe_level, **tenx.attrs,
-                "bin_size_um": side, "mpp_source": "scalefactors microns_per_pixel"}
-        sites = BandedSites(BAND_UM / mpp, slide_px, tenx.genes, footprint_um=side, footprint_shape="square",
-                            unit_counts=False, panel=tenx.attrs.get("chemistry_description", ""),
-                            mpp_estimate=mpp, info=info)
+        info = {
+            "positions": pos_path.name,
+            "matrix": matrix_path.name,
+            "image_scale": image_scale,
+            "scale_factor": scale,
+            "probe_level": tenx.probe_level,
+            **tenx.attrs,
+            "bin_size_um": side,
+            "mpp_source": "scalefactors microns_per_pixel",
+        }
+        sites = BandedSites(
+            BAND_UM / mpp,
+            slide_px,
+            tenx.genes,
+            footprint_um=side,
+            footprint_shape="square",
+            unit_counts=False,
+            panel=tenx.attrs.get("chemistry_description", ""),
+            mpp_estimate=mpp,
+            info=info,
+        )
         example = None
         for barcodes, counts in tenx.chunks(CHUNK_BARCODES):
             at = bins.lookup(barcodes, matrix_path)
@@ -165,12 +189,16 @@ def read_visium_hd(
             sites.add(np.stack([x[rows], y[rows]], axis=1) * scale, counts=counts[rows])
         tenx.check_not_empty()
     if dropped["no_position"] > MAX_UNPLACED_FRACTION * tenx.n_barcodes:  # same policy as Visium
-        raise InputError(pos_path, f"{dropped['no_position']} of {tenx.n_barcodes} barcodes of {matrix_path.name} "
-                                   f"have no position here (e.g. {example}): the positions file is incomplete or "
-                                   "from another run")
+        raise InputError(
+            pos_path,
+            f"{dropped['no_position']} of {tenx.n_barcodes} barcodes of {matrix_path.name} "
+            f"have no position here (e.g. {example}): the positions file is incomplete or "
+            "from another run",
+        )
     if dropped["no_position"]:
-        log.warning("%s: %d barcodes of %s have no position; dropped", pos_path, dropped["no_position"],
-                    matrix_path.name)
+        log.warning(
+            "%s: %d barcodes of %s have no position; dropped", pos_path, dropped["no_position"], matrix_path.name
+        )
     sites.dropped = {k: v for k, v in dropped.items() if v}
     return sites.finish()
 

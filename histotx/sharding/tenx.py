@@ -6,6 +6,7 @@ Probe-chemistry *probe-level* files (``raw_probe_bc_matrix.h5``) have one row pe
 ``features/{gene_id, gene_name, filtered_probes}``: they are summed to genes here, keeping only the
 probes Space Ranger kept (``filtered_probes``), so every reader sees one column per gene.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from histotx.sharding.errors import InputError
 from histotx.vocab import is_ensembl_id
-from sharding.errors import InputError
 
 _REQUIRED = ("data", "indices", "indptr", "shape", "barcodes", "features/id", "features/name")
 GENE_EXPRESSION = "Gene Expression"
@@ -43,8 +44,9 @@ def _open_matrix(f: h5py.File, path: Path) -> h5py.Group:
     if "matrix" not in f:
         groups = ", ".join(sorted(f.keys())) or "none"
         raise InputError(
-            path, f"not a 10x feature-barcode matrix: no 'matrix' group (top-level groups: {groups}; "
-            "Cell Ranger 2 per-genome files are not supported)"
+            path,
+            f"not a 10x feature-barcode matrix: no 'matrix' group (top-level groups: {groups}; "
+            "Cell Ranger 2 per-genome files are not supported)",
         )
     m = f["matrix"]
     missing = [k for k in _REQUIRED if k not in m]
@@ -130,14 +132,18 @@ class TenxChunks:
         except (OSError, ValueError, TypeError) as exc:  # h5py raises OSError on truncated data
             self._file.close()
             raise InputError(path, f"malformed 10x matrix ({exc})") from exc
-        self.attrs = {k: _attr(self._file.attrs[k]) for k in ("software_version", "chemistry_description")
-                      if k in self._file.attrs}
+        self.attrs = {
+            k: _attr(self._file.attrs[k])
+            for k in ("software_version", "chemistry_description")
+            if k in self._file.attrs
+        }
         indptr = self._indptr
         if len(self._keep) != self.n_features or n_bc != self.n_barcodes or len(indptr) != n_bc + 1:
             self._file.close()
             raise InputError(
-                path, f"matrix/shape {[self.n_features, self.n_barcodes]} disagrees with {len(self._keep)} features, "
-                f"{n_bc} barcodes and {len(indptr)} indptr entries"
+                path,
+                f"matrix/shape {[self.n_features, self.n_barcodes]} disagrees with {len(self._keep)} features, "
+                f"{n_bc} barcodes and {len(indptr)} indptr entries",
             )
         if n_data != n_indices or indptr[-1] != n_data or np.any(np.diff(indptr) < 0):
             self._file.close()
@@ -145,8 +151,10 @@ class TenxChunks:
         self._kept = np.flatnonzero(self._keep)
         self._to_gene = None
         if column is not None:  # probe → gene: sum the probes of each gene
-            self._to_gene = sp.csr_matrix((np.ones(len(column), np.float32), (np.arange(len(column)), column)),
-                                          shape=(len(column), len(self.genes)))
+            self._to_gene = sp.csr_matrix(
+                (np.ones(len(column), np.float32), (np.arange(len(column)), column)),
+                shape=(len(column), len(self.genes)),
+            )
         self.any_count = False  # set once a chunk holds a non-zero gene count
 
     def chunks(self, size: int) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
@@ -163,8 +171,9 @@ class TenxChunks:
             if len(indices) and (indices.min() < 0 or indices.max() >= self.n_features):
                 raise InputError(path, f"matrix/indices outside 0..{self.n_features - 1}")
             check_counts(data, path, "matrix/data")
-            rows = sp.csr_matrix((data.astype(np.float32), indices, indptr[a:b + 1] - lo),
-                                 shape=(b - a, self.n_features))[:, self._kept]
+            rows = sp.csr_matrix(
+                (data.astype(np.float32), indices, indptr[a : b + 1] - lo), shape=(b - a, self.n_features)
+            )[:, self._kept]
             if self._to_gene is not None:
                 rows = rows @ self._to_gene
             rows = sp.csr_matrix(rows, dtype=np.float32)
@@ -175,8 +184,9 @@ class TenxChunks:
     def check_not_empty(self) -> None:
         """After reading every chunk: a matrix without barcodes, genes or non-zero gene counts is an error."""
         if self.n_barcodes == 0 or not self.genes or not self.any_count:
-            raise InputError(self.path, f"empty matrix: {self.n_barcodes} barcodes, {len(self.genes)} genes, "
-                                        "no non-zero gene counts")
+            raise InputError(
+                self.path, f"empty matrix: {self.n_barcodes} barcodes, {len(self.genes)} genes, no non-zero gene counts"
+            )
 
     def close(self) -> None:
         self._file.close()
@@ -193,8 +203,9 @@ def read_10x_h5(path: str | Path) -> TenxMatrix:
     with TenxChunks(path) as tenx:
         ((barcodes, rows),) = tenx.chunks(max(tenx.n_barcodes, 1))
         tenx.check_not_empty()
-        return TenxMatrix(barcodes=barcodes, genes=tenx.genes, counts=rows, attrs=tenx.attrs,
-                          probe_level=tenx.probe_level)
+        return TenxMatrix(
+            barcodes=barcodes, genes=tenx.genes, counts=rows, attrs=tenx.attrs, probe_level=tenx.probe_level
+        )
 
 
 def _attr(v) -> str:

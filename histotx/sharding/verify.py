@@ -1,11 +1,11 @@
 """Re-read a shard set end to end: checksums, schema, counts, key uniqueness, positions, vocabulary ids."""
+
 from __future__ import annotations
 
 import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
-
 
 from histotx.format import FormatError, TileSample, decode_image_rgb, decode_sample, read_manifest, sha256_file
 from histotx.vocab import Vocab
@@ -90,5 +90,11 @@ def verify(shard_dir: Path, checksums: bool = True) -> dict[str, Any]:
     for sid, rec in manifest["samples"].items():
         if rec.get("status") == "ok" and per_sample.get(sid, 0) != rec.get("tiles"):
             problems.append(f"sample {sid}: {per_sample.get(sid, 0)} tiles in shards, manifest says {rec.get('tiles')}")
-    return {"shards": len(manifest["shards"]), "tiles": sum(keys.values()), "sites": n_sites, "counts": counts,
-            "per_sample": dict(per_sample), "problems": problems}
+    return {
+        "shards": len(manifest["shards"]),
+        "tiles": sum(keys.values()),
+        "sites": n_sites,
+        "counts": counts,
+        "per_sample": dict(per_sample),
+        "problems": problems,
+    }

@@ -8,6 +8,7 @@ configured ``mpp``, and stored in each tile's metadata. In level-0 px a tile spa
 ``size0 = tile_px · mpp / slide.mpp``; a site at level-0 (x, y) lands in the tile with origin (ox, oy) at
 tile px ((x − ox) / s, (y − oy) / s) with s = size0 / tile_px — the resizer's own map.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -16,36 +17,42 @@ from typing import Iterator
 
 import numpy as np
 
-from sharding.config import ShardConfig
-from sharding.slides import Slide, resize_pixels
-from sharding.tissue import TissueMap
+from histotx.sharding.config import ShardConfig
+from histotx.sharding.slides import Slide, resize_pixels
+from histotx.sharding.tissue import TissueMap
 
 
 @dataclass
 class TilePlan:
-    names: list[str]       # key suffixes, e.g. r00012_c00040 or spot000123
-    origins: np.ndarray    # (n, 2) float64 level-0 (x, y) of each tile's top-left corner
-    rows: np.ndarray       # (n,) grid row, or -1 for spot-centred tiles (never stitched into stripes)
+    names: list[str]  # key suffixes, e.g. r00012_c00040 or spot000123
+    origins: np.ndarray  # (n, 2) float64 level-0 (x, y) of each tile's top-left corner
+    rows: np.ndarray  # (n,) grid row, or -1 for spot-centred tiles (never stitched into stripes)
     cols: np.ndarray
-    tissue: np.ndarray     # (n,) tissue fraction
-    size0: float           # tile side in level-0 px
+    tissue: np.ndarray  # (n,) tissue fraction
+    size0: float  # tile side in level-0 px
 
     def __len__(self) -> int:
         return len(self.names)
 
     def subset(self, idx: np.ndarray) -> "TilePlan":
         idx = np.sort(np.asarray(idx, dtype=np.int64))
-        return TilePlan([self.names[i] for i in idx], self.origins[idx], self.rows[idx], self.cols[idx],
-                        self.tissue[idx], self.size0)
+        return TilePlan(
+            [self.names[i] for i in idx],
+            self.origins[idx],
+            self.rows[idx],
+            self.cols[idx],
+            self.tissue[idx],
+            self.size0,
+        )
 
 
 @dataclass(frozen=True)
 class TileGeometry:
-    level: int       # pyramid level read
-    reduce: int      # ... reduced by this factor (1, 2, 4, 8) while decoding
-    size_px: int     # tile side in px of that reduced level (== tile_px: cut 1:1)
-    mpp: float       # µm/px of the output tiles
-    size0: float     # tile side in level-0 px
+    level: int  # pyramid level read
+    reduce: int  # ... reduced by this factor (1, 2, 4, 8) while decoding
+    size_px: int  # tile side in px of that reduced level (== tile_px: cut 1:1)
+    mpp: float  # µm/px of the output tiles
+    size0: float  # tile side in level-0 px
 
     def read_px(self, slide: Slide, x0: float, y0: float) -> tuple[int, int]:
         """Level-0 (x, y) in whole px of the reduced level read (tile origins lie on them exactly)."""
@@ -71,8 +78,9 @@ def tile_geometry(slide: Slide, cfg: ShardConfig) -> TileGeometry:
     return TileGeometry(level, reduce, size_px, mpp, cfg.tile_px * mpp / slide.mpp)
 
 
-def plan_grid(slide: Slide, tissue: TissueMap, cfg: ShardConfig, geom: TileGeometry,
-              site_xy: np.ndarray | None = None) -> TilePlan:
+def plan_grid(
+    slide: Slide, tissue: TissueMap, cfg: ShardConfig, geom: TileGeometry, site_xy: np.ndarray | None = None
+) -> TilePlan:
     """Complete tiles of a regular grid over the whole slide, kept where tissue covers enough; with
     ``tiling=grid_sites`` also every tile holding a site of ``site_xy`` (level-0 px), whatever the mask says."""
     size0 = geom.size0
@@ -87,8 +95,7 @@ def plan_grid(slide: Slide, tissue: TissueMap, cfg: ShardConfig, geom: TileGeome
         keep |= np.bincount(r[inside] * n_cols + c[inside], minlength=n_rows * n_cols) > 0
     rows, cols = rows[keep], cols[keep]
     names = [f"r{r:05d}_c{c:05d}" for r, c in zip(rows, cols)]
-    return TilePlan(names, np.stack([cols * size0, rows * size0], 1).astype(np.float64), rows, cols,
-                    frac[keep], size0)
+    return TilePlan(names, np.stack([cols * size0, rows * size0], 1).astype(np.float64), rows, cols, frac[keep], size0)
 
 
 def plan_spots(site_xy: np.ndarray, tissue: TissueMap, cfg: ShardConfig, geom: TileGeometry) -> TilePlan:
@@ -120,15 +127,20 @@ def runs(plan: TilePlan, max_tiles: int) -> Iterator[np.ndarray]:
         end = start + 1
         first = order[start]
         if plan.rows[first] >= 0:
-            while (end < n and end - start < max_tiles and plan.rows[order[end]] == plan.rows[first]
-                   and plan.cols[order[end]] == plan.cols[order[end - 1]] + 1):
+            while (
+                end < n
+                and end - start < max_tiles
+                and plan.rows[order[end]] == plan.rows[first]
+                and plan.cols[order[end]] == plan.cols[order[end - 1]] + 1
+            ):
                 end += 1
         yield order[start:end]
         start = end
 
 
-def render_run(slide: Slide, geom: TileGeometry, plan: TilePlan, idx: np.ndarray, tile_px: int,
-               resample: str = "area") -> list[np.ndarray]:
+def render_run(
+    slide: Slide, geom: TileGeometry, plan: TilePlan, idx: np.ndarray, tile_px: int, resample: str = "area"
+) -> list[np.ndarray]:
     """Pixels of the tiles ``idx`` (one run of a row, or one spot tile), each (tile_px, tile_px, 3) uint8: the
     run is read as one strip, each tile resized from its own square of it (so no tile depends on its run).
     Grid runs come row by row (:func:`runs`), so the slide's cache forgets the source tiles above a grid run

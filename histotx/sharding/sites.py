@@ -1,9 +1,10 @@
 """What every technology reader returns: measurement sites placed on the slide's level-0 pixels.
 
 Two kinds answer the same questions (how many sites, how many off the slide, which sites lie in a
-box): :class:`Sites` in memory (Visium spots, HEST spots) and :class:`~sharding.bands.BandedSites` on
+box): :class:`Sites` in memory (Visium spots, HEST spots) and :class:`~histotx.sharding.bands.BandedSites` on
 disk, band by band (Xenium molecules, Visium HD bins), whose size is unbounded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

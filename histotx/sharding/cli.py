@@ -1,4 +1,5 @@
 """`histotx shard ...`: shard a cohort, scan for inputs, merge parts, verify and QC a shard set."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,23 @@ YAML and key=value overrides, e.g. `mpp=0.25 tile_px=224 tiling=spots`.
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("shard", help="shard a cohort into WebDataset tar files (and scan/merge/verify/qc)",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "shard",
+        help="shard a cohort into WebDataset tar files (and scan/merge/verify/qc)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="shard_cmd", metavar="{run,scan,merge,verify,qc}")
 
-    r = sub.add_parser("run", help="shard the samples of a cohort file", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser(
+        "run",
+        help="shard the samples of a cohort file",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("cohort", type=Path, help="cohort YAML (see `histotx shard scan`)")
     r.add_argument("--out", type=Path, required=True, help="shard folder (created; a rerun resumes)")
-    r.add_argument("--config", type=Path, help="YAML with shard settings (sharding/config.py ShardConfig)")
+    r.add_argument("--config", type=Path, help="YAML with shard settings (histotx/sharding/config.py ShardConfig)")
     r.add_argument("--workers", type=int, default=1, help="processes, one sample each at a time (default 1)")
     r.add_argument("--part", help="i/n: shard only samples i, i+n, i+2n, ... (then `histotx shard merge`)")
     r.add_argument("--vocab", type=Path, help="start from this vocab.tsv (a new cohort appends to it)")
@@ -54,8 +63,11 @@ def register(subparsers) -> None:
     v.add_argument("--no-checksums", action="store_true", help="skip sha256 (faster)")
     v.set_defaults(func=_verify)
 
-    q = sub.add_parser("qc", help="per sample: a contact sheet of tiles with sites drawn, and a whole-slide "
-                                  "overview (kept tiles outlined, sites in shards cyan, sites under no tile red)")
+    q = sub.add_parser(
+        "qc",
+        help="per sample: a contact sheet of tiles with sites drawn, and a whole-slide "
+        "overview (kept tiles outlined, sites in shards cyan, sites under no tile red)",
+    )
     q.add_argument("shard_dir", type=Path)
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--per-sample", type=int, default=8)
@@ -80,24 +92,36 @@ def _summary_table(manifest: dict) -> None:
     for sid, rec in manifest["samples"].items():
         dropped = ", ".join(f"{k}={v}" for k, v in (rec.get("dropped") or {}).items())
         warned = rec["status"] == "ok" and rec.get("warnings")
-        note = rec.get("error") or ("WARNING: " + "; ".join(rec["warnings"]) if warned else "") or \
-            ("resumed" if rec.get("resumed") else "")
-        table.add_row(sid, rec.get("technology", "?"), rec["status"], str(rec.get("tiles", 0)),
-                      str(rec.get("sites_kept", "")), dropped, note,
-                      style="red" if rec["status"] != "ok" else "yellow" if warned else None)
+        note = (
+            rec.get("error")
+            or ("WARNING: " + "; ".join(rec["warnings"]) if warned else "")
+            or ("resumed" if rec.get("resumed") else "")
+        )
+        table.add_row(
+            sid,
+            rec.get("technology", "?"),
+            rec["status"],
+            str(rec.get("tiles", 0)),
+            str(rec.get("sites_kept", "")),
+            dropped,
+            note,
+            style="red" if rec["status"] != "ok" else "yellow" if warned else None,
+        )
     tot = manifest["totals"]
     console = Console(stderr=True, width=160)
     console.print(table)
-    console.print(f"{tot['tiles']} tiles in {tot['shards']} shards ({tot['bytes'] / 1e6:.1f} MB); "
-                  f"{tot['samples_ok']} samples ok, {tot['samples_failed']} failed")
+    console.print(
+        f"{tot['tiles']} tiles in {tot['shards']} shards ({tot['bytes'] / 1e6:.1f} MB); "
+        f"{tot['samples_ok']} samples ok, {tot['samples_failed']} failed"
+    )
 
 
 def _run(args) -> int:
     from tqdm import tqdm
 
     from histotx.config import load_config
-    from sharding.config import ShardConfig
-    from sharding.pipeline import Part, run_cohort
+    from histotx.sharding.config import ShardConfig
+    from histotx.sharding.pipeline import Part, run_cohort
 
     cfg = load_config(ShardConfig, args.config, args.overrides)
     part = Part.parse(args.part)
@@ -107,27 +131,30 @@ def _run(args) -> int:
             bar.update(1)
             bar.set_postfix_str(f"{record['sample']}: {record['status']} ({record.get('tiles', 0)} tiles)")
 
-        manifest = run_cohort(args.cohort, args.out, cfg, workers=args.workers, part=part, vocab_from=args.vocab,
-                              progress=progress)
+        manifest = run_cohort(
+            args.cohort, args.out, cfg, workers=args.workers, part=part, vocab_from=args.vocab, progress=progress
+        )
     _summary_table(manifest)
     return 1 if manifest["totals"]["samples_failed"] else 0
 
 
 def _scan(args) -> int:
-    from sharding.cohort import dump_cohort
-    from sharding.scan import scan
+    from histotx.sharding.cohort import dump_cohort
+    from histotx.sharding.scan import scan
 
     args.out.resolve().parent.mkdir(parents=True, exist_ok=True)
     entries = scan(args.root, relative_to=args.out.resolve().parent)  # cohort paths are relative to the file
     dump_cohort(entries, args.out)
     logging.getLogger(__name__).info("found %d samples under %s", len(entries), args.root)
-    print(f"wrote {args.out} with {len(entries)} samples; check slide paths (TODO entries) and patients, then "
-          f"run `histotx shard run {args.out} --out SHARDS`")
+    print(
+        f"wrote {args.out} with {len(entries)} samples; check slide paths (TODO entries) and patients, then "
+        f"run `histotx shard run {args.out} --out SHARDS`"
+    )
     return 0 if entries else 1
 
 
 def _merge(args) -> int:
-    from sharding.writer import merge_parts
+    from histotx.sharding.writer import merge_parts
 
     manifest = merge_parts(args.shard_dir)
     _summary_table(manifest)
@@ -135,13 +162,12 @@ def _merge(args) -> int:
 
 
 def _verify(args) -> int:
-    from sharding.verify import verify
+    from histotx.sharding.verify import verify
 
     report = verify(args.shard_dir, checksums=not args.no_checksums)
     for sid, n in sorted(report["per_sample"].items()):
         print(f"{sid}\t{n} tiles")
-    print(f"{report['shards']} shards, {report['tiles']} tiles, {report['sites']} sites, "
-          f"{report['counts']:.0f} counts")
+    print(f"{report['shards']} shards, {report['tiles']} tiles, {report['sites']} sites, {report['counts']:.0f} counts")
     for p in report["problems"]:
         print(f"PROBLEM: {p}", file=sys.stderr)
     print("OK" if not report["problems"] else f"{len(report['problems'])} problems", file=sys.stderr)
@@ -149,7 +175,7 @@ def _verify(args) -> int:
 
 
 def _qc(args) -> int:
-    from sharding.qc import write_overviews, write_qc
+    from histotx.sharding.qc import write_overviews, write_qc
 
     files = write_qc(args.shard_dir, args.out, per_sample=args.per_sample) + write_overviews(args.shard_dir, args.out)
     for f in files:

@@ -1,0 +1,40 @@
+"""Per-rank entry point of `histotx train` for torchrun, the deepspeed launcher and srun
+(the repository's ``launch/train.py`` is the script that calls it).
+
+    torchrun --nproc-per-node 2 launch/train.py CONFIG.yaml [key=value ...] [--resume auto]
+    deepspeed --num_gpus 2 launch/train.py CONFIG.yaml ...
+    srun --ntasks-per-node 4 python launch/train.py CONFIG.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from histotx.launch.env import set_distributed_env
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_distributed_env()
+    from histotx.export.during_training import checkpoint_hooks
+    from histotx.train import cli
+
+    parser = argparse.ArgumentParser(
+        prog="launch/train.py", description=cli.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    cli.add_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    if any("=" not in e or e.startswith("-") for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = list(args.overrides) + extra  # key=value may also follow the options
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return cli.run(args, checkpoint_hooks)
+    except (ValueError, FileNotFoundError) as exc:  # config errors, missing inputs: one clear line
+        logging.getLogger("histotx").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
