@@ -100,6 +100,25 @@ def test_shipped_configs_load():
 # ---------------------------------------------------------------------------------------------- optimiser
 
 
+def test_loss_terms_are_declared_once():
+    """Every weight field of the loss config belongs to one declared term, every term's head exists, and a
+    module the SSL network gains without a declaring term is refused."""
+    from dataclasses import fields
+
+    from histotx.ssl.config import LossConfig
+    from histotx.ssl.terms import LOSS_TERMS
+
+    weights = [f.name for f in fields(LossConfig) if f.name.endswith("_weight")]
+    assert sorted(weights) == sorted(t.weight for t in LOSS_TERMS)
+    assert len({t.name for t in LOSS_TERMS}) == len(LOSS_TERMS)
+    cfg = config("ssl.head.separate_ibot_head=true")
+    network = meta_arch(cfg).student
+    assert {t.head for t in LOSS_TERMS if t.head} == {n for n, _ in network.named_children()} - {"backbone"}
+    network.extra_head = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="extra_head"):
+        network.new_parameter_names()
+
+
 def test_param_groups_follow_the_recipe():
     cfg = config("optim.layer_decay=0.5", "optim.patch_embed_lr_mult=0.2", "optim.new_module_lr_mult=2.0")
     network = meta_arch(cfg).student
@@ -133,6 +152,9 @@ def test_param_groups_follow_the_recipe():
         "dino_head.mlp.0.bias",
     ):
         assert name not in decay, name
+    new = {n for n, _ in trainable if group(n)["lr_mult"] == 2.0}  # the rule the heads' declarations replaced
+    prefixes = ("backbone.mask_token", "backbone.transcript.", "dino_head.", "ibot_head.", "expression_head.")
+    assert new == {n for n, _ in trainable if n.startswith(prefixes)}
     last = group("dino_head.last_layer.parametrizations.weight.original1")
     assert last["last_layer"] and sum(g["last_layer"] for g in groups) == 1
 

@@ -32,12 +32,13 @@ from torch import nn
 
 from histotx.data.collate import SSLBatch
 from histotx.model import FusedViT, TranscriptBatch
+from histotx.model.fused import BACKBONE_KEYS
 from histotx.ssl.centering import Centering, sinkhorn_knopp
 from histotx.ssl.config import SSLConfig
 from histotx.ssl.heads import DINOHead, fp32
 from histotx.ssl.losses import DINOLoss, KoLeoLoss, MaskedExpressionLoss, iBOTLoss
+from histotx.ssl.terms import LOSS_TERMS, StepOutputs
 
-LOSS_TERMS = ("dino", "ibot_image", "ibot_transcript", "koleo", "expression")
 EMA_CHUNK_NUMEL = 1 << 26  # parameters updated together by one fused (foreach) operation
 
 
@@ -58,6 +59,23 @@ class SSLNetwork(nn.Module):
         self.expression_head = (
             nn.Linear(dim, backbone.config.vocab_size) if cfg.loss.masked_expression_weight > 0 else None
         )
+
+    def new_parameter_names(self) -> set[str]:
+        """The parameters no image checkpoint provides (trained at ``optim.new_module_lr_mult``, without layer
+        decay): those of every head a loss term declares (:data:`~histotx.ssl.terms.LOSS_TERMS`) and the
+        backbone's parts outside the timm image backbone (the image mask token, the transcript branch)."""
+        heads = {t.head for t in LOSS_TERMS if t.head is not None}
+        names = set()
+        for name, _ in self.named_parameters():
+            top, _, inner = name.partition(".")
+            if top == "backbone":
+                if not inner.startswith(BACKBONE_KEYS):
+                    names.add(name)
+            elif top in heads:
+                names.add(name)
+            else:
+                raise RuntimeError(f"SSLNetwork.{top} is neither the backbone nor a head a loss term declares")
+        return names
 
     def _token_logits(self, cls: torch.Tensor, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """CLS rows through the DINO head, masked-token rows through the iBOT head (one call when shared)."""
@@ -185,43 +203,20 @@ class SSLMetaArch(nn.Module):
         return TeacherTargets(probs["cls"], probs["patch"], probs["transcript"], logits)
 
     def losses(self, out: dict[str, torch.Tensor], targets: TeacherTargets, batch: SSLBatch) -> dict[str, torch.Tensor]:
-        """Each loss term and their weighted sum ``loss`` (a scalar tensor with a graph to the student)."""
-        w = self.cfg.loss
+        """Each loss term of :data:`~histotx.ssl.terms.LOSS_TERMS` and their weighted sum ``loss`` (a scalar
+        tensor with a graph to the student)."""
         b = batch.batch_size
         n_global = targets.cls.shape[0] // b
-        n_crops = out["cls_logits"].shape[0] // b
         valid = batch.student_view_nonempty().to(out["cls_logits"].device)  # views without tokens left out
-        dino = self.dino_loss(
-            out["cls_logits"].view(n_crops, b, -1), targets.cls.view(n_global, b, -1), valid.view(n_crops, b)
+        step = StepOutputs(
+            out, targets, batch, n_global, out["cls_logits"].shape[0] // b, valid, int(valid[: n_global * b].sum())
         )
-        crops = n_global * b
-        valid_global = valid[:crops]
-        n_valid = int(valid_global.sum())
-        image_crop = batch.image_mask.nonzero()[:, 0]
-        tokens = batch.student_global_transcripts
-        token_crop = torch.repeat_interleave(
-            torch.arange(crops, device=tokens.lengths.device), tokens.lengths, output_size=tokens.n_tokens
-        )[batch.transcript_mask]
-        terms = {
-            "dino": dino,
-            "ibot_image": self.ibot_loss(out["patch_logits"], targets.patch, image_crop, n_valid),
-            "ibot_transcript": self.ibot_loss(out["transcript_logits"], targets.transcript, token_crop, n_valid),
-            "koleo": sum(
-                self.koleo_loss(f[v]) for f, v in zip(out["cls_features"].chunk(n_global), valid_global.chunk(n_global))
-            ),
-            "expression": self._expression_loss(out, batch),
-        }
-        weights = {
-            "dino": w.dino_weight,
-            "ibot_image": w.ibot_image_weight,
-            "ibot_transcript": w.ibot_transcript_weight,
-            "koleo": w.koleo_weight,
-            "expression": w.masked_expression_weight,
-        }
+        terms = {t.name: t.compute(self, step) for t in LOSS_TERMS}
+        weights = {t.name: getattr(self.cfg.loss, t.weight) for t in LOSS_TERMS}
         total = sum(weights[k] * v for k, v in terms.items() if weights[k])
         return {"loss": total, **terms}
 
-    def _expression_loss(self, out: dict[str, torch.Tensor], batch: SSLBatch) -> torch.Tensor:
+    def expression_term(self, out: dict[str, torch.Tensor], batch: SSLBatch) -> torch.Tensor:
         logits = out.get("expression_logits")
         if logits is None:
             return out["cls_logits"].new_zeros(())

@@ -38,8 +38,6 @@ from histotx.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-NEW_MODULE_PREFIXES = ("backbone.mask_token", "backbone.transcript.", "dino_head.", "ibot_head.", "expression_head.")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -129,6 +127,7 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
     o = cfg.optim
     depth = network.backbone.config.depth
     no_decay = _no_decay(network)
+    new = network.new_parameter_names()
     last_layer = {
         id(p)
         for head in (network.dino_head, network.ibot_head)
@@ -139,7 +138,7 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
     for name, p in network.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(NEW_MODULE_PREFIXES):
+        if name in new:
             kind, lr_mult = "new", o.new_module_lr_mult
         else:
             inner = name[len("backbone.") :]

@@ -26,8 +26,9 @@ from histotx.config import dump_config, to_dict
 from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
 from histotx.model import FusedViT
-from histotx.ssl.meta import LOSS_TERMS, SSLMetaArch
+from histotx.ssl.meta import SSLMetaArch
 from histotx.ssl.schedules import SSLSchedules
+from histotx.ssl.terms import TERM_NAMES
 from histotx.train import checkpoint
 from histotx.train.config import TrainConfig
 from histotx.train.engine import (
@@ -313,7 +314,7 @@ class Trainer:
                 losses = self.train_step(batch, window)
                 window.micro_steps += 1
                 if losses is not None:
-                    window.add_losses({k: losses[k] for k in ("loss", *LOSS_TERMS)})
+                    window.add_losses({k: losses[k] for k in ("loss", *TERM_NAMES)})
                     window.samples += batch.batch_size
                     window.empty_views += batch.n_empty_views
                     window.tokens += int(sum(int(v.sum()) for v in lengths.values()))
