@@ -8,11 +8,12 @@ beside a run or shard set so that what ran can always be read back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Sequence, TypeVar
 
 import yaml
 
@@ -27,68 +28,92 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one value against a type annotation (dataclass, list, tuple, Optional, scalars)."""
+_MISSING = object()
+
+
+def config_error(
+    where: str,
+    *,
+    value: Any = _MISSING,
+    expected: str = "",
+    unknown: Sequence[str] = (),
+    known: Sequence[str] = (),
+) -> ConfigError:
+    """Every config message is worded here: ``where`` (the file, then the dotted key), and either the value
+    with what was expected, or the unknown keys with the known ones."""
+    if unknown:
+        return ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return ConfigError(f"{where}: expected {expected}, got {value!r}")
+
+
+def _in_order(tp: Any) -> Any:
+    """``tp`` with every union tried left to right, as written (``float | str`` reads "16" as 16.0)."""
+    args = typing.get_args(tp)
     origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError("; ".join(errors))
+        union = typing.Union[tuple(_in_order(a) for a in args)]
+        if len([a for a in args if a is not type(None)]) < 2:  # X | None: no order to keep
+            return union
+        from pydantic import Field
+
+        return Annotated[union, Field(union_mode="left_to_right")]
+    if origin in (list, tuple, dict) and args:
+        return origin[tuple(a if a is Ellipsis else _in_order(a) for a in args)]
+    return tp
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(tp: Any) -> Any:
+    """pydantic's validator of ``tp`` (imported on first use: ~0.2 s that ``histotx --help`` need not pay)."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    return TypeAdapter(_in_order(tp), config=ConfigDict(coerce_numbers_to_str=True))
+
+
+_EXPECTED = {  # pydantic error type prefix → what the message says was expected
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true/false",
+    "string": "a string",
+    "list": "a list",
+    "tuple": "a list",
+    "iterable": "a list",
+    "dict": "a mapping",
+    "none": "null",
+}
+
+
+def _expected(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind in ("too_long", "too_short"):
+        ctx = error.get("ctx", {})
+        n = ctx.get("max_length") if kind == "too_long" else ctx.get("min_length")
+        return f"a list of {'at most' if kind == 'too_long' else 'at least'} {n} items"
+    return _EXPECTED.get(kind.split("_")[0], error["msg"].lower())
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a type annotation: sections (dataclasses) here, so that unknown keys
+    and each section's ``validate()`` are reported with their path; everything else by pydantic."""
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise config_error(where, value=value, expected=f"a mapping for {tp.__name__}")
         return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        elem = args[0] if args else Any
-        items = [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from exc
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
+    if typing.get_origin(tp) in (list, tuple) and isinstance(value, str):  # "[4, 8]" or "a,b" on a command line
+        value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+    if tp in (int, float) and isinstance(value, bool):  # YAML's true is no number
+        raise config_error(where, value=value, expected=_EXPECTED[tp.__name__])
+    from pydantic import ValidationError
+
+    try:
+        return _adapter(tp).validate_python(value)
+    except ValidationError as exc:
+        errors = exc.errors()
+        path = "".join(f"[{p}]" for p in errors[0]["loc"] if isinstance(p, int))
+        expected = " or ".join(dict.fromkeys(_expected(e) for e in errors))
+        raise config_error(where + path, value=errors[0]["input"], expected=expected) from None
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
@@ -96,7 +121,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise config_error(where, unknown=unknown, known=sorted(names))
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         obj = cls(**kwargs)

@@ -116,3 +116,28 @@ def test_config_yaml_overrides_and_dump(tmp_path):
         load_config(_Cfg, None, ["inner.lrr=1"])
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(_Cfg, None, ["inner.lr=abc"])
+
+
+def test_config_messages_name_the_key_the_value_and_what_was_expected(tmp_path):
+    (tmp_path / "c.yaml").write_text("inner:\n  sizes: [1, x]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.inner.sizes\[1\]: expected an integer, got 'x'"):
+        load_config(_Cfg, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="config.flag: expected true/false, got 'maybe'"):
+        load_config(_Cfg, None, ["flag=maybe"])
+    with pytest.raises(ConfigError, match="config.inner.lr: expected a number, got True"):
+        load_config(_Cfg, None, ["inner.lr=true"])  # YAML's true is no number
+    with pytest.raises(ConfigError, match="config.inner: expected a mapping for _Inner, got 3"):
+        load_config(_Cfg, None, ["inner=3"])
+    with pytest.raises(ConfigError, match="config.name: expected a string, got \\[1\\]"):
+        load_config(_Cfg, None, ["name=[1]"])
+    assert load_config(_Cfg, None, ["inner.sizes=3,4", "name=5"]) == _Cfg(name="5", inner=_Inner(sizes=[3, 4]))
+
+
+def test_config_unions_are_tried_in_order_and_tuples_keep_their_length():
+    from histotx.config import _coerce
+
+    assert _coerce(["16", "native", 8], list[float | str], "x") == [16.0, "native", 8.0]
+    with pytest.raises(ConfigError, match="x: expected a list of at most 2 items"):
+        _coerce([1, 2, 3], tuple[float, float], "x")
+    with pytest.raises(ConfigError, match="x: expected a number or a string, got \\[1\\]"):
+        _coerce([1], float | str | None, "x")
