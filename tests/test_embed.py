@@ -150,8 +150,11 @@ def test_all_modes_obs_and_shapes(shards, model, tmp_path):
         np.testing.assert_array_equal(a.obs["n_sites"], [t.grid.n_sites for t in tiles])
         np.testing.assert_allclose(a.obs["n_counts"], [t.grid.total_count for t in tiles])
         empty = (a.obs["n_tokens"] == 0).to_numpy()
-        # A tile without tokens has no transcripts embedding; its fused one is its image-only embedding.
-        assert np.isnan(a.obsm["transcripts"][empty]).all() and not np.isnan(a.obsm["transcripts"][~empty]).any()
+        # A tile without tokens has no transcripts embedding (a zero row, marked in obs); its fused one is its
+        # image-only embedding.
+        assert (a.obs["has_transcripts"].to_numpy() == ~empty).all()
+        assert (a.obsm["transcripts"][empty] == 0).all() and (np.abs(a.obsm["transcripts"][~empty]).sum(1) > 0).all()
+        assert np.isfinite(a.obsm["transcripts"]).all()
         assert not np.isnan(a.obsm["image"]).any() and not np.isnan(a.obsm["fused"]).any()
         scale = np.abs(a.obsm["image"]).max()  # same sample, other batch mates: fp32 rounding apart at most
         np.testing.assert_allclose(
@@ -429,7 +432,7 @@ def test_cli(shards, model, tmp_path, monkeypatch, capsys, caplog):
     )
     assert code == 0 and sources == ["runs/x"]
     a = ad.read_h5ad(tmp_path / "emb" / "s01.h5ad")
-    assert sorted(a.obsm) == ["fused", "image"] and list(a.uns["dropped_genes"]) == DROP
+    assert sorted(a.obsm) == ["fused", "image", "spatial"] and list(a.uns["dropped_genes"]) == DROP
     assert a.uns["resolution_um"] == "native"
     assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["s01.h5ad", "s03.h5ad"]
     err = capsys.readouterr().err

@@ -29,7 +29,11 @@ def register_cli(subparsers) -> None:
 
 CLI_DESCRIPTION = """\
 Embed tiles with a trained model: one AnnData .h5ad per sample (obs = tiles with sample, patient,
-level-0 px and µm origin; obsm[MODE] = whole-tile CLS embeddings; no X).
+level-0 px and µm origin; obsm[MODE] = whole-tile CLS embeddings; no X), spatial as scanpy/squidpy
+read Visium: obsm["spatial"] = tile centres in level-0 px, uns["spatial"][SAMPLE] = a picture of the
+slide made from its tiles with Visium scale factors (spot_diameter_fullres = the tile side),
+uns["tile"] = tile size (px, µm/px, µm, level-0 px). Tiles without transcript tokens have a zero
+obsm["transcripts"] row and obs["has_transcripts"] False: use adata[adata.obs.has_transcripts].
 
   # a shard set (made by `histotx shard`), every sample or some
   histotx embed --model runs/tiny --shards shards/ --out emb/ --modes image,transcripts,fused
@@ -43,7 +47,7 @@ level-0 px and µm origin; obsm[MODE] = whole-tile CLS embeddings; no X).
 The model: a run folder (its latest checkpoint), a checkpoint folder, or an export (`histotx export`).
 Each tile is shown whole (no crop, no augmentation), resized to the model's training input size and
 normalised as in training; transcript tokens are binned at --resolution-um in that frame. Modes:
-image (the image alone), transcripts (the tokens alone; NaN rows for tiles without any), fused (both).
+image (the image alone), transcripts (the tokens alone; zero rows, marked, for tiles without any), fused (both).
 --drop-genes removes genes from the transcript input before binning (e.g. the targets of an
 expression-prediction evaluation, so they cannot leak in); the .h5ad's uns records them.
 bf16 autocast on a GPU, fp32 on CPU.
@@ -165,7 +169,7 @@ def _summary(paths: list[Path], seconds: float) -> None:
     for path in paths:
         adata = ad.read_h5ad(path)
         tiles += adata.n_obs
-        dims = ", ".join(f"{k} {v.shape[1]}" for k, v in adata.obsm.items())
+        dims = ", ".join(f"{k} {v.shape[1]}" for k, v in adata.obsm.items() if k != "spatial")
         table.add_row(path.stem, str(adata.n_obs), dims, str(path))
     console = Console(stderr=True, width=160)
     console.print(table)

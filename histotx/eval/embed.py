@@ -12,8 +12,11 @@ binning (their counts do not even enter a token's normalising total): evaluating
 of a gene from an input that contains it would measure nothing.
 
 Modes: ``image`` (image alone), ``transcripts`` (transcript tokens alone, on the tile's frame), ``fused``
-(both in one sequence). The embedding is the final-norm CLS token. A ``transcripts`` row of a tile with
-no token left is NaN (no input); a ``fused`` row of such a tile is its image-only embedding.
+(both in one sequence). The embedding is the final-norm CLS token. A tile with no token left has no
+``transcripts`` embedding: :func:`embed_batch` gives NaN, the h5ad a zero row with
+``obs["has_transcripts"] = False`` (so ``sc.pp.neighbors(use_rep="transcripts")`` runs; subset first); a
+``fused`` row of such a tile is its image-only embedding. The h5ad is spatial as scverse expects it
+(``obsm["spatial"]``, ``uns["spatial"]``: see :func:`embed_shards`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from histotx.format import (
     read_manifest,
 )
 from histotx.model.transcripts import TranscriptBatch
+from histotx.spatial import TileMosaic, mosaic_side, mosaic_thumb, tile_centres, visium_spatial
 from histotx.tokens import TranscriptCells, bin_grid, token_size
 from histotx.vocab import Vocab
 
@@ -107,7 +111,10 @@ class TileInputs:
         self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, tile: TileSample) -> tuple[torch.Tensor, TranscriptCells | None]:
-        rgb = decode_image_rgb(tile.image)
+        return self.from_rgb(tile, decode_image_rgb(tile.image))
+
+    def from_rgb(self, tile: TileSample, rgb: np.ndarray) -> tuple[torch.Tensor, TranscriptCells | None]:
+        """As calling it, with the tile's image already decoded (``rgb``: (h, w, 3) uint8)."""
         h, w = rgb.shape[:2]
         geometry = CropGeometry(0, 0, w, h, self.image_px)
         pixels = torch.from_numpy(np.require(rgb, np.uint8, ["C", "W"])).permute(2, 0, 1)
@@ -186,6 +193,11 @@ def embed_batch(
 # ---------------------------------------------------------------- shard set → h5ad per sample
 
 
+def tile_level0_px(meta: dict[str, Any]) -> float:
+    """A tile's side in level-0 px: ``tile_px`` px at ``mpp`` µm/px on a slide of ``source_mpp`` µm/px."""
+    return float(meta["tile_px"]) * float(meta["mpp"]) / float(meta["source_mpp"])
+
+
 def _obs_row(tile: TileSample, cells: TranscriptCells | None) -> dict[str, Any]:
     m = tile.meta
     row = {
@@ -199,6 +211,8 @@ def _obs_row(tile: TileSample, cells: TranscriptCells | None) -> dict[str, Any]:
         "mpp": float(m["mpp"]),
         "n_sites": int(m["n_sites"]),
         "n_counts": float(m["total_count"]),
+        "tile_px": int(m["tile_px"]),
+        "tile_level0_px": tile_level0_px(m),
     }
     if cells is not None:
         row["n_tokens"] = cells.n_cells
@@ -214,6 +228,7 @@ class PreparedTile:
     obs: dict[str, Any]
     image: torch.Tensor
     cells: TranscriptCells | None
+    thumb: np.ndarray | None = None  # the tile shrunk for the sample's picture (TileMosaic)
 
 
 def _tiles(url: str) -> Iterator[TileSample]:
@@ -237,8 +252,11 @@ class PreparedShards(IterableDataset):
     most ``chunk`` tiles. DataLoader worker w of W prepares shards w, w + W, ... (decoding, resizing and
     binning are the CPU work; the model runs in the main process)."""
 
-    def __init__(self, urls: list[str], samples: set[str], inputs: TileInputs, chunk: int) -> None:
+    def __init__(
+        self, urls: list[str], samples: set[str], inputs: TileInputs, chunk: int, thumb_px: dict[str, int] | None = None
+    ) -> None:
         self.urls, self.samples, self.inputs, self.chunk = urls, samples, inputs, chunk
+        self.thumb_px = thumb_px or {}  # sample → side of each tile's thumbnail (none: no thumbnails)
 
     def __iter__(self) -> Iterator[tuple[int, list[PreparedTile], bool]]:
         info = get_worker_info()
@@ -248,8 +266,11 @@ class PreparedShards(IterableDataset):
             for position, tile in enumerate(_tiles(self.urls[index])):
                 if tile.meta["sample"] not in self.samples:
                     continue
-                image, cells = self.inputs(tile)
-                items.append(PreparedTile((index, position), tile.key, _obs_row(tile, cells), image, cells))
+                rgb = decode_image_rgb(tile.image)
+                image, cells = self.inputs.from_rgb(tile, rgb)
+                side = self.thumb_px.get(tile.meta["sample"])
+                thumb = mosaic_thumb(rgb, side) if side else None
+                items.append(PreparedTile((index, position), tile.key, _obs_row(tile, cells), image, cells, thumb))
                 if len(items) == self.chunk:
                     yield index, items, False
                     items = []
@@ -271,10 +292,15 @@ class SampleEmbeddings:
     rows: list[tuple[tuple[int, int], str, dict[str, Any]]] = field(default_factory=list)
     emb: dict[str, list[np.ndarray]] = field(default_factory=dict)
     pending: list[PreparedTile] = field(default_factory=list)
+    mosaic: TileMosaic | None = None
 
     def add(self, tile: PreparedTile) -> None:
         self.rows.append((tile.order, tile.key, tile.obs))
         self.pending.append(tile)
+        if tile.thumb is not None:
+            if self.mosaic is None:
+                self.mosaic = TileMosaic(tile.thumb.shape[0])
+            self.mosaic.add(tile.thumb, tile.obs["x0_px"], tile.obs["y0_px"], tile.obs["tile_level0_px"])
 
     def flush(self, net: torch.nn.Module, modes: Sequence[str], device: torch.device) -> None:
         if not self.pending:
@@ -297,11 +323,31 @@ class SampleEmbeddings:
         for col in ("sample", "patient", "technology"):
             if col in obs:
                 obs[col] = obs[col].astype("category")
+        if "n_tokens" in obs:
+            obs["has_transcripts"] = obs["n_tokens"].to_numpy() > 0
         adata = ad.AnnData(obs=obs)
         for mode in modes:
             emb = np.concatenate(self.emb[mode]) if self.emb.get(mode) else np.zeros((0, dim), np.float32)
-            adata.obsm[mode] = np.ascontiguousarray(emb[order], dtype=np.float32)
+            emb = np.ascontiguousarray(emb[order], dtype=np.float32)
+            if mode == "transcripts":  # no input, no embedding: a zero row, marked by obs["has_transcripts"]
+                emb[~obs["has_transcripts"].to_numpy()] = 0.0
+            adata.obsm[mode] = emb
         adata.uns.update(uns)
+        if len(obs):
+            first = obs.iloc[0]
+            size0 = float(first["tile_level0_px"])
+            adata.obsm["spatial"] = tile_centres(obs[["x0_px", "y0_px"]].to_numpy(), size0)
+            adata.uns["tile"] = {
+                "tile_px": int(first["tile_px"]),
+                "mpp": float(first["mpp"]),
+                "size_um": float(first["tile_px"] * first["mpp"]),
+                "size_level0_px": size0,
+                "slide_mpp": float(first["tile_px"] * first["mpp"] / size0),  # level 0's µm/px
+            }
+            if self.mosaic is not None:
+                picture, per_px = self.mosaic.image()
+                library = str(first["sample"])
+                adata.uns["spatial"] = {library: visium_spatial(picture, per_px, size0, {"source": "tile mosaic"})}
         return adata
 
 
@@ -348,6 +394,7 @@ def embed_shards(
     resolution_um: float | str | None = DEFAULT_RESOLUTION_UM,
     image_px: int | None = None,
     num_workers: int = 0,
+    uns_extra: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Embed the tiles of a shard set, writing ``<out_dir>/<sample>.h5ad`` per sample; returns the paths.
 
@@ -357,8 +404,17 @@ def embed_shards(
     token per spot, bin or molecule). ``image_px``: the side the whole tile is resized to (default: the
     model's training input size). ``num_workers``: DataLoader processes preparing tiles (0: this one).
     The h5ad holds no X; obs are the tiles (in shard order; with ``n_tokens``, the transcript tokens the
-    model saw, when a transcript mode runs), ``obsm[mode]`` the CLS embeddings (float32), ``uns`` the
-    model, modes, dropped genes and input settings. A LoadedModel is moved to ``device``.
+    model saw, and ``has_transcripts`` (n_tokens > 0), when a transcript mode runs), ``obsm[mode]`` the CLS
+    embeddings (float32), ``uns`` the model, modes, dropped genes and input settings (``uns_extra`` adds to
+    them; a None value removes a key). A tile without transcript tokens has no ``transcripts`` embedding: its
+    row of ``obsm["transcripts"]`` is zero and ``obs["has_transcripts"]`` is False (select
+    ``adata[adata.obs.has_transcripts]`` before using that matrix; its ``fused`` row is its image embedding).
+
+    Spatial, as scanpy/squidpy read Visium (:mod:`histotx.spatial`): ``obsm["spatial"]`` the tile centres in
+    level-0 px, ``uns["spatial"][sample]`` a picture of the slide made from the tiles themselves (hires ≤ 2000
+    px, lowres ≤ 600 px) with its scale factors and ``spot_diameter_fullres`` = the tile side, and
+    ``uns["tile"]`` the tile's size (``tile_px``, ``mpp``, ``size_um``, ``size_level0_px``, ``slide_mpp``).
+    A LoadedModel is moved to ``device``.
     """
     from tqdm import tqdm
 
@@ -393,6 +449,11 @@ def embed_shards(
         "image_px": image_px,
         "shards": str(shard_dir.resolve()),
     }
+    for key, value in (uns_extra or {}).items():
+        if value is None:
+            uns.pop(key, None)
+        else:
+            uns[key] = value
 
     acc = {s: SampleEmbeddings() for s in wanted}
     shards_left = {s: sum(e.get("sample_id") == s for e in entries) for s in wanted}
@@ -409,7 +470,9 @@ def embed_shards(
             )
         paths[sample] = write_h5ad_atomic(a.to_anndata(modes, net.config.embed_dim, uns), out_dir / f"{sample}.h5ad")
 
-    stream = PreparedShards([str(shard_dir / e["name"]) for e in entries], set(wanted), inputs, batch_size)
+    tile_px = int((manifest.get("config") or {}).get("tile_px") or 256)
+    thumb_px = {s: mosaic_side(int(manifest["samples"][s].get("tiles") or 1), tile_px) for s in wanted}
+    stream = PreparedShards([str(shard_dir / e["name"]) for e in entries], set(wanted), inputs, batch_size, thumb_px)
     loader = DataLoader(
         stream,
         batch_size=None,
@@ -509,7 +572,8 @@ def embed_slide(
     """Embed one slide (+ its Visium / Visium HD / Xenium / HEST data): tile it with the sharding pipeline
     itself (``shard_config``: a :class:`histotx.sharding.config.ShardConfig`, default as ``histotx shard run``)
     into ``shards_dir`` (default a temporary folder, removed after), then :func:`embed_shards`.
-    Returns the path of ``<out_dir>/<sample_id>.h5ad``."""
+    The h5ad's ``uns["slide"]`` is the slide; ``uns["shards"]`` is the shard folder when it is kept
+    (``shards_dir``), absent otherwise. Returns the path of ``<out_dir>/<sample_id>.h5ad``."""
     from histotx.sharding.cohort import dump_cohort
     from histotx.sharding.config import ShardConfig
     from histotx.sharding.pipeline import run_cohort
@@ -548,4 +612,7 @@ def embed_slide(
         if record["status"] != "ok":
             raise ValueError(f"sharding {slide or data} failed: {record.get('error')}")
         log.info("%s: %d tiles sharded in %.1f s (%s)", sample_id, record["tiles"], time.time() - t0, shard_dir)
-        return embed_shards(model, shard_dir, out_dir, samples=[sample_id], progress=progress, **embed_kwargs)[0]
+        extra = {"slide": str(slide) if slide else "", "shards": str(shard_dir.resolve()) if shards_dir else None}
+        return embed_shards(
+            model, shard_dir, out_dir, samples=[sample_id], progress=progress, uns_extra=extra, **embed_kwargs
+        )[0]

@@ -67,7 +67,10 @@ def read_embeddings(
             if mode not in adata.obsm:
                 raise ValueError(f"{path}: no obsm[{mode!r}] (it holds {sorted(adata.obsm)}); embed that mode")
             check_no_leakage(adata, path, mode, targets)
-            per_mode[mode].append(np.asarray(adata.obsm[mode])[rows])
+            emb = np.asarray(adata.obsm[mode], dtype=np.float32)[rows]
+            if mode == "transcripts" and "has_transcripts" in adata.obs:  # a zero row there: no input, no embedding
+                emb[~adata.obs["has_transcripts"].to_numpy(dtype=bool)[rows]] = np.nan
+            per_mode[mode].append(emb)
         obs.append(adata.obs.iloc[rows])
     return {m: np.concatenate(v) for m, v in per_mode.items()}, pd.concat(obs)
 
