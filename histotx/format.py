@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import tempfile
 import warnings
@@ -54,7 +55,18 @@ GRID_CODECS = ("blosc", "zstd", "lz4", "zlib")  # numcodecs ids a grid may name;
 MAX_HEADER_BYTES = 1 << 16
 MAX_EXPANSION = 64  # a grid member decodes to ≤ MAX_EXPANSION × its size + EXPANSION_FLOOR bytes
 EXPANSION_FLOOR = 1 << 24
-MAX_TILE_PX = 8192  # tile side bound: an image decodes to ≤ MAX_TILE_PX² pixels
+MAX_TILE_PX = 2048
+"""Tile side bound: an image decodes to ≤ MAX_TILE_PX² px (12.6 MB of RGB), so a batch of 32 tiles decoded at
+once (``decode_device: cuda``) holds ≤ 403 MB, and a loader worker decodes one tile at a time."""
+MPP_RANGE = (0.01, 100.0)  # µm/px of a tile (and of its source level): anything else is not a microscope
+MAX_TILE_UM = 4096.0  # tile side in µm (tile_px × mpp): bounds the transcript token grid a view makes
+MAX_FOOTPRINT_UM = 1000.0  # a site's footprint (spot diameter, bin side): Visium spots are 55 µm
+MAX_COORD = 1e9  # |origin| in level-0 px or µm
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_VOCAB_BYTES = 64 << 20
+SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.tar$")  # a plain file name of the shard folder
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
@@ -63,13 +75,28 @@ class FormatError(ValueError):
 
 
 def check_sample_id(sample_id: str) -> str:
-    """WebDataset splits a member name at its first dot, so ids are restricted to [A-Za-z0-9_-]."""
-    if not _SAMPLE_ID.match(sample_id):
+    """WebDataset splits a member name at its first dot, so ids are restricted to [A-Za-z0-9_-] (which also
+    keeps ids that name output files from holding ``/`` or ``..``)."""
+    if not isinstance(sample_id, str) or len(sample_id) > 200 or not _SAMPLE_ID.match(sample_id):
         raise FormatError(
             f"sample id {sample_id!r} is not allowed: use letters, digits, '_' and '-' only "
             "(WebDataset keys cannot hold dots)"
         )
     return sample_id
+
+
+def output_path(out_dir: str | os.PathLike, sample_id: Any, suffix: str) -> Path:
+    """``out_dir / f"{sample_id}{suffix}"`` for a sample id taken from data: the id is checked (no ``/``,
+    ``..``, dots or absolute paths can pass :func:`check_sample_id`) and the path is confirmed to lie
+    directly in ``out_dir``, so nothing a shard set names is written outside the output folder."""
+    if not isinstance(sample_id, str):
+        raise FormatError(f"sample id {sample_id!r} is not a string")
+    check_sample_id(sample_id)
+    out_dir = Path(out_dir)
+    path = out_dir / f"{sample_id}{suffix}"
+    if path.resolve().parent != out_dir.resolve():
+        raise FormatError(f"{path}: would be written outside {out_dir}")
+    return path
 
 
 def tile_key(sample_id: str, name: str) -> str:
@@ -336,16 +363,24 @@ def decode_grid(data: bytes) -> TranscriptGrid:
         out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     if pos != len(data):
         raise FormatError(f"transcript grid has {len(data) - pos} bytes after its last array")
+    footprint_um, shape = _footprint(header)
+    return TranscriptGrid(footprint_um=footprint_um, footprint_shape=shape, **out)
+
+
+def _footprint(header: dict[str, Any]) -> tuple[float, str]:
+    """(footprint_um, footprint_shape) of a grid header: a finite size in [0, MAX_FOOTPRINT_UM] and a string."""
     footprint_um, shape = header.get("footprint_um"), header.get("footprint_shape")
     if (
         not isinstance(footprint_um, (int, float))
         or isinstance(footprint_um, bool)
-        or not (math.isfinite(footprint_um) and footprint_um >= 0)
+        or not (math.isfinite(footprint_um) and 0 <= footprint_um <= MAX_FOOTPRINT_UM)
     ):
-        raise FormatError(f"transcript grid footprint_um must be a finite number >= 0, got {footprint_um}")
+        raise FormatError(
+            f"transcript grid footprint_um must be a finite number in [0, {MAX_FOOTPRINT_UM}] µm, got {footprint_um}"
+        )
     if not isinstance(shape, str):
         raise FormatError(f"transcript grid footprint_shape must be a string, got {shape}")
-    return TranscriptGrid(footprint_um=float(footprint_um), footprint_shape=shape, **out)
+    return float(footprint_um), shape
 
 
 @dataclass
@@ -404,6 +439,25 @@ _META_TYPES = {
 }
 
 
+def _check_meta_ranges(meta: dict[str, Any], key: str) -> None:
+    """Every number that sizes an allocation downstream, against the format's limits."""
+    lo, hi = MPP_RANGE
+    ranges = {
+        "tile_px": (1 <= meta["tile_px"] <= MAX_TILE_PX, f"[1, {MAX_TILE_PX}]"),
+        "mpp": (lo <= meta["mpp"] <= hi, f"[{lo}, {hi}] µm/px"),
+        "source_mpp": (lo <= meta["source_mpp"] <= hi, f"[{lo}, {hi}] µm/px"),
+        "tile_px × mpp": (meta["tile_px"] * meta["mpp"] <= MAX_TILE_UM, f"at most {MAX_TILE_UM} µm"),
+        "origin_level0_px": (max(map(abs, meta["origin_level0_px"])) <= MAX_COORD, f"within ±{MAX_COORD:g}"),
+        "origin_um": (max(map(abs, meta["origin_um"])) <= MAX_COORD, f"within ±{MAX_COORD:g}"),
+        "n_sites": (meta["n_sites"] < 1 << 31, "below 2^31"),
+        "n_genes": (meta["n_genes"] < 1 << 31, "below 2^31"),
+    }
+    for name, (ok, limit) in ranges.items():
+        if not ok:
+            value = meta["tile_px"] * meta["mpp"] if "×" in name else meta[name]
+            raise FormatError(f"sample {key}: metadata {name} = {value} is out of the format's range ({limit})")
+
+
 def _check_meta(meta: dict[str, Any], key: str) -> None:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
@@ -424,8 +478,13 @@ def _check_meta(meta: dict[str, Any], key: str) -> None:
             )
         if not ok:
             raise FormatError(f"sample {key}: metadata {name} = {v} is not a valid {kind.__name__}")
-    if not (1 <= meta["tile_px"] <= MAX_TILE_PX and meta["mpp"] > 0):
-        raise FormatError(f"sample {key}: metadata tile_px {meta['tile_px']} / mpp {meta['mpp']} out of range")
+    _check_meta_ranges(meta, key)
+    try:
+        check_sample_id(meta["sample"])
+    except FormatError as exc:
+        raise FormatError(f"sample {key}: metadata {exc}") from None
+    if not key.startswith(f"{meta['sample']}__"):
+        raise FormatError(f"sample {key}: the key does not start with its metadata's sample id {meta['sample']!r}")
 
 
 def _image_header(data: bytes, ext: str, what: str):
@@ -452,6 +511,8 @@ def decode_sample(members: dict[str, Any]) -> TileSample:
     :func:`decode_image_rgb`): the image header must be a tile of the metadata's ``tile_px``."""
     key = members.get("__key__", "?")
     key = key if isinstance(key, str) else "?"
+    if members.get("__problem__"):  # set by the shard reader (e.g. a member twice in one sample)
+        raise FormatError(f"sample {key}: {members['__problem__']}")
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if image_ext is None or GRID_EXTENSION not in members or META_EXTENSION not in members:
         have = sorted(str(k) for k in members if not str(k).startswith("__"))
@@ -511,16 +572,111 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes. A named pipe, device or folder is refused
+    without blocking (opened non-blocking, checked with ``fstat``); errors are "file: problem"."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot open ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: not a regular file (a pipe, device or folder); refused")
+        if st.st_size > limit:
+            raise FormatError(f"{path}: {st.st_size} bytes, beyond the {limit}-byte limit for this file")
+        os.set_blocking(fd, True)
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise FormatError(f"{path}: more than {limit} bytes, beyond the limit for this file")
+    return data
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
+
+
+def _manifest_shards(shards: Any, bad) -> None:
+    if not isinstance(shards, list):
+        bad(f"shards must be a list, got {type(shards).__name__}")
+    names = set()
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            bad(f"shards[{i}] must be an object, got {type(entry).__name__}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not SHARD_NAME.match(name):
+            bad(f"shards[{i}].name {name!r} is not a plain *.tar file name of the shard folder")
+        if name in names:
+            bad(f"shard {name} is listed twice")
+        names.add(name)
+        for key in ("samples", "bytes"):
+            if not _is_count(entry.get(key)):
+                bad(f"shard {name}: {key} must be a non-negative integer, got {entry.get(key)!r}")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+            bad(f"shard {name}: sha256 must be 64 lower-case hex digits, got {entry.get('sha256')!r}")
+        sid = entry.get("sample_id")
+        if sid is not None and (not isinstance(sid, str) or not _SAMPLE_ID.match(sid)):
+            bad(f"shard {name}: sample_id {sid!r} is not a valid sample id")
+
+
+def _manifest_samples(samples: Any, bad) -> None:
+    if not isinstance(samples, dict):
+        bad(f"samples must be an object of sample id → record, got {type(samples).__name__}")
+    for sid, rec in samples.items():
+        if not _SAMPLE_ID.match(sid) or len(sid) > 200:
+            bad(f"sample id {sid!r} is not allowed (letters, digits, '_' and '-' only)")
+        if not isinstance(rec, dict):
+            bad(f"samples.{sid} must be an object, got {type(rec).__name__}")
+        if not isinstance(rec.get("status", ""), str):
+            bad(f"samples.{sid}.status must be a string")
+        if "tiles" in rec and not _is_count(rec["tiles"]):
+            bad(f"samples.{sid}.tiles must be a non-negative integer, got {rec['tiles']!r}")
+
+
+def check_manifest(manifest: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest, every field a reader uses checked (types, names, counts); a problem is a
+    FormatError naming ``path`` and the field. Fills ``vocab`` with its default when absent."""
+
+    def bad(problem: str):
+        raise FormatError(f"{path}: {problem}")
+
+    if manifest.get("format") != FORMAT_NAME:
+        bad(f"not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        bad(f"format version {manifest.get('version')}, this HistoTx reads {FORMAT_VERSION}")
+    vocab = manifest.setdefault("vocab", VOCAB_NAME)
+    if not isinstance(vocab, str) or not _FILE_NAME.match(vocab):
+        bad(f"vocab {vocab!r} is not a plain file name of the shard folder")
+    if not isinstance(manifest.get("config", {}), dict):
+        bad("config must be an object")
+    _manifest_shards(manifest.get("shards"), bad)
+    _manifest_samples(manifest.get("samples"), bad)
+    totals = manifest.get("totals")
+    if not isinstance(totals, dict):
+        bad("totals is missing (or not an object)")
+    for key in ("tiles", "shards"):
+        if not _is_count(totals.get(key)):
+            bad(f"totals.{key} must be a non-negative integer, got {totals.get(key)!r}")
+    return manifest
+
+
 def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of a shard folder (see :func:`check_manifest`); any problem is a FormatError
+    "manifest.json: problem" (not UTF-8, not JSON, nested too deep, NaN, wrong types, missing fields)."""
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.exists():
         raise FormatError(f"{path}: no manifest; is this a HistoTx shard folder (made by `histotx shard`)?")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_NAME:
-        raise FormatError(f"{path}: not a {FORMAT_NAME} manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise FormatError(f"{path}: format version {manifest.get('version')}, this HistoTx reads {FORMAT_VERSION}")
-    return manifest
+    return check_manifest(_json_object(read_regular(path, MAX_MANIFEST_BYTES), str(path)), path)
+
+
+def manifest_sample(manifest: dict[str, Any], sample_id: str, where: str) -> dict[str, Any]:
+    """The manifest's record of a tile's sample; a tile of a sample the manifest does not list is a
+    FormatError naming ``where`` (the shard and tile)."""
+    rec = manifest["samples"].get(sample_id)
+    if rec is None:
+        raise FormatError(f"{where}: sample {sample_id!r} is not in the shard set's manifest")
+    return rec
 
 
 def new_manifest(config: dict[str, Any], shards: list[dict], samples: dict[str, dict]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from histotx.format import atomic_write_bytes
+from histotx.format import MAX_VOCAB_BYTES, FormatError, atomic_write_bytes, read_regular
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
@@ -83,20 +83,47 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocab":
+        """Read ``vocab.tsv`` (untrusted: it travels with the shards). Every problem is a FormatError
+        "file[:line]: problem": not a regular file, not UTF-8, a bad header, an index out of order, a gene
+        with neither symbol nor Ensembl id, or a gene listed twice (same Ensembl id, or same symbol
+        without Ensembl ids)."""
+        path = Path(path)
+        try:
+            text = read_regular(path, MAX_VOCAB_BYTES).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "vocab.tsv") -> "Vocab":
         vocab = cls()
-        lines = Path(path).read_text().splitlines()
+        lines = text.splitlines()
         if not lines or lines[0].split("\t") != ["index", "symbol", "ensembl_id"]:
-            raise ValueError(f"{path}: not a HistoTx vocabulary (header must be index, symbol, ensembl_id)")
+            raise FormatError(f"{source}: not a HistoTx vocabulary (header must be index, symbol, ensembl_id)")
+        symbol_only: dict[str, int] = {}
         for n, line in enumerate(lines[1:], start=2):
             parts = line.split("\t")
-            if len(parts) != 3 or int(parts[0]) != len(vocab):
-                raise ValueError(f"{path}:{n}: expected '{len(vocab)}<TAB>symbol<TAB>ensembl_id', got {line!r}")
-            vocab.symbols.append(parts[1])
-            vocab.ensembl.append(parts[2])
-            if parts[2]:
-                vocab._by_ensembl.setdefault(vocab._key_ensembl(parts[2]), len(vocab) - 1)
-            if parts[1]:
-                vocab._by_symbol.setdefault(parts[1], len(vocab) - 1)
+            if len(parts) != 3 or parts[0] != str(len(vocab)):
+                raise FormatError(
+                    f"{source}:{n}: expected '{len(vocab)}<TAB>symbol<TAB>ensembl_id', got {line[:200]!r}"
+                )
+            symbol, ensembl = parts[1], parts[2]
+            if not symbol and not ensembl:
+                raise FormatError(f"{source}:{n}: gene {len(vocab)} has neither a symbol nor an Ensembl id")
+            if ensembl:
+                first = vocab._by_ensembl.get(vocab._key_ensembl(ensembl))
+                if first is not None:
+                    raise FormatError(f"{source}:{n}: Ensembl id {ensembl} is listed twice (also gene {first})")
+            elif symbol in symbol_only:
+                raise FormatError(f"{source}:{n}: gene {symbol} is listed twice (also gene {symbol_only[symbol]})")
+            else:
+                symbol_only[symbol] = len(vocab)
+            vocab.symbols.append(symbol)
+            vocab.ensembl.append(ensembl)
+            if ensembl:
+                vocab._by_ensembl.setdefault(vocab._key_ensembl(ensembl), len(vocab) - 1)
+            if symbol:
+                vocab._by_symbol.setdefault(symbol, len(vocab) - 1)
         return vocab
 
     @classmethod

@@ -26,6 +26,7 @@ from PIL import Image
 from histotx.format import (
     EXPANSION_FLOOR,
     MAX_EXPANSION,
+    MAX_TILE_PX,
     FormatError,
     TranscriptGrid,
     decode_grid,
@@ -236,7 +237,7 @@ def test_malformed_sample_members_are_format_errors(real_members):
         ),
         "image not an image": ({**good, "jpg": b"this is not a JPEG"}, "not a readable jpg"),
         "image wrong size": ({**without_jpg, "png": _png(64, 64)}, "image is 64×64 px, metadata says tile_px 32"),
-        "image bomb": ({**without_jpg, "png": _png_bomb(10000, 10000)}, "beyond the 8192-px bound"),
+        "image bomb": ({**without_jpg, "png": _png_bomb(10000, 10000)}, f"beyond the {MAX_TILE_PX}-px bound"),
         "grid garbage": ({**good, "tx": b"HTXG\xff\xff"}, "sample v1__"),
     }
     for name, (members, match) in cases.items():
@@ -246,7 +247,7 @@ def test_malformed_sample_members_are_format_errors(real_members):
         decode_image_rgb(good["jpg"][: len(good["jpg"]) // 2])
     with pytest.raises(FormatError, match="not a readable"):
         decode_image_rgb(b"GIF89a" + b"\0" * 100)
-    with pytest.raises(FormatError, match="beyond the 8192-px bound"):
+    with pytest.raises(FormatError, match=f"beyond the {MAX_TILE_PX}-px bound"):
         decode_image_rgb(_png_bomb(10000, 10000))
 
 

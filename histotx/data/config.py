@@ -17,6 +17,8 @@ class StreamConfig:
     num_workers: int = 4  # per rank; a resumed run must use the same number
     seed: int = 0
     shuffle_buffer: int = 1000  # samples (raw bytes, before decoding)
+    shuffle_buffer_bytes: int = 256 << 20  # ... and at most this many raw bytes per worker (large tiles)
+    checksums: bool = True  # check each shard's size and SHA-256 against the manifest (once per worker)
     steps_per_epoch: int = 0  # batches per rank and epoch; 0: one pass, tiles // (ranks × batch_size)
     resample: bool = False  # draw shards with replacement (allows fewer shards than ranks × workers)
     prefetch_factor: int = 2
@@ -84,9 +86,15 @@ class DataConfig:
 
     def validate(self) -> None:
         s, a, m, c = self.stream, self.augment, self.mask, self.collate
-        if s.batch_size < 1 or s.shuffle_buffer < 1 or min(s.num_workers, s.steps_per_epoch, s.seed) < 0:
+        if (
+            s.batch_size < 1
+            or s.shuffle_buffer < 1
+            or s.shuffle_buffer_bytes < 1
+            or min(s.num_workers, s.steps_per_epoch, s.seed) < 0
+        ):
             raise ConfigError(
-                "data.stream: batch_size and shuffle_buffer must be >= 1; num_workers, steps_per_epoch and seed >= 0"
+                "data.stream: batch_size, shuffle_buffer and shuffle_buffer_bytes must be >= 1; "
+                "num_workers, steps_per_epoch and seed >= 0"
             )
         for name in ("global_crop_scale", "local_crop_scale", "crop_ratio", "blur_sigma"):
             lo, hi = getattr(a, name)

@@ -20,10 +20,16 @@ on raw bytes, skips the consumed samples without decoding them, and continues wi
 DataLoader workers take turns (worker ``p`` makes batches ``G0 + p + kW``), so after a resume the first
 worker serves whichever slot is due next.
 
-Faults. A corrupt or truncated shard is read up to the damage, then skipped with a warning and counted;
-an undecodable sample (any :class:`~histotx.format.FormatError`, or a gene id beyond the shard set's
-vocabulary, which would index past the model's gene table) is skipped and counted. A slot whose shards hold nothing readable, or a long run
-of bad samples, stops the loader with an error rather than spinning forever.
+Faults. Shards are read by :mod:`histotx.shard_reader` (plain regular members only, every size checked
+against the file before reading; links, special files and unsafe names skipped and counted as
+``skipped_members``). Each shard's size and SHA-256 are checked against the manifest once per worker
+process before it is streamed (``checksums: false`` turns this off); a shard that differs, or one that is
+damaged, is skipped with a warning and counted (``corrupt_shards``; a damaged one after the samples before
+the damage). An undecodable sample (any :class:`~histotx.format.FormatError`, or a gene id beyond the
+shard set's vocabulary, which would index past the model's gene table) is skipped and counted
+(``bad_samples``). The shuffle buffer holds at most ``shuffle_buffer`` samples and about
+``shuffle_buffer_bytes`` raw bytes. A slot whose shards hold nothing readable, or a long run of bad
+samples, stops the loader with an error rather than spinning forever.
 """
 
 from __future__ import annotations
@@ -39,12 +45,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import shuffle
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from histotx.data.config import StreamConfig
 from histotx.format import FormatError, TileSample, decode_sample, read_manifest
+from histotx.shard_reader import ReadCounts, check_shard_file, iter_samples, open_shard, shard_path
 
 _SHARD_ORDER, _SHUFFLE, _SAMPLE, _BATCH, _RESAMPLE, _REPEAT = range(6)
 
@@ -61,8 +65,9 @@ def derive_seed(*parts: int) -> int:
 @dataclass
 class LoaderStats:
     shards_read: int = 0
-    corrupt_shards: int = 0
+    corrupt_shards: int = 0  # unreadable, or failing the manifest's size / SHA-256 (skipped whole)
     bad_samples: int = 0
+    skipped_members: int = 0  # tar members stepped over: links, special files, unsafe names, oversized
     samples: int = 0  # delivered in batches
     worker_cpu_s: float = (
         0.0  # CPU seconds of the worker process(es) when their last batch was made (0 without workers)
@@ -72,23 +77,71 @@ class LoaderStats:
         return LoaderStats(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
 
 
-def read_shard(url: str, stats: LoaderStats) -> Iterator[dict[str, Any]]:
-    """Raw samples (member name → bytes) of one tar shard; damage ends the shard with a warning."""
+def read_shard(url: str, stats: LoaderStats, entry: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples (member name → bytes) of one tar shard, read by :mod:`histotx.shard_reader` (plain
+    regular members only, sizes checked before reading; others skipped and counted in
+    ``stats.skipped_members``). With ``entry`` (the shard's manifest entry) the file's size and SHA-256 are
+    checked first and a shard that differs is skipped whole. Damage ends the shard with a warning; both
+    count as ``corrupt_shards``."""
     stats.shards_read += 1
-    n = 0
+    n, counts, base = 0, ReadCounts(), stats.skipped_members
     try:
-        with gopen(url) as stream:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            for sample in group_by_keys(files):
+        if entry is not None:
+            problems = check_shard_file(url, entry)
+            if problems:
+                raise FormatError("; ".join(problems) + " (not streamed; `histotx shard verify` to check the set)")
+        fh, size = open_shard(url)
+        with fh:
+            for sample in iter_samples(fh, url, size, counts):
                 n += 1
+                stats.skipped_members = base + counts.skipped_members
                 yield sample
-    except Exception as exc:  # noqa: BLE001 — any damage (tar, I/O, format) skips the rest of the shard
+        stats.skipped_members = base + counts.skipped_members
+    except (FormatError, OSError) as exc:  # any damage skips the rest of the shard
+        stats.skipped_members = base + counts.skipped_members
         stats.corrupt_shards += 1
         warnings.warn(
-            f"{url}: unreadable after {n} samples, rest of the shard skipped ({type(exc).__name__}: {exc})",
+            f"{url}: unreadable after {n} samples, rest of the shard skipped ({exc})",
             ShardWarning,
             stacklevel=2,
         )
+    if counts.skipped_members:
+        warnings.warn(f"{url}: tar members skipped ({counts.summary()})", ShardWarning, stacklevel=2)
+
+
+def shuffle_bounded(
+    samples: Iterator[dict[str, Any]], size: int, max_bytes: int, rng: random.Random
+) -> Iterator[dict[str, Any]]:
+    """webdataset's buffered shuffle (``shuffle(size, size, rng)``: same draws, same order), with the buffer
+    also bounded by the raw bytes it holds: it yields as soon as it holds ``size`` samples or
+    ``max_bytes`` bytes, so large members cannot make it hold more than about ``max_bytes`` + one sample."""
+    buf: list[dict[str, Any]] = []
+    held = 0
+
+    def nbytes(sample: dict[str, Any]) -> int:
+        return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
+
+    def pick() -> dict[str, Any]:
+        nonlocal held
+        k = rng.randint(0, len(buf) - 1)
+        sample = buf[k]
+        buf[k] = buf[-1]
+        buf.pop()
+        held -= nbytes(sample)
+        return sample
+
+    for sample in samples:
+        buf.append(sample)
+        held += nbytes(sample)
+        if len(buf) < size and held < max_bytes:
+            nxt = next(samples, None)
+            if nxt is not None:
+                buf.append(nxt)
+                held += nbytes(nxt)
+        if len(buf) >= size or held >= max_bytes:
+            yield pick()
+    while buf:
+        yield pick()
 
 
 class ShardStream(IterableDataset):
@@ -111,7 +164,9 @@ class ShardStream(IterableDataset):
         manifest = read_manifest(cfg.shards)
         self.cfg, self.transform, self.collate = cfg, transform, collate
         self.rank, self.world_size = rank, world_size
-        self.urls = [str(Path(cfg.shards) / s["name"]) for s in manifest["shards"]]
+        self.urls = [str(shard_path(cfg.shards, s["name"])) for s in manifest["shards"]]
+        self.entries = {url: entry for url, entry in zip(self.urls, manifest["shards"], strict=True)}
+        self._verdicts: dict[str, str] = {}  # shard → its problems ("" if none), checked once per process
         self.n_slots = max(1, cfg.num_workers)
         if not self.urls:
             raise ValueError(f"{cfg.shards}: the manifest lists no shards")
@@ -121,8 +176,8 @@ class ShardStream(IterableDataset):
                 "(each needs a shard of its own); write smaller shards, use fewer workers, or set "
                 "data.stream.resample=true"
             )
-        vocab = Path(cfg.shards) / manifest.get("vocab", "vocab.tsv")
-        if vocab.is_file():
+        vocab = self.vocab_path = Path(cfg.shards) / manifest["vocab"]
+        if vocab.exists():
             from histotx.vocab import Vocab
 
             self.vocab_size: int | None = len(Vocab.load(vocab))
@@ -162,7 +217,8 @@ class ShardStream(IterableDataset):
         def passes() -> Iterator[dict[str, Any]]:
             for shards in self._shard_sequence(epoch, slot):
                 n = 0
-                for sample in shuffle(size, size, rng=rng)(s for url in shards for s in read_shard(url, stats)):
+                raw = (s for url in shards for s in self._read_checked(url, stats))
+                for sample in shuffle_bounded(raw, size, self.cfg.shuffle_buffer_bytes, rng):
                     n += 1
                     yield sample
                 if n == 0:
@@ -173,6 +229,20 @@ class ShardStream(IterableDataset):
 
         return itertools.islice(enumerate(passes(), start=1), start, None)
 
+    def _read_checked(self, url: str, stats: LoaderStats) -> Iterator[dict[str, Any]]:
+        """:func:`read_shard`, after the shard's size and SHA-256 were checked against the manifest (once per
+        shard and process: a worker re-reads its shards every epoch); a shard that differs is skipped whole
+        and counted corrupt, as `histotx shard verify` reports it. ``checksums: false`` skips the check."""
+        if self.cfg.checksums:
+            if url not in self._verdicts:
+                self._verdicts[url] = "; ".join(check_shard_file(url, self.entries[url]))
+            if self._verdicts[url]:
+                stats.shards_read += 1
+                stats.corrupt_shards += 1
+                warnings.warn(f"{self._verdicts[url]}: shard skipped", ShardWarning, stacklevel=2)
+                return
+        yield from read_shard(url, stats)
+
     # ------------------------------------------------------------------ batches
     def _decode(self, raw: dict[str, Any]) -> TileSample:
         tile = decode_sample(raw)
@@ -180,7 +250,7 @@ class ShardStream(IterableDataset):
         if self.vocab_size is not None and genes.size and int(genes.max()) >= self.vocab_size:
             raise FormatError(
                 f"sample {tile.key}: gene id {int(genes.max())} is beyond the shard set's "
-                f"vocabulary ({self.vocab_size} genes)"
+                f"vocabulary ({self.vocab_path}: {self.vocab_size} genes)"
             )
         return tile
 

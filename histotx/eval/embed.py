@@ -28,7 +28,6 @@ import os
 import re
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -38,7 +37,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from histotx.data.augment import CropGeometry, transform_grid
-from histotx.data.stream import LoaderStats, ShardWarning, read_shard
 from histotx.eval.cli import DEFAULT_RESOLUTION_UM
 from histotx.format import (
     VOCAB_NAME,
@@ -47,9 +45,11 @@ from histotx.format import (
     TranscriptGrid,
     decode_image_rgb,
     decode_sample,
+    output_path,
     read_manifest,
 )
 from histotx.model.transcripts import TranscriptBatch
+from histotx.shard_reader import ReadCounts, read_shard_file, shard_path
 from histotx.spatial import TileMosaic, mosaic_side, mosaic_thumb, tile_centres, visium_spatial
 from histotx.tokens import TranscriptCells, bin_grid, token_size
 from histotx.vocab import Vocab
@@ -86,7 +86,8 @@ def remap_grid(grid: TranscriptGrid, mapping: np.ndarray) -> TranscriptGrid:
     """The grid with gene ids mapped to the model's; entries mapped to -1 removed (sites stay, maybe empty)."""
     if grid.gene.size and int(grid.gene.max()) >= mapping.shape[0]:
         raise FormatError(
-            f"gene id {int(grid.gene.max())} is outside the shard set's vocabulary of {mapping.shape[0]} genes"
+            f"gene id {int(grid.gene.max())} is outside the shard set's vocabulary ({VOCAB_NAME}) of "
+            f"{mapping.shape[0]} genes"
         )
     gene = mapping[grid.gene]
     keep = gene >= 0
@@ -232,19 +233,22 @@ class PreparedTile:
 
 
 def _tiles(url: str) -> Iterator[TileSample]:
-    """Every tile of a shard, in order; a damaged shard is an error (an embedding must be complete)."""
-    stats = LoaderStats()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ShardWarning)
-        for raw in read_shard(url, stats):
+    """Every tile of a shard, in order; a damaged shard or sample is an error (an embedding must be
+    complete). Tar members that are not plain files with safe names are skipped and counted (logged)."""
+    counts = ReadCounts()
+    try:
+        for raw in read_shard_file(url, counts):
             try:
                 tile = decode_sample(raw)
             except FormatError as exc:
                 raise FormatError(f"{url}: {exc}; check the shard with `histotx shard verify`") from exc
             yield tile
-    if stats.corrupt_shards:
-        detail = "; ".join(str(w.message) for w in caught) or "unreadable"
-        raise FormatError(f"{url}: damaged shard ({detail}); check it with `histotx shard verify`")
+    except FormatError as exc:
+        if str(exc).startswith(url):
+            raise
+        raise FormatError(f"{url}: damaged shard ({exc}); check it with `histotx shard verify`") from exc
+    if counts.skipped_members:
+        log.warning("%s: %d tar members skipped (%s)", url, counts.skipped_members, counts.summary())
 
 
 class PreparedShards(IterableDataset):
@@ -253,10 +257,17 @@ class PreparedShards(IterableDataset):
     binning are the CPU work; the model runs in the main process)."""
 
     def __init__(
-        self, urls: list[str], samples: set[str], inputs: TileInputs, chunk: int, thumb_px: dict[str, int] | None = None
+        self,
+        urls: list[str],
+        samples: set[str],
+        inputs: TileInputs,
+        chunk: int,
+        thumb_px: dict[str, int] | None = None,
+        listed: set[str] | None = None,
     ) -> None:
         self.urls, self.samples, self.inputs, self.chunk = urls, samples, inputs, chunk
         self.thumb_px = thumb_px or {}  # sample → side of each tile's thumbnail (none: no thumbnails)
+        self.listed = samples if listed is None else listed  # the manifest's samples
 
     def __iter__(self) -> Iterator[tuple[int, list[PreparedTile], bool]]:
         info = get_worker_info()
@@ -264,10 +275,18 @@ class PreparedShards(IterableDataset):
         for index in range(worker, len(self.urls), n_workers):
             items: list[PreparedTile] = []
             for position, tile in enumerate(_tiles(self.urls[index])):
+                if tile.meta["sample"] not in self.listed:
+                    raise FormatError(
+                        f"{self.urls[index]}: tile {tile.key}: sample {tile.meta['sample']!r} is not in the "
+                        "shard set's manifest"
+                    )
                 if tile.meta["sample"] not in self.samples:
                     continue
-                rgb = decode_image_rgb(tile.image)
-                image, cells = self.inputs.from_rgb(tile, rgb)
+                try:
+                    rgb = decode_image_rgb(tile.image)
+                    image, cells = self.inputs.from_rgb(tile, rgb)
+                except FormatError as exc:
+                    raise FormatError(f"{self.urls[index]}: tile {tile.key}: {exc}") from exc
                 side = self.thumb_px.get(tile.meta["sample"])
                 thumb = mosaic_thumb(rgb, side) if side else None
                 items.append(PreparedTile((index, position), tile.key, _obs_row(tile, cells), image, cells, thumb))
@@ -468,11 +487,19 @@ def embed_shards(
             raise FormatError(
                 f"{shard_dir}: sample {sample} has {len(a.rows)} tiles in its shards, the manifest says {expected}"
             )
-        paths[sample] = write_h5ad_atomic(a.to_anndata(modes, net.config.embed_dim, uns), out_dir / f"{sample}.h5ad")
+        path = output_path(out_dir, sample, ".h5ad")
+        paths[sample] = write_h5ad_atomic(a.to_anndata(modes, net.config.embed_dim, uns), path)
 
     tile_px = int((manifest.get("config") or {}).get("tile_px") or 256)
     thumb_px = {s: mosaic_side(int(manifest["samples"][s].get("tiles") or 1), tile_px) for s in wanted}
-    stream = PreparedShards([str(shard_dir / e["name"]) for e in entries], set(wanted), inputs, batch_size, thumb_px)
+    stream = PreparedShards(
+        [str(shard_path(shard_dir, e["name"])) for e in entries],
+        set(wanted),
+        inputs,
+        batch_size,
+        thumb_px,
+        set(manifest["samples"]),
+    )
     loader = DataLoader(
         stream,
         batch_size=None,

@@ -28,7 +28,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from histotx.format import decode_sample, read_manifest
+from histotx.format import decode_sample, manifest_sample, read_manifest
+from histotx.shard_reader import read_shard_file, shard_path
 from histotx.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _shard_paths(shard_dir: Path, manifest: dict, samples: set[str] | None) -> l
         sid = entry.get("sample_id")  # written by `histotx shard`; absent in hand-made sets
         if samples is not None and sid is not None and sid not in samples:
             continue
-        paths.append(shard_dir / entry["name"])
+        paths.append(shard_path(shard_dir, entry["name"]))
     return paths
 
 
@@ -70,7 +71,6 @@ def tile_expression(
     shards: str | Path, samples: Iterable[str] | None = None, progress: bool = False
 ) -> dict[str, TileExpression]:
     """Per sample, the summed expression of every tile that holds sites (see the module docstring)."""
-    import webdataset as wds
     from tqdm import tqdm
 
     shard_dir = Path(shards)
@@ -84,9 +84,10 @@ def tile_expression(
     for path in tqdm(paths, desc="tile expression", unit="shard", disable=not progress):
         if not path.exists():
             raise FileNotFoundError(f"{path}: listed in {shard_dir / 'manifest.json'} but missing")
-        for members in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+        for members in read_shard_file(path):
             tile = decode_sample(members)
             sid = tile.meta["sample"]
+            manifest_sample(manifest, sid, f"{path}: tile {tile.key}")
             if wanted is not None and sid not in wanted:
                 continue
             grid = tile.grid

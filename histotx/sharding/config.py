@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from histotx.config import ConfigError
-from histotx.format import IMAGE_EXTENSIONS, JPEG_SUBSAMPLINGS
+from histotx.format import IMAGE_EXTENSIONS, JPEG_SUBSAMPLINGS, MAX_TILE_PX, MAX_TILE_UM, MPP_RANGE
 from histotx.sharding.slides import RESAMPLE_FILTERS
 
 TILINGS = ("grid", "grid_sites", "spots")
@@ -47,8 +47,13 @@ class ShardConfig:
             raise ConfigError(f"tiling must be one of {', '.join(TILINGS)}, got {self.tiling}")
         if self.image_format not in IMAGE_EXTENSIONS:
             raise ConfigError(f"image_format must be one of {IMAGE_EXTENSIONS}, got {self.image_format!r}")
-        if not (self.mpp > 0 and self.tile_px >= 16):
-            raise ConfigError("mpp must be > 0 and tile_px >= 16")
+        lo, hi = MPP_RANGE
+        if not (lo <= self.mpp <= hi and 16 <= self.tile_px <= MAX_TILE_PX and self.tile_px * self.mpp <= MAX_TILE_UM):
+            raise ConfigError(
+                f"mpp must be within [{lo}, {hi}] µm/px, tile_px within [16, {MAX_TILE_PX}] and tile_px × mpp at most "
+                f"{MAX_TILE_UM:g} µm (the shard format's limits; readers refuse larger tiles), got mpp {self.mpp}, "
+                f"tile_px {self.tile_px}"
+            )
         if not (0 <= self.min_tissue_fraction <= 1 and 0 <= self.max_dropped_fraction <= 1):
             raise ConfigError("min_tissue_fraction and max_dropped_fraction must be within [0, 1]")
         if self.jpeg_subsampling not in JPEG_SUBSAMPLINGS:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from histotx.format import decode_grid, decode_image_rgb, decode_sample, read_manifest
+from histotx.format import decode_grid, decode_image_rgb, decode_sample, output_path, read_manifest
+from histotx.shard_reader import shard_path
 from histotx.sharding.verify import iter_shard
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def write_qc(shard_dir: Path, out_dir: Path, per_sample: int = 8, columns: int =
         sid = entry["sample_id"]
         if len(picked.get(sid, [])) >= per_sample:
             continue
-        for members in iter_shard(shard_dir / entry["name"]):
+        for members in iter_shard(shard_path(shard_dir, entry["name"])):
             tile = decode_sample(members)
             tiles = picked.setdefault(sid, [])
             if len(tiles) >= per_sample:
@@ -73,7 +74,7 @@ def write_qc(shard_dir: Path, out_dir: Path, per_sample: int = 8, columns: int =
         sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
         for i, t in enumerate(tiles):
             sheet.paste(t, ((i % columns) * w, (i // columns) * h))
-        path = out_dir / f"{sid}.png"
+        path = output_path(out_dir, sid, ".png")
         sheet.save(path)
         written.append(path)
     return written
@@ -86,7 +87,7 @@ def _tiles_and_sites(shard_dir: Path, manifest: dict, sid: str) -> tuple[list, n
     for entry in manifest["shards"]:
         if entry.get("sample_id") != sid:
             continue
-        for members in iter_shard(shard_dir / entry["name"]):
+        for members in iter_shard(shard_path(shard_dir, entry["name"])):
             meta = json.loads(members["json"])
             scale0 = meta["mpp"] / meta["source_mpp"]  # level-0 px per tile px
             ox, oy = meta["origin_level0_px"]
@@ -177,7 +178,7 @@ def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max
     canvas = Image.new("RGB", (img.width, img.height + 16), (255, 255, 255))
     canvas.paste(img, (0, 16))
     ImageDraw.Draw(canvas).text((2, 2), legend, fill=(0, 0, 0))
-    path = Path(out_dir) / f"{sid}_overview.png"
+    path = output_path(out_dir, sid, "_overview.png")
     canvas.save(path)
     return path
 

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from histotx.format import FormatError, TileSample, decode_image_rgb, decode_sample, read_manifest, sha256_file
+from histotx.format import FormatError, TileSample, decode_image_rgb, decode_sample, read_manifest
+from histotx.shard_reader import ReadCounts, check_shard_file, read_shard_file, shard_path
 from histotx.vocab import Vocab
 
 
-def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw members of each sample of one shard (bytes; nothing decoded, nothing unpickled), grouped as
-    webdataset groups them (key = member name up to its first dot), read with ``tarfile``: importing
-    webdataset would import torch into ``histotx shard verify`` and ``qc``. A damaged tar raises."""
-    sample: dict[str, Any] = {}
-    with tarfile.open(path, "r|") as tar:  # a stream, as webdataset reads it
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if key != sample.get("__key__"):
-                if sample:
-                    yield sample
-                sample = {"__key__": key, "__url__": str(path)}
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
-        yield sample
+def iter_shard(path: Path, counts: ReadCounts | None = None) -> Iterator[dict[str, Any]]:
+    """Raw members of each sample of one shard (bytes; nothing decoded, nothing unpickled), read by
+    :mod:`histotx.shard_reader` as the training loader reads them (no torch, no webdataset). A damaged tar
+    raises FormatError; members that are not plain regular files are skipped and counted in ``counts``."""
+    yield from read_shard_file(path, counts)
 
 
 def check_tile(sample: TileSample, vocab_size: int) -> list[str]:
@@ -55,19 +43,16 @@ def verify(shard_dir: Path, checksums: bool = True) -> dict[str, Any]:
     problems: list[str] = []
     keys: Counter[str] = Counter()
     per_sample: Counter[str] = Counter()
-    n_sites, counts = 0, 0.0
+    n_sites, counts_sum = 0, 0.0
     for entry in manifest["shards"]:
-        path = shard_dir / entry["name"]
+        path = shard_path(shard_dir, entry["name"])
         if not path.exists():
             problems.append(f"{path}: missing")
             continue
-        if path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        if checksums and sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
-        seen = 0
+        problems += check_shard_file(path, entry, checksums)
+        seen, counts = 0, ReadCounts()
         try:
-            for members in iter_shard(path):
+            for members in iter_shard(path, counts):
                 seen += 1
                 try:
                     sample = decode_sample(members)
@@ -79,9 +64,11 @@ def verify(shard_dir: Path, checksums: bool = True) -> dict[str, Any]:
                 keys[sample.key] += 1
                 per_sample[sample.meta["sample"]] += 1
                 n_sites += sample.grid.n_sites
-                counts += sample.grid.total_count
-        except Exception as exc:  # a damaged tar
-            problems.append(f"{path}: unreadable after {seen} samples ({type(exc).__name__}: {exc})")
+                counts_sum += sample.grid.total_count
+        except (FormatError, OSError) as exc:  # a damaged tar, a FIFO or device, an I/O error
+            problems.append(f"{exc} (unreadable after {seen} samples)")
+        if counts.skipped_members:
+            problems.append(f"{path}: tar members skipped ({counts.summary()})")
         if seen != entry["samples"]:
             problems.append(f"{path}: {seen} samples, manifest says {entry['samples']}")
     dups = [k for k, c in keys.items() if c > 1]
@@ -94,7 +81,7 @@ def verify(shard_dir: Path, checksums: bool = True) -> dict[str, Any]:
         "shards": len(manifest["shards"]),
         "tiles": sum(keys.values()),
         "sites": n_sites,
-        "counts": counts,
+        "counts": counts_sum,
         "per_sample": dict(per_sample),
         "problems": problems,
     }

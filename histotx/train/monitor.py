@@ -21,7 +21,6 @@ logging window, all ranks together (``teacher/prototypes_used``).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from histotx.data.augment import CropGeometry
 from histotx.data.config import AugmentConfig
 from histotx.data.stream import LoaderStats, read_shard
 from histotx.format import decode_image_rgb, decode_sample, read_manifest
+from histotx.shard_reader import shard_path
 from histotx.tokens import NORMALISED_TOTAL
 
 
@@ -98,7 +98,7 @@ class KnnProbe:
         std = torch.tensor(augment.std).view(3, 1, 1)
         stats = LoaderStats()
         for shard in manifest["shards"]:
-            for raw in read_shard(str(Path(shards) / shard["name"]), stats):
+            for raw in read_shard(str(shard_path(shards, shard["name"])), stats):
                 tile = decode_sample(raw)
                 if tile.grid.n_sites == 0:
                     continue
