@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="histotx", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    from histotx import __version__
+
+    parser.add_argument("--version", action="version", version=f"histotx {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<subcommand>")
     _register_all(sub)
@@ -66,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not getattr(args, "func", None):
+    if not getattr(args, "func", None):  # `histotx` alone: what it can do (asking is not an error)
         parser.print_help()
-        return 2
+        return 0
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:  # config errors, missing inputs: one clear line

@@ -8,6 +8,7 @@ beside a run or shard set so that what ran can always be read back.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 import types
@@ -42,7 +43,7 @@ def config_error(
     """Every config message is worded here: ``where`` (the file, then the dotted key), and either the value
     with what was expected, or the unknown keys with the known ones."""
     if unknown:
-        return ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return ConfigError(unknown_keys_message(where, unknown, known))
     return ConfigError(f"{where}: expected {expected}, got {value!r}")
 
 
@@ -116,6 +117,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise config_error(where + path, value=errors[0]["input"], expected=expected) from None
 
 
+def unknown_keys_message(where: str, unknown: typing.Iterable[str], known: typing.Iterable[str]) -> str:
+    """``where: unknown key 'shardz' (did you mean 'shards'?); known: [...]``: one message for every config
+    loader (difflib's close matches, at most one suggestion per key)."""
+    known = sorted(known)
+    parts = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        parts.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    noun = "key" if len(parts) == 1 else "keys"
+    return f"{where}: unknown {noun} {', '.join(parts)}; known: {known}"
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -158,6 +171,64 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of dataclass ``cls`` and of its sections, dotted (``data.stream.shards``)."""
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        out.append(prefix + name)
+        if _is_dataclass_type(tp):
+            out.extend(_dotted_keys(tp, f"{prefix}{name}."))
+    return out
+
+
+def _field_type(cls: type, dotted: str, item: str) -> Any:
+    """The annotation of ``dotted`` (``data.stream.shards``) in dataclass ``cls``; None below a free-form
+    mapping (``model``, ``deepspeed.extra``), whose keys are checked where they are used."""
+    tp: Any = cls
+    keys = dotted.split(".")
+    for i, key in enumerate(keys):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]
+        if not _is_dataclass_type(tp):
+            if tp is Any or typing.get_origin(tp) is dict or tp is dict:
+                return None
+            raise ConfigError(f"command line {item!r}: {'.'.join(keys[:i])} is a value, not a section")
+        names = {f.name for f in dataclasses.fields(tp)}
+        if key not in names:
+            section = ".".join(keys[:i]) or "the top level"
+            message = unknown_keys_message(f"command line {item!r}: in {section}", [key], names)
+            if not difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6):  # a key of another section?
+                elsewhere = {k: k.rsplit(".", 1)[-1] for k in _dotted_keys(cls) if "." in k}
+                close = difflib.get_close_matches(key, sorted(set(elsewhere.values())), n=1, cutoff=0.75)
+                full = sorted(k for k, leaf in elsewhere.items() if close and leaf == close[0])
+                if full:
+                    message = f"command line {item!r}: unknown key {key!r} (did you mean {' or '.join(full)}?)"
+            raise ConfigError(message)
+        tp = typing.get_type_hints(tp)[key]
+    return tp
+
+
+def check_overrides(cls: type, overrides: list[str]) -> None:
+    """Each ``key=value`` against ``cls`` on its own, so that a wrong key or value on the command line is
+    blamed on the command line (``command line 'steps=abc': expected an integer, got 'abc'``), not on the
+    YAML file it is merged into."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        tp = _field_type(cls, key, item)
+        if tp is None:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"command line {item!r}: not a valid value ({exc})") from exc
+        _coerce(value, tp, f"command line {item!r}")
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
@@ -172,6 +243,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     in widths, say) are derived from what the file says, not frozen at the defaults' derived values."""
     data: dict[str, Any] = {}
     where = "config"
+    check_overrides(cls, overrides or [])
     if path is not None:
         where = str(path)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -36,15 +37,59 @@ def run(
     """``checkpoint_hooks``: the run's config → hooks for the trainer; given by the layer above training
     (the `histotx` CLI, launch/train.py), since training must not import what they do (the export)."""
     from histotx.config import load_config
+    from histotx.train import console
     from histotx.train.config import TrainConfig
-    from histotx.train.loop import NonFiniteLossError, train
+    from histotx.train.preflight import check_run_inputs
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    check_run_inputs(cfg, args.resume)  # before torch, DeepSpeed, the model: seconds, and nothing written
+    out = Path(cfg.out)
+    lead = int(os.environ.get("RANK", "0")) == 0
+    if lead:
+        console.say_start(out, cfg.data.stream.shards, int(os.environ.get("WORLD_SIZE", "1")), cfg.steps, args.resume)
+    fresh = not out.exists()
+
+    from histotx.train.loop import NonFiniteLossError, train
+
     try:
-        return train(cfg, args.resume, checkpoint_hooks(cfg) if checkpoint_hooks else ())
+        rc = train(cfg, args.resume, checkpoint_hooks(cfg) if checkpoint_hooks else ())
     except NonFiniteLossError as exc:
         logging.getLogger("histotx.train").error("%s", exc)
-        return 3
+        rc, failure = 3, str(exc)
+    except BaseException as exc:
+        if lead:
+            _record_failure(out, fresh, f"{type(exc).__name__}: {exc}")
+        raise
+    else:
+        failure = ""
+    if lead:
+        if failure:
+            _record_failure(out, fresh, failure)
+        else:
+            (out / FAILED).unlink(missing_ok=True)  # an earlier attempt's note: this run finished
+            console.say_end(out)
+    return rc
+
+
+FAILED = "FAILED.txt"
+
+
+def _record_failure(out: Path, fresh: bool, error: str) -> None:
+    """A run that stopped with an error: a folder this run made and left without a checkpoint is removed
+    (nothing in it is worth keeping), any other gets ``FAILED.txt`` saying why (removed by the next run
+    that finishes there)."""
+    import shutil
+
+    from histotx.format import atomic_write_bytes
+
+    if not out.is_dir():
+        return
+    if fresh and not any((out / "checkpoints").glob("step_*")):
+        shutil.rmtree(out, ignore_errors=True)
+        logging.getLogger("histotx.train").error("the run failed before its first checkpoint; removed %s", out)
+        return
+    atomic_write_bytes(out / FAILED, f"this run stopped with an error:\n{error}\n".encode())
+    logging.getLogger("histotx.train").error("the run failed; %s says why", out / FAILED)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

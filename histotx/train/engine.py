@@ -49,6 +49,9 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
     """Join (or, alone, create) the process group from RANK / WORLD_SIZE / MASTER_ADDR (see launch/)."""
     import deepspeed
 
+    from histotx.train.ds_ops import skip_unused_builds
+
+    skip_unused_builds()  # no JIT-compiled shared-memory op on CPU: training never uses it
     if "WORLD_SIZE" not in os.environ:  # a plain single-process run
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())

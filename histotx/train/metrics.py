@@ -1,5 +1,6 @@
 """Training metrics: summed over a logging window on every rank, reduced once per window, written by
-rank 0 to ``metrics.jsonl`` (one JSON object per line) and TensorBoard, with a progress bar."""
+rank 0 to ``metrics.jsonl`` (one JSON object per line) and TensorBoard, and shown on the console
+(:mod:`histotx.train.console`: progress line, collapse monitors, warnings)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from histotx.train.config import LogConfig
+from histotx.train.console import Console
 from histotx.train.monitor import CollapseStats
 
 PHASES = ("data_wait", "forward", "backward", "optimizer", "ema")
@@ -82,7 +84,7 @@ class MetricsWriter:
     def __init__(self, out: Path, cfg: LogConfig, total_steps: int, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
         self.tb = None
-        self.bar = None
+        self.console = Console(total_steps, start_step, cfg.progress, enabled)
         self.file = None
         if not enabled:
             return
@@ -92,10 +94,6 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
-        if cfg.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -105,18 +103,14 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
-        if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{record.get('loss', float('nan')):.4f}", sps=f"{record.get('samples_per_s', 0.0):.1f}"
-            )
+        if "loss" in record:  # a training window (the probe writes records of its own)
+            self.console.record(step, record)
 
     def advance(self, steps: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
+        self.console.advance(steps)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.console.close()
         if self.tb is not None:
             self.tb.close()
         if self.file is not None:
