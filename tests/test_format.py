@@ -122,13 +122,13 @@ def test_config_messages_name_the_key_the_value_and_what_was_expected(tmp_path):
     (tmp_path / "c.yaml").write_text("inner:\n  sizes: [1, x]\n")
     with pytest.raises(ConfigError, match=r"c.yaml.inner.sizes\[1\]: expected an integer, got 'x'"):
         load_config(_Cfg, tmp_path / "c.yaml")
-    with pytest.raises(ConfigError, match="config.flag: expected true/false, got 'maybe'"):
+    with pytest.raises(ConfigError, match="command line 'flag=maybe': expected true/false, got 'maybe'"):
         load_config(_Cfg, None, ["flag=maybe"])
-    with pytest.raises(ConfigError, match="config.inner.lr: expected a number, got True"):
+    with pytest.raises(ConfigError, match="command line 'inner.lr=true': expected a number, got True"):
         load_config(_Cfg, None, ["inner.lr=true"])  # YAML's true is no number
-    with pytest.raises(ConfigError, match="config.inner: expected a mapping for _Inner, got 3"):
+    with pytest.raises(ConfigError, match="command line 'inner=3': expected a mapping for _Inner, got 3"):
         load_config(_Cfg, None, ["inner=3"])
-    with pytest.raises(ConfigError, match="config.name: expected a string, got \\[1\\]"):
+    with pytest.raises(ConfigError, match="command line 'name=\\[1\\]': expected a string, got \\[1\\]"):
         load_config(_Cfg, None, ["name=[1]"])
     assert load_config(_Cfg, None, ["inner.sizes=3,4", "name=5"]) == _Cfg(name="5", inner=_Inner(sizes=[3, 4]))
 
