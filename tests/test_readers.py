@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from histotx.sharding.cohort import Cohort, CohortSample
+from histotx.sharding.cohort import Cohort, CohortSample, nest_options
 from histotx.sharding.errors import InputError
 from histotx.sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
 from histotx.sharding.tenx import read_10x_h5
@@ -36,7 +36,7 @@ XENIUM_COUNTS = {"sample1": (962, 5, 185), "sample2": (777, 4, 185)}
 
 def run(tmp_path: Path, opts: ReaderOptions | None = None, **sample):
     """read_sites for one sample of a cohort file that lives in tmp_path."""
-    s = CohortSample(**sample)
+    s = CohortSample(**nest_options(sample))  # options given flat, as older cohort files do
     cohort = Cohort(path=tmp_path / "cohort.yaml", samples=[s])
     return read_sites(s, cohort, opts or ReaderOptions()), s, cohort
 

@@ -73,10 +73,10 @@ def test_scan_finds_every_kind(tree):
     assert entries["lungA"]["data"] == "lungA/outs" and entries["lungA"]["slide"] == "lungA/lungA_HE.svs"
     assert entries["lungB"]["slide"] == "lungB_scan.svs"
     assert entries["s1"]["slide"].startswith(TODO) and "batch1/s1/outs" in entries["s1"]["slide"]
-    assert entries["hd1"]["data"] == "hd1/outs" and entries["hd1"]["bin_size_um"] == 2
+    assert entries["hd1"]["data"] == "hd1/outs" and entries["hd1"]["options"]["bin_size_um"] == 2
     assert entries["hd1"]["slide"] == "hd1/hd1.tif"
     xen = entries["run1_region1"]
-    assert xen["slide"] == "xen/run1__region1/run1_he_image.ome.tif" and "alignment" not in xen  # found in the bundle
+    assert xen["slide"] == "xen/run1__region1/run1_he_image.ome.tif" and "options" not in xen  # found in the bundle
     assert entries["TENX01"]["data"] == "hest" and "slide" not in entries["TENX01"]
     assert entries["NCBI7"]["slide"].startswith(TODO)
     # no patient information in Space Ranger / Xenium outputs (nor in an unreadable HEST metadata file)
@@ -85,9 +85,9 @@ def test_scan_finds_every_kind(tree):
 
 def test_scan_inside_a_visium_hd_output(tree):
     (entry,) = scan(tree / "hd1" / "outs" / "binned_outputs")
-    assert entry["technology"] == "visium_hd" and entry["data"] == "." and entry["bin_size_um"] == 2
+    assert entry["technology"] == "visium_hd" and entry["data"] == "." and entry["options"]["bin_size_um"] == 2
     (entry,) = scan(tree / "hd1" / "outs" / "binned_outputs" / "square_008um")
-    assert entry["technology"] == "visium_hd" and entry["bin_size_um"] == 8
+    assert entry["technology"] == "visium_hd" and entry["options"]["bin_size_um"] == 8
 
 
 def test_scan_without_a_nearby_slide_marks_todo(tree):

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from histotx.sharding.technologies import TECHNOLOGIES
+
 DEFAULT_RESOLUTION_UM = 16.0
 """Transcript token side for embedding. Training draws one size per batch from
 ``data.collate.resolutions_um``; 16 µm is in every shipped list (the default native/8/16/32/55,
@@ -97,7 +99,7 @@ def register_embed(subparsers) -> None:
     s = p.add_argument_group("a slide (sharded first, into a temporary folder, exactly as `histotx shard run`)")
     s.add_argument("--slide", type=Path, help="the H&E slide (SVS, pyramidal TIFF, OME-TIFF, ...)")
     s.add_argument("--data", type=Path, help="its Space Ranger outs/, Xenium bundle or HEST root")
-    s.add_argument("--technology", help="visium | visium_hd | xenium | hest (default image_only without --data)")
+    s.add_argument("--technology", help=f"{' | '.join(TECHNOLOGIES)} (default image_only without --data)")
     s.add_argument("--sample-id", help="sample id (default: from the slide's file name)")
     s.add_argument("--patient", default="", help="patient id (default: the sample id)")
     s.add_argument("--mpp", type=float, help="µm/px of the slide's level 0, overriding its metadata")

@@ -601,32 +601,33 @@ def embed_slide(
     into ``shards_dir`` (default a temporary folder, removed after), then :func:`embed_shards`.
     The h5ad's ``uns["slide"]`` is the slide; ``uns["shards"]`` is the shard folder when it is kept
     (``shards_dir``), absent otherwise. Returns the path of ``<out_dir>/<sample_id>.h5ad``."""
+    from histotx.sharding import technologies
     from histotx.sharding.cohort import dump_cohort
     from histotx.sharding.config import ShardConfig
     from histotx.sharding.pipeline import run_cohort
 
     technology = technology or ("image_only" if data is None else None)
     if technology is None:
-        raise ValueError("embed_slide: give the technology of the data (visium, visium_hd, xenium, hest)")
+        raise ValueError("embed_slide: give the technology of the data (one of histotx.sharding.technologies)")
     if technology == "hest" and not sample_id:
         raise ValueError("embed_slide: a HEST sample needs its id (sample_id)")
     slide = Path(slide).resolve() if slide else None
     sample_id = sample_id or slide_sample_id(slide)
-    entry = {
-        "id": sample_id,
-        "technology": technology,
-        "patient": patient or sample_id,
-        "image_scale": image_scale,
-        "bin_size_um": bin_size_um,
-    }
+    tech = technologies.technology(technology)
+    entry = {"id": sample_id, "technology": technology, "patient": patient or sample_id}
     for key, value in (
         ("slide", slide),
         ("data", Path(data).resolve() if data else None),
         ("mpp", mpp),
-        ("alignment", str(Path(alignment).resolve()) if alignment else None),
     ):
         if value is not None:
             entry[key] = str(value) if isinstance(value, Path) else value
+    given = {
+        "image_scale": image_scale,
+        "bin_size_um": bin_size_um,
+        "alignment": str(Path(alignment).resolve()) if alignment else None,
+    }
+    entry["options"] = {k: v for k, v in given.items() if k in tech.option_names() and v is not None}
     cfg = shard_config or ShardConfig()
     cfg.validate()
     with tempfile.TemporaryDirectory(prefix="histotx-embed-") as tmp:

@@ -7,16 +7,17 @@ samples:
                                # empty or "TODO: ..." → the sample counts as its own patient
     organ: Lung                # optional labels, recorded in the manifest
     species: Homo sapiens
-    technology: visium         # visium | visium_hd | xenium | hest | image_only
+    technology: visium         # one of histotx.sharding.technologies.TECHNOLOGIES
     slide: lung01/he.svs       # the H&E (SVS, pyramidal TIFF, OME-TIFF; PNG/JPEG for small images)
-    data: lung01/outs          # visium/visium_hd: Space Ranger outs/; xenium: the output bundle;
-                               # hest: the HEST root (st/, wsis/, metadata/); image_only: unused
+    data: lung01/outs          # what the technology reads (its Technology.data), e.g. Space Ranger outs/
     mpp: null                  # µm/px of the slide's level 0, overriding its metadata
-    image_scale: fullres       # visium: which image `slide` is (fullres | hires | lowres)
-    bin_size_um: 2             # visium_hd: which binned output (2, 8 or 16)
-    alignment: null            # xenium: *_he_imagealignment.csv (default: found in the bundle)
+    options:                   # the technology's own options (its dataclass in histotx.sharding.technologies)
+      image_scale: fullres     # visium: which image `slide` is (fullres | hires | lowres)
 ```
-Relative paths are resolved against the cohort file's folder.
+Each technology's options are the fields of its dataclass there (e.g. visium_hd ``bin_size_um``, xenium
+``alignment``); `histotx shard scan` writes them. An option may also be given at the sample's top level
+(``image_scale: lowres``), as cohort files written before options nested did. Relative paths are resolved
+against the cohort file's folder.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ import yaml
 
 from histotx.config import ConfigError, from_dict
 from histotx.format import FormatError, check_sample_id
+from histotx.sharding.technologies import TECHNOLOGIES, Technology
 
-TECHNOLOGIES = ("visium", "visium_hd", "xenium", "hest", "image_only")
 TODO = "TODO"  # marks a value `histotx shard scan` could not fill in
-IMAGE_SCALES = ("fullres", "hires", "lowres")
 
 
 @dataclass
@@ -45,9 +45,21 @@ class CohortSample:
     organ: str = ""
     species: str = ""
     mpp: float | None = None
-    image_scale: str = "fullres"
-    bin_size_um: float = 2.0
-    alignment: str | None = None
+    options: Any = None  # the technology's options dataclass (a mapping in the cohort file)
+
+    def __post_init__(self) -> None:
+        tech = TECHNOLOGIES.get(self.technology)
+        if tech is not None and not isinstance(self.options, tech.options):  # unknown technology: validate() says
+            if self.options is not None and not isinstance(self.options, dict):
+                raise ConfigError(f"sample {self.id}: options must be a mapping, got {self.options!r}")
+            try:
+                self.options = from_dict(tech.options, self.options or {}, "options")
+            except ConfigError as exc:
+                raise ConfigError(f"sample {self.id}: {exc}") from exc
+
+    @property
+    def tech(self) -> Technology:
+        return TECHNOLOGIES[self.technology]
 
     def validate(self) -> None:
         """Checks that need no file access; a sample that fails here is reported, not fatal to the cohort."""
@@ -59,11 +71,9 @@ class CohortSample:
             raise ConfigError(
                 f"sample {self.id}: unknown technology {self.technology!r}; expected one of {', '.join(TECHNOLOGIES)}"
             )
-        if self.image_scale not in IMAGE_SCALES:
-            raise ConfigError(f"sample {self.id}: image_scale must be one of {IMAGE_SCALES}")
-        if self.technology != "image_only" and not self.data:
-            raise ConfigError(f"sample {self.id}: technology {self.technology} needs `data:` (its output folder)")
-        if self.technology != "hest" and not self.slide:
+        if self.tech.reader is not None and not self.data:
+            raise ConfigError(f"sample {self.id}: technology {self.technology} needs `data:` ({self.tech.data})")
+        if self.tech.needs_slide and not self.slide:
             raise ConfigError(f"sample {self.id}: needs `slide:` (the H&E image)")
         if self.mpp is not None and not self.mpp > 0:
             raise ConfigError(f"sample {self.id}: mpp must be > 0, got {self.mpp}")
@@ -109,6 +119,21 @@ def patient_warning(cohort: Cohort) -> str | None:
     )
 
 
+def nest_options(entry: dict[str, Any]) -> dict[str, Any]:
+    """A cohort entry with its technology's options given at the top level (as before they nested under
+    ``options:``) moved there; an option given in both places is an error."""
+    tech = TECHNOLOGIES.get(entry.get("technology"))
+    flat = sorted(set(entry) & tech.option_names()) if tech is not None else []
+    if not flat:
+        return entry
+    options = entry.get("options") or {}
+    if not isinstance(options, dict) or set(flat) & set(options):
+        raise ConfigError(f"sample {entry.get('id')}: {flat} given both at the top level and under options")
+    out = {k: v for k, v in entry.items() if k not in flat}
+    out["options"] = {**options, **{k: entry[k] for k in flat}}
+    return out
+
+
 def load_cohort(path: str | Path) -> Cohort:
     """Parse a cohort file; a malformed entry is kept as `invalid` so the other samples still run."""
     path = Path(path)
@@ -127,7 +152,7 @@ def load_cohort(path: str | Path) -> Cohort:
         try:
             if not isinstance(entry, dict):
                 raise ConfigError(f"entry {i} is not a mapping")
-            sample = from_dict(CohortSample, entry, where=f"{path}: sample {label}")
+            sample = from_dict(CohortSample, nest_options(entry), where=f"{path}: sample {label}")
             if sample.id in seen:
                 raise ConfigError(f"{path}: sample id {sample.id!r} appears twice")
             seen.add(sample.id)

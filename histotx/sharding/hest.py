@@ -26,6 +26,7 @@ from scipy.spatial import cKDTree
 
 from histotx.sharding.errors import InputError, read_json_object
 from histotx.sharding.sites import Sites
+from histotx.sharding.technologies import Folder, ReaderOptions, SampleInput
 from histotx.sharding.tenx import check_counts, gene_identity
 
 log = logging.getLogger(__name__)
@@ -275,3 +276,55 @@ def hest_genes(data: Path, sample_id: str) -> list[tuple[str, str]]:
     except Exception as exc:  # as in _read_h5ad: any failure means the file is unreadable
         raise InputError(path, f"unreadable h5ad ({type(exc).__name__}: {exc})") from exc
     return _genes(var)
+
+
+# ---------------------------------------------------------------------------------------------- reader protocol
+# (histotx.sharding.technologies.Reader; HEST has no options)
+
+
+def read(given: SampleInput, run: ReaderOptions) -> Sites:
+    return read_hest(given.data, given.sample.id, run.in_tissue_only)
+
+
+def mpp_hint(given: SampleInput) -> float | None:
+    return hest_mpp_hint(given.data, given.sample.id)
+
+
+def genes(given: SampleInput) -> list[tuple[str, str]]:
+    return hest_genes(given.data, given.sample.id)
+
+
+def slide(given: SampleInput) -> Path:
+    """<root>/wsis/<id>.tif (or .tiff/.svs/.ome.tif): HEST cohort entries need no `slide:`."""
+    return hest_slide(*hest_root_and_id(given.data, given.sample.id))
+
+
+def detect(folder: Folder) -> bool:
+    return "st" in folder.dirs and "wsis" in folder.dirs and any((folder.path / "st").glob("*.h5ad"))
+
+
+def scan_entries(found: Folder) -> list[dict]:
+    """One entry per st/<id>.h5ad, labelled from metadata/<id>.json; the reader finds the slide in wsis/."""
+    from histotx.sharding.scan import PATIENT_TODO, rel, sample_id_of, todo_slide
+
+    folder, base = found.path, found.base
+    entries = []
+    for h5ad in sorted((folder / "st").glob("*.h5ad")):
+        try:
+            labels = sample_labels(folder, h5ad.stem)
+        except InputError:  # missing or unreadable metadata: `shard run` reports it for this sample
+            labels = {}
+        entry = {
+            "id": sample_id_of(h5ad.stem),
+            "patient": labels.get("patient") or PATIENT_TODO,
+            **{k: v for k, v in labels.items() if k != "patient" and v},
+            "technology": "hest",
+            "data": rel(folder, base),
+            "mpp": None,
+        }
+        if entry["id"] != h5ad.stem:  # an id the cohort cannot carry: point at the h5ad itself
+            entry["data"] = rel(h5ad, base)
+        if not any((folder / "wsis" / f"{h5ad.stem}{s}").is_file() for s in SLIDE_SUFFIXES):
+            entry["slide"] = todo_slide(folder / "wsis", base)
+        entries.append(entry)
+    return entries

@@ -28,6 +28,7 @@ from histotx.sharding.config import ShardConfig
 from histotx.sharding.errors import InputError, OutputError
 from histotx.sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
 from histotx.sharding.slides import Slide
+from histotx.sharding.technologies import TECHNOLOGIES
 from histotx.sharding.tiles import plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
 from histotx.sharding.tissue import TissueMap, tissue_mask
 from histotx.sharding.writer import (
@@ -102,7 +103,7 @@ def build_vocab(cohort: Cohort, out_dir: Path, start_from: Path | None) -> tuple
     first_of: dict[tuple[str, str], str] = {}  # (naming, species) → first sample that uses only that naming
     rejected: dict[str, InputError] = {}
     for sample in cohort.samples:
-        if sample.technology == "image_only":
+        if sample.tech.reader is None:
             continue
         try:
             genes = read_genes(sample, cohort)
@@ -217,8 +218,9 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         thumb, scale = slide.thumbnail(cfg.mask_mpp)
         tissue = TissueMap(tissue_mask(thumb), scale)
         if cfg.tiling == "spots":
-            if sites is None or sample.technology not in ("visium", "hest"):
-                raise InputError(data_path, f"tiling=spots needs spot data (Visium or HEST), not {sample.technology}")
+            if sites is None or not sample.tech.spots:
+                spotted = ", ".join(t.name for t in TECHNOLOGIES.values() if t.spots)
+                raise InputError(data_path, f"tiling=spots needs spot data ({spotted}), not {sample.technology}")
             plan = plan_spots(sites.xy_px[sites.on_slide(slide.width, slide.height)], tissue, cfg, geom)
         else:
             plan = plan_grid(

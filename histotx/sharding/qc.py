@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from histotx.format import decode_grid, decode_image_rgb, decode_sample, output_path, read_manifest
 from histotx.shard_reader import shard_path
+from histotx.sharding.technologies import IMAGE_ONLY
 from histotx.sharding.verify import iter_shard
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def write_qc(shard_dir: Path, out_dir: Path, per_sample: int = 8, columns: int =
             tiles = picked.setdefault(sid, [])
             if len(tiles) >= per_sample:
                 break
-            if tile.grid.n_sites == 0 and manifest["samples"][sid].get("technology") != "image_only":
+            if tile.grid.n_sites == 0 and manifest["samples"][sid].get("technology") != IMAGE_ONLY:
                 continue
             footprint_px = tile.grid.footprint_um / tile.meta["mpp"]
             tiles.append(
@@ -150,7 +151,7 @@ def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max
         target = max(slide.mpp * max(slide.width, slide.height) / max_px, slide.mpp)
         thumb, per_px = slide.thumbnail(target)  # per_px: level-0 px per overview px
         dropped = np.zeros((0, 2))
-        sites = _input_sites(manifest, sid) if rec.get("technology") != "image_only" else None
+        sites = _input_sites(manifest, sid) if rec.get("technology") != IMAGE_ONLY else None
         if sites is not None:
             xy = np.asarray(sites.xy_px, dtype=np.float64)
             on = (xy[:, 0] >= 0) & (xy[:, 0] < slide.width) & (xy[:, 1] >= 0) & (xy[:, 1] < slide.height)
@@ -171,7 +172,7 @@ def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max
         f"under no tile (red)"
         + (
             ""
-            if rec.get("technology") == "image_only" or sites is not None
+            if rec.get("technology") == IMAGE_ONLY or sites is not None
             else "; input not readable, dropped sites not drawn"
         )
     )

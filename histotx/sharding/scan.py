@@ -1,4 +1,7 @@
-"""Find Space Ranger / Visium HD / Xenium / HEST outputs under a folder and draft a cohort file.
+"""Find every registered technology's outputs under a folder and draft a cohort file.
+
+Each technology's module says whether a folder is one of its outputs (``detect``) and drafts its entries
+(``scan_entries``); this module walks the tree and holds what they share (slide guessing, placeholders).
 
 The draft is meant to be edited: the slide is guessed from image files next to each output and,
 when none is found, left as a ``TODO`` placeholder that fails loudly if sharded unedited. A folder
@@ -15,15 +18,15 @@ import re
 from pathlib import Path
 
 from histotx.sharding.cohort import TODO
-from histotx.sharding.errors import InputError
-from histotx.sharding.hest import sample_labels
+from histotx.sharding.technologies import Folder, readers
 
 SLIDE_PATTERNS = ("*_he_image.ome.tif", "*.svs", "*.ome.tif", "*.tif", "*.tiff")  # best first
 NOT_HE = ("morphology",)  # Xenium fluorescence images, never the H&E
 PATIENT_TODO = f"{TODO}: patient id (sections of one patient share it; until set, the sample is its own patient)"
 
 
-def _sample_id(name: str) -> str:
+def sample_id_of(name: str) -> str:
+    """A cohort sample id from a folder or file name."""
     sid = re.sub(r"[^A-Za-z0-9-]+", "_", name).strip("_-")
     return sid or "sample"
 
@@ -51,97 +54,33 @@ def guess_slide(own: list[Path], nearby: list[Path], sample_id: str) -> Path | N
     return None
 
 
-def _rel(path: Path, base: Path) -> str:
+def rel(path: Path, base: Path) -> str:
     return os.path.relpath(path, base)
 
 
-def _todo(folder: Path, base: Path) -> str:
-    return f"{TODO}: path to the H&E slide (none found near {_rel(folder, base)})"
+def todo_slide(folder: Path, base: Path) -> str:
+    return f"{TODO}: path to the H&E slide (none found near {rel(folder, base)})"
 
 
-_SQUARE = re.compile(r"square_(\d+)um")
-_WRAPPERS = ("outs", "binned_outputs")  # folders named by Space Ranger, not by the sample
-
-
-def _spaceranger_entry(data: Path, root: Path, base: Path, technology: str) -> dict:
-    sample_folder = data
-    while (sample_folder.name in _WRAPPERS or _SQUARE.fullmatch(sample_folder.name)) and sample_folder != root:
-        sample_folder = sample_folder.parent
-    sid = _sample_id(sample_folder.name)
+def folder_entry(folder: Folder, technology: str, sample_folder: Path | None = None) -> dict:
+    """The entry of a sample whose outputs sit in one folder (its ``data``), its slide guessed from that
+    folder and ``sample_folder`` (default the folder), or a file naming the sample next to ``sample_folder``."""
+    data, base = folder.path, folder.base
+    sample_folder = sample_folder or data
+    sid = sample_id_of(sample_folder.name)
     own = [data] + ([data.parent] if data.name == "outs" else [])
     if sample_folder not in own:
         own.append(sample_folder)
-    nearby = [sample_folder.parent] if sample_folder != root else []
+    nearby = [sample_folder.parent] if sample_folder != folder.root else []
     slide = guess_slide(own, nearby, sid)
-    entry = {
+    return {
         "id": sid,
         "patient": PATIENT_TODO,
         "technology": technology,
-        "slide": _rel(slide, base) if slide else _todo(data, base),
-        "data": _rel(data, base),
-        "mpp": None,
-        "image_scale": "fullres",
-    }
-    if technology == "visium_hd":
-        binned = data if data.name == "binned_outputs" or _SQUARE.fullmatch(data.name) else data / "binned_outputs"
-        folders = [binned] if _SQUARE.fullmatch(binned.name) else binned.glob("square_*um")
-        sizes = sorted(int(m.group(1)) for p in folders if (m := _SQUARE.fullmatch(p.name)))
-        entry["bin_size_um"] = 2 if 2 in sizes or not sizes else sizes[0]
-    return entry
-
-
-def _xenium_entry(bundle: Path, root: Path, base: Path) -> dict:
-    sid = _sample_id(bundle.name)
-    nearby = [bundle.parent] if bundle != root else []
-    slide = guess_slide([bundle], nearby, sid)
-    entry = {
-        "id": sid,
-        "patient": PATIENT_TODO,
-        "technology": "xenium",
-        "slide": _rel(slide, base) if slide else _todo(bundle, base),
-        "data": _rel(bundle, base),
+        "slide": rel(slide, base) if slide else todo_slide(data, base),
+        "data": rel(data, base),
         "mpp": None,
     }
-    if not list(bundle.glob("*imagealignment.csv")) and slide is not None and slide.parent != bundle:
-        aligned = sorted(slide.parent.glob(f"{slide.name.split('_he_image')[0]}*imagealignment.csv"))
-        if len(aligned) == 1:
-            entry["alignment"] = _rel(aligned[0], base)
-    return entry
-
-
-def _hest_entries(hest_root: Path, base: Path) -> list[dict]:
-    entries = []
-    for h5ad in sorted((hest_root / "st").glob("*.h5ad")):
-        try:
-            labels = sample_labels(hest_root, h5ad.stem)
-        except InputError:  # missing or unreadable metadata: `shard run` reports it for this sample
-            labels = {}
-        entry = {
-            "id": _sample_id(h5ad.stem),
-            "patient": labels.get("patient") or PATIENT_TODO,
-            **{k: v for k, v in labels.items() if k != "patient" and v},
-            "technology": "hest",
-            "data": _rel(hest_root, base),
-            "mpp": None,
-        }
-        if entry["id"] != h5ad.stem:  # an id the cohort cannot carry: point at the h5ad itself
-            entry["data"] = _rel(h5ad, base)
-        if not any((hest_root / "wsis" / f"{h5ad.stem}{s}").is_file() for s in (".tif", ".tiff", ".svs", ".ome.tif")):
-            entry["slide"] = _todo(hest_root / "wsis", base)
-        entries.append(entry)
-    return entries
-
-
-def _kind(folder: Path, dirnames: list[str], filenames: list[str]) -> str | None:
-    if "binned_outputs" in dirnames or folder.name == "binned_outputs" or _SQUARE.fullmatch(folder.name):
-        return "visium_hd"
-    if "experiment.xenium" in filenames:
-        return "xenium"
-    if "spatial" in dirnames and any(f.endswith(("feature_bc_matrix.h5", "probe_bc_matrix.h5")) for f in filenames):
-        return "visium"
-    if "st" in dirnames and "wsis" in dirnames and any((folder / "st").glob("*.h5ad")):
-        return "hest"
-    return None
 
 
 def scan(root: Path, relative_to: Path | None = None) -> list[dict]:
@@ -150,19 +89,15 @@ def scan(root: Path, relative_to: Path | None = None) -> list[dict]:
     root = Path(root).resolve()
     base = Path(relative_to).resolve() if relative_to else root
     entries: list[dict] = []
+    technologies = readers()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        folder = Path(dirpath)
-        kind = _kind(folder, dirnames, filenames)
-        if kind is None:
+        folder = Folder(Path(dirpath), dirnames, filenames, root, base)
+        reader = next((r for _, r in technologies if r.detect(folder)), None)
+        if reader is None:
             continue
         dirnames[:] = []  # an output's insides are not further outputs
-        if kind == "hest":
-            entries += _hest_entries(folder, base)
-        elif kind == "xenium":
-            entries.append(_xenium_entry(folder, root, base))
-        else:
-            entries.append(_spaceranger_entry(folder, root, base, kind))
+        entries += reader.scan_entries(folder)
     seen: dict[str, int] = {}
     for entry in entries:  # unique ids: the second "outs" of a name becomes name_2
         n = seen[entry["id"]] = seen.get(entry["id"], 0) + 1

@@ -11,6 +11,7 @@ the sample fails with an InputError. A barcode listed twice in either file is an
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 
 from histotx.sharding.errors import InputError, read_json_object
 from histotx.sharding.sites import Sites
+from histotx.sharding.technologies import Folder, ReaderOptions, SampleInput
 from histotx.sharding.tenx import TenxMatrix, read_10x_genes, read_10x_h5
 
 log = logging.getLogger(__name__)
@@ -220,3 +222,45 @@ def visium_mpp_hint(outs: Path, image_scale: str = "fullres") -> float | None:
 
 def visium_genes(outs: Path) -> list[tuple[str, str]]:
     return read_10x_genes(find_matrix(outs))
+
+
+# ---------------------------------------------------------------------------------------------- reader protocol
+# (histotx.sharding.technologies.Reader; sample.options is a VisiumOptions)
+
+
+def read(given: SampleInput, run: ReaderOptions) -> Sites:
+    return read_visium(given.data, given.options.image_scale, run.in_tissue_only)
+
+
+def mpp_hint(given: SampleInput) -> float | None:
+    return visium_mpp_hint(given.data, given.options.image_scale)
+
+
+def genes(given: SampleInput) -> list[tuple[str, str]]:
+    return visium_genes(given.data)
+
+
+def detect(folder: Folder) -> bool:
+    return "spatial" in folder.dirs and any(
+        f.endswith(("feature_bc_matrix.h5", "probe_bc_matrix.h5")) for f in folder.files
+    )
+
+
+SQUARE_FOLDER = re.compile(r"square_(\d+)um")  # a Visium HD binned output
+_WRAPPERS = ("outs", "binned_outputs")  # folders named by Space Ranger, not by the sample
+
+
+def spaceranger_entry(folder: Folder, technology: str) -> dict:
+    """A Space Ranger output's draft entry, its id from the first folder above the ones Space Ranger names."""
+    from histotx.sharding.scan import folder_entry
+
+    sample_folder = folder.path
+    while (
+        sample_folder.name in _WRAPPERS or SQUARE_FOLDER.fullmatch(sample_folder.name)
+    ) and sample_folder != folder.root:
+        sample_folder = sample_folder.parent
+    return folder_entry(folder, technology, sample_folder)
+
+
+def scan_entries(folder: Folder) -> list[dict]:
+    return [{**spaceranger_entry(folder, "visium"), "options": {"image_scale": "fullres"}}]

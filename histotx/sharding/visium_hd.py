@@ -20,15 +20,18 @@ import pyarrow.parquet as pq
 
 from histotx.sharding.bands import BandedSites
 from histotx.sharding.errors import InputError
+from histotx.sharding.technologies import Folder, ReaderOptions, SampleInput
 from histotx.sharding.tenx import TenxChunks, read_10x_genes
 from histotx.sharding.visium import (
     MAX_UNPLACED_FRACTION,
     POSITION_COLUMNS,
+    SQUARE_FOLDER,
     find_matrix,
     find_positions,
     image_scale_factor,
     read_positions,
     read_scalefactors,
+    spaceranger_entry,
 )
 
 log = logging.getLogger(__name__)
@@ -211,3 +214,36 @@ def visium_hd_mpp_hint(data: Path, bin_size_um: float = 2.0, image_scale: str = 
 
 def visium_hd_genes(data: Path, bin_size_um: float = 2.0) -> list[tuple[str, str]]:
     return read_10x_genes(find_matrix(bin_dir(data, bin_size_um)))
+
+
+# ---------------------------------------------------------------------------------------------- reader protocol
+# (histotx.sharding.technologies.Reader; sample.options is a VisiumHDOptions)
+
+
+def read(given: SampleInput, run: ReaderOptions) -> BandedSites:
+    o = given.options
+    return read_visium_hd(given.data, o.bin_size_um, o.image_scale, run.in_tissue_only, run.slide_px)
+
+
+def mpp_hint(given: SampleInput) -> float:
+    return visium_hd_mpp_hint(given.data, given.options.bin_size_um, given.options.image_scale)
+
+
+def genes(given: SampleInput) -> list[tuple[str, str]]:
+    return visium_hd_genes(given.data, given.options.bin_size_um)
+
+
+def detect(folder: Folder) -> bool:
+    name = folder.path.name
+    return "binned_outputs" in folder.dirs or name == "binned_outputs" or bool(SQUARE_FOLDER.fullmatch(name))
+
+
+def scan_entries(folder: Folder) -> list[dict]:
+    """Bins of 2 µm when that output is there (else the smallest found)."""
+    entry = spaceranger_entry(folder, "visium_hd")
+    path = folder.path
+    binned = path if path.name == "binned_outputs" or SQUARE_FOLDER.fullmatch(path.name) else path / "binned_outputs"
+    folders = [binned] if SQUARE_FOLDER.fullmatch(binned.name) else binned.glob("square_*um")
+    sizes = sorted(int(m.group(1)) for p in folders if (m := SQUARE_FOLDER.fullmatch(p.name)))
+    entry["options"] = {"bin_size_um": 2 if 2 in sizes or not sizes else sizes[0], "image_scale": "fullres"}
+    return [entry]

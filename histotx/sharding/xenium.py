@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from histotx.sharding.bands import BandedSites
 from histotx.sharding.errors import InputError, read_json_object
+from histotx.sharding.technologies import Folder, ReaderOptions, SampleInput
 from histotx.sharding.visium import MAX_UNPLACED_FRACTION
 
 log = logging.getLogger(__name__)
@@ -282,3 +283,36 @@ def xenium_mpp_hint(bundle: Path, alignment: Path | None = None) -> float:
 
 def xenium_genes(bundle: Path) -> list[tuple[str, str]]:
     return list(_panel(find_transcripts(bundle))[0])
+
+
+# ---------------------------------------------------------------------------------------------- reader protocol
+# (histotx.sharding.technologies.Reader; sample.options is a XeniumOptions)
+
+
+def read(given: SampleInput, run: ReaderOptions) -> BandedSites:
+    return read_xenium(given.data, given.resolve(given.options.alignment), run.qv_min, run.slide_px)
+
+
+def mpp_hint(given: SampleInput) -> float:
+    return xenium_mpp_hint(given.data, given.resolve(given.options.alignment))
+
+
+def genes(given: SampleInput) -> list[tuple[str, str]]:
+    return xenium_genes(given.data)
+
+
+def detect(folder: Folder) -> bool:
+    return "experiment.xenium" in folder.files
+
+
+def scan_entries(folder: Folder) -> list[dict]:
+    """The bundle's entry; an alignment file beside a slide found outside the bundle becomes its option."""
+    from histotx.sharding.scan import folder_entry, rel
+
+    entry = folder_entry(folder, "xenium")
+    slide = None if entry["slide"].startswith("TODO") else (folder.base / entry["slide"]).resolve()
+    if not list(folder.path.glob("*imagealignment.csv")) and slide is not None and slide.parent != folder.path:
+        aligned = sorted(slide.parent.glob(f"{slide.name.split('_he_image')[0]}*imagealignment.csv"))
+        if len(aligned) == 1:
+            entry["options"] = {"alignment": rel(aligned[0], folder.base)}
+    return [entry]

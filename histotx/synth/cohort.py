@@ -149,7 +149,7 @@ def _visium(s: _Sample, out: Path, model: ExpressionModel, sr_version: int) -> _
         write_visium_outs(outs, spots, counts, in_tissue, model.genes, mpp, SpatialImages.of(image), sr_version, s.rng)
 
     return _Plan(
-        {"slide": slide, "data": outs, "image_scale": "fullres"},
+        {"slide": slide, "data": outs, "options": {"image_scale": "fullres"}},
         slide,
         _sites_truth("spot", spots.barcodes, spots.px, s, in_tissue=in_tissue.astype(int)),
         spots.px.astype(np.float64),
@@ -179,7 +179,7 @@ def _visium_hd(s: _Sample, out: Path, model: ExpressionModel, crop_um: int) -> _
         write_visium_hd_outs(outs, grid, counts, s.tissue.in_tissue, model.genes, mpp, SpatialImages.of(image))
 
     return _Plan(
-        {"slide": slide, "data": outs, "bin_size_um": 2},
+        {"slide": slide, "data": outs, "options": {"bin_size_um": 2}},
         slide,
         _sites_truth(
             "bin", ids, xy_px, s, bin_size_um=2, subset=f"in-tissue 2 µm bins, one in {HD_MARK_EVERY} per axis"

@@ -1,0 +1,57 @@
+"""The technology registry: every technology's reader follows the protocol, and the cohort's allowed
+technologies, options and scan's detection all come from it."""
+
+from __future__ import annotations
+
+from histotx.sharding.cohort import load_cohort
+from histotx.sharding.technologies import IMAGE_ONLY, TECHNOLOGIES, Reader, readers
+
+PROTOCOL = [name for name in dir(Reader) if not name.startswith("_")]
+
+
+def test_every_reader_follows_the_protocol():
+    assert set(PROTOCOL) == {"read", "mpp_hint", "genes", "detect", "scan_entries"}
+    assert [t.name for t, _ in readers()] == [n for n, t in TECHNOLOGIES.items() if t.reader is not None]
+    for tech, module in readers():
+        missing = [name for name in PROTOCOL if not callable(getattr(module, name, None))]
+        assert not missing, f"{tech.name}: {module.__name__} lacks {missing}"
+        assert tech.needs_slide or callable(getattr(module, "slide", None)), tech.name
+    assert TECHNOLOGIES[IMAGE_ONLY].reader is None
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cohort.yaml"
+    path.write_text(text)
+    return load_cohort(path)
+
+
+def test_cohort_options_nest_under_the_sample_or_stay_flat(tmp_path):
+    cohort = write(
+        tmp_path,
+        "samples:\n"
+        "  - {id: a, technology: visium_hd, slide: a.tif, data: a, options: {bin_size_um: 8}}\n"
+        "  - {id: b, technology: visium_hd, slide: b.tif, data: b, bin_size_um: 16, image_scale: hires}\n"
+        "  - {id: c, technology: image_only, slide: c.tif}\n",
+    )
+    a, b, c = cohort.samples
+    assert (a.options.bin_size_um, a.options.image_scale) == (8.0, "fullres")
+    assert (b.options.bin_size_um, b.options.image_scale) == (16.0, "hires")
+    assert type(c.options).__name__ == "NoOptions" and not cohort.invalid
+
+
+def test_cohort_refuses_what_the_registry_does_not_know(tmp_path):
+    cohort = write(
+        tmp_path,
+        "samples:\n"
+        "  - {id: a, technology: spatialomics, slide: a.tif, data: a}\n"
+        "  - {id: b, technology: xenium, slide: b.tif, data: b, options: {bin_size_um: 8}}\n"
+        "  - {id: c, technology: visium, slide: c.tif, data: c, options: {image_scale: midres}}\n"
+        "  - {id: d, technology: visium, slide: d.tif, data: d, image_scale: hires, options: {image_scale: hires}}\n"
+        "  - {id: e, technology: xenium, slide: e.tif}\n",
+    )
+    errors = dict(cohort.invalid)
+    assert f"expected one of {', '.join(TECHNOLOGIES)}" in errors["a"]
+    assert "sample b: options: unknown key(s) ['bin_size_um']; known: ['alignment']" in errors["b"]
+    assert "image_scale must be one of" in errors["c"] and "midres" in errors["c"]
+    assert "both at the top level and under options" in errors["d"]
+    assert "needs `data:` (the Xenium output bundle)" in errors["e"]
