@@ -158,8 +158,8 @@ def register_cli(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("out", type=Path, nargs="?", default=Path("out/demo"), help="output folder (default out/demo)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="sharding processes")
-    p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="pretraining steps")
-    p.add_argument("--ranks", type=int, default=TRAIN_RANKS, help="CPU training processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cohort, the sharding and the training (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="sharding processes (default 1)")
+    p.add_argument("--steps", type=int, default=TRAIN_STEPS, help=f"pretraining steps (default {TRAIN_STEPS})")
+    p.add_argument("--ranks", type=int, default=TRAIN_RANKS, help=f"CPU training processes (default {TRAIN_RANKS})")
     p.set_defaults(func=lambda a: run_demo(a.out, a.seed, a.workers, a.steps, a.ranks))

@@ -85,7 +85,9 @@ def register_embed(subparsers) -> None:
     )
     p.add_argument("--image-px", type=int, help="resize each tile to this side (default: the model's input size)")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, ... (default auto)"
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -103,8 +105,14 @@ def register_embed(subparsers) -> None:
     s.add_argument("--sample-id", help="sample id (default: from the slide's file name)")
     s.add_argument("--patient", default="", help="patient id (default: the sample id)")
     s.add_argument("--mpp", type=float, help="µm/px of the slide's level 0, overriding its metadata")
-    s.add_argument("--image-scale", default="fullres", help="visium: which image --slide is (fullres|hires|lowres)")
-    s.add_argument("--bin-size-um", type=float, default=2.0, help="visium_hd: which binned output (2, 8, 16)")
+    s.add_argument(
+        "--image-scale",
+        default="fullres",
+        help="visium: which image --slide is (fullres|hires|lowres; default fullres)",
+    )
+    s.add_argument(
+        "--bin-size-um", type=float, default=2.0, help="visium_hd: which binned output (2, 8, 16; default 2)"
+    )
     s.add_argument("--alignment", type=Path, help="xenium: the *_he_imagealignment.csv (default: from the bundle)")
     s.add_argument("--shard-config", type=Path, help="shard settings YAML (e.g. a shard set's shard_config.yaml)")
     s.add_argument("--keep-shards", type=Path, help="write the slide's shards here and keep them")
@@ -267,7 +275,7 @@ def register_eval(subparsers) -> None:
     )
     p.add_argument("--gene-groups", type=Path, help='JSON {"group": ["GENE", ...]}: per-group Pearson columns')
     p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_eval)
 

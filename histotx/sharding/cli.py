@@ -25,6 +25,22 @@ YAML and key=value overrides, e.g. `mpp=0.25 tile_px=224 tiling=spots`.
 """
 
 
+SCAN_DESCRIPTION = """\
+Search a folder for spatial transcriptomics outputs and slides, and write a cohort file for
+`histotx shard run`:
+  Space Ranger (Visium) outs       a folder with spatial/ and a *feature_bc_matrix.h5
+  Visium HD                        binned_outputs/square_*um
+  Xenium                           a bundle folder with experiment.xenium
+  HEST                             a folder with st/*.h5ad and wsis/
+  a slide on its own (.svs, ...)   an image_only sample
+
+Each sample's slide is the largest H&E image in its folder; a Visium folder without one uses
+Space Ranger's spatial/tissue_hires_image.png (or _lowres_), which the summary names as a guess.
+Paths are written as given (relative to the cohort file), never with symlinks resolved. Check the
+patients (sections of one patient share one id) and the guesses, then run `histotx shard run`.
+"""
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "shard",
@@ -49,28 +65,51 @@ def register(subparsers) -> None:
     r.add_argument("overrides", nargs="*", help="key=value settings, e.g. mpp=0.5 tile_px=224")
     r.set_defaults(func=_run)
 
-    s = sub.add_parser("scan", help="find inputs under a folder and write a cohort file to edit")
-    s.add_argument("root", type=Path)
-    s.add_argument("--out", type=Path, default=Path("cohort.yaml"))
+    s = sub.add_parser(
+        "scan",
+        help="find inputs under a folder and write a cohort file to check",
+        description=SCAN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("root", type=Path, help="the folder to search (every level below it)")
+    s.add_argument(
+        "--out",
+        type=Path,
+        default=Path("cohort.yaml"),
+        help="the cohort file to write; its paths are relative to its folder (default cohort.yaml)",
+    )
     s.set_defaults(func=_scan)
 
-    m = sub.add_parser("merge", help="join part manifests (from --part runs) into manifest.json")
-    m.add_argument("shard_dir", type=Path)
+    m = sub.add_parser(
+        "merge",
+        help="join part manifests (from --part runs) into manifest.json",
+        description="Join the part manifests that `histotx shard run --part i/n` runs wrote into one shard folder "
+        "(manifest.part*.json) into its manifest.json, with one vocabulary; then the folder is one shard set.",
+    )
+    m.add_argument("shard_dir", type=Path, help="the shard folder the parts wrote into")
     m.set_defaults(func=_merge)
 
-    v = sub.add_parser("verify", help="re-read every shard: checksums, schema, counts")
-    v.add_argument("shard_dir", type=Path)
-    v.add_argument("--no-checksums", action="store_true", help="skip sha256 (faster)")
+    v = sub.add_parser(
+        "verify",
+        help="re-read every shard: checksums, schema, counts",
+        description="Re-read every shard of a shard set: sha256 against the manifest, every member decoded and "
+        "checked against the format, tiles and sites counted per sample. Exit status 1 when any problem is found.",
+    )
+    v.add_argument("shard_dir", type=Path, help="the shard folder (with manifest.json)")
+    v.add_argument("--no-checksums", action="store_true", help="skip the sha256 checks (faster; default: check)")
     v.set_defaults(func=_verify)
 
     q = sub.add_parser(
         "qc",
         help="per sample: a contact sheet of tiles with sites drawn, and a whole-slide "
         "overview (kept tiles outlined, sites in shards cyan, sites under no tile red)",
+        description="Quality-control pictures of a shard set, per sample: a contact sheet of tiles with their "
+        "transcript sites drawn, and a whole-slide overview (kept tiles outlined, sites in the shards cyan, sites "
+        "under no kept tile red), so a half-missing slide or a shifted alignment is seen at a glance.",
     )
-    q.add_argument("shard_dir", type=Path)
-    q.add_argument("--out", type=Path, required=True)
-    q.add_argument("--per-sample", type=int, default=8)
+    q.add_argument("shard_dir", type=Path, help="the shard folder (with manifest.json)")
+    q.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created)")
+    q.add_argument("--per-sample", type=int, default=8, help="tiles on each sample's contact sheet (default 8)")
     q.set_defaults(func=_qc)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 

@@ -17,11 +17,17 @@ DESCRIPTION = """\
 Self-supervised pretraining (DINO + iBOT + KoLeo + masked transcripts) of the early-fusion ViT under
 DeepSpeed ZeRO, on a shard set made by `histotx shard run`.
 
-One process per GPU (or CPU rank); the launcher sets RANK / WORLD_SIZE / MASTER_ADDR:
-  histotx train configs/train/tiny_cpu.yaml data.stream.shards=out/demo/shards
-  torchrun --nproc-per-node 8 -m histotx.cli train configs/train/vit_l16_uni.yaml data.stream.shards=DIR
-  deepspeed --num_gpus 8 launch/train.py configs/train/vit_l16_uni.yaml data.stream.shards=DIR
-  srun python launch/train.py ...        (or slurm/pretrain.sbatch: torchrun per node, requeue on USR1)
+One process (CPU or one GPU):
+  histotx train configs/train/tiny_cpu.yaml data.stream.shards=out/demo/shards out=runs/tiny
+Several ranks, one process each (GPUs, or CPU ranks over gloo); the launcher sets RANK / WORLD_SIZE /
+MASTER_ADDR, and each rank runs the module histotx.launch.train (the same as `histotx train`):
+  OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m histotx.launch.train configs/train/tiny_cpu.yaml \
+      data.stream.shards=out/demo/shards out=runs/tiny2
+  torchrun --nproc-per-node 8 -m histotx.launch.train configs/train/vit_l16_uni.yaml data.stream.shards=DIR
+  deepspeed --num_gpus 8 launch/train.py configs/train/vit_l16_uni.yaml data.stream.shards=DIR   (a checkout)
+  srun python -m histotx.launch.train ...  (or slurm/pretrain.sbatch: torchrun per node, requeue on USR1)
+Input (shard folder, vocabulary, out) is checked before anything is built; a run that fails before its
+first checkpoint removes the folder it made.
 
 Outputs under `out` (a config key): config.yaml, metrics.jsonl, tensorboard/, checkpoints/step_*/ and
 checkpoints/latest; with checkpoint.export_every=N, exports/step_*/: the teacher backbone as a timm
