@@ -63,7 +63,15 @@ def test_new_cohort_appends_to_the_vocabulary(cohort, shared_data, tmp_path):
     xen.write_text(
         yaml.safe_dump({"samples": [{"id": "x", "technology": "xenium", "data": str(bundle), "slide": "missing.tif"}]})
     )
-    run_cohort(xen, tmp_path / "out2", CFG, vocab_from=out / "vocab.tsv")
-    after = Vocab.load(tmp_path / "out2/vocab.tsv")
+    from histotx.sharding.cohort import load_cohort
+    from histotx.sharding.pipeline import build_vocab
+
+    (tmp_path / "out3").mkdir()
+    after, _ = build_vocab(load_cohort(xen), tmp_path / "out3", out / "vocab.tsv")  # before any sample is cut
     assert len(after) > len(before)
     assert after.symbols[: len(before)] == before.symbols and after.ensembl[: len(before)] == before.ensembl
+    # the run: the sample fails (no slide), so the genes only it holds leave the vocabulary again
+    manifest = run_cohort(xen, tmp_path / "out2", CFG, vocab_from=out / "vocab.tsv")
+    assert manifest["samples"]["x"]["status"] == "failed"
+    kept = Vocab.load(tmp_path / "out2/vocab.tsv")
+    assert kept.symbols == before.symbols and kept.ensembl == before.ensembl

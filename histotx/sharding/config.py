@@ -41,6 +41,11 @@ class ShardConfig:
     # is unaffected); false: decode in full and area-average
     snap_tolerance: float = 0.02  # a pyramid level this close to `mpp` is cut 1:1 (tiles keep its exact µm/px)
     run_tiles: int = 16  # neighbouring tiles of a row read and resampled together as one region
+    # A slide coarser than `mpp` is enlarged into tiles (no detail is added): above warn_upsample× the sample gets
+    # a WARNING, above max_upsample× it fails (e.g. a 16 µm/px low-res image cut at 0.5 µm/px: 32×); 0: no limit.
+    # The factor is in the manifest (samples.<id>.upsample).
+    warn_upsample: float = 2.0
+    max_upsample: float = 4.0
 
     def validate(self) -> None:
         if self.tiling not in TILINGS:
@@ -60,5 +65,7 @@ class ShardConfig:
             raise ConfigError(f"jpeg_subsampling must be one of {JPEG_SUBSAMPLINGS}, got {self.jpeg_subsampling!r}")
         if self.resample not in RESAMPLE_FILTERS:
             raise ConfigError(f"resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}")
+        if self.warn_upsample < 1 or self.max_upsample < 0:
+            raise ConfigError("warn_upsample must be >= 1 and max_upsample >= 0 (0: no limit)")
         if min(self.shard_max_tiles, self.run_tiles) < 1:
             raise ConfigError("shard_max_tiles and run_tiles must be >= 1")

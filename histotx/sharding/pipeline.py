@@ -131,6 +131,39 @@ def build_vocab(cohort: Cohort, out_dir: Path, start_from: Path | None) -> tuple
     return vocab, rejected
 
 
+def drop_unused_genes(out_dir: Path, keep_first: int, records: dict[str, dict[str, Any]]) -> int:
+    """Cut from ``vocab.tsv`` the genes this run appended that no written sample holds (their samples
+    failed), so they reach neither the model's vocabulary nor an export's gene list. The ``keep_first``
+    genes the folder (or ``--vocab``) had before stay. Ids never change inside a shard set: the unused genes
+    at the end go; unused genes followed by a used one cannot (the written shards use the later ids) and are
+    reported. Returns the number of genes cut."""
+    path = out_dir / VOCAB_NAME
+    vocab = Vocab.load(path)
+    used = np.zeros(len(vocab), dtype=bool)
+    used[:keep_first] = True
+    for record in records.values():
+        if record.get("status") == "ok":
+            for start, stop in record.get("gene_ranges") or []:
+                used[start:stop] = True
+    keep = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
+    cut = len(vocab) - keep
+    if cut:
+        lines = vocab.to_tsv().splitlines()[: keep + 1]
+        Vocab.parse("\n".join(lines) + "\n", str(path)).save(path)
+        failed = sorted(sid for sid, r in records.items() if r.get("status") != "ok")
+        log.info("vocabulary: %d genes of failed samples (%s) removed → %d genes", cut, ", ".join(failed), keep)
+    stranded = int((~used[:keep]).sum())
+    if stranded:
+        log.warning(
+            "vocabulary: %d genes that only failed samples hold stay in %s (ids of a shard set never change and "
+            "later samples use the ids after them); they are unused. Fix those samples and rerun, or shard into a "
+            "new folder to leave them out",
+            stranded,
+            path,
+        )
+    return cut
+
+
 def _vocab_id(vocab: Vocab, symbol: str, ensembl_id: str) -> int:
     idx = vocab.lookup(symbol, ensembl_id)
     return -1 if idx is None else idx
@@ -146,6 +179,30 @@ def _id_ranges(ids: np.ndarray) -> list[list[int]]:
     breaks = np.flatnonzero(np.diff(ids) > 1)
     starts, stops = ids[np.r_[0, breaks + 1]], ids[np.r_[breaks, ids.size - 1]] + 1
     return [[int(a), int(b)] for a, b in zip(starts, stops)]
+
+
+def _check_upsample(slide: Slide, geom, cfg: ShardConfig, warnings: list[str]) -> float:
+    """How many times the slide's pixels are enlarged into tiles (1: not at all); a sample past
+    ``max_upsample`` fails, one past ``warn_upsample`` gets a warning."""
+    factor = round(cfg.tile_px / geom.size_px, 3)
+    if factor <= 1 + cfg.snap_tolerance:
+        return factor
+    what = (
+        f"the slide's finest level is {slide.level_mpp(geom.level):.3g} µm/px, coarser than mpp={cfg.mpp:g}: "
+        f"its pixels are enlarged {factor:.3g}× into tiles (no detail is added)"
+    )
+    if cfg.max_upsample and factor > cfg.max_upsample:
+        raise InputError(
+            str(slide.path),
+            f"{what}, more than max_upsample={cfg.max_upsample:g}; give the full-resolution image (for Visium, "
+            f"the slide Space Ranger was given, not spatial/tissue_*_image.png), or tile at "
+            f"mpp={slide.level_mpp(geom.level) / max(cfg.max_upsample, 1):.3g} or coarser, or raise max_upsample",
+        )
+    if factor > cfg.warn_upsample:
+        msg = f"{slide.path}: {what}"
+        log.warning(msg)
+        warnings.append(msg)
+    return factor
 
 
 def _check_pixel_size(slide: Slide, sites: Sites, cfg: ShardConfig, warnings: list[str]) -> None:
@@ -215,6 +272,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             if (gene_ids < 0).any():
                 raise InputError(data_path, "genes missing from the vocabulary (was it edited during the run?)")
         geom = tile_geometry(slide, cfg)
+        upsample = _check_upsample(slide, geom, cfg, warnings)
         thumb, scale = slide.thumbnail(cfg.mask_mpp)
         tissue = TissueMap(tissue_mask(thumb), scale)
         if cfg.tiling == "spots":
@@ -310,6 +368,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             "level": geom.level,
             "read_reduce": geom.reduce,
             "tile_mpp": geom.mpp,
+            "upsample": upsample,
             "tiles": int(sum(s["samples"] for s in shards)),
             "sites_read": n_sites,
             "sites_kept": n_kept,
@@ -400,6 +459,8 @@ def _run_locked(
         "part": f"{part.index}/{part.count}" if part.count > 1 else None,
     }
     dump_config(cfg, out_dir / ("shard_config.yaml" if part.count == 1 else f"shard_config.part-{part.index:04d}.yaml"))
+    existing = out_dir / VOCAB_NAME
+    vocab_start = len(Vocab.load_or_new(existing if existing.exists() else (vocab_from or existing)))
     vocab, rejected = build_vocab(cohort, out_dir, vocab_from)
     records: dict[str, dict[str, Any]] = {}
     for pos, (label, message) in enumerate(cohort.invalid):
@@ -467,6 +528,8 @@ def _run_locked(
                             RuntimeError(f"worker process died while sharding {sample.id}: {exc}"),
                         )
                     )
+    if part.count == 1:  # a part cannot know what the other parts wrote
+        drop_unused_genes(out_dir, vocab_start, records)
     manifest = assemble_manifest(config, records)
     if part.count == 1:
         write_manifest(out_dir, manifest)
