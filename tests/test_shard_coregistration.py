@@ -3,8 +3,8 @@
 The synthetic cohort paints a green disk at each (marked) spot / bin / molecule position on the H&E and
 records the level-0 positions. After sharding (Visium full-res at 0.7268 µm/px upsampled to 0.5, the
 Visium HD OME-TIFF at 0.25 downsampled from its pyramid, the Xenium H&E through its affine, the HEST
-slide, the SVS), every marked site in the shards must (a) map back to its true level-0 position and
-(b) sit on its marker in the tile image, within 1 px.
+slide, the SVS, the CosMx export through its mirrored affine), every marked site in the shards must (a) map
+back to its true level-0 position and (b) sit on its marker in the tile image, within 1 px.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from histotx.sharding.config import ShardConfig
 from histotx.sharding.pipeline import run_cohort
 from histotx.sharding.verify import iter_shard
 from histotx.synth import generate_cohort
+from histotx.synth.cohort import ALL_VARIANTS
 
-TECHNOLOGY_SAMPLES = ["visium", "visium_sr2", "visium_hd", "xenium", "hest"]
+TECHNOLOGY_SAMPLES = ["visium", "visium_sr2", "visium_hd", "xenium", "hest", "cosmx"]
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     root = tmp_path_factory.mktemp("coreg")
-    cohort = generate_cohort(root / "cohort", seed=3, size="small", markers=True)
+    cohort = generate_cohort(root / "cohort", seed=3, size="small", markers=True, technologies=ALL_VARIANTS)
     cfg = ShardConfig(mpp=0.5, tile_px=128, image_format="png", min_tissue_fraction=0.05)
     manifest = run_cohort(cohort, root / "shards", cfg)
     assert manifest["totals"]["samples_failed"] == 0, manifest["samples"]

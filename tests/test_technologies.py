@@ -3,6 +3,8 @@ technologies, options and scan's detection all come from it."""
 
 from __future__ import annotations
 
+import pytest
+
 from histotx.sharding.cohort import load_cohort
 from histotx.sharding.technologies import IMAGE_ONLY, TECHNOLOGIES, Reader, readers
 
@@ -56,3 +58,28 @@ def test_cohort_refuses_what_the_registry_does_not_know(tmp_path):
     assert "image_scale must be one of" in errors["c"] and "midres" in errors["c"]
     assert "both at the top level and under options" in errors["d"]
     assert "needs `data:` (the Xenium output bundle)" in errors["e"]
+
+
+def test_cosmx_export_is_found_read_and_checked(tmp_path):
+    """The synthetic CosMx export: scan finds it, negative probes stay out of the genes, and a positions file
+    that misses a FOV of the transcripts is refused naming it."""
+    from histotx.sharding.errors import InputError
+    from histotx.sharding.readers import read_genes, read_sites
+    from histotx.sharding.scan import scan
+    from histotx.synth import generate_cohort
+
+    cohort_path = generate_cohort(tmp_path / "c", seed=1, technologies=("cosmx",))
+    (entry,) = scan(tmp_path / "c")
+    assert entry["technology"] == "cosmx" and entry["data"] == "cosmx/flatFiles"
+    assert entry["slide"] == "cosmx/cosmx_he.ome.tif"
+    cohort = load_cohort(cohort_path)
+    (sample,) = cohort.samples
+    genes = read_genes(sample, cohort)
+    assert genes and not any(g.startswith("NegPrb") for g, _ in genes)
+    sites = read_sites(sample, cohort)
+    assert sites.n_sites > 1000 and sites.dropped["control_probe"] > 0
+    assert abs(sites.mpp_estimate - 0.5) < 1e-6  # the slide's µm/px, from the alignment and the camera's
+    fovs = tmp_path / "c" / "cosmx" / "flatFiles" / "cosmx_fov_positions_file.csv"
+    fovs.write_text("\n".join(fovs.read_text().splitlines()[:-1]) + "\n")  # the last FOV left out
+    with pytest.raises(InputError, match="cosmx_fov_positions_file.csv.*not listed"):
+        read_sites(sample, cohort)

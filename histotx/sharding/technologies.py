@@ -120,6 +120,16 @@ class XeniumOptions:
     alignment: str | None = None  # *_he_imagealignment.csv (default: found in the bundle); relative to the cohort
 
 
+@dataclass
+class CosMxOptions:
+    alignment: str | None = None  # 3×3 affine CSV, slide px → CosMx global px (default: the slide is that frame)
+    pixel_size_um: float = 0.12028  # µm per CosMx global pixel (the instrument's camera)
+
+    def validate(self) -> None:
+        if not self.pixel_size_um > 0:
+            raise ConfigError(f"pixel_size_um must be > 0, got {self.pixel_size_um}")
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 
 
@@ -150,6 +160,9 @@ TECHNOLOGIES: dict[str, Technology] = {
         Technology("xenium", XeniumOptions, "xenium", "the Xenium output bundle"),
         Technology("visium", VisiumOptions, "visium", "Space Ranger outs/", spots=True),
         Technology("hest", NoOptions, "hest", "the HEST root (st/, wsis/, metadata/)", needs_slide=False, spots=True),
+        Technology(
+            "cosmx", CosMxOptions, "cosmx", "the CosMx flat-file export (*_tx_file.csv, *_fov_positions_file.csv)"
+        ),
         Technology(IMAGE_ONLY, NoOptions, None),
     )
 }

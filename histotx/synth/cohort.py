@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
+from histotx.synth.cosmx import he_to_global, with_negative_probes, write_cosmx_export
 from histotx.synth.genes import (
     HIDDEN_PROGRAM,
     PROGRAMS,
@@ -47,11 +48,13 @@ from histotx.synth.xenium import (
 )
 
 VARIANTS = ("visium", "visium_sr2", "visium_hd", "xenium", "hest", "image_only")
+EXTRA_VARIANTS = ("cosmx",)  # written only when asked for: the default cohort stays as it was
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 TECHNOLOGY = {"visium_sr2": "visium"}  # variant → cohort technology where they differ
 SIZES = ("small", "medium", "bench")
 N_PATIENTS = 2
 
-EFFICIENCY = {"visium": 0.3, "visium_hd": 0.3, "xenium": 1.0}  # fraction of a cell's RNA captured
+EFFICIENCY = {"visium": 0.3, "visium_hd": 0.3, "xenium": 1.0, "cosmx": 0.8}  # fraction of a cell's RNA captured
 AMBIENT_PER_UM2 = 2e-4  # cells' worth of base expression per µm² landing anywhere (ambient RNA)
 HD_SIGMA_UM = 3.0  # spread of a cell's RNA over 2 µm bins
 HD_MARK_EVERY = 20  # mark one 2 µm bin in 20 along each axis (40 µm apart)
@@ -75,6 +78,7 @@ _SMALL = {
     "xenium": SlideSpec(2304, 2048, 0.5, "ome"),
     "hest": SlideSpec(2048, 2304, 0.5, "tiff_pages"),
     "image_only": SlideSpec(2048, 1792, 0.5, "tiff_subifds"),
+    "cosmx": SlideSpec(2048, 2304, 0.5, "ome"),
 }
 # bench: twice the small tissue per side, drawn at 1 µm/px (nuclei still 4-7 px across), for benchmarks
 # that train and evaluate on CPU: a quarter of the pixels of the same tissue at 0.5 µm/px.
@@ -247,6 +251,42 @@ def _hest(s: _Sample, out: Path, model: ExpressionModel) -> _Plan:
     )
 
 
+def _cosmx(s: _Sample, out: Path, model: ExpressionModel, markers: bool) -> _Plan:
+    """A CosMx export registered to the H&E by a mirrored affine (the cohort entry names the alignment)."""
+    mpp, area = s.spec.mpp, (s.spec.width, s.spec.height)
+    m = he_to_global(s.rng, mpp)
+    panel = xenium_panel()
+    per_cell = s.rng.poisson(s.rates[:, panel] * EFFICIENCY["cosmx"])
+    mol = Molecules.sample(s.rng, s.cells, per_cell, [model.genes[i][0] for i in panel], mpp, area, s.tissue.in_tissue)
+    xy, target, cell, nucleus = with_negative_probes(s.rng, mol, area)
+    gene = np.flatnonzero(~np.char.startswith(target.astype(str), "NegPrb"))
+    marked = gene[sparse_subset(xy[gene], XENIUM_MARK_SPACING_UM / mpp, s.rng)]
+    if markers:  # only the marked molecules and the negative probes (which a reader must drop)
+        keep = np.zeros(len(xy), dtype=bool)
+        keep[marked] = True
+        keep[np.setdiff1d(np.arange(len(xy)), gene)] = True
+        marked = np.cumsum(keep)[marked] - 1
+        xy, target, cell, nucleus = xy[keep], target[keep], cell[keep], nucleus[keep]
+    folder = out / s.sample_id / "flatFiles"
+    slide = out / s.sample_id / f"{s.sample_id}_he.ome.tif"
+    alignment = folder.parent / f"{s.sample_id}_he_alignment.csv"
+    sites = _sites_truth(
+        "molecule",
+        marked.tolist(),
+        xy[marked],
+        s,
+        feature=target[marked].tolist(),
+        subset=f"gene molecules at least {XENIUM_MARK_SPACING_UM / 2:g} µm apart",
+        he_to_global_px=m,
+    )
+
+    def write(image: np.ndarray) -> None:
+        write_cosmx_export(folder, s.sample_id, xy, target, cell, nucleus, m, area, s.rng)
+
+    entry = {"slide": slide, "data": folder, "options": {"alignment": alignment.relative_to(out).as_posix()}}
+    return _Plan(entry, slide, sites, xy[marked], write)
+
+
 def _image_only(s: _Sample, out: Path) -> _Plan:
     slide = out / s.sample_id / f"{s.sample_id}.tif"
     return _Plan({"slide": slide}, slide, _sites_truth("none", [], np.zeros((0, 2)), s), None)
@@ -264,9 +304,9 @@ def _make_sample(
 ) -> tuple[dict, dict]:
     spec = SPECS[size][variant]
     if patient_index is None:
-        patient_index = VARIANTS.index(variant) % N_PATIENTS
+        patient_index = ALL_VARIANTS.index(variant) % N_PATIENTS
     patient = f"P{patient_index + 1:02d}"
-    key = [seed, VARIANTS.index(variant)] + ([replicate] if replicate else [])
+    key = [seed, ALL_VARIANTS.index(variant)] + ([replicate] if replicate else [])
     tissue_seed, cell_seed, render_seed, rng_seed = np.random.SeedSequence(key).spawn(4)
     tissue = Tissue.random(np.random.default_rng(tissue_seed), spec.width * spec.mpp, spec.height * spec.mpp)
     cells = Cells.sample(np.random.default_rng(cell_seed), tissue)
@@ -290,6 +330,8 @@ def _make_sample(
         plan = _xenium(s, out, model, markers)
     elif variant == "hest":
         plan = _hest(s, out, model)
+    elif variant == "cosmx":
+        plan = _cosmx(s, out, model, markers)
     else:
         plan = _image_only(s, out)
     painted = markers and plan.marks is not None
@@ -345,16 +387,16 @@ def generate_cohort(
     """
     if size not in SPECS:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    unknown = sorted(set(technologies) - set(VARIANTS))
+    unknown = sorted(set(technologies) - set(ALL_VARIANTS))
     if unknown:
-        raise ValueError(f"unknown technology variant(s) {unknown}; expected some of {VARIANTS}")
+        raise ValueError(f"unknown technology variant(s) {unknown}; expected some of {ALL_VARIANTS}")
     if replicates < 1 or (patients is not None and patients < 1):
         raise ValueError(f"replicates and patients must be >= 1, got {replicates} and {patients}")
     out = Path(out_dir).resolve()
     (out / "truth").mkdir(parents=True, exist_ok=True)
     model = ExpressionModel.random(np.random.default_rng([seed, 999]))
     samples = []
-    order = [(k, v) for k in range(replicates) for v in VARIANTS if v in technologies]
+    order = [(k, v) for k in range(replicates) for v in ALL_VARIANTS if v in technologies]
     for n, (k, variant) in enumerate(order):
         entry, truth = _make_sample(
             variant, seed, size, out, model, markers, k, None if patients is None else n % patients
@@ -404,7 +446,7 @@ def register_cli(subparsers) -> None:
         "--technologies",
         default=",".join(VARIANTS),
         metavar="LIST",
-        help=f"comma-separated subset of: {', '.join(VARIANTS)}",
+        help=f"comma-separated subset of: {', '.join(ALL_VARIANTS)}",
     )
     p.add_argument("--replicates", type=int, default=1, help="samples per variant, each its own tissue")
     p.add_argument(
