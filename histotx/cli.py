@@ -17,6 +17,8 @@ The pipeline, one subcommand per stage:
   histotx export RUN --out DIR           the run's teacher as HistoTx / Hugging Face / timm folders
   histotx eval --shards DIR --model N=SRC --out DIR   HEST-Bench protocol: each model x mode, one table
   histotx embed --model M --shards DIR --out DIR   whole-tile embeddings, one .h5ad per sample
+  histotx fit MODEL SHARDS --out HEAD    an expression head (embeddings → genes, held-out Pearson per gene)
+  histotx predict SLIDE --model M --head HEAD --out DIR   expression from H&E alone (.h5ad, SpatialData, PNG)
   histotx demo OUT                       all of the above on a small built-in cohort, end to end
 
 Run `histotx <subcommand> --help` for each stage's options.
@@ -28,6 +30,7 @@ def _register_all(sub) -> None:
     from histotx.eval import cli as eval_cli
     from histotx.export import cli as export_cli
     from histotx.export.during_training import checkpoint_hooks
+    from histotx.predict import cli as predict_cli
     from histotx.sharding import cli as shard_cli
     from histotx.train import cli as train_cli
 
@@ -36,6 +39,7 @@ def _register_all(sub) -> None:
     train_cli.register_cli(sub, checkpoint_hooks)  # training cannot import the export (it sits above)
     export_cli.register_cli(sub)
     eval_cli.register_cli(sub)
+    predict_cli.register_cli(sub)
     demo.register_cli(sub)
 
 
