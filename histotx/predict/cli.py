@@ -47,9 +47,9 @@ def register_cli(subparsers) -> None:
     f.add_argument("--targets", type=int, default=50, help="number of most variable genes (default 50)")
     f.add_argument("--samples", help="comma-separated sample ids of the shard set (default: all with transcripts)")
     f.add_argument("--embeddings", type=Path, help="image embeddings already made by `histotx embed` (a folder)")
-    f.add_argument("--batch-size", type=int, default=64)
-    f.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, ...")
-    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    f.add_argument("--device", default="auto", help="auto (GPU when there is one; the default), cpu, cuda, ...")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=_run_fit)
 
     p = subparsers.add_parser(
@@ -66,10 +66,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--png", nargs="+", metavar="GENE", default=[], help="heat maps of these genes over the slide")
     p.add_argument("--mpp", type=float, help="µm/px of the slides' level 0, overriding their metadata")
     p.add_argument("--min-tissue-fraction", type=float, help="skip tiles with less tissue (default as sharding)")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (bounds the memory)")
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, ...")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (bounds the memory; default 64)")
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one; the default), cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="predict slides whose outputs exist again")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_predict)
 
 
