@@ -138,3 +138,34 @@ def test_new_modules_get_the_full_learning_rate():
     ):
         assert of[id(named[name])]["lr_mult"] == 1.0, name
     assert of[id(named["backbone.cls_token"])]["lr_mult"] == pytest.approx(0.5**3)  # from the checkpoint
+
+
+def test_dino_shuffled_control_pairs_each_tile_with_another_tiles_teacher():
+    """The monitor's negative control is the DINO loss against the teacher rows of the next tile; a teacher
+    that says which tile it saw gives a real loss well below the control, one that says nothing gives both equal."""
+    from histotx.ssl.meta import TeacherTargets
+
+    cfg = config()
+    meta = meta_arch(cfg)
+    batch = ssl_batch(cfg, p_image_only=0.0, p_transcripts_only=0.0)
+    b = batch.batch_size
+    with torch.no_grad():
+        out = meta.student(batch)
+    n_crops = out["cls_logits"].shape[0] // b
+    k = out["cls_logits"].shape[-1]
+    valid = batch.student_view_nonempty().view(n_crops, b)
+    # a teacher that tells tiles apart: tile i's crops all point at prototype i, and so does the student
+    hot = F.one_hot(torch.arange(b) % k, k).float()
+    out["cls_logits"] = (10 * hot)[None].expand(n_crops, b, k).reshape(-1, k).clone()
+    informative = TeacherTargets(hot.repeat(2, 1), torch.zeros(0, k), torch.zeros(0, k), {})
+    real = meta.dino_loss(out["cls_logits"].view(n_crops, b, k), informative.cls.view(2, b, k), valid)
+    control = meta.dino_shuffled(out, informative, batch)
+    rolled = informative.cls.view(2, b, k).roll(1, dims=1)
+    assert control == pytest.approx(float(meta.dino_loss(out["cls_logits"].view(n_crops, b, k), rolled, valid)))
+    assert float(control) - float(real) > 5.0
+    # a teacher that says the same for every tile: no gap
+    same = TeacherTargets(
+        torch.softmax(torch.randn(1, k), -1).expand(2 * b, k), torch.zeros(0, k), torch.zeros(0, k), {}
+    )
+    real_same = meta.dino_loss(out["cls_logits"].view(n_crops, b, k), same.cls.view(2, b, k), valid)
+    assert float(meta.dino_shuffled(out, same, batch)) == pytest.approx(float(real_same), rel=1e-6)

@@ -382,3 +382,26 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_interrupted_sav
         _fake(tmp_path, step, complete)
     checkpoint.prune(tmp_path, step=25, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.tag_of(s) for s in (20, 25, 30)]
+
+
+def test_head_warmup_gives_the_backbone_groups_lr_0_and_the_heads_theirs():
+    cfg = config("ssl.schedule.head_warmup_steps=5", "ssl.schedule.warmup_steps=2")
+    network = SSLMetaArch(FusedViT(cfg.model_config()), cfg.ssl).student
+    groups = param_groups(network, cfg)
+
+    class Optim:
+        param_groups = groups
+
+    schedules = SSLSchedules(cfg.ssl.schedule, total_steps=100, global_batch=1024)
+    apply_schedule(Optim, schedules(3))
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, p in network.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = by_param[id(p)]
+        if name.startswith(("backbone.blocks.", "backbone.patch_embed.", "backbone.pos_embed", "backbone.cls_token")):
+            assert g["backbone"] and g["lr"] == 0.0, name
+        elif name.startswith(("dino_head.mlp.", "backbone.transcript.")):
+            assert not g["backbone"] and g["lr"] > 0, name
+    apply_schedule(Optim, schedules(40))
+    assert all(g["lr"] > 0 for g in groups if not g["last_layer"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +43,10 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         g, v = self.last_layer.parametrizations.weight.original0, self.last_layer.parametrizations.weight.original1
-        nn.init.trunc_normal_(v, std=0.02)
+        # The prototypes keep nn.Linear's default init, as DINO and DINOv2 (their _init_weights runs before the
+        # last layer exists): only the direction of a row counts, but its norm sets the angle an optimiser step
+        # turns it by; std 0.02 is 1/sqrt(3 · bottleneck) / 0.02 times shorter (3.6× at 64) and turns faster.
+        nn.init.kaiming_uniform_(v, a=math.sqrt(5))
         g.fill_(1.0)
         g.requires_grad_(False)
 

@@ -216,6 +216,22 @@ class SSLMetaArch(nn.Module):
         total = sum(weights[k] * v for k, v in terms.items() if weights[k])
         return {"loss": total, **terms}
 
+    @torch.no_grad()
+    def dino_shuffled(self, out: dict[str, torch.Tensor], targets: TeacherTargets, batch: SSLBatch) -> torch.Tensor:
+        """The negative control of the DINO term: the same loss with each tile's student crops paired with
+        the teacher's crops of *another* tile of the batch (the teacher rows rolled by one tile). When the
+        DINO loss does not fall clearly below this, the teacher's targets carry no information about the
+        tile, and the term teaches nothing (it can still fall below ln K by matching the batch's average).
+        A batch of one tile has no other tile: the real loss is returned (a gap of 0)."""
+        b = batch.batch_size
+        n_global = targets.cls.shape[0] // b
+        n_crops = out["cls_logits"].shape[0] // b
+        valid = batch.student_view_nonempty().to(out["cls_logits"].device).view(n_crops, b)
+        teacher = targets.cls.view(n_global, b, -1)
+        if b > 1:
+            teacher = teacher.roll(1, dims=1)
+        return self.dino_loss(out["cls_logits"].detach().view(n_crops, b, -1), teacher, valid)
+
     def expression_term(self, out: dict[str, torch.Tensor], batch: SSLBatch) -> torch.Tensor:
         logits = out.get("expression_logits")
         if logits is None:

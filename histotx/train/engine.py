@@ -17,8 +17,10 @@ and decays everything else, its cls/register/mask tokens and position embedding 
 exempts every tensor of at most one dimension (biases, norms, LayerScale, the transcript branch's
 modality and mask vectors, the DINO heads' biases) and, as timm/BEiT do, the cls and register tokens,
 the position embedding and the image mask token (:meth:`FusedViT.no_weight_decay`): continued
-pretraining should not shrink the position embedding and tokens a checkpoint brings. Each group carries ``lr_mult``, ``wd_mult`` and
-``last_layer``; :func:`apply_schedule` turns a step's schedule values into every group's lr and decay.
+pretraining should not shrink the position embedding and tokens a checkpoint brings. Each group carries
+``lr_mult``, ``wd_mult``, ``last_layer`` and ``backbone`` (held at lr 0 during the head warm-up,
+``ssl.schedule.head_warmup_steps``); :func:`apply_schedule` turns a step's schedule values into every
+group's lr and decay.
 """
 
 from __future__ import annotations
@@ -151,7 +153,8 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
                 kind, lr_mult = "patch_embed", lr_mult * o.patch_embed_lr_mult
         is_last = id(p) in last_layer
         wd_mult = 0.0 if name in no_decay else 1.0
-        key = (lr_mult, wd_mult, is_last)  # one group per setting: ZeRO-1/2 pay collectives per group
+        backbone = kind != "new"
+        key = (lr_mult, wd_mult, is_last, backbone)  # one group per setting: ZeRO-1/2 pay collectives per group
         if key not in groups:
             label = f"{kind}{'-last_layer' if is_last else ''}{'-no_decay' if not wd_mult else ''}"
             groups[key] = {
@@ -160,6 +163,7 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
                 "lr_mult": lr_mult,
                 "wd_mult": wd_mult,
                 "last_layer": is_last,
+                "backbone": backbone,
                 "lr": 0.0,
                 "weight_decay": 0.0,
             }
@@ -169,7 +173,10 @@ def param_groups(network: SSLNetwork, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 def apply_schedule(optimizer: torch.optim.Optimizer, values: StepValues) -> None:
     for group in optimizer.param_groups:
-        lr = values.last_layer_lr if group["last_layer"] else values.lr
+        if group["last_layer"]:
+            lr = values.last_layer_lr
+        else:
+            lr = values.backbone_lr if group.get("backbone") else values.lr
         group["lr"] = lr * group["lr_mult"]
         group["weight_decay"] = values.weight_decay * group["wd_mult"]
 

@@ -13,6 +13,7 @@ save a checkpoint and return 0, so a requeued job resumes with ``--resume auto``
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from histotx.config import dump_config, to_dict
 from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
 from histotx.model import FusedViT
+from histotx.ssl.config import KOLEO_MIN_BATCH
 from histotx.ssl.meta import SSLMetaArch
 from histotx.ssl.schedules import SSLSchedules
 from histotx.ssl.terms import TERM_NAMES
@@ -124,6 +126,29 @@ class Trainer:
         self.decoder = BatchDecoder(cfg.data.augment, self.device)  # makes the views left to the GPU, if any
         global_batch = cfg.data.stream.batch_size * cfg.optim.accumulation_steps * self.world
         self.schedules = SSLSchedules(cfg.ssl.schedule, cfg.steps, global_batch)
+        if self.rank == 0:
+            sched, loss = cfg.ssl.schedule, cfg.ssl.loss
+            kept = self.schedules.teacher_init_kept()
+            log.info(
+                "teacher momentum %.5f -> %.5f over %d steps: the final teacher keeps %.1f%% of its initial weights",
+                self.schedules.momentum(0),
+                sched.momentum_teacher_end,
+                cfg.steps,
+                100 * kept,
+            )
+            if kept > 0.05 and not cfg.init.backbone:
+                log.warning(
+                    "the teacher of this run ends %.0f%% random init: a shorter run needs a lower "
+                    "ssl.schedule.momentum_teacher, or set ssl.schedule.teacher_init_kept (e.g. 0.01)",
+                    100 * kept,
+                )
+            if loss.koleo_weight > 0 and cfg.data.stream.batch_size < KOLEO_MIN_BATCH:
+                log.warning(
+                    "ssl.loss.koleo_weight=%g on %d tiles per rank: DINOv2's weight is for 64+ per GPU; on a small "
+                    "batch of similar CLS vectors KoLeo spreads them into noise (0 turns it off)",
+                    loss.koleo_weight,
+                    cfg.data.stream.batch_size,
+                )
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self._signal: int | None = None  # set by the handler on this rank
@@ -186,6 +211,7 @@ class Trainer:
             window.collapse.add(targets.cls)
         out = self.engine(batch)
         losses = self.meta.losses(out, targets, batch)
+        control = self.meta.dino_shuffled(out, targets, batch)
         # One collective agrees on both: a non-finite loss anywhere, and a stop signal anywhere.
         flags = torch.stack(
             [
@@ -230,7 +256,8 @@ class Trainer:
         t4 = time.perf_counter()
         for phase, dt in (("backward", t2 - t1), ("optimizer", t3 - t2), ("ema", t4 - t3)):
             times[phase] = times.get(phase, 0.0) + dt
-        return dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        values = torch.stack([v.detach().float() for v in (*losses.values(), control)]).tolist()
+        return dict(zip((*losses, "dino_shuffled"), values, strict=True))
 
     # ------------------------------------------------------------------ the run
 
@@ -264,8 +291,14 @@ class Trainer:
         record = window.reduce(self.device)
         values = self.schedules(self.step - 1)
         stats = self.loader.stats
+        if "dino" in record and "dino_shuffled" in record:
+            # > 0 when the teacher's targets say something about the tile (see SSLMetaArch.dino_shuffled)
+            record["dino/control_gap"] = record["dino_shuffled"] - record["dino"]
+            record["dino/ln_k"] = math.log(self.cfg.ssl.head.out_dim)
         record.update(
             lr=values.lr,
+            backbone_lr=values.backbone_lr,
+            teacher_init_kept=self.schedules.teacher_init_kept(self.step),
             last_layer_lr=values.last_layer_lr,
             weight_decay=values.weight_decay,
             momentum=values.momentum,
@@ -314,7 +347,7 @@ class Trainer:
                 losses = self.train_step(batch, window)
                 window.micro_steps += 1
                 if losses is not None:
-                    window.add_losses({k: losses[k] for k in ("loss", *TERM_NAMES)})
+                    window.add_losses({k: losses[k] for k in ("loss", *TERM_NAMES, "dino_shuffled")})
                     window.samples += batch.batch_size
                     window.empty_views += batch.n_empty_views
                     window.tokens += int(sum(int(v.sum()) for v in lengths.values()))
