@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from histotx.sharding.cohort import dump_cohort, load_cohort
 from histotx.sharding.readers import read_sites, slide_path
-from histotx.sharding.scan import PATIENT_TODO, TODO, scan
+from histotx.sharding.scan import PATIENT_TODO, TODO, draft_cohort, scan
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VISIUM = DATA / "scanpy-visium" / "visium_data" / "1.0.0"
@@ -99,9 +100,11 @@ def test_scan_without_a_nearby_slide_marks_todo(tree):
 def test_scanned_cohort_loads_and_reads(tree):
     out = tree / "cohorts" / "cohort.yaml"
     out.parent.mkdir()
-    dump_cohort(scan(tree, relative_to=out.parent), out)
+    draft = draft_cohort(tree, relative_to=out.parent)
+    dump_cohort(draft.samples, out, draft.guesses)
     cohort = load_cohort(out)
-    assert cohort.invalid == [] and len(cohort.samples) == 8
+    assert cohort.invalid == [] and len(cohort.samples) == 7  # NCBI7 (HEST, no slide) is left out
+    assert [x.split(" (")[0] for x in draft.left_out] == ["NCBI7"]  # HEST, no slide: left out, not TODO
     for s in cohort.samples:
         s.validate()
     lungA = next(s for s in cohort.samples if s.id == "lungA")
@@ -114,3 +117,69 @@ def test_scanned_cohort_loads_and_reads(tree):
     xen = next(s for s in cohort.samples if s.technology == "xenium")
     sites = read_sites(xen, cohort)
     assert sites.n_sites == 776 and sites.info["alignment"] == "run1_he_imagealignment.csv"
+
+
+def test_draft_guesses_spaceranger_images_and_never_writes_a_placeholder(tree):
+    draft = draft_cohort(tree)
+    entries = by_id(draft.samples)
+    s1 = entries["s1"]  # a Space Ranger output with no slide near it: its own lowres image (the hires one of
+    # the shared data is blank: one colour, skipped), said as a guess
+    assert s1["slide"] == "batch1/s1/outs/spatial/tissue_lowres_image.png" and s1["options"]["image_scale"] == "lowres"
+    assert any(
+        g.startswith("s1: no H&E slide beside the Space Ranger output; using its lowres image") for g in draft.guesses
+    )
+    assert not any(str(e.get("slide", "")).startswith(TODO) for e in draft.samples)
+    assert [x.split(" ")[0] for x in draft.left_out] == ["NCBI7"]
+
+
+def test_a_slide_on_its_own_becomes_an_image_only_sample(tmp_path):
+    touch(tmp_path / "slides" / "case 7.svs", 10)
+    draft = draft_cohort(tmp_path)
+    assert draft.samples == [
+        {"id": "case_7", "patient": PATIENT_TODO, "technology": "image_only", "slide": "slides/case 7.svs", "mpp": None}
+    ]
+    assert draft.guesses == ["case_7: a whole-slide file on its own → image_only sample (slides/case 7.svs)"]
+
+
+def test_paths_stay_as_given_through_symlinks(tree, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tree, target_is_directory=True)
+    out = tmp_path / "cohorts" / "c.yaml"
+    draft = draft_cohort(link, relative_to=out.parent)
+    lungA = by_id(draft.samples)["lungA"]
+    assert lungA["data"] == "../link/lungA/outs" and lungA["slide"] == "../link/lungA/lungA_HE.svs"
+
+
+def test_scan_of_a_missing_folder_says_no_such_folder(tmp_path, caplog):
+    from histotx.cli import main
+
+    assert main(["shard", "scan", str(tmp_path / "nope"), "--out", str(tmp_path / "c.yaml")]) == 2
+    assert f"{tmp_path / 'nope'}: no such folder" in caplog.text
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_a_placeholder_left_in_a_cohort_is_refused_as_such(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "samples:\n- {id: a, technology: image_only, slide: 'TODO: path to the H&E slide'}\n"
+    )
+    cohort = load_cohort(tmp_path / "c.yaml")
+    assert cohort.samples == [] and "`slide:` is still a placeholder" in cohort.invalid[0][1]
+
+
+def test_scan_of_the_shared_data_gives_a_cohort_shard_run_takes_unedited(tmp_path, capsys):
+    """The round trip a newcomer makes: scan ../shared/data, then shard the file as written (settings for
+    Space Ranger's low-res image, 16 µm/px: the sample's own H&E is not in the data)."""
+    from histotx.cli import main
+
+    cohort = tmp_path / "cohort.yaml"
+    assert main(["shard", "scan", str(DATA), "--out", str(cohort)]) == 0
+    printed = capsys.readouterr().out
+    assert "guessed: 1_0_0: no H&E slide beside the Space Ranger output; using its lowres image" in printed
+    assert "left out: sample1 (xenium" in printed and "TODO: path" not in cohort.read_text()
+    out = tmp_path / "shards"
+    args = ["shard", "run", str(cohort), "--out", str(out), "mpp=8", "tile_px=32", "mask_mpp=16"]
+    assert main([*args, "max_tiles_per_sample=6"]) == 0
+    manifest = yaml.safe_load((out / "manifest.json").read_text())
+    samples = manifest["samples"]
+    assert {k: v["status"] for k, v in samples.items()} == {"1_0_0": "ok", "cmu-1-small-region": "ok"}
+    assert samples["1_0_0"]["sites_kept"] > 0 and samples["cmu-1-small-region"]["technology"] == "image_only"

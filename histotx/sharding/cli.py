@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def register(subparsers) -> None:
     q.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created)")
     q.add_argument("--per-sample", type=int, default=8, help="tiles on each sample's contact sheet (default 8)")
     q.set_defaults(func=_qc)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    p.set_defaults(func=lambda _args: p.print_help() or 0)  # `histotx shard` alone: its help
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
@@ -178,18 +177,30 @@ def _run(args) -> int:
 
 
 def _scan(args) -> int:
-    from histotx.sharding.cohort import dump_cohort
-    from histotx.sharding.scan import scan
+    import os
 
-    args.out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    entries = scan(args.root, relative_to=args.out.resolve().parent)  # cohort paths are relative to the file
-    dump_cohort(entries, args.out)
-    logging.getLogger(__name__).info("found %d samples under %s", len(entries), args.root)
-    print(
-        f"wrote {args.out} with {len(entries)} samples; check slide paths (TODO entries) and patients, then "
-        f"run `histotx shard run {args.out} --out SHARDS`"
-    )
-    return 0 if entries else 1
+    from histotx.sharding.cohort import dump_cohort
+    from histotx.sharding.scan import draft_cohort
+
+    folder = Path(os.path.abspath(args.out)).parent  # as given: the cohort's paths are relative to it
+    draft = draft_cohort(args.root, relative_to=folder)  # FileNotFoundError: "no such folder", exit 2
+    notes = [f"drafted by `histotx shard scan {args.root}`: check each sample's patient and the guesses below"]
+    notes += [f"guess: {g}" for g in draft.guesses] + [f"left out: {x}" for x in draft.left_out]
+    folder.mkdir(parents=True, exist_ok=True)
+    dump_cohort(draft.samples, args.out, notes)
+    print(f"wrote {args.out} with {len(draft.samples)} samples from {args.root}")
+    for g in draft.guesses:
+        print(f"  guessed: {g}")
+    for x in draft.left_out:
+        print(f"  left out: {x} (add it with `slide:` by hand)")
+    if draft.samples:
+        print(
+            f"check the patients (sections of one patient share one id), then: "
+            f"histotx shard run {args.out} --out SHARDS"
+        )
+    else:
+        print(f"nothing to shard found under {args.root} (Space Ranger outs, Visium HD, Xenium, HEST, or a slide)")
+    return 0 if draft.samples else 1
 
 
 def _merge(args) -> int:

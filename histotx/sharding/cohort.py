@@ -22,6 +22,7 @@ against the cohort file's folder.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ class CohortSample:
             raise ConfigError(f"sample {self.id}: technology {self.technology} needs `data:` ({self.tech.data})")
         if self.tech.needs_slide and not self.slide:
             raise ConfigError(f"sample {self.id}: needs `slide:` (the H&E image)")
+        for key in ("slide", "data"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value.startswith(TODO):
+                raise ConfigError(f"sample {self.id}: `{key}:` is still a placeholder ({value!r}): give the path")
         if self.mpp is not None and not self.mpp > 0:
             raise ConfigError(f"sample {self.id}: mpp must be > 0, got {self.mpp}")
 
@@ -145,7 +150,7 @@ def load_cohort(path: str | Path) -> Cohort:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("samples"), list):
         raise ConfigError(f"{path}: a cohort file needs a top-level `samples:` list")
-    cohort = Cohort(path=path.resolve())
+    cohort = Cohort(path=Path(os.path.abspath(path)))  # not resolved: relative paths are from the folder as given
     seen: set[str] = set()
     for i, entry in enumerate(doc["samples"]):
         label = str(entry.get("id", f"#{i}")) if isinstance(entry, dict) else f"#{i}"
@@ -163,7 +168,9 @@ def load_cohort(path: str | Path) -> Cohort:
     return cohort
 
 
-def dump_cohort(samples: list[dict[str, Any]], path: str | Path) -> None:
+def dump_cohort(samples: list[dict[str, Any]], path: str | Path, notes: list[str] = ()) -> None:
+    """Write a cohort file; ``notes`` go above the samples as YAML comments."""
     from histotx.format import atomic_write_bytes
 
-    atomic_write_bytes(path, yaml.safe_dump({"samples": samples}, sort_keys=False).encode())
+    header = "".join(f"# {line}\n" for note in notes for line in note.splitlines())
+    atomic_write_bytes(path, (header + yaml.safe_dump({"samples": samples}, sort_keys=False)).encode())

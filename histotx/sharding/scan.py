@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from histotx.sharding.cohort import TODO
 from histotx.sharding.technologies import Folder, readers
+
+WSI_SUFFIXES = (".svs", ".ndpi", ".scn", ".mrxs", ".bif")  # whole-slide files: alone, an image_only sample
+SPACERANGER_IMAGES = ("hires", "lowres")  # spatial/tissue_{scale}_image.png, best first
 
 SLIDE_PATTERNS = ("*_he_image.ome.tif", "*.svs", "*.ome.tif", "*.tif", "*.tiff")  # best first
 NOT_HE = ("morphology",)  # Xenium fluorescence images, never the H&E
@@ -86,8 +90,8 @@ def folder_entry(folder: Folder, technology: str, sample_folder: Path | None = N
 def scan(root: Path, relative_to: Path | None = None) -> list[dict]:
     """Cohort entries (sharding/cohort.py schema) for every output under `root`, paths relative to
     `relative_to` (default `root`; pass the cohort file's folder when it is written elsewhere)."""
-    root = Path(root).resolve()
-    base = Path(relative_to).resolve() if relative_to else root
+    root = Path(os.path.abspath(root))  # as given: symlinks stay (the cohort names what the user named)
+    base = Path(os.path.abspath(relative_to)) if relative_to else root
     entries: list[dict] = []
     technologies = readers()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -104,3 +108,105 @@ def scan(root: Path, relative_to: Path | None = None) -> list[dict]:
         if n > 1:
             entry["id"] = f"{entry['id']}_{n}"
     return entries
+
+
+@dataclass
+class Draft:
+    """What `histotx shard scan` proposes: the cohort's samples (every path one that exists), the guesses it
+    made (said in words), and what it found but left out (with why)."""
+
+    samples: list[dict] = field(default_factory=list)
+    guesses: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+
+
+def _blank(image: Path) -> bool:
+    """An image of one colour (a placeholder some pipelines write), or one that does not open."""
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            return all(lo == hi for lo, hi in im.getextrema()) if im.mode != "L" else len(set(im.getextrema())) == 1
+    except (OSError, ValueError):
+        return True
+
+
+def _spaceranger_image(entry: dict, base: Path) -> tuple[Path, str] | None:
+    """Space Ranger's own H&E image of an output: hires, else lowres (a blank one is skipped)."""
+    spatial = base / entry["data"] / "spatial"
+    for scale in SPACERANGER_IMAGES:
+        image = spatial / f"tissue_{scale}_image.png"
+        if image.is_file() and not _blank(image):
+            return image, scale
+    return None
+
+
+def _loose_slides(root: Path, base: Path, used: set[str], outputs: list[Path]) -> list[dict]:
+    """An image_only sample for each whole-slide file that is no sample's slide and lies in no output."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        folder = Path(dirpath)
+        if any(folder == o or o in folder.parents for o in outputs):
+            dirnames[:] = []
+            continue
+        for name in sorted(filenames):
+            path = folder / name
+            if name.lower().endswith(WSI_SUFFIXES) and rel(path, base) not in used:
+                stem = name[: -len(path.suffix)]
+                entries.append(
+                    {
+                        "id": sample_id_of(stem),
+                        "patient": PATIENT_TODO,
+                        "technology": "image_only",
+                        "slide": rel(path, base),
+                        "mpp": None,
+                    }
+                )
+    return entries
+
+
+def draft_cohort(root: Path, relative_to: Path | None = None) -> Draft:
+    """:func:`scan`, made ready to shard: a Space Ranger output without an H&E slide gets its own
+    ``spatial/tissue_hires_image.png`` (else ``_lowres_``) as the slide, named as a guess; a loose whole-slide
+    file becomes an ``image_only`` sample; a sample still without a slide (a Xenium bundle without its H&E,
+    say) is left out and said so, never written with a placeholder path. Raises FileNotFoundError for a
+    folder that does not exist."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder" if not root_path.exists() else f"{root}: not a folder")
+    root_abs = Path(os.path.abspath(root_path))
+    base = Path(os.path.abspath(relative_to)) if relative_to else root_abs
+    draft = Draft()
+    outputs = []
+    for entry in scan(root_path, relative_to):
+        if entry.get("data"):
+            outputs.append(Path(os.path.normpath(base / entry["data"])))
+        slide = entry.get("slide")
+        if isinstance(slide, str) and slide.startswith(TODO):
+            found = _spaceranger_image(entry, base) if entry["technology"] == "visium" else None
+            if found is None:
+                draft.left_out.append(f"{entry['id']} ({entry['technology']}, {entry.get('data')}): no H&E slide found")
+                continue
+            image, scale = found
+            entry["slide"] = rel(image, base)
+            entry["options"] = {**(entry.get("options") or {}), "image_scale": scale}
+            about = (
+                "; Space Ranger's images are several µm/px (lowres about 15): shard at a coarse mpp (`shard run` "
+                "refuses to enlarge past max_upsample and names the mpp that works) or give the full-resolution H&E"
+            )
+            draft.guesses.append(
+                f"{entry['id']}: no H&E slide beside the Space Ranger output; using its {scale} image "
+                f"{entry['slide']} (image_scale: {scale}{about})"
+            )
+        draft.samples.append(entry)
+    used = {e["slide"] for e in draft.samples if isinstance(e.get("slide"), str)}
+    for entry in _loose_slides(root_abs, base, used, outputs):
+        draft.guesses.append(f"{entry['id']}: a whole-slide file on its own → image_only sample ({entry['slide']})")
+        draft.samples.append(entry)
+    seen: dict[str, int] = {}
+    for entry in draft.samples:  # unique ids (an image_only id may repeat an output's)
+        n = seen[entry["id"]] = seen.get(entry["id"], 0) + 1
+        if n > 1:
+            entry["id"] = f"{entry['id']}_{n}"
+    return draft
