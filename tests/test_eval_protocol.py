@@ -82,6 +82,9 @@ def test_pca_is_capped_and_alpha_follows_it():
     res = hestbench.regression_probe(X, Y, list("wxyz"), patients)
     assert [f.n_components for f in res.folds] == [20, 20, 20]  # capped by the 20 training rows
     assert res.folds[0].alpha == pytest.approx(100 / (20 * 4))
+    # HEST's PCA(256) would fail here: the score is said to be off-protocol, not silently reported
+    assert "PCA capped at 20 < 256" in res.off_protocol and not res.to_json()["on_protocol"]
+    assert any(d.startswith("off-protocol") for d in res.deviations)
 
 
 def test_folds_never_split_a_patient():
@@ -107,8 +110,12 @@ def test_constant_gene_is_nan_and_counted():
     res = hestbench.regression_probe(X, Y, ["g0", "g1"], patients)
     assert res.n_nan == 1
     fold = res.folds[2]
-    assert np.isnan(fold.pearson[1]) and fold.mean == pytest.approx(fold.pearson[0])
-    assert res.to_json()["folds"][2]["pearson"]["g1"] is None
+    # as HEST-Bench: np.mean over genes is NaN, and so is the mean over folds
+    assert np.isnan(fold.pearson[1]) and np.isnan(fold.mean) and np.isnan(res.mean)
+    assert res.to_json()["folds"][2]["pearson"]["g1"] is None and hestbench.OMIT_DEVIATION not in res.deviations
+    omit = hestbench.regression_probe(X, Y, ["g0", "g1"], patients, nan_policy="omit")
+    assert omit.folds[2].mean == pytest.approx(omit.folds[2].pearson[0]) and np.isfinite(omit.mean)
+    assert hestbench.OMIT_DEVIATION in omit.deviations and omit.to_json()["deviations"] == omit.deviations
 
 
 def test_gene_group_means():

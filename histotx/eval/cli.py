@@ -213,7 +213,10 @@ what it does:
      (refused unless their uns["dropped_genes"] holds every target gene: no leakage).
   3. HEST-Bench protocol per model x mode, on one set of patient folds (leave-one-patient-out with
      <= 4 patients, else GroupKFold(5)): StandardScaler -> PCA(256) -> Ridge(alpha=100/(256*50),
-     no intercept, lsqr) fitted on train; Pearson per gene on the test patients; mean over genes, folds.
+     no intercept, lsqr), float64, fitted on train; Pearson per gene on the test patients; mean over
+     genes, folds. A gene constant on a test split makes that split's mean NaN, as in HEST-Bench
+     (--omit-constant-genes: left out, a named deviation); fewer than 256 training rows or embedding
+     dims cap the PCA, and the score is marked off-protocol (the table's protocol column).
   4. optional linear probe of a tile label (--label COLUMN of the embeddings' obs, or --labels CSV
      with columns key,COLUMN): StandardScaler -> LogisticRegression; balanced accuracy per fold.
   Prints the table; writes OUT/results.csv, OUT/pearson.png, OUT/results.json (every per-gene,
@@ -226,6 +229,7 @@ examples:
       --gene-groups groups.json --out out/eval
   histotx eval --hest bench_data/IDC --model uni=exports/uni --out out/idc      # HEST-Benchmark's own task
   histotx eval --hest bench_data --model a=exports/a --model b=runs/b --out out/hest  # every task + average
+  histotx eval --hest bench_data/IDC --embeddings mine=emb/IDC --out out/idc   # precomputed <sample_id>.h5ad
 """
 
 
@@ -257,7 +261,8 @@ def register_eval(subparsers) -> None:
         "--embeddings",
         action="append",
         metavar="NAME=DIR",
-        help="precomputed embeddings (<DIR>/<sample>.h5ad from `histotx embed`) (repeatable)",
+        help="precomputed embeddings (<DIR>/<sample>.h5ad from `histotx embed`; with --hest on a folder of "
+        "tasks, <DIR>/<TASK>/<sample_id>.h5ad) (repeatable)",
     )
     p.add_argument("--modes", default="image", help="comma-separated: image, transcripts, fused (default image)")
     p.add_argument("--out", type=Path, required=True, help="folder for the table, plot, JSON and embeddings")
@@ -276,6 +281,12 @@ def register_eval(subparsers) -> None:
     p.add_argument("--gene-groups", type=Path, help='JSON {"group": ["GENE", ...]}: per-group Pearson columns')
     p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument(
+        "--omit-constant-genes",
+        action="store_true",
+        help="a gene constant on a test split is left out of that split's mean (a named deviation; default: "
+        "as HEST-Bench, the split's mean is NaN)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_eval)
 
@@ -288,16 +299,22 @@ def _run_eval(args) -> int:
     embeddings = _named(args.embeddings, "--embeddings")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     groups = read_gene_groups(args.gene_groups) if args.gene_groups else None
+    nan_policy = "omit" if args.omit_constant_genes else "hest"
     if args.hest is not None:
         from histotx.eval import hestlayout
 
-        if embeddings or not models or modes != ["image"]:
-            raise ValueError("--hest takes --model (one or more) and --modes image (HEST-Benchmark tasks are images)")
+        if not (models or embeddings) or modes != ["image"]:
+            raise ValueError(
+                "--hest takes --model and/or --embeddings (one or more) and --modes image (HEST-Benchmark tasks "
+                "are images)"
+            )
         if hestlayout.is_task(args.hest):
             hestlayout.evaluate_hest_task(
                 args.hest,
                 models,
                 args.out,
+                embeddings=embeddings,
+                nan_policy=nan_policy,
                 gene_groups=groups,
                 batch_size=args.batch_size,
                 device=args.device,
@@ -308,6 +325,8 @@ def _run_eval(args) -> int:
                 args.hest,
                 models,
                 args.out,
+                embeddings=embeddings,
+                nan_policy=nan_policy,
                 batch_size=args.batch_size,
                 device=args.device,
                 progress=not args.no_progress,
@@ -329,5 +348,6 @@ def _run_eval(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.no_progress,
+        nan_policy=nan_policy,
     )
     return 0

@@ -191,6 +191,7 @@ def evaluate_hest_task(
     seed: int = hestbench.SEED,
     progress: bool = True,
     show: bool = True,
+    nan_policy: str = "hest",
 ) -> pd.DataFrame:
     """HEST-Bench on one task folder for each model (name → LoadedModel or load_model source) and/or
     precomputed embedding folder (name → folder of ``<sample_id>.h5ad`` with obsm["image"], obs = barcodes)."""
@@ -238,7 +239,9 @@ def evaluate_hest_task(
     regression = {}
     for key, per_sample in X.items():
         X_all = np.concatenate([per_sample[s] for s in samples])
-        regression[key] = hestbench.regression_probe(X_all, Y_all, task.genes, groups, folds, latent_dim, seed)
+        regression[key] = hestbench.regression_probe(
+            X_all, Y_all, task.genes, groups, folds, latent_dim, seed, nan_policy=nan_policy
+        )
     table = report.build_table(regression, {}, gene_groups, int(Y_all.shape[0]))
     header = (
         f"HEST-Bench task {task.root.name}: {len(task.genes)} genes ({GENES_FILE}), log1p; the task's "
@@ -251,7 +254,8 @@ def evaluate_hest_task(
         "targets": task.genes,
         "splits": [{"train": tr, "test": te} for tr, te in task.splits],
         "n_patches": {s: len(barcodes[s]) for s in samples},
-        "settings": {"latent_dim": latent_dim, "seed": seed, "ridge_solver": "lsqr"},
+        "settings": {"latent_dim": latent_dim, "seed": seed, "ridge_solver": "lsqr", "nan_policy": nan_policy},
+        "deviations": sorted({d for r in regression.values() for d in r.deviations}),
         "runs": [{"model": m, "mode": mode, "regression": r.to_json()} for (m, mode), r in regression.items()],
         "seconds": time.monotonic() - started,
     }
@@ -264,17 +268,20 @@ def is_task(folder: str | Path) -> bool:
 
 def evaluate_hest_bench(
     root: str | Path,
-    models: Mapping[str, Any],
+    models: Mapping[str, Any] | None = None,
     out: str | Path | None = None,
     *,
+    embeddings: Mapping[str, str | Path] | None = None,
     tasks: Sequence[str] | None = None,
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
     show: bool = True,
+    nan_policy: str = "hest",
 ) -> pd.DataFrame:
     """Every task folder under ``root`` (or ``tasks``), each as :func:`evaluate_hest_task`; one table with a
-    row per task × model and, per model, the mean over tasks (``task`` = "average")."""
+    row per task × model and, per model, the mean over tasks (``task`` = "average"). ``embeddings``: name →
+    a folder of precomputed embeddings per task (``<folder>/<TASK>/<sample_id>.h5ad``)."""
     from histotx.eval.embed import resolve_device, resolve_model
 
     root = Path(root)
@@ -282,13 +289,15 @@ def evaluate_hest_bench(
     if not names:
         raise FileNotFoundError(f"{root}: no HEST-Benchmark task folders (<TASK>/splits/) in it")
     dev = resolve_device(device)
-    loaded = {n: resolve_model(m, dev) for n, m in models.items()}  # each model loaded once for all tasks
+    loaded = {n: resolve_model(m, dev) for n, m in (models or {}).items()}  # each model loaded once for all tasks
     parts, runs = [], {}
     for task in names:
         t = evaluate_hest_task(
             root / task,
             loaded,
             Path(out) / task if out is not None else None,
+            embeddings={n: Path(f) / task for n, f in (embeddings or {}).items()},
+            nan_policy=nan_policy,
             batch_size=batch_size,
             device=device,
             progress=progress,

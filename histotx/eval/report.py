@@ -44,6 +44,7 @@ def build_table(
                 lab["balanced_accuracy_sd"],
             )
         row.update({"n_folds": len(res.folds), "n_genes": len(res.genes), "n_tiles": n_rows, "n_nan": res.n_nan})
+        row["protocol"] = "HEST" if res.off_protocol is None else "off-protocol"  # why: results.json
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -111,13 +111,16 @@ def run_probes(
     latent_dim: int,
     seed: int,
     progress: bool,
+    nan_policy: str = "hest",
 ):
     """Every model × mode through the regression (and the label probe when labels are given)."""
     from tqdm import tqdm
 
     regression, labels = {}, {}
     for key in tqdm(list(X), desc="probe", unit="model×mode", disable=not progress):
-        regression[key] = hestbench.regression_probe(X[key], Y, targets, patients, folds, latent_dim, seed)
+        regression[key] = hestbench.regression_probe(
+            X[key], Y, targets, patients, folds, latent_dim, seed, nan_policy=nan_policy
+        )
         if label_values is not None:
             has = label_values != ""
             pos = np.full(has.size, -1)
@@ -148,6 +151,7 @@ def evaluate(
     seed: int = hestbench.SEED,
     progress: bool = True,
     show: bool = True,
+    nan_policy: str = "hest",
 ) -> pd.DataFrame:
     """Run the protocol on a shard set for each model (name → LoadedModel or source for ``load_model``)
     and/or precomputed embedding folders (name → folder of ``<sample>.h5ad``), for each mode.
@@ -245,7 +249,9 @@ def evaluate(
             raise ValueError(f"no evaluated tile has a {column!r} label")
 
     folds = hestbench.patient_folds(patients)
-    regression, label_res = run_probes(X, Y, targets, patients, folds, label_values, latent_dim, seed, progress)
+    regression, label_res = run_probes(
+        X, Y, targets, patients, folds, label_values, latent_dim, seed, progress, nan_policy
+    )
     table = report.build_table(regression, label_res, gene_groups, int(Y.shape[0]))
     header = protocol_header(len(targets), folds_description(folds, patients), modes, f"the shard set {shards}")
     results = {
@@ -258,7 +264,14 @@ def evaluate(
         "n_tiles_left_out": int((~finite).sum()),
         "patients": sorted(map(str, np.unique(patients))),
         "label": (label or "label") if label_values is not None else None,
-        "settings": {"latent_dim": latent_dim, "seed": seed, "min_frac": min_frac, "ridge_solver": "lsqr"},
+        "settings": {
+            "latent_dim": latent_dim,
+            "seed": seed,
+            "min_frac": min_frac,
+            "ridge_solver": "lsqr",
+            "nan_policy": nan_policy,
+        },
+        "deviations": sorted({d for r in regression.values() for d in r.deviations}),
         "runs": [
             {
                 "model": m,
