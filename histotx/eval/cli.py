@@ -102,7 +102,11 @@ def register_embed(subparsers) -> None:
     s.add_argument("--slide", type=Path, help="the H&E slide (SVS, pyramidal TIFF, OME-TIFF, ...)")
     s.add_argument("--data", type=Path, help="its Space Ranger outs/, Xenium bundle or HEST root")
     s.add_argument("--technology", help=f"{' | '.join(TECHNOLOGIES)} (default image_only without --data)")
-    s.add_argument("--sample-id", help="sample id (default: from the slide's file name)")
+    s.add_argument(
+        "--sample-id",
+        help="sample id (default: the sample's folder, the first above --data, or above a Space Ranger "
+        "spatial/ image, that Space Ranger did not name; a slide on its own: its file name)",
+    )
     s.add_argument("--patient", default="", help="patient id (default: the sample id)")
     s.add_argument("--mpp", type=float, help="µm/px of the slide's level 0, overriding its metadata")
     s.add_argument(
@@ -128,6 +132,7 @@ def _run_embed(args) -> int:
         raise ValueError("give either --shards DIR or --slide FILE (with --data for Visium/Xenium/HEST data)")
     if args.shards and (args.overrides or args.shard_config):
         raise ValueError("shard settings (--shard-config, key=value) apply to --slide only")
+    _check_inputs(args)
     t0 = time.time()
     kwargs = dict(
         modes=_names(args.modes, None),
@@ -165,6 +170,60 @@ def _run_embed(args) -> int:
         ]
     _summary(paths, time.time() - t0)
     return 0
+
+
+def _check_inputs(args) -> None:
+    """Each embed flag's value checked before any model is loaded; a message names the flag."""
+    _check_paths(args)
+    if args.slide or args.data:
+        _check_slide_flags(args)
+    if args.sample_id:
+        from histotx.format import FormatError, check_sample_id
+
+        try:
+            check_sample_id(args.sample_id)
+        except FormatError as exc:
+            raise ValueError(f"--sample-id {args.sample_id}: {exc}") from None
+    try:
+        if args.resolution_um != "native" and not float(args.resolution_um) > 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--resolution-um {args.resolution_um}: expected a size in µm > 0, or 'native'") from None
+
+
+def _check_paths(args) -> None:
+    for flag, path, kind in (
+        ("--shards", args.shards, "folder"),
+        ("--slide", args.slide, "file"),
+        ("--data", args.data, None),
+        ("--alignment", args.alignment, "file"),
+        ("--shard-config", args.shard_config, "file"),
+        ("--drop-genes-file", args.drop_genes_file, "file"),
+    ):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{flag} {path}: no such {kind or 'file or folder'}")
+    if args.shards and not (Path(args.shards) / "manifest.json").is_file():
+        raise ValueError(f"--shards {args.shards}: no manifest.json there (a folder made by `histotx shard run`)")
+
+
+def _check_slide_flags(args) -> None:
+    """--slide / --data / --technology and their options, as the technology registry defines them."""
+    technology = args.technology or ("image_only" if args.data is None else None)
+    if technology is None:
+        raise ValueError(f"--data {args.data}: say which data it is with --technology ({' | '.join(TECHNOLOGIES)})")
+    tech = TECHNOLOGIES.get(technology)
+    if tech is None:
+        raise ValueError(f"--technology {technology}: expected one of {', '.join(TECHNOLOGIES)}")
+    if tech.reader is not None and args.data is None:
+        raise ValueError(f"--technology {technology} needs --data ({tech.data})")
+    if tech.reader is None and args.data is not None:
+        raise ValueError(f"--data {args.data}: --technology {technology} reads no data; give --technology")
+    if tech.needs_slide and args.slide is None:
+        raise ValueError(f"--technology {technology} needs --slide (the H&E image)")
+    if technology == "hest" and not args.sample_id:
+        raise ValueError("--technology hest needs --sample-id (the HEST id, e.g. TENX95)")
+    if args.image_scale not in ("fullres", "hires", "lowres"):
+        raise ValueError(f"--image-scale {args.image_scale}: expected fullres, hires or lowres")
 
 
 def _summary(paths: list[Path], seconds: float) -> None:

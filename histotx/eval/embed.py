@@ -553,6 +553,19 @@ def _input_genes(shard_dir: Path, loaded, dropped: list[str]) -> np.ndarray:
     absent = [g for g in dropped if g not in named]
     if absent:
         log.warning("drop_genes not in %s (nothing to drop): %s", path, absent)
+    if len(vocab) and not (mapping >= 0).any():
+        shared = (gene_map(vocab, loaded.genes) >= 0).any()
+        why = "every gene the two share is dropped" if shared else "the shards' genes and the model's share none"
+        log.warning(
+            "%s: no gene reaches the model (%s; the model knows %d genes, e.g. %s; the shards %d, e.g. %s): every "
+            "tile has no transcript token, so 'transcripts' embeddings are empty and 'fused' equals 'image'",
+            path,
+            why,
+            len(loaded.genes),
+            ", ".join(list(loaded.genes)[:3]),
+            len(vocab),
+            ", ".join(vocab.name(i) for i in range(min(3, len(vocab)))),
+        )
     return mapping
 
 
@@ -572,10 +585,32 @@ def _check_mpp(sample: str, tile_mpp: float, model_mpp: float | None) -> None:
 # ---------------------------------------------------------------- a slide → shards (as `histotx shard`) → h5ad
 
 
-def slide_sample_id(slide: Path) -> str:
-    """A valid sample id from a slide's file name (``he-01.ome.tif`` → ``he-01``)."""
-    stem = Path(slide).name.split(".")[0]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem).lstrip("_-") or "slide"
+_NOT_SAMPLE_FOLDERS = re.compile(r"(outs|spatial|binned_outputs|square_\d+um)$")  # named by Space Ranger
+_SPACERANGER_IMAGE = re.compile(r"tissue_(hires|lowres)_image$|(aligned_)?tissue_image$|detected_tissue_image$")
+
+
+def _clean_id(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")
+
+
+def slide_sample_id(slide: Path | None, data: Path | None = None) -> str:
+    """The sample's id when none is given: its sample folder, the first folder above ``data`` (or above the
+    slide, when the slide is one of Space Ranger's images) that Space Ranger did not name (``outs``,
+    ``spatial``, ``binned_outputs``, ``square_*um``); for a slide on its own, its file name (``he-01.ome.tif``
+    → ``he-01``)."""
+    start = None
+    if data is not None:
+        start = Path(os.path.abspath(data))
+    elif slide is not None and _SPACERANGER_IMAGE.match(Path(slide).name.split(".")[0]):
+        start = Path(os.path.abspath(slide)).parent
+    if start is not None:
+        folder = start
+        while _NOT_SAMPLE_FOLDERS.match(folder.name) and folder.parent != folder:
+            folder = folder.parent
+        if sid := _clean_id(folder.name):
+            return sid
+    stem = Path(slide).name.split(".")[0] if slide is not None else ""
+    return _clean_id(stem) or "slide"
 
 
 def embed_slide(
@@ -611,8 +646,8 @@ def embed_slide(
         raise ValueError("embed_slide: give the technology of the data (one of histotx.sharding.technologies)")
     if technology == "hest" and not sample_id:
         raise ValueError("embed_slide: a HEST sample needs its id (sample_id)")
+    sample_id = sample_id or slide_sample_id(Path(slide) if slide else None, Path(data) if data else None)
     slide = Path(slide).resolve() if slide else None
-    sample_id = sample_id or slide_sample_id(slide)
     tech = technologies.technology(technology)
     entry = {"id": sample_id, "technology": technology, "patient": patient or sample_id}
     for key, value in (
@@ -637,8 +672,9 @@ def embed_slide(
         t0 = time.time()
         manifest = run_cohort(cohort, shard_dir, cfg)
         record = manifest["samples"][sample_id]
-        if record["status"] != "ok":
-            raise ValueError(f"sharding {slide or data} failed: {record.get('error')}")
+        if record["status"] != "ok":  # the cohort file is ours, not the user's: name what they gave
+            error = str(record.get("error")).replace(f"{cohort}: ", "").replace(str(cohort), "the command line")
+            raise ValueError(f"sharding {slide or data} failed: {error}")
         log.info("%s: %d tiles sharded in %.1f s (%s)", sample_id, record["tiles"], time.time() - t0, shard_dir)
         extra = {"slide": str(slide) if slide else "", "shards": str(shard_dir.resolve()) if shards_dir else None}
         return embed_shards(

@@ -131,6 +131,18 @@ def run_probes(
     return regression, labels
 
 
+def _require_two_patients(shards, expr: Mapping[str, Any], patients: np.ndarray) -> None:
+    """Every fold leaves patients out: one patient cannot be evaluated; said before anything is embedded."""
+    if np.unique(patients).size >= 2:
+        return
+    found = ", ".join(f"{s} (patient {e.patient})" for s, e in expr.items()) or "none"
+    raise ValueError(
+        f"{shards}: the evaluation needs tiles with transcripts from at least 2 patients (every fold leaves "
+        f"patients out), found {np.unique(patients).size}: {found}. Give each sample its `patient:` in the "
+        "cohort (a sample without one counts as its own), or add samples of another patient"
+    )
+
+
 def evaluate(
     shards: str | Path,
     models: Mapping[str, Any] | None = None,
@@ -179,6 +191,7 @@ def evaluate(
     keys = {s: expr[s].keys for s in sample_ids}
     Y = np.concatenate([target_matrix(expr[s], targets) for s in sample_ids])
     patients = np.concatenate([[expr[s].patient] * len(keys[s]) for s in sample_ids])
+    _require_two_patients(shards, expr, patients)  # before any embedding
     log.info(
         "%d samples, %d tiles with transcripts, %d patients, %d targets",
         len(sample_ids),
