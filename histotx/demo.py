@@ -26,11 +26,19 @@ TRAIN_RANKS = 2
 EVAL_MODES = ("image", "transcripts", "fused")
 
 
-def _stage(n: int, text: str, started: float) -> None:
-    print(f"[demo {n}/8, {time.monotonic() - started:5.0f} s] {text}", flush=True)
+def _stage(n: int, text: str, started: float, quiet: _Quiet | None = None) -> None:
+    note = quiet.take() if quiet is not None else ""
+    print(f"[demo {n}/8, {time.monotonic() - started:5.0f} s] {text}{note}", flush=True)
 
 
 def run_demo(out: Path, seed: int = 0, workers: int = 1, steps: int = TRAIN_STEPS, ranks: int = TRAIN_RANKS) -> int:
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with _Quiet(out / "demo.log") as quiet:
+        return _run_demo(out, seed, workers, steps, ranks, quiet)
+
+
+def _run_demo(out: Path, seed: int, workers: int, steps: int, ranks: int, quiet: _Quiet) -> int:
     from histotx.eval import evaluate
     from histotx.export import load_model
     from histotx.export.write import export
@@ -43,7 +51,7 @@ def run_demo(out: Path, seed: int = 0, workers: int = 1, steps: int = TRAIN_STEP
     out = Path(out).resolve()
     t0 = time.monotonic()
     cohort = generate_cohort(out / "cohort", seed=seed, size="small")
-    _stage(1, f"synthetic cohort (Visium SR1/SR2, Visium HD, Xenium, HEST, image-only) → {cohort}", t0)
+    _stage(1, f"synthetic cohort (Visium SR1/SR2, Visium HD, Xenium, HEST, image-only) → {cohort}", t0, quiet)
     manifest = run_cohort(cohort, out / "shards", ShardConfig(seed=seed), workers=workers)
     tot = manifest["totals"]
     _stage(
@@ -51,9 +59,10 @@ def run_demo(out: Path, seed: int = 0, workers: int = 1, steps: int = TRAIN_STEP
         f"sharded {tot['tiles']} tiles into {tot['shards']} shards ({tot['samples_ok']} samples ok, "
         f"{tot['samples_failed']} failed) → {out / 'shards'}",
         t0,
+        quiet,
     )
     report = verify(out / "shards")
-    _stage(3, f"verified {report['tiles']} tiles, {len(report['problems'])} problems", t0)
+    _stage(3, f"verified {report['tiles']} tiles, {len(report['problems'])} problems", t0, quiet)
     run = out / "train"
     losses = pretrain(out / "shards", run, seed, steps, ranks)
     finite = bool(losses) and all(math.isfinite(v) for v in losses)
@@ -62,14 +71,16 @@ def run_demo(out: Path, seed: int = 0, workers: int = 1, steps: int = TRAIN_STEP
         f"pretrained the tiny fused model {steps} steps on {ranks} CPU ranks; loss {losses[0]:.3f} → "
         f"{losses[-1]:.3f} (logged every {max(1, steps // 10)} steps) → {run}",
         t0,
+        quiet,
     )
     summary = export(run, out / "export", formats=("hf", "timm"), overwrite=True)
-    _stage(5, f"exported the teacher → {summary.out} (hf/, timm/)", t0)
+    _stage(5, f"exported the teacher → {summary.out} (hf/, timm/)", t0, quiet)
     model = load_model(out / "export")
     _stage(
         6,
         f"reloaded the export: {model.name}, {len(model.genes)} genes, {model.image_size} px at {model.mpp:g} µm/px",
         t0,
+        quiet,
     )
     # the synthetic cohort knows what drives each gene: report region / crowding / hidden-state genes apart
     table = evaluate(
@@ -81,11 +92,12 @@ def run_demo(out: Path, seed: int = 0, workers: int = 1, steps: int = TRAIN_STEP
         progress=False,
         show=False,
     )
-    _stage(7, f"embedded every tile ({', '.join(EVAL_MODES)}) → {out / 'eval' / 'embeddings'}", t0)
-    _stage(8, "evaluated (HEST-Bench protocol, leave-one-patient-out):", t0)
+    _stage(7, f"embedded every tile ({', '.join(EVAL_MODES)}) → {out / 'eval' / 'embeddings'}", t0, quiet)
+    _stage(8, "evaluated (HEST-Bench protocol, leave-one-patient-out):", t0, quiet)
     from histotx.eval.report import print_table
 
     print_table(table, table.attrs["header"])
+    print(explain_table(table.attrs["results"]["targets"], gene_groups()))
     print(
         f"\nartefacts under {out}:\n"
         f"  cohort        {cohort} (+ truth/<sample>.json: sites, regions, programs)\n"
@@ -95,9 +107,89 @@ def run_demo(out: Path, seed: int = 0, workers: int = 1, steps: int = TRAIN_STEP
         f"AutoModel.from_pretrained(..., trust_remote_code=True); timm/: timm.create_model('local-dir:...'))\n"
         f"  embeddings    {out / 'eval' / 'embeddings'} (<model>/<sample>.h5ad)\n"
         f"  evaluation    " + ", ".join(str(p) for p in table.attrs.get("paths", {}).values()) + "\n"
+        f"  log           {quiet.path} (every stage's log lines, warnings included)\n"
         f"demo finished in {time.monotonic() - t0:.0f} s"
     )
     return 1 if tot["samples_failed"] or report["problems"] or not finite else 0
+
+
+GROUP_MEANING = {
+    "region": "genes of the region programs (tissue types the H&E shows through its nuclei): an image model can "
+    "learn them",
+    "crowding": "genes that rise with local nuclei density, visible as how packed the nuclei are",
+    "hidden": "genes of a hidden cell state (hypoxia) that the H&E does not show: only transcript input can "
+    "carry them, so image rows should stay near 0",
+    "housekeeping": "genes every cell expresses about alike: little to predict",
+}
+
+
+def explain_table(targets: list[str], groups: dict[str, list[str]]) -> str:
+    """What the demo's columns mean, and why a group's column can be empty (no target gene in it)."""
+    lines = [
+        "How to read the table:",
+        "  Pearson       per target gene, Pearson r between the expression predicted from a tile's embedding (ridge "
+        "on PCA,",
+        "                fitted on the other patient) and the measured log1p expression of the held-out patient's "
+        "tiles;",
+        f"                the mean over the {len(targets)} target genes, ± sd over the folds",
+        "  mode          image: the tile alone; transcripts: its transcript tokens alone; fused: both (the target "
+        "genes",
+        "                are removed from the transcript input, so they cannot leak into their own prediction)",
+    ]
+    for name, genes in groups.items():
+        n = len(set(genes) & set(targets))
+        note = f"{n} of the targets" if n else "no target gene in this group: column empty (—)"
+        lines.append(
+            f"  {name:<13} the same mean over this group's target genes ({note}): {GROUP_MEANING.get(name, '')}"
+        )
+    lines += [
+        "  (targets: the 50 genes of largest variance among those in ≥ 10 % of the sites of every sample, HEST's rule;",
+        "  a group whose genes are rare or constant, like housekeeping, may have none, hence an empty column)",
+        "  folds / genes / tiles / NaN r: leave-one-patient-out folds, target genes, tiles evaluated, genes with no r "
+        "(constant on a test fold)",
+        "  random init: the same architecture untrained: the baseline every row should beat",
+    ]
+    return "\n".join(lines)
+
+
+class _Quiet:
+    """During the demo, every log record goes to ``demo.log`` instead of between the stage lines (errors
+    still reach the terminal); the warnings of a stage are counted for its stage line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.root = logging.getLogger()
+        self.file = logging.FileHandler(path, mode="w")
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.file.setLevel(logging.INFO)
+        self.warnings = 0
+        self.saved: list[tuple[logging.Handler, int]] = []
+        self.level = self.root.level
+
+    def __enter__(self) -> _Quiet:
+        self.saved = [(h, h.level) for h in self.root.handlers]
+        for h, _ in self.saved:
+            h.setLevel(logging.ERROR)
+        counter = logging.Handler(logging.WARNING)
+        counter.emit = lambda _record: setattr(self, "warnings", self.warnings + 1)
+        self.counter = counter
+        self.root.addHandler(self.file)
+        self.root.addHandler(counter)
+        self.root.setLevel(min(self.level or logging.INFO, logging.INFO))
+        return self
+
+    def take(self) -> str:
+        """`` (N warnings: see demo.log)`` for the warnings since the last call, or nothing."""
+        n, self.warnings = self.warnings, 0
+        return f" ({n} warning{'s' if n != 1 else ''}: see {self.path})" if n else ""
+
+    def __exit__(self, *_exc) -> None:
+        self.root.removeHandler(self.file)
+        self.root.removeHandler(self.counter)
+        self.file.close()
+        for h, level in self.saved:
+            h.setLevel(level)
+        self.root.setLevel(self.level)
 
 
 def pretrain(shards: Path, run: Path, seed: int, steps: int, ranks: int) -> list[float]:
