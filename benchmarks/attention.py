@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import json
 import multiprocessing
 import statistics
@@ -267,7 +268,7 @@ def benchmark(args) -> list[dict]:
         if args.memory:
             mems = [peak_mib(v, lengths, args.heads, args.head_dim, device, dtype) for v in ["padded", *backends]]
             row += "  | " + ", ".join(f"{m:.0f}" for m in mems)
-            result["peak_mib"] = dict(zip(["padded", *backends], mems))
+            result["peak_mib"] = dict(zip(["padded", *backends], mems, strict=True))
         print(row, flush=True)
         rows.append(result)
     return rows
@@ -284,7 +285,7 @@ def reference_and_bounds(qkv: torch.Tensor, grad: torch.Tensor, lengths: list[in
     Returns (out, dqkv, out bound, dqkv bound) in the packed layouts."""
     n_acc = max(lengths)
     outs, grads, out_bounds, grad_bounds = [], [], [], []
-    for part, g in zip(qkv.double().split(lengths), grad.double().split(lengths)):
+    for part, g in zip(qkv.double().split(lengths), grad.double().split(lengths), strict=True):
         q, k, v = part.permute(1, 2, 0, 3)  # each (heads, n, dim)
         do = g.transpose(0, 1)  # (heads, n, dim)
         dim = q.shape[-1]
@@ -371,6 +372,17 @@ def model_flops(cfg, lengths: list[int]) -> float:
     return cfg.depth * (per_token * sum(lengths) + sum(4 * n * n * d for n in lengths))
 
 
+def _model_step(model, images: torch.Tensor, tx, amp) -> None:
+    """One forward and backward of the fused model on a batch (the loss touches every output)."""
+    model.zero_grad(set_to_none=True)
+    with amp:
+        out = model(images, tx)
+        loss = out.cls.float().square().mean() + out.patch.float().mean()
+        if tx.n_tokens:
+            loss = loss + out.transcript.float().mean()
+    loss.backward()
+
+
 def throughput(args, device: torch.device) -> list[dict]:
     from histotx.model import FusedViT, FusedViTConfig, TranscriptBatch
     from histotx.tokens import TranscriptCells
@@ -411,18 +423,9 @@ def throughput(args, device: torch.device) -> list[dict]:
         tx = TranscriptBatch.collate(cells).to(device)
         images = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
 
-        def step():
-            model.zero_grad(set_to_none=True)
-            with amp:
-                out = model(images, tx)
-                loss = out.cls.float().square().mean() + out.patch.float().mean()
-                if n_tx:
-                    loss = loss + out.transcript.float().mean()
-            loss.backward()
-
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds = _median_seconds(step, args.repeats, device)
+        seconds = _median_seconds(functools.partial(_model_step, model, images, tx, amp), args.repeats, device)
         lengths = [1 + n_patches + n_tx] * batch
         flops = 3 * model_flops(cfg, lengths)  # forward + backward ≈ 3 × forward
         mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""

@@ -320,12 +320,12 @@ def print_table(summary: pd.DataFrame, long: pd.DataFrame, header: str) -> None:
         ("label_bal_acc_mean", "region probe bal.acc"),
     ]
     widths = [22, 13] + [23] * len(names)
-    line = "".join(h.ljust(w) for h, w in zip(["model", "mode", *[n for _, n in names]], widths))
+    line = "".join(h.ljust(w) for h, w in zip(["model", "mode", *[n for _, n in names]], widths, strict=True))
     print(line)
     print("-" * len(line))
     for _, r in summary.iterrows():
         cells = [r["model"], r["mode"]] + [f"{r[c]:.3f} ± {r[c + '_sd']:.3f}" for c, _ in names]
-        print("".join(str(c).ljust(w) for c, w in zip(cells, widths)))
+        print("".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)))
     print(
         f"mean ± sd over {int(summary['seeds'].max())} seeds (sd: sample sd, ddof=1, of the per-seed means over "
         "leave-one-patient-out folds)"
@@ -340,7 +340,8 @@ def print_table(summary: pd.DataFrame, long: pd.DataFrame, header: str) -> None:
 
     def diff(table, a, b, what):
         d = table[a] - table[b]
-        return f"{what}: {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else float('nan'):.3f} (per seed {', '.join(f'{v:+.3f}' for v in d)})"
+        sd = d.std(ddof=1) if len(d) > 1 else float("nan")
+        return f"{what}: {d.mean():+.3f} ± {sd:.3f} (per seed {', '.join(f'{v:+.3f}' for v in d)})"
 
     print(diff(wide, ("fm", "image"), ("random", "image"), "FM image − random init, Pearson all"))
     print(diff(region, ("fm", "image"), ("random", "image"), "FM image − random init, Pearson region"))

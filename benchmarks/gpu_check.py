@@ -214,7 +214,7 @@ def env_rows(out: Path) -> list[dict]:
     ]
 
 
-def xformers_rows(out: Path, dry: bool) -> list[dict]:
+def xformers_rows(out: Path) -> list[dict]:
     step, info = _step(out, "xformers"), _load(out / "xformers.json")
     if not info:
         reason = _failure(step)
@@ -424,7 +424,7 @@ def loader_rows(out: Path, dry: bool) -> list[dict]:
 def report(out: Path, dry: bool, budget_s: float, elapsed_s: float) -> list[dict]:
     rows = (
         env_rows(out)
-        + xformers_rows(out, dry)
+        + xformers_rows(out)
         + agreement_rows(out, dry)
         + throughput_rows(out, dry)
         + train_rows(out, dry)
@@ -449,7 +449,7 @@ def render(rows: list[dict]) -> str:
     cols = list(rows[0])
     cells = [[str(r[c]).replace("|", "/").replace("\n", " ") for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 

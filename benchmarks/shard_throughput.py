@@ -29,12 +29,14 @@ pipeline / naive (goal ≥ 2), 2 workers / 1 worker (goal ≥ 1.8 on ≥ 2 free 
 pipeline / naive can be when the pipeline runs at the bound, and the bound's own x2/x1. Wall time, so run it on
 a quiet machine (the CPU-time ratio is printed beside it as a check).
 
-    python benchmarks/shard_throughput.py [--mosaic 6] [--cases 1:1,upsample,down2] [--rounds 3] [jpeg_subsampling=420 ...]
+    python benchmarks/shard_throughput.py [--mosaic 6] [--cases 1:1,upsample,down2] [--rounds 3] \\
+        [jpeg_subsampling=420 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import logging
 import os
@@ -286,10 +288,11 @@ def bound(folder: Path, cfg: ShardConfig) -> tuple[int, Clock, dict[str, str], l
         for name, fn, scale in _decoders(work.page, geom.reduce):
             seconds, tiles = _timed(fn, work.raw)
             steps["decode"][name] = steps["decode"].get(name, Clock()) + seconds
-            by_scale.setdefault(scale, dict(zip(work.needed, tiles)))
+            by_scale.setdefault(scale, dict(zip(work.needed, tiles, strict=True)))
         for name, resize in _resizers(cfg.tile_px):
             for scale, decoded in by_scale.items():  # resizing from a full or a DCT-scaled decode
-                seconds, tiles = _timed(lambda o: work.cut(o, decoded, scale, cfg.tile_px, resize), work.origins)
+                cut = functools.partial(work.cut, decoded=decoded, scale=scale, out_px=cfg.tile_px, resize=resize)
+                seconds, tiles = _timed(cut, work.origins)
                 key = name if scale == 1 else f"{name} after DCT-scaled decode"
                 steps["resize"][key] = steps["resize"].get(key, Clock()) + seconds
         for name, encode in _encoders(cfg.jpeg_quality, cfg.jpeg_subsampling):
@@ -328,7 +331,7 @@ def _codec_pass(works: list[SlideWork], cfg: ShardConfig, names: tuple[str, str,
     resize = dict(_resizers(cfg.tile_px))[res.removesuffix(" after DCT-scaled decode")]
     for work in works:
         decode, scale = {n: (f, k) for n, f, k in _decoders(work.page, work.reduce)}[dec]
-        raw, decoded, row = dict(zip(work.needed, work.raw)), {}, None
+        raw, decoded, row = dict(zip(work.needed, work.raw, strict=True)), {}, None
         per_row = -(-work.page.imagewidth // work.page.chunks[1])
         for origin in work.origins:  # row-major, as the pipeline's plan
             sources = _sources(work.page, origin, work.side)
@@ -361,7 +364,10 @@ def bound_scaling(works: list[SlideWork], cfg: ShardConfig, names: tuple[str, st
     def run(groups: list[list[SlideWork]]) -> float:
         start = ctx.Barrier(len(groups) + 1)
         pipes = [ctx.Pipe(duplex=False) for _ in groups]
-        procs = [ctx.Process(target=_timed_pass, args=(g, cfg, names, start, w)) for g, (_, w) in zip(groups, pipes)]
+        procs = [
+            ctx.Process(target=_timed_pass, args=(g, cfg, names, start, w))
+            for g, (_, w) in zip(groups, pipes, strict=True)
+        ]
         for p in procs:
             p.start()
         start.wait()
@@ -410,6 +416,12 @@ def pipeline(cohort: Path, out: Path, cfg: ShardConfig, workers: int) -> tuple[i
     t0, c0 = time.perf_counter(), time.process_time()
     manifest = run_cohort(cohort, out, cfg, workers=workers)
     return manifest["totals"]["tiles"], Clock(time.perf_counter() - t0, time.process_time() - c0)
+
+
+def _rate(n: int, runs: list, i: int) -> str:
+    """Tiles/s of case column i, median over rounds: wall (CPU in brackets)."""
+    wall, cpu = np.median([r[i].wall for r in runs]), np.median([r[i].cpu for r in runs])
+    return f"{n / wall:7.0f} ({n / cpu:6.0f})"
 
 
 def main() -> None:
@@ -482,9 +494,9 @@ def main() -> None:
         f"{'case':>9} {'tiles':>6} {'bound':>16} {'naive':>16} {'pipeline x1':>16} {'x2':>6}   "
         f"{'x1/bound':>12} {'x1/naive':>12} {'x2/x1':>6} {'bound/naive':>12} {'bound x2/x1':>12}"
     )
+    med = lambda values: float(np.median(values))  # noqa: E731
     for case, n, runs in rows:
-        med = lambda values: float(np.median(values))  # noqa: E731
-        rate = lambda i: f"{n / med([r[i].wall for r in runs]):7.0f} ({n / med([r[i].cpu for r in runs]):6.0f})"  # noqa: E731
+        rate = functools.partial(_rate, n, runs)
         b_wall, b_cpu = [r[0].wall / r[2].wall for r in runs], [r[0].cpu / r[2].cpu for r in runs]
         n_wall, n_cpu = [r[1].wall / r[2].wall for r in runs], [r[1].cpu / r[2].cpu for r in runs]
         scaling = [r[2].wall / r[3].wall for r in runs]

@@ -379,7 +379,7 @@ def main() -> None:
         # alternate the two measurements: CPU time per sample drifts with what else the machine runs
         rounds = [loader_ratio(shards, args.batch, args.loader_batches) for _ in range(args.rounds)]
         ratios = sorted(b / w for b, w in rounds)
-        bound, worker = (float(np.median(x)) for x in zip(*rounds))
+        bound, worker = (float(np.median(x)) for x in zip(*rounds, strict=True))
         print(
             f"loader: decode + augment + collate alone {bound * 1e3:.2f} CPU ms/sample, in a worker "
             f"{worker * 1e3:.2f} CPU ms/sample: per-worker throughput ratio {ratios[len(ratios) // 2]:.2f} "

@@ -34,6 +34,7 @@ import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,7 @@ class TranscriptGrid:
         xy, gene, count = self.xy[site], self.gene[entry], self.count[entry]
         bounds = np.searchsorted(subset, np.arange(keep.shape[0] + 1))
         out = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in pairwise(bounds):
             grid = copy.copy(self)  # (no __init__: no re-validation)
             e0, e1 = offsets[a], offsets[b]
             grid.xy, grid.offsets, grid.gene, grid.count = xy[a:b], offsets[a : b + 1] - e0, gene[e0:e1], count[e0:e1]

@@ -190,7 +190,7 @@ def bin_grids(
     native = [i for i, r in enumerate(resolutions_um) if r is None]
     binned = [i for i, r in enumerate(resolutions_um) if r is not None]
     if native:
-        for i, cells in zip(native, _native([grids[i] for i in native], [mpps[i] for i in native], h, w)):
+        for i, cells in zip(native, _native([grids[i] for i in native], [mpps[i] for i in native], h, w), strict=True):
             out[i] = cells
     if binned:
         for i, cells in zip(
@@ -202,6 +202,7 @@ def bin_grids(
                 h,
                 w,
             ),
+            strict=True,
         ):
             out[i] = cells
     return out
@@ -250,14 +251,14 @@ def _native(grids: Sequence[TranscriptGrid], mpps: Sequence[float], h: int, w: i
         weight,
         site_start,
         xy[occupied],
-        [max(g.footprint_um, mpp) for g, mpp in zip(grids, mpps)],
+        [max(g.footprint_um, mpp) for g, mpp in zip(grids, mpps, strict=True)],
     )
 
 
 def _binned(
     grids: Sequence[TranscriptGrid], mpps: list[float], resolutions: list[float], h: int, w: int
 ) -> list[TranscriptCells]:
-    sides = np.array([r / m for r, m in zip(resolutions, mpps)])  # cell side in pixels, per tile
+    sides = np.array([r / m for r, m in zip(resolutions, mpps, strict=True)])  # cell side in pixels, per tile
     n_cols = np.maximum(1, np.ceil(w / sides)).astype(np.int64)
     n_rows = np.maximum(1, np.ceil(h / sides)).astype(np.int64)
     cell_start = _starts(n_cols * n_rows)
@@ -267,7 +268,7 @@ def _binned(
         _footprint_lattice(g.footprint_um / m, g.footprint_shape, side)
         if g.footprint_shape != "point" and g.footprint_um / m > side
         else np.zeros((1, 2))
-        for g, m, side in zip(grids, mpps, sides)
+        for g, m, side in zip(grids, mpps, sides, strict=True)
     ]
     per_tile = np.array([lat.shape[0] for lat in lattices])
     site_tile = np.repeat(np.arange(len(grids)), np.diff(site_start))

@@ -75,7 +75,7 @@ class Vocab:
 
     def to_tsv(self) -> str:
         lines = ["index\tsymbol\tensembl_id"]
-        lines += [f"{i}\t{s}\t{e}" for i, (s, e) in enumerate(zip(self.symbols, self.ensembl))]
+        lines += [f"{i}\t{s}\t{e}" for i, (s, e) in enumerate(zip(self.symbols, self.ensembl, strict=True))]
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:

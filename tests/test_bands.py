@@ -16,7 +16,7 @@ from histotx.sharding.bands import BandedSites
 from histotx.sharding.sites import Sites
 
 
-def _boxes(rng: np.random.Generator, n: int, side: float) -> list[tuple[float, float, float, float]]:
+def _boxes(n: int, side: float) -> list[tuple[float, float, float, float]]:
     """A grid of tile boxes visited row by row (as the pipeline's runs are)."""
     step = side / n
     return [(c * step, r * step, (c + 1) * step, (r + 1) * step) for r in range(n) for c in range(n)]
@@ -47,7 +47,7 @@ def test_banded_sites_match_in_memory(monkeypatch, unit):
     on = memory.on_slide(int(side), int(side))
     np.testing.assert_array_equal(banded.xy_px, xy[on])  # input order restored
     assert (banded.counts != counts[np.flatnonzero(on)]).nnz == 0
-    for box in _boxes(rng, 7, side):
+    for box in _boxes(7, side):
         got_xy, got = banded.in_box(*box)
         want_xy, want = memory.in_box(*box)
         np.testing.assert_array_equal(got_xy, want_xy)
@@ -103,7 +103,7 @@ def _hd_outs(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, np.ndarray
     folder = tmp_path / "outs" / "binned_outputs" / "square_002um"
     (folder / "spatial").mkdir(parents=True)
     rows, cols = (a.ravel() for a in np.mgrid[0:40, 0:40])
-    barcodes = np.array([f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)])
+    barcodes = np.array([f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)])
     in_tissue = rng.random(len(rows)) < 0.7
     xy = np.stack([cols * 7.3 + 20.5, rows * 7.3 + 11.25], 1)
     pq.write_table(

@@ -27,7 +27,7 @@ def marked_tile(rng):
         [(cells % 4) * 64 + rng.uniform(16, 48, len(cells)), (cells // 4) * 64 + rng.uniform(16, 48, len(cells))],
         axis=1,
     )
-    for (x, y), marker in zip(xy, COLOURS):
+    for (x, y), marker in zip(xy, COLOURS, strict=True):
         rgb[int(y) - 6 : int(y) + 7, int(x) - 6 : int(x) + 7] = marker
     offsets = np.arange(len(COLOURS) + 1)
     grid = TranscriptGrid(xy, offsets, np.arange(len(COLOURS)), np.ones(len(COLOURS)), 0.0, "point")
@@ -66,7 +66,7 @@ def test_markers_stay_under_their_sites_through_every_transform():
             size = view.image.shape[-1]
             xy, site = view.grid.xy, view.grid.gene  # gene id = site number = colour index here
             assert np.all((xy >= 0) & (xy < size))
-            for (x, y), s in zip(xy, site):
+            for (x, y), s in zip(xy, site, strict=True):
                 pixel = view.image[:, int(y), int(x)].numpy()
                 assert np.abs(pixel - COLOURS[s] / 255.0).max() < 0.2, (seed, s, pixel)
                 checked += 1
@@ -139,7 +139,7 @@ def test_all_crops_of_a_tile_move_its_sites_as_each_crop_alone():
                 int(rng.integers(0, 4)),
             )
         )
-    for geometry, together in zip(geometries, transform_grids(grid, geometries, tile_mpp=0.5)):
+    for geometry, together in zip(geometries, transform_grids(grid, geometries, tile_mpp=0.5), strict=True):
         alone = transform_grid(grid, geometry, tile_mpp=0.5)
         for name in ("xy", "offsets", "gene", "count"):
             np.testing.assert_array_equal(getattr(together, name), getattr(alone, name))
@@ -165,7 +165,7 @@ def test_colour_jitter_changes_pixels_not_sites_and_is_seeded():
     )
     assert len(a[0]) == 2 and len(a[1]) == 8
     assert a[0][0].image.shape == (3, 224, 224) and a[1][0].image.shape == (3, 96, 96)
-    for va, vb, vp in zip(a[0] + a[1], b[0] + b[1], plain[0] + plain[1]):
+    for va, vb, vp in zip(a[0] + a[1], b[0] + b[1], plain[0] + plain[1], strict=True):
         assert torch.equal(va.image, vb.image)
         np.testing.assert_array_equal(va.grid.xy, vp.grid.xy)  # same geometry draws, same sites
     assert not torch.allclose(a[0][0].image, plain[0][0].image)

@@ -132,7 +132,7 @@ def test_pipeline_with_two_workers_is_deterministic_and_resumable(tmp_path):
     head = list(islice(first, 3))
     resumed = build_loader(cfg)
     resumed.load_state_dict(first.state_dict())
-    for a, b in zip(head + list(islice(resumed, 2)), straight):
+    for a, b in zip(head + list(islice(resumed, 2)), straight, strict=True):
         assert a.keys == b.keys and torch.equal(a.global_images, b.global_images)
         assert torch.equal(a.image_mask, b.image_mask) and torch.equal(a.transcript_mask, b.transcript_mask)
         assert torch.equal(a.teacher_transcripts.xy, b.teacher_transcripts.xy)
@@ -165,6 +165,7 @@ def _compositions(tb, lo, hi):
             zip(
                 tb.gene[tb.offsets[t] : tb.offsets[t + 1]].tolist(),
                 np.round(tb.weight[tb.offsets[t] : tb.offsets[t + 1]].numpy(), 5).tolist(),
+                strict=True,
             )
         )
         for t in range(lo, hi)
@@ -207,9 +208,9 @@ def test_no_masked_token_target_is_visible_in_an_unmasked_token_of_its_view():
         for v in range(student.batch_size):
             comps = _compositions(student, starts[v], starts[v + 1])
             view_mask = mask[starts[v] : starts[v + 1]]
-            visible = {c for c, m in zip(comps, view_mask) if not m}
+            visible = {c for c, m in zip(comps, view_mask, strict=True) if not m}
             masked += int(view_mask.sum())
-            leaks += sum(c in visible for c, m in zip(comps, view_mask) if m)
+            leaks += sum(c in visible for c, m in zip(comps, view_mask, strict=True) if m)
     assert masked > 0 and leaks == 0
 
 

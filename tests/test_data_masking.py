@@ -9,7 +9,7 @@ from histotx.data.masking import block_mask, image_masks, token_masks
 def _blocks(mask):
     """Connected components (4-neighbour) of a boolean mask, as lists of cells."""
     seen, comps = np.zeros_like(mask), []
-    for start in zip(*np.nonzero(mask)):
+    for start in zip(*np.nonzero(mask), strict=True):
         if seen[start]:
             continue
         stack, comp = [start], []

@@ -91,9 +91,9 @@ def test_colour_ops_match_torchvision_view_by_view(kernels):
     else:
         got = [
             torch.from_numpy(colour_hwc(v.permute(1, 2, 0).float().numpy().copy(), row)).permute(2, 0, 1)
-            for v, row in zip(views, p)
+            for v, row in zip(views, p, strict=True)
         ]
-    for v, row, out in zip(views, p, got):
+    for v, row, out in zip(views, p, got, strict=True):
         before: list[torch.Tensor] = []
         expected = reference(v.clone(), row, before)
         tol = 1e-4 + (1e-6 * stain_amplification(before[0], row) if before else 0.0)

@@ -132,7 +132,7 @@ def test_all_modes_obs_and_shapes(shards, model, tmp_path):
     paths = embed_shards(model, shards, tmp_path, modes=MODES, batch_size=2, progress=False)
     assert [p.name for p in paths] == ["s00.h5ad", "s01.h5ad", "s02.h5ad", "s03.h5ad"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no temporaries left
-    for path, n in zip(paths, (5, 6, 4, 1)):
+    for path, n in zip(paths, (5, 6, 4, 1), strict=True):
         a = ad.read_h5ad(path)
         sample = path.stem
         assert a.shape == (n, 0) and a.X is None
@@ -218,7 +218,7 @@ def test_leakage_guard_drops_genes_before_the_model_sees_them(shards, model, tmp
     drop_ids = [GENES.index(g) for g in DROP]
     assert np.isin(drop_ids, kept_genes.numpy()).all()  # they are in the input unless dropped ...
     assert not np.isin(drop_ids, dropped_genes.numpy()).any()  # ... and never reach the model when dropped
-    for a_path, b_path in zip(kept, dropped):
+    for a_path, b_path in zip(kept, dropped, strict=True):
         a, b = ad.read_h5ad(a_path), ad.read_h5ad(b_path)
         assert list(b.uns["dropped_genes"]) == DROP  # sorted, once each
         np.testing.assert_array_equal(a.obsm["image"], b.obsm["image"])
@@ -233,7 +233,7 @@ def test_leakage_guard_drops_genes_before_the_model_sees_them(shards, model, tmp
                 assert (change > 1e-3).all(), (a_path.stem, mode, change)
 
 
-def test_genes_match_by_name_not_by_id(shards, model, tmp_path):
+def test_genes_match_by_name_not_by_id(shards, tmp_path):
     """A model whose vocabulary lists the genes in another order (its gene embedding rows permuted to
     match) gives the same transcript embeddings: shard ids are mapped through the gene names."""
     # A token lists its genes by id, so reversed ids sum its gene embeddings in the reverse order: compared
@@ -272,7 +272,7 @@ def test_write_is_atomic(shards, model, tmp_path, monkeypatch):
     [path] = embed_shards(model, shards, tmp_path, samples=["s03"], progress=False)
     before = path.read_bytes()
 
-    def crash(self, filename, *args, **kwargs):
+    def crash(_self, filename, *_args, **_kwargs):
         Path(filename).write_bytes(b"half an h5ad")
         raise RuntimeError("disk full")
 
@@ -403,7 +403,7 @@ def test_cli(shards, model, tmp_path, monkeypatch, capsys, caplog):
     assert "--drop-genes" in text and "--slide" in text and "obsm" in text
 
     sources = []
-    monkeypatch.setattr(embed, "resolve_model", lambda source, device: sources.append(source) or model)
+    monkeypatch.setattr(embed, "resolve_model", lambda source, _device: sources.append(source) or model)
     assert main(["embed", "--model", "m", "--out", str(tmp_path), "--shards", str(shards), "--slide", "x.tif"]) == 2
     assert "either --shards" in caplog.text
     (tmp_path / "drop.txt").write_text("# targets\nG3\n")

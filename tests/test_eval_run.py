@@ -104,7 +104,7 @@ def test_table_csv_png_json_label_probe_and_gene_groups(tmp_path):
         show=False,
         progress=False,
     )
-    assert list(zip(table["model"], table["mode"])) == [
+    assert list(zip(table["model"], table["mode"], strict=True)) == [
         ("one", "image"),
         ("one", "fused"),
         ("two", "image"),
@@ -119,7 +119,7 @@ def test_table_csv_png_json_label_probe_and_gene_groups(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert doc["targets"] == targets and doc["patients"] == ["P1", "P2", "P3"]
     assert "removed from the transcript input" in doc["protocol"]
-    for run, (_, row) in zip(doc["runs"], table.iterrows()):
+    for run, (_, row) in zip(doc["runs"], table.iterrows(), strict=True):
         folds = run["regression"]["folds"]
         assert [f["test_patients"] for f in folds] == [["P1"], ["P2"], ["P3"]]
         per_fold = [np.mean([f["pearson"][g] for g in targets]) for f in folds]

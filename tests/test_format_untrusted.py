@@ -240,7 +240,7 @@ def test_malformed_sample_members_are_format_errors(real_members):
         "image bomb": ({**without_jpg, "png": _png_bomb(10000, 10000)}, f"beyond the {MAX_TILE_PX}-px bound"),
         "grid garbage": ({**good, "tx": b"HTXG\xff\xff"}, "sample v1__"),
     }
-    for name, (members, match) in cases.items():
+    for members, match in cases.values():
         with pytest.raises(FormatError, match=match):
             decode_sample(members)
     with pytest.raises(FormatError, match="does not decode"):
@@ -390,7 +390,7 @@ def test_training_stream_skips_and_counts_fuzzed_samples(real_members, tmp_path)
             "stream.steps_per_epoch=6",
         ],
     ).stream
-    loader = StreamLoader(ShardStream(cfg, lambda tile, rng: tile.key, lambda items, rng: items))
+    loader = StreamLoader(ShardStream(cfg, lambda tile, _rng: tile.key, lambda items, _rng: items))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ShardWarning)
         keys = [k for batch in islice(loader, 6) for k in batch]
@@ -405,7 +405,7 @@ def test_training_stream_skips_and_counts_fuzzed_samples(real_members, tmp_path)
         "index\tsymbol\tensembl_id\n"  # one gene short of the largest id
         + "".join(f"{i}\tG{i}\t\n" for i in range(genes))
     )
-    loader = StreamLoader(ShardStream(cfg, lambda tile, rng: tile.key, lambda items, rng: items))
+    loader = StreamLoader(ShardStream(cfg, lambda tile, _rng: tile.key, lambda items, _rng: items))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShardWarning)
         list(islice(loader, 6))

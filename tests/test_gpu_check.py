@@ -164,8 +164,8 @@ def test_verdicts_follow_the_figures(tmp_path):
         log=(
             "loader, ..., decode on cuda, 1 worker: 6.00 CPU ms/sample in the worker = 166.7 samples/s per CPU core\n"
             "  cores per GPU at 278 samples/s: 1.7 (meets the goal of ≤ 4)\n"
-            "  trainer-side stage on cpu (batched decode_jpeg + crops + colour): 1.500 ms/sample wall, 1.400 CPU ms/sample "
-            "in the trainer process; at 278 samples/s it would take 41.7% of the device's time\n"
+            "  trainer-side stage on cpu (batched decode_jpeg + crops + colour): 1.500 ms/sample wall, "
+            "1.400 CPU ms/sample in the trainer process; at 278 samples/s it would take 41.7% of the device's time\n"
         ),
     )
     _write(

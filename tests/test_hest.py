@@ -140,7 +140,7 @@ def test_scan_and_shard_carry_patients_and_footprints(hest_root, tmp_path, caplo
         manifest = run_cohort(cohort_file, tmp_path / "shards", cfg)
     assert "its own patient" not in caplog.text  # P1 has two sections
     assert manifest["totals"]["samples_failed"] == 0, manifest["samples"]
-    for hid, (_, patient, size, shape, source) in SAMPLES.items():
+    for hid, (_, patient, size, _shape, source) in SAMPLES.items():
         rec = manifest["samples"][hid]
         assert rec["patient"] == patient and rec["organ"] == "Bowel"
         assert rec["reader"]["footprint"]["source"] == source and rec["footprint_um"] == pytest.approx(size, rel=1e-3)

@@ -127,8 +127,8 @@ def test_backends_agree_with_reference_on_outputs_and_gradients(backend):
     x, tb = images(3), batch_of(4, 17, 0)
     present = torch.tensor([True, False, True])
     results = []
-    for backend in (backend, "reference"):
-        model = tiny(attention=backend)
+    for attention in (backend, "reference"):
+        model = tiny(attention=attention)
         out = model(x, tb, image_present=present)
         loss = out.cls.square().sum() + out.patch.sum() + out.transcript.sin().sum() + out.registers.mean()
         loss.backward()
@@ -243,10 +243,10 @@ def test_backbone_state_dict_round_trip_and_loud_failures():
     assert_close(fresh(images(2)).cls, model(images(2)).cls, tol=0)
     no_blocks = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
     with pytest.raises(ModelConfigError, match="blocks did not load"):
-        fresh.load_image_backbone_state_dict(no_blocks, strict=False)
+        fresh.load_image_backbone_state_dict(no_blocks, strict=True)
     wrong = dict(sd, **{"blocks.0.attn.qkv.weight": torch.zeros(3, 3)})
     with pytest.raises(ModelConfigError, match="blocks.0.attn.qkv.weight"):
-        fresh.load_image_backbone_state_dict(wrong, strict=False)
+        fresh.load_image_backbone_state_dict(wrong, strict=True)
     with pytest.raises(ModelConfigError, match="unexpected"):
         fresh.load_image_backbone_state_dict(dict(sd, **{"head.weight": torch.zeros(2)}))
     # a 6×6 grid checkpoint is interpolated to the model's 4×4 grid

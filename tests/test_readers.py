@@ -207,7 +207,7 @@ def make_visium_hd(tmp_path: Path) -> Path:
         folder = outs / "binned_outputs" / f"square_{size:03d}um"
         (folder / "spatial").mkdir(parents=True)
         rows, cols = np.arange(n) // 10, np.arange(n) % 10
-        barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)]
+        barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
         write_10x_h5(folder / "filtered_feature_bc_matrix.h5", m.counts[:n], barcodes, genes, genes)
         mpp = 0.27382
         table = pa.table(

@@ -40,7 +40,7 @@ def _visium_hd(root, outs, keep_positions: float):
     with h5py.File(folder / "filtered_feature_bc_matrix.h5", "r") as f:
         n = len(f["matrix/barcodes"])
     rows, cols = np.arange(n) // 10, np.arange(n) % 10
-    barcodes = [f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)]
+    barcodes = [f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
     with h5py.File(folder / "filtered_feature_bc_matrix.h5", "r+") as f:
         del f["matrix/barcodes"]
         f["matrix/barcodes"] = np.array(barcodes, dtype="S")

@@ -143,7 +143,7 @@ def test_a_growing_shard_is_synced_in_the_background_and_a_failed_sync_stops_the
     assert often == never
     assert (tmp_path / "often/s1.00000.tar").read_bytes() == (tmp_path / "never/s1.00000.tar").read_bytes()
 
-    def full(fd):
+    def full(_fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writer, "SYNC_BYTES", 20_000)

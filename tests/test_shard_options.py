@@ -122,7 +122,8 @@ def test_sharding_imports_no_torch(scan_40x, tmp_path):
     QC sheets load none of it."""
     out = str(tmp_path / "out")
     code = (
-        "import sys; from histotx.sharding.pipeline import run_cohort; from histotx.sharding.config import ShardConfig; "
+        "import sys; from histotx.sharding.pipeline import run_cohort; "
+        "from histotx.sharding.config import ShardConfig; "
         "from histotx.sharding.verify import verify; from histotx.sharding.qc import write_qc; "
         f"m = run_cohort({str(scan_40x)!r}, {out!r}, ShardConfig()); "
         f"v = verify({out!r}); assert not v['problems'] and v['tiles'] == m['totals']['tiles'] > 0, v; "

@@ -152,7 +152,7 @@ def test_moleculeexperiment_xenium_through_affine(shared_data, tmp_path):
     assert sorted(set(names)) == sorted(set(kept.feature_name))
 
 
-def test_cmu_svs_image_only_via_cli(shared_data, tmp_path, capsys):
+def test_cmu_svs_image_only_via_cli(shared_data, tmp_path):
     cohort = write_cohort(
         tmp_path / "cohort.yaml",
         [

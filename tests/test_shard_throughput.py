@@ -35,7 +35,8 @@ def test_every_case_holds_the_same_tissue():
 
 
 @pytest.mark.slow
-def test_the_benchmark_prints_every_case(shared_data):
+@pytest.mark.usefixtures("shared_data")
+def test_the_benchmark_prints_every_case():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--mosaic", "1", "--rounds", "2"],

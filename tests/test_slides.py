@@ -102,6 +102,16 @@ def test_tiles_map_points_exactly(tmp_path, mpp, resample):
     assert abs(ys.mean() + 0.5 - (cy - plan.origins[0, 1]) / s) < 0.5
 
 
+def _recording(decode, calls: list[int]):
+    """``decode``, appending the index of each tile it decodes to ``calls``."""
+
+    def wrapper(data, i, **kw):
+        calls.append(i)
+        return decode(data, i, **kw)
+
+    return wrapper
+
+
 def test_reduced_reads_decode_jpeg_at_scale_and_match_an_area_average(shared_data, cmu_pyramid, tmp_path, monkeypatch):
     """Reading a level reduced by 2/4 decodes JPEG tiles at that scale (DCT scaling: no full-size decode) and
     gives the k×k block means of the full-size pixels, up to JPEG's own error; the real Aperio file's
@@ -110,8 +120,7 @@ def test_reduced_reads_decode_jpeg_at_scale_and_match_an_area_average(shared_dat
     for path in (svs, cmu_pyramid):
         with Slide(path) as slide:
             page, calls = slide._levels_data[0]._page, []
-            real = page.decode
-            monkeypatch.setitem(page.__dict__, "decode", lambda data, i, **kw: calls.append(i) or real(data, i, **kw))
+            monkeypatch.setitem(page.__dict__, "decode", _recording(page.decode, calls))
             slide.read_region(0, 0, 0, 400, 400, reduce=2)
             assert len(calls) == 1  # the scaled decoder's one check against a full decode, then none
             full = slide.read_region(0, 480, 720, 960, 480)
@@ -208,7 +217,7 @@ def test_tile_cache_matches_zarr_and_decodes_each_tile_once(tmp_path, monkeypatc
         monkeypatch.setitem(
             page.__dict__, "decode", lambda data, index, **k: calls.append(index) or real(data, index, **k)
         )
-        for (y, x), want in zip(boxes, wants):
+        for (y, x), want in zip(boxes, wants, strict=True):
             np.testing.assert_array_equal(slide.read_region(0, x, y, 250, 250), want)
         assert calls and len(calls) == len(set(calls))  # no source tile decoded twice
 
@@ -334,7 +343,7 @@ def test_grid_runs_decode_each_tile_once_with_a_cache_a_few_rows_deep(tmp_path, 
             tiles += render_run(slide, geom, plan, idx, cfg.tile_px)
             deepest = max(deepest, len({i // level._per_row for _, i, _ in level._cache}))
         keep_all = Slide(path)
-        monkeypatch.setattr(keep_all, "forget_above", lambda *a: None)
+        monkeypatch.setattr(keep_all, "forget_above", lambda *_: None)
         want = [t for idx in runs(plan, 3) for t in render_run(keep_all, geom, plan, idx, cfg.tile_px)]
         keep_all.close()
     under_grid = -(-int(plan.size0 * (plan.rows.max() + 1)) // 112) * -(-int(plan.size0 * (plan.cols.max() + 1)) // 112)

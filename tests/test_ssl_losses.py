@@ -31,7 +31,7 @@ def _softmax(row, temp):
 
 def _ce(p_teacher, s_row, temp):
     q = _softmax(s_row, temp)
-    return -sum(p * math.log(qq) for p, qq in zip(p_teacher, q))
+    return -sum(p * math.log(qq) for p, qq in zip(p_teacher, q, strict=True))
 
 
 def test_dino_loss_equals_cross_entropy_of_hand_softmaxes():
@@ -101,7 +101,7 @@ def test_masked_expression_is_multinomial_nll_over_measured_genes():
     got = MaskedExpressionLoss()(logits, offsets, gene, weight, panel).item()
 
     def logsm(row, keep):
-        z = math.log(sum(math.exp(v) for v, m in zip(row, keep) if m))
+        z = math.log(sum(math.exp(v) for v, m in zip(row, keep, strict=True) if m))
         return [v - z for v in row]
 
     l0 = logsm(logits[0].tolist(), panel.tolist())

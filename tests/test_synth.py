@@ -137,7 +137,9 @@ def test_regions_share_mean_colour_and_differ_in_morphology(cohort):
         img = tifffile.imread(cohort.parent / t["slide"]).astype(np.float64)
         half = int(20 / t["mpp"])
         inside = np.array(t["sites"]["in_tissue"]) == 1
-        for (x, y), r in zip(np.array(t["sites"]["xy_px"])[inside].astype(int), np.array(t["sites"]["region"])[inside]):
+        for (x, y), r in zip(
+            np.array(t["sites"]["xy_px"])[inside].astype(int), np.array(t["sites"]["region"])[inside], strict=True
+        ):
             grey = img[y - half : y + half, x - half : x + half].mean(-1)
             # the marker disk (radius 3 px) is a few pixels of 1,600+: it moves no mean by more than 0.5 %
             mean.append(img[y - half : y + half, x - half : x + half].reshape(-1, 3).mean(0))
@@ -198,7 +200,7 @@ def test_visium_outs(cohort, sample, version):
     assert pos.barcode.str.fullmatch(r"[ACGT]{16}-1").all() and pos.barcode.is_unique
     assert ((pos.array_row + pos.array_col) % 2 == 0).all()  # hexagonal lattice indexing
     by_index = pos.set_index(["array_row", "array_col"])
-    right = by_index.reindex(list(zip(pos.array_row, pos.array_col + 2)))
+    right = by_index.reindex(list(zip(pos.array_row, pos.array_col + 2, strict=True)))
     ok = right.barcode.notna().to_numpy()
     d = np.hypot(
         right.pxl_col_in_fullres.to_numpy()[ok] - pos.pxl_col_in_fullres.to_numpy()[ok],
@@ -217,8 +219,8 @@ def test_visium_outs(cohort, sample, version):
         with Image.open(spatial / name) as im:
             assert im.size == (int(np.ceil(w * sf[key])), int(np.ceil(h * sf[key])))
     # Positions and in_tissue agree with the ground truth; the matrix holds exactly the in-tissue spots.
-    truth_pos = dict(zip(t["sites"]["id"], zip(t["sites"]["xy_px"], t["sites"]["in_tissue"])))
-    for b, x, y, it in zip(pos.barcode, pos.pxl_col_in_fullres, pos.pxl_row_in_fullres, pos.in_tissue):
+    truth_pos = dict(zip(t["sites"]["id"], zip(t["sites"]["xy_px"], t["sites"]["in_tissue"], strict=True), strict=True))
+    for b, x, y, it in zip(pos.barcode, pos.pxl_col_in_fullres, pos.pxl_row_in_fullres, pos.in_tissue, strict=True):
         assert truth_pos[b] == ([x, y], it)
     x, barcodes, names = read_10x(cohort.parent / sample / "outs" / "filtered_feature_bc_matrix.h5")
     assert barcodes == sorted(pos.barcode[pos.in_tissue == 1])
@@ -256,8 +258,8 @@ def test_visium_hd_binned_outputs(cohort):
     step = np.diff(df2.pxl_col_in_fullres.to_numpy()[:3])
     assert step == pytest.approx([2 / t["mpp"]] * 2)  # adjacent 2 µm bins, native (not pooled)
     # Coarser bins are the sums of their 2 µm bins.
-    x2 = dict(zip(tables[2][2], tables[2][1]))
-    x8 = dict(zip(tables[8][2], tables[8][1]))
+    x2 = dict(zip(tables[2][2], tables[2][1], strict=True))
+    x8 = dict(zip(tables[8][2], tables[8][1], strict=True))
     checked = 0
     for b8, row in x8.items():
         r8, c8 = map(int, b8[8:-2].split("_"))

@@ -21,7 +21,9 @@ def as_dict(cells: TranscriptCells) -> dict[tuple[float, float], dict[int, float
     out = {}
     for i in range(cells.n_cells):
         sl = slice(cells.offsets[i], cells.offsets[i + 1])
-        out[tuple(np.round(cells.xy[i], 4))] = dict(zip(cells.gene[sl].tolist(), cells.weight[sl].tolist()))
+        out[tuple(np.round(cells.xy[i], 4))] = dict(
+            zip(cells.gene[sl].tolist(), cells.weight[sl].tolist(), strict=True)
+        )
     return out
 
 
@@ -66,10 +68,10 @@ def test_small_footprints_go_to_the_cell_of_their_centre():
 
     side = r / mpp
     expected: dict[tuple[int, int], dict[int, float]] = {}
-    for (x, y), gs, cs in zip(xy, genes, counts):
+    for (x, y), gs, cs in zip(xy, genes, counts, strict=True):
         if 0 <= x < w and 0 <= y < h:
             cell = expected.setdefault((int(y // side), int(x // side)), {})
-            for g, c in zip(gs, cs):
+            for g, c in zip(gs, cs, strict=True):
                 cell[int(g)] = cell.get(int(g), 0.0) + c
     got = as_dict(cells)
     assert len(got) == len(expected) == cells.n_cells
@@ -197,7 +199,7 @@ def test_binning_many_tiles_at_once_gives_each_tile_its_own_tokens():
         mpps = rng.uniform(0.3, 2.0, n_tiles).tolist()
         sizes = [None if rng.random() < 0.3 else float(rng.choice([2.0, 8.0, 32.0])) for _ in range(n_tiles)]
         hw = (int(rng.integers(20, 100)), int(rng.integers(20, 100)))
-        for grid, mpp, size, got in zip(grids, mpps, sizes, bin_grids(grids, mpps, sizes, hw)):
+        for grid, mpp, size, got in zip(grids, mpps, sizes, bin_grids(grids, mpps, sizes, hw), strict=True):
             alone = bin_grid(grid, mpp, size, hw)
             for name in ("xy", "offsets", "gene", "weight"):
                 np.testing.assert_array_equal(getattr(got, name), getattr(alone, name))

@@ -118,7 +118,7 @@ def wait_ranks(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]
                 q.kill()
             raise
         outputs.append(out)
-    for rank, (p, out) in enumerate(zip(procs, outputs)):
+    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out[-6000:]}"
     return outputs
 
@@ -383,10 +383,10 @@ def _harness(config: str, report: str, overrides: list[str]) -> None:
     teacher = list(meta.teacher.parameters())
     error = max(
         float((t - (momentum * b + (1 - momentum) * s)).abs().max() / (s.abs().max() + 1e-12))
-        for t, b, s in zip(teacher, before, student)
+        for t, b, s in zip(teacher, before, student, strict=True)
     )
     meta.update_teacher(0.0, student_weights(engine, trainer.student_params))
-    equal = all(torch.equal(t, s) for t, s in zip(meta.teacher.parameters(), student))
+    equal = all(torch.equal(t, s) for t, s in zip(meta.teacher.parameters(), student, strict=True))
     checksum = torch.tensor(
         [float(sum(t.double().sum() for t in teacher)), float(sum(s.double().sum() for s in student))]
     )
@@ -439,7 +439,7 @@ def _nonfinite_harness(config: str, report: str, overrides: list[str]) -> None:
             record["results"].append(trainer.train_step(trainer.next_batch()) is not None)
             if i == 2:
                 after = list(student_weights(trainer.engine, trainer.student_params))
-                record["unchanged_by_skips"] = all(torch.equal(a, b) for a, b in zip(after, before))
+                record["unchanged_by_skips"] = all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
                 record["step_after_skips"] = trainer.step
     except NonFiniteLossError as exc:
         record["error"] = str(exc)

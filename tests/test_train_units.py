@@ -230,7 +230,7 @@ def test_teacher_is_an_fp32_copy_without_gradients_and_the_ema_is_exact():
         for p in meta.student.parameters():
             p.add_(1.0)
     meta.update_teacher(0.75)
-    for t, b, s in zip(meta.teacher.parameters(), before, meta.student.parameters()):
+    for t, b, s in zip(meta.teacher.parameters(), before, meta.student.parameters(), strict=True):
         assert torch.allclose(t, 0.75 * b + 0.25 * s, rtol=1e-6, atol=1e-7)
     with pytest.raises(RuntimeError, match="gathered"):
         meta.update_teacher(0.5, (torch.zeros(0) for _ in meta.student.parameters()))
@@ -297,7 +297,7 @@ def test_checkpoint_hooks_run_on_rank_0_and_a_failing_one_does_not_stop_the_run(
 
     calls, barriers = [], []
 
-    def broken(path, step):
+    def broken(_path, _step):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "save", lambda root, step, *_: root / checkpoint.tag_of(step))

@@ -141,7 +141,7 @@ def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_m
     x, y = grid.xy[:, 0], grid.xy[:, 1]
     keep = (x + reach >= left) & (x - reach < right) & (y + reach >= top) & (y - reach < bottom)  # [crops, sites]
     kept = grid.select_many(keep)
-    for k, g in zip(kept, geometries):
+    for k, g in zip(kept, geometries, strict=True):
         k.xy = g.apply_to_xy(k.xy)
     return kept
 
@@ -201,7 +201,10 @@ class MultiCrop:
         boxes = crop_boxes(rng, tile_hw[0], tile_hw[1], np.array(scales), c.crop_ratio).tolist()
         hflip, vflip = (rng.random(n) < c.hflip_p).tolist(), (rng.random(n) < c.vflip_p).tolist()
         turns = rng.integers(0, 4, n).tolist() if c.rot90 else [0] * n
-        return [CropGeometry(*box, size, hf, vf, k) for box, size, hf, vf, k in zip(boxes, sizes, hflip, vflip, turns)]
+        return [
+            CropGeometry(*box, size, hf, vf, k)
+            for box, size, hf, vf, k in zip(boxes, sizes, hflip, vflip, turns, strict=True)
+        ]
 
     def colours(self, rng: np.random.Generator, blur_p: np.ndarray, solarize_p: np.ndarray) -> np.ndarray:
         """Photometric parameters of views with these blur and solarize probabilities: ``[views,
@@ -255,7 +258,7 @@ class MultiCrop:
         colours = self.colours(rng, np.array([s[2] for s in specs]), np.array([s[3] for s in specs]))
         views = [
             View(None, g_sites, g.mpp(mpp), size, g, p)
-            for g, g_sites, (size, *_), p in zip(geometries, grids, specs, colours)
+            for g, g_sites, (size, *_), p in zip(geometries, grids, specs, colours, strict=True)
         ]
         return views[:2], views[2:]
 
@@ -268,6 +271,6 @@ class MultiCrop:
         globals_, locals_ = self.draw((tile.shape[-2], tile.shape[-1]), grid, mpp, rng)
         for views in (globals_, locals_):
             images = render_views(views, [tile], self.mean, self.std)
-            for v, image in zip(views, normalise(images, self.mean, self.std)):
+            for v, image in zip(views, normalise(images, self.mean, self.std), strict=True):
                 v.image = image
         return globals_, locals_

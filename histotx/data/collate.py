@@ -135,7 +135,7 @@ def _tokens(views: list[View], resolution_um: float | None) -> list[TranscriptCe
             [token_size(views[i].grid.footprint_um, resolution_um) for i in idx],
             (size, size),
         )
-        for i, c in zip(idx, cells):
+        for i, c in zip(idx, cells, strict=True):
             out[i] = c
     return out
 
@@ -187,7 +187,7 @@ class SSLCollate:
         if not self.panels:
             return None
         out = np.ones((len(keys), self.panel_width), dtype=bool)
-        for row, key in zip(out, keys):
+        for row, key in zip(out, keys, strict=True):
             genes = self.panels.get(key.split("__")[0])  # keys are {sample}__{tile} (histotx.format.tile_key)
             if genes is not None:
                 row[:] = False
@@ -218,7 +218,8 @@ class SSLCollate:
 
         keep_tx = np.tile(modality != IMAGE_ONLY, n_global)
         student_cells = [
-            cell if keep else TranscriptCells.empty(cell.resolution_um) for cell, keep in zip(global_cells, keep_tx)
+            cell if keep else TranscriptCells.empty(cell.resolution_um)
+            for cell, keep in zip(global_cells, keep_tx, strict=True)
         ]
         starts = np.cumsum([0] + [cell.n_cells for cell in global_cells])
         transcript_index = np.concatenate(
@@ -226,7 +227,8 @@ class SSLCollate:
         )
         local_keep = np.tile(modality != IMAGE_ONLY, n_local)
         local_student = [
-            cell if keep else TranscriptCells.empty(cell.resolution_um) for cell, keep in zip(local_cells, local_keep)
+            cell if keep else TranscriptCells.empty(cell.resolution_um)
+            for cell, keep in zip(local_cells, local_keep, strict=True)
         ]
 
         image_present = np.tile(modality != TRANSCRIPTS_ONLY, n_global)

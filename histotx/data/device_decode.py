@@ -45,7 +45,7 @@ class BatchDecoder:
         except RuntimeError:  # one damaged tile fails the batched call: decode one by one
             decoded = [self._decode_one(d) for d in data]
         out = [t if isinstance(t, bytes) else t.to(self.device, non_blocking=True) for t in tiles]
-        for i, image in zip(jpeg, decoded):
+        for i, image in zip(jpeg, decoded, strict=True):
             out[i] = image
         return out
 

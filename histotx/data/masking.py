@@ -90,7 +90,7 @@ def token_masks(
     """
     ratios = _spread_ratios(len(n_tokens), probability, ratio, rng)
     out = []
-    for n, r in zip(n_tokens, ratios):
+    for n, r in zip(n_tokens, ratios, strict=True):
         mask = np.zeros(n, dtype=bool)
         k = min(n, int(math.floor(r * n + rng.random()))) if r > 0 else 0
         mask[rng.choice(n, size=k, replace=False)] = True

@@ -197,9 +197,9 @@ def colour(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
     for step in range(4):
         x = _jitter_step(x, p, np.rint(p[:, 4 + step]).astype(int))
     x = _subset(x, p[:, 8] > 0, lambda v, i: _stain(v, p[i]))
-    x = _subset(x, p[:, 15] > 0, lambda v, i: _gray(v).expand(-1, 3, -1, -1).contiguous())
+    x = _subset(x, p[:, 15] > 0, lambda v, _idx: _gray(v).expand(-1, 3, -1, -1).contiguous())
     x = _subset(x, p[:, 16] > 0, lambda v, i: _blur(v, p[i, 16]))
-    x = _subset(x, p[:, 17] > 0, lambda v, i: torch.where(v >= 0.5, 1.0 - v, v))
+    x = _subset(x, p[:, 17] > 0, lambda v, _idx: torch.where(v >= 0.5, 1.0 - v, v))
     return x.clamp_(0.0, 1.0)
 
 
@@ -270,7 +270,7 @@ def render(
     ):
         crops = resize_batched(torch.stack(tiles), geometries, n // n_tiles)
     else:
-        crops = torch.stack([g.apply_to_image(tiles[t]) for t, g in zip(tile_of_view, geometries)]).float()
+        crops = torch.stack([g.apply_to_image(tiles[t]) for t, g in zip(tile_of_view, geometries, strict=True)]).float()
     x = colour(crops.div_(255.0), params)
     mean, std = mean.to(x.device).view(1, 3, 1, 1), std.to(x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
@@ -305,7 +305,7 @@ def render_views(views: list[View], tiles: list[torch.Tensor], mean: torch.Tenso
     pixels = out.numpy()
     hwc = [tile.permute(1, 2, 0).numpy() for tile in tiles]  # the decoder's own [H, W, 3] arrays
     work, spare = np.empty((size, size, 3), np.float32), np.empty((size, size, 3), np.float32)
-    for n, (t, g) in enumerate(zip(tile_of_view, geometries)):
+    for n, (t, g) in enumerate(zip(tile_of_view, geometries, strict=True)):
         crop = g.apply_to_hwc(hwc[t])  # [S, S, 3] uint8
         x = colour_hwc(np.divide(crop, np.float32(255.0), out=work), views[n].colour, spare)
         # |255·x| rounded and saturated to 0–255: x leaves [0, 1] by float rounding only, so the |·| changes nothing
@@ -325,7 +325,7 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
         table = ((levels - mean.double()) / std.double()).float().numpy()[None]  # [1, 256, 3]
         hwc = images.permute(0, 2, 3, 1).numpy()  # [N, S, S, 3], the views' own memory
         out = torch.empty(hwc.shape, dtype=torch.float32)
-        for view, dst in zip(hwc, out.numpy()):
+        for view, dst in zip(hwc, out.numpy(), strict=True):
             cv2.LUT(view, table, dst=dst)
         return out.permute(0, 3, 1, 2)
     scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)

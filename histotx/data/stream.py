@@ -74,7 +74,7 @@ class LoaderStats:
     )
 
     def __add__(self, other: "LoaderStats") -> "LoaderStats":
-        return LoaderStats(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+        return LoaderStats(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values(), strict=True)))
 
 
 def read_shard(url: str, stats: LoaderStats, entry: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:

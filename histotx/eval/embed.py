@@ -75,7 +75,7 @@ def gene_map(vocab: Vocab, model_genes: Sequence[str], drop_genes: Iterable[str]
     for i, name in enumerate(model_genes):
         index.setdefault(name, i)
     out = np.full(len(vocab), -1, dtype=np.int64)
-    for i, (symbol, ensembl) in enumerate(zip(vocab.symbols, vocab.ensembl)):
+    for i, (symbol, ensembl) in enumerate(zip(vocab.symbols, vocab.ensembl, strict=True)):
         if symbol in drop or (ensembl and ensembl in drop):
             continue
         out[i] = index.get(symbol, index.get(ensembl, -1)) if symbol else index.get(ensembl, -1)

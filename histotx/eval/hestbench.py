@@ -204,7 +204,9 @@ class RegressionResult:
                     "n_test": f.n_test,
                     "n_components": f.n_components,
                     "alpha": f.alpha,
-                    "pearson": {g: (None if np.isnan(r) else float(r)) for g, r in zip(self.genes, f.pearson)},
+                    "pearson": {
+                        g: (None if np.isnan(r) else float(r)) for g, r in zip(self.genes, f.pearson, strict=True)
+                    },
                 }
                 for f in self.folds
             ],

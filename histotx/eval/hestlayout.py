@@ -76,7 +76,7 @@ def read_task(task_dir: str | Path, genes_file: str = GENES_FILE) -> HestTask:
             need = {"sample_id", "patches_path", "expr_path"}
             if need - set(table.columns):
                 raise ValueError(f"{path}: needs columns {sorted(need)}, has {list(table.columns)}")
-            for sid, pp, ep in zip(table["sample_id"], table["patches_path"], table["expr_path"]):
+            for sid, pp, ep in zip(table["sample_id"], table["patches_path"], table["expr_path"], strict=True):
                 for kind_path, where in ((root / pp, patches), (root / ep, expression)):
                     if not kind_path.is_file():
                         raise FileNotFoundError(f"{kind_path}: listed in {path} but missing")
@@ -115,10 +115,12 @@ def read_targets(expr_path: Path, genes: Sequence[str], barcodes: Sequence[str])
     if (rows < 0).any():
         raise ValueError(
             f"{expr_path}: {(rows < 0).sum()} patch barcodes are not in its obs "
-            f"(e.g. {[b for b, r in zip(barcodes, rows) if r < 0][:3]})"
+            f"(e.g. {[b for b, r in zip(barcodes, rows, strict=True) if r < 0][:3]})"
         )
     if (cols < 0).any():
-        raise ValueError(f"{expr_path}: target genes not in its var: {[g for g, c in zip(genes, cols) if c < 0][:5]}")
+        raise ValueError(
+            f"{expr_path}: target genes not in its var: {[g for g, c in zip(genes, cols, strict=True) if c < 0][:5]}"
+        )
     X = adata.X[rows][:, cols]
     X = X.toarray() if sp.issparse(X) else np.asarray(X)
     return np.log1p(X.astype(np.float64))
@@ -329,7 +331,7 @@ def evaluate_hest_bench(
         "protocol": header,
         "root": str(root),
         "tasks": runs,
-        "average": {m: float(v) for m, v in zip(average["model"], average["pearson_mean"])},
+        "average": {m: float(v) for m, v in zip(average["model"], average["pearson_mean"], strict=True)},
     }
     table.attrs["results"], table.attrs["header"] = results, header
     if show:

@@ -84,7 +84,7 @@ def print_table(table: pd.DataFrame, header: str, console=None) -> None:
     needed = sum(max(len(c), *(len(r[i]) for r in rows)) + 3 for i, c in enumerate(columns)) + 1
     console = console or Console(width=max(needed, Console().width))  # never squeeze a number into "0…"
     rich_table = Table()
-    for i, col in enumerate(columns):
+    for col in columns:
         rich_table.add_column(col, justify="left" if col in ("task", "model", "mode") else "right", no_wrap=True)
     for row in rows:
         rich_table.add_row(*row)
@@ -116,7 +116,7 @@ def plot_bars(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     width = 0.8 / max(len(models), 1)
     panel_w = max(2.5, 0.5 * len(modes) * len(models) + 1.0)
     fig, axes = plt.subplots(1, len(panels), figsize=(panel_w * len(panels) + 1.0, 4.0), squeeze=False, sharey=True)
-    for ax, (mean_col, sd_col, name) in zip(axes[0], panels):
+    for ax, (mean_col, sd_col, name) in zip(axes[0], panels, strict=True):
         for i, model in enumerate(models):
             rows = table[table["model"] == model].set_index("mode")
             xs = [m + (i - (len(models) - 1) / 2) * width for m in range(len(modes))]

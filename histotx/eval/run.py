@@ -61,7 +61,7 @@ def read_embeddings(
         index = pd.Index(adata.obs_names.astype(str))
         rows = index.get_indexer(keys[sample])
         if (rows < 0).any():
-            lost = [k for k, r in zip(keys[sample], rows) if r < 0]
+            lost = [k for k, r in zip(keys[sample], rows, strict=True) if r < 0]
             raise ValueError(f"{path}: {len(lost)} tiles with transcripts have no embedding (e.g. {lost[:3]})")
         for mode in modes:
             if mode not in adata.obsm:
@@ -81,7 +81,7 @@ def read_labels(path: Path, column: str) -> dict[str, str]:
     for col in ("key", column):
         if col not in table.columns:
             raise ValueError(f"{path}: no {col!r} column (columns: {list(table.columns)}); expected key,{column}")
-    return {k: v for k, v in zip(table["key"], table[column]) if v != ""}
+    return {k: v for k, v in zip(table["key"], table[column], strict=True) if v != ""}
 
 
 def protocol_header(n_targets: int, folds_desc: str, modes: Sequence[str], source: str) -> str:

@@ -47,16 +47,53 @@ def cohort_table(manifest: dict) -> str:
 
 
 def model_card(teacher: Teacher, license: str = "other", timm: bool = False) -> str:
-    cfg, shard = teacher.config, teacher.manifest["config"]
     front = {
         "license": license,
         "tags": TAGS,
         "library_name": "transformers",
         "pipeline_tag": "image-feature-extraction",
     }
-    size = teacher.image_size
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
+{_summary(teacher)}
+{_usage(teacher, timm)}
+{_training(teacher)}
+{LIMITATIONS.format(mpp=teacher.mpp)}"""
+
+
+def _summary(teacher: Teacher) -> str:
+    """The title, what the export is and a table of its architecture, input and outputs."""
+    cfg, size = teacher.config, teacher.image_size
     role = "EMA **teacher**" if teacher.which == "teacher" else f"**{teacher.which}**"
-    failed = teacher.manifest["totals"]["samples_failed"]
+    rows = {
+        "architecture": f"ViT, {cfg.depth} blocks × {cfg.embed_dim} wide, {cfg.num_heads} heads, {cfg.mlp} MLP "
+        f"({cfg.mlp_hidden_dim}), patch {cfg.patch_size} px, {cfg.num_registers} register(s)",
+        "input": f"{size} × {size} px RGB tiles at **{teacher.mpp:g} µm/px**, normalised with mean "
+        f"{list(teacher.mean)} / std {list(teacher.std)}",
+        "transcripts": f"{len(teacher.vocab)} genes (`vocab.tsv`; the embedding has {cfg.vocab_size} rows), "
+        "tokens of any side in µm",
+        "outputs": "CLS (`pooler_output`), patch and register embeddings, one embedding per transcript token; "
+        f"width {cfg.embed_dim}",
+    }
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
+    return f"""# {teacher.name}
+
+An early-fusion ViT over H&E image patches and spatial-transcriptomics tokens, pretrained with
+HistoTx (DINOv2-style DINO / iBOT / KoLeo + masked expression). This is the {role}
+of `{teacher.checkpoint}` (step {teacher.step}). One transformer reads the patches of a tile and
+the transcript tokens under it; either modality may be missing.
+
+| | |
+|---|---|
+{table}
+"""
+
+
+def _usage(teacher: Teacher, timm: bool) -> str:
+    """Loading with transformers (image only, transcripts only, fused), the pipeline, timm and HistoTx."""
+    cfg, size = teacher.config, teacher.image_size
     timm_usage = (
         f"""
 The image backbone alone is also exported for timm (the `timm/` folder beside this one; no HistoTx needed):
@@ -70,25 +107,7 @@ features = encoder(x)   # (B, {cfg.embed_dim}) CLS embedding
         if timm
         else ""
     )
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# {teacher.name}
-
-An early-fusion ViT over H&E image patches and spatial-transcriptomics tokens, pretrained with
-HistoTx (DINOv2-style DINO / iBOT / KoLeo + masked expression). This is the {role}
-of `{teacher.checkpoint}` (step {teacher.step}). One transformer reads the patches of a tile and
-the transcript tokens under it; either modality may be missing.
-
-| | |
-|---|---|
-| architecture | ViT, {cfg.depth} blocks × {cfg.embed_dim} wide, {cfg.num_heads} heads, {cfg.mlp} MLP ({cfg.mlp_hidden_dim}), patch {cfg.patch_size} px, {cfg.num_registers} register(s) |
-| input | {size} × {size} px RGB tiles at **{teacher.mpp:g} µm/px**, normalised with mean {list(teacher.mean)} / std {list(teacher.std)} |
-| transcripts | {len(teacher.vocab)} genes (`vocab.tsv`; the embedding has {cfg.vocab_size} rows), tokens of any side in µm |
-| outputs | CLS (`pooler_output`), patch and register embeddings, one embedding per transcript token; width {cfg.embed_dim} |
-
-## Usage
+    return f"""## Usage
 
 ```python
 import torch
@@ -136,8 +155,13 @@ computes under autocast, as HistoTx does on a GPU.
 {timm_usage}
 HistoTx itself reads this folder too: `histotx.export.load_model(PATH)`, `histotx embed`, and
 `histotx train ... init.backbone=PATH` to continue pretraining from it.
+"""
 
-## Training cohort
+
+def _training(teacher: Teacher) -> str:
+    """The cohort (per technology, from the shard manifest), the tiling and the training configuration."""
+    shard, failed = teacher.manifest["config"], teacher.manifest["totals"]["samples_failed"]
+    return f"""## Training cohort
 
 {cohort_table(teacher.manifest)}
 
@@ -150,11 +174,13 @@ Tiles of {shard["tile_px"]} px at {shard["mpp"]:g} µm/px ({shard["tile_px"] * s
 ```yaml
 {yaml.safe_dump(teacher.train_config, sort_keys=False).strip()}
 ```
+"""
 
-## Limitations
+
+LIMITATIONS = """## Limitations
 
 - Trained on the cohort above only: other organs, stains, scanners, magnifications or transcript
-  panels are out of distribution. Tiles must be at {teacher.mpp:g} µm/px; the processor resizes pixels, it
+  panels are out of distribution. Tiles must be at {mpp:g} µm/px; the processor resizes pixels, it
   does not know the physical scale of your image.
 - Genes outside `vocab.tsv` cannot be given; a gene the cohort never measured has an untrained embedding.
 - Self-supervised features: no task was trained. Evaluate with a linear or ridge probe on held-out

@@ -131,7 +131,7 @@ def generate_module(module: str) -> str:
         body = render(0, len(lines))
     else:
         body = []
-        for node, after in zip(keep, keep[1:] + [None]):
+        for node, after in zip(keep, keep[1:] + [None], strict=True):
             body.extend(render(*_statement_lines(node)))
             simple = isinstance(node, (ast.Import, ast.ImportFrom)) and isinstance(after, (ast.Import, ast.ImportFrom))
             body.extend([] if simple else ["", ""] if isinstance(after, (ast.ClassDef, ast.FunctionDef)) else [""])

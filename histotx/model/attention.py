@@ -118,7 +118,7 @@ class PackedSeq:
         def build():
             doc = self.sample_of_token
 
-            def same_sample(b, h, q_idx, kv_idx):
+            def same_sample(b, h, q_idx, kv_idx):  # noqa: ARG001 (flex_attention's mask_mod signature)
                 return doc[q_idx] == doc[kv_idx]
 
             # compiled on CUDA so that building the mask does not evaluate a tokens × tokens grid

@@ -178,7 +178,7 @@ def _id_ranges(ids: np.ndarray) -> list[list[int]]:
         return []
     breaks = np.flatnonzero(np.diff(ids) > 1)
     starts, stops = ids[np.r_[0, breaks + 1]], ids[np.r_[breaks, ids.size - 1]] + 1
-    return [[int(a), int(b)] for a, b in zip(starts, stops)]
+    return [[int(a), int(b)] for a, b in zip(starts, stops, strict=True)]
 
 
 def _check_upsample(slide: Slide, geom, cfg: ShardConfig, warnings: list[str]) -> float:
@@ -313,7 +313,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                     encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
                     for rgb in render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)
                 ]
-                for i, image in zip(idx.tolist(), images):
+                for i, image in zip(idx.tolist(), images, strict=True):
                     origin = origins[i]
                     grid, n_genes, tile_count = no_sites, 0, 0.0
                     if sites is not None:  # the sites whose centre lies in the tile (and on the slide)
@@ -422,13 +422,14 @@ def run_cohort(
     out_dir: Path,
     cfg: ShardConfig,
     workers: int = 1,
-    part: Part = Part(),
+    part: Part | None = None,
     vocab_from: Path | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Shard (this part of) a cohort into ``out_dir``; resumes what an earlier run finished.
 
     Holds the folder's lock (a second run on it refuses); a full disk stops the run with an OutputError."""
+    part = part or Part()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with OutputLock(out_dir, part.index, part.count):
@@ -463,7 +464,7 @@ def _run_locked(
     vocab_start = len(Vocab.load_or_new(existing if existing.exists() else (vocab_from or existing)))
     vocab, rejected = build_vocab(cohort, out_dir, vocab_from)
     records: dict[str, dict[str, Any]] = {}
-    for pos, (label, message) in enumerate(cohort.invalid):
+    for label, message in cohort.invalid:
         records[label] = {"sample": label, "status": "failed", "technology": "?", "error": message, "tiles": 0}
     todo = []
     for pos, sample in enumerate(cohort.samples):

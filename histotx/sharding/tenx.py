@@ -59,7 +59,7 @@ def gene_identity(symbols: np.ndarray, ids: np.ndarray) -> list[tuple[str, str]]
     """(symbol, Ensembl id). A non-Ensembl `id` (custom reference) is left out; a `name` that is itself
     the Ensembl id (as in some Space Ranger references) is not a symbol and is left out too."""
     genes = []
-    for name, gid in zip(symbols.tolist(), ids.tolist()):
+    for name, gid in zip(symbols.tolist(), ids.tolist(), strict=True):
         eid = gid if is_ensembl_id(gid) else (name if is_ensembl_id(name) else "")
         genes.append(("" if name == eid else name, eid))
     return genes

@@ -94,7 +94,7 @@ def plan_grid(
         inside = (c >= 0) & (c < n_cols) & (r >= 0) & (r < n_rows)
         keep |= np.bincount(r[inside] * n_cols + c[inside], minlength=n_rows * n_cols) > 0
     rows, cols = rows[keep], cols[keep]
-    names = [f"r{r:05d}_c{c:05d}" for r, c in zip(rows, cols)]
+    names = [f"r{r:05d}_c{c:05d}" for r, c in zip(rows, cols, strict=True)]
     return TilePlan(names, np.stack([cols * size0, rows * size0], 1).astype(np.float64), rows, cols, frac[keep], size0)
 
 

@@ -172,7 +172,7 @@ def place_barcodes(
 
 
 def read_spaceranger(
-    outs: Path, spatial: Path, matrix_path: Path, image_scale: str, in_tissue_only: bool
+    spatial: Path, matrix_path: Path, image_scale: str, in_tissue_only: bool
 ) -> tuple[Sites, pd.DataFrame, dict]:
     """Sites of one Space Ranger output (Visium or one HD bin size); footprint filled in by the caller."""
     sf = read_scalefactors(spatial)
@@ -204,7 +204,7 @@ def read_spaceranger(
 
 def read_visium(outs: Path, image_scale: str = "fullres", in_tissue_only: bool = True) -> Sites:
     spatial = outs / "spatial"
-    sites, pos, sf = read_spaceranger(outs, spatial, find_matrix(outs), image_scale, in_tissue_only)
+    sites, pos, sf = read_spaceranger(spatial, find_matrix(outs), image_scale, in_tissue_only)
     mpp, source = visium_mpp_fullres(pos, sf)
     sites.footprint_um, sites.footprint_shape = SPOT_DIAMETER_UM, "disk"
     sites.mpp_estimate = mpp / sites.info["scale_factor"] if mpp else None

@@ -3,9 +3,10 @@
 Each sample writes its own shards ``{sample}.{k:05d}.tar``, each first as a hidden temporary file; all of
 a sample's shards are renamed into place only when its last tile is written, so a sample that fails
 midway (a tile that does not decode, a full disk) never leaves a shard under a final name. When all of a
-sample's shards are in place, ``.done/{sample}.json`` records them (atomically). A rerun skips samples whose record and shards are intact and redoes the others
-from scratch after removing their leftovers; since tiling is deterministic, a run killed at any
-point and rerun yields exactly the tiles of an uninterrupted run, none lost, none twice.
+sample's shards are in place, ``.done/{sample}.json`` records them (atomically). A rerun skips samples whose
+record and shards are intact and redoes the others from scratch after removing their leftovers; since tiling
+is deterministic, a run killed at any point and rerun yields exactly the tiles of an uninterrupted run, none
+lost, none twice.
 
 A run holds a lock file in its folder (:class:`OutputLock`, owner host and pid) so a second run on the
 same folder refuses to start; a write that fails for lack of space (disk full, quota, file-size limit)
@@ -386,7 +387,7 @@ def merge_parts(out_dir: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{out_dir}: parts {missing} of {n_parts} have not finished (no manifest yet)")
     base = {k: v for k, v in docs[0]["config"].items() if k != "part"}
-    for p, d in zip(parts, docs):
+    for p, d in zip(parts, docs, strict=True):
         if {k: v for k, v in d["config"].items() if k != "part"} != base:
             raise ValueError(f"{p}: was made with a different config than {parts[0].name}")
     records: dict[str, dict[str, Any]] = {}

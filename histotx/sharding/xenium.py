@@ -136,7 +136,11 @@ def _panel(path: Path) -> tuple[list[tuple[str, str]], frozenset[str], int]:
 
 
 @functools.lru_cache(maxsize=8)
-def _panel_of(path: Path, size: int, mtime_ns: int) -> tuple[list[tuple[str, str]], frozenset[str], int]:
+def _panel_of(
+    path: Path,
+    size: int,  # noqa: ARG001 (with mtime_ns, part of the cache key: a rewritten file is read again)
+    mtime_ns: int,  # noqa: ARG001
+) -> tuple[list[tuple[str, str]], frozenset[str], int]:
     features: set[str] = set()
     controls: set[str] = set()
     rows = 0
@@ -267,7 +271,7 @@ def read_xenium(
                 "read have NaN/inf x_location or y_location: the file is damaged",
             )
         keep = ~(control | low_qv | no_pos)
-        for reason, mask in zip(dropped, (control, low_qv, no_pos)):
+        for reason, mask in zip(dropped, (control, low_qv, no_pos), strict=True):
             dropped[reason] += int(mask.sum())
         xy = morphology_um_to_he_px(np.stack([x[keep], y[keep]], axis=1), pixel_size, m)
         sites.add(xy, gene=column[codes[keep]])

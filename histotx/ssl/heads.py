@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ class DINOHead(nn.Module):
             raise ValueError(f"DINOHead needs at least one layer, got n_layers={n_layers}")
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (a, b) in enumerate(pairwise(dims)):
             layers.append(nn.Linear(a, b))
             if i < n_layers - 1:
                 layers.append(nn.GELU())

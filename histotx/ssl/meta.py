@@ -284,7 +284,7 @@ class SSLMetaArch(nn.Module):
             chunk_t.clear()
             chunk_s.clear()
 
-        for t, s in zip(teacher, weights):
+        for t, s in zip(teacher, weights, strict=True):
             if s.numel() != t.numel():
                 raise RuntimeError(
                     f"student weight {n} has {s.numel()} elements, the teacher's {t.numel()}: "

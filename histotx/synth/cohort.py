@@ -224,7 +224,7 @@ def _xenium(s: _Sample, out: Path, model: ExpressionModel, markers: bool) -> _Pl
         morphology_pixel_size_um=PIXEL_SIZE_UM,
     )
 
-    def write(image: np.ndarray) -> None:
+    def write(_image: np.ndarray) -> None:
         write_xenium_bundle(bundle, s.sample_id, mol, s.cells, mpp, m, len(panel), s.rng)
 
     return _Plan({"slide": slide, "data": bundle}, slide, sites, mol.xy_he[marked], write)
@@ -235,11 +235,16 @@ def _hest(s: _Sample, out: Path, model: ExpressionModel) -> _Plan:
     mpp = s.spec.mpp
     spots = Spots.lattice(s.rng, s.spec.width * mpp, s.spec.height * mpp, mpp)
     on = s.tissue.in_tissue(*spots.xy_um(mpp).T)
-    spots = Spots([b for b, k in zip(spots.barcodes, on) if k], spots.array_row[on], spots.array_col[on], spots.px[on])
+    spots = Spots(
+        [b for b, k in zip(spots.barcodes, on, strict=True) if k],
+        spots.array_row[on],
+        spots.array_col[on],
+        spots.px[on],
+    )
     counts = _spot_counts(s, model, spots.xy_um(mpp))
     root = out / "hest"
 
-    def write(image: np.ndarray) -> None:
+    def write(_image: np.ndarray) -> None:
         write_hest_sample(root, s.sample_id, spots, counts, model.genes, mpp, (s.spec.width, s.spec.height), s.patient)
 
     return _Plan(

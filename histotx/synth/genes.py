@@ -153,7 +153,7 @@ def gene_groups() -> dict[str, list[str]]:
     ``crowding`` (local nuclei density), ``hidden`` (the hidden state, invisible), ``housekeeping``."""
     genes, program = gene_table()
     groups: dict[str, list[str]] = {"region": [], "crowding": [], "hidden": [], "housekeeping": []}
-    for (symbol, _), p in zip(genes, program):
+    for (symbol, _), p in zip(genes, program, strict=True):
         key = "region" if p in REGION_PROGRAMS else "hidden" if p == HIDDEN_PROGRAM else p
         groups[key].append(symbol)
     return groups
@@ -191,7 +191,7 @@ class ExpressionModel:
         return cls(genes, program, base, loading, prog == HIDDEN_PROGRAM)
 
     def program_genes(self, name: str) -> list[str]:
-        return [g[0] for g, p in zip(self.genes, self.program) if p == name]
+        return [g[0] for g, p in zip(self.genes, self.program, strict=True) if p == name]
 
     def cell_rates(self, cells: Cells, patient_scale: np.ndarray | None = None) -> np.ndarray:
         """(n_cells, G) expected molecules per cell at full capture."""

@@ -145,7 +145,7 @@ def _hest_spots(rng: np.random.Generator, layout: HestLayout, width: int, height
     n_cols, n_rows = int(width * mpp // layout.pitch_um), int(height * mpp // layout.pitch_um)
     rows, cols = (a.ravel() for a in np.mgrid[0:n_rows, 0:n_cols])
     xy = (np.stack([cols, rows], axis=1) + 0.5) * layout.pitch_um / mpp
-    return [layout.index.format(r, c) for r, c in zip(rows, cols)], rows, cols, xy
+    return [layout.index.format(r, c) for r, c in zip(rows, cols, strict=True)], rows, cols, xy
 
 
 def write_hest_layout(
@@ -168,7 +168,7 @@ def write_hest_layout(
     names, rows, cols, xy = _hest_spots(rng, layout, width, height, mpp)
     ix = np.clip(xy.astype(np.int64), 0, [width - 1, height - 1])
     under = image[ix[:, 1], ix[:, 0]].mean(axis=1) < 230  # HEST keeps the spots under tissue
-    names, rows, cols, xy = [n for n, k in zip(names, under) if k], rows[under], cols[under], xy[under]
+    names, rows, cols, xy = [n for n, k in zip(names, under, strict=True) if k], rows[under], cols[under], xy[under]
     area = (layout.pitch_um if layout.lattice == "square" else SPOT_DIAMETER_UM) ** 2 / 1e4
     counts = rng.poisson(rng.gamma(1.0, 2.0, len(genes))[None] * area, size=(len(names), len(genes)))
     X = counts.astype(np.uint16) if layout.dense_uint16 else sp.csr_matrix(counts, dtype=np.float32)

@@ -112,7 +112,7 @@ def render_he(
         # rows y - y0 + half … y - y0 + 3·half.
         nuclei = np.zeros((h + 4 * half, width + 4 * half), dtype=np.float32)
         lo, hi = np.searchsorted(cy, [y0 - half, y1 + half])
-        for x, y, k in zip(cx[lo:hi], cy[lo:hi], stamp[lo:hi]):
+        for x, y, k in zip(cx[lo:hi], cy[lo:hi], stamp[lo:hi], strict=True):
             win = nuclei[y - y0 + half : y - y0 + 3 * half + 1, x + half : x + 3 * half + 1]
             np.maximum(win, bank[k], out=win)
         nuclei = nuclei[2 * half : 2 * half + h, 2 * half : 2 * half + width]

@@ -70,7 +70,7 @@ def write_slide(path: Path, level0: np.ndarray, mpp: float, layout: str, n_level
                 **_resolution(mpp),
                 **_jpeg(),
             )
-        for lv, s in zip(levels[1:], scale[1:]):
+        for lv, s in zip(levels[1:], scale[1:], strict=True):
             tw.write(lv, tile=TILE, subfiletype=1, metadata=None, **_resolution(mpp * s), **_jpeg())
 
 

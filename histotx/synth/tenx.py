@@ -144,11 +144,13 @@ def write_visium_outs(
     sr_version: int,
     rng: np.random.Generator,
 ) -> None:
-    """Space Ranger ``outs/``: 1.x writes tissue_positions_list.csv without header, 2.x tissue_positions.csv with one."""
+    """Space Ranger ``outs/``: 1.x writes tissue_positions_list.csv without header, 2.x tissue_positions.csv
+    with one."""
     spatial = outs / "spatial"
     images.write(spatial, mpp)
     lines = [
-        f"{spots.barcodes[i]},{int(in_tissue[i])},{spots.array_row[i]},{spots.array_col[i]},{spots.px[i, 1]},{spots.px[i, 0]}"
+        f"{spots.barcodes[i]},{int(in_tissue[i])},{spots.array_row[i]},{spots.array_col[i]},"
+        f"{spots.px[i, 1]},{spots.px[i, 0]}"
         for i in rng.permutation(len(spots.barcodes))  # Space Ranger's row order is not the matrix order
     ]
     if sr_version == 1:
@@ -213,7 +215,7 @@ def write_visium_hd_outs(
         folder = outs / "binned_outputs" / f"square_{size:03d}um"
         rows, cols, centre = grid.bins(size)
         counts = counts2 if size == 2 else sp.csr_matrix(grid.pooling(size) @ counts2)
-        barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)]
+        barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)]
         tissue = in_tissue_of(centre[:, 0], centre[:, 1]).astype(np.int32)
         table = pa.table(
             {

@@ -9,6 +9,8 @@ The teacher runs forward only; the student forward and backward.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from histotx.data.collate import SSLBatch
@@ -28,7 +30,7 @@ def backbone_flops(cfg: FusedViTConfig, lengths: torch.Tensor, n_patches: int) -
 def head_flops(embed_dim: int, ssl: SSLConfig, rows: int) -> float:
     h = ssl.head
     dims = [embed_dim] + [h.hidden_dim] * (h.n_layers - 1) + [h.bottleneck_dim, h.out_dim]
-    return 2.0 * rows * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    return 2.0 * rows * sum(a * b for a, b in pairwise(dims))
 
 
 def step_flops(cfg: FusedViTConfig, ssl: SSLConfig, batch: SSLBatch, lengths: dict[str, torch.Tensor]) -> float:

@@ -8,8 +8,9 @@ outside its panel), normalised to 1e4 over those genes and log1p, restricted to 
 variable of them (so technologies with different panels compare).
 kNN regression (cosine, k neighbours) predicts each tile from the tiles of the *other* samples (a
 neighbouring, overlapping tile of the same slide would make any feature look good); the score is the
-Pearson correlation per gene between prediction and truth, averaged over genes (``probe/knn_pearson``). It needs no labels, costs one teacher pass over a few hundred tiles, and a
-random-init teacher gives the baseline it should beat (the probe also runs at step 0).
+Pearson correlation per gene between prediction and truth, averaged over genes (``probe/knn_pearson``). It
+needs no labels, costs one teacher pass over a few hundred tiles, and a random-init teacher gives the baseline
+it should beat (the probe also runs at step 0).
 
 Collapse. Per step, from the teacher's CLS probabilities (after centring or Sinkhorn): the mean entropy
 of a row (``teacher/entropy``; ln K is a uniform teacher that teaches nothing), the KL divergence from

@@ -104,7 +104,7 @@ class HistoTxModel(HistoTxPreTrainedModel):
         transcript_resolution_um: float | None = None,
         image_size: tuple[int, int] | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        **kwargs,  # noqa: ARG002 (transformers' callers pass extra keywords, e.g. output_attentions)
     ) -> HistoTxModelOutput | tuple:
         """``pixel_values`` (B, 3, H, W) normalised as preprocessor_config.json says, and/or the packed
         transcripts (see the module docstring). ``image_size`` (H, W): the frame transcript positions
