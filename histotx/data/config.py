@@ -85,38 +85,51 @@ class DataConfig:
     collate: CollateConfig = field(default_factory=CollateConfig)
 
     def validate(self) -> None:
-        s, a, m, c = self.stream, self.augment, self.mask, self.collate
-        if (
-            s.batch_size < 1
-            or s.shuffle_buffer < 1
-            or s.shuffle_buffer_bytes < 1
-            or min(s.num_workers, s.steps_per_epoch, s.seed) < 0
-        ):
-            raise ConfigError(
-                "data.stream: batch_size, shuffle_buffer and shuffle_buffer_bytes must be >= 1; "
-                "num_workers, steps_per_epoch and seed >= 0"
-            )
-        for name in ("global_crop_scale", "local_crop_scale", "crop_ratio", "blur_sigma"):
-            lo, hi = getattr(a, name)
-            if not 0 < lo <= hi:
-                raise ConfigError(f"data.augment.{name} must be an interval 0 < low <= high, got {(lo, hi)}")
-        if a.global_crop_scale[1] > 1 or a.local_crop_scale[1] > 1:
-            raise ConfigError("data.augment crop scales are shares of the tile: at most 1")
-        if a.decode_device not in ("cpu", "cuda"):
-            raise ConfigError(f"data.augment.decode_device must be 'cpu' or 'cuda', got {a.decode_device!r}")
-        for size in (a.global_crop_size, a.local_crop_size):
-            if size % m.patch_size:
-                raise ConfigError(
-                    f"data.augment crop size {size} is not a multiple of data.mask.patch_size {m.patch_size}"
-                )
-        for name in ("image_mask_ratio", "transcript_mask_ratio"):
-            lo, hi = getattr(m, name)
-            if not 0 <= lo <= hi <= 1:
-                raise ConfigError(f"data.mask.{name} must satisfy 0 <= low <= high <= 1, got {(lo, hi)}")
-        if not c.resolutions_um:
-            raise ConfigError("data.collate.resolutions_um needs at least one entry")
-        for r in c.resolutions_um:
-            if not (r == "native" or (isinstance(r, float) and r > 0)):
-                raise ConfigError(f"data.collate.resolutions_um: {r!r} is neither a positive size in µm nor 'native'")
-        if c.p_image_only < 0 or c.p_transcripts_only < 0 or c.p_image_only + c.p_transcripts_only > 1:
-            raise ConfigError("data.collate: p_image_only and p_transcripts_only must be >= 0 and sum to <= 1")
+        _check_stream(self.stream)
+        _check_augment(self.augment, self.mask.patch_size)
+        _check_mask(self.mask)
+        _check_collate(self.collate)
+
+
+def _check_stream(s: StreamConfig) -> None:
+    if (
+        s.batch_size < 1
+        or s.shuffle_buffer < 1
+        or s.shuffle_buffer_bytes < 1
+        or min(s.num_workers, s.steps_per_epoch, s.seed) < 0
+    ):
+        raise ConfigError(
+            "data.stream: batch_size, shuffle_buffer and shuffle_buffer_bytes must be >= 1; "
+            "num_workers, steps_per_epoch and seed >= 0"
+        )
+
+
+def _check_augment(a: AugmentConfig, patch_size: int) -> None:
+    for name in ("global_crop_scale", "local_crop_scale", "crop_ratio", "blur_sigma"):
+        lo, hi = getattr(a, name)
+        if not 0 < lo <= hi:
+            raise ConfigError(f"data.augment.{name} must be an interval 0 < low <= high, got {(lo, hi)}")
+    if a.global_crop_scale[1] > 1 or a.local_crop_scale[1] > 1:
+        raise ConfigError("data.augment crop scales are shares of the tile: at most 1")
+    if a.decode_device not in ("cpu", "cuda"):
+        raise ConfigError(f"data.augment.decode_device must be 'cpu' or 'cuda', got {a.decode_device!r}")
+    for size in (a.global_crop_size, a.local_crop_size):
+        if size % patch_size:
+            raise ConfigError(f"data.augment crop size {size} is not a multiple of data.mask.patch_size {patch_size}")
+
+
+def _check_mask(m: MaskConfig) -> None:
+    for name in ("image_mask_ratio", "transcript_mask_ratio"):
+        lo, hi = getattr(m, name)
+        if not 0 <= lo <= hi <= 1:
+            raise ConfigError(f"data.mask.{name} must satisfy 0 <= low <= high <= 1, got {(lo, hi)}")
+
+
+def _check_collate(c: CollateConfig) -> None:
+    if not c.resolutions_um:
+        raise ConfigError("data.collate.resolutions_um needs at least one entry")
+    for r in c.resolutions_um:
+        if not (r == "native" or (isinstance(r, float) and r > 0)):
+            raise ConfigError(f"data.collate.resolutions_um: {r!r} is neither a positive size in µm nor 'native'")
+    if c.p_image_only < 0 or c.p_transcripts_only < 0 or c.p_image_only + c.p_transcripts_only > 1:
+        raise ConfigError("data.collate: p_image_only and p_transcripts_only must be >= 0 and sum to <= 1")

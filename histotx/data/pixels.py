@@ -417,26 +417,7 @@ def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) ->
     spare = np.empty_like(x) if spare is None else spare
     q = p.tolist()
     if q[0] != 1 or q[1] != 1 or q[2] != 1 or q[3] != 0:
-        for op in (round(code) for code in q[4:8]):
-            factor = q[op]
-            if op == HUE:
-                if factor != 0:  # OpenCV's float HSV has hue in degrees and wraps values ≥ 360 (not < 0)
-                    cv2.cvtColor(x, cv2.COLOR_RGB2HSV, dst=x)
-                    cv2.add(x, (360.0 * (factor % 1.0), 0.0, 0.0, 0.0), dst=x)
-                    x = cv2.cvtColor(x, cv2.COLOR_HSV2RGB, dst=x)
-            elif factor == 1:
-                continue
-            elif op == BRIGHTNESS:
-                x = np.multiply(x, np.float32(factor), out=x)  # (cv2.multiply by a scalar: 7× slower)
-                x = _clip(x, low=False) if factor > 1 else x
-            elif op == CONTRAST:
-                r, g, b, _ = cv2.mean(x)
-                offset = (1 - factor) * (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2])  # towards the mean gray
-                x, spare = _map(x, _EYE_MAP * factor + _OFFSET_MAP * offset, spare), x
-                x = _clip(x) if factor > 1 else x
-            else:  # saturation: towards each pixel's gray
-                x, spare = _map(x, _EYE_MAP * factor + _GRAY_MAP * (1 - factor), spare), x
-                x = _clip(x) if factor > 1 else x
+        x, spare = _jitter_hwc(x, q, spare)
     if q[8] > 0:  # stain jitter, as _stain: exp(log x @ H·diag(α)·R − β·R), positive
         hed_from_rgb, rgb_from_hed = _HED
         m = np.empty((3, 4))
@@ -451,6 +432,31 @@ def colour_hwc(x: np.ndarray, p: np.ndarray, spare: np.ndarray | None = None) ->
     if q[17] > 0:  # x < 0.5 stays, x ≥ 0.5 becomes 1 − x: 0.5 − |x − 0.5| (a masked numpy op is 20× slower)
         x = cv2.subtract(_scalar(0.5), cv2.absdiff(x, _scalar(0.5), dst=x), dst=x)
     return x
+
+
+def _jitter_hwc(x: np.ndarray, q: list[float], spare: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The four colour-jitter ops of :func:`colour_hwc` in the drawn order; (result, the other buffer)."""
+    for op in (round(code) for code in q[4:8]):
+        factor = q[op]
+        if op == HUE:
+            if factor != 0:  # OpenCV's float HSV has hue in degrees and wraps values ≥ 360 (not < 0)
+                cv2.cvtColor(x, cv2.COLOR_RGB2HSV, dst=x)
+                cv2.add(x, (360.0 * (factor % 1.0), 0.0, 0.0, 0.0), dst=x)
+                x = cv2.cvtColor(x, cv2.COLOR_HSV2RGB, dst=x)
+        elif factor == 1:
+            continue
+        elif op == BRIGHTNESS:
+            x = np.multiply(x, np.float32(factor), out=x)  # (cv2.multiply by a scalar: 7× slower)
+            x = _clip(x, low=False) if factor > 1 else x
+        elif op == CONTRAST:
+            r, g, b, _ = cv2.mean(x)
+            offset = (1 - factor) * (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2])  # towards the mean gray
+            x, spare = _map(x, _EYE_MAP * factor + _OFFSET_MAP * offset, spare), x
+            x = _clip(x) if factor > 1 else x
+        else:  # saturation: towards each pixel's gray
+            x, spare = _map(x, _EYE_MAP * factor + _GRAY_MAP * (1 - factor), spare), x
+            x = _clip(x) if factor > 1 else x
+    return x, spare
 
 
 def _gauss_taps(sigma: float) -> np.ndarray:

@@ -400,6 +400,32 @@ def _shard_plan(shard_dir: Path, manifest: dict, samples: Sequence[str] | None) 
     return wanted, [s for s in manifest["shards"] if s.get("sample_id") is None or s["sample_id"] in wanted]
 
 
+def _checked_args(
+    modes: Sequence[str], batch_size: int, num_workers: int, resolution_um: float | str | None
+) -> tuple[list[str], float | None]:
+    """The modes (once each) and the token side in µm (None: native); a ValueError naming a bad argument."""
+    modes = list(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    resolution = None if resolution_um in (None, "native") else float(resolution_um)
+    if resolution is not None and not resolution > 0:
+        raise ValueError(f"resolution_um must be positive or 'native', got {resolution_um}")
+    return modes, resolution
+
+
+def _input_px(image_px: int | None, loaded) -> int:
+    """The side tiles are resized to: ``image_px``, by default the model's training input size."""
+    image_px = int(image_px or loaded.image_size)
+    if image_px % loaded.model.config.patch_size:
+        raise ValueError(
+            f"image_px {image_px} is not a multiple of the model's patch size {loaded.model.config.patch_size}"
+        )
+    return image_px
+
+
 def embed_shards(
     model,
     shards,
@@ -437,24 +463,14 @@ def embed_shards(
     """
     from tqdm import tqdm
 
-    modes = list(dict.fromkeys(modes))
-    bad = [m for m in modes if m not in MODES]
-    if not modes or bad:
-        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
-    if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    resolution = None if resolution_um in (None, "native") else float(resolution_um)
-    if resolution is not None and not resolution > 0:
-        raise ValueError(f"resolution_um must be positive or 'native', got {resolution_um}")
+    modes, resolution = _checked_args(modes, batch_size, num_workers, resolution_um)
     shard_dir, out_dir = Path(shards), Path(out_dir)
     manifest = read_manifest(shard_dir)
     wanted, entries = _shard_plan(shard_dir, manifest, samples)
     dev = resolve_device(device)
     loaded = resolve_model(model, dev)
     net = loaded.model
-    image_px = int(image_px or loaded.image_size)
-    if image_px % net.config.patch_size:
-        raise ValueError(f"image_px {image_px} is not a multiple of the model's patch size {net.config.patch_size}")
+    image_px = _input_px(image_px, loaded)
     dropped = sorted(set(drop_genes))
     genes = _input_genes(shard_dir, loaded, dropped) if {"transcripts", "fused"} & set(modes) else None
     inputs = TileInputs(image_px, tuple(loaded.mean), tuple(loaded.std), resolution, genes)

@@ -67,30 +67,33 @@ def read_task(task_dir: str | Path, genes_file: str = GENES_FILE) -> HestTask:
     splits, patches, expression = [], {}, {}
     i = 0
     while (split_dir / f"train_{i}.csv").is_file():
-        pair = []
-        for kind in ("train", "test"):
-            path = split_dir / f"{kind}_{i}.csv"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing (train_{i}.csv exists)")
-            table = pd.read_csv(path, dtype=str)
-            need = {"sample_id", "patches_path", "expr_path"}
-            if need - set(table.columns):
-                raise ValueError(f"{path}: needs columns {sorted(need)}, has {list(table.columns)}")
-            for sid, pp, ep in zip(table["sample_id"], table["patches_path"], table["expr_path"], strict=True):
-                for kind_path, where in ((root / pp, patches), (root / ep, expression)):
-                    if not kind_path.is_file():
-                        raise FileNotFoundError(f"{kind_path}: listed in {path} but missing")
-                    where[sid] = kind_path
-            pair.append(table["sample_id"].tolist())
-        if set(pair[0]) & set(pair[1]):
-            raise ValueError(
-                f"{split_dir}: split {i} has samples in both train and test: {set(pair[0]) & set(pair[1])}"
-            )
-        splits.append((pair[0], pair[1]))
+        train, test = (
+            _read_split(root, split_dir / f"{kind}_{i}.csv", patches, expression) for kind in ("train", "test")
+        )
+        if set(train) & set(test):
+            raise ValueError(f"{split_dir}: split {i} has samples in both train and test: {set(train) & set(test)}")
+        splits.append((train, test))
         i += 1
     if not splits:
         raise FileNotFoundError(f"{split_dir}: no train_0.csv / test_0.csv")
     return HestTask(root, [str(g) for g in genes], splits, patches, expression)
+
+
+def _read_split(root: Path, path: Path, patches: dict[str, Path], expression: dict[str, Path]) -> list[str]:
+    """The sample ids of one split file; each sample's patch and expression files go into ``patches`` and
+    ``expression`` (paths relative to the task folder ``root``, which must exist)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing ({path.name.replace('test_', 'train_')} exists)")
+    table = pd.read_csv(path, dtype=str)
+    need = {"sample_id", "patches_path", "expr_path"}
+    if need - set(table.columns):
+        raise ValueError(f"{path}: needs columns {sorted(need)}, has {list(table.columns)}")
+    for sid, pp, ep in zip(table["sample_id"], table["patches_path"], table["expr_path"], strict=True):
+        for kind_path, where in ((root / pp, patches), (root / ep, expression)):
+            if not kind_path.is_file():
+                raise FileNotFoundError(f"{kind_path}: listed in {path} but missing")
+            where[sid] = kind_path
+    return table["sample_id"].tolist()
 
 
 def read_barcodes(h5_path: Path) -> list[str]:

@@ -173,23 +173,13 @@ def evaluate(
     ``label``: an obs column of the embeddings, or the column of the ``labels`` CSV (default "label").
     ``gene_groups``: name → genes, reported as per-group means over the targets they contain.
     """
-    modes = list(dict.fromkeys(modes))
-    if not modes or set(modes) - set(MODES):
-        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
-    if not models and not embeddings:
-        raise ValueError("give at least one model (name=source) or one embedding folder (name=folder)")
-    names = list(models or {}) + list(embeddings or {})
-    if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}")
+    modes, names = _checked_request(modes, models, embeddings)
     started = time.monotonic()
     expr = tile_expression(shards, samples, progress=progress)
-    if targets is None:
-        targets = select_target_genes(expr, n_targets, min_frac)
-    else:
-        targets = list(dict.fromkeys(targets))
+    targets = select_target_genes(expr, n_targets, min_frac) if targets is None else list(dict.fromkeys(targets))
     sample_ids = list(expr)
     keys = {s: expr[s].keys for s in sample_ids}
-    Y = np.concatenate([target_matrix(expr[s], targets) for s in sample_ids])
+    Y = np.concatenate([target_matrix(expr[s], targets) for s in sample_ids])  # (tiles, targets)
     patients = np.concatenate([[expr[s].patient] * len(keys[s]) for s in sample_ids])
     _require_two_patients(shards, expr, patients)  # before any embedding
     log.info(
@@ -199,67 +189,19 @@ def evaluate(
         np.unique(patients).size,
         len(targets),
     )
-
     folders: dict[str, Path] = {n: Path(f) for n, f in (embeddings or {}).items()}
-    tmp = None
-    if models:
-        from histotx.eval.embed import embed_shards
-
-        if out is None:
-            tmp = tempfile.TemporaryDirectory(prefix="histotx-eval-")
-        root = Path(out) / "embeddings" if out is not None else Path(tmp.name)
-        for name, model in models.items():
-            folders[name] = root / name
-            embed_shards(
-                model,
-                shards,
-                folders[name],
-                modes=modes,
-                samples=sample_ids,
-                drop_genes=targets,
-                batch_size=batch_size,
-                device=device,
-                progress=progress,
+    with tempfile.TemporaryDirectory(prefix="histotx-eval-") as tmp:
+        if models:
+            root = Path(out) / "embeddings" if out is not None else Path(tmp)
+            folders.update(
+                _embed_models(models, shards, root, modes, sample_ids, targets, batch_size, device, progress)
             )
-    try:
-        X, obs = {}, None
-        for name in names:
-            per_mode, model_obs = read_embeddings(folders[name], sample_ids, keys, modes, targets)
-            obs = model_obs if obs is None else obs
-            X.update({(name, m): per_mode[m] for m in modes})
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-
-    finite = np.all([np.isfinite(x).all(axis=1) for x in X.values()], axis=0)
-    if not finite.all():
-        sample_of = np.concatenate([[s] * len(keys[s]) for s in sample_ids])
-        lost = pd.Series(sample_of[~finite]).value_counts().sort_index()
-        log.warning(
-            "%d of %d tiles have no embedding in some model × mode (no transcript token left once the "
-            "targets are dropped: %s); they are left out of every row so all rows see the same tiles",
-            (~finite).sum(),
-            finite.size,
-            ", ".join(f"{s} {n}/{len(keys[s])}" for s, n in lost.items()),
-        )
+        X, obs = _read_all(folders, names, sample_ids, keys, modes, targets)
+    finite = _finite_rows(X, keys, sample_ids)
     X = {k: v[finite] for k, v in X.items()}
     Y, patients = Y[finite], patients[finite]
     all_keys = np.concatenate([keys[s] for s in sample_ids])[finite]
-
-    label_values = None
-    if label or labels:
-        column = label or "label"
-        if labels is not None:
-            mapping = read_labels(Path(labels), column)
-            label_values = np.array([mapping.get(k, "") for k in all_keys], dtype=object)
-        elif column in obs.columns:
-            label_values = obs[column].astype(str).to_numpy()[finite]
-        else:
-            raise ValueError(
-                f"label column {column!r} is not in the embeddings' obs ({list(obs.columns)}); give a CSV with --labels"
-            )
-        if not (label_values != "").any():
-            raise ValueError(f"no evaluated tile has a {column!r} label")
+    label_values = _label_values(label, labels, obs, all_keys, finite)
 
     folds = hestbench.patient_folds(patients)
     regression, label_res = run_probes(
@@ -298,3 +240,105 @@ def evaluate(
         "seconds": time.monotonic() - started,
     }
     return report.publish(table, results, header, out, show)
+
+
+def _checked_request(
+    modes: Sequence[str], models: Mapping[str, Any] | None, embeddings: Mapping[str, str | Path] | None
+) -> tuple[list[str], list[str]]:
+    """The modes (once each) and the row names (models, then embedding folders); a ValueError if unusable."""
+    modes = list(dict.fromkeys(modes))
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if not models and not embeddings:
+        raise ValueError("give at least one model (name=source) or one embedding folder (name=folder)")
+    names = list(models or {}) + list(embeddings or {})
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    return modes, names
+
+
+def _embed_models(
+    models: Mapping[str, Any],
+    shards: str | Path,
+    root: Path,
+    modes: Sequence[str],
+    samples: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> dict[str, Path]:
+    """Each model's embeddings of the samples in ``root/<name>``, the target genes dropped from the input."""
+    from histotx.eval.embed import embed_shards
+
+    folders = {}
+    for name, model in models.items():
+        folders[name] = root / name
+        embed_shards(
+            model,
+            shards,
+            folders[name],
+            modes=modes,
+            samples=samples,
+            drop_genes=targets,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+    return folders
+
+
+def _read_all(
+    folders: Mapping[str, Path],
+    names: Sequence[str],
+    samples: Sequence[str],
+    keys: Mapping[str, list[str]],
+    modes: Sequence[str],
+    targets: Sequence[str],
+) -> tuple[dict[tuple[str, str], np.ndarray], pd.DataFrame]:
+    """(name, mode) → embeddings (tiles, D) of every row, and the first folder's obs."""
+    X, obs = {}, None
+    for name in names:
+        per_mode, model_obs = read_embeddings(folders[name], samples, keys, modes, targets)
+        obs = model_obs if obs is None else obs
+        X.update({(name, m): per_mode[m] for m in modes})
+    return X, obs
+
+
+def _finite_rows(
+    X: Mapping[tuple[str, str], np.ndarray], keys: Mapping[str, list[str]], samples: Sequence[str]
+) -> np.ndarray:
+    """(tiles,) bool: the tiles every model × mode embedded (a warning counts the others per sample)."""
+    finite = np.all([np.isfinite(x).all(axis=1) for x in X.values()], axis=0)
+    if not finite.all():
+        sample_of = np.concatenate([[s] * len(keys[s]) for s in samples])
+        lost = pd.Series(sample_of[~finite]).value_counts().sort_index()
+        log.warning(
+            "%d of %d tiles have no embedding in some model × mode (no transcript token left once the "
+            "targets are dropped: %s); they are left out of every row so all rows see the same tiles",
+            (~finite).sum(),
+            finite.size,
+            ", ".join(f"{s} {n}/{len(keys[s])}" for s, n in lost.items()),
+        )
+    return finite
+
+
+def _label_values(
+    label: str | None, labels: str | Path | None, obs: pd.DataFrame, keys: np.ndarray, finite: np.ndarray
+) -> np.ndarray | None:
+    """The evaluated tiles' labels ("" where none) from the labels CSV or the obs column, or None."""
+    if not (label or labels):
+        return None
+    column = label or "label"
+    if labels is not None:
+        mapping = read_labels(Path(labels), column)
+        values = np.array([mapping.get(k, "") for k in keys], dtype=object)
+    elif column in obs.columns:
+        values = obs[column].astype(str).to_numpy()[finite]
+    else:
+        raise ValueError(
+            f"label column {column!r} is not in the embeddings' obs ({list(obs.columns)}); give a CSV with --labels"
+        )
+    if not (values != "").any():
+        raise ValueError(f"no evaluated tile has a {column!r} label")
+    return values

@@ -91,21 +91,7 @@ def generate_module(module: str) -> str:
     text = path.read_text()
     lines = text.splitlines()
     tree = ast.parse(text)
-    if names is None:
-        keep = list(tree.body)
-    else:  # the docstring, the imports that are not HistoTx's, and the named definitions
-        defined = {name: node for node in tree.body for name in _defined_names(node)}
-        missing = [n for n in names if n not in defined]
-        if missing:
-            raise RemoteCodeError(f"{path}: defines no {missing}")
-        preamble = [
-            node
-            for node in tree.body
-            if isinstance(node, (ast.Import, ast.ImportFrom))
-            and (getattr(node, "module", None) or "").split(".")[0] != "histotx"
-        ]
-        docstring = tree.body[:1] if isinstance(tree.body[0], ast.Expr) else []
-        keep = docstring + preamble + sorted({defined[n] for n in names}, key=lambda n: n.lineno)
+    keep = list(tree.body) if names is None else _kept_nodes(tree, names, path)
 
     replace: dict[int, tuple[int, str]] = {}  # first line → (end line, new text)
     for node in (n for top in keep for n in ast.walk(top)):
@@ -143,6 +129,22 @@ def generate_module(module: str) -> str:
         "# source is the one definition of this model: edit it there, not here.",
     ]
     return "\n".join(header + body).rstrip() + "\n"
+
+
+def _kept_nodes(tree: ast.Module, names: tuple[str, ...], path: Path) -> list[ast.stmt]:
+    """The docstring, the imports that are not HistoTx's, and the named definitions, in source order."""
+    defined = {name: node for node in tree.body for name in _defined_names(node)}
+    missing = [n for n in names if n not in defined]
+    if missing:
+        raise RemoteCodeError(f"{path}: defines no {missing}")
+    preamble = [
+        node
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and (getattr(node, "module", None) or "").split(".")[0] != "histotx"
+    ]
+    docstring = tree.body[:1] if isinstance(tree.body[0], ast.Expr) else []
+    return docstring + preamble + sorted({defined[n] for n in names}, key=lambda n: n.lineno)
 
 
 def _defined_names(node: ast.stmt) -> list[str]:

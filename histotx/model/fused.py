@@ -176,6 +176,17 @@ def _packing(
     return torch.cat(dest), seq_lengths
 
 
+def _present(
+    images: torch.Tensor | None, image_present: torch.Tensor | None, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """(B,) bool: which samples have an image (none without images, all unless ``image_present`` says)."""
+    if images is None:
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    if image_present is None:
+        return torch.ones(batch_size, dtype=torch.bool, device=device)
+    return image_present.to(device=device, dtype=torch.bool)
+
+
 class FusedViT(nn.Module):
     def __init__(self, config: FusedViTConfig) -> None:
         super().__init__()
@@ -239,7 +250,22 @@ class FusedViT(nn.Module):
         """Encode a batch. ``images`` (B, 3, H, W) may be None (then ``image_hw`` or ``img_size`` sets the
         frame transcript positions refer to); ``image_present`` (B,) drops the images of some samples;
         ``image_mask`` (B, Np) and ``transcript_mask`` (T,) mark tokens replaced by the mask tokens."""
-        dim, n_prefix = self.config.embed_dim, self.num_prefix_tokens
+        batch_size, device, grid = self._frame(images, transcripts, image_hw)
+        present = _present(images, image_present, batch_size, device)  # (B,) bool
+        n_patches = grid[0] * grid[1]
+        if image_mask is not None and image_mask.shape != (batch_size, n_patches):
+            raise ValueError(f"image_mask must be ({batch_size}, {n_patches}), got {tuple(image_mask.shape)}")
+        n_present = sum(present.tolist())
+        parts, tx_lengths, n_tx = self.embed(images, transcripts, present, n_present, grid, image_mask, transcript_mask)
+        dest, seq_lengths = _packing(self.num_prefix_tokens, n_patches, present, n_present, tx_lengths, n_tx)
+        out = self.encode(torch.cat(parts), dest, seq_lengths)
+        return self._unpack(out, present, n_present, grid, tx_lengths)
+
+    def _frame(
+        self, images: torch.Tensor | None, transcripts: TranscriptBatch | None, image_hw: tuple[int, int] | None
+    ) -> tuple[int, torch.device, tuple[int, int]]:
+        """The batch size, device and patch grid (gh, gw): the images', else the transcripts' in the frame
+        ``image_hw`` (default img_size × img_size)."""
         if images is not None:
             batch_size, device = images.shape[0], images.device
             grid = self.patch_embed.grid_size(images.shape[-2], images.shape[-1])
@@ -249,55 +275,69 @@ class FusedViT(nn.Module):
             grid = self.patch_embed.grid_size(*hw)
         else:
             raise ValueError("FusedViT needs images, transcripts or both")
-        n_patches = grid[0] * grid[1]
-        if images is None:
-            present = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        elif image_present is None:
-            present = torch.ones(batch_size, dtype=torch.bool, device=device)
-        else:
-            present = image_present.to(device=device, dtype=torch.bool)
         if transcripts is not None and transcripts.batch_size != batch_size:
             raise ValueError(f"transcripts hold {transcripts.batch_size} samples, images {batch_size}")
-        if image_mask is not None and image_mask.shape != (batch_size, n_patches):
-            raise ValueError(f"image_mask must be ({batch_size}, {n_patches}), got {tuple(image_mask.shape)}")
+        return batch_size, device, grid
 
-        pos = self.pos_grid(grid)
-        present_host = present.tolist()
-        n_present = sum(present_host)
-        parts = [self._prefix(batch_size).reshape(batch_size * n_prefix, dim)]
+    def embed(
+        self,
+        images: torch.Tensor | None,
+        transcripts: TranscriptBatch | None,
+        present: torch.Tensor,
+        n_present: int,
+        grid: tuple[int, int],
+        image_mask: torch.Tensor | None = None,
+        transcript_mask: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        """The token rows before the blocks, in three parts: the prefixes of all samples (B·(1+R), D), the
+        patches of the present images (n_present·Np, D) and the transcript tokens (T, D); with the
+        transcript tokens per sample (B,) and T."""
+        batch_size, dim = present.shape[0], self.config.embed_dim
+        n_patches = grid[0] * grid[1]
+        pos = self.pos_grid(grid)  # (gh, gw, D)
+        parts = [self._prefix(batch_size).reshape(batch_size * self.num_prefix_tokens, dim)]
         # The patch embedding and the transcript tokenizer run even on zero rows: every rank of a
         # data-parallel job then calls the same modules in the same order (ZeRO-3 gathers parameters
         # per module call, collectively) and every parameter gets a gradient (ZeRO-1/2 reduce them all).
         if images is not None:
             pixels = images if n_present == batch_size else images[present]
-            patches = self.patch_embed(pixels)
+            patches = self.patch_embed(pixels)  # (n_present, Np, D)
             if image_mask is not None:
                 mask = image_mask if n_present == batch_size else image_mask[present]
                 patches = torch.where(mask[..., None], self.mask_token.to(patches.dtype), patches)
             parts.append((patches + pos.view(1, n_patches, dim)).reshape(-1, dim))
         n_tx = transcripts.n_tokens if transcripts is not None else 0
-        tx_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        tx_lengths = torch.zeros(batch_size, dtype=torch.long, device=present.device)
         if self.transcript is not None:
             if transcripts is None:
-                transcripts = TranscriptBatch.empty(batch_size).to(device)
-            tx_lengths = transcripts.lengths.to(device)
+                transcripts = TranscriptBatch.empty(batch_size).to(present.device)
+            tx_lengths = transcripts.lengths.to(present.device)
             parts.append(self.transcript(transcripts, pos, self.patch_embed.patch_size, transcript_mask))
         elif n_tx:
             raise ValueError("this model has no transcript branch (vocab_size = 0 in its config)")
+        return parts, tx_lengths, n_tx
 
-        dest, seq_lengths = _packing(n_prefix, n_patches, present, n_present, tx_lengths, n_tx)
+    def encode(self, tokens: torch.Tensor, dest: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
+        """The blocks and the final norm over the packed batch. ``tokens`` (N, D) are the parts' rows,
+        ``dest`` (N,) each row's place in the packed sequence, whose sample b is ``seq_lengths[b]`` rows;
+        the result (N, D) is back in the order of the parts."""
         order = torch.empty_like(dest)
-        order[dest] = torch.arange(dest.shape[0], device=device)
-
-        seq = PackedSeq(seq_lengths.tolist(), device, self.config.attention)
-        x = torch.cat(parts)[order]
+        order[dest] = torch.arange(dest.shape[0], device=dest.device)
+        seq = PackedSeq(seq_lengths.tolist(), dest.device, self.config.attention)
+        x = tokens[order]  # (N, D), packed: sample after sample
         for block in self.blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, seq, use_reentrant=False)
             else:
                 x = block(x, seq)
-        out = self.norm(x)[dest]  # back in the order of the parts
+        return self.norm(x)[dest]
 
+    def _unpack(
+        self, out: torch.Tensor, present: torch.Tensor, n_present: int, grid: tuple[int, int], tx_lengths: torch.Tensor
+    ) -> FusedOutput:
+        """The encoded parts' rows (N, D) as per-sample outputs; zero patch rows where there is no image."""
+        batch_size, n_prefix, dim = present.shape[0], self.num_prefix_tokens, self.config.embed_dim
+        n_patches = grid[0] * grid[1]
         n_head_rows = batch_size * n_prefix
         n_image_rows = n_present * n_patches
         head = out[:n_head_rows].view(batch_size, n_prefix, dim)

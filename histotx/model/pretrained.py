@@ -363,14 +363,9 @@ _DINOV2_STACKS = [
 ]
 
 
-def _from_dinov2(path: Path, state: dict) -> Checkpoint:
-    from transformers import AutoConfig
-
-    source = str(path)
-    hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if hf.hidden_act != "gelu":
-        raise ModelConfigError(f"{path}/config.json: hidden_act {hf.hidden_act!r}; FusedViT's MLP uses exact GELU")
-    state = {re.sub(r"^dinov2\.", "", k): v for k, v in state.items()}
+def _dinov2_keys(state: dict, source: str) -> tuple[dict, list[str]]:
+    """transformers Dinov2Model tensors (``dinov2.`` prefix removed) under FusedViT names, q/k/v and the
+    SwiGLU halves stacked; and the keys left out (the tokens and position embedding are the caller's)."""
     out, dropped, stacks = {}, [], {}
     for key, value in state.items():
         for pattern, parts, target in _DINOV2_STACKS:
@@ -391,6 +386,18 @@ def _from_dinov2(path: Path, state: dict) -> Checkpoint:
         if sorted(parts) != list(range(n)):
             raise ModelConfigError(f"{source}: {target} lacks some of its {n} parts in the checkpoint")
         out[target] = torch.cat([parts[i][0] for i in range(n)], dim=0)
+    return out, dropped
+
+
+def _from_dinov2(path: Path, state: dict) -> Checkpoint:
+    from transformers import AutoConfig
+
+    source = str(path)
+    hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if hf.hidden_act != "gelu":
+        raise ModelConfigError(f"{path}/config.json: hidden_act {hf.hidden_act!r}; FusedViT's MLP uses exact GELU")
+    state = {re.sub(r"^dinov2\.", "", k): v for k, v in state.items()}
+    out, dropped = _dinov2_keys(state, source)
     pos = state["embeddings.position_embeddings"]
     out["cls_token"] = state["embeddings.cls_token"] + pos[:, :1]
     out["pos_embed"] = pos[:, 1:]

@@ -29,7 +29,16 @@ from histotx.sharding.errors import InputError, OutputError
 from histotx.sharding.readers import ReaderOptions, read_genes, read_sites, slide_mpp_hint, slide_path
 from histotx.sharding.slides import Slide
 from histotx.sharding.technologies import TECHNOLOGIES
-from histotx.sharding.tiles import plan_grid, plan_spots, render_run, runs, sample_subset, tile_geometry
+from histotx.sharding.tiles import (
+    TileGeometry,
+    TilePlan,
+    plan_grid,
+    plan_spots,
+    render_run,
+    runs,
+    sample_subset,
+    tile_geometry,
+)
 from histotx.sharding.tissue import TissueMap, tissue_mask
 from histotx.sharding.writer import (
     OutputLock,
@@ -264,7 +273,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             ReaderOptions(qv_min=cfg.qv_min, in_tissue_only=cfg.in_tissue_only, slide_px=(slide.width, slide.height)),
         )
         data_path = str(cohort.resolve(sample.data)) if sample.data else str(spath)
-        on_count = 0
+        on_count, gene_ids = 0, np.zeros(0, dtype=np.int64)
         if sites is not None:
             _check_pixel_size(slide, sites, cfg, warnings)
             on_count = _sites_on_slide(slide, sites, cfg, data_path)
@@ -273,29 +282,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
                 raise InputError(data_path, "genes missing from the vocabulary (was it edited during the run?)")
         geom = tile_geometry(slide, cfg)
         upsample = _check_upsample(slide, geom, cfg, warnings)
-        thumb, scale = slide.thumbnail(cfg.mask_mpp)
-        tissue = TissueMap(tissue_mask(thumb), scale)
-        if cfg.tiling == "spots":
-            if sites is None or not sample.tech.spots:
-                spotted = ", ".join(t.name for t in TECHNOLOGIES.values() if t.spots)
-                raise InputError(data_path, f"tiling=spots needs spot data ({spotted}), not {sample.technology}")
-            plan = plan_spots(sites.xy_px[sites.on_slide(slide.width, slide.height)], tissue, cfg, geom)
-        else:
-            plan = plan_grid(
-                slide, tissue, cfg, geom, site_xy=None if sites is None or cfg.tiling != "grid_sites" else sites.xy_px
-            )
-        if len(plan) == 0:
-            raise InputError(
-                spath,
-                f"no tissue tiles: tissue covers {tissue.fraction:.1%} of the slide and no "
-                f"{cfg.tile_px}px tile at {geom.mpp:.4g} µm/px reaches min_tissue_fraction="
-                f"{cfg.min_tissue_fraction}",
-            )
-        plan = sample_subset(plan, cfg, sample.id)
-        scale0 = plan.size0 / cfg.tile_px  # level-0 px per tile px
-        sink = ShardSink(out_dir, sample.id, cfg.shard_max_tiles, cfg.shard_max_bytes)
-        total_count = 0.0
-        no_sites = TranscriptGrid.empty()  # every tile of an image-only sample
+        plan = _plan(slide, sites, sample, cfg, geom, data_path)
         sample_meta = {
             "sample": sample.id,
             "patient": sample.patient_id,
@@ -305,51 +292,15 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             "source_mpp": slide.mpp,
             "panel": sites.panel if sites is not None else "",
         }
-        origins, tissue_fractions = plan.origins.tolist(), plan.tissue.tolist()  # Python floats: no numpy per tile
+        sink = ShardSink(out_dir, sample.id, cfg.shard_max_tiles, cfg.shard_max_bytes)
         try:
-            for idx in runs(plan, cfg.run_tiles):
-                # each stage over the whole run before the next: the codec's code and tables stay in cache
-                images = [
-                    encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
-                    for rgb in render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)
-                ]
-                for i, image in zip(idx.tolist(), images, strict=True):
-                    origin = origins[i]
-                    grid, n_genes, tile_count = no_sites, 0, 0.0
-                    if sites is not None:  # the sites whose centre lies in the tile (and on the slide)
-                        xy, sub = sites.in_box(
-                            max(origin[0], 0),
-                            max(origin[1], 0),
-                            min(origin[0] + plan.size0, slide.width),
-                            min(origin[1] + plan.size0, slide.height),
-                        )
-                        grid = TranscriptGrid(
-                            xy=(xy - origin) / scale0,
-                            offsets=sub.indptr,
-                            gene=gene_ids[sub.indices],
-                            count=sub.data,
-                            footprint_um=sites.footprint_um,
-                            footprint_shape=sites.footprint_shape,
-                        )
-                        n_genes, tile_count = int(np.unique(grid.gene).size), grid.total_count
-                    total_count += tile_count
-                    meta = {
-                        **sample_meta,
-                        "origin_level0_px": origin,
-                        "origin_um": [origin[0] * slide.mpp, origin[1] * slide.mpp],
-                        "tissue_fraction": round(tissue_fractions[i], 4),
-                        "n_sites": grid.n_sites,
-                        "n_genes": n_genes,
-                        "total_count": tile_count,
-                    }
-                    sink.add(TileSample(f"{sample.id}__{plan.names[i]}", image, cfg.image_format, grid, meta))
+            total_count = _write_tiles(sink, slide, geom, plan, cfg, sites, gene_ids, sample_meta)
             shards = sink.close()
         except BaseException:
             sink.abort()
             raise
-        n_sites = sites.n_sites if sites is not None else 0
-        dropped = dict(sites.dropped) if sites is not None else {}
         n_kept = sites.n_kept if sites is not None else 0
+        dropped = dict(sites.dropped) if sites is not None else {}
         if on_count - n_kept:
             dropped["not_under_a_tile"] = on_count - n_kept
             if on_count - n_kept > cfg.max_dropped_fraction * on_count:
@@ -370,7 +321,7 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
             "tile_mpp": geom.mpp,
             "upsample": upsample,
             "tiles": int(sum(s["samples"] for s in shards)),
-            "sites_read": n_sites,
+            "sites_read": sites.n_sites if sites is not None else 0,
             "sites_kept": n_kept,
             "dropped": dropped,
             "counts_kept": total_count,
@@ -384,6 +335,102 @@ def shard_sample(sample: CohortSample, cohort: Cohort, cfg: ShardConfig, out_dir
         if sites is not None:
             record["reader"] = sites.info
     return record
+
+
+def _plan(
+    slide: Slide,
+    sites: Sites | BandedSites | None,
+    sample: CohortSample,
+    cfg: ShardConfig,
+    geom: TileGeometry,
+    data_path: str,
+) -> TilePlan:
+    """The tiles to cut (grid over tissue, or one per spot), after ``max_tiles_per_sample``; an InputError
+    when no tile holds enough tissue."""
+    thumb, scale = slide.thumbnail(cfg.mask_mpp)
+    tissue = TissueMap(tissue_mask(thumb), scale)
+    if cfg.tiling == "spots":
+        if sites is None or not sample.tech.spots:
+            spotted = ", ".join(t.name for t in TECHNOLOGIES.values() if t.spots)
+            raise InputError(data_path, f"tiling=spots needs spot data ({spotted}), not {sample.technology}")
+        plan = plan_spots(sites.xy_px[sites.on_slide(slide.width, slide.height)], tissue, cfg, geom)
+    else:
+        site_xy = None if sites is None or cfg.tiling != "grid_sites" else sites.xy_px
+        plan = plan_grid(slide, tissue, cfg, geom, site_xy=site_xy)
+    if len(plan) == 0:
+        raise InputError(
+            slide.path,
+            f"no tissue tiles: tissue covers {tissue.fraction:.1%} of the slide and no "
+            f"{cfg.tile_px}px tile at {geom.mpp:.4g} µm/px reaches min_tissue_fraction="
+            f"{cfg.min_tissue_fraction}",
+        )
+    return sample_subset(plan, cfg, sample.id)
+
+
+def _write_tiles(
+    sink: ShardSink,
+    slide: Slide,
+    geom: TileGeometry,
+    plan: TilePlan,
+    cfg: ShardConfig,
+    sites: Sites | BandedSites | None,
+    gene_ids: np.ndarray,
+    sample_meta: dict[str, Any],
+) -> float:
+    """Render, encode and add every planned tile with the sites under it to ``sink``; the counts written."""
+    scale0 = plan.size0 / cfg.tile_px  # level-0 px per tile px
+    total_count = 0.0
+    origins, tissue_fractions = plan.origins.tolist(), plan.tissue.tolist()  # Python floats: no numpy per tile
+    for idx in runs(plan, cfg.run_tiles):
+        # each stage over the whole run before the next: the codec's code and tables stay in cache
+        images = [
+            encode_image_rgb(rgb, cfg.image_format, cfg.jpeg_quality, cfg.jpeg_subsampling)
+            for rgb in render_run(slide, geom, plan, idx, cfg.tile_px, cfg.resample)
+        ]
+        for i, image in zip(idx.tolist(), images, strict=True):
+            origin = origins[i]
+            grid, n_genes = _tile_grid(sites, gene_ids, origin, plan.size0, scale0, slide)
+            total_count += grid.total_count
+            meta = {
+                **sample_meta,
+                "origin_level0_px": origin,
+                "origin_um": [origin[0] * slide.mpp, origin[1] * slide.mpp],
+                "tissue_fraction": round(tissue_fractions[i], 4),
+                "n_sites": grid.n_sites,
+                "n_genes": n_genes,
+                "total_count": grid.total_count,
+            }
+            sink.add(TileSample(f"{sample_meta['sample']}__{plan.names[i]}", image, cfg.image_format, grid, meta))
+    return total_count
+
+
+def _tile_grid(
+    sites: Sites | BandedSites | None,
+    gene_ids: np.ndarray,
+    origin: list[float],
+    size0: float,
+    scale0: float,
+    slide: Slide,
+) -> tuple[TranscriptGrid, int]:
+    """The sites whose centre lies in the tile at ``origin`` (and on the slide), in tile pixels, and the
+    number of distinct genes they hold."""
+    if sites is None:  # an image-only sample
+        return TranscriptGrid.empty(), 0
+    xy, sub = sites.in_box(
+        max(origin[0], 0),
+        max(origin[1], 0),
+        min(origin[0] + size0, slide.width),
+        min(origin[1] + size0, slide.height),
+    )
+    grid = TranscriptGrid(
+        xy=(xy - origin) / scale0,
+        offsets=sub.indptr,
+        gene=gene_ids[sub.indices],
+        count=sub.data,
+        footprint_um=sites.footprint_um,
+        footprint_shape=sites.footprint_shape,
+    )
+    return grid, int(np.unique(grid.gene).size)
 
 
 def _failure(sample_id: str, technology: str, exc: BaseException) -> dict[str, Any]:
@@ -464,8 +511,62 @@ def _run_locked(
     vocab_start = len(Vocab.load_or_new(existing if existing.exists() else (vocab_from or existing)))
     vocab, rejected = build_vocab(cohort, out_dir, vocab_from)
     records: dict[str, dict[str, Any]] = {}
+
+    def finish(record: dict[str, Any]) -> None:
+        records[record["sample"]] = record
+        if progress:
+            progress(record)
+
     for label, message in cohort.invalid:
         records[label] = {"sample": label, "status": "failed", "technology": "?", "error": message, "tiles": 0}
+    todo = _todo(cohort, out_dir, part, rejected, records, finish)
+    log.info(
+        "%d samples to shard, %d already done, %d workers",
+        len(todo),
+        sum(1 for r in records.values() if r.get("resumed")),
+        workers,
+    )
+    if workers <= 1:
+        for sample in todo:
+            clear_sample(out_dir, sample.id)
+            try:
+                record = shard_sample(sample, cohort, cfg, out_dir, vocab)
+                write_done(out_dir, record)
+            except Exception as exc:
+                record = _fail_or_stop(out_dir, sample, exc)
+            finish(record)
+    elif todo:
+        _shard_in_workers(todo, cohort, cfg, out_dir, workers, finish)
+    return _finish_run(out_dir, part, config, records, vocab_start)
+
+
+def _finish_run(
+    out_dir: Path, part: Part, config: dict[str, Any], records: dict[str, dict[str, Any]], vocab_start: int
+) -> dict[str, Any]:
+    """The run's manifest (a part's own manifest in a split run), written; a whole run first drops the
+    genes only failed samples brought from the vocabulary."""
+    if part.count == 1:  # a part cannot know what the other parts wrote
+        drop_unused_genes(out_dir, vocab_start, records)
+    manifest = assemble_manifest(config, records)
+    if part.count == 1:
+        write_manifest(out_dir, manifest)
+    else:
+        from histotx.format import atomic_write_json
+
+        atomic_write_json(out_dir / part_manifest_name(part.index, part.count), manifest)
+    return manifest
+
+
+def _todo(
+    cohort: Cohort,
+    out_dir: Path,
+    part: Part,
+    rejected: dict[str, InputError],
+    records: dict[str, dict[str, Any]],
+    finish: Callable[[dict[str, Any]], None],
+) -> list[CohortSample]:
+    """This part's samples still to shard; those the vocabulary rejected are recorded as failed, those a
+    previous run finished are reported (``finish``) as resumed."""
     todo = []
     for pos, sample in enumerate(cohort.samples):
         if not part.selects(pos):
@@ -477,65 +578,43 @@ def _run_locked(
         done = load_done(out_dir, sample.id)
         if done is not None:
             done["resumed"] = True
-            records[sample.id] = done
-            if progress:
-                progress(done)
+            finish(done)
         else:
             todo.append(sample)
-    log.info(
-        "%d samples to shard, %d already done, %d workers",
-        len(todo),
-        sum(1 for r in records.values() if r.get("resumed")),
-        workers,
+    return todo
+
+
+def _shard_in_workers(
+    todo: list[CohortSample],
+    cohort: Cohort,
+    cfg: ShardConfig,
+    out_dir: Path,
+    workers: int,
+    finish: Callable[[dict[str, Any]], None],
+) -> None:
+    """Shard ``todo`` in a pool of worker processes, reporting each record as it completes."""
+    env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+    log.debug("worker threads per process: %s", env_threads)
+    # forkserver: workers start clean (no inherited threads or open files) yet share the imports of the
+    # preloaded server (the pixel codecs included), so each does not pay seconds of imports.
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload(
+        ["histotx.sharding.pipeline", "tifffile", "imagecodecs", "simplejpeg", "cv2", "PIL.Image", "numcodecs"]
     )
-
-    def finish(record: dict[str, Any]) -> None:
-        records[record["sample"]] = record
-        if progress:
-            progress(record)
-
-    if workers <= 1:
-        for sample in todo:
-            clear_sample(out_dir, sample.id)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_worker, s, cohort, cfg, str(out_dir)): s for s in todo}
+        for fut in as_completed(futures):
+            sample = futures[fut]
             try:
-                record = shard_sample(sample, cohort, cfg, out_dir, vocab)
-                write_done(out_dir, record)
-            except Exception as exc:
-                record = _fail_or_stop(out_dir, sample, exc)
-            finish(record)
-    elif todo:
-        env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
-        log.debug("worker threads per process: %s", env_threads)
-        # forkserver: workers start clean (no inherited threads or open files) yet share the imports of the
-        # preloaded server (the pixel codecs included), so each does not pay seconds of imports.
-        ctx = get_context("forkserver")
-        ctx.set_forkserver_preload(
-            ["histotx.sharding.pipeline", "tifffile", "imagecodecs", "simplejpeg", "cv2", "PIL.Image", "numcodecs"]
-        )
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_worker, s, cohort, cfg, str(out_dir)): s for s in todo}
-            for fut in as_completed(futures):
-                sample = futures[fut]
-                try:
-                    finish(fut.result())
-                except OutputError:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-                except BrokenProcessPool as exc:
-                    finish(
-                        _failure(
-                            sample.id,
-                            sample.technology,
-                            RuntimeError(f"worker process died while sharding {sample.id}: {exc}"),
-                        )
+                finish(fut.result())
+            except OutputError:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            except BrokenProcessPool as exc:
+                finish(
+                    _failure(
+                        sample.id,
+                        sample.technology,
+                        RuntimeError(f"worker process died while sharding {sample.id}: {exc}"),
                     )
-    if part.count == 1:  # a part cannot know what the other parts wrote
-        drop_unused_genes(out_dir, vocab_start, records)
-    manifest = assemble_manifest(config, records)
-    if part.count == 1:
-        write_manifest(out_dir, manifest)
-    else:
-        from histotx.format import atomic_write_json
-
-        atomic_write_json(out_dir / part_manifest_name(part.index, part.count), manifest)
-    return manifest
+                )

@@ -282,6 +282,30 @@ def _tifffile_log():
         logger.removeHandler(handler)
 
 
+def _check_segments(page, label: str | int, size: int, path: Path) -> None:
+    """One page's data segments: as many offsets as byte counts, not all empty for a level, all inside
+    the file of ``size`` bytes."""
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    if offsets.shape != counts.shape:
+        raise InputError(path, f"damaged TIFF: {label} has {offsets.size} data offsets but {counts.size} byte counts")
+    if offsets.size and not counts.any() and isinstance(label, int):
+        raise InputError(
+            path,
+            f"level {label} has no image data: all its {counts.size} "
+            f"{'tiles' if page.is_tiled else 'strips'} are 0 bytes",
+        )
+    past = np.flatnonzero((offsets < 0) | (counts < 0) | (offsets + counts > size))
+    if past.size:
+        i = int(past[0])
+        raise InputError(
+            path,
+            f"truncated: {_segment_name(page, label, i)} + {counts[i]} bytes ends past "
+            f"the end of the file ({size} bytes); {past.size} of {offsets.size} segments "
+            "of this level are beyond it",
+        )
+
+
 def _check_tiff_file(tif, series, path: Path) -> None:
     """The whole-file check at open: every IFD and every data segment inside the file, no empty level.
 
@@ -306,29 +330,22 @@ def _check_tiff_file(tif, series, path: Path) -> None:
                 )
     pages += labelled.values()  # levels stored as SubIFDs
     for label, page in pages:
-        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-        counts = np.asarray(page.databytecounts, dtype=np.int64)
-        if offsets.shape != counts.shape:
-            raise InputError(
-                path, f"damaged TIFF: {label} has {offsets.size} data offsets but {counts.size} byte counts"
-            )
-        if offsets.size and not counts.any() and isinstance(label, int):
-            raise InputError(
-                path,
-                f"level {label} has no image data: all its {counts.size} "
-                f"{'tiles' if page.is_tiled else 'strips'} are 0 bytes",
-            )
-        past = np.flatnonzero((offsets < 0) | (counts < 0) | (offsets + counts > size))
-        if past.size:
-            i = int(past[0])
-            raise InputError(
-                path,
-                f"truncated: {_segment_name(page, label, i)} + {counts[i]} bytes ends past "
-                f"the end of the file ({size} bytes); {past.size} of {offsets.size} segments "
-                "of this level are beyond it",
-            )
+        _check_segments(page, label, size, path)
     if lost_ifds:
         raise InputError(path, f"truncated or damaged: {'; '.join(lost_ifds)}")
+
+
+def _as_rgb8(patch: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 from a decoded region: gray (h, w) or (h, w, 1) repeated, alpha dropped, rescaled."""
+    if patch.ndim == 3 and patch.shape[-1] == 1:
+        patch = patch[..., 0]
+    if patch.ndim == 2:
+        patch = np.repeat(patch[..., None], 3, axis=-1)
+    if patch.shape[-1] == 4:
+        patch = patch[..., :3]
+    if patch.dtype != np.uint8:
+        patch = _to_uint8(patch)
+    return patch
 
 
 @dataclass(frozen=True)
@@ -508,14 +525,7 @@ class Slide:
                 self.path,
                 f"cannot decode region x={x0}..{x1} y={y0}..{y1} of level {level} ({type(exc).__name__}: {exc})",
             ) from exc
-        if patch.ndim == 3 and patch.shape[-1] == 1:
-            patch = patch[..., 0]
-        if patch.ndim == 2:
-            patch = np.repeat(patch[..., None], 3, axis=-1)
-        if patch.shape[-1] == 4:
-            patch = patch[..., :3]
-        if patch.dtype != np.uint8:
-            patch = _to_uint8(patch)
+        patch = _as_rgb8(patch)
         if (x0, y0, x1, y1) == (x, y, x + w, y + h):
             return patch
         out = np.full((h, w, 3), 255, dtype=np.uint8)

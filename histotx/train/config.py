@@ -108,13 +108,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         model = self.model_config()
-        ds, o = self.deepspeed, self.optim
-        if ds.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
-        if ds.precision not in PRECISIONS:
-            raise ConfigError(f"deepspeed.precision must be one of {PRECISIONS}, got {ds.precision!r}")
-        if ds.backend not in ("auto", "nccl", "gloo"):
-            raise ConfigError(f"deepspeed.backend must be auto, nccl or gloo, got {ds.backend!r}")
+        _check_deepspeed(self.deepspeed)
+        o = self.optim
         if self.steps < 1 or o.accumulation_steps < 1 or self.checkpoint.every_steps < 1 or self.log.every_steps < 1:
             raise ConfigError(
                 "steps, optim.accumulation_steps, checkpoint.every_steps and log.every_steps must be >= 1"
@@ -144,3 +139,12 @@ class TrainConfig:
             raise ConfigError(
                 "model.vocab_size is 0 (no transcript branch): set it to at least the shard set's vocabulary size"
             )
+
+
+def _check_deepspeed(ds: DeepSpeedConfig) -> None:
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    if ds.precision not in PRECISIONS:
+        raise ConfigError(f"deepspeed.precision must be one of {PRECISIONS}, got {ds.precision!r}")
+    if ds.backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"deepspeed.backend must be auto, nccl or gloo, got {ds.backend!r}")

@@ -323,6 +323,26 @@ class Trainer:
         dist.barrier()
         return time.perf_counter() - t0
 
+    def _after_step(self, metrics: MetricsWriter, window: Window) -> tuple[Window, bool]:
+        """After an optimiser step: the metrics record, the probe and the checkpoint when due; returns the
+        window going on and whether the ranks agreed to stop (then the checkpoint is saved)."""
+        cfg, probe_every = self.cfg, self.cfg.monitor.every_steps
+        if self.step % cfg.log.every_steps == 0 or self.step == cfg.steps:
+            metrics.write(self.step, self._record(window))
+            window = Window()
+        if probe_every and (self.step % probe_every == 0 or self.step == cfg.steps):
+            window.started += self.run_probe(metrics)  # the probe's time is not the window's
+        stopped = self._stop_agreed
+        if stopped or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
+            self.save()
+        if stopped:
+            log.warning(
+                "stopped by %s after step %d; checkpoint saved, resume with --resume auto",
+                signal.Signals(self._signal).name if self._signal else "a signal on another rank",
+                self.step,
+            )
+        return window, stopped
+
     def run(self) -> int:
         cfg = self.cfg
         metrics = MetricsWriter(self.out, cfg.log, cfg.steps, self.step, enabled=self.rank == 0)
@@ -355,20 +375,8 @@ class Trainer:
                 if self.step == before:
                     continue  # inside an accumulation window, or skipped
                 metrics.advance(self.step - before)
-                if self.step % cfg.log.every_steps == 0 or self.step == cfg.steps:
-                    metrics.write(self.step, self._record(window))
-                    window = Window()
-                if probe_every and (self.step % probe_every == 0 or self.step == cfg.steps):
-                    window.started += self.run_probe(metrics)  # the probe's time is not the window's
-                stopped = self._stop_agreed
-                if stopped or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
-                    self.save()
+                window, stopped = self._after_step(metrics, window)
                 if stopped:
-                    log.warning(
-                        "stopped by %s after step %d; checkpoint saved, resume with --resume auto",
-                        signal.Signals(self._signal).name if self._signal else "a signal on another rank",
-                        self.step,
-                    )
                     break
         finally:
             for s, handler in previous.items():
