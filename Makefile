@@ -1,6 +1,7 @@
 # Two commands do all set-up on a bare machine (Python 3.11):
 #   make demo   – create .venv, install HistoTx, run the pipeline end to end on a small synthetic cohort
 #   make test   – create .venv, install HistoTx with test extras, run the whole test suite
+#   make lint   – ruff check (pyflakes, bugbear, unused arguments, complexity, import order) and ruff format --check
 PYTHON ?= python3
 VENV ?= .venv
 TORCH = torch==2.14.1 torchvision==0.29.1
@@ -22,4 +23,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+.PHONY: install demo test lint
