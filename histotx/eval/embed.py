@@ -426,6 +426,33 @@ def _input_px(image_px: int | None, loaded) -> int:
     return image_px
 
 
+def _uns(
+    name: str,
+    modes: Sequence[str],
+    dropped: list[str],
+    resolution: float | None,
+    image_px: int,
+    shard_dir: Path,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The h5ad's ``uns``: model, modes, dropped genes and input settings; ``extra`` adds (None: removes)."""
+    uns = {
+        "model": name,
+        "modes": np.array(modes, dtype=object),
+        "dropped_genes": np.array(dropped, dtype=object),
+        "embedding": "cls",
+        "resolution_um": "native" if resolution is None else resolution,
+        "image_px": image_px,
+        "shards": str(shard_dir.resolve()),
+    }
+    for key, value in (extra or {}).items():
+        if value is None:
+            uns.pop(key, None)
+        else:
+            uns[key] = value
+    return uns
+
+
 def embed_shards(
     model,
     shards,
@@ -475,20 +502,7 @@ def embed_shards(
     genes = _input_genes(shard_dir, loaded, dropped) if {"transcripts", "fused"} & set(modes) else None
     inputs = TileInputs(image_px, tuple(loaded.mean), tuple(loaded.std), resolution, genes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    uns = {
-        "model": loaded.name,
-        "modes": np.array(modes, dtype=object),
-        "dropped_genes": np.array(dropped, dtype=object),
-        "embedding": "cls",
-        "resolution_um": "native" if resolution is None else resolution,
-        "image_px": image_px,
-        "shards": str(shard_dir.resolve()),
-    }
-    for key, value in (uns_extra or {}).items():
-        if value is None:
-            uns.pop(key, None)
-        else:
-            uns[key] = value
+    uns = _uns(loaded.name, modes, dropped, resolution, image_px, shard_dir, uns_extra)
 
     acc = {s: SampleEmbeddings() for s in wanted}
     shards_left = {s: sum(e.get("sample_id") == s for e in entries) for s in wanted}
