@@ -285,7 +285,7 @@ def _cosmx(s: _Sample, out: Path, model: ExpressionModel, markers: bool) -> _Pla
         he_to_global_px=m,
     )
 
-    def write(image: np.ndarray) -> None:
+    def write(_image: np.ndarray) -> None:
         write_cosmx_export(folder, s.sample_id, xy, target, cell, nucleus, m, area, s.rng)
 
     entry = {"slide": slide, "data": folder, "options": {"alignment": alignment.relative_to(out).as_posix()}}
