@@ -233,3 +233,42 @@ def test_a_real_run_builds_nothing_and_says_where_it_went(shards, tmp_path, capl
     assert "step 1/2: loss " in text and "prototypes used" in text
     assert f"checkpoint: {out / 'checkpoints' / 'step_00000002'}" in text
     assert not ext.exists() or not any(ext.rglob("*")), sorted(os.listdir(ext))
+
+
+# ---------------------------------------------------------------- what the console warns about
+
+
+def _rec(loss: float, used: int = 40) -> dict:
+    import math
+
+    return {"loss": loss, "teacher/entropy": 2.0, "teacher/entropy_max": math.log(128), "teacher/prototypes_used": used}
+
+
+def test_console_warns_once_when_the_teacher_stays_on_one_prototype():
+    from histotx.train.console import Watch, summary
+
+    watch = Watch()
+    assert watch.check(1, _rec(5.0, used=1)) == [] and watch.check(2, _rec(5.0, used=1)) == []  # early: allowed
+    (warning,) = watch.check(3, _rec(5.0, used=1))
+    assert "put every sample on one prototype for 3 logging windows (teacher/prototypes_used=1 of 128)" in warning
+    assert watch.check(4, _rec(5.0, used=1)) == []  # said once
+    assert summary(4, 10, _rec(5.0, used=1)) == (
+        "step 4/10: loss 5.000, teacher entropy 2.00 of 4.85, 1 of 128 prototypes used"
+    )
+
+
+def test_console_warns_when_the_loss_climbs_and_when_it_ends_higher():
+    from histotx.train.console import Watch
+
+    watch = Watch()
+    said = [w for step, loss in enumerate([3.6, 3.5, 3.7, 4.0, 6.8], 1) for w in watch.check(step, _rec(loss))]
+    assert said == ["step 5: the loss is climbing: 6.800 now, 3.500 at step 2. " + said[0].split(". ", 1)[1]]
+    slow = Watch()
+    for step, loss in enumerate([3.6, 3.7, 3.8, 4.0], 1):
+        assert slow.check(step, _rec(loss)) == []
+    (end,) = slow.at_end()
+    assert end.startswith("the loss finished higher than it started (3.600 at step 1 → 4.000 at step 4)")
+    falling = Watch()
+    for step, loss in enumerate([3.6, 3.0, 2.5], 1):
+        falling.check(step, _rec(loss))
+    assert falling.at_end() == []

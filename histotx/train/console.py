@@ -6,8 +6,8 @@ The numbers are the logging window's record (``metrics.jsonl``; see :mod:`histot
 a batch job, or ``log.progress=false``) each record is one log line. Two things are said in words, once each,
 when they happen:
 
-- the teacher puts every sample on one prototype (``teacher/prototypes_used`` ≤ 1): it has collapsed and
-  its targets teach nothing;
+- the teacher puts every sample on one prototype (``teacher/prototypes_used`` ≤ 1) in
+  :data:`COLLAPSE_AFTER` logging windows in a row: it has collapsed and its targets teach nothing;
 - the loss climbs: a window's loss is more than :data:`CLIMB_FACTOR` × the lowest so far, after
   :data:`CLIMB_AFTER` windows (DINO's loss may rise for a few windows while the teacher warms up), and, at
   the end, a loss that finished more than 10 % above where it started.
@@ -25,6 +25,7 @@ log = logging.getLogger("histotx.train")
 
 CLIMB_FACTOR = 1.5
 CLIMB_AFTER = 3
+COLLAPSE_AFTER = 3  # windows in a row (a freshly initialised teacher may use one prototype for a step or two)
 
 
 def _prototypes(record: dict[str, Any]) -> tuple[int, int] | None:
@@ -53,16 +54,19 @@ class Watch:
     def __init__(self) -> None:
         self.losses: list[tuple[int, float]] = []
         self.said: set[str] = set()
+        self.one_prototype = 0  # logging windows in a row with at most one prototype used
 
     def check(self, step: int, record: dict[str, Any]) -> list[str]:
         """The warnings this record raises (each kind once per run)."""
         out = []
         protos = _prototypes(record)
-        if protos and protos[0] <= 1 and "collapse" not in self.said:
+        self.one_prototype = self.one_prototype + 1 if protos and protos[0] <= 1 else 0
+        if self.one_prototype >= COLLAPSE_AFTER and "collapse" not in self.said:
             self.said.add("collapse")
             out.append(
-                f"step {step}: the teacher put every sample on one prototype (teacher/prototypes_used={protos[0]} "
-                f"of {protos[1]}): it has collapsed and its targets teach nothing. Usual causes: a teacher "
+                f"step {step}: the teacher has put every sample on one prototype for {self.one_prototype} logging "
+                f"windows (teacher/prototypes_used={protos[0]} of {protos[1]}): it has collapsed and its targets "
+                "teach nothing. Usual causes: a teacher "
                 "temperature too low for the batch (ssl.schedule.teacher_temp), a learning rate too high "
                 "(ssl.schedule.lr), too few distinct tiles"
             )
