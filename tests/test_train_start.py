@@ -272,3 +272,18 @@ def test_console_warns_when_the_loss_climbs_and_when_it_ends_higher():
     for step, loss in enumerate([3.6, 3.0, 2.5], 1):
         falling.check(step, _rec(loss))
     assert falling.at_end() == []
+
+
+def test_a_run_that_fails_after_recording_steps_keeps_them_and_says_so(shards, tmp_path, monkeypatch):
+    import histotx.train.loop as loop
+
+    out = tmp_path / "run"
+
+    def diverging_train(cfg, *_args, **_kw):
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "metrics.jsonl").write_text('{"step": 5, "loss": NaN}\n')
+        raise loop.NonFiniteLossError("3 steps in a row had a NaN/inf loss")
+
+    monkeypatch.setattr(loop, "train", diverging_train)
+    assert main(["train", str(TINY), f"data.stream.shards={shards}", f"out={out}"]) == 3
+    assert (out / "metrics.jsonl").is_file() and "NaN/inf loss" in (out / "FAILED.txt").read_text()

@@ -81,18 +81,20 @@ FAILED = "FAILED.txt"
 
 
 def _record_failure(out: Path, fresh: bool, error: str) -> None:
-    """A run that stopped with an error: a folder this run made and left without a checkpoint is removed
-    (nothing in it is worth keeping), any other gets ``FAILED.txt`` saying why (removed by the next run
-    that finishes there)."""
+    """A run that stopped with an error: a folder this run made and left before any step was recorded or
+    saved is removed (nothing in it is worth keeping), any other gets ``FAILED.txt`` saying why (removed by
+    the next run that finishes there)."""
     import shutil
 
     from histotx.format import atomic_write_bytes
 
     if not out.is_dir():
         return
-    if fresh and not any((out / "checkpoints").glob("step_*")):
+    metrics = out / "metrics.jsonl"
+    started = any((out / "checkpoints").glob("step_*")) or (metrics.is_file() and metrics.stat().st_size > 0)
+    if fresh and not started:
         shutil.rmtree(out, ignore_errors=True)
-        logging.getLogger("histotx.train").error("the run failed before its first checkpoint; removed %s", out)
+        logging.getLogger("histotx.train").error("the run failed before its first step; removed %s", out)
         return
     atomic_write_bytes(out / FAILED, f"this run stopped with an error:\n{error}\n".encode())
     logging.getLogger("histotx.train").error("the run failed; %s says why", out / FAILED)
