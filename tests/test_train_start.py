@@ -287,3 +287,16 @@ def test_a_run_that_fails_after_recording_steps_keeps_them_and_says_so(shards, t
     monkeypatch.setattr(loop, "train", diverging_train)
     assert main(["train", str(TINY), f"data.stream.shards={shards}", f"out={out}"]) == 3
     assert (out / "metrics.jsonl").is_file() and "NaN/inf loss" in (out / "FAILED.txt").read_text()
+
+
+def test_console_warns_when_the_teacher_stays_uniform():
+    import math
+
+    from histotx.train.console import Watch
+
+    watch = Watch()
+    flat = {**_rec(8.0), "teacher/entropy": 0.999 * math.log(128)}
+    assert watch.check(1, flat) == [] and watch.check(2, flat) == []
+    (warning,) = watch.check(3, flat)
+    assert "the teacher's output has been uniform for 3 logging windows (teacher entropy 4.85 of" in warning
+    assert Watch().check(1, _rec(8.0)) == []  # entropy 2.0 of 4.85: not uniform

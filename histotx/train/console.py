@@ -8,6 +8,8 @@ when they happen:
 
 - the teacher puts every sample on one prototype (``teacher/prototypes_used`` ≤ 1) in
   :data:`COLLAPSE_AFTER` logging windows in a row: it has collapsed and its targets teach nothing;
+- the teacher's output is uniform (entropy ≥ :data:`UNIFORM_FRACTION` × ln K) in as many windows in a row:
+  the other collapse, targets that say nothing;
 - the loss climbs: a window's loss is more than :data:`CLIMB_FACTOR` × the lowest so far, after
   :data:`CLIMB_AFTER` windows (DINO's loss may rise for a few windows while the teacher warms up), and, at
   the end, a loss that finished more than 10 % above where it started.
@@ -25,6 +27,7 @@ log = logging.getLogger("histotx.train")
 
 CLIMB_FACTOR = 1.5
 CLIMB_AFTER = 3
+UNIFORM_FRACTION = 0.99  # teacher entropy at least this share of ln K: a uniform teacher
 COLLAPSE_AFTER = 3  # windows in a row (a freshly initialised teacher may use one prototype for a step or two)
 
 
@@ -55,6 +58,7 @@ class Watch:
         self.losses: list[tuple[int, float]] = []
         self.said: set[str] = set()
         self.one_prototype = 0  # logging windows in a row with at most one prototype used
+        self.uniform = 0  # ... with the teacher's entropy within UNIFORM_FRACTION of ln K
 
     def check(self, step: int, record: dict[str, Any]) -> list[str]:
         """The warnings this record raises (each kind once per run)."""
@@ -69,6 +73,17 @@ class Watch:
                 "teach nothing. Usual causes: a teacher "
                 "temperature too low for the batch (ssl.schedule.teacher_temp), a learning rate too high "
                 "(ssl.schedule.lr), too few distinct tiles"
+            )
+        entropy, most = record.get("teacher/entropy"), record.get("teacher/entropy_max")
+        flat = entropy is not None and most and entropy >= UNIFORM_FRACTION * most
+        self.uniform = self.uniform + 1 if flat else 0
+        if self.uniform >= COLLAPSE_AFTER and "uniform" not in self.said:
+            self.said.add("uniform")
+            out.append(
+                f"step {step}: the teacher's output has been uniform for {self.uniform} logging windows (teacher "
+                f"entropy {entropy:.2f} of the most possible {most:.2f}): its targets say nothing about the tile, so "
+                "the student learns nothing from them. Usual causes: a teacher temperature too high for the "
+                "prototypes (ssl.schedule.teacher_temp), or too few steps for the tiny model to leave its start"
             )
         loss = record.get("loss")
         if loss is not None and math.isfinite(loss):
