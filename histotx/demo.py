@@ -69,7 +69,8 @@ def _run_demo(out: Path, seed: int, workers: int, steps: int, ranks: int, quiet:
     _stage(
         4,
         f"pretrained the tiny fused model {steps} steps on {ranks} CPU ranks; loss {losses[0]:.3f} → "
-        f"{losses[-1]:.3f} (logged every {max(1, steps // 10)} steps) → {run}",
+        f"{losses[-1]:.3f} (logged every {max(1, steps // 10)} steps) → {run}"
+        + train_warnings(run.parent / "train.log"),
         t0,
         quiet,
     )
@@ -123,33 +124,44 @@ GROUP_MEANING = {
 }
 
 
-def explain_table(targets: list[str], groups: dict[str, list[str]]) -> str:
+def explain_table(targets: list[str], groups: dict[str, list[str]], width: int = 110) -> str:
     """What the demo's columns mean, and why a group's column can be empty (no target gene in it)."""
-    lines = [
-        "How to read the table:",
-        "  Pearson       per target gene, Pearson r between the expression predicted from a tile's embedding (ridge "
-        "on PCA,",
-        "                fitted on the other patient) and the measured log1p expression of the held-out patient's "
-        "tiles;",
-        f"                the mean over the {len(targets)} target genes, ± sd over the folds",
-        "  mode          image: the tile alone; transcripts: its transcript tokens alone; fused: both (the target "
-        "genes",
-        "                are removed from the transcript input, so they cannot leak into their own prediction)",
-    ]
+    import textwrap
+
+    def item(name: str, text: str) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=f"  {name:<13} ", subsequent_indent=" " * 16)
+
+    lines = ["How to read the table:"]
+    lines += item(
+        "Pearson",
+        "per target gene, Pearson r between the expression predicted from a tile's embedding (ridge on PCA, fitted "
+        "on the other patients) and the measured log1p expression of the held-out patient's tiles; the mean over "
+        f"the {len(targets)} target genes, ± sd over the folds",
+    )
+    lines += item(
+        "mode",
+        "image: the tile alone; transcripts: its transcript tokens alone; fused: both (the target genes are "
+        "removed from the transcript input, so they cannot leak into their own prediction)",
+    )
     for name, genes in groups.items():
         n = len(set(genes) & set(targets))
         note = f"{n} of the targets" if n else "no target gene in this group: column empty (—)"
-        lines.append(
-            f"  {name:<13} the same mean over this group's target genes ({note}): {GROUP_MEANING.get(name, '')}"
-        )
-    lines += [
-        "  (targets: the 50 genes of largest variance among those in ≥ 10 % of the sites of every sample, HEST's rule;",
-        "  a group whose genes are rare or constant, like housekeeping, may have none, hence an empty column)",
-        "  folds / genes / tiles / NaN r: leave-one-patient-out folds, target genes, tiles evaluated, genes with no r "
-        "(constant on a test fold)",
-        "  random init: the same architecture untrained: the baseline every row should beat",
-    ]
+        lines += item(name, f"the same mean over this group's target genes ({note}): {GROUP_MEANING.get(name, '')}")
+    lines += item(
+        "targets",
+        "up to 50 genes, those of largest variance among the genes present in ≥ 10 % of the sites of every "
+        "sample (HEST's rule); a group whose genes are rare or nearly constant, like housekeeping, may have "
+        "none, hence an empty column",
+    )
+    lines += item("folds ...", "folds (leave-one-patient-out), target genes, tiles evaluated, genes without r")
+    lines += item("random_init", "the same architecture untrained: the baseline every row should beat")
     return "\n".join(lines)
+
+
+def train_warnings(log: Path) -> str:
+    """`` (N warnings: see LOG)`` for the trainer's own warnings in its log, or nothing."""
+    n = sum(" WARNING histotx" in line for line in log.read_text(errors="replace").splitlines()) if log.is_file() else 0
+    return f" ({n} warning{'s' if n != 1 else ''}: see {log})" if n else ""
 
 
 class _Quiet:
