@@ -236,8 +236,40 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+BASE_KEY = "_base_"  # in a YAML section: another YAML file (relative to this one) whose keys this section overrides
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
+
+
+def _with_bases(node: Any, folder: Path, seen: frozenset[Path], where: str) -> Any:
+    """``node`` with every ``_base_: FILE`` replaced by that file's mapping, the section's own keys over it."""
+    if not isinstance(node, dict):
+        return node
+    out = {k: _with_bases(v, folder, seen, where) for k, v in node.items() if k != BASE_KEY}
+    if BASE_KEY not in node:
+        return out
+    if not isinstance(node[BASE_KEY], str):
+        raise config_error(f"{where}.{BASE_KEY}", value=node[BASE_KEY], expected="a YAML file's path")
+    base_path = (folder / node[BASE_KEY]).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{where}: {base_path} includes itself")
+    base = _with_bases(_read_mapping(base_path), base_path.parent, seen | {base_path}, str(base_path))
+    return _merge(base, out)
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of ``cls`` ← YAML file ← overrides; validated; errors name the file and the key.
+    """Defaults of ``cls`` ← YAML file ← overrides; validated; errors name the file and the key. A section
+    of the file may start from another file (``model: {_base_: ../model/vit_l16.yaml, drop_path_rate: 0.2}``).
 
     Only the keys given are passed on, so fields a dataclass derives from others (a size preset filling
     in widths, say) are derived from what the file says, not frozen at the defaults' derived values."""
@@ -246,15 +278,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     check_overrides(cls, overrides or [])
     if path is not None:
         where = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: config file not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = _merge(data, loaded)
+        path = Path(path)
+        data = _with_bases(_read_mapping(path), path.parent, frozenset({path.resolve()}), where)
     data = _merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data, where)
 

@@ -141,3 +141,17 @@ def test_config_unions_are_tried_in_order_and_tuples_keep_their_length():
         _coerce([1, 2, 3], tuple[float, float], "x")
     with pytest.raises(ConfigError, match="x: expected a number or a string, got \\[1\\]"):
         _coerce([1], float | str | None, "x")
+
+
+def test_config_sections_start_from_a_base_file(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "inner.yaml").write_text("lr: 0.5\nsizes: [3]\n")
+    (tmp_path / "c.yaml").write_text("inner:\n  _base_: presets/inner.yaml\n  sizes: [7, 8]\n")
+    cfg = load_config(_Cfg, tmp_path / "c.yaml", ["name=z"])
+    assert cfg.inner == _Inner(lr=0.5, sizes=[7, 8]) and cfg.name == "z"
+    (tmp_path / "presets" / "inner.yaml").write_text("_base_: inner.yaml\nlr: 0.5\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(_Cfg, tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("inner:\n  _base_: presets/missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(_Cfg, tmp_path / "c.yaml")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from shardkit import tile_sample
 
 from histotx.config import ConfigError, load_config
@@ -95,6 +97,8 @@ def test_shipped_configs_load():
     for path in sorted(folder.glob("*.yaml")):
         cfg = load_config(TrainConfig, path)
         assert cfg.data.mask.patch_size == cfg.model_config().patch_size, path
+        base = yaml.safe_load(path.read_text())["model"]["_base_"]  # a preset of configs/model and its diffs
+        assert (path.parent / base).resolve().parent == folder.parent / "model", path
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
@@ -363,7 +367,7 @@ def test_pretrained_backbone_goes_into_student_and_teacher_and_heads_start_fresh
 
     cfg = config()
     torch.manual_seed(123)
-    fields = {k: v for k, v in cfg.model.items() if k != "vocab_size"}
+    fields = {k: v for k, v in asdict(cfg.model).items() if k != "vocab_size"}
     source = FusedViT(FusedViTConfig(**fields, vocab_size=0))
     save_timm(source, tmp_path / "ckpt")
     torch.manual_seed(0)

@@ -4,14 +4,17 @@ One YAML file holds every section; ``key=value`` overrides address any field
 (``optim.lr_layer_decay=0.9``, ``data.stream.batch_size=64``, ``model.size=L``). The resolved config
 is written beside the run and into every checkpoint, so what ran can always be read back.
 
-``model`` holds only the :class:`~histotx.model.FusedViTConfig` fields a run sets; the rest come
-from the ``size`` preset when the model is built. (Storing a filled-in FusedViTConfig here would
-make the tiny preset's widths stick when a file only says ``size: L``.)
+``model`` is a :class:`ModelSection`: the :class:`~histotx.model.FusedViTConfig` fields and defaults,
+typed, with the widths left at 0 ("from the ``size`` preset") until the model is built. (Storing a
+filled-in FusedViTConfig here would make the tiny preset's widths stick when a file only says
+``size: L``.) A train config starts its model from a preset of configs/model/ and states the
+differences: ``model: {_base_: ../model/vit_l16.yaml, drop_path_rate: 0.2}``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from typing import Any
 
 from histotx.config import ConfigError, from_dict
@@ -20,6 +23,23 @@ from histotx.model import FusedViTConfig, ModelConfigError
 from histotx.ssl.config import SSLConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+_HINTS = typing.get_type_hints(FusedViTConfig)
+# FusedViTConfig's fields and defaults, without its __post_init__: widths left at 0 stay "from the size preset"
+# here (and in the dumped config), and are filled in only when the model is built (model_config).
+ModelSection = make_dataclass(
+    "ModelSection",
+    [
+        (
+            f.name,
+            _HINTS[f.name],
+            field(default=f.default) if f.default is not MISSING else field(default_factory=f.default_factory),
+        )
+        for f in fields(FusedViTConfig)
+    ],
+)
+ModelSection.__module__ = __name__  # pickled by name (make_dataclass's module= needs Python 3.12)
 
 
 @dataclass
@@ -91,7 +111,7 @@ class TrainConfig:
     seed: int = 0
     max_consecutive_nonfinite: int = 20  # NaN/inf losses in a row before the run stops
     init: InitConfig = field(default_factory=InitConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"size": "tiny"})
+    model: ModelSection = field(default_factory=lambda: ModelSection(size="tiny"))
     data: DataConfig = field(default_factory=DataConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -102,7 +122,7 @@ class TrainConfig:
 
     def model_config(self) -> FusedViTConfig:
         try:
-            return from_dict(FusedViTConfig, dict(self.model), "model")
+            return from_dict(FusedViTConfig, asdict(self.model), "model")
         except ModelConfigError as exc:
             raise ConfigError(f"model: {exc}") from exc
 
