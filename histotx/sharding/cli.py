@@ -11,7 +11,7 @@ SUBCOMMANDS = ("run", "scan", "merge", "verify", "qc")
 DESCRIPTION = """\
 Turn a cohort of H&E slides + spatial transcriptomics into WebDataset shards.
 
-  histotx shard scan DATA_DIR --out cohort.yaml      find Space Ranger / Visium HD / Xenium / HEST inputs
+  histotx shard scan DATA_DIR --out cohort.yaml      find every known technology's outputs (see shard scan -h)
   histotx shard run cohort.yaml --out shards/        tile, co-register, write shards (resumable)
   histotx shard cohort.yaml --out shards/            (same as `run`)
   histotx shard run cohort.yaml --out shards/ --part 3/8   one slice, e.g. a SLURM array task
@@ -27,10 +27,7 @@ YAML and key=value overrides, e.g. `mpp=0.25 tile_px=224 tiling=spots`.
 SCAN_DESCRIPTION = """\
 Search a folder for spatial transcriptomics outputs and slides, and write a cohort file for
 `histotx shard run`:
-  Space Ranger (Visium) outs       a folder with spatial/ and a *feature_bc_matrix.h5
-  Visium HD                        binned_outputs/square_*um
-  Xenium                           a bundle folder with experiment.xenium
-  HEST                             a folder with st/*.h5ad and wsis/
+{technologies}
   a slide on its own (.svs, ...)   an image_only sample
 
 Each sample's slide is the largest H&E image in its folder; a Visium folder without one uses
@@ -38,6 +35,13 @@ Space Ranger's spatial/tissue_hires_image.png (or _lowres_), which the summary n
 Paths are written as given (relative to the cohort file), never with symlinks resolved. Check the
 patients (sections of one patient share one id) and the guesses, then run `histotx shard run`.
 """
+
+
+def _technology_lines() -> str:
+    """The scan help's list: every registered technology with a reader, and what its data is."""
+    from histotx.sharding.technologies import TECHNOLOGIES
+
+    return "\n".join(f"  {t.name:<32} {t.data}" for t in TECHNOLOGIES.values() if t.reader is not None)
 
 
 def register(subparsers) -> None:
@@ -67,7 +71,7 @@ def register(subparsers) -> None:
     s = sub.add_parser(
         "scan",
         help="find inputs under a folder and write a cohort file to check",
-        description=SCAN_DESCRIPTION,
+        description=SCAN_DESCRIPTION.format(technologies=_technology_lines()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("root", type=Path, help="the folder to search (every level below it)")
