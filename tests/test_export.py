@@ -451,3 +451,17 @@ def test_adapters_are_inverse_key_maps():
     assert torch.equal(folded["reg_token"], timm_state["reg_token"] + pos[:, 1:3])
     with pytest.raises(ValueError, match="outside"):
         HFAdapter.from_target({"other.weight": torch.zeros(1)})
+
+
+def test_export_targets_follow_the_protocol():
+    """Every registered target's module writes, recognises and loads its folder; --format derives from them."""
+    from histotx.export.targets import FORMATS, TARGETS, Target
+
+    protocol = [name for name in dir(Target) if not name.startswith("_")]
+    assert set(protocol) == {"write", "detect", "load"}
+    for name, target in TARGETS.items():
+        module = target.target()
+        missing = [p for p in protocol if not callable(getattr(module, p, None))]
+        assert not missing, f"{name}: {module.__name__} lacks {missing}"
+        assert "{folder}" in target.usage
+    assert FORMATS == {**{n: (n,) for n in TARGETS}, "both": tuple(TARGETS)}

@@ -4,7 +4,8 @@
     export(source, out, formats=("hf",)) -> ExportSummary   (``histotx export`` on the command line)
 
 Modules, one concept each: :mod:`.source` (a run's teacher, no DeepSpeed needed), :mod:`.native`
-(HistoTx's export folder), :mod:`.hf` (Hugging Face folder, self-contained remote code from
+(HistoTx's export folder), :mod:`.targets` (the registry of export targets: a new format is a module and
+one entry there), :mod:`.hf` (Hugging Face folder, self-contained remote code from
 :mod:`.remote_code`, model card from :mod:`.card`), :mod:`.timm_hub` (timm hub folder), :mod:`.load`,
 :mod:`.cli`, :mod:`.during_training` (the timm export at checkpoints, ``checkpoint.export_every``).
 Key maps: :class:`histotx.model.pretrained.HFAdapter` / ``TimmAdapter``.

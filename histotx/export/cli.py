@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from histotx.export.targets import FORMATS, formats_help
+
 DESCRIPTION = """\
 Export the EMA teacher of a training run — the model you embed with — so that it leaves HistoTx.
 
@@ -15,11 +17,7 @@ The run's shard set gives the gene vocabulary, the µm/px and the cohort.
 
 OUT always receives HistoTx's own folder (teacher.safetensors, model_config.yaml, vocab.tsv, export.json);
 --format adds:
-  hf     OUT/hf    transformers folder: AutoModel.from_pretrained(OUT/hf, trust_remote_code=True) works
-                   offline without HistoTx; image processor (size, mean, std, µm/px), vocab.tsv, model card
-  timm   OUT/timm  the image backbone alone in timm's hub layout: timm.create_model("local-dir:OUT/timm",
-                   pretrained=True) — for HEST-Bench, trident, CLAM-style pipelines
-  both   hf and timm
+{formats}
 
 Every folder loads back with histotx.export.load_model(...) and as `histotx train ... init.backbone=DIR`.
 
@@ -30,7 +28,7 @@ Examples:
 
 
 def run(args: argparse.Namespace) -> int:
-    from histotx.export.write import FORMATS, export
+    from histotx.export.write import export
 
     summary = export(
         args.source,
@@ -49,14 +47,14 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="a run's teacher → HistoTx / Hugging Face / timm folders",
-        description=DESCRIPTION,
+        description=DESCRIPTION.format(formats=formats_help()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoints/step_* folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (built aside, then renamed into place)")
     p.add_argument(
         "--format",
-        choices=("hf", "timm", "both"),
+        choices=tuple(FORMATS),
         default="hf",
         help="what to add to HistoTx's own folder (default: hf)",
     )

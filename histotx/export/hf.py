@@ -13,13 +13,21 @@ work offline where HistoTx is not installed; ``init.backbone=DIR`` and ``load_mo
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from histotx.export.card import model_card
 from histotx.export.remote_code import remote_code_files
 from histotx.export.source import Teacher
 from histotx.format import VOCAB_NAME, atomic_write_bytes, atomic_write_json
 from histotx.model.pretrained import HF_CONFIG_KEY, HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, HFAdapter
+
+if TYPE_CHECKING:
+    from histotx.export.load import LoadedModel
+    from histotx.export.targets import ExportContext
+    from histotx.model import FusedViT
 
 MPP_KEY = "microns_per_pixel"
 WEIGHTS = "model.safetensors"
@@ -75,3 +83,27 @@ def write_hf(teacher: Teacher, out: str | Path, card: str) -> Path:
     atomic_write_bytes(out / VOCAB_NAME, teacher.vocab.to_tsv().encode())
     atomic_write_bytes(out / CARD, card.encode())
     return out
+
+
+# ---------------------------------------------------------------------------------------------- export target
+# (histotx.export.targets.Target)
+
+
+def write(ctx: ExportContext, folder: Path) -> None:
+    write_hf(ctx.teacher, folder, model_card(ctx.teacher, ctx.license, timm="timm" in ctx.formats))
+
+
+def detect(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == HISTOTX_MODEL_TYPE
+
+
+def load(path: Path, model: FusedViT) -> LoadedModel:
+    from histotx.export.load import LoadedModel, folder_genes, triple
+
+    pre = json.loads((path / HF_PREPROCESSOR).read_text())
+    name = json.loads((path / "config.json").read_text()).get(SOURCE_KEY, {}).get("name", path.name)
+    size = int(pre["size"]["height"])
+    return LoadedModel(
+        model, folder_genes(path), float(pre[MPP_KEY]), size, triple(pre["image_mean"]), triple(pre["image_std"]), name
+    )

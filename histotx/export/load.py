@@ -7,16 +7,15 @@ backbone only, no genes). No DeepSpeed engine, process group or GPU is needed.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from histotx.export.targets import TARGETS
 from histotx.format import VOCAB_NAME
 from histotx.model import FusedViT
-from histotx.model.pretrained import HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, NATIVE_CONFIG, NATIVE_WEIGHTS, load_pretrained
+from histotx.model.pretrained import NATIVE_CONFIG, NATIVE_WEIGHTS, load_pretrained
 from histotx.vocab import Vocab
 
 
@@ -34,7 +33,7 @@ class LoadedModel:
     name: str
 
 
-def _genes(folder: Path) -> list[str]:
+def folder_genes(folder: Path) -> list[str]:
     path = folder / VOCAB_NAME
     if not path.is_file():
         return []
@@ -42,20 +41,18 @@ def _genes(folder: Path) -> list[str]:
     return [vocab.name(i) for i in range(len(vocab))]
 
 
-def _triple(values) -> tuple[float, float, float]:
+def triple(values) -> tuple[float, float, float]:
     return tuple(float(v) for v in values)
 
 
 def source_kind(path: Path) -> str:
-    """``hf``, ``timm``, ``native`` (a HistoTx export folder) or ``run`` (a run or checkpoint folder)."""
-    config = path / "config.json"
-    if config.is_file():
-        hub = json.loads(config.read_text())
-        if hub.get("model_type") == HISTOTX_MODEL_TYPE:
-            return "hf"
-        if "architecture" in hub:
-            return "timm"
-        raise ValueError(f"{config}: neither a HistoTx Hugging Face export nor a timm folder")
+    """An export target's name (``hf``, ``timm``: :data:`~histotx.export.targets.TARGETS`), ``native`` (a
+    HistoTx export folder) or ``run`` (a run or checkpoint folder)."""
+    for name, target in TARGETS.items():
+        if target.target().detect(path):
+            return name
+    if (path / "config.json").is_file():
+        raise ValueError(f"{path / 'config.json'}: not a folder of any export target ({', '.join(TARGETS)})")
     if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_WEIGHTS).is_file():
         return "native"
     return "run"
@@ -88,40 +85,14 @@ def load_model(
             meta = read_meta(path)
             loaded = LoadedModel(
                 model,
-                _genes(path),
+                folder_genes(path),
                 float(meta["mpp"]),
                 int(meta["image_size"]),
-                _triple(meta["mean"]),
-                _triple(meta["std"]),
+                triple(meta["mean"]),
+                triple(meta["std"]),
                 str(meta["name"]),
             )
-        elif kind == "hf":
-            from histotx.export.hf import MPP_KEY, SOURCE_KEY
-
-            pre = json.loads((path / HF_PREPROCESSOR).read_text())
-            name = json.loads((path / "config.json").read_text()).get(SOURCE_KEY, {}).get("name", path.name)
-            loaded = LoadedModel(
-                model,
-                _genes(path),
-                float(pre[MPP_KEY]),
-                int(pre["size"]["height"]),
-                _triple(pre["image_mean"]),
-                _triple(pre["image_std"]),
-                name,
-            )
-        else:  # timm: the image backbone alone
-            from histotx.export.timm_hub import HISTOTX_KEY
-
-            hub = json.loads((path / "config.json").read_text())
-            extra, pre = hub.get(HISTOTX_KEY, {}), hub["pretrained_cfg"]
-            loaded = LoadedModel(
-                model,
-                [],
-                float(extra.get("mpp", math.nan)),
-                int(pre["input_size"][-1]),
-                _triple(pre["mean"]),
-                _triple(pre["std"]),
-                extra.get("name", path.name),
-            )
+        else:
+            loaded = TARGETS[kind].target().load(path, model)
     loaded.model.to(device).eval()
     return loaded

@@ -10,11 +10,17 @@ trident, CLAM-style pipelines) can use it. The key map is :class:`histotx.model.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from histotx.format import atomic_write_json
 from histotx.model import FusedViT
 from histotx.model.pretrained import save_timm
+
+if TYPE_CHECKING:
+    from histotx.export.load import LoadedModel
+    from histotx.export.targets import ExportContext
 
 HISTOTX_KEY = "histotx"
 
@@ -29,3 +35,28 @@ def write_timm(model: FusedViT, out: str | Path, mpp: float, mean, std, name: st
     }
     atomic_write_json(out / "config.json", hub)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- export target
+# (histotx.export.targets.Target)
+
+
+def write(ctx: ExportContext, folder: Path) -> None:
+    t = ctx.teacher
+    write_timm(ctx.model, folder, t.mpp, t.mean, t.std, t.name)
+
+
+def detect(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and "architecture" in json.loads(config.read_text())
+
+
+def load(path: Path, model: FusedViT) -> LoadedModel:
+    """The image backbone alone: no genes; µm/px and name from the ``histotx`` key when it is there."""
+    from histotx.export.load import LoadedModel, triple
+
+    hub = json.loads((path / "config.json").read_text())
+    extra, pre = hub.get(HISTOTX_KEY, {}), hub["pretrained_cfg"]
+    mpp = float(extra.get("mpp", math.nan))
+    size = int(pre["input_size"][-1])
+    return LoadedModel(model, [], mpp, size, triple(pre["mean"]), triple(pre["std"]), extra.get("name", path.name))

@@ -12,14 +12,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histotx.export.card import model_card
-from histotx.export.hf import write_hf
 from histotx.export.native import write_native
 from histotx.export.source import read_teacher
-from histotx.export.timm_hub import write_timm
+from histotx.export.targets import FORMATS, TARGETS, ExportContext
 from histotx.model import FusedViT
 
-FORMATS = {"hf": ("hf",), "timm": ("timm",), "both": ("hf", "timm")}
+__all__ = ["FORMATS", "ExportSummary", "export"]
 
 
 @dataclass
@@ -44,10 +42,9 @@ class ExportSummary:
             size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             lines.append(f"  {kind:<8}{folder}  ({size / 2**20:.1f} MiB)")
         lines.append(f"load it: histotx.export.load_model('{self.out}'), histotx train ... init.backbone={self.out}")
-        if "hf" in self.folders:
-            lines.append(f"          AutoModel.from_pretrained('{self.folders['hf']}', trust_remote_code=True)")
-        if "timm" in self.folders:
-            lines.append(f"          timm.create_model('local-dir:{self.folders['timm']}', pretrained=True)")
+        for kind, folder in self.folders.items():
+            if kind in TARGETS:
+                lines.append(f"          {TARGETS[kind].usage.format(folder=folder)}")
         return "\n".join(lines)
 
 
@@ -61,11 +58,11 @@ def export(
     which: str = "teacher",
 ) -> ExportSummary:
     """Export the teacher (or the student) of ``source`` (run or checkpoint folder) to ``out``;
-    ``formats`` ⊆ {hf, timm}."""
+    ``formats``: names of :data:`~histotx.export.targets.TARGETS`."""
     t0 = time.perf_counter()
-    unknown = sorted(set(formats) - {"hf", "timm"})
+    unknown = sorted(set(formats) - set(TARGETS))
     if unknown:
-        raise ValueError(f"unknown export format(s) {unknown}; choose from hf, timm")
+        raise ValueError(f"unknown export format(s) {unknown}; choose from {', '.join(TARGETS)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
@@ -77,16 +74,16 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_native(teacher, tmp)
-        if "hf" in formats:
-            write_hf(teacher, tmp / "hf", model_card(teacher, license, timm="timm" in formats))
-        if "timm" in formats:
-            write_timm(model, tmp / "timm", teacher.mpp, teacher.mean, teacher.std, teacher.name)
+        ctx = ExportContext(teacher, model, license, tuple(formats))
+        for name in TARGETS:  # in the registry's order, whatever the order asked
+            if name in formats:
+                TARGETS[name].target().write(ctx, tmp / name)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    folders = {"histotx": out, **{kind: out / kind for kind in ("hf", "timm") if kind in formats}}
+    folders = {"histotx": out, **{kind: out / kind for kind in TARGETS if kind in formats}}
     return ExportSummary(
         out,
         teacher.name,
