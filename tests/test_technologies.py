@@ -3,6 +3,9 @@ technologies, options and scan's detection all come from it."""
 
 from __future__ import annotations
 
+import gzip
+
+import numpy as np
 import pytest
 
 from histotx.sharding.cohort import load_cohort
@@ -79,7 +82,17 @@ def test_cosmx_export_is_found_read_and_checked(tmp_path):
     sites = read_sites(sample, cohort)
     assert sites.n_sites > 1000 and sites.dropped["control_probe"] > 0
     assert abs(sites.mpp_estimate - 0.5) < 1e-6  # the slide's µm/px, from the alignment and the camera's
-    fovs = tmp_path / "c" / "cosmx" / "flatFiles" / "cosmx_fov_positions_file.csv"
+    # newer exports: FOV corners in mm, the transcripts gzipped; the same molecules land in the same places
+    folder = tmp_path / "c" / "cosmx" / "flatFiles"
+    fovs, tx = folder / "cosmx_fov_positions_file.csv", folder / "cosmx_tx_file.csv"
+    rows = [line.split(",") for line in fovs.read_text().splitlines()[1:]]
+    mm = [f"{r[0]},{float(r[1]) * 0.12028 / 1000:.9f},{float(r[2]) * 0.12028 / 1000:.9f}" for r in rows]
+    fovs.write_text('"FOV","x_global_mm","y_global_mm"\n' + "\n".join(mm) + "\n")
+    with gzip.open(folder / "cosmx_tx_file.csv.gz", "wb") as fh:
+        fh.write(tx.read_bytes())
+    tx.unlink()
+    again = read_sites(sample, cohort)
+    assert np.array_equal(again.xy_px, sites.xy_px) and again.info["fov_offset_max_px"] < 0.01
     fovs.write_text("\n".join(fovs.read_text().splitlines()[:-1]) + "\n")  # the last FOV left out
     with pytest.raises(InputError, match="cosmx_fov_positions_file.csv.*not listed"):
         read_sites(sample, cohort)

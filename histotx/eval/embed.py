@@ -671,7 +671,7 @@ def embed_slide(
     from histotx.sharding.config import ShardConfig
     from histotx.sharding.pipeline import run_cohort
 
-    technology = technology or ("image_only" if data is None else None)
+    technology = technology or (technologies.IMAGE_ONLY if data is None else None)
     if technology is None:
         raise ValueError("embed_slide: give the technology of the data (one of histotx.sharding.technologies)")
     if technology == "hest" and not sample_id:

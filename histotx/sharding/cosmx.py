@@ -29,7 +29,7 @@ from histotx.sharding.bands import BandedSites
 from histotx.sharding.errors import InputError
 from histotx.sharding.technologies import Folder, ReaderOptions, SampleInput
 from histotx.sharding.visium import MAX_UNPLACED_FRACTION
-from histotx.sharding.xenium import he_mpp, read_alignment
+from histotx.sharding.xenium import float_column, he_mpp, read_alignment
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,6 @@ def _panel(path: Path) -> tuple[list[tuple[str, str]], int]:
     return _panel_of(path.resolve(), st.st_size, st.st_mtime_ns)
 
 
-def _floats(batch: pa.RecordBatch, name: str, path: Path) -> np.ndarray:
-    try:
-        return batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise InputError(path, f"column {name} is not numeric ({exc})") from exc
-
-
 def _fov_offset(batch: pa.RecordBatch, fovs: dict[int, tuple[float, float]], tx: Path, fov_path: Path) -> float:
     """Every molecule's FOV must be listed (else the files do not belong together); returns how far, at most,
     x_global_px − x_local_px lies from its FOV's corner (0 in an export as AtoMx writes it)."""
@@ -146,7 +139,7 @@ def _fov_offset(batch: pa.RecordBatch, fovs: dict[int, tuple[float, float]], tx:
     if unknown.any():
         listed = sorted(set(fov[unknown].tolist()))[:5]
         raise InputError(fov_path, f"FOVs {listed} of {tx.name} are not listed: the files do not belong together")
-    off = np.abs(_floats(batch, "x_global_px", tx) - _floats(batch, "x_local_px", tx) - corner_x[at])
+    off = np.abs(float_column(batch, "x_global_px", tx) - float_column(batch, "x_local_px", tx) - corner_x[at])
     return float(np.nanmax(off, initial=0.0))
 
 
@@ -183,7 +176,7 @@ def read_cosmx(
         names, codes = _targets(batch, tx)
         column = np.array([column_of.get(n, -1) for n in names], dtype=np.int32)
         control = np.array([is_control(n) for n in names], dtype=bool)[codes]
-        x, y = _floats(batch, "x_global_px", tx), _floats(batch, "y_global_px", tx)
+        x, y = float_column(batch, "x_global_px", tx), float_column(batch, "y_global_px", tx)
         no_pos = ~control & ~(np.isfinite(x) & np.isfinite(y))
         if no_pos.sum() > MAX_UNPLACED_FRACTION * max(int((~control).sum()), 1):
             raise InputError(tx, f"{int(no_pos.sum())} transcripts have NaN/inf global positions: the file is damaged")

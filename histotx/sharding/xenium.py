@@ -155,7 +155,7 @@ def _panel_of(
     return [(n, "") for n in sorted(features - controls)], frozenset(controls), rows
 
 
-def _floats(batch: pa.RecordBatch, name: str, path: Path) -> np.ndarray:
+def float_column(batch: pa.RecordBatch, name: str, path: Path) -> np.ndarray:
     try:
         return batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -261,7 +261,7 @@ def read_xenium(
         names, codes = _names(batch, path)
         column = np.array([column_of.get(n, -1) for n in names], dtype=np.int32)
         control = np.array([n in controls for n in names], dtype=bool)[codes]
-        x, y, qv = (_floats(batch, c, path) for c in ("x_location", "y_location", "qv"))
+        x, y, qv = (float_column(batch, c, path) for c in ("x_location", "y_location", "qv"))
         low_qv = ~control & ~(qv >= qv_min)
         no_pos = ~control & ~low_qv & ~(np.isfinite(x) & np.isfinite(y))
         if no_pos.sum() > MAX_UNPLACED_FRACTION * max(int((~control & ~low_qv).sum()), 1):
