@@ -289,7 +289,7 @@ def train_supervised(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     backbone.eval()
     return losses
 
@@ -324,3 +324,33 @@ def save_native(backbone, folder: Path, vocab_tsv: Path, mpp: float, mean, std, 
         },
     )
     return folder
+
+
+# ---------------------------------------------------------------- the stand-in foundation model
+
+
+def model_from_config(config: Path, seed: int):
+    """A FusedViT of a training config's architecture with seeded random weights, and the config."""
+    from histotx.config import load_config
+    from histotx.model import FusedViT
+    from histotx.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, config, [])
+    torch.manual_seed(seed)
+    return FusedViT(cfg.model_config()), cfg
+
+
+def make_standin_fm(
+    out: Path, tiles: TileSet, config: Path, vocab_tsv: Path, seed: int, steps: int = 600
+) -> tuple[Path, list[float]]:
+    """The stand-in pathology FM: the claims backbone trained to classify the region type at the spot on the
+    pretraining patients' tiles (labels a pathologist gives; tissue types are what pathology FMs are known to
+    separate), then exported as HistoTx's native folder. Skipped when ``out`` holds one already."""
+    if (out / "teacher.safetensors").is_file():
+        return out, []
+    backbone, cfg = model_from_config(config, seed)
+    classes, y = np.unique(tiles.region, return_inverse=True)
+    a = cfg.data.augment
+    losses = train_supervised(backbone, tiles.images, y, a.mean, a.std, steps, seed, classes=len(classes))
+    save_native(backbone, out, vocab_tsv, 1.0, a.mean, a.std, f"stand-in FM (region-supervised, seed {seed})")
+    return out, losses
