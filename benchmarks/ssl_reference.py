@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         table.setdefault(arm, []).append(res)
         log(
             f"{arm} s{seed}: Pearson {res['pearson_fold']:.3f} (concat {res['pearson_concat']:.3f}), "
-            f"region {res['region_fold']:.3f}, crowding {res['crowding_fold']:.3f}, region acc {res['region_bal_acc']:.3f}"
+            f"region {res['region_fold']:.3f}, crowding {res['crowding_fold']:.3f}, "
+            f"region acc {res['region_bal_acc']:.3f}"
             + (
                 f", control gap {extra['control_gap']:+.4f}, entropy {extra['teacher/entropy']:.3f}"
                 if extra and "control_gap" in extra
