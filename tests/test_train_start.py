@@ -300,3 +300,22 @@ def test_console_warns_when_the_teacher_stays_uniform():
     (warning,) = watch.check(3, flat)
     assert "the teacher's output has been uniform for 3 logging windows (teacher entropy 4.85 of" in warning
     assert Watch().check(1, _rec(8.0)) == []  # entropy 2.0 of 4.85: not uniform
+
+
+def test_console_on_a_terminal_draws_a_progress_line_with_the_monitors(monkeypatch, capsys, caplog):
+    import sys
+
+    from histotx.train.console import Console
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    console = Console(total_steps=10, start_step=0, progress=True)
+    assert console.bar is not None and not console.plain
+    with caplog.at_level(logging.WARNING):
+        for step in (1, 2, 3):
+            console.advance()
+            console.record(step, _rec(5.0, used=1))
+    console.bar.refresh()
+    line = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert "3/10" in line and "loss=5.000" in line and "protos=1/128" in line and "ent=2.00/4.85" in line
+    assert "one prototype for 3 logging windows" in caplog.text
+    console.close()
