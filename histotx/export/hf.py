@@ -13,7 +13,6 @@ work offline where HistoTx is not installed; ``init.backbone=DIR`` and ``load_mo
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ from histotx.export.card import model_card
 from histotx.export.remote_code import remote_code_files
 from histotx.export.source import Teacher
 from histotx.format import VOCAB_NAME, atomic_write_bytes, atomic_write_json
-from histotx.model.pretrained import HF_CONFIG_KEY, HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, HFAdapter
+from histotx.model.pretrained import HF_CONFIG_KEY, HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, HFAdapter, read_json_file
 
 if TYPE_CHECKING:
     from histotx.export.load import LoadedModel
@@ -95,14 +94,14 @@ def write(ctx: ExportContext, folder: Path) -> None:
 
 def detect(path: Path) -> bool:
     config = path / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == HISTOTX_MODEL_TYPE
+    return config.is_file() and read_json_file(config).get("model_type") == HISTOTX_MODEL_TYPE
 
 
 def load(path: Path, model: FusedViT) -> LoadedModel:
     from histotx.export.load import LoadedModel, folder_genes, triple
 
-    pre = json.loads((path / HF_PREPROCESSOR).read_text())
-    name = json.loads((path / "config.json").read_text()).get(SOURCE_KEY, {}).get("name", path.name)
+    pre = read_json_file(path / HF_PREPROCESSOR)
+    name = read_json_file(path / "config.json").get(SOURCE_KEY, {}).get("name", path.name)
     size = int(pre["size"]["height"])
     return LoadedModel(
         model, folder_genes(path), float(pre[MPP_KEY]), size, triple(pre["image_mean"]), triple(pre["image_std"]), name

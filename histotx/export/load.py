@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from histotx.export.targets import TARGETS
-from histotx.format import VOCAB_NAME
+from histotx.format import VOCAB_NAME, FormatError
 from histotx.model import FusedViT
-from histotx.model.pretrained import NATIVE_CONFIG, NATIVE_WEIGHTS, load_pretrained
+from histotx.model.fused import ModelConfigError
+from histotx.model.pretrained import NATIVE_CONFIG, NATIVE_WEIGHTS, check_config_fits_weights, load_pretrained
 from histotx.vocab import Vocab
 
 
@@ -58,6 +59,24 @@ def source_kind(path: Path) -> str:
     return "run"
 
 
+def _describe(path: Path, kind: str, model: FusedViT) -> LoadedModel:
+    """A loaded export's genes, µm/px, input size and normalisation, read from its folder."""
+    if kind == "native":
+        from histotx.export.native import read_meta
+
+        meta = read_meta(path)
+        return LoadedModel(
+            model,
+            folder_genes(path),
+            float(meta["mpp"]),
+            int(meta["image_size"]),
+            triple(meta["mean"]),
+            triple(meta["std"]),
+            str(meta["name"]),
+        )
+    return TARGETS[kind].target().load(path, model)
+
+
 def load_model(
     source: str | Path, device: str | torch.device = "cpu", shards: str | Path | None = None, which: str = "teacher"
 ) -> LoadedModel:
@@ -72,6 +91,8 @@ def load_model(
         from histotx.export.source import read_teacher
 
         teacher = read_teacher(path, shards, which)
+        shapes = {k: tuple(v.shape) for k, v in teacher.state.items()}
+        check_config_fits_weights(teacher.config, shapes, str(path))
         model = FusedViT(teacher.config)
         model.load_state_dict(teacher.state, strict=True)
         loaded = LoadedModel(
@@ -79,20 +100,13 @@ def load_model(
         )
     else:
         model, _ = load_pretrained(path)
-        if kind == "native":
-            from histotx.export.native import read_meta
-
-            meta = read_meta(path)
-            loaded = LoadedModel(
-                model,
-                folder_genes(path),
-                float(meta["mpp"]),
-                int(meta["image_size"]),
-                triple(meta["mean"]),
-                triple(meta["std"]),
-                str(meta["name"]),
-            )
-        else:
-            loaded = TARGETS[kind].target().load(path, model)
+        try:
+            loaded = _describe(path, kind, model)
+        except (ModelConfigError, FormatError):
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise ModelConfigError(
+                f"{path}: the export's metadata is incomplete or of the wrong type ({type(exc).__name__}: {exc})"
+            ) from None
     loaded.model.to(device).eval()
     return loaded

@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from histotx.config import dump_config
 from histotx.export.source import Teacher
 from histotx.format import VOCAB_NAME, atomic_write_bytes, atomic_write_json
-from histotx.model.pretrained import NATIVE_CONFIG, NATIVE_META, NATIVE_WEIGHTS
+from histotx.model.pretrained import NATIVE_CONFIG, NATIVE_META, NATIVE_WEIGHTS, read_json_file
 
 FORMAT = "histotx-export"
 VERSION = 1
@@ -53,7 +52,7 @@ def write_native(teacher: Teacher, out: str | Path) -> Path:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    meta = json.loads((Path(path) / NATIVE_META).read_text())
+    meta = read_json_file(Path(path) / NATIVE_META)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{Path(path) / NATIVE_META}: not a {FORMAT} file")
     return meta

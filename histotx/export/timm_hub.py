@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from histotx.format import atomic_write_json
 from histotx.model import FusedViT
-from histotx.model.pretrained import save_timm
+from histotx.model.pretrained import read_json_file, save_timm
 
 if TYPE_CHECKING:
     from histotx.export.load import LoadedModel
@@ -48,14 +48,14 @@ def write(ctx: ExportContext, folder: Path) -> None:
 
 def detect(path: Path) -> bool:
     config = path / "config.json"
-    return config.is_file() and "architecture" in json.loads(config.read_text())
+    return config.is_file() and "architecture" in read_json_file(config)
 
 
 def load(path: Path, model: FusedViT) -> LoadedModel:
     """The image backbone alone: no genes; µm/px and name from the ``histotx`` key when it is there."""
     from histotx.export.load import LoadedModel, triple
 
-    hub = json.loads((path / "config.json").read_text())
+    hub = read_json_file(path / "config.json")
     extra, pre = hub.get(HISTOTX_KEY, {}), hub["pretrained_cfg"]
     mpp = float(extra.get("mpp", math.nan))
     size = int(pre["input_size"][-1])

@@ -61,10 +61,11 @@ native input size and differs slightly at others.
 
 from __future__ import annotations
 
-import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -162,7 +163,9 @@ class Checkpoint:
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file or (never unpickling code) a torch ``.bin``/``.pth``."""
+    """A state dict from a safetensors file or (never unpickling code) a torch ``.bin``/``.pth``. Any problem
+    is a ModelConfigError "file: problem": not a regular file, not safetensors, a pickle holding more than
+    tensors (refused: HistoTx never runs a checkpoint's code, whatever the file asks)."""
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in WEIGHT_FILES if (path / n).exists()]
@@ -171,14 +174,72 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         path = found[0]
     if not path.exists():
         raise ModelConfigError(f"{path}: weights file not found")
+    if not path.is_file():  # stat, no open: a FIFO or device is refused before anything could block
+        raise ModelConfigError(f"{path}: not a regular file (a pipe, device or folder); refused")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ModelConfigError(f"{path}: expected a state dict, found {type(state).__name__}")
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError, OSError, ...: a damaged or foreign file
+            raise ModelConfigError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelConfigError(
+            f"{path}: a pickle that holds more than tensors (objects or code); HistoTx loads only plain "
+            "state dicts and never unpickles anything else. Ask for the weights as .safetensors"
+        ) from None
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        raise ModelConfigError(f"{path}: not a readable torch weights file ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelConfigError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
     return state
+
+
+def read_json_file(path: Path) -> dict:
+    """A model folder's JSON file (regular, ≤ 16 MiB, UTF-8, an object), or a ModelConfigError naming it."""
+    from histotx.format import FormatError, _json_object, read_regular
+
+    try:
+        return _json_object(read_regular(path, 16 << 20), str(path))
+    except FormatError as exc:
+        raise ModelConfigError(str(exc)) from None
+
+
+def parse_yaml(data: bytes, source: str) -> Any:
+    """Plain YAML data from a model folder's file (libyaml's safe loader when available: a python tag or
+    any other non-standard tag is refused, and named)."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # same safe constructors, in C
+    try:
+        return yaml.load(data.decode("utf-8"), Loader=loader)  # noqa: S506
+    except UnicodeDecodeError:
+        raise ModelConfigError(f"{source}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())[:300]
+        raise ModelConfigError(f"{source}: not plain YAML data ({problem})") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    from histotx.format import FormatError, read_regular
+
+    try:
+        data = read_regular(path, 16 << 20)
+    except FormatError as exc:
+        raise ModelConfigError(str(exc)) from None
+    return parse_yaml(data, str(path))
+
+
+def weights_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    """:func:`read_weights` of safetensors bytes in memory."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # SafetensorError, ...: a damaged or foreign file
+        raise ModelConfigError(f"{source}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
 def read_checkpoint(
@@ -197,7 +258,7 @@ def read_checkpoint(
                 "timm, transformers or HistoTx export folder (a run or checkpoint folder: "
                 "export it first, `histotx export RUN --out DIR`)"
             )
-        hub = json.loads(config_path.read_text())
+        hub = read_json_file(config_path)
         state = read_weights(weights or path)
         if "architecture" in hub:
             args = {**hub.get("model_args", {}), **(model_args or {})}
@@ -299,11 +360,78 @@ def _from_timm(source: str, architecture: str, args: dict, state: dict, pretrain
     )
 
 
+_INT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_hidden_dim", "num_registers", "img_size")
+_INT_FIELDS += ("in_chans", "vocab_size", "gene_dim")
+MAX_POSITIONS = 1 << 16
+"""Position-embedding rows a config may ask for (img_size / patch_size squared): 256² patches."""
+
+
+def _check_field_types(config: dict, source: str) -> None:
+    """A model folder's config fields have the types FusedViTConfig expects (its numbers come from a file)."""
+    problems = [
+        f"{k} = {config[k]!r} (expected an integer in [0, 2^31))"
+        for k in _INT_FIELDS
+        if not (isinstance(config[k], int) and not isinstance(config[k], bool) and 0 <= config[k] < 1 << 31)
+    ]
+    if not isinstance(config["mlp"], str):
+        problems.append(f"mlp = {config['mlp']!r} (expected a string)")
+    if not isinstance(config["qkv_bias"], bool):
+        problems.append(f"qkv_bias = {config['qkv_bias']!r} (expected true or false)")
+    for k, top in (("norm_eps", 1.0), ("init_values", 1e6)):
+        v = config[k]
+        if not (v is None and k == "init_values") and not (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= top
+        ):
+            problems.append(f"{k} = {v!r} (expected a number in [0, {top:g}])")
+    if not problems and config["patch_size"] < 1:
+        problems.append("patch_size must be >= 1")
+    if problems:
+        raise ModelConfigError(f"{source}: model config fields of the wrong type: {'; '.join(problems)}")
+
+
+def check_config_fits_weights(config: FusedViTConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse a config that asks for another model than its weights hold, by arithmetic on the tensors'
+    shapes alone (before any parameter is allocated): embed_dim, depth, patch size, input channels,
+    registers, MLP width and, for a checkpoint with a transcript branch, its vocabulary and gene width
+    must be the weights' own; the position grid is at most :data:`MAX_POSITIONS` rows. So a model folder
+    whose config says ``embed_dim: 16384`` over a small checkpoint fails here, naming both."""
+    d, hidden = config.embed_dim, config.mlp_hidden_dim
+    expect = {
+        "cls_token": (1, 1, d),
+        "patch_embed.proj.weight": (d, config.in_chans, config.patch_size, config.patch_size),
+        "norm.weight": (d,),
+        "blocks.0.attn.qkv.weight": (3 * d, d),
+        "blocks.0.mlp.fc1.weight": (hidden, d),
+        "blocks.0.mlp.fc2.weight": (d, hidden // 2 if config.mlp == "swiglu" else hidden),
+    }
+    if config.num_registers:
+        expect["reg_token"] = (1, config.num_registers, d)
+    if "transcript.gene_embed.weight" in shapes:
+        expect["transcript.gene_embed.weight"] = (config.vocab_size, config.gene_dim)
+    problems = [
+        f"{k}: the config needs {want}, the weights hold {tuple(shapes[k]) if k in shapes else 'nothing'}"
+        for k, want in expect.items()
+        if tuple(shapes.get(k, ())) != want
+    ]
+    blocks = {k.split(".")[1] for k in shapes if k.startswith("blocks.")}
+    if len(blocks) != config.depth:
+        problems.append(f"depth: the config needs {config.depth} blocks, the weights hold {len(blocks)}")
+    positions = (config.img_size // config.patch_size) ** 2
+    if positions > MAX_POSITIONS:
+        problems.append(f"img_size {config.img_size} / patch_size {config.patch_size} asks for {positions} positions")
+    if problems:
+        raise ModelConfigError(
+            f"{source}: the config does not fit its weights (checked before building the model): "
+            + "; ".join(problems[:8])
+        )
+
+
 def _from_histotx(source: str, fields: dict, state: dict, mean, std) -> Checkpoint:
     missing = [k for k in BUILD_FIELDS if k not in fields]
     if missing:
         raise ModelConfigError(f"{source}: the model config lacks {missing}")
     config = {k: fields[k] for k in BUILD_FIELDS}
+    _check_field_types(config, source)
     side = config["img_size"] // config["patch_size"]
     return Checkpoint(
         source, state, config, (side, side), [], tuple(mean) if mean else None, tuple(std) if std else None
@@ -314,21 +442,27 @@ def _from_histotx_hf(path: Path, hub: dict, state: dict) -> Checkpoint:
     if HF_CONFIG_KEY not in hub:
         raise ModelConfigError(f"{path}/config.json: model_type {HISTOTX_MODEL_TYPE!r} without {HF_CONFIG_KEY!r}")
     pre = path / HF_PREPROCESSOR
-    pre = json.loads(pre.read_text()) if pre.is_file() else {}
+    pre = read_json_file(pre) if pre.exists() else {}
     return _from_histotx(
         str(path), hub[HF_CONFIG_KEY], HFAdapter.from_target(state), pre.get("image_mean"), pre.get("image_std")
     )
 
 
 def _from_histotx_native(path: Path) -> Checkpoint:
-    import yaml
-
-    fields = yaml.safe_load((path / NATIVE_CONFIG).read_text())
-    if not isinstance(fields, dict):
-        raise ModelConfigError(f"{path / NATIVE_CONFIG}: expected a mapping of model config fields")
     meta = path / NATIVE_META
-    meta = json.loads(meta.read_text()) if meta.is_file() else {}
-    return _from_histotx(str(path), fields, read_weights(path / NATIVE_WEIGHTS), meta.get("mean"), meta.get("std"))
+    meta = read_json_file(meta) if meta.exists() else {}
+    weights = read_weights(path / NATIVE_WEIGHTS)
+    return native_checkpoint(str(path), _read_yaml(path / NATIVE_CONFIG), weights, meta)
+
+
+def native_checkpoint(
+    source: str, fields: Any, weights: dict[str, torch.Tensor], meta: dict | None = None
+) -> Checkpoint:
+    """A HistoTx export folder's checkpoint from its parsed ``model_config.yaml``, weights and ``export.json``."""
+    if not isinstance(fields, dict):
+        raise ModelConfigError(f"{source}/{NATIVE_CONFIG}: expected a mapping of model config fields")
+    meta = meta or {}
+    return _from_histotx(source, fields, weights, meta.get("mean"), meta.get("std"))
 
 
 _DINOV2_RENAMES = [
@@ -363,6 +497,21 @@ _DINOV2_STACKS = [
 ]
 
 
+def _dinov2_config(path: Path):
+    """transformers' config of a Dinov2 folder. Never asks on the terminal whether to run the folder's code
+    (transformers does when trust_remote_code is left unset and config.json has an ``auto_map``): remote
+    code is refused outright; only transformers' own Dinov2 classes are read."""
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # ValueError (remote code refused), OSError, ...
+        raise ModelConfigError(
+            f"{path}/config.json: transformers cannot read it ({type(exc).__name__}: {exc})"
+        ) from None
+    return hf
+
+
 def _dinov2_keys(state: dict, source: str) -> tuple[dict, list[str]]:
     """transformers Dinov2Model tensors (``dinov2.`` prefix removed) under FusedViT names, q/k/v and the
     SwiGLU halves stacked; and the keys left out (the tokens and position embedding are the caller's)."""
@@ -390,10 +539,8 @@ def _dinov2_keys(state: dict, source: str) -> tuple[dict, list[str]]:
 
 
 def _from_dinov2(path: Path, state: dict) -> Checkpoint:
-    from transformers import AutoConfig
-
     source = str(path)
-    hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    hf = _dinov2_config(path)
     if hf.hidden_act != "gelu":
         raise ModelConfigError(f"{path}/config.json: hidden_act {hf.hidden_act!r}; FusedViT's MLP uses exact GELU")
     state = {re.sub(r"^dinov2\.", "", k): v for k, v in state.items()}
@@ -424,7 +571,7 @@ def _from_dinov2(path: Path, state: dict) -> Checkpoint:
     mean = std = None
     preprocessor = path / "preprocessor_config.json"
     if preprocessor.exists():
-        pre = json.loads(preprocessor.read_text())
+        pre = read_json_file(preprocessor)
         mean, std = pre.get("image_mean"), pre.get("image_std")
     return Checkpoint(
         source, out, config, (grid, grid), sorted(dropped), tuple(mean) if mean else None, tuple(std) if std else None
@@ -475,7 +622,12 @@ def load_pretrained(
     """Build the FusedViT a checkpoint describes and load it. ``overrides`` set the fields a checkpoint
     does not fix (``img_size`` interpolates the position embedding once, ``vocab_size``,
     ``drop_path_rate``, ``attention``, ``grad_checkpointing``, ...)."""
-    ckpt = read_checkpoint(source, weights, model_args)
+    return model_from_checkpoint(read_checkpoint(source, weights, model_args), strict, **overrides)
+
+
+def model_from_checkpoint(ckpt: Checkpoint, strict: bool = True, **overrides) -> tuple[FusedViT, LoadReport]:
+    """:func:`load_pretrained` of a checkpoint already read: the config is checked against the weights'
+    shapes (:func:`check_config_fits_weights`) before the model is built."""
     fixed = {
         k: (overrides[k], ckpt.config[k])
         for k in ARCHITECTURE_FIELDS
@@ -484,6 +636,7 @@ def load_pretrained(
     if fixed:
         raise ModelConfigError(f"{ckpt.source}: the checkpoint fixes {fixed} (requested, checkpoint)")
     config = FusedViTConfig(**{**ckpt.config, "size": _preset_name(ckpt.config), **overrides})
+    check_config_fits_weights(config, {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}, ckpt.source)
     model = FusedViT(config)
     return model, _load(model, ckpt, strict)
 
