@@ -668,7 +668,12 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.exists():
         raise FormatError(f"{path}: no manifest; is this a HistoTx shard folder (made by `histotx shard`)?")
-    return check_manifest(_json_object(read_regular(path, MAX_MANIFEST_BYTES), str(path)), path)
+    return parse_manifest(read_regular(path, MAX_MANIFEST_BYTES), path)
+
+
+def parse_manifest(data: bytes, path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_manifest` of the manifest's bytes (``path`` names it in errors)."""
+    return check_manifest(_json_object(data, str(path)), path)
 
 
 def manifest_sample(manifest: dict[str, Any], sample_id: str, where: str) -> dict[str, Any]:

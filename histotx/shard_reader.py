@@ -174,12 +174,17 @@ def _octal(field_bytes: bytes, what: str, where: str) -> int:
         raise FormatError(f"{where}: {what} field {field_bytes!r} is not octal") from None
 
 
+_HIGH = bytes(range(128, 256))
+
+
 def _header_ok(block: bytes, where: str) -> None:
     stored = _octal(block[148:156], "checksum", where)
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
-    if stored not in (unsigned, signed):
-        raise FormatError(f"{where}: bad tar header checksum (not a tar stream, or damaged)")
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if stored != unsigned:  # some writers sum the bytes as signed chars
+        rest = block[:148] + block[156:]
+        high = len(rest) - len(rest.translate(None, _HIGH))  # bytes ≥ 128, counted 256 lower when signed
+        if stored != unsigned - 256 * high:
+            raise FormatError(f"{where}: bad tar header checksum (not a tar stream, or damaged)")
 
 
 def _pax(data: bytes, where: str) -> dict[str, str]:

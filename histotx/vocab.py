@@ -87,12 +87,15 @@ class Vocab:
         "file[:line]: problem": not a regular file, not UTF-8, a bad header, an index out of order, a gene
         with neither symbol nor Ensembl id, or a gene listed twice (same Ensembl id, or same symbol
         without Ensembl ids)."""
-        path = Path(path)
+        return cls.from_bytes(read_regular(path, MAX_VOCAB_BYTES), str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "vocab.tsv") -> "Vocab":
         try:
-            text = read_regular(path, MAX_VOCAB_BYTES).decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise FormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        return cls.parse(text, str(path))
+            raise FormatError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return cls.parse(text, source)
 
     @classmethod
     def parse(cls, text: str, source: str = "vocab.tsv") -> "Vocab":
