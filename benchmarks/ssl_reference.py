@@ -31,7 +31,6 @@ DINO term carried information about the tile. Every arm's result is appended to 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -122,23 +121,28 @@ def run_lightly(out: Path, shards: Path, seed: int, steps: int, init: Path | Non
 
     overrides = [f"data.stream.shards={shards}", f"seed={seed}", f"data.stream.seed={seed}", f"steps={steps}"]
     cfg = load_config(TrainConfig, claims.IMAGE_CONFIG, overrides + [r for r in recipe if r.startswith("ssl.sched")])
+    h = cfg.ssl.head
+    s = cfg.ssl.schedule
+
+    def network() -> torch.nn.ModuleDict:
+        head = DINOProjectionHead(
+            cfg.model_config().embed_dim,
+            h.hidden_dim,
+            h.bottleneck_dim,
+            h.out_dim,
+            freeze_last_layer=s.freeze_last_layer_steps,
+        )
+        return torch.nn.ModuleDict({"backbone": FusedViT(cfg.model_config()), "head": head})
+
     torch.manual_seed(seed)
-    backbone = FusedViT(cfg.model_config())
+    student = network()
     if init is not None:
         from histotx.model.pretrained import init_from_pretrained
 
-        init_from_pretrained(backbone, init)
-    h = cfg.ssl.head
-    s = cfg.ssl.schedule
-    head = DINOProjectionHead(
-        cfg.model_config().embed_dim,
-        h.hidden_dim,
-        h.bottleneck_dim,
-        h.out_dim,
-        freeze_last_layer=s.freeze_last_layer_steps,
-    )
-    student = torch.nn.ModuleDict({"backbone": backbone, "head": head})
-    teacher = copy.deepcopy(student).eval()
+        init_from_pretrained(student["backbone"], init)
+    head = student["head"]
+    teacher = network().eval()  # lightly's head is weight-normed the old way: no deepcopy
+    teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     criterion = DINOLoss(
         output_dim=h.out_dim,
@@ -188,7 +192,13 @@ def run_lightly(out: Path, shards: Path, seed: int, steps: int, init: Path | Non
             entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
             used = int(p.argmax(-1).unique().numel())
         trace.append(
-            {"step": step + 1, "dino": float(loss), "dino_shuffled": shuffled, "entropy": entropy, "used": used}
+            {
+                "step": step + 1,
+                "dino": float(loss.detach()),
+                "dino_shuffled": shuffled,
+                "entropy": entropy,
+                "used": used,
+            }
         )
     with open(out / f"lightly_s{seed}.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in trace)
@@ -260,7 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", nargs="*", default=None, help="overrides replacing RECIPE (the attempt's config diff)")
     p.add_argument("--tag", default="", help="a name for this attempt in the results file")
     p.add_argument("--supervised-steps", type=int, default=600)
+    p.add_argument(
+        "--table", action="store_true", help="only print the table of this init/split/tag from the results file"
+    )
     args = p.parse_args(argv)
+    if args.table:
+        rows = [json.loads(x) for x in RESULTS.read_text().splitlines()] if RESULTS.is_file() else []
+        table: dict[str, list[dict]] = {}
+        for r in rows:
+            if (r["init"], r["split"], r["tag"], r["steps"]) == (args.init, args.split, args.tag, args.steps):
+                if r["seed"] is None or r["seed"] in args.seeds:
+                    table.setdefault(r["arm"], []).append(r)
+        print_table(table, args)
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     recipe = RECIPE if args.recipe is None else args.recipe
     data = args.claims_out.resolve()
