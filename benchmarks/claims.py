@@ -223,6 +223,8 @@ def pretrain(
     jobs: int,
     fm_kind: str,
     head_warmup: int,
+    tag: str = "",
+    overrides: list[str] | None = None,
 ) -> dict[int, dict[str, Path]]:
     """Per seed: the FM (stage 1), then from its export, for the same steps and recipe, HistoTx fusion
     pretraining on the spot tiles with their transcripts and the control: the same tiles, transcripts stripped."""
@@ -231,8 +233,9 @@ def pretrain(
     from histotx.export.write import export
 
     runs = out / "runs"
+    stage2 = out / f"runs{tag}"  # the FM is shared; an attempt's stage-2 runs get their own folder
     targets, _ = claims_targets()
-    extra = [*FUSION_RECIPE, f"ssl.schedule.head_warmup_steps={head_warmup}"]
+    extra = [*FUSION_RECIPE, f"ssl.schedule.head_warmup_steps={head_warmup}", *(overrides or [])]
 
     def fm_of(seed: int) -> Path:
         if fm_kind == "standin":
@@ -258,7 +261,7 @@ def pretrain(
                 train,
                 FUSION_CONFIG,
                 shards["pretrain_fused"],
-                runs / f"histotx_s{s}",
+                stage2 / f"histotx_s{s}",
                 s,
                 steps_fusion,
                 29600 + 3 * s + 1,
@@ -271,7 +274,7 @@ def pretrain(
                 train,
                 FUSION_CONFIG,
                 shards["pretrain_spots_image"],
-                runs / f"control_s{s}",
+                stage2 / f"control_s{s}",
                 s,
                 steps_fusion,
                 29600 + 3 * s + 2,
@@ -319,7 +322,7 @@ MODELS = {
 }
 
 
-def evaluate_all(out: Path, shards: Path, runs: dict[int, dict[str, Path]]) -> pd.DataFrame:
+def evaluate_all(out: Path, shards: Path, runs: dict[int, dict[str, Path]], name: str = "eval") -> pd.DataFrame:
     """Embed the evaluation tiles with every model × mode, then score each with the HEST-Bench ridge both ways
     (fold-mean and concatenated Pearson), PCA-256 on and off; one row per seed × model × mode × PCA."""
     import ssl_kit
@@ -329,19 +332,19 @@ def evaluate_all(out: Path, shards: Path, runs: dict[int, dict[str, Path]]) -> p
     from histotx.export import load_model
 
     targets, groups = claims_targets()
-    tiles = ssl_kit.read_tiles(shards, out / "cohort", targets, out / "tiles_eval.npz")
+    tiles = ssl_kit.read_tiles(shards, out / "cohort", targets, out / f"tiles_{shards.name}.npz")
     samples = list(dict.fromkeys(tiles.samples))
     keys = {s: [k for k, t in zip(tiles.keys, tiles.samples, strict=True) if t == s] for s in samples}
-    emb = out / "embeddings"
+    emb = out / f"embeddings_{name}"
     X: dict[tuple[int, str, str], np.ndarray] = {}
     for seed, paths in runs.items():
-        for name, modes in MODELS.items():
-            folder = emb / f"{name}_s{seed}"
+        for model_name, modes in MODELS.items():
+            folder = emb / f"{model_name}_s{seed}"
             if not folder.is_dir():
-                model = random_backbone(seed, shards) if name == "random" else load_model(paths[name])
+                model = random_backbone(seed, shards) if model_name == "random" else load_model(paths[model_name])
                 embed_shards(model, shards, folder, modes=modes, drop_genes=targets, progress=False)
             per_mode, _ = read_embeddings(folder, samples, keys, modes, targets)
-            X.update({(seed, name, m): v for m, v in per_mode.items()})
+            X.update({(seed, model_name, m): v for m, v in per_mode.items()})
     finite = np.all([np.isfinite(x).all(axis=1) for x in X.values()], axis=0)
     if not finite.all():
         log(f"{(~finite).sum()} of {finite.size} tiles have no transcript token once the targets are dropped: left out")
@@ -355,10 +358,10 @@ def evaluate_all(out: Path, shards: Path, runs: dict[int, dict[str, Path]]) -> p
         tiles.region[finite],
     )
     rows = []
-    for (seed, name, mode), x in X.items():
+    for (seed, model_name, mode), x in X.items():
         for pca in (True, False):
             res = ssl_kit.score(x[finite], sub, groups, pca=pca, region_probe=pca)
-            rows.append({"seed": seed, "model": name, "mode": mode, "pca": pca, **res})
+            rows.append({"seed": int(seed), "model": model_name, "mode": mode, "pca": pca, **res})
     return pd.DataFrame(rows)
 
 
@@ -435,11 +438,11 @@ def print_table(long: pd.DataFrame, header: str) -> None:
                 sd = d.std(ddof=1) if len(d) > 1 else float("nan")
                 parts.append(f"{sname}{'' if pca else '/noPCA'} {d.mean():+.3f} ± {sd:.3f}")
         d = margin(long, a, b, "pearson_fold")
-        print(f"{name}: {'; '.join(parts)} → {verdict(d, kind)} ({kind})")
+        print(f"{name}: {'; '.join(parts)} → {verdict(d, kind)} [rule: {kind}]")
     d = margin(long, ("histotx", "image"), ("control", "image"), "region_bal_acc")
     print(
         f"(a) pure-image task, region probe bal.acc HistoTx image − control image: {d.mean():+.3f} ± "
-        f"{d.std(ddof=1) if len(d) > 1 else float('nan'):.3f} → {verdict(d, 'not worse')} (not worse)"
+        f"{d.std(ddof=1) if len(d) > 1 else float('nan'):.3f} → {verdict(d, 'not worse')} [rule: not worse]"
     )
     print(
         "verdicts on the fold-mean Pearson with PCA-256 (HEST-Bench's own); 'better': > 0 in every seed and "
@@ -456,24 +459,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-fusion", type=int, default=None, help="override claims_fusion.yaml's steps")
     p.add_argument("--head-warmup", type=int, default=20, help="ssl.schedule.head_warmup_steps of stage 2")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (1 thread + 1 loader worker each)")
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="test: the evaluation patients P05-P08; val: the pretraining patients' spot tiles (to choose a recipe)",
+    )
+    p.add_argument("--tag", default="", help="stage-2 runs go to runs<TAG>/ (an attempt with other settings)")
+    p.add_argument("--set", nargs="*", default=[], help="extra overrides of both stage-2 runs (key=value)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
     out = args.out.resolve()
     shards = make_data(out, workers=args.jobs)
     log(f"data ready in {time.monotonic() - t0:.0f} s")
-    runs = pretrain(out, shards, args.seeds, args.steps_image, args.steps_fusion, args.jobs, args.fm, args.head_warmup)
+    runs = pretrain(
+        out,
+        shards,
+        args.seeds,
+        args.steps_image,
+        args.steps_fusion,
+        args.jobs,
+        args.fm,
+        args.head_warmup,
+        args.tag,
+        args.set,
+    )
     log(f"pretraining done at {time.monotonic() - t0:.0f} s")
-    long = evaluate_all(out, shards["eval"], runs)
-    long.to_csv(out / "claims_per_seed.csv", index=False)
+    split = "eval" if args.split == "test" else "pretrain_fused"
+    long = evaluate_all(out, shards[split], runs, f"{args.split}{args.tag}")
+    csv = out / f"claims_per_seed_{args.split}{args.tag}.csv"
+    long.to_csv(csv, index=False)
     targets, groups = claims_targets()
     header = (
-        f"HistoTx claims on the synthetic bench cohort (seed {COHORT_SEED}): FM = {args.fm}; pretraining on 4 "
-        f"patients, evaluation on 4 others, leave-one-patient-out; {len(targets)} targets "
+        f"HistoTx claims on the synthetic bench cohort (seed {COHORT_SEED}): FM = {args.fm}; stage 2: "
+        f"{args.steps_fusion or 'config'} steps {' '.join(args.set)}; pretraining on P01-P04, scored on "
+        f"{'the evaluation patients P05-P08' if args.split == 'test' else 'the PRETRAINING patients (validation)'}, "
+        f"leave-one-patient-out; {len(targets)} targets "
         f"({', '.join(f'{g} {len(v)}' for g, v in groups.items())}), all removed from the transcript input"
     )
     print_table(long, header)
-    log(f"total {time.monotonic() - t0:.0f} s; per seed: {out / 'claims_per_seed.csv'}")
+    log(f"total {time.monotonic() - t0:.0f} s; per seed: {csv}")
     return 0
 
 
