@@ -401,7 +401,7 @@ def verdict(d: pd.Series, kind: str) -> str:
 
 def print_table(long: pd.DataFrame, header: str) -> None:
     print(header)
-    seeds = sorted(long["seed"].unique())
+    seeds = sorted(int(s) for s in long["seed"].unique())
     cols = [
         *[(c, p, f"Pearson {n}{'' if p else ' (no PCA)'}") for p in (True, False) for c, n in SCORES],
         ("region_fold", True, "region genes"),

@@ -154,16 +154,21 @@ def run_lightly(out: Path, shards: Path, seed: int, steps: int, init: Path | Non
     )
     batch_size = cfg.data.stream.batch_size
     sched = SSLSchedules(s, steps, batch_size)
-    decay = [p for n, p in student.named_parameters() if p.ndim > 1 and p.requires_grad]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim <= 1 and p.requires_grad]
-    opt = torch.optim.AdamW([{"params": decay, "wd": 1.0}, {"params": no_decay, "wd": 0.0}], lr=0.0)
+    groups = []
+    for part in ("backbone", "head"):
+        params = [p for p in student[part].parameters() if p.requires_grad]
+        groups += [
+            {"params": [p for p in params if p.ndim > 1], "wd": 1.0, "part": part},
+            {"params": [p for p in params if p.ndim <= 1], "wd": 0.0, "part": part},
+        ]
+    opt = torch.optim.AdamW(groups, lr=0.0)
     loader = iter(build_loader(cfg.data, 0, 1))
     decoder = BatchDecoder(cfg.data.augment, torch.device("cpu"))
     trace = []
     for step in range(steps):
         v = sched(step)
-        for g in opt.param_groups:
-            g["lr"] = v.backbone_lr
+        for g in opt.param_groups:  # the head trains during a head warm-up, the backbone waits
+            g["lr"] = v.backbone_lr if g["part"] == "backbone" else v.lr
             g["weight_decay"] = v.weight_decay * g["wd"]
         batch = decoder(next(loader))
         b = batch.batch_size
