@@ -633,6 +633,23 @@ def _manifest_samples(samples: Any, bad) -> None:
             bad(f"samples.{sid}.status must be a string")
         if "tiles" in rec and not _is_count(rec["tiles"]):
             bad(f"samples.{sid}.tiles must be a non-negative integer, got {rec['tiles']!r}")
+        if rec.get("tile_mpp") is not None and not _in_mpp_range(rec["tile_mpp"]):
+            bad(f"samples.{sid}.tile_mpp must be a number within {MPP_RANGE} µm/px, got {rec['tile_mpp']!r}")
+
+
+def _in_mpp_range(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and MPP_RANGE[0] <= v <= MPP_RANGE[1]
+
+
+def _manifest_config(config: Any, bad) -> None:
+    """The fields of the sharding config that readers use to size things: tile_px and mpp."""
+    if not isinstance(config, dict):
+        bad("config must be an object")
+    tile_px = config.get("tile_px")
+    if tile_px is not None and not (_is_count(tile_px) and 1 <= tile_px <= MAX_TILE_PX):
+        bad(f"config.tile_px must be an integer in [1, {MAX_TILE_PX}], got {tile_px!r}")
+    if config.get("mpp") is not None and not _in_mpp_range(config["mpp"]):
+        bad(f"config.mpp must be a number within {MPP_RANGE} µm/px, got {config['mpp']!r}")
 
 
 def check_manifest(manifest: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
@@ -649,8 +666,7 @@ def check_manifest(manifest: dict[str, Any], path: str | os.PathLike) -> dict[st
     vocab = manifest.setdefault("vocab", VOCAB_NAME)
     if not isinstance(vocab, str) or not _FILE_NAME.match(vocab):
         bad(f"vocab {vocab!r} is not a plain file name of the shard folder")
-    if not isinstance(manifest.get("config", {}), dict):
-        bad("config must be an object")
+    _manifest_config(manifest.setdefault("config", {}), bad)
     _manifest_shards(manifest.get("shards"), bad)
     _manifest_samples(manifest.get("samples"), bad)
     totals = manifest.get("totals")

@@ -416,6 +416,11 @@ MANIFEST_CASES = {
     "bad sha": (lambda m: m["shards"][0].update(sha256="zz"), "sha256 must be 64"),
     "samples a list": (lambda m: m.update(samples=[]), "samples must be an object"),
     "vocab a path": (lambda m: m.update(vocab="../../etc/passwd"), "vocab '../../etc/passwd' is not a plain"),
+    "config tile_px huge": (
+        lambda m: m["config"].update(tile_px=10**9),
+        r"config.tile_px must be an integer in \[1, 2048\]",
+    ),
+    "tile_mpp absurd": (lambda m: m["samples"]["s00"].update(tile_mpp=2000.0), "samples.s00.tile_mpp must be"),
 }
 
 
