@@ -59,7 +59,7 @@ def files_under(path: Path) -> int:
     return sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def one_run(shards: Path, work: Path, ranks: int, ext_dir: Path, port: int) -> dict[str, float]:
+def one_run(shards: Path, work: Path, ranks: int, ext_dir: Path, port: int, config: Path = CONFIG) -> dict[str, float]:
     out = Path(tempfile.mkdtemp(prefix=f"run{ranks}_", dir=work))
     overrides = [
         f"data.stream.shards={shards}",
@@ -71,7 +71,7 @@ def one_run(shards: Path, work: Path, ranks: int, ext_dir: Path, port: int) -> d
         "checkpoint.every_steps=1000",
     ]
     if ranks == 1:
-        cmd = [sys.executable, "-m", "histotx.cli", "train", str(CONFIG), *overrides]
+        cmd = [sys.executable, "-m", "histotx.cli", "train", str(config), *overrides]
     else:
         cmd = [
             sys.executable,
@@ -82,7 +82,7 @@ def one_run(shards: Path, work: Path, ranks: int, ext_dir: Path, port: int) -> d
             f"--master-port={port}",
             "-m",
             "histotx.launch.train",
-            str(CONFIG),
+            str(config),
             *overrides,
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ext_dir)}
@@ -128,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", default="1,2", help="cases: comma-separated process counts (default 1,2)")
     p.add_argument("--keep-extensions", action="store_true", help="one extensions folder for every run (warm cache)")
     p.add_argument("--port", type=int, default=29731, help="first torchrun master port (default 29731)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG,
+        help="training config (default: this checkout's configs/train/tiny_cpu.yaml; give the timed checkout's "
+        "own when its config keys differ)",
+    )
     args = p.parse_args(argv)
 
     import histotx
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for i in range(args.repeats):
             ext = shared_ext if args.keep_extensions else work / f"torch_extensions_{ranks}_{i}"
-            r = one_run(shards, work, ranks, ext, port)
+            r = one_run(shards, work, ranks, ext, port, args.config)
             port += 1
             results.append(r)
             print(
