@@ -15,8 +15,10 @@ Cases (each a shard set made here; readers refuse, skip and count, or read withi
   unsafe_members links, devices, FIFOs, folders, ../ and absolute names inside a shard
   lying_checksum a shard whose bytes differ from the manifest's SHA-256
   huge_model     (embed only) a model folder whose config asks for embed_dim 16384 over tiny weights
-Each reader gets 120 s; the loader reads 2 batches of the default size (32, default augmentation), 0 workers (the work
-of one worker, in this process).
+Each reader runs in its own process over every case (imports first, reported apart); per case the peak RSS
+(VmHWM, reset before the case: the process's resident size after imports plus what the case adds) and the
+wall time; a case gets 120 s. The loader reads 2 batches of the default size (32, default augmentation),
+0 workers (the work of one worker, in this process).
 """
 
 from __future__ import annotations
@@ -271,62 +273,95 @@ def run_reader(reader: str, case: str, shards: Path, work: Path) -> str:
     return f"{len(paths)} h5ad"
 
 
-def child(reader: str, case: str, shards: str, work: str) -> None:
-    import resource
+def _peak_mb() -> float:
+    """This process's peak RSS since the last :func:`_reset_peak` (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux ≥ 4.0: VmHWM restarts from the current RSS
+
+
+def _warm(reader: str) -> None:
+    """Import what the reader needs, so the figures are the reader's work, not imports."""
+    import histotx.sharding.verify  # noqa: F401
+
+    if reader != "verify":
+        import histotx.data.augment  # noqa: F401
+        import histotx.data.collate  # noqa: F401
+        import histotx.data.stream  # noqa: F401
+        import histotx.eval.embed  # noqa: F401
+
+
+def child(reader: str, root: str, cases: str) -> None:
+    """One reader over every case, in this one process: per case, the peak RSS above the process's own
+    resident size after imports, and the wall time; a case that runs past 120 s is stopped (SIGALRM)."""
+    import signal
 
     t0 = time.perf_counter()
-    try:
-        what = run_reader(reader, case, Path(shards), Path(work))
-    except Exception as exc:  # noqa: BLE001 — a named refusal is the expected outcome of several cases
-        what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:90]}"
-    wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after fork+exec: may hold the parent's
-    status = Path("/proc/self/status")
-    if status.exists():  # VmHWM: this process image's own high-water mark (reset by exec)
-        hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
-        rss = int(hwm[0].split()[1]) / 1024 if hwm else rss
-    print(json.dumps({"wall_s": wall, "rss_mb": rss, "outcome": what}))
+    _warm(reader)
+    print(json.dumps({"case": "(imports)", "wall_s": time.perf_counter() - t0, "rss_mb": _peak_mb()}), flush=True)
+
+    def stop(*_):
+        raise TimeoutError("still running after 120 s")
+
+    signal.signal(signal.SIGALRM, stop)
+    for case in cases.split(","):
+        shards, work = Path(root) / case / "shards", Path(root) / case / reader
+        work.mkdir(parents=True, exist_ok=True)
+        _reset_peak()
+        t0 = time.perf_counter()
+        signal.alarm(120)
+        try:
+            what = run_reader(reader, case, shards, work)
+        except Exception as exc:  # noqa: BLE001 — a named refusal is the expected outcome of several cases
+            what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:100]}"
+        finally:
+            signal.alarm(0)
+        row = {"case": case, "wall_s": time.perf_counter() - t0, "rss_mb": _peak_mb(), "outcome": what}
+        print(json.dumps(row), flush=True)
+
+
+ALL_CASES = [
+    "baseline", "lying_size", "gzip_bomb", "sparse", "absurd_meta", "max_tiles", "fifo", "unsafe_members",
+    "lying_checksum", "huge_model",
+]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--cases", default=None, help="comma-separated cases (default: all)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    cases = (args.cases or "").split(",") if args.cases else [
-        "baseline", "lying_size", "gzip_bomb", "sparse", "absurd_meta", "max_tiles", "fifo", "unsafe_members",
-        "lying_checksum", "huge_model",
-    ]  # fmt: skip
+    cases = args.cases.split(",") if args.cases else ALL_CASES
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="untrusted-bench-") as tmp:
         root = Path(args.out or tmp)
-        print(f"{'case':15s} {'reader':7s} {'wall s':>7s} {'peak RSS MB':>12s}  outcome")
         for case in cases:
-            shards = make_case(case, root / case / "shards")
-            for reader in READERS if case != "huge_model" else ("embed",):
-                work = root / case / reader
-                work.mkdir(parents=True, exist_ok=True)
-                t0 = time.perf_counter()
-                try:
-                    done = subprocess.run(
-                        [sys.executable, __file__, "--child", reader, case, str(shards), str(work)],
-                        env=env,
-                        capture_output=True,
-                        text=True,
-                        timeout=120,
-                    )
-                    row = json.loads(done.stdout.strip().splitlines()[-1])
-                except subprocess.TimeoutExpired:
-                    row = {"wall_s": time.perf_counter() - t0, "rss_mb": float("nan"), "outcome": "TIMEOUT (hang)"}
-                except (IndexError, json.JSONDecodeError):
-                    row = {"wall_s": time.perf_counter() - t0, "rss_mb": float("nan"), "outcome": done.stderr[-200:]}
+            make_case(case, root / case / "shards")
+        print(f"{'reader':7s} {'case':15s} {'wall s':>7s} {'peak RSS MB':>12s}  outcome")
+        for reader in READERS:
+            mine = [c for c in cases if reader == "embed" or c != "huge_model"]
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--child", reader, str(root), ",".join(mine)],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for line in proc.stdout:
+                row = json.loads(line)
                 print(
-                    f"{case:15s} {reader:7s} {row['wall_s']:7.2f} {row['rss_mb']:12.0f}  {row['outcome']}", flush=True
+                    f"{reader:7s} {row['case']:15s} {row['wall_s']:7.2f} {row['rss_mb']:12.0f}  {row.get('outcome', '')}",
+                    flush=True,
                 )
+            proc.wait()
 
 
 if __name__ == "__main__":

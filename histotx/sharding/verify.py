@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,53 +36,74 @@ def check_tile(sample: TileSample, vocab_size: int) -> list[str]:
     return problems
 
 
-def verify(shard_dir: Path, checksums: bool = True) -> dict[str, Any]:  # noqa: C901 (its shard reading is being unified with the loader's, issue 23)
+@dataclass
+class _Tally:
+    """What verify has found so far, over every shard."""
+
+    problems: list[str] = field(default_factory=list)
+    keys: Counter = field(default_factory=Counter)
+    per_sample: Counter = field(default_factory=Counter)
+    sites: int = 0
+    counts: float = 0.0
+
+    def add(self, sample: TileSample) -> None:
+        self.keys[sample.key] += 1
+        self.per_sample[sample.meta["sample"]] += 1
+        self.sites += sample.grid.n_sites
+        self.counts += sample.grid.total_count
+
+
+def _verify_shard(path: Path, entry: dict, manifest: dict, vocab_size: int, checksums: bool, tally: _Tally) -> None:
+    """One shard, read as the loader reads it (:mod:`histotx.shard_reader`): its file against the manifest
+    (size, SHA-256), every sample decoded and checked, skipped members and damage reported."""
+    tally.problems += check_shard_file(path, entry, checksums)
+    seen, counts = 0, ReadCounts()
+    try:
+        for members in iter_shard(path, counts):
+            seen += 1
+            try:
+                sample = decode_sample(members)
+                tally.problems += [f"{path}: {sample.key}: {p}" for p in check_tile(sample, vocab_size)]
+                if sample.meta["sample"] not in manifest["samples"]:
+                    tally.problems.append(
+                        f"{path}: {sample.key}: sample {sample.meta['sample']!r} is not in the manifest"
+                    )
+            except (FormatError, OSError, ValueError) as exc:
+                tally.problems.append(f"{path}: {members.get('__key__')}: {exc}")
+                continue
+            tally.add(sample)
+    except (FormatError, OSError) as exc:  # a damaged tar, a FIFO or device, an I/O error
+        tally.problems.append(f"{exc} (unreadable after {seen} samples)")
+    if counts.skipped_members:
+        tally.problems.append(f"{path}: tar members skipped ({counts.summary()})")
+    if seen != entry["samples"]:
+        tally.problems.append(f"{path}: {seen} samples, manifest says {entry['samples']}")
+
+
+def verify(shard_dir: Path, checksums: bool = True) -> dict[str, Any]:
     """Returns {"shards": n, "tiles": n, "sites": n, "counts": x, "per_sample": {...}, "problems": [...]}."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     vocab = Vocab.load(shard_dir / manifest["vocab"])
-    problems: list[str] = []
-    keys: Counter[str] = Counter()
-    per_sample: Counter[str] = Counter()
-    n_sites, counts_sum = 0, 0.0
+    tally = _Tally()
     for entry in manifest["shards"]:
         path = shard_path(shard_dir, entry["name"])
         if not path.exists():
-            problems.append(f"{path}: missing")
+            tally.problems.append(f"{path}: missing")
             continue
-        problems += check_shard_file(path, entry, checksums)
-        seen, counts = 0, ReadCounts()
-        try:
-            for members in iter_shard(path, counts):
-                seen += 1
-                try:
-                    sample = decode_sample(members)
-                    for p in check_tile(sample, len(vocab)):
-                        problems.append(f"{path}: {sample.key}: {p}")
-                except (FormatError, OSError, ValueError) as exc:
-                    problems.append(f"{path}: {members.get('__key__')}: {exc}")
-                    continue
-                keys[sample.key] += 1
-                per_sample[sample.meta["sample"]] += 1
-                n_sites += sample.grid.n_sites
-                counts_sum += sample.grid.total_count
-        except (FormatError, OSError) as exc:  # a damaged tar, a FIFO or device, an I/O error
-            problems.append(f"{exc} (unreadable after {seen} samples)")
-        if counts.skipped_members:
-            problems.append(f"{path}: tar members skipped ({counts.summary()})")
-        if seen != entry["samples"]:
-            problems.append(f"{path}: {seen} samples, manifest says {entry['samples']}")
-    dups = [k for k, c in keys.items() if c > 1]
+        _verify_shard(path, entry, manifest, len(vocab), checksums, tally)
+    dups = [k for k, c in tally.keys.items() if c > 1]
     if dups:
-        problems.append(f"{len(dups)} duplicate keys, e.g. {', '.join(dups[:3])}")
+        tally.problems.append(f"{len(dups)} duplicate keys, e.g. {', '.join(dups[:3])}")
     for sid, rec in manifest["samples"].items():
-        if rec.get("status") == "ok" and per_sample.get(sid, 0) != rec.get("tiles"):
-            problems.append(f"sample {sid}: {per_sample.get(sid, 0)} tiles in shards, manifest says {rec.get('tiles')}")
+        found = tally.per_sample.get(sid, 0)
+        if rec.get("status") == "ok" and found != rec.get("tiles"):
+            tally.problems.append(f"sample {sid}: {found} tiles in shards, manifest says {rec.get('tiles')}")
     return {
         "shards": len(manifest["shards"]),
-        "tiles": sum(keys.values()),
-        "sites": n_sites,
-        "counts": counts_sum,
-        "per_sample": dict(per_sample),
-        "problems": problems,
+        "tiles": sum(tally.keys.values()),
+        "sites": tally.sites,
+        "counts": tally.counts,
+        "per_sample": dict(tally.per_sample),
+        "problems": tally.problems,
     }
