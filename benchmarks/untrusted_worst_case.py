@@ -357,10 +357,8 @@ def main() -> None:
             )
             for line in proc.stdout:
                 row = json.loads(line)
-                print(
-                    f"{reader:7s} {row['case']:15s} {row['wall_s']:7.2f} {row['rss_mb']:12.0f}  {row.get('outcome', '')}",
-                    flush=True,
-                )
+                figures = f"{row['wall_s']:7.2f} {row['rss_mb']:12.0f}"
+                print(f"{reader:7s} {row['case']:15s} {figures}  {row.get('outcome', '')}", flush=True)
             proc.wait()
 
 
