@@ -100,6 +100,7 @@ def main() -> int:
                 "log.progress=false",
                 "log.tensorboard=false",
                 "checkpoint.every_steps=1000000",
+                f"require_cuda={'false' if args.allow_cpu else 'true'}",
                 *args.overrides,
             ],
         )

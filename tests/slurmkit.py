@@ -60,6 +60,24 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def _two_node_conf(root: Path, host: str, port: int, nodes) -> str:
+    """One controller in the host namespace (on the bridge's address), one slurmd per node namespace."""
+    head = _conf(root, host, port).split("NodeName=")[0]
+    head = head.replace(f"SlurmctldHost={host}\n", f"SlurmctldHost={host}({nodes[0].addr.rsplit('.', 1)[0]}.254)\n")
+    for key, value in (
+        ("SlurmdSpoolDir", "spool-%n"),
+        ("SlurmdPidFile", "slurmd-%n.pid"),
+        ("SlurmdLogFile", "slurmd-%n.log"),
+    ):
+        head = "\n".join(f"{key}={root}/{value}" if line.startswith(f"{key}=") else line for line in head.splitlines())
+    cpus = os.cpu_count()
+    lines = [f"NodeName={n.hostname} NodeAddr={n.addr} CPUs={cpus} RealMemory=8000 State=UNKNOWN" for n in nodes]
+    names = ",".join(n.hostname for n in nodes)
+    return (
+        head + "\n" + "\n".join(lines) + f"\nPartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP\n"
+    )
+
+
 def _start_munge() -> None:
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
         return
@@ -98,6 +116,53 @@ def local_slurm(root: Path, port: int = 16817):
             time.sleep(0.5)
         else:
             raise RuntimeError(f"SLURM did not come up: {(root / 'slurmctld.log').read_text()[-2000:]}")
+        yield env
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@contextmanager
+def two_node_slurm(root: Path, nodes, port: int = 16857):
+    """slurmctld in the host namespace, one slurmd in each node's namespace (tests/netkit.py's nodes)."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    root = Path(root)
+    (root / "state").mkdir(parents=True, exist_ok=True)
+    for n in nodes:
+        (root / f"spool-{n.hostname}").mkdir(parents=True, exist_ok=True)
+    conf = root / "slurm.conf"
+    conf.write_text(_two_node_conf(root, socket.gethostname(), port, nodes))
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    _start_munge()
+
+    def start(argv, name):
+        return subprocess.Popen(
+            argv, env=env, start_new_session=True, stdout=open(root / f"{name}.out", "wb"), stderr=subprocess.STDOUT
+        )
+
+    procs = [start(["slurmctld", "-D", "-f", str(conf)], "slurmctld")]
+    try:
+        procs += [
+            start(n.enter(["slurmd", "-D", "-N", n.hostname, "-f", str(conf)]), f"slurmd-{n.hostname}") for n in nodes
+        ]
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True)
+            if state.stdout.split() == ["idle"] * len(nodes):
+                break
+            time.sleep(0.5)
+        else:
+            logs = "".join(
+                f"{f.name}: {f.read_text()[-1000:]}\n" for f in sorted(root.glob("*.out")) + sorted(root.glob("*.log"))
+            )
+            pytest.fail(f"the two-node SLURM did not come up (sinfo: {state.stdout.split()}):\n{logs}")
         yield env
     finally:
         for p in procs:

@@ -54,7 +54,7 @@ def test_usr1_to_the_batch_script_saves_requeues_and_the_next_start_resumes(shar
         "SLURM_JOB_NODELIST": "localhost",
         "SLURM_NNODES": "1",
         "GPUS_PER_NODE": "2",
-        "HISTOTX_REPO": str(REPO),
+        "HISTOTX_REQUIRE_CUDA": "false",
         "REQUEUE_LOG": str(tmp_path / "requeued"),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO),

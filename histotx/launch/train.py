@@ -12,9 +12,12 @@ import argparse
 import logging
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from histotx.launch.env import set_distributed_env
 
 
+@record  # under torchrun: the exception goes to the error file torchrun reports as the root cause
 def main(argv: list[str] | None = None) -> int:
     set_distributed_env()
     from histotx.export.during_training import checkpoint_hooks

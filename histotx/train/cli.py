@@ -37,6 +37,12 @@ complete checkpoint (same world size, data and batch settings).
 """
 
 
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_NO_CUDA = 2, 3, 4
+"""Exit statuses of a rank besides 0 (done, or stopped by a signal after saving) and 1 (a crash): a config or
+input error, a run of non-finite losses, CUDA expected but unavailable. slurm/pretrain.sbatch retries none of
+them (a retry would fail the same way)."""
+
+
 def run(
     args: argparse.Namespace, checkpoint_hooks: Callable[[TrainConfig], Sequence[CheckpointHook]] | None = None
 ) -> int:
@@ -47,7 +53,10 @@ def run(
     from histotx.train.config import TrainConfig
     from histotx.train.preflight import check_run_inputs
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "require_cuda", None) is not None:  # the flag wins over the config and its overrides
+        overrides.append(f"require_cuda={str(args.require_cuda).lower()}")
+    cfg = load_config(TrainConfig, args.config, overrides)
     check_run_inputs(cfg, args.resume)  # before torch, DeepSpeed, the model: seconds, and nothing written
     out = Path(cfg.out)
     lead = int(os.environ.get("RANK", "0")) == 0
@@ -55,13 +64,17 @@ def run(
         console.say_start(out, cfg.data.stream.shards, int(os.environ.get("WORLD_SIZE", "1")), cfg.steps, args.resume)
     fresh = not out.exists()
 
+    from histotx.train.engine import CudaUnavailableError
     from histotx.train.loop import NonFiniteLossError, train
 
     try:
         rc = train(cfg, args.resume, checkpoint_hooks(cfg) if checkpoint_hooks else ())
     except NonFiniteLossError as exc:
         logging.getLogger("histotx.train").error("%s", exc)
-        rc, failure = 3, str(exc)
+        rc, failure = EXIT_NONFINITE, str(exc)
+    except CudaUnavailableError as exc:
+        logging.getLogger("histotx.train").error("%s", exc)
+        rc, failure = EXIT_NO_CUDA, str(exc)
     except BaseException as exc:
         if lead:
             _record_failure(out, fresh, f"{type(exc).__name__}: {exc}")
@@ -114,6 +127,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="auto: continue from the newest complete checkpoint under <out>/checkpoints (start fresh "
         "if none); PATH: a checkpoints/step_* folder, or a run folder to take its newest",
+    )
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument(
+        "--require-cuda",
+        dest="require_cuda",
+        action="store_true",
+        default=None,
+        help="stop at start-up, naming the NVIDIA driver and torch's CUDA build, if CUDA is unavailable "
+        "(config key require_cuda; on in the GPU configs and slurm/pretrain.sbatch)",
+    )
+    gpu.add_argument(
+        "--allow-cpu",
+        dest="require_cuda",
+        action="store_false",
+        help="train on CPU (gloo, fp32) even if the config sets require_cuda",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 

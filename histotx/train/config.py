@@ -110,6 +110,9 @@ class TrainConfig:
     steps: int = 100_000  # optimiser steps of the whole run (the schedules span them)
     seed: int = 0
     max_consecutive_nonfinite: int = 20  # NaN/inf losses in a row before the run stops
+    # GPU configs and slurm/pretrain.sbatch: stop at start-up, naming the driver and the CUDA build, when CUDA is
+    # unavailable (else the run falls back to gloo + fp32 on CPU)
+    require_cuda: bool = False
     init: InitConfig = field(default_factory=InitConfig)
     model: ModelSection = field(default_factory=lambda: ModelSection(size="tiny"))
     data: DataConfig = field(default_factory=DataConfig)

@@ -47,12 +47,68 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class CudaUnavailableError(RuntimeError):
+    """GPUs were expected (``require_cuda``) but torch cannot use CUDA here."""
+
+
+def _nvidia_driver() -> str:
+    """The NVIDIA kernel driver's version line, or why none was found."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            first = f.readline().strip()
+        return first.split("Kernel Module", 1)[-1].split()[0] if "Kernel Module" in first else first
+    except OSError:
+        pass
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()[0]
+            return f"nvidia-smi failed: {(out.stderr or out.stdout).strip()[:200]}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"nvidia-smi failed: {exc}"
+    return "none found (no /proc/driver/nvidia/version, no nvidia-smi)"
+
+
+def cuda_report() -> str:
+    """What a user needs to see when CUDA is unavailable: the driver, torch's CUDA build, torch's error."""
+    reason = ""
+    if torch.version.cuda is not None:
+        try:
+            torch.cuda.init()
+        except Exception as exc:  # the driver's own words (too old, no device, ...)
+            reason = f"; torch.cuda.init(): {str(exc).strip().splitlines()[0][:300]}"
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build (no CUDA)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (
+        f"NVIDIA driver: {_nvidia_driver()}; torch {torch.__version__} is {build}"
+        f"{'' if visible is None else f'; CUDA_VISIBLE_DEVICES={visible!r}'}{reason}"
+    )
+
+
+def check_cuda(cfg: TrainConfig) -> None:
+    """Fail fast when the config expects GPUs (``require_cuda``) and torch cannot use CUDA."""
+    if cfg.require_cuda and not torch.cuda.is_available():
+        raise CudaUnavailableError(
+            f"require_cuda is set but CUDA is unavailable on {socket.gethostname()}: {cuda_report()}. "
+            "torch's cu130 wheels need an NVIDIA driver >= 580; to train on CPU on purpose, pass "
+            "require_cuda=false (or --allow-cpu; slurm/pretrain.sbatch: HISTOTX_REQUIRE_CUDA=false)"
+        )
+
+
 def init_distributed(cfg: TrainConfig) -> torch.device:
     """Join (or, alone, create) the process group from RANK / WORLD_SIZE / MASTER_ADDR (see launch/)."""
     import deepspeed
 
     from histotx.train.ds_ops import skip_unused_builds
 
+    check_cuda(cfg)  # before the rendezvous: every rank stops at once, none waits for the others
     skip_unused_builds()  # no JIT-compiled shared-memory op on CPU: training never uses it
     if "WORLD_SIZE" not in os.environ:  # a plain single-process run
         os.environ.update(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from histotx.config import dump_config, to_dict
 from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
+from histotx.format import atomic_write_json
 from histotx.model import FusedViT
 from histotx.ssl.config import KOLEO_MIN_BATCH
 from histotx.ssl.meta import SSLMetaArch
@@ -49,6 +51,7 @@ from histotx.train.monitor import KnnProbe
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_REPORT_ENV = "HISTOTX_STOP_REPORT"
 
 CheckpointHook = Callable[[Path, int], Any]
 """Called on rank 0 with a just completed checkpoint's folder and step, while the other ranks wait; what
@@ -287,6 +290,15 @@ class Trainer:
             dist.barrier()
         return path
 
+    def _report_stop(self, path: Path) -> None:
+        """Rank 0 tells the job script (``$HISTOTX_STOP_REPORT``, set by slurm/pretrain.sbatch) that a stop
+        signal's checkpoint is complete on every rank (:func:`checkpoint.save` returned after its last
+        barrier). The launcher's exit status cannot say so: torchrun exits 1 after forwarding a signal,
+        whatever its ranks did."""
+        target = os.environ.get(STOP_REPORT_ENV)
+        if self.rank == 0 and target:
+            atomic_write_json(target, {"step": self.step, "checkpoint": str(path), "world_size": self.world})
+
     def _record(self, window: Window) -> dict[str, Any]:
         record = window.reduce(self.device)
         values = self.schedules(self.step - 1)
@@ -334,13 +346,14 @@ class Trainer:
             window.started += self.run_probe(metrics)  # the probe's time is not the window's
         stopped = self._stop_agreed
         if stopped or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
-            self.save()
+            saved = self.save()
         if stopped:
             log.warning(
                 "stopped by %s after step %d; checkpoint saved, resume with --resume auto",
                 signal.Signals(self._signal).name if self._signal else "a signal on another rank",
                 self.step,
             )
+            self._report_stop(saved)
         return window, stopped
 
     def run(self) -> int:
@@ -388,14 +401,51 @@ class Trainer:
         return 0
 
     def close(self) -> None:
+        """The end of a run that every rank reached: a barrier, then the process group goes."""
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
+    def abort(self) -> None:
+        """The end of a run that failed on this rank. No barrier: the other ranks may be waiting in another
+        collective (a barrier here would match nothing and hang every rank until the NCCL/gloo timeout).
+        The process group is aborted, so that this process exits now; its peers then fail in their pending
+        collective (gloo: the connection closes) or are stopped by the launcher (torchrun, srun
+        --kill-on-bad-exit)."""
+        abort_process_group(self.rank)
+
+
+def abort_process_group(rank: int | None = None) -> None:
+    if not dist.is_initialized():
+        return
+    try:
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            abort()
+        else:  # pragma: no cover - older torch
+            dist.destroy_process_group()
+    except Exception as exc:  # the group is already broken: nothing more to release
+        log.debug("rank %s: aborting the process group: %s", rank, exc)
+
 
 def train(cfg: TrainConfig, resume: str | None = None, hooks: Sequence[CheckpointHook] = ()) -> int:
-    trainer = Trainer(cfg, resume, hooks)
     try:
-        return trainer.run()
-    finally:
-        trainer.close()
+        trainer = Trainer(cfg, resume, hooks)
+    except BaseException:  # set-up failed on this rank (the caller reports it): leave without a barrier
+        abort_process_group()
+        raise
+    try:
+        code = trainer.run()
+    except BaseException as exc:
+        log.error(
+            "rank %d of %d failed at step %d: %s: %s",
+            trainer.rank,
+            trainer.world,
+            trainer.step + 1,
+            type(exc).__name__,
+            exc,
+        )
+        trainer.abort()
+        raise
+    trainer.close()
+    return code
