@@ -96,8 +96,13 @@ def shard_path(shard_dir: str | os.PathLike, name: Any) -> Path:
 
 def open_shard(path: str | os.PathLike) -> tuple[IO[bytes], int]:
     """(binary file, size) of a regular file; a FIFO, device, socket or folder is a FormatError (opened
-    non-blocking and checked with ``fstat`` before any read, so nothing can hang)."""
-    path = Path(path)
+    non-blocking and checked with ``fstat`` before any read, so nothing can hang). A remote URL (s3://,
+    gs://, ...) is opened as a stream by :func:`histotx.shard_location.open_remote_shard`."""
+    from histotx.shard_location import is_remote, local_path, open_remote_shard
+
+    if is_remote(path):
+        return open_remote_shard(str(path))
+    path = local_path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:

@@ -15,7 +15,6 @@ global crop, then all second ones), so a ``[2B, ...]`` output views as ``[2, B, 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,10 +23,9 @@ from histotx.data.augment import TileViews, View
 from histotx.data.config import DataConfig
 from histotx.data.masking import image_masks, token_masks
 from histotx.data.pixels import PendingViews, render_views
-from histotx.format import VOCAB_NAME, read_manifest
+from histotx.format import VOCAB_NAME
 from histotx.model.transcripts import TranscriptBatch
 from histotx.tokens import TranscriptCells, bin_grids, token_size
-from histotx.vocab import Vocab
 
 BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY = 0, 1, 2
 """Per-sample modality codes of the student's input."""
@@ -154,7 +152,9 @@ def read_panels(shards: str) -> tuple[dict[str, np.ndarray], int]:
     ranges, written by ``histotx shard``), and the width of a panel row (the shard vocabulary)."""
     if not shards:
         return {}, 0
-    samples = read_manifest(shards).get("samples", {})
+    from histotx.shard_location import load_manifest, load_vocab
+
+    samples = load_manifest(shards).get("samples", {})
     panels = {
         sid: np.concatenate([np.zeros(0, np.int64)] + [np.arange(a, b) for a, b in rec["gene_ranges"]])
         for sid, rec in samples.items()
@@ -162,10 +162,8 @@ def read_panels(shards: str) -> tuple[dict[str, np.ndarray], int]:
     }
     if not panels:
         return {}, 0
-    vocab = Path(shards) / VOCAB_NAME
-    width = max(
-        [len(Vocab.load(vocab)) if vocab.is_file() else 0] + [int(g.max()) + 1 for g in panels.values() if g.size]
-    )
+    vocab = load_vocab(shards, VOCAB_NAME)
+    width = max([len(vocab) if vocab is not None else 0] + [int(g.max()) + 1 for g in panels.values() if g.size])
     return panels, width
 
 

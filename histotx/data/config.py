@@ -12,7 +12,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class StreamConfig:
-    shards: str = ""  # a shard folder with manifest.json (made by `histotx shard`)
+    shards: str = ""  # a shard folder with manifest.json (made by `histotx shard`), or an fsspec URL: s3://b/p, gs://, file://
     batch_size: int = 32  # per rank
     num_workers: int = 4  # per rank; a resumed run must use the same number
     seed: int = 0

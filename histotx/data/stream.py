@@ -20,6 +20,10 @@ on raw bytes, skips the consumed samples without decoding them, and continues wi
 DataLoader workers take turns (worker ``p`` makes batches ``G0 + p + kW``), so after a resume the first
 worker serves whichever slot is due next.
 
+Where. ``shards`` is a folder or any fsspec URL (:mod:`histotx.shard_location`): from s3://, gs://, ...
+the manifest and vocabulary are read as bytes and the shards streamed (ranged reads, no local copy), each
+rank and worker slot reading its own split as from a folder.
+
 Faults. Shards are read by :mod:`histotx.shard_reader` (plain regular members only, every size checked
 against the file before reading; links, special files and unsafe names skipped and counted as
 ``skipped_members``). Each shard's size and SHA-256 are checked against the manifest once per worker
@@ -47,8 +51,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from histotx.data.config import StreamConfig
-from histotx.format import FormatError, TileSample, decode_sample, read_manifest
-from histotx.shard_reader import ReadCounts, check_shard_file, iter_samples, open_shard, shard_path
+from histotx.format import FormatError, TileSample, decode_sample
+from histotx.shard_location import load_manifest, load_vocab, shard_url
+from histotx.shard_reader import ReadCounts, check_shard_file, iter_samples, open_shard
 
 _SHARD_ORDER, _SHUFFLE, _SAMPLE, _BATCH, _RESAMPLE, _REPEAT = range(6)
 
@@ -161,10 +166,10 @@ class ShardStream(IterableDataset):
     ) -> None:
         if not cfg.shards:
             raise ValueError("data.stream.shards is empty: set it to a shard folder made by `histotx shard`")
-        manifest = read_manifest(cfg.shards)
+        manifest = load_manifest(cfg.shards)  # a folder or any fsspec URL (histotx.shard_location)
         self.cfg, self.transform, self.collate = cfg, transform, collate
         self.rank, self.world_size = rank, world_size
-        self.urls = [str(shard_path(cfg.shards, s["name"])) for s in manifest["shards"]]
+        self.urls = [shard_url(cfg.shards, s["name"]) for s in manifest["shards"]]
         self.entries = {url: entry for url, entry in zip(self.urls, manifest["shards"], strict=True)}
         self._verdicts: dict[str, str] = {}  # shard → its problems ("" if none), checked once per process
         self.n_slots = max(1, cfg.num_workers)
@@ -176,13 +181,9 @@ class ShardStream(IterableDataset):
                 "(each needs a shard of its own); write smaller shards, use fewer workers, or set "
                 "data.stream.resample=true"
             )
-        vocab = self.vocab_path = Path(cfg.shards) / manifest["vocab"]
-        if vocab.exists():
-            from histotx.vocab import Vocab
-
-            self.vocab_size: int | None = len(Vocab.load(vocab))
-        else:
-            self.vocab_size = None
+        self.vocab_path = manifest["vocab"]
+        vocab = load_vocab(cfg.shards, manifest["vocab"])
+        self.vocab_size: int | None = None if vocab is None else len(vocab)
         tiles = int(manifest["totals"]["tiles"])
         self.steps_per_epoch = cfg.steps_per_epoch or max(1, tiles // (world_size * cfg.batch_size))
         self.start_batch = 0  # batches already handed out on this rank

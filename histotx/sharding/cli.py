@@ -60,7 +60,18 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("cohort", type=Path, help="cohort YAML (see `histotx shard scan`)")
-    r.add_argument("--out", type=Path, required=True, help="shard folder (created; a rerun resumes)")
+    r.add_argument(
+        "--out",
+        required=True,
+        help="shard folder (created; a rerun resumes), or an fsspec URL (s3://bucket/prefix, gs://...): the set "
+        "is written to --stage, then uploaded, shards first and manifest.json last",
+    )
+    r.add_argument(
+        "--stage",
+        type=Path,
+        help="with a URL --out: the local folder the set is written to before the upload "
+        "(default: a folder under the temporary directory named after the URL; removed after the upload)",
+    )
     r.add_argument("--config", type=Path, help="YAML with shard settings (histotx/sharding/config.py ShardConfig)")
     r.add_argument("--workers", type=int, default=1, help="processes, one sample each at a time (default 1)")
     r.add_argument("--part", help="i/n: shard only samples i, i+n, i+2n, ... (then `histotx shard merge`)")
@@ -165,8 +176,14 @@ def _run(args) -> int:
     from histotx.sharding.config import ShardConfig
     from histotx.sharding.pipeline import Part, run_cohort
 
+    from histotx.shard_location import is_remote, local_path
+
     cfg = load_config(ShardConfig, args.config, args.overrides)
     part = Part.parse(args.part)
+    remote = is_remote(args.out)
+    if remote and args.part:
+        raise ValueError(f"--out {args.out}: a --part run writes to a local folder (merge, then upload the set)")
+    out = (args.stage or _stage_folder(args.out)) if remote else local_path(args.out)
     with tqdm(desc="samples", unit="sample", file=sys.stderr) as bar:  # closed even when the run stops
 
         def progress(record: dict) -> None:
@@ -174,10 +191,32 @@ def _run(args) -> int:
             bar.set_postfix_str(f"{record['sample']}: {record['status']} ({record.get('tiles', 0)} tiles)")
 
         manifest = run_cohort(
-            args.cohort, args.out, cfg, workers=args.workers, part=part, vocab_from=args.vocab, progress=progress
+            args.cohort, out, cfg, workers=args.workers, part=part, vocab_from=args.vocab, progress=progress
         )
     _summary_table(manifest)
+    if remote:
+        _upload(out, args.out, manifest, keep=args.stage is not None)
     return 1 if manifest["totals"]["samples_failed"] else 0
+
+
+def _stage_folder(url: str) -> Path:
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "histotx-stage" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _upload(folder: Path, url: str, manifest: dict, keep: bool) -> None:
+    """The finished set to ``url``: shards and vocabulary, then the manifest (what readers open first)."""
+    import shutil
+
+    from histotx.shard_location import upload_shard_set
+
+    names = [s["name"] for s in manifest["shards"]] + [manifest.get("vocab", "vocab.tsv")]
+    upload_shard_set(folder, url, [n for n in names if (folder / n).is_file()])
+    print(f"uploaded {len(manifest['shards'])} shards and the manifest to {url}", file=sys.stderr)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _scan(args) -> int:

@@ -64,13 +64,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _check_vocabulary(cfg: TrainConfig, vocab_size: int) -> None:
-    from histotx.vocab import Vocab
+    from histotx.shard_location import load_manifest, load_vocab
 
-    path = Path(cfg.data.stream.shards) / "vocab.tsv"
-    if path.is_file() and len(Vocab.load(path)) > vocab_size:
+    shards = cfg.data.stream.shards
+    vocab = load_vocab(shards, load_manifest(shards)["vocab"])
+    if vocab is not None and len(vocab) > vocab_size:
         raise ValueError(
-            f"{path}: the shard set's vocabulary has {len(Vocab.load(path))} genes, more than "
-            f"model.vocab_size={vocab_size}"
+            f"{shards}: the shard set's vocabulary has {len(vocab)} genes, more than model.vocab_size={vocab_size}"
         )
 
 

@@ -16,13 +16,35 @@ from histotx.config import ConfigError
 from histotx.train.config import TrainConfig
 
 
+def _remote_shard_set(key: str, value: str) -> dict:
+    """The manifest of a shard set at a URL, and one listing for the shards it names."""
+    from histotx.format import MANIFEST_NAME, FormatError
+    from histotx.shard_location import listed_objects, load_manifest
+
+    try:
+        manifest = load_manifest(value)
+    except (FormatError, ValueError) as exc:
+        raise ConfigError(f"{key}={value}: {exc}") from exc
+    listed = listed_objects(value)
+    missing = [s["name"] for s in manifest.get("shards", []) if s["name"] not in listed]
+    if not manifest.get("shards") or missing:
+        raise ConfigError(
+            f"{key}={value}: {len(missing)} of {len(manifest.get('shards', []))} shards listed in "
+            f"{MANIFEST_NAME} are missing" + (f" (e.g. {missing[0]})" if missing else "")
+        )
+    return manifest
+
+
 def _shard_folder(key: str, value: str) -> dict:
     """The manifest of the shard folder a config key names, every listed shard present."""
     from histotx.format import MANIFEST_NAME, FormatError, read_manifest
+    from histotx.shard_location import is_remote, local_path
 
     if not value:
         raise ConfigError(f"{key} is not set: give the shard folder made by `histotx shard run` ({key}=DIR)")
-    path = Path(value)
+    if is_remote(value):  # s3://, gs://, ...
+        return _remote_shard_set(key, value)
+    path = local_path(value)
     if not path.exists():
         raise ConfigError(f"{key}={value}: no such folder")
     if not path.is_dir():
@@ -53,11 +75,12 @@ def _shard_folder(key: str, value: str) -> dict:
 
 
 def _vocabulary(value: str, manifest: dict, vocab_size: int) -> None:
-    from histotx.vocab import Vocab
+    from histotx.shard_location import join, load_vocab
 
-    path = Path(value) / manifest.get("vocab", "vocab.tsv")
-    if path.is_file():
-        n = len(Vocab.load(path))
+    path = join(value, manifest.get("vocab", "vocab.tsv"))
+    vocab = load_vocab(value, manifest.get("vocab", "vocab.tsv"))
+    if vocab is not None:
+        n = len(vocab)
         if n > vocab_size:
             raise ConfigError(
                 f"{path}: the shard set's vocabulary has {n} genes, more than model.vocab_size={vocab_size}; "
