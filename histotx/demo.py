@@ -17,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from histotx.presets import packaged
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TRAIN_CONFIG = ROOT / "configs" / "train" / "tiny_cpu.yaml"
+TINY_TRAIN_CONFIG = packaged("tiny_cpu")  # package data: found from a wheel as from a checkout
 TRAIN_STEPS = 200  # a few minutes on 2 CPU ranks
 TRAIN_RANKS = 2
 EVAL_MODES = ("image", "transcripts", "fused")

@@ -48,6 +48,7 @@ def run(
 ) -> int:
     """``checkpoint_hooks``: the run's config → hooks for the trainer; given by the layer above training
     (the `histotx` CLI, launch/train.py), since training must not import what they do (the export)."""
+    from histotx import presets
     from histotx.config import load_config
     from histotx.train import console
     from histotx.train.config import TrainConfig
@@ -56,7 +57,7 @@ def run(
     overrides = list(args.overrides)
     if getattr(args, "require_cuda", None) is not None:  # the flag wins over the config and its overrides
         overrides.append(f"require_cuda={str(args.require_cuda).lower()}")
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = load_config(TrainConfig, presets.resolve(args.config), overrides)  # a file, or a packaged name
     check_run_inputs(cfg, args.resume)  # before torch, DeepSpeed, the model: seconds, and nothing written
     out = Path(cfg.out)
     lead = int(os.environ.get("RANK", "0")) == 0
@@ -114,7 +115,12 @@ def _record_failure(out: Path, fresh: bool, error: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="training config (YAML), e.g. configs/train/tiny_cpu.yaml")
+    p.add_argument(
+        "config",
+        type=Path,
+        help="training config (YAML), e.g. configs/train/tiny_cpu.yaml, or a packaged config's name "
+        "(tiny_cpu, vit_l16_uni, ...)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
