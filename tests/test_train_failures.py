@@ -63,7 +63,7 @@ def test_a_rank_failing_mid_run_ends_the_job_with_its_error(shards, tmp_path):  
         if job.poll() is None:
             job.kill()
     assert job.returncode != 0, log[-4000:]
-    tail = "\n".join(log.rstrip().splitlines()[-40:])
+    tail = "\n".join(log.rstrip().splitlines()[-40:])  # torchrun's summary: the root cause comes last
     assert "Root Cause (first observed failure)" in tail and "rank      : 1 (local_rank: 1)" in tail, tail
     assert "RuntimeError: injected fault: rank 1 out of memory taking step 3" in tail, tail
     assert "rank 1 of 2 failed at step 3" in log
@@ -116,3 +116,15 @@ def test_the_cuda_report_names_driver_and_build(monkeypatch):
     assert report.startswith("NVIDIA driver: 550.54.15; torch ") and (
         f"CUDA {torch.version.cuda}" in report if torch.version.cuda else "CPU-only build" in report
     )
+
+
+def test_a_peer_failure_is_told_from_a_rank_of_its_own():
+    from histotx.train.loop import is_peer_failure
+
+    gloo = RuntimeError(
+        "[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:17328. This is typically "
+        "caused by a remote worker crashing."
+    )
+    assert is_peer_failure(gloo)
+    assert not is_peer_failure(RuntimeError("injected fault: rank 1 out of memory taking step 3"))
+    assert not is_peer_failure(OSError(28, "No space left on device"))

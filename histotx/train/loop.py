@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -437,15 +438,36 @@ def train(cfg: TrainConfig, resume: str | None = None, hooks: Sequence[Checkpoin
     try:
         code = trainer.run()
     except BaseException as exc:
+        consequence = is_peer_failure(exc)
         log.error(
-            "rank %d of %d failed at step %d: %s: %s",
+            "rank %d of %d failed at step %d: %s: %s%s",
             trainer.rank,
             trainer.world,
             trainer.step + 1,
             type(exc).__name__,
             exc,
+            " (a peer failed first)" if consequence else "",
         )
+        if consequence:
+            # torchrun names the failure with the earliest time stamp (whole seconds) the root cause; a rank
+            # that only saw its peer go waits, so that the rank that failed first is the one reported
+            time.sleep(PEER_FAILURE_DELAY_S)
         trainer.abort()
         raise
     trainer.close()
     return code
+
+
+PEER_FAILURE_DELAY_S = 2.0
+_PEER_FAILURE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|remote worker|Broken pipe|NCCL communicator was aborted"
+    r"|ncclRemoteError|remote process exited",
+    re.IGNORECASE,
+)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether a rank's exception only reports that another rank went away (gloo: "Connection closed by
+    peer ... typically caused by a remote worker crashing"; NCCL: a remote error or an aborted
+    communicator), rather than a failure of its own."""
+    return isinstance(exc, RuntimeError) and bool(_PEER_FAILURE.search(str(exc)))
