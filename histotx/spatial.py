@@ -32,7 +32,7 @@ def tile_centres(origins_level0: np.ndarray, size_level0: float) -> np.ndarray:
     return np.asarray(origins_level0, dtype=np.float64).reshape(-1, 2) + float(size_level0) / 2.0
 
 
-def _shrink(rgb: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:
+def shrink_image(rgb: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:
     """``rgb`` shrunk (area average) so its longest side is ≤ ``max_px``; (image, its scale to the input)."""
     h, w = rgb.shape[:2]
     scale = min(1.0, max_px / max(h, w, 1))
@@ -52,8 +52,8 @@ def visium_spatial(
     image px): ``hires`` (≤ 2000 px) and ``lowres`` (≤ 600 px) images with their scale factors."""
     if not level0_per_px > 0:
         raise ValueError(f"level0_per_px must be positive, got {level0_per_px}")
-    hires, s_hi = _shrink(image, HIRES_MAX_PX)
-    lowres, s_lo = _shrink(hires, LOWRES_MAX_PX)
+    hires, s_hi = shrink_image(image, HIRES_MAX_PX)
+    lowres, s_lo = shrink_image(hires, LOWRES_MAX_PX)
     hires_scalef = s_hi / level0_per_px
     entry: dict[str, Any] = {
         "images": {"hires": hires, "lowres": lowres},

@@ -102,6 +102,8 @@ def test_predict_recovers_the_planted_expression(predicted, cohort, head_dir):
     a = ad.read_h5ad(predicted / f"{cohort['held_id']}.h5ad")
     assert list(a.var_names) == head.genes and a.X.dtype == np.float32
     np.testing.assert_allclose(a.var["heldout_pearson"], head.pearson)
+    assert (a.X >= head.y_min.astype(np.float32) - 1e-6).all() and (a.X <= head.y_max.astype(np.float32) + 1e-6).all()
+    assert (a.var["tiles_outside_training_range"] <= 0.1 * a.n_obs).all()  # a slide like the training ones
     [entry] = tile_expression(cohort["held_shards"]).values()
     names = a.obs_names.str.split("__").str[-1]  # r00003_c00007: the grid position, as in the shards' keys
     rows = names.get_indexer([k.split("__")[-1] for k in entry.keys])

@@ -11,7 +11,10 @@ patient held out once with ≤ 4 patients, GroupKFold(5) beyond), each outer fol
 its own training patients. The saved head is refitted on every patient with the alpha chosen on all.
 
 Prediction adds the intercept the benchmark leaves out (the training mean of each gene), so the head
-returns log1p(count per tile) on the scale of the training data, not a centred value.
+returns log1p(count per tile) on the scale of the training data, not a centred value. ``histotx predict``
+keeps each gene's prediction inside its training range (:meth:`ExpressionHead.clip`) and counts, per gene,
+the tiles that fell outside (``var["tiles_outside_training_range"]``): many such tiles say the slide is
+unlike the training cohort.
 
 On disk (no pickle): ``head.safetensors`` (float64 scaler, PCA and ridge arrays, and the folded affine map
 ``W``, ``b``), ``head.json`` (genes, per-gene held-out Pearson, alpha, the model's fingerprint, the tile
@@ -86,6 +89,8 @@ class ExpressionHead:
     pca_components: np.ndarray  # (K, D)
     coef: np.ndarray  # (G, K)
     intercept: np.ndarray  # (G,) the training mean of each gene's log1p count
+    y_min: np.ndarray  # (G,) the training range of each gene's log1p count (predictions are kept inside it)
+    y_max: np.ndarray
     alpha: float
     model_name: str
     model_hash: str
@@ -114,6 +119,12 @@ class ExpressionHead:
         Z = ((X - self.scaler_mean) / self.scaler_scale - self.pca_mean) @ self.pca_components.T
         return Z @ self.coef.T + self.intercept
 
+    def clip(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions kept inside each gene's training range (a linear head extrapolates without bound on
+        tiles unlike its training data), and per gene the number of rows that were outside it."""
+        outside = (pred < self.y_min) | (pred > self.y_max)
+        return np.clip(pred, self.y_min, self.y_max), outside.sum(axis=0)
+
     def check_model(self, net, name: str = "", where: str | Path = "") -> None:
         """Refuse a model whose weights are not the ones the head was fitted on."""
         fp = model_fingerprint(net)
@@ -139,6 +150,8 @@ class ExpressionHead:
             "pca_components": self.pca_components,
             "coef": self.coef,
             "intercept": self.intercept,
+            "y_min": self.y_min,
+            "y_max": self.y_max,
             "W": W,
             "b": b,
         }
@@ -186,7 +199,7 @@ class ExpressionHead:
         if meta.get("version") != HEAD_VERSION:
             raise ValueError(f"{meta_path}: version {meta.get('version')}, this HistoTx reads {HEAD_VERSION}")
         t = load_file(str(weights))
-        need = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept")
+        need = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept", "y_min", "y_max")
         missing = [k for k in need if k not in t]
         if missing:
             raise ValueError(f"{weights}: lacks {missing}")
@@ -198,6 +211,8 @@ class ExpressionHead:
             "pca_components": (k, d),
             "coef": (len(genes), k),
             "intercept": (len(genes),),
+            "y_min": (len(genes),),
+            "y_max": (len(genes),),
         }
         for key, shape in shapes.items():
             if t[key].shape != shape:
@@ -212,6 +227,8 @@ class ExpressionHead:
             t["pca_components"],
             t["coef"],
             t["intercept"],
+            t["y_min"],
+            t["y_max"],
             float(meta["alpha"]),
             str(meta["model"]["name"]),
             str(meta["model"]["sha256"]),
@@ -349,6 +366,8 @@ def fit_head(
         pca.components_.astype(np.float64),
         design.coef(alpha),
         design.y_mean,
+        Y.min(axis=0),
+        Y.max(axis=0),
         float(alpha),
         model_name,
         model_hash,

@@ -272,7 +272,9 @@ def _anndata(pred, tiles: _Tiles, head, sid: str, thumb, per_px, model_name, sli
         {"heldout_pearson": head.pearson.astype(np.float64), "mean_log1p": head.intercept.astype(np.float64)},
         index=pd.Index(head.genes, dtype=str),
     )
-    adata = ad.AnnData(X=np.asarray(pred, dtype=np.float32), obs=obs, var=var)
+    pred, outside = head.clip(np.asarray(pred, dtype=np.float64))
+    var["tiles_outside_training_range"] = outside.astype(np.int64)
+    adata = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=var)
     adata.obsm["spatial"] = tile_centres(tiles.origins, tiles.size0)
     adata.uns["spatial"] = {
         sid: visium_spatial(thumb, per_px, tiles.size0, {"source": "slide thumbnail", "slide": str(slide)})
@@ -289,8 +291,9 @@ def _anndata(pred, tiles: _Tiles, head, sid: str, thumb, per_px, model_name, sli
         "model": model_name,
         "model_sha256": head.model_hash,
         "head": str(Path(head_dir).resolve()) if head_dir else "",
-        "X": "predicted log1p(count per tile) from the image alone; var.heldout_pearson: each gene's "
-        "leave-patient-out Pearson when the head was fitted (how far to trust it)",
+        "X": "predicted log1p(count per tile) from the image alone, kept inside each gene's training range "
+        "(var.tiles_outside_training_range: tiles predicted outside it, clipped); var.heldout_pearson: each "
+        "gene's leave-patient-out Pearson when the head was fitted (how far to trust it)",
         "seconds": float(seconds),
     }
     return adata
