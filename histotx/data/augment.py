@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histotx.data.config import AugmentConfig
+from histotx.data.config import RESIZE_ANTIALIAS, RESIZE_MODE, AugmentConfig
 from histotx.data.opencv import cv2
 from histotx.data.pixels import IDENTITY, normalise, render_views
 from histotx.format import TileSample, TranscriptGrid, decode_image_rgb
@@ -73,9 +73,9 @@ class CropGeometry:
             x = F.interpolate(
                 x if native else x.float(),
                 size=(self.size, self.size),
-                mode="bilinear",
+                mode=RESIZE_MODE,
                 align_corners=False,
-                antialias=True,
+                antialias=RESIZE_ANTIALIAS,
             )
             out = (x if native else x.round_().to(image.dtype)).reshape(*out.shape[:-2], self.size, self.size)
         if self.hflip:
@@ -92,7 +92,9 @@ class CropGeometry:
         if (self.height, self.width) != (self.size, self.size):
             h, w, c = out.shape  # as [1, C, h, w] with channels-last strides, which the kernel keeps
             x = torch.from_numpy(np.ascontiguousarray(out)).as_strided((1, c, h, w), (h * w * c, 1, w * c, c))
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode=RESIZE_MODE, align_corners=False, antialias=RESIZE_ANTIALIAS
+            )
             out = x[0].permute(1, 2, 0).numpy()
         out = np.ascontiguousarray(out)
         if self.hflip or self.vflip:

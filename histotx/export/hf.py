@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from histotx.data.config import PIL_RESAMPLE
 from histotx.export.card import model_card
 from histotx.export.remote_code import remote_code_files
 from histotx.export.source import Teacher
@@ -58,7 +59,7 @@ def preprocessor_config(teacher: Teacher) -> dict:
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
         "size": {"height": teacher.image_size, "width": teacher.image_size},
-        "resample": 3,  # bicubic
+        "resample": PIL_RESAMPLE,  # bilinear (antialiased when shrinking), as training and embed resize
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,

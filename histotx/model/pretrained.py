@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 
+from histotx.data.config import TIMM_INTERPOLATION
 from histotx.format import atomic_write_bytes, atomic_write_json
 from histotx.model.fused import BACKBONE_KEYS, PRESETS, FusedViT, FusedViTConfig, LoadReport, ModelConfigError
 
@@ -701,7 +702,7 @@ def save_timm(
         "pretrained_cfg": {
             "input_size": [cfg.in_chans, cfg.img_size, cfg.img_size],
             "fixed_input_size": False,
-            "interpolation": "bicubic",
+            "interpolation": TIMM_INTERPOLATION,  # as training and embed resize (histotx.data.config)
             "crop_pct": 1.0,
             "crop_mode": "center",
             "mean": list(mean),
