@@ -478,3 +478,18 @@ def test_read_shard_keeps_its_signature_for_callers(tmp_path):
     out = make_set(tmp_path / "set")
     stats = LoaderStats()
     assert len(list(read_shard(str(out / "shard-00000.tar"), stats))) == 3 and stats.shards_read == 1
+
+
+def test_qc_refuses_a_slide_path_that_is_a_pipe_and_writes_only_in_its_folder(tmp_path):
+    """shard qc opens the slide the manifest names: a pipe or device is refused by stat, before any open."""
+    from histotx.sharding.qc import write_overview, write_qc
+
+    out = make_set(tmp_path / "set")
+    os.mkfifo(tmp_path / "slide.svs")
+    edit_manifest(out, lambda m: m["samples"]["s00"].update(slide=str(tmp_path / "slide.svs"), slide_mpp=0.5))
+    with deadline(), pytest.raises(FormatError, match=r"samples.s00.slide .* is not a file or folder"):
+        write_overview(out, read_manifest(out), "s00", tmp_path / "qc")
+    edit_manifest(out, lambda m: [e.update(sample_id=f"s{i:02d}") for i, e in enumerate(m["shards"])])
+    written = write_qc(out, tmp_path / "qc")
+    assert sorted(p.name for p in written) == ["s00.png", "s01.png"]
+    assert all(p.parent == tmp_path / "qc" for p in written)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from histotx.format import decode_grid, decode_image_rgb, decode_sample, output_path, read_manifest
+from histotx.format import FormatError, decode_grid, decode_image_rgb, decode_sample, output_path, read_manifest
 from histotx.shard_reader import shard_path
 from histotx.sharding.technologies import IMAGE_ONLY
 from histotx.sharding.verify import iter_shard
@@ -141,11 +144,26 @@ def _draw_sites(
     img.paste(Image.fromarray(out.round().astype(np.uint8)))
 
 
+def _check_slide_path(shard_dir: Path, sid: str, slide: Any) -> None:
+    """The manifest names the sample's slide: a file or folder, never a pipe, device or socket (opening one
+    could block), checked with ``stat`` before anything opens it."""
+    where = f"{Path(shard_dir) / 'manifest.json'}: samples.{sid}.slide"
+    if not isinstance(slide, str) or not slide:
+        raise FormatError(f"{where} is {slide!r}, not a path")
+    try:
+        mode = os.stat(slide).st_mode
+    except OSError as exc:
+        raise FormatError(f"{where} {slide}: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise FormatError(f"{where} {slide} is not a file or folder (a pipe, device or socket); refused")
+
+
 def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max_px: int = OVERVIEW_PX) -> Path:
     """The whole-slide overview of one sample (see the module docstring)."""
     from histotx.sharding.slides import Slide
 
     rec = manifest["samples"][sid]
+    _check_slide_path(shard_dir, sid, rec.get("slide"))
     boxes, kept, footprint_um, shape = _tiles_and_sites(shard_dir, manifest, sid)
     with Slide(rec["slide"], mpp=rec["slide_mpp"]) as slide:
         target = max(slide.mpp * max(slide.width, slide.height) / max_px, slide.mpp)
