@@ -102,10 +102,10 @@ def _run_demo(out: Path, seed: int, workers: int, steps: int, ranks: int, quiet:
     print_table(table, table.attrs["header"])
     print(explain_table(table.attrs["results"]["targets"], gene_groups()))
     print(
-        "\nThis table is a smoke test of the pipeline, not evidence that pretraining teaches anything: the demo trains "
-        "a 2-block model for 20 steps on 32 px tiles, where the teacher's targets carry no tile information (its "
-        "DINO loss equals the shuffled-tile control, dino/control_gap ≈ 0 in metrics.jsonl). Whether and when the "
-        "objective learns is measured in benchmarks/ssl_reference.py, benchmarks/claims.py and "
+        "\nThis table is a smoke test of the pipeline, not evidence that pretraining teaches anything: the demo\n"
+        "trains a 2-block model for 20 steps on 32 px tiles, where the teacher's targets carry no tile information\n"
+        "(its DINO loss equals the shuffled-tile control: dino/control_gap ~ 0 in metrics.jsonl). What the objective\n"
+        "learns, and when, is measured by benchmarks/ssl_reference.py and benchmarks/claims.py; every attempt is in\n"
         "benchmarks/ssl_results.md."
     )
     print(
