@@ -215,3 +215,25 @@ def test_fuzzed_model_folders_give_model_config_error_or_a_fitting_model(tmp_pat
         print(f"\nmodel-folder fuzz: {FUZZ_CASES} cases, {outcome}, {wall:.1f} s; process max RSS grew {grew:.0f} MB")
     assert sum(outcome.values()) == FUZZ_CASES and outcome.get("model_config_error", 0) > FUZZ_CASES // 2
     assert grew < 500
+
+
+def test_a_timm_folder_cannot_make_timm_fetch_or_open_other_files(tmp_path):
+    """config.json of a timm folder: a plain model name (no hf-hub:/local-dir:) and VisionTransformer's own
+    arguments only (timm's checkpoint_path would open, and unpickle with timm's settings, a file it names)."""
+    import timm
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    with torch.device("meta"):
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    save_file({"x": torch.zeros(1)}, folder / "model.safetensors")
+    for hub, match in [
+        ({"architecture": "hf-hub:evil/model"}, "is not a plain timm model name"),
+        ({"architecture": "local-dir:/etc"}, "is not a plain timm model name"),
+        ({"architecture": "vit_tiny_patch16_224", "model_args": {"checkpoint_path": "/etc/passwd"}}, "checkpoint_path"),
+        ({"architecture": "vit_tiny_patch16_224", "model_args": "x"}, "model_args must be an object"),
+    ]:
+        (folder / "config.json").write_text(json.dumps(hub))
+        with pytest.raises(ModelConfigError, match=match):
+            load_pretrained(folder)

@@ -61,6 +61,7 @@ native input size and differs slightly at others.
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -262,6 +263,9 @@ def read_checkpoint(
         hub = read_json_file(config_path)
         state = read_weights(weights or path)
         if "architecture" in hub:
+            for key in ("model_args", "pretrained_cfg"):
+                if not isinstance(hub.get(key, {}), dict):
+                    raise ModelConfigError(f"{config_path}: {key} must be an object, got {type(hub[key]).__name__}")
             args = {**hub.get("model_args", {}), **(model_args or {})}
             return _from_timm(str(path), hub["architecture"], args, state, hub.get("pretrained_cfg", {}))
         if hub.get("model_type") == HISTOTX_MODEL_TYPE:
@@ -302,12 +306,30 @@ def _mlp_kind(state: dict[str, torch.Tensor], source: str) -> tuple[str, int]:
     )
 
 
+_TIMM_NAME = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)?$")
+
+
+def _check_timm_request(source: str, architecture: Any, args: dict) -> None:
+    """A timm config.json names a model and its arguments: only a plain timm model name (``hf-hub:`` or
+    ``local-dir:`` would fetch or read elsewhere) and only VisionTransformer's own arguments (timm's loader
+    arguments, ``checkpoint_path`` and the like, would open files the folder names)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(architecture, str) or not _TIMM_NAME.match(architecture):
+        raise ModelConfigError(f"{source}: architecture {architecture!r} is not a plain timm model name")
+    allowed = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
+    unknown = sorted(str(k) for k in args if k not in allowed)
+    if unknown:
+        raise ModelConfigError(f"{source}: model_args {unknown} are not arguments of timm's VisionTransformer; refused")
+
+
 def _from_timm(source: str, architecture: str, args: dict, state: dict, pretrained_cfg: dict) -> Checkpoint:
     import timm
     from timm.layers import LayerScale
     from timm.models.vision_transformer import Block, VisionTransformer
 
     args = {**args, "num_classes": 0}
+    _check_timm_request(source, architecture, args)
     try:
         with torch.device("meta"):
             ref = timm.create_model(architecture, pretrained=False, **args)
