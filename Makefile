@@ -1,7 +1,8 @@
 # Two commands do all set-up on a bare machine (Python 3.11):
 #   make demo   – create .venv, install HistoTx, run the pipeline end to end on a small synthetic cohort
 #   make test   – create .venv, install HistoTx with test extras, run the whole test suite
-#   make lint   – ruff check (pyflakes, bugbear, unused arguments, complexity, import order) and ruff format --check
+#   make lint   – ruff check (pyflakes, bugbear, unused arguments, complexity, import order), ruff format --check,
+#                 hadolint docker/Dockerfile
 PYTHON ?= python3
 VENV ?= .venv
 TORCH = torch==2.14.1 torchvision==0.29.1
@@ -26,5 +27,6 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint docker/Dockerfile
 
 .PHONY: install demo test lint
