@@ -38,12 +38,14 @@ def _submit(
     env: dict, log: Path, out: Path, shards: Path, n: int, extra_env: dict[str, str], options: tuple[str, ...] = ()
 ) -> str:
     env.update(
-        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
-        GPUS_PER_NODE="2",
-        OMP_NUM_THREADS="1",
-        HISTOTX_REQUIRE_CUDA="false",  # CPU ranks on purpose
-        PYTHONPATH=f"{FAULTS}:{REPO}",
-        **extra_env,
+        {
+            "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+            "GPUS_PER_NODE": "2",
+            "OMP_NUM_THREADS": "1",
+            "HISTOTX_REQUIRE_CUDA": "false",  # CPU ranks on purpose
+            "PYTHONPATH": f"{FAULTS}:{REPO}",
+            **extra_env,
+        }
     )
     return subprocess.run(
         [
