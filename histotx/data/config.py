@@ -20,7 +20,8 @@ TIMM_INTERPOLATION = RESIZE_MODE
 
 @dataclass
 class StreamConfig:
-    shards: str = ""  # a shard folder with manifest.json (made by `histotx shard`), or an fsspec URL: s3://b/p, gs://, file://
+    # a shard folder with manifest.json (made by `histotx shard`), or an fsspec URL: s3://b/p, gs://, file://
+    shards: str = ""
     batch_size: int = 32  # per rank
     num_workers: int = 4  # per rank; a resumed run must use the same number
     seed: int = 0

@@ -173,10 +173,9 @@ def _run(args) -> int:
     from tqdm import tqdm
 
     from histotx.config import load_config
+    from histotx.shard_location import is_remote, local_path
     from histotx.sharding.config import ShardConfig
     from histotx.sharding.pipeline import Part, run_cohort
-
-    from histotx.shard_location import is_remote, local_path
 
     cfg = load_config(ShardConfig, args.config, args.overrides)
     part = Part.parse(args.part)
