@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from histotx.config import from_dict
 from histotx.format import MANIFEST_NAME, VOCAB_NAME, read_manifest
 from histotx.model import FusedViTConfig
+from histotx.model.pretrained import read_json_file
 from histotx.train import checkpoint
 from histotx.train.config import TrainConfig
 from histotx.vocab import Vocab
@@ -134,7 +134,7 @@ def read_teacher(source: str | Path, shards: str | Path | None = None, which: st
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     path = find_checkpoint(source)
-    info = json.loads((path / checkpoint.COMPLETE).read_text())
+    info = read_json_file(path / checkpoint.COMPLETE)
     if "config" not in info:
         raise ValueError(f"{path / checkpoint.COMPLETE}: holds no resolved config; cannot rebuild the model")
     cfg = from_dict(TrainConfig, info["config"], f"{path / checkpoint.COMPLETE}: config")
