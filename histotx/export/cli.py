@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         FORMATS[args.format],
         shards=args.shards,
         license=args.license,
+        license_name=args.license_name,
+        license_link=args.license_link,
         overwrite=args.overwrite,
         which=args.which,
     )
@@ -68,6 +70,16 @@ def register_cli(subparsers) -> None:
         "--license",
         default="other",
         help="license id for the model card (default: other); it must respect the training data's terms",
+    )
+    p.add_argument(
+        "--license-name",
+        default="",
+        help="with --license other: the license's name for the card (default: unspecified)",
+    )
+    p.add_argument(
+        "--license-link",
+        default="",
+        help="with --license other: a URL or file of the license (default: a LICENSE.md saying none is granted)",
     )
     p.add_argument(
         "--which",

@@ -90,7 +90,18 @@ def write_hf(teacher: Teacher, out: str | Path, card: str) -> Path:
 
 
 def write(ctx: ExportContext, folder: Path) -> None:
-    write_hf(ctx.teacher, folder, model_card(ctx.teacher, ctx.license, timm="timm" in ctx.formats))
+    from histotx.export.card import LICENSE_FILE, license_note
+
+    card = model_card(
+        ctx.teacher,
+        ctx.license,
+        timm="timm" in ctx.formats,
+        license_name=ctx.license_name,
+        license_link=ctx.license_link,
+    )
+    write_hf(ctx.teacher, folder, card)
+    if ctx.license == "other" and not ctx.license_link:
+        atomic_write_bytes(folder / LICENSE_FILE, license_note().encode())
 
 
 def detect(path: Path) -> bool:

@@ -28,6 +28,8 @@ class ExportContext:
     model: FusedViT
     license: str
     formats: tuple[str, ...]
+    license_name: str = ""  # with license "other": its name and link (default: a LICENSE.md saying none)
+    license_link: str = ""
 
 
 class Target(Protocol):

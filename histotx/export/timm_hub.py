@@ -42,8 +42,15 @@ def write_timm(model: FusedViT, out: str | Path, mpp: float, mean, std, name: st
 
 
 def write(ctx: ExportContext, folder: Path) -> None:
+    from histotx.export.card import LICENSE_FILE, license_note, model_card
+    from histotx.format import atomic_write_bytes
+
     t = ctx.teacher
     write_timm(ctx.model, folder, t.mpp, t.mean, t.std, t.name)
+    card = model_card(t, ctx.license, license_name=ctx.license_name, license_link=ctx.license_link, library="timm")
+    atomic_write_bytes(folder / "README.md", card.encode())
+    if ctx.license == "other" and not ctx.license_link:
+        atomic_write_bytes(folder / LICENSE_FILE, license_note().encode())
 
 
 def detect(path: Path) -> bool:

@@ -56,6 +56,8 @@ def export(
     license: str = "other",
     overwrite: bool = False,
     which: str = "teacher",
+    license_name: str = "",
+    license_link: str = "",
 ) -> ExportSummary:
     """Export the teacher (or the student) of ``source`` (run or checkpoint folder) to ``out``;
     ``formats``: names of :data:`~histotx.export.targets.TARGETS`."""
@@ -74,7 +76,7 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_native(teacher, tmp)
-        ctx = ExportContext(teacher, model, license, tuple(formats))
+        ctx = ExportContext(teacher, model, license, tuple(formats), license_name, license_link)
         for name in TARGETS:  # in the registry's order, whatever the order asked
             if name in formats:
                 TARGETS[name].target().write(ctx, tmp / name)
