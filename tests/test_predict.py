@@ -240,3 +240,21 @@ def test_png(cohort, head_dir, tmp_path):
         assert im.size[0] > 500
     with pytest.raises(ValueError, match="not predicted by the head"):
         predict_slide(cohort["held_slide"], cohort["model"], head_dir, tmp_path, png_genes=["NOPE"], progress=False)
+
+
+def test_fit_on_a_hest_task(tmp_path):
+    """`histotx fit MODEL HEST_TASK`: the task's genes, each sample its own patient, the patches' size (here
+    32 px; HEST-Bench's are 224) at 0.5 µm/px."""
+    from test_eval_run import _hest_task
+
+    from histotx.cli import main
+
+    task = _hest_task(tmp_path / "IDC", n_spots=30)
+    model = tiny_model(["A", "B"])
+    export = write_export(model, tmp_path / "export")
+    assert main(["fit", str(export), str(task), "--out", str(tmp_path / "head"), "--no-progress"]) == 0
+    head = ExpressionHead.load(tmp_path / "head")
+    assert head.genes == ["A", "B", "C", "D"] and head.tile == TileSpec(32, 0.5, 32)
+    assert head.info["kind"] == "hest" and len(head.info["outer_folds"]) == 4  # 4 samples: leave one out
+    assert np.isfinite(head.pearson).all()
+    assert main(["fit", str(export), str(task), "--out", str(tmp_path / "h2"), "--genes", "A"]) == 2

@@ -111,7 +111,7 @@ def fit_from_hest(
     latent_dim: int = hestbench.LATENT_DIM,
     progress: bool = True,
 ) -> ExpressionHead:
-    """Fit and save a head on a HEST-Benchmark task folder (its gene list; patches 224 px at 0.5 µm/px)."""
+    """Fit and save a head on a HEST-Benchmark task folder (its gene list; its patches' size at 0.5 µm/px)."""
     from histotx.eval import hestlayout
     from histotx.eval.embed import resolve_device, resolve_model
 
@@ -127,11 +127,15 @@ def fit_from_hest(
             X.append(hestlayout.embed_patches(loaded, task.patches[sample], batch_size, dev, progress))
         Y.append(hestlayout.read_targets(task.expression[sample], task.genes, barcodes))
         patients += [sample] * len(barcodes)
+    import h5py
+
+    with h5py.File(task.patches[task.samples[0]], "r") as f:
+        patch_px = int(f["img"].shape[1])  # HEST-Bench's patches: 224 px at 0.5 µm/px
     info = {"source": str(Path(task_dir).resolve()), "kind": "hest", "samples": task.samples}
+    tile = TileSpec(patch_px, hestlayout.PATCH_MPP, int(loaded.image_size))
     head = fit_head(
         np.concatenate(X), np.concatenate(Y), task.genes, patients, model_name=loaded.name,
-        model_hash=model_fingerprint(loaded.model), tile=TileSpec(224, hestlayout.PATCH_MPP, int(loaded.image_size)),
-        latent_dim=latent_dim, info=info,
+        model_hash=model_fingerprint(loaded.model), tile=tile, latent_dim=latent_dim, info=info,
     )  # fmt: skip
     head.save(out)
     return head
