@@ -70,6 +70,15 @@ def trainer_for(args, shards: Path, out: Path, *overrides: str, resume: str | No
     return Trainer(cfg, resume)
 
 
+def release(trainer) -> None:
+    """Stop a trainer's loader workers and free its engine, keeping the process group: DeepSpeed keeps
+    references to the group it first saw, so every trainer of this process shares one (destroyed at exit)."""
+    trainer._batches = None
+    trainer.engine = trainer.optimizer = trainer.meta = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def sdpa_mask(args) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -117,14 +126,11 @@ def memory(args, shards: Path, tmp: Path) -> dict:
             batch = trainer.next_batch()
             trainer.train_step(batch)
             synchronize(trainer.device)
-            out[key] = {"peak_gib": memory_mb(trainer.device) / 1024, "tokens": int(batch.global_images.shape[0])}
+            out[key] = {"peak_gib": memory_mb(trainer.device) / 1024, "global_crops": int(batch.global_images.shape[0])}
         except torch.cuda.OutOfMemoryError as exc:
             out[key] = {"oom": str(exc).splitlines()[0][:200]}
         finally:
-            trainer._batches = None
-            trainer.close()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release(trainer)
     return out
 
 
@@ -170,8 +176,7 @@ def host_syncs(args, shards: Path, tmp: Path) -> dict:
         where = sorted({str(w.filename).split("site-packages/")[-1] + f":{w.lineno}" for w in caught})
         return {"syncs_per_step": len(caught), "where": where[:20]}
     finally:
-        trainer._batches = None
-        trainer.close()
+        release(trainer)
 
 
 def save_resume(args, shards: Path, tmp: Path) -> dict:
@@ -180,21 +185,18 @@ def save_resume(args, shards: Path, tmp: Path) -> dict:
     try:
         losses = [straight.train_step(straight.next_batch())["loss"] for _ in range(n)]
     finally:
-        straight._batches = None
-        straight.close()
+        release(straight)
     first = trainer_for(args, shards, tmp / "broken")
     try:
         part = [first.train_step(first.next_batch())["loss"] for _ in range(n // 2)]
         first.save()
     finally:
-        first._batches = None
-        first.close()
+        release(first)
     second = trainer_for(args, shards, tmp / "broken", resume="auto")
     try:
         part += [second.train_step(second.next_batch())["loss"] for _ in range(n - n // 2)]
     finally:
-        second._batches = None
-        second.close()
+        release(second)
     return {"straight": losses, "resumed": part, "equal": losses == part}
 
 
@@ -216,8 +218,7 @@ def zero3_ema(args, shards: Path, tmp: Path) -> dict:
                 sum(window.times.get(k, 0.0) for k in ("forward", "backward", "optimizer", "ema")) / 6 * 1e3
             )
         finally:
-            trainer._batches = None
-            trainer.close()
+            release(trainer)
     return out
 
 
@@ -236,8 +237,7 @@ def mfu(args, shards: Path, tmp: Path) -> dict:
             "samples_per_s": samples / seconds,
         }
     finally:
-        trainer._batches = None
-        trainer.close()
+        release(trainer)
 
 
 def main() -> int:
@@ -283,6 +283,10 @@ def main() -> int:
             print(f"{name}: {json.dumps(results[name], default=str)[:600]}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 1 if any("error" in r for r in results.values()) else 0
 
 
