@@ -245,10 +245,11 @@ def loader_stages(shards: Path, batch: int, samples: int) -> dict[str, float]:
 
     import histotx.data.collate as collate_module
     from histotx.config import load_config
-    from histotx.data.augment import MultiCrop, TileViews
+    from histotx.data.augment import MultiCrop
     from histotx.data.collate import SSLCollate
     from histotx.data.config import DataConfig
     from histotx.data.stream import LoaderStats, read_shard
+    from histotx.data.views import TileViews
     from histotx.format import decode_image_rgb, decode_sample, read_manifest
 
     torch.set_num_threads(1)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from histotx.config import load_config
-from histotx.data.augment import CropGeometry, MultiCrop, transform_grid, transform_grids
+from histotx.data.augment import MultiCrop, transform_grid, transform_grids
 from histotx.data.config import DataConfig
 from histotx.data.pixels import IDENTITY, colour
+from histotx.data.views import CropGeometry
 from histotx.format import TileSample, TranscriptGrid, encode_image_rgb
 
 COLOURS = np.array([c for c in itertools.product((0, 255), repeat=3) if any(c)], dtype=np.uint8)  # 7, no black

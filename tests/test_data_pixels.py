@@ -193,8 +193,8 @@ def test_batched_resize_of_the_gpu_stage_is_the_per_view_resize():
     """resize_batched (two matmuls for all views, used on a GPU) = CropGeometry.apply_to_image view by view:
     within rounding of torch's float antialiased kernel (≤ 0.5 after rounding to integers), within one grey
     level of the CPU's uint8 kernel (fixed-point weights), through every flip and quarter turn."""
-    from histotx.data.augment import CropGeometry
     from histotx.data.pixels import resize_batched
+    from histotx.data.views import CropGeometry
 
     rng = np.random.default_rng(0)
     tiles = torch.from_numpy(rng.integers(0, 256, (3, 3, 64, 64), dtype=np.uint8))

@@ -20,7 +20,7 @@ from histotx.sharding.config import ShardConfig
 from histotx.sharding.pipeline import run_cohort
 from histotx.sharding.verify import iter_shard
 from histotx.synth import generate_cohort
-from histotx.synth.cohort import ALL_VARIANTS
+from histotx.synth.variants import ALL_VARIANTS
 
 TECHNOLOGY_SAMPLES = ["visium", "visium_sr2", "visium_hd", "xenium", "hest", "cosmx"]
 

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from shardkit import tile_sample, write_shard_set
 from test_train_units import config, meta_arch, ssl_batch
 
-from histotx.data.augment import MultiCrop, TileViews
+from histotx.data.augment import MultiCrop
 from histotx.data.collate import SSLCollate
 from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
+from histotx.data.views import TileViews
 from histotx.format import TranscriptGrid
 from histotx.ssl.heads import DINOHead
 from histotx.train.engine import param_groups

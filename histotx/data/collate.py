@@ -14,111 +14,19 @@ global crop, then all second ones), so a ``[2B, ...]`` output views as ``[2, B, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import numpy as np
 import torch
 
-from histotx.data.augment import TileViews, View
+from histotx.batch import SSLBatch, TranscriptBatch
 from histotx.data.config import DataConfig
 from histotx.data.masking import image_masks, token_masks
 from histotx.data.pixels import PendingViews, render_views
+from histotx.data.views import TileViews, View
 from histotx.format import VOCAB_NAME
-from histotx.model.transcripts import TranscriptBatch
 from histotx.tokens import TranscriptCells, bin_grids, token_size
 
 BOTH, IMAGE_ONLY, TRANSCRIPTS_ONLY = 0, 1, 2
 """Per-sample modality codes of the student's input."""
-
-
-@dataclass
-class SSLBatch:
-    """One step's inputs. ``transcript_index[t]`` is the teacher token of student global token t (the
-    pairing for iBOT on transcript tokens); ``resolution_um`` is the token size drawn for the batch (None
-    for a "native" draw; the tokens carry their own sizes)."""
-
-    keys: list[str]
-    global_images: torch.Tensor  # [2B, 3, G, G]: uint8 from a CPU worker until BatchDecoder normalises it
-    local_images: torch.Tensor  # [nL·B, 3, L, L]
-    teacher_transcripts: TranscriptBatch  # global crops, all samples
-    student_global_transcripts: TranscriptBatch
-    student_local_transcripts: TranscriptBatch
-    student_global_image_present: torch.Tensor  # [2B] bool
-    student_local_image_present: torch.Tensor  # [nL·B] bool
-    image_mask: torch.Tensor  # [2B, patches] bool, iBOT
-    transcript_mask: torch.Tensor  # [student global tokens] bool
-    transcript_index: torch.Tensor  # [student global tokens] long
-    modality: torch.Tensor  # [B] long: BOTH, IMAGE_ONLY or TRANSCRIPTS_ONLY
-    resolution_um: float | None
-    native: bool
-    gene_panel: torch.Tensor | None = None  # [B, V] bool: genes each sample measured (None: unknown, all)
-    # With data.augment.decode_device "cuda": the views to decode and make on the GPU; until then
-    # global_images and local_images are empty (histotx.data.device_decode.BatchDecoder fills them)
-    pending: PendingViews | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.keys)
-
-    def student_view_nonempty(self) -> torch.Tensor:
-        """``[(n_global + n_local)·B]`` bool in the order of the student's CLS outputs (global crops,
-        then local crops, crop-major): False for a view the student gets no token of — no image
-        (transcripts-only) and no site in the crop — whose output is [CLS, registers] only, the same
-        for every such view; the losses leave those views out."""
-        image, tokens = [self.student_global_image_present], [self.student_global_transcripts.lengths]
-        if self.local_images.shape[0]:
-            image.append(self.student_local_image_present)
-            tokens.append(self.student_local_transcripts.lengths)
-        return torch.cat(image) | (torch.cat(tokens) > 0)
-
-    @property
-    def n_empty_views(self) -> int:
-        return int((~self.student_view_nonempty()).sum())
-
-    def _model_images(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            raise ValueError(
-                "this batch's images are still the loader workers' bytes: pass the batch through "
-                "histotx.data.device_decode.BatchDecoder, which normalises them on the device"
-            )
-        return images
-
-    def teacher_inputs(self) -> dict:
-        return {"images": self._model_images(self.global_images), "transcripts": self.teacher_transcripts}
-
-    def student_global_inputs(self) -> dict:
-        return {
-            "images": self._model_images(self.global_images),
-            "transcripts": self.student_global_transcripts,
-            "image_present": self.student_global_image_present,
-            "image_mask": self.image_mask,
-            "transcript_mask": self.transcript_mask,
-        }
-
-    def student_local_inputs(self) -> dict | None:
-        if self.local_images.shape[0] == 0:
-            return None
-        return {
-            "images": self._model_images(self.local_images),
-            "transcripts": self.student_local_transcripts,
-            "image_present": self.student_local_image_present,
-        }
-
-    def _map(self, fn) -> "SSLBatch":
-        def move(value):
-            return (
-                fn(value)
-                if isinstance(value, torch.Tensor)
-                else (value._map(fn) if isinstance(value, TranscriptBatch) else value)
-            )
-
-        return SSLBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
-
-    def to(self, device, non_blocking: bool = False) -> "SSLBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "SSLBatch":
-        return self._map(lambda t: t.pin_memory())
 
 
 def _tokens(views: list[View], resolution_um: float | None) -> list[TranscriptCells]:

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from histotx.data.collate import SSLBatch
+from histotx.batch import SSLBatch
 from histotx.data.config import AugmentConfig
 from histotx.data.pixels import normalise
 

@@ -32,7 +32,7 @@ import torch.utils.data
 from histotx.data.opencv import cv2
 
 if TYPE_CHECKING:
-    from histotx.data.augment import CropGeometry, View
+    from histotx.data.views import CropGeometry, View
 
 COLOUR_FIELDS = (
     "brightness",

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import importlib
 
+DEFAULT_RESOLUTION_UM = 16.0
+"""Transcript token side for embedding (``histotx embed``, ``histotx eval``). Training draws one size per batch from
+``data.collate.resolutions_um``; 16 µm is in every shipped list (the default native/8/16/32/55,
+tiny_cpu's 8/16/32, vit_l16_uni's 8/16/32/55), and unlike ``native`` it does not make one token per
+Xenium molecule."""
+
 _LAZY = {
     "embed_shards": "histotx.eval.embed",
     "embed_slide": "histotx.eval.embed",

@@ -12,13 +12,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from histotx.eval import DEFAULT_RESOLUTION_UM
 from histotx.sharding.technologies import TECHNOLOGIES
-
-DEFAULT_RESOLUTION_UM = 16.0
-"""Transcript token side for embedding. Training draws one size per batch from
-``data.collate.resolutions_um``; 16 µm is in every shipped list (the default native/8/16/32/55,
-tiny_cpu's 8/16/32, vit_l16_uni's 8/16/32/55), and unlike ``native`` it does not make one token per
-Xenium molecule."""
 
 
 def register_cli(subparsers) -> None:

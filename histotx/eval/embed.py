@@ -36,8 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from histotx.data.augment import CropGeometry, transform_grid
-from histotx.eval.cli import DEFAULT_RESOLUTION_UM
+from histotx.batch import TranscriptBatch
+from histotx.data.augment import transform_grid
+from histotx.data.views import CropGeometry
+from histotx.eval import DEFAULT_RESOLUTION_UM
 from histotx.format import (
     VOCAB_NAME,
     FormatError,
@@ -48,7 +50,6 @@ from histotx.format import (
     output_path,
     read_manifest,
 )
-from histotx.model.transcripts import TranscriptBatch
 from histotx.shard_reader import ReadCounts, read_shard_file, shard_path
 from histotx.spatial import TileMosaic, mosaic_side, mosaic_thumb, tile_centres, visium_spatial
 from histotx.tokens import TranscriptCells, bin_grid, token_size

@@ -135,7 +135,7 @@ def embed_patches(loaded, h5_path: Path, batch_size: int = 64, device=None, prog
     import torch
     from tqdm import tqdm
 
-    from histotx.data.augment import CropGeometry
+    from histotx.data.views import CropGeometry
     from histotx.eval.embed import embed_batch
 
     net = loaded.model

@@ -10,9 +10,9 @@ rewrites, and the result is what the HF model runs:
 - an optional dependency imported inside a function (xformers) → ``importlib.import_module``, since
   transformers refuses remote code whose plain import statements name a package that is not installed.
 
-From :mod:`histotx.tokens` (numpy only, data side) just the names the model and the token helper need
-are taken. The hand-written HF wrapper (config, ``HistoTxModel``, ``pack_transcripts``) lives in
-``hf_code/`` beside this module and is copied as is.
+From :mod:`histotx.tokens` (numpy only, data side) and :mod:`histotx.batch` just the names the model and
+the token helper need are taken. The hand-written HF wrapper (config, ``HistoTxModel``,
+``pack_transcripts``) lives in ``hf_code/`` beside this module and is copied as is.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ TEMPLATE_FILES = ("configuration_histotx.py", "modeling_histotx.py")
 
 SOURCES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     # HistoTx module: (file in the export, top-level names to take; None: the whole module)
+    "histotx.batch": ("histotx_batch.py", ("TranscriptBatch",)),
     "histotx.model.attention": ("histotx_attention.py", None),
     "histotx.model.vit": ("histotx_vit.py", None),
     "histotx.model.transcripts": ("histotx_transcripts.py", None),
@@ -132,16 +133,16 @@ def generate_module(module: str) -> str:
 
 
 def _kept_nodes(tree: ast.Module, names: tuple[str, ...], path: Path) -> list[ast.stmt]:
-    """The docstring, the imports that are not HistoTx's, and the named definitions, in source order."""
+    """The docstring, the imports (HistoTx's only of shipped modules) and the named definitions, in order."""
     defined = {name: node for node in tree.body for name in _defined_names(node)}
     missing = [n for n in names if n not in defined]
     if missing:
         raise RemoteCodeError(f"{path}: defines no {missing}")
-    preamble = [
+    preamble = [  # a HistoTx import only of a module the export ships (it is rewritten to a relative one)
         node
         for node in tree.body
         if isinstance(node, (ast.Import, ast.ImportFrom))
-        and (getattr(node, "module", None) or "").split(".")[0] != "histotx"
+        and ((getattr(node, "module", None) or "").split(".")[0] != "histotx" or node.module in SOURCES)
     ]
     docstring = tree.body[:1] if isinstance(tree.body[0], ast.Expr) else []
     return docstring + preamble + sorted({defined[n] for n in names}, key=lambda n: n.lineno)

@@ -37,9 +37,10 @@ Attention backends, :mod:`histotx.model.attention`: ``PackedSeq(lengths, device,
 ``attend(qkv, seq)``.
 """
 
+from histotx.batch import TranscriptBatch
 from histotx.model.attention import BACKENDS, PackedSeq, attend, resolve_backend
 from histotx.model.fused import FusedOutput, FusedViT, FusedViTConfig, LoadReport, ModelConfigError
-from histotx.model.transcripts import TranscriptBatch, TranscriptTokenizer
+from histotx.model.transcripts import TranscriptTokenizer
 
 __all__ = [
     "BACKENDS",

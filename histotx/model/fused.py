@@ -23,8 +23,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from histotx.batch import TranscriptBatch
 from histotx.model.attention import BACKENDS, PackedSeq
-from histotx.model.transcripts import TranscriptBatch, TranscriptTokenizer
+from histotx.model.transcripts import TranscriptTokenizer
 from histotx.model.vit import MLP_KINDS, Block, PatchEmbed, resample_pos_grid
 
 # embed_dim, depth, num_heads, mlp, mlp_ratio (timm's convention: fc1 width = int(dim · ratio)).

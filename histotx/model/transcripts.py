@@ -14,91 +14,12 @@ and 8 µm cells), and the MLP runs once per distinct size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histotx.tokens import TranscriptCells
-
-
-@dataclass
-class TranscriptBatch:
-    """The transcript tokens of a batch, packed sample after sample.
-
-    ``lengths[b]`` tokens belong to sample b (0 allowed); token t sits at ``xy[t]`` (image pixels of
-    the model's input) and holds ``gene[offsets[t]:offsets[t+1]]`` with ``weight[...]`` (CSR with
-    T + 1 offsets, i.e. ``nn.EmbeddingBag(..., include_last_offset=True)``). ``resolution_um`` is the
-    token size in µm: one number for every token, or a ``(T,)`` tensor of per-token sizes.
-    """
-
-    lengths: torch.Tensor
-    xy: torch.Tensor
-    offsets: torch.Tensor
-    gene: torch.Tensor
-    weight: torch.Tensor
-    resolution_um: float | torch.Tensor
-
-    def __post_init__(self) -> None:
-        n = int(self.xy.shape[0])
-        if self.xy.shape != (n, 2) or self.offsets.shape != (n + 1,):
-            raise ValueError(
-                f"xy must be (T, 2) and offsets (T + 1,), got {tuple(self.xy.shape)}, {tuple(self.offsets.shape)}"
-            )
-        if self.gene.shape != self.weight.shape:
-            raise ValueError(f"gene {tuple(self.gene.shape)} and weight {tuple(self.weight.shape)} differ")
-        if self.lengths.dim() != 1 or int(self.lengths.sum()) != n or bool((self.lengths < 0).any()):
-            raise ValueError(f"lengths must hold one count >= 0 per sample, summing to the {n} tokens")
-        r = self.resolution_um
-        if isinstance(r, torch.Tensor):
-            if r.shape != (n,) or bool((r <= 0).any()):
-                raise ValueError(f"per-token resolution_um must be ({n},) positive sizes, got {tuple(r.shape)}")
-        elif not r > 0:
-            raise ValueError(f"resolution_um must be positive, got {r}")
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.lengths.shape[0])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.xy.shape[0])
-
-    @classmethod
-    def collate(cls, cells: list[TranscriptCells]) -> "TranscriptBatch":
-        """Pack the tokens of a batch's tiles (one :class:`TranscriptCells` per sample, possibly empty);
-        the size is one number when all samples share it, else per token."""
-        if not cells:
-            raise ValueError("cannot collate an empty list of samples")
-        resolutions = {c.resolution_um for c in cells}
-        resolution: float | torch.Tensor = next(iter(resolutions))
-        if len(resolutions) > 1:
-            resolution = torch.from_numpy(np.concatenate([np.full(c.n_cells, c.resolution_um) for c in cells]))
-        nnz = np.concatenate([[0]] + [np.diff(c.offsets) for c in cells])
-        return cls(
-            lengths=torch.tensor([c.n_cells for c in cells], dtype=torch.long),
-            xy=torch.from_numpy(np.concatenate([c.xy for c in cells]).reshape(-1, 2)),
-            offsets=torch.from_numpy(np.cumsum(nnz)),
-            gene=torch.from_numpy(np.concatenate([c.gene for c in cells])),
-            weight=torch.from_numpy(np.concatenate([c.weight for c in cells])),
-            resolution_um=resolution,
-        )
-
-    @classmethod
-    def empty(cls, batch_size: int, resolution_um: float = 1.0) -> "TranscriptBatch":
-        return cls.collate([TranscriptCells.empty(resolution_um)] * batch_size)
-
-    def _map(self, fn) -> "TranscriptBatch":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return TranscriptBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
-
-    def to(self, device, non_blocking: bool = False) -> "TranscriptBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "TranscriptBatch":
-        return self._map(lambda t: t.pin_memory())
+from histotx.batch import TranscriptBatch
 
 
 class ResolutionEmbedding(nn.Module):

@@ -1,6 +1,14 @@
 """Expression from H&E alone: ``histotx fit`` (an expression head on a cohort's embeddings) and
-``histotx predict`` (a slide → predicted expression per tile, as AnnData / SpatialData / PNG)."""
+``histotx predict`` (a slide → predicted expression per tile, as AnnData / SpatialData / PNG).
 
-from histotx.predict.head import ExpressionHead, HeadMismatchError, TileSpec, fit_head, model_fingerprint
+Names are imported on first use: the CLI's parser (:mod:`histotx.predict.cli`) needs none of them."""
+
+import importlib
 
 __all__ = ["ExpressionHead", "HeadMismatchError", "TileSpec", "fit_head", "model_fingerprint"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("histotx.predict.head"), name)
+    raise AttributeError(f"module 'histotx.predict' has no attribute {name!r}")

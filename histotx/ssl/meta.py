@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histotx.data.collate import SSLBatch
+from histotx.batch import SSLBatch
 from histotx.model import FusedViT, TranscriptBatch
 from histotx.model.fused import BACKBONE_KEYS
 from histotx.ssl.centering import Centering, sinkhorn_knopp

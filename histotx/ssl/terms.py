@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
+    from histotx.batch import SSLBatch
     from histotx.ssl.meta import SSLMetaArch, TeacherTargets
 
 
@@ -24,7 +25,7 @@ class StepOutputs:
 
     out: dict[str, torch.Tensor]
     targets: TeacherTargets
-    batch: object  # histotx.data.collate.SSLBatch
+    batch: SSLBatch
     n_global: int  # global crops per sample
     n_crops: int  # student crops per sample (global first)
     valid: torch.Tensor  # [n_crops · B] bool: student views holding any token

@@ -13,7 +13,7 @@ from itertools import pairwise
 
 import torch
 
-from histotx.data.collate import SSLBatch
+from histotx.batch import SSLBatch
 from histotx.model import FusedViTConfig
 from histotx.ssl.config import SSLConfig
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from histotx.data.augment import CropGeometry
 from histotx.data.config import AugmentConfig
 from histotx.data.stream import LoaderStats, read_shard
+from histotx.data.views import CropGeometry
 from histotx.format import decode_image_rgb, decode_sample, read_manifest
 from histotx.shard_reader import shard_path
 from histotx.tokens import NORMALISED_TOTAL

@@ -24,9 +24,10 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_histotx import HistoTxConfig
+from .histotx_batch import TranscriptBatch
 from .histotx_fused import FusedViT, FusedViTConfig
 from .histotx_tokens import TranscriptCells, _normalise
-from .histotx_transcripts import ResolutionEmbedding, TranscriptBatch
+from .histotx_transcripts import ResolutionEmbedding
 
 
 @dataclass
