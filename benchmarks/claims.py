@@ -37,7 +37,8 @@ Recipe of stages 2-3: claims_fusion.yaml (300 steps, lr 1e-3 at batch 256, sqrt 
 attempt D of benchmarks/ssl_results.md, chosen on the validation split after the first recipe's test table had
 been seen: 100 steps at 5e-4 left the FM unchanged, so that table is kept beside this one) + FUSION_RECIPE
 (KoLeo off: 32 tiles per rank; teacher momentum sized so the teacher keeps 1 % of its initial weights;
-teacher temperature held at 0.04, which kept the DINO control gap at +0.04-0.07 where warming it to 0.07 let it decay to +0.02) + a 20-step head warm-up.
+teacher temperature held at 0.04, which kept the DINO control gap at +0.04-0.07 where warming it to 0.07
+let it decay to +0.02) + a 20-step head warm-up.
 
     python benchmarks/claims.py                      # → out/claims/, prints the table
     python benchmarks/claims.py --seeds 0 --steps-fusion 20   # a smoke run
