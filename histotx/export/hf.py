@@ -17,12 +17,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotx.data.config import PIL_RESAMPLE
 from histotx.export.card import model_card
 from histotx.export.remote_code import remote_code_files
 from histotx.export.source import Teacher
 from histotx.format import VOCAB_NAME, atomic_write_bytes, atomic_write_json
 from histotx.model.pretrained import HF_CONFIG_KEY, HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, HFAdapter, read_json_file
+from histotx.preprocess import PIL_RESAMPLE
 
 if TYPE_CHECKING:
     from histotx.export.load import LoadedModel

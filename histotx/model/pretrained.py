@@ -70,12 +70,10 @@ from typing import Any
 
 import torch
 
-from histotx.data.config import TIMM_INTERPOLATION
 from histotx.format import atomic_write_bytes, atomic_write_json
 from histotx.model.fused import BACKBONE_KEYS, PRESETS, FusedViT, FusedViTConfig, LoadReport, ModelConfigError
+from histotx.preprocess import IMAGENET_MEAN, IMAGENET_STD, TIMM_INTERPOLATION
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 ARCHITECTURE_FIELDS = (
     "patch_size",
@@ -724,7 +722,7 @@ def save_timm(
         "pretrained_cfg": {
             "input_size": [cfg.in_chans, cfg.img_size, cfg.img_size],
             "fixed_input_size": False,
-            "interpolation": TIMM_INTERPOLATION,  # as training and embed resize (histotx.data.config)
+            "interpolation": TIMM_INTERPOLATION,  # as training and embed resize (histotx.preprocess)
             "crop_pct": 1.0,
             "crop_mode": "center",
             "mean": list(mean),
