@@ -147,6 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-cpu",
         dest="require_cuda",
         action="store_false",
+        default=None,  # neither flag: the config decides
         help="train on CPU (gloo, fp32) even if the config sets require_cuda",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
