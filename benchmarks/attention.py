@@ -32,7 +32,6 @@ import functools
 import json
 import multiprocessing
 import statistics
-import tarfile
 import time
 from pathlib import Path
 
@@ -40,9 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histotx.format import GRID_EXTENSION, TranscriptGrid, decode_grid
+from histotx.format import GRID_EXTENSION, TranscriptGrid, decode_sample
 from histotx.model.attention import PackedSeq, attend, xformers_usable
+from histotx.shard_reader import read_shard_file
 from histotx.tokens import bin_grid
+from histotx.train.flops import attention_flops, backbone_flops
 
 TILE_UM = 112.0
 
@@ -97,14 +98,12 @@ def shard_grids(folder: Path, limit: int) -> tuple[list[TranscriptGrid], float]:
     """Transcript grids (and their µm/px) of up to ``limit`` tiles of a shard set."""
     grids, mpps = [], []
     for tar in sorted(Path(folder).glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            for member in tf:
-                if member.name.endswith("." + GRID_EXTENSION):
-                    grids.append(decode_grid(tf.extractfile(member).read()))
-                elif member.name.endswith(".json"):
-                    mpps.append(json.loads(tf.extractfile(member).read())["mpp"])
-                if len(grids) >= limit and len(mpps) >= limit:
-                    return grids, float(np.median(mpps))
+        for members in read_shard_file(tar):
+            sample = decode_sample(members)
+            grids.append(sample.grid)
+            mpps.append(sample.meta["mpp"])
+            if len(grids) >= limit:
+                return grids, float(np.median(mpps))
     if not grids:
         raise SystemExit(f"{folder}: no *.tar shards with .{GRID_EXTENSION} members")
     return grids, float(np.median(mpps))
@@ -195,12 +194,6 @@ def peak_mib(variant, lengths, heads, dim, device, dtype) -> float:
         return pool.submit(_cpu_peak_mib, variant, lengths, heads, dim).result()
 
 
-def attention_flops(lengths: list[int], heads: int, dim: int) -> float:
-    """Matmul FLOPs of attention forward + backward over the samples' own tokens (no padding): QKᵀ and PV,
-    2 · 2 · L² · dim per head forward, backward = 2 × forward (the convention of histotx.train.flops)."""
-    return 3 * sum(4 * n * n * dim * heads for n in lengths)
-
-
 def benchmark(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -239,7 +232,7 @@ def benchmark(args) -> list[dict]:
             _make_step("padded", lengths, args.heads, args.head_dim, device, dtype), args.repeats, device
         )
         ideal = padded * share
-        flops = attention_flops(lengths, args.heads, args.head_dim)
+        flops = 3 * attention_flops(lengths, args.heads * args.head_dim)  # forward + backward = 3 × forward
         result = {
             "resolution_um": r,
             "batch": len(lengths),
@@ -364,14 +357,6 @@ def equivalence(args, device: torch.device) -> list[dict]:
     return rows
 
 
-def model_flops(cfg, lengths: list[int]) -> float:
-    """Matmul FLOPs of one forward: per token the block's linears, per sample the two L × L products."""
-    d, hidden = cfg.embed_dim, cfg.mlp_hidden_dim
-    fc2_in = hidden // 2 if cfg.mlp == "swiglu" else hidden
-    per_token = 2 * (4 * d * d + d * hidden + fc2_in * d)
-    return cfg.depth * (per_token * sum(lengths) + sum(4 * n * n * d for n in lengths))
-
-
 def _model_step(model, images: torch.Tensor, tx, amp) -> None:
     """One forward and backward of the fused model on a batch (the loss touches every output)."""
     model.zero_grad(set_to_none=True)
@@ -427,7 +412,7 @@ def throughput(args, device: torch.device) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         seconds = _median_seconds(functools.partial(_model_step, model, images, tx, amp), args.repeats, device)
         lengths = [1 + n_patches + n_tx] * batch
-        flops = 3 * model_flops(cfg, lengths)  # forward + backward ≈ 3 × forward
+        flops = 3 * backbone_flops(cfg, lengths, n_patches * batch)  # forward + backward ≈ 3 × forward
         mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
         print(
             f"  {n_tx:>5} transcript tokens/sample, batch {batch:>3}: {sum(lengths) / seconds:,.0f} tokens/s, "

@@ -51,7 +51,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -160,21 +159,20 @@ def claims_targets() -> tuple[list[str], dict[str, list[str]]]:
 
 def region_labels(out: Path, cohort_dir: Path, shard_dir: Path) -> Path:
     """tile key → region type at the tile centre (the spot), from the cohort's truth, as a labels CSV."""
+    from histotx.shard_reader import read_shard_file
+
     rows, truths = [], {}
     for tar_path in sorted(shard_dir.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                if not member.name.endswith(".json"):
-                    continue
-                meta = json.loads(tar.extractfile(member).read())
-                if meta["sample"] not in truths:
-                    truths[meta["sample"]] = json.loads((cohort_dir / "truth" / f"{meta['sample']}.json").read_text())
-                truth = truths[meta["sample"]]
-                sites = np.asarray(truth["sites"]["xy_px"])
-                half = meta["tile_px"] * meta["mpp"] / truth["mpp"] / 2
-                centre = np.asarray(meta["origin_level0_px"]) + half
-                nearest = int(np.argmin(((sites - centre) ** 2).sum(1)))
-                rows.append((member.name[: -len(".json")], truth["regions"][truth["sites"]["region"][nearest]]))
+        for members in read_shard_file(tar_path):
+            meta = json.loads(members["json"])
+            if meta["sample"] not in truths:
+                truths[meta["sample"]] = json.loads((cohort_dir / "truth" / f"{meta['sample']}.json").read_text())
+            truth = truths[meta["sample"]]
+            sites = np.asarray(truth["sites"]["xy_px"])
+            half = meta["tile_px"] * meta["mpp"] / truth["mpp"] / 2
+            centre = np.asarray(meta["origin_level0_px"]) + half
+            nearest = int(np.argmin(((sites - centre) ** 2).sum(1)))
+            rows.append((members["__key__"], truth["regions"][truth["sites"]["region"][nearest]]))
     path = out / "region_labels.csv"
     pd.DataFrame(rows, columns=["key", "region"]).to_csv(path, index=False)
     return path

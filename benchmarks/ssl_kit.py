@@ -300,7 +300,7 @@ def save_native(backbone, folder: Path, vocab_tsv: Path, mpp: float, mean, std, 
 
     from histotx.config import dump_config
     from histotx.export.native import FORMAT, VERSION
-    from histotx.format import atomic_write_bytes, atomic_write_json
+    from histotx.files import atomic_write_bytes, atomic_write_json
     from histotx.model.pretrained import NATIVE_CONFIG, NATIVE_META, NATIVE_WEIGHTS
 
     folder.mkdir(parents=True, exist_ok=True)

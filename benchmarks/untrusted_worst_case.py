@@ -59,7 +59,7 @@ def _base(out: Path, per_shard: int = 16) -> Path:
 
 
 def _reseal(out: Path, name: str) -> None:
-    from histotx.format import sha256_file
+    from histotx.files import sha256_file
 
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["shards"]:
@@ -173,7 +173,8 @@ def _max_tiles(out: Path) -> None:
     import webdataset as wds
     from shardkit import random_grid
 
-    from histotx.format import TileSample, encode_image_rgb, encode_sample, new_manifest, sha256_file, write_manifest
+    from histotx.files import sha256_file
+    from histotx.format import TileSample, encode_image_rgb, encode_sample, new_manifest, write_manifest
 
     rng = np.random.default_rng(0)
     for p in out.glob("*.tar"):

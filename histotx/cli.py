@@ -61,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    # key=value overrides may come anywhere after the subcommand, also after options.
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides or []) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_with_overrides(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -76,9 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):  # `histotx` alone: what it can do (asking is not an error)
         parser.print_help()
         return 0
+    return run_command(args.func, args)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser``'s arguments, where ``key=value`` config overrides may come anywhere after the subcommand,
+    also after options: those the positional list did not take are added to ``args.overrides``. Any
+    other unknown argument is an error (argparse's usage message, exit status 2)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def run_command(func, args: argparse.Namespace) -> int:
+    """``func(args)``'s exit status; a config error or a missing input is one clear logged line and 2."""
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # config errors, missing inputs: one clear line
+        return int(func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
         logging.getLogger("histotx").error("%s", exc)
         return 2
 

@@ -229,10 +229,11 @@ def check_overrides(cls: type, overrides: list[str]) -> None:
         _coerce(value, tp, f"command line {item!r}")
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, nested dicts merged key by key (a new dict; neither is changed)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -264,7 +265,7 @@ def _with_bases(node: Any, folder: Path, seen: frozenset[Path], where: str) -> A
     if base_path in seen:
         raise ConfigError(f"{where}: {base_path} includes itself")
     base = _with_bases(_read_mapping(base_path), base_path.parent, seen | {base_path}, str(base_path))
-    return _merge(base, out)
+    return merge(base, out)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
@@ -280,13 +281,13 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         where = str(path)
         path = Path(path)
         data = _with_bases(_read_mapping(path), path.parent, frozenset({path.resolve()}), where)
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data, where)
 
 
 def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    from histotx.format import atomic_write_bytes
+    from histotx.files import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())

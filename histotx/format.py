@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import io
 import json
 import math
@@ -30,7 +29,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -39,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from histotx.files import atomic_write_json
 
 FORMAT_NAME = "histotx-shards"
 FORMAT_VERSION = 1
@@ -543,34 +543,7 @@ def decode_sample(members: dict[str, Any]) -> TileSample:
     return TileSample(key, image, image_ext, grid, meta)
 
 
-# ---------------------------------------------------------------- files: atomic writes, checksums, manifest
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+# ---------------------------------------------------------------- files: bounded reads, the manifest
 
 
 def read_regular(path: str | os.PathLike, limit: int) -> bytes:

@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from histotx.format import MAX_VOCAB_BYTES, FormatError, atomic_write_bytes, read_regular
+from histotx.files import atomic_write_bytes
+from histotx.format import MAX_VOCAB_BYTES, FormatError, read_regular
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from histotx.files import sha256_file
 from histotx.format import (
     TileSample,
     TranscriptGrid,
     encode_image_rgb,
     encode_sample,
     new_manifest,
-    sha256_file,
     tile_key,
     write_manifest,
 )

@@ -16,6 +16,7 @@ from shardkit import random_grid, tile_sample
 
 from histotx.eval.embed import MODES, embed_shards, embed_slide
 from histotx.export import LoadedModel
+from histotx.files import sha256_file
 from histotx.format import (
     FormatError,
     TranscriptGrid,
@@ -24,7 +25,6 @@ from histotx.format import (
     encode_sample,
     new_manifest,
     read_manifest,
-    sha256_file,
     write_manifest,
 )
 from histotx.model import FusedViT, FusedViTConfig

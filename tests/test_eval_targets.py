@@ -9,7 +9,8 @@ import webdataset as wds
 from shardkit import tile_sample
 
 from histotx.eval.targets import select_target_genes, target_matrix, tile_expression
-from histotx.format import TranscriptGrid, encode_sample, new_manifest, sha256_file, write_manifest
+from histotx.files import sha256_file
+from histotx.format import TranscriptGrid, encode_sample, new_manifest, write_manifest
 from histotx.vocab import Vocab
 
 GENES = ["G0", "G1", "G2", "G3", "G4", "BLANK_0001"]

@@ -23,6 +23,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
+from histotx.files import sha256_file
 from histotx.format import (
     EXPANSION_FLOOR,
     MAX_EXPANSION,
@@ -35,7 +36,6 @@ from histotx.format import (
     encode_grid,
     new_manifest,
     read_manifest,
-    sha256_file,
     write_manifest,
 )
 from histotx.sharding.config import ShardConfig

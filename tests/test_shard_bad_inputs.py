@@ -21,7 +21,8 @@ import yaml
 from shardkit import write_pyramid
 
 from histotx.cli import main as histotx_main
-from histotx.format import read_manifest, sha256_file, write_manifest
+from histotx.files import sha256_file
+from histotx.format import read_manifest, write_manifest
 from histotx.sharding.verify import verify
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -54,11 +55,15 @@ def reference(cohort, tmp_path_factory):
     return out, manifest
 
 
+FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"  # its sitecustomize.py kills after N tiles
+
+
 def shard_cli(cohort, out, fault_after=None, workers=1):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("HISTOTX_FAULT_AFTER_TILES", None)
     if fault_after:
         env["HISTOTX_FAULT_AFTER_TILES"] = str(fault_after)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULT_INJECTION), env.get("PYTHONPATH")]))
     cmd = [
         sys.executable,
         "-m",

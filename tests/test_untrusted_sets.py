@@ -24,6 +24,7 @@ from shardkit import tile_sample, write_shard_set
 from histotx.config import load_config
 from histotx.data.config import DataConfig
 from histotx.data.stream import LoaderStats, ShardStream, ShardWarning, StreamLoader, read_shard, shuffle_bounded
+from histotx.files import sha256_file
 from histotx.format import (
     MAX_FOOTPRINT_UM,
     MAX_TILE_PX,
@@ -34,7 +35,6 @@ from histotx.format import (
     encode_sample,
     output_path,
     read_manifest,
-    sha256_file,
 )
 from histotx.shard_reader import MAX_MEMBER_BYTES, ReadCounts, iter_samples, read_shard_file
 from histotx.sharding.verify import verify

@@ -40,6 +40,7 @@ from histotx.batch import TranscriptBatch
 from histotx.data.augment import transform_grid
 from histotx.data.views import CropGeometry
 from histotx.eval import DEFAULT_RESOLUTION_UM
+from histotx.files import atomic_path
 from histotx.format import (
     VOCAB_NAME,
     FormatError,
@@ -373,17 +374,8 @@ class SampleEmbeddings:
 
 def write_h5ad_atomic(adata, path: Path) -> Path:
     """Write to a hidden temporary name in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
+    with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -454,6 +446,35 @@ def _uns(
     return uns
 
 
+def _loader(
+    shard_dir: Path,
+    manifest: dict,
+    entries: list[dict],
+    wanted: list[str],
+    inputs: TileInputs,
+    batch_size: int,
+    num_workers: int,
+) -> DataLoader:
+    """The prepared tiles of the wanted samples' shards, each shard's in turn, from ``num_workers`` processes."""
+    tile_px = int((manifest.get("config") or {}).get("tile_px") or 256)
+    thumb_px = {s: mosaic_side(int(manifest["samples"][s].get("tiles") or 1), tile_px) for s in wanted}
+    stream = PreparedShards(
+        [str(shard_path(shard_dir, e["name"])) for e in entries],
+        set(wanted),
+        inputs,
+        batch_size,
+        thumb_px,
+        set(manifest["samples"]),
+    )
+    return DataLoader(
+        stream,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=num_workers,
+        worker_init_fn=_one_thread if num_workers else None,
+    )
+
+
 def embed_shards(
     model,
     shards,
@@ -521,23 +542,7 @@ def embed_shards(
         path = output_path(out_dir, sample, ".h5ad")
         paths[sample] = write_h5ad_atomic(a.to_anndata(modes, net.config.embed_dim, uns), path)
 
-    tile_px = int((manifest.get("config") or {}).get("tile_px") or 256)
-    thumb_px = {s: mosaic_side(int(manifest["samples"][s].get("tiles") or 1), tile_px) for s in wanted}
-    stream = PreparedShards(
-        [str(shard_path(shard_dir, e["name"])) for e in entries],
-        set(wanted),
-        inputs,
-        batch_size,
-        thumb_px,
-        set(manifest["samples"]),
-    )
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        collate_fn=_as_is,
-        num_workers=num_workers,
-        worker_init_fn=_one_thread if num_workers else None,
-    )
+    loader = _loader(shard_dir, manifest, entries, wanted, inputs, batch_size, num_workers)
     total = sum(int(manifest["samples"][s].get("tiles", 0)) for s in wanted)
     seen: set[str] = set()
     with tqdm(total=total, desc="embed", unit="tile", disable=not progress, dynamic_ncols=True) as bar:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from histotx.eval.hestbench import ClassificationResult, RegressionResult
-from histotx.format import atomic_write_bytes
+from histotx.files import atomic_write_bytes
 
 CSV_NAME = "results.csv"
 PNG_NAME = "pearson.png"

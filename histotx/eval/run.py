@@ -227,19 +227,24 @@ def evaluate(
             "nan_policy": nan_policy,
         },
         "deviations": sorted({d for r in regression.values() for d in r.deviations}),
-        "runs": [
-            {
-                "model": m,
-                "mode": mode,
-                "embeddings": str(folders[m]),
-                "regression": regression[(m, mode)].to_json(),
-                "label_probe": label_res[(m, mode)].to_json() if (m, mode) in label_res else None,
-            }
-            for (m, mode) in regression
-        ],
+        "runs": _runs(regression, label_res, folders),
         "seconds": time.monotonic() - started,
     }
     return report.publish(table, results, header, out, show)
+
+
+def _runs(regression: Mapping, label_res: Mapping, folders: Mapping[str, Path]) -> list[dict[str, Any]]:
+    """Every model × mode's numbers for results.json: its embeddings, regression and label probe."""
+    return [
+        {
+            "model": m,
+            "mode": mode,
+            "embeddings": str(folders[m]),
+            "regression": regression[(m, mode)].to_json(),
+            "label_probe": label_res[(m, mode)].to_json() if (m, mode) in label_res else None,
+        }
+        for (m, mode) in regression
+    ]
 
 
 def _checked_request(

@@ -15,8 +15,6 @@ This module imports nothing heavy at the top: the CLI builds its parsers without
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,22 +38,15 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> Path:
     (an existing ``out``, from an earlier save of the same step, is replaced)."""
     from histotx.export.source import read_teacher
     from histotx.export.timm_hub import write_timm
+    from histotx.files import atomic_folder
     from histotx.model import FusedViT
 
     teacher = read_teacher(checkpoint)
     model = FusedViT(teacher.config)
     model.load_state_dict(teacher.state, strict=True)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         write_timm(model, tmp, teacher.mpp, teacher.mean, teacher.std, teacher.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

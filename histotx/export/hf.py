@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from histotx.export.card import model_card
 from histotx.export.remote_code import remote_code_files
 from histotx.export.source import Teacher
-from histotx.format import VOCAB_NAME, atomic_write_bytes, atomic_write_json
+from histotx.files import atomic_write_bytes, atomic_write_json
+from histotx.format import VOCAB_NAME
 from histotx.model.pretrained import HF_CONFIG_KEY, HF_PREPROCESSOR, HISTOTX_MODEL_TYPE, HFAdapter, read_json_file
 from histotx.preprocess import PIL_RESAMPLE
 

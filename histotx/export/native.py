@@ -16,7 +16,8 @@ from typing import Any
 
 from histotx.config import dump_config
 from histotx.export.source import Teacher
-from histotx.format import VOCAB_NAME, atomic_write_bytes, atomic_write_json
+from histotx.files import atomic_write_bytes, atomic_write_json
+from histotx.format import VOCAB_NAME
 from histotx.model.pretrained import NATIVE_CONFIG, NATIVE_META, NATIVE_WEIGHTS, read_json_file
 
 FORMAT = "histotx-export"

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotx.format import atomic_write_json
+from histotx.files import atomic_write_json
 from histotx.model import FusedViT
 from histotx.model.pretrained import read_json_file, save_timm
 
@@ -43,7 +43,7 @@ def write_timm(model: FusedViT, out: str | Path, mpp: float, mean, std, name: st
 
 def write(ctx: ExportContext, folder: Path) -> None:
     from histotx.export.card import LICENSE_FILE, license_note, model_card
-    from histotx.format import atomic_write_bytes
+    from histotx.files import atomic_write_bytes
 
     t = ctx.teacher
     write_timm(ctx.model, folder, t.mpp, t.mean, t.std, t.name)

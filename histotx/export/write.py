@@ -6,8 +6,6 @@ whole export or absent (an existing OUT is replaced only with ``overwrite``).
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 from histotx.export.native import write_native
 from histotx.export.source import read_teacher
 from histotx.export.targets import FORMATS, TARGETS, ExportContext
+from histotx.files import atomic_folder
 from histotx.model import FusedViT
 
 __all__ = ["FORMATS", "ExportSummary", "export"]
@@ -71,20 +70,12 @@ def export(
     teacher = read_teacher(source, shards, which)
     model = FusedViT(teacher.config)
     model.load_state_dict(teacher.state, strict=True)  # the weights fit the config before anything is written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         write_native(teacher, tmp)
         ctx = ExportContext(teacher, model, license, tuple(formats), license_name, license_link)
         for name in TARGETS:  # in the registry's order, whatever the order asked
             if name in formats:
                 TARGETS[name].target().write(ctx, tmp / name)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     folders = {"histotx": out, **{kind: out / kind for kind in TARGETS if kind in formats}}
     return ExportSummary(
         out,

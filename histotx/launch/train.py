@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
@@ -20,6 +21,7 @@ from histotx.launch.env import set_distributed_env
 @record  # under torchrun: the exception goes to the error file torchrun reports as the root cause
 def main(argv: list[str] | None = None) -> int:
     set_distributed_env()
+    from histotx.cli import parse_with_overrides, run_command
     from histotx.export.during_training import checkpoint_hooks
     from histotx.train import cli
 
@@ -27,16 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="launch/train.py", description=cli.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cli.add_arguments(parser)
-    args, extra = parser.parse_known_args(argv)
-    if any("=" not in e or e.startswith("-") for e in extra):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = list(args.overrides) + extra  # key=value may also follow the options
+    args = parse_with_overrides(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return cli.run(args, checkpoint_hooks)
-    except (ValueError, FileNotFoundError) as exc:  # config errors, missing inputs: one clear line
-        logging.getLogger("histotx").error("%s", exc)
-        return 2
+    return run_command(functools.partial(cli.run, checkpoint_hooks=checkpoint_hooks), args)
 
 
 if __name__ == "__main__":

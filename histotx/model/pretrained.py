@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 
-from histotx.format import atomic_write_bytes, atomic_write_json
+from histotx.files import atomic_write_bytes, atomic_write_json
 from histotx.model.fused import BACKBONE_KEYS, PRESETS, FusedViT, FusedViTConfig, LoadReport, ModelConfigError
 from histotx.preprocess import IMAGENET_MEAN, IMAGENET_STD, TIMM_INTERPOLATION
 

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from histotx.eval import hestbench
-from histotx.format import atomic_write_bytes, atomic_write_json
+from histotx.files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 

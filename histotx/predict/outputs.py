@@ -9,13 +9,12 @@ coordinate system, so ``spatialdata.read_zarr`` / napari-spatialdata show predic
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from histotx.files import atomic_folder, atomic_path
 
 SHAPES_KEY = "tiles"
 IMAGE_KEY = "he"
@@ -56,14 +55,8 @@ def write_spatialdata(adata, thumb: np.ndarray, level0_per_px: float, size0: flo
     table.obs["instance_id"] = np.arange(table.n_obs)
     table = TableModel.parse(table, region=SHAPES_KEY, region_key="region", instance_key="instance_id")
     sdata = SpatialData(images={IMAGE_KEY: image}, shapes={SHAPES_KEY: shapes}, tables={TABLE_KEY: table})
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        sdata.write(tmp / "store.zarr")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp / "store.zarr", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(path) as tmp:
+        sdata.write(tmp)
     return path
 
 
@@ -117,14 +110,10 @@ def write_pngs(
         fig.colorbar(im, ax=ax, fraction=0.035, pad=0.01)
         fig.tight_layout()
         path = Path(f"{stem}.{gene}.png")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(fd)
         try:
-            fig.savefig(tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png")
         finally:
             plt.close(fig)
-            Path(tmp).unlink(missing_ok=True)
         paths.append(path)
     return paths

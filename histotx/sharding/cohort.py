@@ -170,7 +170,7 @@ def load_cohort(path: str | Path) -> Cohort:
 
 def dump_cohort(samples: list[dict[str, Any]], path: str | Path, notes: list[str] = ()) -> None:
     """Write a cohort file; ``notes`` go above the samples as YAML comments."""
-    from histotx.format import atomic_write_bytes
+    from histotx.files import atomic_write_bytes
 
     header = "".join(f"# {line}\n" for note in notes for line in note.splitlines())
     atomic_write_bytes(path, (header + yaml.safe_dump({"samples": samples}, sort_keys=False)).encode())

@@ -551,7 +551,7 @@ def _finish_run(
     if part.count == 1:
         write_manifest(out_dir, manifest)
     else:
-        from histotx.format import atomic_write_json
+        from histotx.files import atomic_write_json
 
         atomic_write_json(out_dir / part_manifest_name(part.index, part.count), manifest)
     return manifest

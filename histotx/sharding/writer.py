@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import socket
 import tarfile
 import time
@@ -28,20 +27,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from histotx.format import (
-    MANIFEST_NAME,
-    TileSample,
-    atomic_write_json,
-    encode_sample,
-    new_manifest,
-    write_manifest,
-)
+from histotx.files import atomic_write_json
+from histotx.format import MANIFEST_NAME, TileSample, encode_sample, new_manifest, write_manifest
 from histotx.sharding.errors import OutputError
 
 DONE_DIR = ".done"
 SYNC_BYTES = 8 << 20  # an open shard's data is synced to disk in the background every this many bytes
-_FAULT_ENV = "HISTOTX_FAULT_AFTER_TILES"  # fault injection for the crash tests: SIGKILL self after N tiles
-_tiles_written = 0  # in this process, for the fault injection
 
 
 def shard_name(sample_id: str, index: int) -> str:
@@ -125,7 +116,6 @@ class ShardSink:
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final) of closed shards not yet renamed
         self._syncs: list[Future] = []  # fsync + close of closed shards, in a background thread
         self._syncer: ThreadPoolExecutor | None = None
-        self._fault_after = int(os.environ.get(_FAULT_ENV, "0") or 0)
 
     def _open(self) -> None:
         name = shard_name(self.sample_id, len(self.shards))
@@ -147,11 +137,6 @@ class ShardSink:
             self._open()
         self._write_members(encode_sample(sample))
         self._count += 1
-        global _tiles_written
-        _tiles_written += 1
-        if _tiles_written == self._fault_after:
-            self._fh.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
         if self._count >= self.max_tiles or self._fh.size >= self.max_bytes:
             self._close_current()
         elif self._fh.size - self._fh.synced >= SYNC_BYTES and (not self._syncs or self._syncs[-1].done()):

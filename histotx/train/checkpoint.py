@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from histotx.format import atomic_write_bytes, atomic_write_json
+from histotx.files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 

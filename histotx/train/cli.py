@@ -100,7 +100,7 @@ def _record_failure(out: Path, fresh: bool, error: str) -> None:
     the next run that finishes there)."""
     import shutil
 
-    from histotx.format import atomic_write_bytes
+    from histotx.files import atomic_write_bytes
 
     if not out.is_dir():
         return

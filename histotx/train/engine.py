@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from histotx.config import merge
 from histotx.ssl.meta import SSLNetwork
 from histotx.ssl.schedules import StepValues
 from histotx.train.config import TrainConfig
@@ -135,13 +136,6 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
     return contextlib.nullcontext()
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict[str, Any]:
     ds, o = cfg.deepspeed, cfg.optim
     micro = cfg.data.stream.batch_size
@@ -174,7 +168,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) ->
     }
     if use_bf16(cfg, device):
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return _merge(config, ds.extra)
+    return merge(config, ds.extra)
 
 
 def _no_decay(network: SSLNetwork) -> set[str]:

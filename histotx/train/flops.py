@@ -18,12 +18,19 @@ from histotx.model import FusedViTConfig
 from histotx.ssl.config import SSLConfig
 
 
-def backbone_flops(cfg: FusedViTConfig, lengths: torch.Tensor, n_patches: int) -> float:
+def attention_flops(lengths: torch.Tensor | list[int], width: int) -> float:
+    """One attention forward over sequences of ``lengths`` tokens, each attending only within itself: the
+    scores QKᵀ and the weighted values PV, 2 · n² · width each (``width`` = heads × head dim)."""
+    n = torch.as_tensor(lengths, dtype=torch.float64)
+    return (4 * n * n * width).sum().item()
+
+
+def backbone_flops(cfg: FusedViTConfig, lengths: torch.Tensor | list[int], n_patches: int) -> float:
     """One forward pass over sequences of ``lengths`` tokens holding ``n_patches`` image patches in all."""
     d, h = cfg.embed_dim, cfg.mlp_hidden_dim
-    n = lengths.double()
+    n = torch.as_tensor(lengths, dtype=torch.float64)
     mlp = d * h + (h // 2) * d if cfg.mlp == "swiglu" else 2 * d * h
-    per_block = (2 * n * (4 * d * d + mlp) + 4 * n * n * d).sum().item()
+    per_block = (2 * n * (4 * d * d + mlp)).sum().item() + attention_flops(n, d)
     return cfg.depth * per_block + 2.0 * n_patches * cfg.in_chans * cfg.patch_size**2 * d
 
 

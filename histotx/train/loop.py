@@ -28,7 +28,7 @@ import torch.distributed as dist
 from histotx.config import dump_config, to_dict
 from histotx.data.device_decode import BatchDecoder
 from histotx.data.loader import build_loader
-from histotx.format import atomic_write_json
+from histotx.files import atomic_write_json
 from histotx.model import FusedViT
 from histotx.ssl.config import KOLEO_MIN_BATCH
 from histotx.ssl.meta import SSLMetaArch

@@ -1,0 +1,30 @@
+"""Fault injection for the crash tests (test-only; the shard writer carries no hook of its own).
+
+Python imports ``sitecustomize`` at start-up from the first folder on ``sys.path`` that has one; the crash
+tests put this folder on ``PYTHONPATH`` of the `histotx shard run` they start, so it reaches that process
+and the sharding workers it starts (forkserver children start a fresh interpreter with the same
+environment). With ``HISTOTX_FAULT_AFTER_TILES=N`` a process SIGKILLs itself right after writing its N-th
+tile to a shard (flushed, before the shard may be closed), as a power cut or the OOM killer would.
+"""
+
+import os
+
+_AFTER = int(os.environ.get("HISTOTX_FAULT_AFTER_TILES", "0") or 0)
+
+if _AFTER > 0:
+    import signal
+
+    from histotx.sharding import writer
+
+    _write_members = writer.ShardSink._write_members
+    _written = 0
+
+    def _write_members_then_maybe_die(self, members):
+        global _written
+        _write_members(self, members)
+        _written += 1
+        if _written == _AFTER:
+            self._fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    writer.ShardSink._write_members = _write_members_then_maybe_die
