@@ -6,14 +6,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH = torch==2.14.1 torchvision==0.29.1
+PIN = -c constraints.txt  # versions known to work together (see its header)
 BIN = $(VENV)/bin
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q $(TORCH) -e '.[dev]'
-	$(BIN)/pip install -q --no-deps xformers
+	$(BIN)/pip install -q $(TORCH) $(PIN)
+	$(BIN)/pip install -q $(TORCH) $(PIN) -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(PIN) xformers
 	touch $@
 
 install: $(VENV)/.installed
