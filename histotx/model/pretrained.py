@@ -208,13 +208,12 @@ def read_json_file(path: Path) -> dict:
 
 
 def parse_yaml(data: bytes, source: str) -> Any:
-    """Plain YAML data from a model folder's file (libyaml's safe loader when available: a python tag or
-    any other non-standard tag is refused, and named)."""
+    """Plain YAML data from a model folder's file (the safe loader: a python tag or any other non-standard
+    tag is refused, and named)."""
     import yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # same safe constructors, in C
     try:
-        return yaml.load(data.decode("utf-8"), Loader=loader)  # noqa: S506
+        return yaml.safe_load(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ModelConfigError(f"{source}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
