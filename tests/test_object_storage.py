@@ -106,7 +106,7 @@ def _flat(batch) -> list:
 
 def test_the_loader_streams_from_s3_exactly_as_from_the_folder(uploaded, tmp_path):
     from histotx.data.loader import build_loader
-    from histotx.train.config import TrainConfig
+    from histotx.train.config import ModelSection, TrainConfig
     from histotx.train.preflight import check_run_inputs
 
     url, stage, _ = uploaded
@@ -133,7 +133,7 @@ def test_the_loader_streams_from_s3_exactly_as_from_the_folder(uploaded, tmp_pat
     assert all(u.startswith(url + "/") for u in every) and len(every) == len(set(every)) and all(splits)
     tc = TrainConfig(out=str(tmp_path / "run"))
     tc.data.stream.shards = url
-    tc.model = {"size": "tiny", "embed_dim": 32, "num_heads": 2, "img_size": 32, "patch_size": 8, "vocab_size": 1024}
+    tc.model = ModelSection(size="tiny", embed_dim=32, num_heads=2, img_size=32, patch_size=8, vocab_size=1024)
     tc.data.mask.patch_size = 8
     check_run_inputs(tc)  # the manifest read and the shards listed from the URL
 
