@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -409,3 +410,24 @@ def test_head_warmup_gives_the_backbone_groups_lr_0_and_the_heads_theirs():
             assert not g["backbone"] and g["lr"] > 0, name
     apply_schedule(Optim, schedules(40))
     assert all(g["lr"] > 0 for g in groups if not g["last_layer"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "unreadable checkpoint record"),
+        ('{"step": 3}', "lacks ['world_size']"),
+        ("[1, 2]", "lacks"),
+    ],
+)
+def test_a_damaged_checkpoint_record_is_named_with_its_problem(tmp_path, text, message):
+    record = tmp_path / checkpoint.COMPLETE
+    record.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        checkpoint._read_record(record, ("world_size", "step"))
+    assert str(record) in str(caught.value)
+
+
+def test_a_missing_checkpoint_record_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing from the checkpoint"):
+        checkpoint._read_record(tmp_path / "rank_00001.json", ("loader", "rng"))

@@ -179,12 +179,26 @@ def _weights_only_engine(engine) -> None:
         engine.checkpoint_engine = safe
 
 
+def _read_record(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """One of the checkpoint's JSON records, or a ValueError naming the file and what is wrong with it."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the checkpoint") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable checkpoint record ({exc})") from None
+    missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ValueError(f"{path}: checkpoint record lacks {missing}")
+    return record
+
+
 def load(path: Path, engine, meta, loader) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore student, optimiser, teacher and loader from ``path``; returns the trainer state and
     this rank's RNG states (to set once the loader's workers are started, which draws from torch's RNG)."""
     from safetensors.torch import load_file
 
-    info = json.loads((path / COMPLETE).read_text())
+    info = _read_record(path / COMPLETE, ("world_size", "step"))
     rank, world = dist.get_rank(), dist.get_world_size()
     if info["world_size"] != world:
         raise ValueError(
@@ -202,6 +216,6 @@ def load(path: Path, engine, meta, loader) -> tuple[dict[str, Any], dict[str, An
     if load_path is None:
         raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint files there")
     meta.load_teacher_state_dict(load_file(path / TEACHER, device=str(next(meta.teacher.parameters()).device)))
-    mine = json.loads((path / f"rank_{rank:05d}.json").read_text())
+    mine = _read_record(path / f"rank_{rank:05d}.json", ("loader", "rng"))
     loader.load_state_dict(mine["loader"])
     return info, mine["rng"]
