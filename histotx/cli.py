@@ -24,6 +24,24 @@ The pipeline, one subcommand per stage:
 Run `histotx <subcommand> --help` for each stage's options.
 """
 
+EXIT_DONE, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
+
+EXIT_STATUS = """\
+Exit status (every subcommand, and launch/train.py):
+  0  done.
+  1  some inputs failed: a slide, sample or shard was bad (damaged, missing, unreadable as data); the
+     others were done, and the summary or the log names each failure with its file. Also an unexpected
+     error (a bug), which prints its traceback.
+  2  bad usage or an unusable environment: nothing more could be done as asked. A wrong option or argument
+     (argparse), a bad config file or key=value override, a path that does not exist, a head from another
+     model; the output folder locked by another run, a full disk, quota or file-size limit (ENOSPC, EDQUOT,
+     EFBIG), permission denied or a read-only file system (EACCES, EPERM, EROFS). One line says what and
+     where; fix it and run the same command again (sharding and predict resume).
+  3  `histotx train` only: the losses stayed non-finite.
+  4  `histotx train` only: CUDA required (require_cuda) but not usable.
+  slurm/pretrain.sbatch requeues none of 2, 3, 4 (a retry would fail the same way).
+"""
+
 
 def _register_all(sub) -> None:
     from histotx import demo, synth
@@ -45,7 +63,10 @@ def _register_all(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="histotx", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="histotx",
+        description=DESCRIPTION,
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from histotx import __version__
 
@@ -79,20 +100,41 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
     other unknown argument is an error (argparse's usage message, exit status 2)."""
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides or []) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        takes = hasattr(args, "overrides")
+        bad = [e for e in extra if not (takes and "=" in e and not e.startswith("-"))]
+        if bad:  # named alone: the overrides beside them are fine
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides or []) + extra
     return args
 
 
+def exit_status(exc: BaseException) -> tuple[int, str] | None:
+    """(exit status, the one line to log) an exception stands for (:data:`EXIT_STATUS`), or None for an
+    unexpected one (a bug: its traceback is worth more than a line). The one place that decides it."""
+    from histotx.files import environment_problem
+    from histotx.sharding.errors import InputError
+
+    if isinstance(exc, InputError):  # bad data of one input: "<file>: <problem>"
+        return EXIT_SOME_FAILED, str(exc)
+    problem = environment_problem(exc)  # full disk, quota, ulimit -f, permission, read-only
+    if problem:
+        return EXIT_UNUSABLE, f"{problem}; nothing more can be written here: fix it and run the same command again"
+    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return EXIT_UNUSABLE, str(exc)  # config, override, flag, missing path, locked output (OutputError)
+    return None
+
+
 def run_command(func, args: argparse.Namespace) -> int:
-    """``func(args)``'s exit status; a config error or a missing input is one clear logged line and 2."""
+    """``func(args)``'s exit status; an exception with a meaning (:func:`exit_status`) is one clear logged line
+    and its status, anything else propagates with its traceback (Python's status 1)."""
     try:
         return int(func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        logging.getLogger("histotx").error("%s", exc)
-        return 2
+    except Exception as exc:
+        known = exit_status(exc)
+        if known is None:
+            raise
+        logging.getLogger("histotx").error("%s", known[1])
+        return known[0]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ never half of one, whatever happens to the writer; the temporary is removed on a
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -78,3 +79,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+NO_SPACE = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file larger than the file-size limit (ulimit -f)",
+}
+"""The errors of a write that failed for lack of space (the disk, a quota, ``ulimit -f``), in words."""
+
+NOT_ALLOWED = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+"""The errors of a file operation the system refuses."""
+
+
+def environment_problem(exc: BaseException) -> str | None:
+    """``"<file>: <what the system said>"`` when ``exc`` is an OSError the machine caused (a full disk, a
+    quota, the file-size limit, a permission, a read-only file system), not the data; else None."""
+    if not isinstance(exc, OSError) or exc.errno not in {**NO_SPACE, **NOT_ALLOWED}:
+        return None
+    words = {**NO_SPACE, **NOT_ALLOWED}[exc.errno]
+    where = exc.filename if exc.filename is not None else "a file"
+    return f"{where}: {words}"

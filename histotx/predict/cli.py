@@ -111,6 +111,7 @@ def _run_predict(args) -> int:
     from histotx.predict.slide import predict_slide
 
     log = logging.getLogger("histotx")
+    from histotx.files import environment_problem
     from histotx.format import FormatError
     from histotx.predict.slide import FORMATS
     from histotx.sharding.errors import InputError
@@ -128,6 +129,8 @@ def _run_predict(args) -> int:
                 progress=not args.no_progress, overwrite=args.overwrite,
             )  # fmt: skip
         except (InputError, FormatError, OSError, RuntimeError) as exc:  # this slide; the others go on
+            if environment_problem(exc):
+                raise  # a full disk or a refused write stops the run (exit 2), the slides left are not "failed"
             failed += 1
             log.error("%s", exc if isinstance(exc, InputError) else f"{slide}: {exc}")
             continue

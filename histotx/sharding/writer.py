@@ -15,7 +15,6 @@ stops the run with an :class:`~histotx.sharding.errors.OutputError` and leaves n
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import json
@@ -27,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from histotx.files import atomic_write_json
+from histotx.files import NO_SPACE, NOT_ALLOWED, atomic_write_json
 from histotx.format import MANIFEST_NAME, TileSample, encode_sample, new_manifest, write_manifest
 from histotx.sharding.errors import OutputError
 
@@ -242,23 +241,26 @@ def clear_sample(out_dir: Path, sample_id: str) -> int:
     return removed
 
 
-_NO_SPACE = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file larger than the file-size limit (ulimit -f)",
-}
-
-
 def out_of_space(exc: BaseException, out_dir: Path) -> OutputError | None:
-    """The clear error for a write that failed for lack of space, or None for any other failure."""
-    if not isinstance(exc, OSError) or exc.errno not in _NO_SPACE:
+    """The clear error for a write that failed for lack of space, or that the system refused inside the
+    output folder (permission, read-only file system); None for any other failure (the sample's own)."""
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno in NO_SPACE:
+        words, fix = NO_SPACE[exc.errno], "free space (or raise the limit)"
+    elif exc.errno in NOT_ALLOWED and exc.filename and _inside(exc.filename, out_dir):
+        words, fix = NOT_ALLOWED[exc.errno], "make the folder writable"
+    else:
         return None
     where = exc.filename or out_dir
     return OutputError(
-        f"{where}: cannot write: {_NO_SPACE[exc.errno]}. Samples finished so far are kept, the "
-        f"one being written was removed; free space (or raise the limit) and run the same command "
-        f"again: it resumes where it stopped"
+        f"{where}: cannot write: {words}. Samples finished so far are kept, the one being written was "
+        f"removed; {fix} and run the same command again: it resumes where it stopped"
     )
+
+
+def _inside(path: str | os.PathLike, folder: Path) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(folder)))
 
 
 class OutputLock:

@@ -5,6 +5,9 @@ tests put this folder on ``PYTHONPATH`` of the `histotx shard run` they start, s
 and the sharding workers it starts (forkserver children start a fresh interpreter with the same
 environment). With ``HISTOTX_FAULT_AFTER_TILES=N`` a process SIGKILLs itself right after writing its N-th
 tile to a shard (flushed, before the shard may be closed), as a power cut or the OOM killer would.
+With ``HISTOTX_FAULT_ENOSPC_AFTER_TILES=N`` writing its N-th tile fails instead as on a full disk (OSError
+ENOSPC naming the shard file), for machines where a small tmpfs cannot be mounted
+(tests/test_cli_exit_codes.py).
 """
 
 import os
@@ -28,3 +31,22 @@ if _AFTER > 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
     writer.ShardSink._write_members = _write_members_then_maybe_die
+
+_ENOSPC_AFTER = int(os.environ.get("HISTOTX_FAULT_ENOSPC_AFTER_TILES", "0") or 0)
+
+if _ENOSPC_AFTER > 0:
+    import errno
+
+    from histotx.sharding import writer
+
+    _write = writer.ShardSink._write_members
+    _tiles = 0
+
+    def _write_members_until_the_disk_is_full(self, members):
+        global _tiles
+        _tiles += 1
+        if _tiles >= _ENOSPC_AFTER:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._tmp))
+        _write(self, members)
+
+    writer.ShardSink._write_members = _write_members_until_the_disk_is_full

@@ -1,0 +1,7 @@
+"""``python -m histotx ...`` = ``histotx ...``."""
+
+import sys
+
+from histotx.cli import main
+
+sys.exit(main())
