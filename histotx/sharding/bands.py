@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from histotx.sharding.sites import mark_tiles
+
 FLUSH_SITES = 1 << 21  # buffered sites (all bands) before appending to the band files
 _SITE_ARRAYS = {"x": np.float64, "y": np.float64, "seq": np.int64, "nnz": np.int32}
 _ENTRY_ARRAYS = {"gene": np.int32, "count": np.float32}
@@ -66,6 +68,11 @@ class BandedSites:
         self._buffer: list[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         self._buffered = 0
         self._row: _Row | None = None
+        # Most sites held in memory at once: buffered before a flush, or loaded from the bands (one tile row, or
+        # one band while finding the occupied tiles). Bounded by FLUSH_SITES and the densest tile row, not by
+        # the sample: the tests check it.
+        self.peak_buffered = 0
+        self.peak_loaded = 0
 
     # ------------------------------------------------------------------------------------------ writing
     def add(self, xy: np.ndarray, counts: sp.csr_matrix | None = None, gene: np.ndarray | None = None) -> None:
@@ -88,6 +95,7 @@ class BandedSites:
             entries = {"gene": counts.indices, "count": counts.data}
         self._buffer.append((band, sites, entries))
         self._buffered += len(band)
+        self.peak_buffered = max(self.peak_buffered, self._buffered)
         if self._buffered >= FLUSH_SITES:
             self._flush()
 
@@ -144,12 +152,7 @@ class BandedSites:
         return self.n_outside
 
     def _load(self, b: int) -> tuple[dict[str, np.ndarray], sp.csr_matrix]:
-        sites = {}
-        for name, dtype in _SITE_ARRAYS.items():
-            path = self.folder / f"{b:06d}.{name}"
-            if name == "nnz" and self.unit_counts:
-                continue
-            sites[name] = np.fromfile(path, dtype=dtype) if path.exists() else np.zeros(0, dtype)
+        sites = {name: self._array(b, name) for name in _SITE_ARRAYS if not (name == "nnz" and self.unit_counts)}
         n = len(sites["x"])
         gene_path = self.folder / f"{b:06d}.gene"
         gene = np.fromfile(gene_path, dtype=np.int32) if gene_path.exists() else np.zeros(0, np.int32)
@@ -161,8 +164,24 @@ class BandedSites:
             count = np.fromfile(count_path, dtype=np.float32) if count_path.exists() else np.zeros(0, np.float32)
         return sites, sp.csr_matrix((count, gene, indptr), shape=(n, len(self.genes)))
 
+    def _array(self, b: int, name: str) -> np.ndarray:
+        path = self.folder / f"{b:06d}.{name}"
+        dtype = _SITE_ARRAYS[name]
+        return np.fromfile(path, dtype=dtype) if path.exists() else np.zeros(0, dtype)
+
+    def occupied_tiles(self, size0: float, n_cols: int, n_rows: int) -> np.ndarray:
+        """(n_rows × n_cols,) bool, row-major: which tiles of a grid of ``size0`` px squares hold a site
+        centre. Reads one band's positions at a time, never the sample."""
+        occupied = np.zeros(n_rows * n_cols, dtype=bool)
+        for b in sorted(self.band_sites):
+            x, y = self._array(b, "x"), self._array(b, "y")
+            self.peak_loaded = max(self.peak_loaded, len(x))
+            mark_tiles(occupied, x, y, size0, n_cols, n_rows)
+        return occupied
+
     def _bands(self, bands: list[int], key: tuple[int, int], order_by: str) -> _Row:
         loaded = [self._load(b) for b in bands if b in self.band_sites]
+        self.peak_loaded = max(self.peak_loaded, sum(len(s["x"]) for s, _ in loaded))
         cat = {
             k: np.concatenate([s[k] for s, _ in loaded] or [np.zeros(0, _SITE_ARRAYS[k])]) for k in ("x", "y", "seq")
         }

@@ -355,8 +355,7 @@ def _plan(
             raise InputError(data_path, f"tiling=spots needs spot data ({spotted}), not {sample.technology}")
         plan = plan_spots(sites.xy_px[sites.on_slide(slide.width, slide.height)], tissue, cfg, geom)
     else:
-        site_xy = None if sites is None or cfg.tiling != "grid_sites" else sites.xy_px
-        plan = plan_grid(slide, tissue, cfg, geom, site_xy=site_xy)
+        plan = plan_grid(slide, tissue, cfg, geom, sites=sites if cfg.tiling == "grid_sites" else None)
     if len(plan) == 0:
         raise InputError(
             slide.path,

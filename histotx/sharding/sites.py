@@ -58,6 +58,12 @@ class Sites:
     def count_outside(self, width: int, height: int) -> int:
         return int((~self.on_slide(width, height)).sum())
 
+    def occupied_tiles(self, size0: float, n_cols: int, n_rows: int) -> np.ndarray:
+        """(n_rows × n_cols,) bool, row-major: which tiles of a grid of ``size0`` px squares hold a site centre."""
+        occupied = np.zeros(n_rows * n_cols, dtype=bool)
+        mark_tiles(occupied, self.xy_px[:, 0], self.xy_px[:, 1], size0, n_cols, n_rows)
+        return occupied
+
     @property
     def n_kept(self) -> int:
         """Distinct sites handed out by in_box (spot-centred tiles overlap)."""
@@ -75,3 +81,12 @@ class Sites:
         cand = cand[(x >= x0) & (x < x1)]
         self._kept[cand] = True
         return self.xy_px[cand], self.counts[cand]
+
+
+def mark_tiles(occupied: np.ndarray, x: np.ndarray, y: np.ndarray, size0: float, n_cols: int, n_rows: int) -> None:
+    """Set ``occupied[r * n_cols + c]`` for every tile (c, r) of side ``size0`` holding one of the points."""
+    if not len(x) or not n_rows * n_cols:
+        return
+    c, r = np.floor(x / size0).astype(np.int64), np.floor(y / size0).astype(np.int64)
+    inside = (c >= 0) & (c < n_cols) & (r >= 0) & (r < n_rows)
+    occupied[np.unique(r[inside] * n_cols + c[inside])] = True

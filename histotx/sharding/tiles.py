@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -78,21 +78,27 @@ def tile_geometry(slide: Slide, cfg: ShardConfig) -> TileGeometry:
     return TileGeometry(level, reduce, size_px, mpp, cfg.tile_px * mpp / slide.mpp)
 
 
+class SiteTiles(Protocol):
+    """What ``tiling=grid_sites`` asks of a sample's sites (:class:`~histotx.sharding.sites.Sites` in memory,
+    :class:`~histotx.sharding.bands.BandedSites` on disk, band by band)."""
+
+    def occupied_tiles(self, size0: float, n_cols: int, n_rows: int) -> np.ndarray: ...
+
+
 def plan_grid(
-    slide: Slide, tissue: TissueMap, cfg: ShardConfig, geom: TileGeometry, site_xy: np.ndarray | None = None
+    slide: Slide, tissue: TissueMap, cfg: ShardConfig, geom: TileGeometry, sites: SiteTiles | None = None
 ) -> TilePlan:
     """Complete tiles of a regular grid over the whole slide, kept where tissue covers enough; with
-    ``tiling=grid_sites`` also every tile holding a site of ``site_xy`` (level-0 px), whatever the mask says."""
+    ``tiling=grid_sites`` also every tile holding a centre of ``sites`` (level-0 px), whatever the mask says.
+    Sites on disk are asked band by band, so the whole sample is never in memory."""
     size0 = geom.size0
     n_cols, n_rows = int(slide.width // size0), int(slide.height // size0)
     rows, cols = np.divmod(np.arange(n_rows * n_cols), max(n_cols, 1))
     x0, y0 = cols * size0, rows * size0
     frac = tissue.box_fraction(x0, y0, x0 + size0, y0 + size0)
     keep = frac >= max(cfg.min_tissue_fraction, 1e-9)
-    if cfg.tiling == "grid_sites" and site_xy is not None and len(site_xy) and n_rows * n_cols:
-        c, r = np.floor(np.asarray(site_xy, dtype=np.float64) / size0).astype(np.int64).T
-        inside = (c >= 0) & (c < n_cols) & (r >= 0) & (r < n_rows)
-        keep |= np.bincount(r[inside] * n_cols + c[inside], minlength=n_rows * n_cols) > 0
+    if cfg.tiling == "grid_sites" and sites is not None and n_rows * n_cols:
+        keep |= sites.occupied_tiles(size0, n_cols, n_rows)
     rows, cols = rows[keep], cols[keep]
     names = [f"r{r:05d}_c{c:05d}" for r, c in zip(rows, cols, strict=True)]
     return TilePlan(names, np.stack([cols * size0, rows * size0], 1).astype(np.float64), rows, cols, frac[keep], size0)
