@@ -3,19 +3,27 @@
 Writes inputs in the real formats, at a fixed density so that only the size changes:
 
 - Xenium Prime 5K density: 4 M transcripts per mm² of tissue (5,001 genes + controls), ``transcripts.parquet``
-  with 10x's columns (dictionary-encoded feature_name/cell_id, float32 µm, qv) in 1 M-row row groups,
-  ``experiment.xenium`` (pixel size 0.2125 µm), an H&E at 0.5 µm/px (pyramidal JPEG TIFF) and its
-  ``he_imagealignment.csv``. A 300–500 M-transcript section is 75–125 mm².
+  with 10x's columns and dtypes (transcript_id uint64, dictionary-encoded cell_id / feature_name / fov_name,
+  overlaps_nucleus uint8, float32 µm x/y/z, qv, nucleus_distance, codeword_index int32) in 1 M-row row groups,
+  zstd; ``experiment.xenium`` (pixel size 0.2125 µm), an H&E at 0.5 µm/px (pyramidal JPEG TIFF) and its
+  ``he_imagealignment.csv``. A 300–500 M-transcript section is 75–125 mm². To keep a 500 M-row file within a
+  shared disk, the columns no reader decodes are cheap to store: transcript_id delta-encoded, z_location and
+  nucleus_distance on a 0.01 µm grid (dictionary pages); x, y and qv are full float32 (about 16 B a row).
 - Visium HD 2 µm: ``binned_outputs/square_002um`` with ``tissue_positions.parquet`` listing every bin of a
   square capture area (3,350 × 3,350 bins = 11.2 M rows for the full 6.5 mm area), 60 % of them in tissue,
   10 non-zero genes per bin on average (18,085 genes), ``filtered_feature_bc_matrix.h5`` (10x CSC layout),
   scalefactors, and a full-resolution H&E at 0.5 µm/px.
 
-Each sample is sharded in a child process (256 px tiles at 0.5 µm/px); wall time and the child's peak
-RSS (``ru_maxrss``) are printed against size, so the slope per transcript / bin is visible.
+Inputs are kept under ``--cache`` (default ``out/shard_memory``) and reused by later runs (``--drop-inputs``
+removes each after it is measured). Each sample is sharded in a child process (256 px tiles at 0.5 µm/px,
+``tiling=grid_sites`` by default: every tile holding a site, the path that once read every site at once) into a
+temporary folder removed afterwards; printed: wall and CPU time, the child's peak RSS (``ru_maxrss`` from
+``wait4``: the largest process of its tree, which is one process with one worker), throughput (transcripts or
+bins per wall second), the most sites the banded reader held at once and the size of its scratch bands on disk.
 
-    python benchmarks/shard_memory.py --xenium 4e6,16e6,64e6 --hd 0.25,0.5,1.0
-    python benchmarks/shard_memory.py --xenium 500e6 --hd 1.0 --work /big/scratch   # full size
+    python benchmarks/shard_memory.py --small                        # a quick check (about a minute)
+    python benchmarks/shard_memory.py --xenium 4e6,16e6,64e6 --hd 0.25,0.5,1.0   # the slope
+    python benchmarks/shard_memory.py --xenium 500e6 --hd 1.0 --drop-inputs       # full size (see README, Memory)
     PYTHONPATH=/path/to/other/checkout python benchmarks/shard_memory.py ...     # the same inputs, other code
 """
 
@@ -49,14 +57,24 @@ HD_NNZ_PER_BIN = 10
 HD_IN_TISSUE = 0.6
 
 SHARD = """
-import sys
+import json, sys
 from pathlib import Path
+import histotx.sharding.pipeline as pipeline
 from histotx.sharding.config import ShardConfig
-from histotx.sharding.pipeline import run_cohort
-m = run_cohort(Path(sys.argv[1]), Path(sys.argv[2]), ShardConfig(mpp=0.5, tile_px=256))
+held = []
+read_sites = pipeline.read_sites
+def kept(*args, **kwargs):
+    sites = read_sites(*args, **kwargs)
+    folder = getattr(sites, "folder", None)  # banded sites: their scratch on disk, all written by now
+    held.append((sites, sum(p.stat().st_size for p in folder.iterdir()) if folder else 0))
+    return sites
+pipeline.read_sites = kept
+m = pipeline.run_cohort(Path(sys.argv[1]), Path(sys.argv[2]), ShardConfig(mpp=0.5, tile_px=256, tiling=sys.argv[3]))
 r = next(iter(m["samples"].values()))
 assert r["status"] == "ok", r
-print(r["tiles"], r["sites_kept"])
+sites, scratch = held[0]
+peaks = {k: getattr(sites, k, None) for k in ("peak_loaded", "peak_buffered")}
+print(json.dumps({"tiles": r["tiles"], "sites_kept": r["sites_kept"], "scratch_bytes": scratch, **peaks}))
 """
 
 
@@ -142,18 +160,26 @@ def make_xenium(folder: Path, n: int, seed: int = 0) -> Path:
                 "feature_name": pa.DictionaryArray.from_arrays(pa.array(feature), names),
                 "x_location": pa.array(morph_um[:, 0].astype(np.float32)),
                 "y_location": pa.array(morph_um[:, 1].astype(np.float32)),
-                "z_location": pa.array(rng.uniform(5, 25, k).astype(np.float32)),
+                "z_location": pa.array(np.round(rng.uniform(5, 25, k), 2).astype(np.float32)),
                 "qv": pa.array(
                     np.where(rng.random(k) < 0.15, rng.uniform(5, 20, k), rng.uniform(20, 40, k)).astype(np.float32)
                 ),
                 "fov_name": pa.DictionaryArray.from_arrays(pa.array(rng.integers(0, 100, k).astype(np.int32)), fovs),
-                "nucleus_distance": pa.array(rng.exponential(5, k).astype(np.float32)),
+                "nucleus_distance": pa.array(np.round(np.minimum(rng.exponential(5, k), 60), 2).astype(np.float32)),
                 "codeword_index": pa.array(feature),
             }
         )
         if with_writer is None:
             schema = table.schema
-            with_writer = pq.ParquetWriter(bundle / "transcripts.parquet", schema, compression="zstd")
+            with_writer = pq.ParquetWriter(
+                bundle / "transcripts.parquet",
+                schema,
+                compression="zstd",
+                use_dictionary=[
+                    c for c in schema.names if c not in ("transcript_id", "x_location", "y_location", "qv")
+                ],
+                column_encoding={"transcript_id": "DELTA_BINARY_PACKED"},
+            )
         with_writer.write_table(table, row_group_size=ROW_GROUP)
     with_writer.close()
     cohort = {
@@ -241,24 +267,49 @@ def make_visium_hd(folder: Path, scale: float, seed: int = 0) -> tuple[Path, int
     return folder / "cohort.yaml", side * side
 
 
-def measure(cohort: Path, out: Path) -> tuple[float, float, float, str]:
-    """(wall s, CPU s, peak RSS GB, child's stdout) of sharding `cohort` in a fresh process. CPU time
+def measure(cohort: Path, out: Path, tiling: str) -> tuple[float, float, float, dict]:
+    """(wall s, CPU s, peak RSS GB, the child's figures) of sharding `cohort` in a fresh process. CPU time
     (user + system) is the figure to compare on a shared machine, where wall time depends on the neighbours."""
     t0 = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SHARD, str(cohort), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:  # files: no pipe to drain
+        proc = subprocess.Popen([sys.executable, "-c", SHARD, str(cohort), str(out), tiling], stdout=stdout,
+                                stderr=stderr, env=env)  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (RUSAGE_CHILDREN would keep the max of all)
+        wall = time.perf_counter() - t0
+        stdout.seek(0), stderr.seek(0)
+        out_text, err_text = stdout.read(), stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"sharding {cohort} failed:\n{stderr[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20, stdout.strip()
+        raise RuntimeError(f"sharding {cohort} failed:\n{err_text[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20, json.loads(out_text.strip().splitlines()[-1])
+
+
+def cached_input(cache: Path, kind: str, size: float) -> tuple[Path, int, float]:
+    """(cohort file, units, seconds spent making it) of an input kept under ``cache`` (made once, atomically: a
+    folder is renamed into place when complete, so an interrupted run leaves no half input behind to reuse)."""
+    folder = cache / f"{kind}-{size:g}"
+    units_file = folder / "units.txt"
+    if units_file.exists():
+        return folder / "cohort.yaml", int(units_file.read_text()), 0.0
+    shutil.rmtree(folder.with_name(folder.name + ".partial"), ignore_errors=True)
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True)
+    t0 = time.perf_counter()
+    if kind == "xenium":
+        units = int(size)
+        make_xenium(partial, units)
+    else:
+        units = make_visium_hd(partial, size)[1]
+    (partial / "units.txt").write_text(str(units))
+    partial.rename(folder)
+    return folder / "cohort.yaml", units, time.perf_counter() - t0
+
+
+def _du(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e9
+
+
+SMALL = {"xenium": "2e6", "hd": "0.15"}
 
 
 def main() -> None:
@@ -269,37 +320,40 @@ def main() -> None:
         default="0.25,0.5,1.0",
         help="fractions of the full 6.5 mm capture area's side for Visium HD 2 µm ('' for none)",
     )
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="shard-memory-", dir=args.work))
-    print(
-        f"{'input':<10}{'size':>14}{'make s':>9}{'shard s':>9}{'CPU s':>9}{'peak RSS GB':>13}{'B/unit':>9}"
-        "  tiles, sites kept"
+    ap.add_argument(
+        "--small", action="store_true", help=f"a quick check: --xenium {SMALL['xenium']} --hd {SMALL['hd']}"
     )
-    try:
-        jobs = [("xenium", float(v)) for v in args.xenium.split(",") if v] + [
-            ("visium_hd", float(v)) for v in args.hd.split(",") if v
-        ]
-        for kind, size in jobs:
-            folder = work / f"{kind}-{size:g}"
-            folder.mkdir()
-            t0 = time.perf_counter()
-            if kind == "xenium":
-                cohort, units, unit = make_xenium(folder, int(size)), int(size), "transcripts"
-            else:
-                cohort, units = make_visium_hd(folder, size)
-                unit = "grid bins"
-            made = time.perf_counter() - t0
-            wall, cpu, rss, result = measure(cohort, folder / "shards")
-            print(
-                f"{kind:<10}{units:>14,}{made:>9.1f}{wall:>9.1f}{cpu:>9.1f}{rss:>13.2f}{rss * 2**30 / units:>9.0f}"
-                f"  {result}"
-                f"   ({unit})",
-                flush=True,
-            )
-            shutil.rmtree(folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    ap.add_argument("--tiling", default="grid_sites", choices=("grid", "grid_sites"))
+    ap.add_argument("--cache", type=Path, default=Path("out/shard_memory"), help="where inputs are kept and reused")
+    ap.add_argument("--drop-inputs", action="store_true", help="remove each input once measured (disk)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder for the shards (default: $TMPDIR)")
+    args = ap.parse_args()
+    if args.small:
+        args.xenium, args.hd = SMALL["xenium"], SMALL["hd"]
+    jobs = [("xenium", float(v)) for v in args.xenium.split(",") if v] + [
+        ("visium_hd", float(v)) for v in args.hd.split(",") if v
+    ]
+    print(
+        f"{'input':<10}{'size':>14}{'unit':>12}{'input GB':>10}{'make s':>9}{'shard s':>9}{'CPU s':>9}"
+        f"{'peak RSS GB':>13}{'units/s':>11}{'tiles':>8}{'sites kept':>13}{'held at once':>14}{'bands GB':>10}",
+        flush=True,
+    )
+    for kind, size in jobs:
+        cohort, units, made = cached_input(args.cache, kind, size)
+        work = Path(tempfile.mkdtemp(prefix="shard-memory-", dir=args.work))
+        try:
+            wall, cpu, rss, got = measure(cohort, work / "shards", args.tiling)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        held = max(got["peak_loaded"] or 0, got["peak_buffered"] or 0)
+        print(
+            f"{kind:<10}{units:>14,}{'transcripts' if kind == 'xenium' else 'grid bins':>12}"
+            f"{_du(cohort.parent):>10.2f}{made:>9.1f}{wall:>9.1f}{cpu:>9.1f}{rss:>13.2f}{units / wall:>11,.0f}"
+            f"{got['tiles']:>8,}{got['sites_kept']:>13,}{held:>14,}{got['scratch_bytes'] / 1e9:>10.2f}",
+            flush=True,
+        )
+        if args.drop_inputs:
+            shutil.rmtree(cohort.parent)
 
 
 if __name__ == "__main__":
