@@ -111,7 +111,9 @@ class TranscriptGrid:
 
     ``xy[i]`` is site i's centre in tile pixels (x right, y down; pixel (0, 0) covers [0, 1)²);
     ``gene[offsets[i]:offsets[i+1]]`` and ``count[...]`` are its non-zero genes (global vocabulary ids)
-    and counts. ``footprint_um`` is the native site size: spot diameter, bin side, or 0 for molecules.
+    and counts. ``footprint_um`` is the native site size: spot diameter, bin side, or 0 for molecules;
+    ``footprint_angle_deg`` turns a square footprint by that angle (x towards y, tile px; HEST pseudo-spots
+    mapped through a rotated alignment), stored in the header only when not 0.
     """
 
     xy: np.ndarray
@@ -120,6 +122,7 @@ class TranscriptGrid:
     count: np.ndarray
     footprint_um: float
     footprint_shape: str
+    footprint_angle_deg: float = 0.0
 
     def __post_init__(self) -> None:
         self.xy = np.ascontiguousarray(self.xy, dtype=np.float32).reshape(-1, 2)
@@ -155,6 +158,10 @@ class TranscriptGrid:
             raise FormatError("gene ids must be >= 0")
         if self.footprint_shape not in FOOTPRINT_SHAPES:
             raise FormatError(f"footprint_shape must be one of {FOOTPRINT_SHAPES}, got {self.footprint_shape!r}")
+        if not (math.isfinite(self.footprint_angle_deg) and abs(self.footprint_angle_deg) <= 180):
+            raise FormatError(
+                f"footprint_angle_deg must be a finite angle in [-180, 180], got {self.footprint_angle_deg}"
+            )
 
     def select_many(self, keep: np.ndarray) -> list["TranscriptGrid"]:
         """One subset per row of ``keep`` (bool, ``[subsets, n_sites]``), made in one pass. A subset of a
@@ -193,13 +200,15 @@ def _default_codec():
 def encode_grid(grid: TranscriptGrid, codec=None) -> bytes:
     """Serialise a grid: magic, header length, JSON header (codec config, dtypes, shapes), payloads."""
     if codec is None and grid.n_sites == 0:  # every tile of an image-only slide: encoded once
-        return _empty_grid_bytes(float(grid.footprint_um), grid.footprint_shape)
+        return _empty_grid_bytes(float(grid.footprint_um), grid.footprint_shape, float(grid.footprint_angle_deg))
     return _encode_grid(grid, codec or _default_codec())
 
 
 @functools.lru_cache(maxsize=16)
-def _empty_grid_bytes(footprint_um: float, footprint_shape: str) -> bytes:
-    return _encode_grid(TranscriptGrid.empty(footprint_um, footprint_shape), _default_codec())
+def _empty_grid_bytes(footprint_um: float, footprint_shape: str, footprint_angle_deg: float = 0.0) -> bytes:
+    empty = TranscriptGrid.empty(footprint_um, footprint_shape)
+    empty.footprint_angle_deg = footprint_angle_deg
+    return _encode_grid(empty, _default_codec())
 
 
 def _encode_grid(grid: TranscriptGrid, codec) -> bytes:
@@ -216,6 +225,8 @@ def _encode_grid(grid: TranscriptGrid, codec) -> bytes:
         "footprint_um": float(grid.footprint_um),
         "footprint_shape": grid.footprint_shape,
     }
+    if grid.footprint_angle_deg:  # absent when 0: shards of unrotated footprints stay as they were
+        header["footprint_angle_deg"] = float(grid.footprint_angle_deg)
     head = json.dumps(header, separators=(",", ":")).encode()
     return b"".join([_GRID_MAGIC, struct.pack("<I", len(head)), head, *payloads])
 
@@ -364,12 +375,13 @@ def decode_grid(data: bytes) -> TranscriptGrid:
         out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     if pos != len(data):
         raise FormatError(f"transcript grid has {len(data) - pos} bytes after its last array")
-    footprint_um, shape = _footprint(header)
-    return TranscriptGrid(footprint_um=footprint_um, footprint_shape=shape, **out)
+    footprint_um, shape, angle = _footprint(header)
+    return TranscriptGrid(footprint_um=footprint_um, footprint_shape=shape, footprint_angle_deg=angle, **out)
 
 
-def _footprint(header: dict[str, Any]) -> tuple[float, str]:
-    """(footprint_um, footprint_shape) of a grid header: a finite size in [0, MAX_FOOTPRINT_UM] and a string."""
+def _footprint(header: dict[str, Any]) -> tuple[float, str, float]:
+    """(footprint_um, footprint_shape, footprint_angle_deg) of a grid header: a finite size in
+    [0, MAX_FOOTPRINT_UM], a string, and an optional finite angle in [-180, 180] (0 when absent)."""
     footprint_um, shape = header.get("footprint_um"), header.get("footprint_shape")
     if (
         not isinstance(footprint_um, (int, float))
@@ -381,7 +393,14 @@ def _footprint(header: dict[str, Any]) -> tuple[float, str]:
         )
     if not isinstance(shape, str):
         raise FormatError(f"transcript grid footprint_shape must be a string, got {shape}")
-    return float(footprint_um), shape
+    angle = header.get("footprint_angle_deg", 0.0)
+    if (
+        not isinstance(angle, (int, float))
+        or isinstance(angle, bool)
+        or not (math.isfinite(angle) and abs(angle) <= 180)
+    ):
+        raise FormatError(f"transcript grid footprint_angle_deg must be a finite angle in [-180, 180], got {angle}")
+    return float(footprint_um), shape, float(angle)
 
 
 @dataclass

@@ -126,8 +126,9 @@ class TranscriptCells:
         return self.with_xy(self.xy * np.float32(factor))
 
 
-def _footprint_lattice(footprint_px: float, shape: str, cell_px: float) -> np.ndarray:
-    """Offsets (m, 2) of equal-area sample points covering a footprint, about 4 per cell side."""
+def _footprint_lattice(footprint_px: float, shape: str, cell_px: float, angle_deg: float = 0.0) -> np.ndarray:
+    """Offsets (m, 2) of equal-area sample points covering a footprint, about 4 per cell side; a square's
+    lattice turned by ``angle_deg`` (x towards y)."""
     k = int(min(MAX_SAMPLES_PER_AXIS, max(1, math.ceil(4 * footprint_px / cell_px))))
     ticks = ((np.arange(k) + 0.5) / k - 0.5) * footprint_px
     off = np.stack(np.meshgrid(ticks, ticks, indexing="xy"), axis=-1).reshape(-1, 2)
@@ -135,6 +136,9 @@ def _footprint_lattice(footprint_px: float, shape: str, cell_px: float) -> np.nd
         off = off[np.hypot(off[:, 0], off[:, 1]) <= footprint_px / 2]
         if off.shape[0] == 0:
             off = np.zeros((1, 2))
+    elif shape == "square" and angle_deg:
+        c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+        off = off @ np.array([[c, s], [-s, c]])  # each row (x, y) → (c·x − s·y, s·x + c·y)
     return off
 
 
@@ -265,7 +269,7 @@ def _binned(
     site_start, xy, nnz, gene, count = _concat(grids)
     # Sample points: one per site at its centre, or a lattice over a footprint wider than a cell.
     lattices = [
-        _footprint_lattice(g.footprint_um / m, g.footprint_shape, side)
+        _footprint_lattice(g.footprint_um / m, g.footprint_shape, side, g.footprint_angle_deg)
         if g.footprint_shape != "point" and g.footprint_um / m > side
         else np.zeros((1, 2))
         for g, m, side in zip(grids, mpps, sides, strict=True)

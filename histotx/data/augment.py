@@ -32,6 +32,9 @@ def transform_grid(grid: TranscriptGrid, geometry: CropGeometry, tile_mpp: float
 def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_mpp: float) -> list[TranscriptGrid]:
     """:func:`transform_grid` for many crops of one tile, in one pass over its sites."""
     reach = 0.5 * grid.footprint_um / tile_mpp if grid.footprint_shape != "point" else 0.0
+    angle = grid.footprint_angle_deg
+    if grid.footprint_shape == "square" and angle:  # a turned square reaches out to its corners' bounding box
+        reach *= abs(math.cos(math.radians(angle))) + abs(math.sin(math.radians(angle)))
     params = np.array([g._params() for g in geometries], dtype=np.int64)  # [crops, 8]
     left, top, width, height = (params[:, i : i + 1] for i in range(4))
     right, bottom = left + width, top + height
@@ -40,6 +43,8 @@ def transform_grids(grid: TranscriptGrid, geometries: list[CropGeometry], tile_m
     kept = grid.select_many(keep)
     for k, g in zip(kept, geometries, strict=True):
         k.xy = g.apply_to_xy(k.xy)
+        if angle and g.hflip != g.vflip:  # a mirror turns a footprint's angle the other way; quarter turns keep
+            k.footprint_angle_deg = -angle  # a square's (its symmetry), and both flips are a half turn
     return kept
 
 

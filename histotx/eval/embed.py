@@ -95,7 +95,15 @@ def remap_grid(grid: TranscriptGrid, mapping: np.ndarray) -> TranscriptGrid:
     keep = gene >= 0
     per_site = np.bincount(grid.site_of_entry()[keep], minlength=grid.n_sites)
     offsets = np.concatenate([[0], np.cumsum(per_site)])
-    return TranscriptGrid(grid.xy, offsets, gene[keep], grid.count[keep], grid.footprint_um, grid.footprint_shape)
+    return TranscriptGrid(
+        grid.xy,
+        offsets,
+        gene[keep],
+        grid.count[keep],
+        grid.footprint_um,
+        grid.footprint_shape,
+        grid.footprint_angle_deg,
+    )
 
 
 @dataclass

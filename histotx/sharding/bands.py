@@ -57,6 +57,7 @@ class BandedSites:
     dropped: dict[str, int] = field(default_factory=dict)
     mpp_estimate: float | None = None
     info: dict = field(default_factory=dict)
+    footprint_angle_deg: float = 0.0  # as Sites'
     n_kept: int = 0  # sites handed out by in_box (tiles do not overlap, so each once)
 
     def __post_init__(self) -> None:

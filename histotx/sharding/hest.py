@@ -11,6 +11,12 @@ pitch) and legacy Spatial Transcriptomics' disks (mostly 100 µm on a 200 µm sq
 alone is wrong for both: the footprint comes from ``st_technology`` and the spot lattice itself
 (nearest-neighbour spacing × µm/px; 6 neighbours on a hexagonal lattice, 4 on a square grid), and
 the metadata only where it agrees. ``Sites.info['footprint']`` records which source was used.
+
+HEST pools Xenium transcripts in the morphology frame and Visium HD bins on the capture array, then maps the
+spot centres onto the WSI through the H&E alignment: on the slide the square pseudo-spots are rotated by the
+alignment's angle. The lattice's orientation (from the nearest-neighbour directions) gives the squares their
+angle (``Sites.footprint_angle_deg``, carried into each tile's transcript grid), so a rotated sample's counts
+are spread over rotated squares, not axis-aligned ones.
 """
 
 from __future__ import annotations
@@ -85,6 +91,9 @@ class Lattice:
 
     pitch_px: float
     neighbours: int  # spots at the pitch around an interior spot: 6 on a hexagonal lattice, 4 on a square grid
+    # orientation: the angle of the lattice's rows against the slide's x axis (y down, so positive turns
+    # clockwise on screen), in (-45°, 45°] for a square grid and (-30°, 30°] for a hexagonal one
+    angle_deg: float = 0.0
 
     @property
     def kind(self) -> str:
@@ -99,11 +108,30 @@ def measure_lattice(xy: np.ndarray) -> Lattice | None:
     if len(xy) < 3:
         return None
     tree = cKDTree(xy)
-    nearest = tree.query(xy, k=2)[0][:, 1]
+    dist, index = tree.query(xy, k=2)
+    nearest = dist[:, 1]
     median = float(np.median(nearest))
-    pitch = float(nearest[(nearest > 0.8 * median) & (nearest < 1.2 * median)].mean())
+    at_pitch = (nearest > 0.8 * median) & (nearest < 1.2 * median)
+    pitch = float(nearest[at_pitch].mean())
     around = tree.query_ball_point(xy, r=1.2 * pitch, return_length=True) - 1
-    return Lattice(pitch, int(np.percentile(around, 90)))
+    neighbours = int(np.percentile(around, 90))
+    step = xy[index[at_pitch, 1]] - xy[at_pitch]
+    return Lattice(pitch, neighbours, _orientation(step, 6 if neighbours == 6 else 4))
+
+
+ANGLE_SNAP_DEG = 0.05  # below this a lattice counts as axis-aligned (a 100 µm square's corner moves < 0.1 µm)
+
+
+def _orientation(step: np.ndarray, symmetry: int) -> float:
+    """The lattice's angle from its nearest-neighbour steps: the circular mean of ``symmetry`` × their angles
+    (every step of a square grid gives the same 4θ mod 360°), divided back; rounded to 0.01°, ~0 snapped to 0."""
+    theta = np.arctan2(step[:, 1], step[:, 0]) * symmetry
+    angle = float(np.degrees(np.arctan2(np.sin(theta).mean(), np.cos(theta).mean())) / symmetry)
+    angle = round(angle, 2)
+    half = 180.0 / symmetry
+    if angle <= -half + 0.005:  # the interval's open end: -45° is 45°
+        angle += 2 * half
+    return 0.0 if abs(angle) < ANGLE_SNAP_DEG else angle
 
 
 @dataclass(frozen=True)
@@ -136,7 +164,8 @@ def _close(a: float | None, b: float) -> bool:
 def spot_footprint(
     st_technology: str, lattice: Lattice | None, mpp: float | None, spot_diameter: float | None
 ) -> tuple[float, str, dict]:
-    """(size µm, shape, record) of a HEST sample's spots; the record says which source decided."""
+    """(size µm, shape, record) of a HEST sample's spots; the record says which source decided and, for
+    squares on a square lattice, their angle on the slide (``angle_deg``)."""
     tech = TECHNOLOGIES.get(st_technology.strip().lower())
     pitch = lattice.pitch_px * mpp if lattice is not None and mpp is not None else None
     kind = lattice.kind if lattice is not None else None
@@ -175,7 +204,9 @@ def spot_footprint(
         else:
             size, source = tech.diameter_um, "st_technology"
     record["metadata_agrees"] = None if spot_diameter is None else _close(spot_diameter, size)
-    record.update(um=round(float(size), 3), shape=shape, source=source)
+    # a square's orientation is the square lattice's own (a disk has none)
+    angle = lattice.angle_deg if shape == "square" and kind == "square" else 0.0
+    record.update(um=round(float(size), 3), shape=shape, source=source, angle_deg=angle)
     if warnings:
         record["warning"] = "; ".join(warnings)
     return float(size), shape, record
@@ -246,6 +277,7 @@ def read_hest(data: Path, sample_id: str, in_tissue_only: bool = True) -> Sites:
         genes=_genes(adata.var),
         footprint_um=size,
         footprint_shape=shape,
+        footprint_angle_deg=footprint["angle_deg"],
         panel=technology,
         dropped=dropped,
         mpp_estimate=_positive(meta, "pixel_size_um_estimated"),

@@ -428,6 +428,7 @@ def _tile_grid(
         count=sub.data,
         footprint_um=sites.footprint_um,
         footprint_shape=sites.footprint_shape,
+        footprint_angle_deg=sites.footprint_angle_deg,
     )
     return grid, int(np.unique(grid.gene).size)
 

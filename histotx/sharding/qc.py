@@ -31,8 +31,15 @@ OVERVIEW_PX = 1600  # longest side of an overview
 TILE_RGB, KEPT_RGB, DROPPED_RGB = (0, 200, 0), (0, 230, 255), (255, 30, 30)
 
 
-def draw_sites(rgb: np.ndarray, xy: np.ndarray, footprint_px: float, shape: str) -> Image.Image:
-    """Overlay sites: circles of the spot footprint, squares of the bin size, or dots for molecules."""
+def _square(x: float, y: float, r: float, angle_deg: float) -> list[tuple[float, float]]:
+    """Corners of a square of half-side r centred on (x, y), turned by angle_deg (x towards y)."""
+    c, s = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg))
+    return [(x + c * u - s * v, y + s * u + c * v) for u, v in ((-r, -r), (r, -r), (r, r), (-r, r))]
+
+
+def draw_sites(rgb: np.ndarray, xy: np.ndarray, footprint_px: float, shape: str, angle_deg: float = 0.0) -> Image.Image:
+    """Overlay sites: circles of the spot footprint, squares of the bin size (turned by ``angle_deg``), or dots
+    for molecules."""
     zoom = max(1, -(-MIN_QC_PX // rgb.shape[1]))  # small tiles are enlarged so the marks stay visible
     img = Image.fromarray(rgb).convert("RGB").resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.NEAREST)
     draw = ImageDraw.Draw(img)
@@ -42,7 +49,7 @@ def draw_sites(rgb: np.ndarray, xy: np.ndarray, footprint_px: float, shape: str)
         if shape == "disk":
             draw.ellipse(box, outline=(0, 255, 255), width=2)
         elif shape == "square":
-            draw.rectangle(box, outline=(0, 255, 255))
+            draw.polygon(_square(x, y, r, angle_deg), outline=(0, 255, 255))
         else:
             draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=(0, 255, 255))
     return img
@@ -67,7 +74,13 @@ def write_qc(shard_dir: Path, out_dir: Path, per_sample: int = 8, columns: int =
                 continue
             footprint_px = tile.grid.footprint_um / tile.meta["mpp"]
             tiles.append(
-                draw_sites(decode_image_rgb(tile.image), tile.grid.xy, footprint_px, tile.grid.footprint_shape)
+                draw_sites(
+                    decode_image_rgb(tile.image),
+                    tile.grid.xy,
+                    footprint_px,
+                    tile.grid.footprint_shape,
+                    tile.grid.footprint_angle_deg,
+                )
             )
     written = []
     for sid, tiles in sorted(picked.items()):
@@ -84,10 +97,10 @@ def write_qc(shard_dir: Path, out_dir: Path, per_sample: int = 8, columns: int =
     return written
 
 
-def _tiles_and_sites(shard_dir: Path, manifest: dict, sid: str) -> tuple[list, np.ndarray, float, str]:
-    """(tile boxes in level-0 px, kept site centres in level-0 px, footprint µm, footprint shape) from the
-    shards themselves (metadata and grids; images are not decoded)."""
-    boxes, xy, footprint, shape = [], [], 0.0, "point"
+def _tiles_and_sites(shard_dir: Path, manifest: dict, sid: str) -> tuple[list, np.ndarray, float, str, float]:
+    """(tile boxes in level-0 px, kept site centres in level-0 px, footprint µm, footprint shape, its angle) from
+    the shards themselves (metadata and grids; images are not decoded)."""
+    boxes, xy, footprint, shape, angle = [], [], 0.0, "point", 0.0
     for entry in manifest["shards"]:
         if entry.get("sample_id") != sid:
             continue
@@ -99,8 +112,8 @@ def _tiles_and_sites(shard_dir: Path, manifest: dict, sid: str) -> tuple[list, n
             grid = decode_grid(members["tx"])
             if grid.n_sites:
                 xy.append(grid.xy.astype(np.float64) * scale0 + (ox, oy))
-                footprint, shape = grid.footprint_um, grid.footprint_shape
-    return boxes, np.concatenate(xy) if xy else np.zeros((0, 2)), footprint, shape
+                footprint, shape, angle = grid.footprint_um, grid.footprint_shape, grid.footprint_angle_deg
+    return boxes, np.concatenate(xy) if xy else np.zeros((0, 2)), footprint, shape, angle
 
 
 def _input_sites(manifest: dict, sid: str):
@@ -123,14 +136,23 @@ def _input_sites(manifest: dict, sid: str):
 
 
 def _draw_sites(
-    img: Image.Image, xy: np.ndarray, per_px: float, footprint_px: float, shape: str, rgb: tuple[int, int, int]
+    img: Image.Image,
+    xy: np.ndarray,
+    per_px: float,
+    footprint_px: float,
+    shape: str,
+    rgb: tuple[int, int, int],
+    angle_deg: float = 0.0,
 ) -> None:
     """Sites at overview scale: outlines of their true size, or a density overlay when smaller than 2 px."""
     pts = xy / per_px
     if footprint_px >= 2 and shape in ("disk", "square"):
         draw, r = ImageDraw.Draw(img), footprint_px / 2
         for x, y in pts:
-            (draw.ellipse if shape == "disk" else draw.rectangle)((x - r, y - r, x + r, y + r), outline=rgb)
+            if shape == "disk":
+                draw.ellipse((x - r, y - r, x + r, y + r), outline=rgb)
+            else:
+                draw.polygon(_square(x, y, r, angle_deg), outline=rgb)
         return
     w, h = img.size
     inside = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
@@ -164,7 +186,7 @@ def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max
 
     rec = manifest["samples"][sid]
     _check_slide_path(shard_dir, sid, rec.get("slide"))
-    boxes, kept, footprint_um, shape = _tiles_and_sites(shard_dir, manifest, sid)
+    boxes, kept, footprint_um, shape, angle = _tiles_and_sites(shard_dir, manifest, sid)
     with Slide(rec["slide"], mpp=rec["slide_mpp"]) as slide:
         target = max(slide.mpp * max(slide.width, slide.height) / max_px, slide.mpp)
         thumb, per_px = slide.thumbnail(target)  # per_px: level-0 px per overview px
@@ -177,14 +199,14 @@ def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max
             for x0, y0, x1, y1 in boxes:
                 covered |= (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
             dropped = xy[on & ~covered]
-            footprint_um, shape = sites.footprint_um, sites.footprint_shape
+            footprint_um, shape, angle = sites.footprint_um, sites.footprint_shape, sites.footprint_angle_deg
         footprint_px = footprint_um / (slide.mpp * per_px)
     img = Image.fromarray(thumb).convert("RGB")
     draw = ImageDraw.Draw(img)
     for x0, y0, x1, y1 in boxes:
         draw.rectangle((x0 / per_px, y0 / per_px, x1 / per_px - 1, y1 / per_px - 1), outline=TILE_RGB)
-    _draw_sites(img, kept, per_px, footprint_px, shape, KEPT_RGB)
-    _draw_sites(img, dropped, per_px, footprint_px, shape, DROPPED_RGB)
+    _draw_sites(img, kept, per_px, footprint_px, shape, KEPT_RGB, angle)
+    _draw_sites(img, dropped, per_px, footprint_px, shape, DROPPED_RGB, angle)
     legend = (
         f"{sid}: {len(boxes)} tiles (green), {len(kept)} sites in shards (cyan), {len(dropped)} sites "
         f"under no tile (red)"

@@ -35,6 +35,8 @@ class Sites:
     mpp_estimate: float | None = None
     # Anything a reader wants the manifest to record (pixel size source, software version, ...).
     info: dict = field(default_factory=dict)
+    # A square footprint's rotation on the slide (degrees; HEST pseudo-spots mapped through a rotated alignment).
+    footprint_angle_deg: float = 0.0
     _by_y: np.ndarray | None = field(default=None, init=False, repr=False)  # site order by y, for in_box
     _ys: np.ndarray | None = field(default=None, init=False, repr=False)
     _kept: np.ndarray | None = field(default=None, init=False, repr=False)

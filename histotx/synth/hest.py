@@ -137,14 +137,27 @@ def write_hest_wsi(path: Path, image: np.ndarray, mpp: float, n_levels: int = 3)
             )
 
 
-def _hest_spots(rng: np.random.Generator, layout: HestLayout, width: int, height: int, mpp: float):
-    """(names, array_row, array_col, xy px) of the lattice spots lying fully on the image."""
+def _hest_spots(rng: np.random.Generator, layout: HestLayout, width: int, height: int, mpp: float, angle_deg: float):
+    """(names, array_row, array_col, xy px) of the lattice spots lying fully on the image; a square lattice
+    turned by ``angle_deg`` about the image centre (x towards y), as HEST's pseudo-spots land on a WSI whose
+    alignment to the morphology frame is a rotation."""
     if layout.lattice == "hexagonal":
         spots = Spots.lattice(rng, width * mpp, height * mpp, mpp)
         return spots.barcodes, spots.array_row, spots.array_col, spots.px.astype(np.float64)
-    n_cols, n_rows = int(width * mpp // layout.pitch_um), int(height * mpp // layout.pitch_um)
-    rows, cols = (a.ravel() for a in np.mgrid[0:n_rows, 0:n_cols])
-    xy = (np.stack([cols, rows], axis=1) + 0.5) * layout.pitch_um / mpp
+    pitch = layout.pitch_um / mpp
+    if not angle_deg:
+        n_cols, n_rows = int(width // pitch), int(height // pitch)
+        rows, cols = (a.ravel() for a in np.mgrid[0:n_rows, 0:n_cols])
+        xy = (np.stack([cols, rows], axis=1) + 0.5) * pitch
+    else:
+        n = int(np.hypot(width, height) // pitch) + 2
+        rows, cols = (a.ravel() for a in np.mgrid[0:n, 0:n])
+        c, s = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg))
+        u, v = (cols + 0.5 - n / 2) * pitch, (rows + 0.5 - n / 2) * pitch
+        xy = np.stack([width / 2 + c * u - s * v, height / 2 + s * u + c * v], axis=1)
+        reach = pitch / 2 * (abs(c) + abs(s))  # the turned square lies wholly on the image
+        on = np.all((xy >= reach) & (xy <= np.array([width, height]) - reach), axis=1)
+        rows, cols, xy = rows[on], cols[on], xy[on]
     return [layout.index.format(r, c) for r, c in zip(rows, cols, strict=True)], rows, cols, xy
 
 
@@ -159,13 +172,15 @@ def write_hest_layout(
     patient: str,
     organ: str = "Bowel",
     species: str = "Homo sapiens",
+    angle_deg: float = 0.0,
 ) -> int:
     """One HEST-1k sample of ``st_technology`` (a key of HEST_LAYOUTS) over ``image`` (H, W, 3 uint8):
     ``wsis/{id}.tif``, ``st/{id}.h5ad`` with the spots under tissue, ``metadata/{id}.json`` (NaN where HEST
-    has no value) and an empty ``tissue_seg/``. Returns the number of spots written."""
+    has no value) and an empty ``tissue_seg/``; square pseudo-spots on a lattice turned by ``angle_deg``.
+    Returns the number of spots written."""
     layout = HEST_LAYOUTS[st_technology]
     height, width = image.shape[:2]
-    names, rows, cols, xy = _hest_spots(rng, layout, width, height, mpp)
+    names, rows, cols, xy = _hest_spots(rng, layout, width, height, mpp, angle_deg)
     ix = np.clip(xy.astype(np.int64), 0, [width - 1, height - 1])
     under = image[ix[:, 1], ix[:, 0]].mean(axis=1) < 230  # HEST keeps the spots under tissue
     names, rows, cols, xy = [n for n, k in zip(names, under, strict=True) if k], rows[under], cols[under], xy[under]
