@@ -3,7 +3,8 @@
 The synthetic cohort paints a green disk at each (marked) spot / bin / molecule position on the H&E and
 records the level-0 positions. After sharding (Visium full-res at 0.7268 µm/px upsampled to 0.5, the
 Visium HD OME-TIFF at 0.25 downsampled from its pyramid, the Xenium H&E through its affine, the HEST
-slide, the SVS, the CosMx export through its mirrored affine), every marked site in the shards must (a) map
+slide, the SVS, the CosMx export through its mirrored affine, SpatialData stores whose image, points and shapes
+each reach the shared coordinate system by their own transformation), every marked site in the shards must (a) map
 back to its true level-0 position and (b) sit on its marker in the tile image, within 1 px.
 """
 
@@ -22,7 +23,16 @@ from histotx.sharding.verify import iter_shard
 from histotx.synth import generate_cohort
 from histotx.synth.variants import ALL_VARIANTS
 
-TECHNOLOGY_SAMPLES = ["visium", "visium_sr2", "visium_hd", "xenium", "hest", "cosmx"]
+TECHNOLOGY_SAMPLES = [
+    "visium",
+    "visium_sr2",
+    "visium_hd",
+    "xenium",
+    "hest",
+    "cosmx",
+    "spatialdata_points",
+    "spatialdata_shapes",
+]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Whole-slide images, read lazily: tifffile pyramids through zarr, plain PNG/JPEG through Pillow.
+"""Whole-slide images, read lazily: tifffile pyramids through zarr, OME-Zarr images (a SpatialData store's
+image element) through zarr, plain PNG/JPEG through Pillow.
 
 Aperio SVS, pyramidal TIFF (levels as SubIFDs or pages) and OME-TIFF all come through
 ``tifffile``; each pyramid level is opened as a zarr array over the file so a region read decodes
@@ -390,6 +391,24 @@ def _mpp_from_tiff(tif) -> tuple[float | None, str]:
     return None, "none"
 
 
+_NGFF_UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6}
+
+
+def _mpp_from_ngff(image: dict) -> tuple[float | None, str]:
+    """µm/px of an OME-NGFF image's first level: its x scale, when the x axis has a length unit."""
+    axes = image.get("axes", [])
+    units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
+    names = [a["name"] if isinstance(a, dict) else str(a) for a in axes]
+    if "x" not in names or units[names.index("x")] not in _NGFF_UNIT_TO_UM:
+        return None, "none"
+    for t in image["datasets"][0].get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            mpp = float(t["scale"][names.index("x")]) * _NGFF_UNIT_TO_UM[units[names.index("x")]]
+            if _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1]:
+                return mpp, "ngff:scale"
+    return None, "none"
+
+
 class Slide:
     """A pyramid of RGB levels with a known level-0 µm/px.
 
@@ -407,6 +426,8 @@ class Slide:
             if self.path.suffix.lower() in _PLAIN_IMAGE_SUFFIXES:
                 file_mpp, self.mpp_source = None, "none"
                 self._open_plain()
+            elif self.path.is_dir():
+                file_mpp, self.mpp_source = self._open_ome_zarr()
             else:
                 file_mpp, self.mpp_source = self._open_tiff()
         except Exception as exc:  # tifffile/PIL raise many types for damaged files
@@ -461,6 +482,29 @@ class Slide:
         mpp, source = _mpp_from_tiff(tif)
         self._init_levels([self._hw(level.shape) for level in series.levels])
         return mpp, source
+
+    def _open_ome_zarr(self) -> tuple[float | None, str]:
+        """An OME-Zarr image (OME-NGFF ``multiscales``: a SpatialData image element, bioformats2raw's series):
+        each level a zarr array read chunk by chunk, never whole. µm/px only where the first level's scale is
+        in a length unit (SpatialData writes none: its sample's data or `mpp:` says it)."""
+        import zarr
+
+        group = zarr.open_group(str(self.path), mode="r")
+        attrs = group.attrs.asdict()
+        scales = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+        if not scales:
+            raise InputError(
+                self.path, "a folder that is not an OME-Zarr image: no `multiscales` in its zarr attributes"
+            )
+        image = scales[0]
+        names = [a["name"] if isinstance(a, dict) else str(a) for a in image.get("axes", [])]
+        axes = {"cyx": "CYX", "yx": "YX", "yxc": "YXS"}.get("".join(names).lower())
+        if axes is None:
+            raise InputError(self.path, f"unsupported OME-Zarr axes {names} (expected c, y, x or y, x)")
+        self._axes = axes
+        self._levels_data = [group[d["path"]] for d in image["datasets"]]
+        self._init_levels([self._hw(a.shape) for a in self._levels_data])
+        return _mpp_from_ngff(image)
 
     def _open_plain(self) -> None:
         from PIL import Image

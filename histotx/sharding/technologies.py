@@ -130,6 +130,27 @@ class CosMxOptions:
             raise ConfigError(f"pixel_size_um must be > 0, got {self.pixel_size_um}")
 
 
+@dataclass
+class SpatialDataOptions:
+    image: str | None = None  # the H&E image element (default: the store's only one)
+    points: str | None = None  # the points element of molecules (x, y, gene column), or ...
+    shapes: str | None = None  # ... the shapes element of spots/cells (circles, polygons) a table annotates
+    table: str | None = None  # the table annotating `shapes` (default: the only one that does)
+    coordinate_system: str | None = None  # where image and sites meet (default: the only one they share)
+    feature_key: str | None = None  # the points' gene column (default: the element's feature_key)
+    layer: str | None = None  # the table layer holding the counts (default: X)
+    um_per_unit: float | None = None  # µm per unit of the coordinate system (else the sample's `mpp:`)
+    footprint_um: float | None = None  # site diameter (default: shapes' median diameter; molecules: points)
+
+    def validate(self) -> None:
+        if self.points is not None and self.shapes is not None:
+            raise ConfigError(f"name points or shapes, not both (points {self.points!r}, shapes {self.shapes!r})")
+        if self.um_per_unit is not None and not self.um_per_unit > 0:
+            raise ConfigError(f"um_per_unit must be > 0, got {self.um_per_unit}")
+        if self.footprint_um is not None and not self.footprint_um >= 0:
+            raise ConfigError(f"footprint_um must be >= 0, got {self.footprint_um}")
+
+
 # ---------------------------------------------------------------------------------------------- the registry
 
 
@@ -162,6 +183,13 @@ TECHNOLOGIES: dict[str, Technology] = {
         Technology("hest", NoOptions, "hest", "the HEST root (st/, wsis/, metadata/)", needs_slide=False, spots=True),
         Technology(
             "cosmx", CosMxOptions, "cosmx", "the CosMx flat-file export (*_tx_file.csv, *_fov_positions_file.csv)"
+        ),
+        Technology(
+            "spatialdata",
+            SpatialDataOptions,
+            "spatialdata_store",
+            "a SpatialData zarr store (image + points, or image + shapes + table)",
+            needs_slide=False,
         ),
         Technology(IMAGE_ONLY, NoOptions, None),
     )

@@ -28,6 +28,13 @@ from histotx.synth.genes import (
 from histotx.synth.hest import write_hest_sample
 from histotx.synth.render import MARKER_RADIUS_PX, MARKER_RGB, paint_markers, render_he
 from histotx.synth.slides import write_slide
+from histotx.synth.spatialdata_store import (
+    IMAGE,
+    points_frames,
+    shapes_frame,
+    write_points_store,
+    write_shapes_store,
+)
 from histotx.synth.tenx import (
     SPOT_DIAMETER_UM,
     HDGrid,
@@ -48,7 +55,11 @@ from histotx.synth.xenium import (
     write_xenium_bundle,
 )
 
-TECHNOLOGY = {"visium_sr2": "visium"}  # variant → cohort technology where they differ
+TECHNOLOGY = {
+    "visium_sr2": "visium",
+    "spatialdata_points": "spatialdata",
+    "spatialdata_shapes": "spatialdata",
+}  # variant → cohort technology where they differ
 N_PATIENTS = 2
 
 EFFICIENCY = {"visium": 0.3, "visium_hd": 0.3, "xenium": 1.0, "cosmx": 0.8}  # fraction of a cell's RNA captured
@@ -76,6 +87,8 @@ _SMALL = {
     "hest": SlideSpec(2048, 2304, 0.5, "tiff_pages"),
     "image_only": SlideSpec(2048, 1792, 0.5, "tiff_subifds"),
     "cosmx": SlideSpec(2048, 2304, 0.5, "ome"),
+    "spatialdata_points": SlideSpec(2304, 2048, 0.5, "spatialdata"),  # the image element of a SpatialData store
+    "spatialdata_shapes": SlideSpec(2400, 2160, 0.6, "spatialdata"),
 }
 # bench: twice the small tissue per side, drawn at 1 µm/px (nuclei still 4-7 px across), for benchmarks
 # that train and evaluate on CPU: a quarter of the pixels of the same tissue at 0.5 µm/px.
@@ -127,6 +140,7 @@ class _Plan:
     sites: dict  # truth["sites"]
     marks: np.ndarray | None  # level-0 px to paint when markers are on
     write: Callable[[np.ndarray], None] | None = None  # writes the technology's files, given the final H&E
+    slide_in_data: bool = False  # the slide is written by `write` (a SpatialData store's image element)
 
 
 def _spot_counts(s: _Sample, model: ExpressionModel, xy_um: np.ndarray):
@@ -289,9 +303,77 @@ def _cosmx(s: _Sample, out: Path, model: ExpressionModel, markers: bool) -> _Pla
     return _Plan(entry, slide, sites, xy[marked], write)
 
 
+def _spatialdata_points(s: _Sample, out: Path, model: ExpressionModel, markers: bool) -> _Plan:
+    """Xenium-like molecules in a SpatialData store: image and points each in a frame of their own."""
+    mpp, area = s.spec.mpp, (s.spec.width, s.spec.height)
+    panel = xenium_panel()
+    per_cell = s.rng.poisson(s.rates[:, panel] * EFFICIENCY["xenium"])
+    mol = Molecules.sample(s.rng, s.cells, per_cell, [model.genes[i][0] for i in panel], mpp, area, s.tissue.in_tissue)
+    good = np.flatnonzero(~mol.is_control() & (mol.qv >= QV_PASS))
+    marked = good[sparse_subset(mol.xy_he[good], XENIUM_MARK_SPACING_UM / mpp, s.rng)]
+    if markers:  # only the marked molecules, the controls and the low-qv reads (which a reader must drop)
+        keep = np.ones(len(mol.qv), dtype=bool)
+        keep[good] = False
+        keep[marked] = True
+        marked = np.cumsum(keep)[marked] - 1
+        mol = mol.subset(keep)
+    frames = points_frames(s.rng, mpp)
+    store = out / s.sample_id / f"{s.sample_id}.zarr"
+    sites = _sites_truth(
+        "molecule",
+        marked.tolist(),
+        mol.xy_he[marked],
+        s,
+        feature=mol.feature[marked].tolist(),
+        subset=f"gene molecules with qv >= {QV_PASS:g}, at least {XENIUM_MARK_SPACING_UM / 2:g} µm apart",
+        image_to_global=frames["image"],
+        points_to_global=frames["points"],
+    )
+
+    def write(image: np.ndarray) -> None:
+        write_points_store(store, image, frames, mol.xy_he, mol.feature, mol.qv, mol.cell, s.rng)
+
+    entry = {"data": store, "options": {"um_per_unit": 1.0}}  # the global system is in µm
+    return _Plan(entry, store / "images" / IMAGE, sites, mol.xy_he[marked], write, slide_in_data=True)
+
+
+def _spatialdata_shapes(s: _Sample, out: Path, model: ExpressionModel) -> _Plan:
+    """Visium-like spots as circles annotated by a table in a SpatialData store, the H&E registered by an affine."""
+    mpp = s.spec.mpp
+    spots = Spots.lattice(s.rng, s.spec.width * mpp, s.spec.height * mpp, mpp)
+    xy_um = spots.xy_um(mpp)
+    in_tissue = s.tissue.in_tissue(xy_um[:, 0], xy_um[:, 1])
+    counts = _spot_counts(s, model, xy_um)
+    m = shapes_frame(s.rng, mpp)
+    store = out / s.sample_id / f"{s.sample_id}.zarr"
+
+    def write(image: np.ndarray) -> None:
+        write_shapes_store(store, image, m, spots.px.astype(np.float64), counts, in_tissue, model.genes,
+                           SPOT_DIAMETER_UM / mpp, s.rng)  # fmt: skip
+
+    sites = _sites_truth("spot", spots.barcodes, spots.px, s, in_tissue=in_tissue.astype(int), image_to_aligned=m)
+    entry = {"data": store, "mpp": mpp}  # the aligned system has no unit: the slide's µm/px is declared
+    return _Plan(entry, store / "images" / IMAGE, sites, spots.px.astype(np.float64), write, slide_in_data=True)
+
+
 def _image_only(s: _Sample, out: Path) -> _Plan:
     slide = out / s.sample_id / f"{s.sample_id}.tif"
     return _Plan({"slide": slide}, slide, _sites_truth("none", [], np.zeros((0, 2)), s), None)
+
+
+def _plan(variant: str, s: _Sample, out: Path, model: ExpressionModel, markers: bool, size: str) -> _Plan:
+    """The variant's sample, planned."""
+    plans: dict[str, Callable[[], _Plan]] = {
+        "visium": lambda: _visium(s, out, model, 1),
+        "visium_sr2": lambda: _visium(s, out, model, 2),
+        "visium_hd": lambda: _visium_hd(s, out, model, HD_CROP_UM[size]),
+        "xenium": lambda: _xenium(s, out, model, markers),
+        "hest": lambda: _hest(s, out, model),
+        "cosmx": lambda: _cosmx(s, out, model, markers),
+        "spatialdata_points": lambda: _spatialdata_points(s, out, model, markers),
+        "spatialdata_shapes": lambda: _spatialdata_shapes(s, out, model),
+    }
+    return plans.get(variant, lambda: _image_only(s, out))()
 
 
 def _make_sample(
@@ -324,22 +406,12 @@ def _make_sample(
         model.cell_rates(cells, patient_scale),
         np.random.default_rng(rng_seed),
     )
-    if variant in ("visium", "visium_sr2"):
-        plan = _visium(s, out, model, 1 if variant == "visium" else 2)
-    elif variant == "visium_hd":
-        plan = _visium_hd(s, out, model, HD_CROP_UM[size])
-    elif variant == "xenium":
-        plan = _xenium(s, out, model, markers)
-    elif variant == "hest":
-        plan = _hest(s, out, model)
-    elif variant == "cosmx":
-        plan = _cosmx(s, out, model, markers)
-    else:
-        plan = _image_only(s, out)
+    plan = _plan(variant, s, out, model, markers, size)
     painted = markers and plan.marks is not None
     if painted:
         paint_markers(image, plan.marks)
-    write_slide(plan.slide, image, spec.mpp, spec.layout, seed=sample_seed)
+    if not plan.slide_in_data:
+        write_slide(plan.slide, image, spec.mpp, spec.layout, seed=sample_seed)
     if plan.write is not None:
         plan.write(image)
     technology = TECHNOLOGY.get(variant, variant)
