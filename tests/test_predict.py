@@ -13,7 +13,7 @@ from test_embed import tiny_model, write_export
 
 from histotx.eval.hestbench import pearson_per_gene
 from histotx.eval.targets import target_matrix, tile_expression
-from histotx.predict import ExpressionHead, HeadMismatchError, TileSpec, fit_head
+from histotx.predict import ExpressionHead, HeadMismatchError, MLPHead, TileSpec, fit_head, load_head
 from histotx.predict.slide import slide_id
 from histotx.sharding.config import ShardConfig
 from histotx.vocab import Vocab
@@ -97,9 +97,10 @@ def test_head_on_disk(head_dir):
     np.testing.assert_allclose(X @ W + b, head.predict(X), rtol=1e-10, atol=1e-10)
 
 
-def test_predict_recovers_the_planted_expression(predicted, cohort, head_dir):
-    head = ExpressionHead.load(head_dir)
-    a = ad.read_h5ad(predicted / f"{cohort['held_id']}.h5ad")
+def _recovery(pred_dir, cohort, head):
+    """(per-gene Pearson of the held-out slide's predictions vs its measured counts, tumour-program gene
+    indices, trusted gene indices), checking the h5ad on the way."""
+    a = ad.read_h5ad(pred_dir / f"{cohort['held_id']}.h5ad")
     assert list(a.var_names) == head.genes and a.X.dtype == np.float32
     np.testing.assert_allclose(a.var["heldout_pearson"], head.pearson)
     assert (a.X >= head.y_min.astype(np.float32) - 1e-6).all() and (a.X <= head.y_max.astype(np.float32) + 1e-6).all()
@@ -115,15 +116,81 @@ def test_predict_recovers_the_planted_expression(predicted, cohort, head_dir):
     tumour = [i for i, g in enumerate(head.genes) if g in json.loads(truth_file.read_text())["programs"]["tumour"]]
     trusted = np.flatnonzero(head.pearson >= 0.3)
     print(
-        f"held-out slide, {keep.sum()} tiles: mean Pearson {np.nanmean(r):.3f} over all {len(r)} genes, "
-        f"{np.nanmean(r[tumour]):.3f} over the {len(tumour)} tumour-program genes, "
+        f"{head.kind} head, held-out slide, {keep.sum()} tiles: mean Pearson {np.nanmean(r):.3f} over all {len(r)} "
+        f"genes, {np.nanmean(r[tumour]):.3f} over the {len(tumour)} tumour-program genes, "
         f"{np.nanmean(r[trusted]):.3f} over the {trusted.size} genes the head trusts (held-out r ≥ 0.3); per gene "
         + ", ".join(f"{g} {x:.2f} (fit {h:.2f})" for g, x, h in zip(head.genes, r, head.pearson, strict=True))
     )
+    return r, tumour, trusted
+
+
+def test_predict_recovers_the_planted_expression(predicted, cohort, head_dir):
+    head = ExpressionHead.load(head_dir)
+    r, tumour, trusted = _recovery(predicted, cohort, head)
     assert len(tumour) >= 4 and np.nanmean(r[tumour]) > RECOVERY_BAR
     assert trusted.size >= 4 and np.nanmean(r[trusted]) > RECOVERY_BAR
     # the confidence shipped with each gene says which genes to trust on a new slide
     assert np.corrcoef(head.pearson, r)[0, 1] > 0.7
+
+
+@pytest.fixture(scope="module")
+def mlp_head_dir(cohort):
+    from histotx.cli import main
+
+    out = cohort["tmp"] / "head-mlp"
+    code = main(["fit", str(cohort["export"]), str(cohort["fit_shards"]), "--out", str(out), "--targets", "20",
+                 "--head", "mlp", "--no-progress"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_mlp_head_recovers_the_planted_expression(mlp_head_dir, cohort, head_dir):
+    """`histotx fit --head mlp`, then `histotx predict` with it: the same bar as the ridge head."""
+    from histotx.cli import main
+
+    head = load_head(mlp_head_dir)
+    assert isinstance(head, MLPHead) and json.loads((mlp_head_dir / "head.json").read_text())["kind"] == "mlp"
+    from histotx.predict.mlp import GRID
+
+    assert len(head.info["outer_folds"]) == 2 and head.params in [dict(p) for p in GRID]
+    out = cohort["tmp"] / "pred-mlp"
+    args = ["predict", str(cohort["held_slide"]), "--model", str(cohort["export"]), "--head", str(mlp_head_dir),
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    r, tumour, trusted = _recovery(out, cohort, head)
+    ridge = ExpressionHead.load(head_dir)
+    print(
+        f"held-out Pearson at fit, mean over genes: mlp {np.nanmean(head.pearson):.3f}, ridge "
+        f"{np.nanmean(ridge.pearson):.3f}; {head.describe()}"
+    )
+    assert len(tumour) >= 4 and np.nanmean(r[tumour]) > RECOVERY_BAR
+    assert trusted.size >= 4 and np.nanmean(r[trusted]) > RECOVERY_BAR
+    assert np.corrcoef(head.pearson, r)[0, 1] > 0.7
+
+
+def test_mlp_head_round_trips_and_an_unknown_kind_is_refused(mlp_head_dir, tmp_path):
+    import shutil
+
+    head = load_head(mlp_head_dir)
+    X = np.random.default_rng(0).normal(size=(7, head.inp.scaler_mean.shape[0]))
+    again = load_head(head.save(tmp_path / "copy"))
+    np.testing.assert_array_equal(again.predict(X), head.predict(X))
+    assert again.genes == head.genes and again.params == head.params and again.model_hash == head.model_hash
+    np.testing.assert_array_equal(again.pearson, head.pearson)
+    with pytest.raises(ValueError, match="a mlp head, not a ridge one"):
+        ExpressionHead.load(mlp_head_dir)
+    odd = tmp_path / "odd"
+    shutil.copytree(mlp_head_dir, odd)
+    meta = json.loads((odd / "head.json").read_text())
+    (odd / "head.json").write_text(json.dumps({**meta, "kind": "forest"}))
+    with pytest.raises(
+        ValueError, match=r"head of kind 'forest', which this HistoTx does not know \(it reads ridge, mlp\)"
+    ):
+        load_head(odd)
+    del meta["kind"]  # a head written before kinds existed: read as ridge, and its weights say otherwise
+    (odd / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="coef missing"):
+        load_head(odd)
 
 
 def test_shuffled_targets_recover_nothing(cohort, head_dir):

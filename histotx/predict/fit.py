@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from histotx.eval import hestbench
-from histotx.predict.head import ExpressionHead, TileSpec, fit_head, model_fingerprint
+from histotx.predict.head import HeadCommon, TileSpec, model_fingerprint
+from histotx.predict.heads import fit_head
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def fit_from_shards(
     embeddings: str | Path | None = None,
     latent_dim: int = hestbench.LATENT_DIM,
     progress: bool = True,
-) -> ExpressionHead:
+    kind: str = "ridge",
+) -> HeadCommon:
     """Fit and save a head (folder ``out``) on a shard set; ``genes``: the targets (default the
     ``n_targets`` most variable, as ``histotx eval`` picks them); ``embeddings``: a folder of image
     embeddings made by ``histotx embed`` of this shard set with this model (default: embedded here)."""
@@ -94,7 +96,7 @@ def fit_from_shards(
     info: dict[str, Any] = {"source": str(shards.resolve()), "kind": "shards", "samples": list(expr)}
     head = fit_head(
         X, Y, targets, patients, model_name=loaded.name, model_hash=model_fingerprint(loaded.model), tile=tile,
-        latent_dim=latent_dim, info=info,
+        latent_dim=latent_dim, info=info, kind=kind,
     )  # fmt: skip
     head.save(out)
     return head
@@ -110,7 +112,8 @@ def fit_from_hest(
     embeddings: str | Path | None = None,
     latent_dim: int = hestbench.LATENT_DIM,
     progress: bool = True,
-) -> ExpressionHead:
+    kind: str = "ridge",
+) -> HeadCommon:
     """Fit and save a head on a HEST-Benchmark task folder (its gene list; its patches' size at 0.5 µm/px)."""
     from histotx.eval import hestlayout
     from histotx.eval.embed import resolve_device, resolve_model
@@ -135,7 +138,7 @@ def fit_from_hest(
     tile = TileSpec(patch_px, hestlayout.PATCH_MPP, int(loaded.image_size))
     head = fit_head(
         np.concatenate(X), np.concatenate(Y), task.genes, patients, model_name=loaded.name,
-        model_hash=model_fingerprint(loaded.model), tile=tile, latent_dim=latent_dim, info=info,
+        model_hash=model_fingerprint(loaded.model), tile=tile, latent_dim=latent_dim, info=info, kind=kind,
     )  # fmt: skip
     head.save(out)
     return head

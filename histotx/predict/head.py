@@ -1,14 +1,15 @@
 """The expression head: tile image embedding → log1p expression of each gene, with the confidence per gene.
 
-Fitted by :func:`fit_head` with the evaluation's protocol (:mod:`histotx.eval.hestbench`): StandardScaler →
-PCA(256, capped by the rows and the width, random_state=1) → ridge without intercept, all fitted on
-training patients only, in float64. Two differences from the benchmark, both because a head is meant to
-be used rather than compared: the ridge's alpha is *chosen* by an inner leave-patient-out cross-validation
-on the training patients (from :data:`ALPHAS` and HEST's fixed 100 / (PCs · genes); mean Pearson over
-genes), and the ridge is solved exactly (SVD), not by lsqr. The per-gene Pearson each gene is reported
-with comes from the outer leave-patient-out CV (:func:`histotx.eval.hestbench.patient_folds`: every
-patient held out once with ≤ 4 patients, GroupKFold(5) beyond), each outer fold choosing its own alpha on
-its own training patients. The saved head is refitted on every patient with the alpha chosen on all.
+Fitted by :func:`histotx.predict.heads.fit_head` with the evaluation's protocol
+(:mod:`histotx.eval.hestbench`): StandardScaler → PCA(256, capped by the rows and the width, random_state=1) →
+ridge without intercept, all fitted on training patients only, in float64. Two differences from the benchmark,
+both because a head is meant to be used rather than compared: the ridge's alpha is *chosen* by an inner
+leave-patient-out cross-validation on the training patients (from :data:`ALPHAS` and HEST's fixed 100 / (PCs ·
+genes); mean Pearson over genes), and the ridge is solved exactly (SVD), not by lsqr. The per-gene Pearson
+each gene is reported with comes from the outer leave-patient-out CV
+(:func:`histotx.eval.hestbench.patient_folds`: every patient held out once with ≤ 4 patients, GroupKFold(5)
+beyond), each outer fold choosing its own alpha on its own training patients. The saved head is refitted on
+every patient with the alpha chosen on all.
 
 Prediction adds the intercept the benchmark leaves out (the training mean of each gene), so the head
 returns log1p(count per tile) on the scale of the training data, not a centred value. ``histotx predict``
@@ -20,6 +21,12 @@ On disk (no pickle): ``head.safetensors`` (float64 scaler, PCA and ridge arrays,
 ``W``, ``b``), ``head.json`` (genes, per-gene held-out Pearson, alpha, the model's fingerprint, the tile
 geometry the embeddings were made at, provenance) and ``genes.tsv`` (gene, held-out Pearson, mean).
 A head belongs to one model: :func:`model_fingerprint` (SHA-256 over the state dict) is checked on use.
+
+Two kinds, named by ``head.json``'s ``kind`` (:func:`histotx.predict.heads.load_head` reads either; a file
+without one is a ridge head, as every head was before the MLP): ``ridge`` (this module, :class:`ExpressionHead`)
+and ``mlp`` (:mod:`histotx.predict.mlp`, :class:`~histotx.predict.mlp.MLPHead`: a small MLP on the same
+standardised PCA scores, its hyper-parameters chosen by the same inner CV). Both share the outer CV of
+:func:`histotx.predict.heads.fit_head`, the files, the model check and the clipping (:class:`HeadCommon`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +51,7 @@ HEAD_VERSION = 1
 HEAD_JSON = "head.json"
 HEAD_WEIGHTS = "head.safetensors"
 GENES_TSV = "genes.tsv"
+HEAD_KINDS = ("ridge", "mlp")
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 """Ridge alphas tried by the inner CV (besides HEST's 100 / (PCs · genes)); the design is PCA scores of
 standardised embeddings, so a component's sum of squares is about its variance × rows."""
@@ -79,8 +87,133 @@ class TileSpec:
         return self.tile_px * self.mpp
 
 
+class HeadCommon:
+    """What every kind of head has and does: genes with their held-out Pearson, the training mean and range of
+    each gene, the model it belongs to, its tile; clipping, the model check, and the files around its weights."""
+
+    kind = ""
+    genes: list[str]
+    pearson: np.ndarray
+    intercept: np.ndarray  # (G,) the training mean of each gene's log1p count
+    y_min: np.ndarray
+    y_max: np.ndarray
+    model_name: str
+    model_hash: str
+    tile: TileSpec
+    info: dict[str, Any]
+
+    def clip(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions kept inside each gene's training range (a head extrapolates without bound on tiles
+        unlike its training data), and per gene the number of rows that were outside it."""
+        outside = (pred < self.y_min) | (pred > self.y_max)
+        return np.clip(pred, self.y_min, self.y_max), outside.sum(axis=0)
+
+    def check_model(self, net, name: str = "", where: str | Path = "") -> None:
+        """Refuse a model whose weights are not the ones the head was fitted on."""
+        fp = model_fingerprint(net)
+        if fp != self.model_hash:
+            raise HeadMismatchError(
+                f"{where or 'the head'}: fitted on the embeddings of model {self.model_name!r} "
+                f"(weights sha256 {self.model_hash[:12]}…), not of {name or 'this model'} ({fp[:12]}…); a head "
+                "only reads its own model's embedding space: fit one for this model with `histotx fit`"
+            )
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def _write(self, folder: str | Path, tensors: dict[str, np.ndarray], fields: dict[str, Any]) -> Path:
+        """head.safetensors (``tensors`` as float64), genes.tsv and head.json (the common fields, then ``fields``)."""
+        from safetensors.numpy import save
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}
+        atomic_write_bytes(folder / HEAD_WEIGHTS, save(tensors, metadata={"format": HEAD_FORMAT, "kind": self.kind}))
+        pearson = [None if not math.isfinite(r) else float(r) for r in self.pearson]
+        lines = ["gene\theldout_pearson\tmean_log1p"]
+        for g, r, m in zip(self.genes, pearson, self.intercept, strict=True):
+            lines.append(f"{g}\t{'' if r is None else f'{r:.6f}'}\t{m:.6f}")
+        atomic_write_bytes(folder / GENES_TSV, ("\n".join(lines) + "\n").encode())
+        atomic_write_json(
+            folder / HEAD_JSON,
+            {
+                "format": HEAD_FORMAT,
+                "version": HEAD_VERSION,
+                "kind": self.kind,
+                "model": {"name": self.model_name, "sha256": self.model_hash},
+                "tile": asdict(self.tile),
+                "target": "log1p(count per tile), the sum of the tile's sites",
+                **fields,
+                "genes": self.genes,
+                "heldout_pearson": pearson,
+                "info": self.info,
+            },
+        )
+        return folder
+
+
+def read_head_files(folder: str | Path, kind: str | None = None) -> tuple[dict, dict[str, np.ndarray], Path]:
+    """(head.json, the weights, the weights' path) of a head folder, checked: the format, the version, the kind
+    (``kind``: the one expected), and the arrays every kind has, shaped for its genes."""
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    meta_path, weights = folder / HEAD_JSON, folder / HEAD_WEIGHTS
+    for path in (meta_path, weights):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not an expression head folder (made by `histotx fit`)")
+    meta = _read_head_json(meta_path, kind)
+    try:
+        t = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    g = len(meta["genes"])
+    need = {"scaler_mean": None, "scaler_scale": None, "pca_mean": None, "pca_components": None, "intercept": (g,),
+            "y_min": (g,), "y_max": (g,)}  # fmt: skip
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise ValueError(f"{weights}: lacks {missing}")
+    d, k = t["scaler_mean"].shape[0], t["pca_components"].shape[0]
+    need.update(scaler_scale=(d,), pca_mean=(d,), pca_components=(k, d))
+    for key, shape in need.items():
+        if shape is not None and t[key].shape != shape:
+            raise ValueError(f"{weights}: {key} is {t[key].shape}, expected {shape} for {g} genes")
+    return meta, t, weights
+
+
+def _read_head_json(meta_path: Path, kind: str | None) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{meta_path}: not a {HEAD_FORMAT} file")
+    if meta.get("version") != HEAD_VERSION:
+        raise ValueError(f"{meta_path}: version {meta.get('version')}, this HistoTx reads {HEAD_VERSION}")
+    found = meta.get("kind", "ridge")  # heads written before the MLP say no kind: ridge
+    if found not in HEAD_KINDS:
+        raise ValueError(
+            f"{meta_path}: a head of kind {found!r}, which this HistoTx does not know (it reads "
+            f"{', '.join(HEAD_KINDS)}): fitted by a newer HistoTx? refit it with `histotx fit`, or upgrade"
+        )
+    if kind is not None and found != kind:
+        raise ValueError(f"{meta_path}: a {found} head, not a {kind} one (histotx.predict.load_head reads either)")
+    genes = meta.get("genes")
+    if not isinstance(genes, list) or len(meta.get("heldout_pearson") or []) != len(genes):
+        raise ValueError(f"{meta_path}: genes and heldout_pearson must be lists of the same length")
+    return meta
+
+
+def _pearson_list(meta: dict) -> np.ndarray:
+    return np.array([np.nan if r is None else float(r) for r in meta["heldout_pearson"]], dtype=np.float64)
+
+
 @dataclass
-class ExpressionHead:
+class ExpressionHead(HeadCommon):
+    """The ridge head (module docstring): one affine map of the embedding."""
+
+    kind = "ridge"
+
     genes: list[str]
     pearson: np.ndarray  # (G,) held-out Pearson per gene (mean over outer folds; NaN: never defined)
     scaler_mean: np.ndarray  # (D,)
@@ -119,29 +252,12 @@ class ExpressionHead:
         Z = ((X - self.scaler_mean) / self.scaler_scale - self.pca_mean) @ self.pca_components.T
         return Z @ self.coef.T + self.intercept
 
-    def clip(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions kept inside each gene's training range (a linear head extrapolates without bound on
-        tiles unlike its training data), and per gene the number of rows that were outside it."""
-        outside = (pred < self.y_min) | (pred > self.y_max)
-        return np.clip(pred, self.y_min, self.y_max), outside.sum(axis=0)
-
-    def check_model(self, net, name: str = "", where: str | Path = "") -> None:
-        """Refuse a model whose weights are not the ones the head was fitted on."""
-        fp = model_fingerprint(net)
-        if fp != self.model_hash:
-            raise HeadMismatchError(
-                f"{where or 'the head'}: fitted on the embeddings of model {self.model_name!r} "
-                f"(weights sha256 {self.model_hash[:12]}…), not of {name or 'this model'} ({fp[:12]}…); a head "
-                "only reads its own model's embedding space: fit one for this model with `histotx fit`"
-            )
+    def describe(self) -> str:
+        return f"ridge, alpha {self.alpha:g}, {self.n_components} PCs"
 
     # ------------------------------------------------------------ disk
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.numpy import save
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         W, b = self.affine()
         tensors = {
             "scaler_mean": self.scaler_mean,
@@ -155,72 +271,25 @@ class ExpressionHead:
             "W": W,
             "b": b,
         }
-        tensors = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}
-        atomic_write_bytes(folder / HEAD_WEIGHTS, save(tensors, metadata={"format": HEAD_FORMAT}))
-        pearson = [None if not math.isfinite(r) else float(r) for r in self.pearson]
-        lines = ["gene\theldout_pearson\tmean_log1p"]
-        for g, r, m in zip(self.genes, pearson, self.intercept, strict=True):
-            lines.append(f"{g}\t{'' if r is None else f'{r:.6f}'}\t{m:.6f}")
-        atomic_write_bytes(folder / GENES_TSV, ("\n".join(lines) + "\n").encode())
-        atomic_write_json(
-            folder / HEAD_JSON,
-            {
-                "format": HEAD_FORMAT,
-                "version": HEAD_VERSION,
-                "model": {"name": self.model_name, "sha256": self.model_hash},
-                "tile": asdict(self.tile),
-                "target": "log1p(count per tile), the sum of the tile's sites",
-                "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
-                "alpha": self.alpha,
-                "n_components": self.n_components,
-                "embedding_dim": int(self.scaler_mean.shape[0]),
-                "genes": self.genes,
-                "heldout_pearson": pearson,
-                "info": self.info,
-            },
-        )
-        return folder
+        fields = {
+            "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
+            "alpha": self.alpha,
+            "n_components": self.n_components,
+            "embedding_dim": int(self.scaler_mean.shape[0]),
+        }
+        return self._write(folder, tensors, fields)
 
     @classmethod
     def load(cls, folder: str | Path) -> "ExpressionHead":
-        from safetensors.numpy import load_file
-
-        folder = Path(folder)
-        meta_path, weights = folder / HEAD_JSON, folder / HEAD_WEIGHTS
-        for path in (meta_path, weights):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: not an expression head folder (made by `histotx fit`)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
-        if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
-            raise ValueError(f"{meta_path}: not a {HEAD_FORMAT} file")
-        if meta.get("version") != HEAD_VERSION:
-            raise ValueError(f"{meta_path}: version {meta.get('version')}, this HistoTx reads {HEAD_VERSION}")
-        t = load_file(str(weights))
-        need = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept", "y_min", "y_max")
-        missing = [k for k in need if k not in t]
-        if missing:
-            raise ValueError(f"{weights}: lacks {missing}")
+        meta, t, weights = read_head_files(folder, "ridge")
         genes = [str(g) for g in meta["genes"]]
-        d, k = t["scaler_mean"].shape[0], t["pca_components"].shape[0]
-        shapes = {
-            "scaler_scale": (d,),
-            "pca_mean": (d,),
-            "pca_components": (k, d),
-            "coef": (len(genes), k),
-            "intercept": (len(genes),),
-            "y_min": (len(genes),),
-            "y_max": (len(genes),),
-        }
-        for key, shape in shapes.items():
-            if t[key].shape != shape:
-                raise ValueError(f"{weights}: {key} is {t[key].shape}, expected {shape} for {len(genes)} genes")
-        pearson = np.array([np.nan if r is None else float(r) for r in meta["heldout_pearson"]], dtype=np.float64)
+        if "coef" not in t or t["coef"].shape != (len(genes), t["pca_components"].shape[0]):
+            raise ValueError(
+                f"{weights}: coef missing or not (genes, components) {(len(genes), t['pca_components'].shape[0])}"
+            )
         return cls(
             genes,
-            pearson,
+            _pearson_list(meta),
             t["scaler_mean"],
             t["scaler_scale"],
             t["pca_mean"],
@@ -299,78 +368,37 @@ def choose_alpha(
     return best, {f"{a:g}": m for a, m in mean.items()}
 
 
-def fit_head(
-    X: np.ndarray,
-    Y: np.ndarray,
-    genes: Sequence[str],
-    patients: Sequence[str],
-    *,
-    model_name: str,
-    model_hash: str,
-    tile: TileSpec,
-    latent_dim: int = hestbench.LATENT_DIM,
-    seed: int = hestbench.SEED,
-    info: dict[str, Any] | None = None,
-) -> ExpressionHead:
-    """Fit the head on (n, D) embeddings ``X`` and (n, G) log1p targets ``Y`` of ``patients`` (module docstring)."""
-    X = np.asarray(X, dtype=np.float64)
-    Y = np.asarray(Y, dtype=np.float64)
-    patients = np.asarray(patients).astype(str)
-    if not (X.shape[0] == Y.shape[0] == patients.shape[0]):
-        raise ValueError(f"rows differ: X {X.shape[0]}, Y {Y.shape[0]}, patients {patients.shape[0]}")
-    if Y.shape[1] != len(genes):
-        raise ValueError(f"Y has {Y.shape[1]} columns for {len(genes)} genes")
-    if not np.isfinite(X).all() or not np.isfinite(Y).all():
-        raise ValueError("embeddings and targets must be finite")
-    folds = hestbench.patient_folds(patients)  # ≥ 2 patients, or a clear error
-    per_fold, fold_info = [], []
-    for tr, te in folds:
-        alpha, scores = choose_alpha(X[tr], Y[tr], patients[tr], latent_dim, seed)
-        design = _Design.fit(X[tr], Y[tr], latent_dim, seed)
-        r = hestbench.pearson_per_gene(Y[te], design.predict(X[te], alpha))
-        per_fold.append(r)
-        fold_info.append(
-            {
-                "test_patients": sorted(set(patients[te].tolist())),
-                "n_train": int(tr.size),
-                "n_test": int(te.size),
-                "alpha": alpha,
-                "inner_scores": scores,
-                "pearson_mean": float(np.nanmean(r)) if np.isfinite(r).any() else None,
-            }
+class _Ridge:
+    """The ridge head's learner for :func:`histotx.predict.heads.fit_head`: alpha chosen by :func:`choose_alpha`."""
+
+    kind = "ridge"
+
+    def __init__(self, latent_dim: int, seed: int) -> None:
+        self.latent_dim, self.seed = latent_dim, seed
+
+    def choose(self, X: np.ndarray, Y: np.ndarray, patients: np.ndarray) -> tuple[dict[str, Any], dict[str, float]]:
+        alpha, scores = choose_alpha(X, Y, patients, self.latent_dim, self.seed)
+        return {"alpha": alpha}, scores
+
+    def fit_predict(self, X: np.ndarray, Y: np.ndarray, params: dict[str, Any], X_test: np.ndarray) -> np.ndarray:
+        return _Design.fit(X, Y, self.latent_dim, self.seed).predict(X_test, params["alpha"])
+
+    def head(self, X, Y, genes, pearson, params, scores, record, **common) -> ExpressionHead:
+        design = _Design.fit(X, Y, self.latent_dim, self.seed)
+        pca = design.pca
+        record.update(alpha_scores=scores, ridge="exact (SVD), float64, intercept = training mean")
+        return ExpressionHead(
+            genes,
+            pearson,
+            design.scaler.mean_.astype(np.float64),
+            design.scaler.scale_.astype(np.float64),
+            pca.mean_.astype(np.float64),
+            pca.components_.astype(np.float64),
+            design.coef(params["alpha"]),
+            design.y_mean,
+            Y.min(axis=0),
+            Y.max(axis=0),
+            float(params["alpha"]),
+            info=record,
+            **common,
         )
-    R = np.vstack(per_fold)
-    with np.errstate(invalid="ignore"):
-        finite = np.isfinite(R)
-        pearson = np.where(finite.any(0), np.nansum(np.where(finite, R, 0), 0) / np.maximum(finite.sum(0), 1), np.nan)
-    alpha, scores = choose_alpha(X, Y, patients, latent_dim, seed)
-    design = _Design.fit(X, Y, latent_dim, seed)
-    pca = design.pca
-    record = {
-        "n_rows": int(X.shape[0]),
-        "patients": sorted(set(patients.tolist())),
-        "outer_folds": fold_info,
-        "heldout_pearson_mean": float(np.nanmean(pearson)) if np.isfinite(pearson).any() else None,
-        "alpha_scores": scores,
-        "ridge": "exact (SVD), float64, intercept = training mean",
-        **(info or {}),
-    }
-    if pca.n_components_ < latent_dim:
-        record["pca_capped"] = f"{pca.n_components_} components (rows {X.shape[0]}, width {X.shape[1]}) < {latent_dim}"
-    return ExpressionHead(
-        list(map(str, genes)),
-        pearson,
-        design.scaler.mean_.astype(np.float64),
-        design.scaler.scale_.astype(np.float64),
-        pca.mean_.astype(np.float64),
-        pca.components_.astype(np.float64),
-        design.coef(alpha),
-        design.y_mean,
-        Y.min(axis=0),
-        Y.max(axis=0),
-        float(alpha),
-        model_name,
-        model_hash,
-        tile,
-        record,
-    )

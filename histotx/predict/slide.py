@@ -86,12 +86,13 @@ def predict_slide(
 ) -> dict[str, Path]:
     """Predict one slide into ``out_dir``: ``<id>.h5ad`` and/or ``<id>.zarr`` (SpatialData), and
     ``<id>.<GENE>.png`` per ``png_genes``; returns {kind: path}. ``model``: a LoadedModel or anything
-    :func:`histotx.export.load_model` reads; ``head``: an ExpressionHead or its folder (refused unless
+    :func:`histotx.export.load_model` reads; ``head``: a head (ridge or MLP) or its folder (refused unless
     fitted on this model). ``mpp`` overrides the slide's level-0 µm/px."""
     from tqdm import tqdm
 
     from histotx.eval.embed import TileInputs, resolve_device, resolve_model
-    from histotx.predict.head import ExpressionHead
+    from histotx.predict.head import HeadCommon
+    from histotx.predict.heads import load_head
     from histotx.sharding.config import ShardConfig
     from histotx.sharding.slides import Slide
 
@@ -104,9 +105,9 @@ def predict_slide(
     out_dir = Path(out_dir)
     sid = sample_id or slide_id(slide)
     head_dir = None
-    if not isinstance(head, ExpressionHead):
+    if not isinstance(head, HeadCommon):
         head_dir = Path(head)
-        head = ExpressionHead.load(head_dir)
+        head = load_head(head_dir)  # ridge or MLP, as its head.json says
     unknown = [g for g in png_genes if g not in head.genes]
     if unknown:
         raise ValueError(f"--png: {unknown} not predicted by the head {head_dir or ''} (genes: {head.genes[:8]}…)")
