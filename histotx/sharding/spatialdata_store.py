@@ -98,7 +98,8 @@ def _pick(store: Path, kind: str, elements: dict, name: str | None, option: str)
     if name is not None:
         if name not in elements:
             have = ", ".join(sorted(elements)) or "none"
-            raise InputError(store, f"no {kind} element {name!r} (option {option}); the store's {kind}: {have}")
+            plural = "images" if kind == "image" else kind
+            raise InputError(store, f"no {kind} element {name!r} (option {option}); the store's {plural}: {have}")
         return name
     if len(elements) != 1:
         have = ", ".join(sorted(elements)) or "none"
@@ -153,6 +154,34 @@ def _systems(element: Any) -> set[str]:
     return set(get_transformation(element, get_all=True))
 
 
+def _system(store: Path, named: str | None, image: tuple[str | None, Any], sites: tuple[str, str, Any]) -> str:
+    """The coordinate system where image and sites meet: the one named, or the only one they share."""
+    (image_name, image_element), (kind, name, element) = image, sites
+    own = _systems(element)
+    shared = own & (_systems(image_element) if image_element is not None else own)
+    if named is not None and named in shared:
+        return named
+    if named is None and len(shared) == 1:
+        return next(iter(shared))
+    if not shared:
+        raise InputError(
+            store,
+            f"the image {image_name!r} (coordinate systems {sorted(_systems(image_element))}) and the {kind} "
+            f"{name!r} ({sorted(own)}) share no coordinate system: nothing places one on the other",
+        )
+    if named is None:
+        raise InputError(
+            store,
+            f"the image {image_name!r} and the {kind} {name!r} share the coordinate systems {sorted(shared)}: "
+            "name one with options.coordinate_system",
+        )
+    raise InputError(
+        store,
+        f"coordinate system {named!r} is not one the image {image_name!r} and the {kind} {name!r} share "
+        f"(they share {sorted(shared)})",
+    )
+
+
 def choose(given: SampleInput) -> Choice:
     store, o = given.data, given.options
     sdata = open_store(store)
@@ -179,39 +208,37 @@ def choose(given: SampleInput) -> Choice:
         else:
             table = tables[0]
     element = getattr(sdata, kind)[sites]
-    shared = _systems(element) & (_systems(sdata.images[image]) if image else _systems(element))
-    system = o.coordinate_system
-    if system is None:
-        if len(shared) != 1:
-            raise InputError(
-                store,
-                f"the image {image!r} and the {kind} {sites!r} share the coordinate systems {sorted(shared)}: "
-                "name one with options.coordinate_system",
-            )
-        system = next(iter(shared))
-    elif system not in shared:
-        raise InputError(
-            store,
-            f"coordinate system {system!r} is not one the image {image!r} and the {kind} {sites!r} share "
-            f"(they share {sorted(shared)})",
-        )
+    system = _system(
+        store, o.coordinate_system, (image, sdata.images[image] if image else None), (kind, sites, element)
+    )
     return Choice(image, kind, sites, table, system)
 
 
 def affine(store: Path, element: Any, name: str, system: str) -> np.ndarray:
-    """The element's transformation to ``system`` as a 3×3 affine on (x, y); an error for one that is not."""
+    """The element's transformation to ``system`` as a 3×3 affine on (x, y); an error for one that is not (x or y
+    depending on z: a 3-D affine that tilts the section is not a placement on a 2-D slide)."""
+    from spatialdata.models import get_axes_names
     from spatialdata.transformations import get_transformation
 
     t = get_transformation(element, to_coordinate_system=system)
+    axes = ("x", "y", "z") if "z" in get_axes_names(element) else ("x", "y")
     try:
-        m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+        m = np.asarray(t.to_affine_matrix(input_axes=axes, output_axes=axes), dtype=np.float64)
     except Exception as exc:  # spatialdata raises ValueError/KeyError/NotImplementedError for what it cannot map
         raise InputError(
             store,
             f"element {name!r}: unsupported transformation to {system!r} ({type(t).__name__}: {exc}); "
             "an affine in x, y is needed",
         ) from exc
-    if m.shape != (3, 3) or not np.all(np.isfinite(m)) or not np.allclose(m[2], [0, 0, 1]):
+    if len(axes) == 3:
+        if np.any(m[:2, 2] != 0):
+            raise InputError(
+                store,
+                f"element {name!r}: unsupported transformation to {system!r}: x, y depend on z "
+                f"(its x, y rows over x, y, z, 1: {m[:2].tolist()})",
+            )
+        m = m[np.ix_([0, 1, 3], [0, 1, 3])]
+    if not np.all(np.isfinite(m)) or not np.allclose(m[2], [0, 0, 1]):
         raise InputError(store, f"element {name!r}: transformation to {system!r} is not an affine in x, y ({t})")
     return m
 
@@ -357,9 +384,7 @@ def _linked(store: Path, table: Any, choice: Choice, index: pd.Index) -> tuple[n
     ids = pd.Index(table.obs[instance_key].to_numpy()[rows])
     if ids.has_duplicates:
         first = ids[ids.duplicated()][0]
-        raise InputError(
-            store, f"table {choice.table!r}: instance {first!r} of shapes {choice.sites!r} has several rows"
-        )
+        raise InputError(store, f"table {choice.table!r}: instance {first} of shapes {choice.sites!r} has several rows")
     where = index.get_indexer(ids)
     if (where < 0).all() and len(ids):  # ids written as strings on one side, numbers on the other
         where = pd.Index(index.astype(str)).get_indexer(ids.astype(str))
@@ -368,7 +393,7 @@ def _linked(store: Path, table: Any, choice: Choice, index: pd.Index) -> tuple[n
         raise InputError(
             store,
             f"{int(missing.sum())} of {len(rows)} rows of table {choice.table!r} name no shape of {choice.sites!r} "
-            f"(e.g. {ids[np.flatnonzero(missing)[0]]!r}): the table and the shapes do not belong together",
+            f"(e.g. {ids[np.flatnonzero(missing)[0]]}): the table and the shapes do not belong together",
         )
     dropped = {"no_position": int(missing.sum())} if missing.any() else {}
     return rows[~missing], where[~missing], dropped
