@@ -19,7 +19,8 @@ removes each after it is measured). Each sample is sharded in a child process (2
 ``tiling=grid_sites`` by default: every tile holding a site, the path that once read every site at once) into a
 temporary folder removed afterwards; printed: wall and CPU time, the child's peak RSS (``ru_maxrss`` from
 ``wait4``: the largest process of its tree, which is one process with one worker), throughput (transcripts or
-bins per wall second), the most sites the banded reader held at once and the size of its scratch bands on disk.
+bins per wall second), the most sites the banded reader held at once, the size of its scratch bands on disk
+(in ``$TMPDIR``, removed when the sample is done) and of the shards written.
 
     python benchmarks/shard_memory.py --small                        # a quick check (about a minute)
     python benchmarks/shard_memory.py --xenium 4e6,16e6,64e6 --hd 0.25,0.5,1.0   # the slope
@@ -335,7 +336,8 @@ def main() -> None:
     ]
     print(
         f"{'input':<10}{'size':>14}{'unit':>12}{'input GB':>10}{'make s':>9}{'shard s':>9}{'CPU s':>9}"
-        f"{'peak RSS GB':>13}{'units/s':>11}{'tiles':>8}{'sites kept':>13}{'held at once':>14}{'bands GB':>10}",
+        f"{'peak RSS GB':>13}{'units/s':>11}{'tiles':>8}{'sites kept':>13}{'held at once':>14}{'bands GB':>10}"
+        f"{'shards GB':>11}",
         flush=True,
     )
     for kind, size in jobs:
@@ -343,13 +345,15 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="shard-memory-", dir=args.work))
         try:
             wall, cpu, rss, got = measure(cohort, work / "shards", args.tiling)
+            shards_gb = _du(work / "shards")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         held = max(got["peak_loaded"] or 0, got["peak_buffered"] or 0)
         print(
             f"{kind:<10}{units:>14,}{'transcripts' if kind == 'xenium' else 'grid bins':>12}"
             f"{_du(cohort.parent):>10.2f}{made:>9.1f}{wall:>9.1f}{cpu:>9.1f}{rss:>13.2f}{units / wall:>11,.0f}"
-            f"{got['tiles']:>8,}{got['sites_kept']:>13,}{held:>14,}{got['scratch_bytes'] / 1e9:>10.2f}",
+            f"{got['tiles']:>8,}{got['sites_kept']:>13,}{held:>14,}{got['scratch_bytes'] / 1e9:>10.2f}"
+            f"{shards_gb:>11.2f}",
             flush=True,
         )
         if args.drop_inputs:
