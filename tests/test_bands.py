@@ -145,10 +145,20 @@ def test_streamed_visium_hd_reader(tmp_path, monkeypatch):
     np.testing.assert_array_equal(sites.xy_px, xy[on])
     assert (sites.counts != counts[np.flatnonzero(on)]).nnz == 0
     assert (sites.footprint_um, sites.footprint_shape) == (2.0, "square") and len(sites.band_sites) > 10
+    assert sites.peak_buffered < 250 + 100  # a flush buffer and one matrix chunk, not the sample
+    sites.peak_loaded = 0  # xy_px and counts above loaded every band (they are for tests and small samples)
     got_xy, got = sites.in_box(100, 50, 200, 120)
     box = on & (xy[:, 0] >= 100) & (xy[:, 0] < 200) & (xy[:, 1] >= 50) & (xy[:, 1] < 120)
     np.testing.assert_array_equal(got_xy, xy[box])
     assert (got != counts[np.flatnonzero(box)]).nnz == 0
+    band_px = sites.band_px  # the box's row loads only the bands from y = 50 to 120
+    row = on & (xy[:, 1] >= np.floor(50 / band_px) * band_px) & (xy[:, 1] < np.ceil(120 / band_px) * band_px)
+    assert sites.peak_loaded == row.sum() < on.sum() / 2
+    occupied = sites.occupied_tiles(50.0, 8, 4)  # grid_sites asks band by band
+    want = np.zeros(32, bool)
+    want[(xy[on, 1] // 50).astype(int) * 8 + (xy[on, 0] // 50).astype(int)] = True
+    np.testing.assert_array_equal(occupied, want)
+    assert sites.peak_loaded == row.sum()  # one band at a time: no more than the row above
 
 
 def test_visium_hd_barcodes_must_name_their_bin(tmp_path):
