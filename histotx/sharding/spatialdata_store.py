@@ -11,8 +11,9 @@ Elements are chosen by name (options ``image``, ``points``/``shapes``, ``table``
 one candidate, that one. Coordinates: every element carries transformations to named coordinate systems; with
 T_img (image px → system) and T_el (element → system), a site lands on the slide at inv(T_img) · T_el · xy, in
 the coordinate system ``coordinate_system`` (default: the one system the image and the sites share). Any
-transformation spatialdata can write as an affine in x, y (Identity, Scale, Translation, Affine, MapAxis and
-Sequences of them) is taken; one it cannot, or an image transformation that is not invertible, is an error.
+transformation spatialdata can write as an affine in x, y (Identity, Scale, Translation, Affine and
+Sequences of them) is taken; one it cannot, one tilting x, y by z, or an image transformation that is not
+invertible, is an error.
 
 µm/px: a SpatialData coordinate system has no physical unit HistoTx can trust (spatialdata writes ``unit``),
 so it is declared: the sample's ``mpp:`` (µm per slide px), or ``um_per_unit`` (µm per unit of the coordinate
@@ -73,10 +74,15 @@ def _read(store: Path, stamp: tuple) -> Any:  # noqa: ARG001 (stamp: part of the
         raise InputError(
             store, "the spatialdata technology needs spatialdata: pip install 'histotx[spatialdata]'"
         ) from exc
+    quiet = logging.getLogger("ome_zarr")  # logs every attribute and level it reads at INFO: 20 lines a store
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
     try:
         return spatialdata.read_zarr(store)
     except Exception as exc:  # zarr, ome-zarr and spatialdata raise many types for a store they cannot read
         raise InputError(store, f"unreadable SpatialData store ({type(exc).__name__}: {exc})") from exc
+    finally:
+        quiet.setLevel(level)
 
 
 def _key(store: Path) -> tuple[Path, tuple]:
