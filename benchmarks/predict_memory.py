@@ -7,8 +7,10 @@ of ``--side``² px at 0.25 µm/px (25 mm square, a 40× scan), JPEG in 512 px ti
 < 2,000 px in SubIFDs, written tile by tile from a generator (never held whole). It is glass with a few
 round tissue sections (``--tissue-mm``: their radii), so tiling finds a bounded number of tissue tiles while
 any allocation the size of the slide or of a level (a mask or thumbnail at full resolution, a level read
-whole) would show in the peak: level 0 is 28 GiB of RGB, level 3 still 440 MiB. The slide is written once
-into ``--slide-dir`` (default the system's temporary folder; a few hundred MB) and reused.
+whole) would show in the peak: level 0 is 28 GiB of RGB, level 3 still 440 MiB. A second copy has level 0
+only (``-flat``, as some pipelines export a slide), so every overview must come from level 0 itself (before
+thumbnails were read in bands, that read alone cost ~460 MiB here). Both are written once into ``--slide-dir``
+(default the system's temporary folder; ~270 and ~200 MiB) and reused; ``--no-flat`` skips the second.
 
 Both slides are predicted by the same command (a random-init tiny model and a head fitted on a synthetic
 cohort, as ``benchmarks/predict_real_slide.py`` makes them; the mechanics, not biology), each in its own
@@ -77,8 +79,9 @@ def _tile(x0: int, y0: int, down: int, sections, glass: np.ndarray) -> np.ndarra
     return rgb
 
 
-def write_big_slide(path: Path, side: int, radii_mm: list[float]) -> Path:
-    """The synthetic slide (module docstring), written tile by tile; returns ``path``."""
+def write_big_slide(path: Path, side: int, radii_mm: list[float], pyramid: bool = True) -> Path:
+    """The synthetic slide (module docstring), written tile by tile; returns ``path``. ``pyramid=False``: level 0
+    alone (as some pipelines export a slide), so any overview must come from level 0 itself."""
     import tifffile
 
     sections = _sections(side, radii_mm)
@@ -87,7 +90,9 @@ def write_big_slide(path: Path, side: int, radii_mm: list[float]) -> Path:
     downs = [1]
     while side // (downs[-1] * 2) >= 2000:
         downs.append(downs[-1] * 2)
+    downs = downs if pyramid else [1]
     downs.append(downs[-1] * 2)
+    downs = downs if pyramid else [1]
 
     def tiles(down: int):
         n = -(-side // down)
@@ -121,25 +126,31 @@ def main() -> int:
     ap.add_argument("--side", type=int, default=100_000, help="the synthetic slide's side in px (default 100000)")
     ap.add_argument("--tissue-mm", default="1.2,0.8,0.6", help="radii of its tissue sections, mm (default 1.2,0.8,0.6)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--no-flat", action="store_true", help="skip the one-level (no pyramid) copy of the slide")
     args = ap.parse_args()
     radii = [float(r) for r in args.tissue_mm.split(",")]
-    big = args.slide_dir / f"histotx-synthetic-{args.side}px-{'_'.join(map(str, radii))}mm.ome.tif"
-    if not big.is_file():
-        print(f"writing {big} ...", file=sys.stderr)
-        t0 = time.perf_counter()
-        write_big_slide(big, args.side, radii)
-        print(
-            f"wrote {big} ({big.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s", file=sys.stderr
-        )
+    slides = [("real CMU-1 region (SVS)", SLIDE)]
+    for pyramid in (True,) if args.no_flat else (True, False):
+        name = f"histotx-synthetic-{args.side}px-{'_'.join(map(str, radii))}mm{'' if pyramid else '-flat'}.ome.tif"
+        big = args.slide_dir / name
+        if not big.is_file():
+            print(f"writing {big} ...", file=sys.stderr)
+            t0 = time.perf_counter()
+            write_big_slide(big, args.side, radii, pyramid)
+            mib = big.stat().st_size / 2**20
+            print(f"wrote {big} ({mib:.0f} MiB) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        slides.append((f"synthetic OME-TIFF{'' if pyramid else ', flat'}", big))
     export, head, best = prepare(args.work)
     import anndata as ad
 
     rows = []
-    for name, slide in (("real CMU-1 region (SVS)", SLIDE), ("synthetic OME-TIFF", big)):
+    for name, slide in slides:
         if not slide.is_file():
             print(f"{slide}: not here; skipped", file=sys.stderr)
             continue
-        out = args.work / f"pred-{slide.name.split('.')[0]}"
+        out = args.work / (
+            "pred-" + ("real" if slide == SLIDE else "synthetic-flat" if "flat" in name else "synthetic")
+        )
         cmd = ["predict", str(slide), "--model", str(export), "--head", str(head), "--out", str(out),
                "--format", "h5ad,spatialdata", "--png", best, "--batch-size", str(args.batch_size), "--overwrite",
                "--no-progress"]  # fmt: skip

@@ -8,7 +8,10 @@ normalised), image only, in batches (bf16 on a GPU, fp32 on CPU), and the head m
 log1p(count per tile) per gene.
 
 Memory is bounded by the batch, not the slide: tiles are read row by row (one run of ≤ 16 neighbours at a
-time), a batch is embedded and dropped, and only the (tiles × genes) float32 predictions are kept.
+time), a batch is embedded and dropped, and only the (tiles × genes) float32 predictions are kept. The tissue
+mask's picture (at ``mask_mpp``) and the outputs' thumbnail (≤ :data:`THUMB_MAX_PX`) come from the coarsest
+adequate level, read in bands when it is large (:meth:`histotx.sharding.slides.Slide.thumbnail`: a slide
+without a pyramid costs no more than one with). ``benchmarks/predict_memory.py`` measures it.
 Resumable: predictions go to ``.<sample>.partial/`` in chunks of :data:`CHUNK_TILES` tiles (atomic
 ``.npy`` files, keyed by the slide, model and head); a killed run re-does only the missing chunks, and
 a finished slide is skipped unless ``overwrite``.

@@ -46,6 +46,9 @@ _PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _PLAUSIBLE_MPP = (0.02, 100.0)  # outside this a resolution tag is a default (72 dpi), not a measurement
 _OME_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 TILE_CACHE_BYTES = 256 * 1024 * 1024
+THUMB_BAND_BYTES = 64 * 1024 * 1024
+"""A thumbnail (or tissue-mask picture) is made from bands of its level holding at most about this many decoded
+bytes, so its memory follows the thumbnail, not the level it comes from (a slide without a pyramid)."""
 
 
 class _TiledLevel:
@@ -187,6 +190,12 @@ class _TiledLevel:
             return
         self._forgotten_rows = row
         stale = [key for key in self._cache if key[0] == self._key and key[1] // self._per_row < row]
+        for key in stale:
+            self._budget[0] += self._cache.pop(key).nbytes
+
+    def forget_reduced(self, k: int) -> None:
+        """Drop every cached tile of this level decoded at reduction ``k`` (a thumbnail's, read once)."""
+        stale = [key for key in self._cache if key[0] == self._key and key[2] == k]
         for key in stale:
             self._budget[0] += self._cache.pop(key).nbytes
 
@@ -586,17 +595,38 @@ class Slide:
 
     def thumbnail(self, target_mpp: float) -> tuple[np.ndarray, float]:
         """Whole slide at about ``target_mpp`` (from the coarsest adequate level, reduced by 2/4/8 while decoding,
-        then area-averaged); returns (rgb, level-0 px per px)."""
+        then area-averaged); returns (rgb, level-0 px per px). A level whose reduced picture would exceed
+        :data:`THUMB_BAND_BYTES` is read in bands of rows, each shrunk to its share of the output, so the memory
+        is the output's plus one band's (the bands' seams may differ from a whole-level resize by rounding)."""
         level = self.best_level(target_mpp)
         lv = self.levels[level]
         scale = target_mpp / self.level_mpp(level)
         k = 1
         while k < 8 and 2 * k <= scale * 1.01:
             k *= 2
-        rgb = self.read_region(level, 0, 0, max(1, lv.width // k), max(1, lv.height // k), reduce=k)
-        if scale / k > 1.01:
-            size = (max(1, round(lv.width / scale)), max(1, round(lv.height / scale)))
-            rgb = _cv2().resize(rgb, size, interpolation=_cv2().INTER_AREA)
+        w, h = max(1, lv.width // k), max(1, lv.height // k)
+        data = self._levels_data[level]
+        decoded_per_row = 3 * w * (1 if isinstance(data, _TiledLevel) and data.reducible(k) else k * k)
+        shrink = scale / k > 1.01
+        if not shrink or h * decoded_per_row <= THUMB_BAND_BYTES:  # not shrunk: the picture is this size anyway
+            rgb = self.read_region(level, 0, 0, w, h, reduce=k)
+            if shrink:
+                size = (max(1, round(lv.width / scale)), max(1, round(lv.height / scale)))
+                rgb = _cv2().resize(rgb, size, interpolation=_cv2().INTER_AREA)
+            return rgb, self.width / rgb.shape[1]
+        out_w, out_h = max(1, round(lv.width / scale)), max(1, round(lv.height / scale))
+        rows = h / out_h  # reduced rows per output row
+        step = max(1, int(THUMB_BAND_BYTES // decoded_per_row / rows))  # output rows per band
+        parts = []
+        for j0 in range(0, out_h, step):
+            j1 = min(out_h, j0 + step)
+            y0, y1 = int(j0 * rows), min(h, max(int(j0 * rows) + 1, round(j1 * rows)))
+            band = self.read_region(level, 0, y0, w, y1 - y0, reduce=k)
+            parts.append(_cv2().resize(band, (out_w, j1 - j0), interpolation=_cv2().INTER_AREA))
+            del band
+            if isinstance(data, _TiledLevel):
+                data.forget_reduced(k)
+        rgb = np.concatenate(parts)
         return rgb, self.width / rgb.shape[1]
 
     def close(self) -> None:
