@@ -128,9 +128,10 @@ def test_the_table_is_in_the_help_and_the_readme():
 
 def test_predict_a_full_disk_stops_the_run_and_a_bad_slide_does_not(tmp_path, monkeypatch, caplog):
     """`histotx predict` over several slides: a bad slide is counted and the others go on (1); a full disk
-    stops at once (2), not counted as a bad slide."""
+    stops at once (2), not counted as a bad slide; a missing head stops before any slide (2)."""
     import errno
 
+    import histotx.predict.cli as predict_cli
     import histotx.predict.slide as slide_mod
     from histotx.cli import main
     from histotx.sharding.errors import InputError
@@ -146,6 +147,10 @@ def test_predict_a_full_disk_stops_the_run_and_a_bad_slide_does_not(tmp_path, mo
         return {}
 
     monkeypatch.setattr(slide_mod, "predict_slide", fake)
+    args = ["predict", "good.svs", "--model", "m", "--head", str(tmp_path / "nohead"), "--out", str(tmp_path / "p")]
+    assert main(args) == 2 and not seen
+    assert "nohead/head.json: not an expression head folder" in caplog.text
+    monkeypatch.setattr(predict_cli, "_model_for_head", lambda _args: "the model")
     common = ["--model", "m", "--head", "h", "--out", str(tmp_path / "pred")]
     assert main(["predict", "bad.svs", "good.svs", *common]) == 1 and seen == ["bad.svs", "good.svs"]
     assert "bad.svs: truncated" in caplog.text

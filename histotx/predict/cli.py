@@ -126,12 +126,13 @@ def _run_predict(args) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats or set(formats) - set(FORMATS):
         raise ValueError(f"--format takes some of {', '.join(FORMATS)}, got {args.format!r}")
+    model = _model_for_head(args)  # before any slide: a missing or foreign model or head is bad usage (exit 2)
     failed = 0
     for slide in args.slides:
         t0 = time.time()
         try:
             written = predict_slide(
-                slide, args.model, args.head, args.out, formats=formats, png_genes=args.png, mpp=args.mpp,
+                slide, model, args.head, args.out, formats=formats, png_genes=args.png, mpp=args.mpp,
                 min_tissue_fraction=args.min_tissue_fraction, batch_size=args.batch_size, device=args.device,
                 progress=not args.no_progress, overwrite=args.overwrite,
             )  # fmt: skip
@@ -143,3 +144,15 @@ def _run_predict(args) -> int:
             continue
         log.info("%s: %.1f s → %s", slide, time.time() - t0, ", ".join(str(p) for p in written.values()))
     return 1 if failed else 0
+
+
+def _model_for_head(args):
+    """The model (loaded once for every slide), checked against the head: a head folder that is missing or
+    unreadable, a model that does not load or one the head was not fitted on stops the run before any slide."""
+    from histotx.eval.embed import resolve_device, resolve_model
+    from histotx.predict.heads import load_head
+
+    head = load_head(args.head)
+    loaded = resolve_model(args.model, resolve_device(args.device))
+    head.check_model(loaded.model, loaded.name, args.head)
+    return loaded
