@@ -128,7 +128,8 @@ def test_the_table_is_in_the_help_and_the_readme():
 
 def test_predict_a_full_disk_stops_the_run_and_a_bad_slide_does_not(tmp_path, monkeypatch, caplog):
     """`histotx predict` over several slides: a bad slide is counted and the others go on (1); a full disk
-    stops at once (2), not counted as a bad slide; a missing head stops before any slide (2)."""
+    stops at once (2), not counted as a bad slide; a missing head, or an output folder another run is writing
+    into, stops before any slide (2)."""
     import errno
 
     import histotx.predict.cli as predict_cli
@@ -157,3 +158,8 @@ def test_predict_a_full_disk_stops_the_run_and_a_bad_slide_does_not(tmp_path, mo
     seen.clear()
     assert main(["predict", "full.svs", "good.svs", *common]) == 2 and seen == ["full.svs"]
     assert "x.h5ad: no space left on the device" in caplog.text
+    assert not list((tmp_path / "pred").glob(".lock*"))  # released whatever the end
+    seen.clear()
+    _locked(tmp_path / "held")  # another predict writing into that folder
+    assert main(["predict", "good.svs", *common[:-1], str(tmp_path / "held")]) == 2 and not seen
+    assert "is already writing here (lock file" in caplog.text

@@ -31,7 +31,8 @@ Writes, per slide, into --out: SLIDE.h5ad (X = predicted log1p count per tile, v
 obsm["spatial"] = tile centres in level-0 px, uns["spatial"] = slide thumbnail + Visium scale factors:
 scanpy.pl.spatial / squidpy.pl.spatial_scatter draw it as is); with --format spatialdata, SLIDE.zarr
 (SpatialData: image pyramid, tile polygons, table); with --png GENE..., SLIDE.GENE.png heat maps.
-Resumable: a killed run re-does only the missing chunks; finished slides are skipped (--overwrite).
+Resumable: a killed run re-does only the missing chunks; finished slides are skipped (--overwrite). One run
+at a time per --out folder (a second refuses, naming the first's process; exit 2).
 
   histotx predict he.svs --model export/ --head head/ --out pred/ --png EPCAM CD3E
   histotx predict slides/*.tif --model export/ --head head/ --out pred/ --format h5ad,spatialdata
@@ -113,20 +114,30 @@ def _run_fit(args) -> int:
 
 
 def _run_predict(args) -> int:
-    import logging
-
-    from histotx.predict.slide import predict_slide
-
-    log = logging.getLogger("histotx")
-    from histotx.files import environment_problem
-    from histotx.format import FormatError
     from histotx.predict.slide import FORMATS
-    from histotx.sharding.errors import InputError
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if not formats or set(formats) - set(FORMATS):
         raise ValueError(f"--format takes some of {', '.join(FORMATS)}, got {args.format!r}")
     model = _model_for_head(args)  # before any slide: a missing or foreign model or head is bad usage (exit 2)
+    from histotx.sharding.writer import OutputLock
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(args.out):  # one run per output folder; a lock whose process is gone is taken over
+        return _predict_each(args, model, formats)
+
+
+def _predict_each(args, model, formats) -> int:
+    """Every slide in turn: a bad slide is logged and counted (exit 1), the others go on; a full disk or a
+    refused write stops the run (exit 2)."""
+    import logging
+
+    from histotx.files import environment_problem
+    from histotx.format import FormatError
+    from histotx.predict.slide import predict_slide
+    from histotx.sharding.errors import InputError
+
+    log = logging.getLogger("histotx")
     failed = 0
     for slide in args.slides:
         t0 = time.time()
