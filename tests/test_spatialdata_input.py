@@ -102,6 +102,9 @@ def test_polygons_linked_by_instance_key_become_centroids(tmp_path):
         region = slide.read_region(0, 250, 150, 100, 100)  # past the image's edge: white
         assert region.shape == (100, 100, 3) and (region[60:, :] == 255).all()
         assert region[:30, :30].mean() < 220  # stained tissue from the zarr chunks
+    for folder, problem in ((store, "no `multiscales` in its zarr attributes"), (tmp_path, "no zarr group in it")):
+        with pytest.raises(InputError, match=problem):  # a slide folder must be an OME-Zarr image
+            Slide(folder, mpp=0.5)
     (entry,) = scan(tmp_path)
     assert entry["technology"] == "spatialdata" and entry["data"] == "s.zarr" and entry["id"] == "s"
 

@@ -498,7 +498,10 @@ class Slide:
         in a length unit (SpatialData writes none: its sample's data or `mpp:` says it)."""
         import zarr
 
-        group = zarr.open_group(str(self.path), mode="r")
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise InputError(self.path, "a folder that is not an OME-Zarr image (no zarr group in it)") from exc
         attrs = group.attrs.asdict()
         scales = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
         if not scales:
