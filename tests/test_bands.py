@@ -25,6 +25,7 @@ def _boxes(n: int, side: float) -> list[tuple[float, float, float, float]]:
 @pytest.mark.parametrize("unit", [True, False])
 def test_banded_sites_match_in_memory(monkeypatch, unit):
     monkeypatch.setattr(bands, "FLUSH_SITES", 700)  # many flushes, each touching many bands
+    monkeypatch.setattr(bands, "FLUSH_ENTRIES", 1500)  # counts of 6 genes a site: flushed by entries first
     rng = np.random.default_rng(0)
     n, n_genes, side = 5000, 30, 1000.0
     xy = rng.uniform(-50, side + 50, (n, 2))  # some off the slide
@@ -169,3 +170,34 @@ def test_visium_hd_barcodes_must_name_their_bin(tmp_path):
     assert rows.tolist() == [305, 0] and cols.tolist() == [1021, 7]
     with pytest.raises(InputError, match="does not name its bin"):
         parse_bin_barcodes(np.array(["s_002um_00305_01021-1", "AAACCCAAGTTTGGG-1"]), tmp_path / "m.h5")
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_visium_hd_bin_table_finds_every_listed_bin(tmp_path, shuffled):
+    """Bins listed row by row (as Space Ranger writes them) or in any order are found by (row, col)."""
+    from histotx.sharding.visium_hd import BinTable
+
+    rows, cols = (a.ravel() for a in np.mgrid[0:30, 0:20])
+    order = np.random.default_rng(2).permutation(len(rows)) if shuffled else np.arange(len(rows))
+    rows, cols = rows[order], cols[order]
+    pq.write_table(
+        pa.table(
+            {
+                "barcode": [f"s_002um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)],
+                "in_tissue": (rows % 3 != 0).astype(np.int32),
+                "array_row": rows.astype(np.int32),
+                "array_col": cols.astype(np.int32),
+                "pxl_row_in_fullres": rows * 7.0 + 0.25,
+                "pxl_col_in_fullres": cols * 7.0 + 0.5,
+            }
+        ),
+        tmp_path / "tissue_positions.parquet",
+        row_group_size=128,
+    )
+    table = BinTable(tmp_path / "tissue_positions.parquet")
+    asked = np.array(["s_002um_00029_00019-1", "s_002um_00003_00004-1", "s_002um_00030_00000-1"])
+    at = table.lookup(asked, tmp_path / "m.h5")
+    assert at[2] == -1 and np.all(at[:2] >= 0)
+    np.testing.assert_array_equal(table.x[at[:2]], [19 * 7.0 + 0.5, 4 * 7.0 + 0.5])
+    np.testing.assert_array_equal(table.y[at[:2]], [29 * 7.0 + 0.25, 3 * 7.0 + 0.25])
+    assert table.in_tissue[at[:2]].tolist() == [True, False]

@@ -26,6 +26,7 @@ import scipy.sparse as sp
 from histotx.sharding.sites import mark_tiles
 
 FLUSH_SITES = 1 << 21  # buffered sites (all bands) before appending to the band files
+FLUSH_ENTRIES = 1 << 22  # ... or buffered (gene, count) entries, whichever comes first (HD bins hold ~10 each)
 _SITE_ARRAYS = {"x": np.float64, "y": np.float64, "seq": np.int64, "nnz": np.int32}
 _ENTRY_ARRAYS = {"gene": np.int32, "count": np.float32}
 
@@ -68,6 +69,7 @@ class BandedSites:
         self._seq = 0
         self._buffer: list[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]] = []
         self._buffered = 0
+        self._buffered_entries = 0
         self._row: _Row | None = None
         # Most sites held in memory at once: buffered before a flush, or loaded from the bands (one tile row, or
         # one band while finding the occupied tiles). Bounded by FLUSH_SITES and the densest tile row, not by
@@ -96,8 +98,9 @@ class BandedSites:
             entries = {"gene": counts.indices, "count": counts.data}
         self._buffer.append((band, sites, entries))
         self._buffered += len(band)
+        self._buffered_entries += len(entries["gene"])
         self.peak_buffered = max(self.peak_buffered, self._buffered)
-        if self._buffered >= FLUSH_SITES:
+        if self._buffered >= FLUSH_SITES or self._buffered_entries >= FLUSH_ENTRIES:
             self._flush()
 
     def _flush(self) -> None:
@@ -106,7 +109,7 @@ class BandedSites:
         band = np.concatenate([b for b, _, _ in self._buffer])
         sites = {k: np.concatenate([s[k] for _, s, _ in self._buffer]) for k in self._buffer[0][1]}
         entries = {k: np.concatenate([e[k] for _, _, e in self._buffer]) for k in self._buffer[0][2]}
-        self._buffer, self._buffered = [], 0
+        self._buffer, self._buffered, self._buffered_entries = [], 0, 0
         if not len(band):  # every buffered site was off the slide
             return
         shifted = band - band.min()
