@@ -33,6 +33,12 @@ class LossConfig:
     # vectors (a fresh or tiny backbone) it spreads them into noise: set 0 below KOLEO_MIN_BATCH per rank.
     koleo_weight: float = 0.1
     masked_expression_weight: float = 0.0  # optional reconstruction of masked transcript tokens
+    # Cross-modal prediction from the CLS: every student global crop's CLS, whatever modality the student saw
+    # (image only, transcripts only or both), predicts the gene composition of all the transcripts of that
+    # crop as the teacher sees them. Image-only views learn image → expression; fused and transcripts-only
+    # views must carry the transcripts in the CLS (a fused teacher's DINO targets need not: at CPU scale a
+    # fused CLS ignored the transcript tokens, benchmarks/ssl_results.md).
+    cls_expression_weight: float = 0.0
 
 
 @dataclass
@@ -83,6 +89,9 @@ class SSLConfig:
             raise ConfigError(f"ssl.loss.student_temp must be positive, got {self.loss.student_temp}")
         if self.schedule.teacher_temp <= 0 or self.schedule.teacher_temp_warmup <= 0:
             raise ConfigError("ssl.schedule teacher temperatures must be positive")
+        for name, value in vars(self.loss).items():
+            if name.endswith("_weight") and value < 0:
+                raise ConfigError(f"ssl.loss.{name} must be >= 0 (0 turns the term off), got {value}")
         if min(self.head.out_dim, self.head.hidden_dim, self.head.bottleneck_dim, self.head.n_layers) < 1:
             raise ConfigError("ssl.head sizes must be positive")
 

@@ -43,7 +43,8 @@ EMA_CHUNK_NUMEL = 1 << 26  # parameters updated together by one fused (foreach) 
 
 
 class SSLNetwork(nn.Module):
-    """Backbone + DINO head (+ an iBOT head of its own, + an expression head when that loss is on)."""
+    """Backbone + DINO head (+ an iBOT head of its own, + an expression head for the masked transcript tokens
+    and a CLS expression head, each when its loss is on)."""
 
     def __init__(self, backbone: FusedViT, cfg: SSLConfig) -> None:
         super().__init__()
@@ -58,6 +59,9 @@ class SSLNetwork(nn.Module):
         self.ibot_head = head() if h.separate_ibot_head else None
         self.expression_head = (
             nn.Linear(dim, backbone.config.vocab_size) if cfg.loss.masked_expression_weight > 0 else None
+        )
+        self.cls_expression_head = (
+            nn.Linear(dim, backbone.config.vocab_size) if cfg.loss.cls_expression_weight > 0 else None
         )
 
     def new_parameter_names(self) -> set[str]:
@@ -89,7 +93,7 @@ class SSLNetwork(nn.Module):
     def forward(self, batch: SSLBatch) -> dict[str, torch.Tensor]:
         """The student's outputs: logits of every crop's CLS (global crops first), of the masked image
         patches and transcript tokens of the global crops, their pre-head global CLS, and the
-        expression logits of the masked transcript tokens."""
+        expression logits of the masked transcript tokens and of the global crops' CLS."""
         glob = self.backbone(**batch.student_global_inputs())
         cls = [glob.cls]
         local_inputs = batch.student_local_inputs()
@@ -107,6 +111,9 @@ class SSLNetwork(nn.Module):
         if self.expression_head is not None:
             with fp32(tokens):
                 out["expression_logits"] = self.expression_head(tokens.float())
+        if self.cls_expression_head is not None:
+            with fp32(glob.cls):
+                out["cls_expression_logits"] = self.cls_expression_head(glob.cls.float())
         return out
 
     @torch.no_grad()
@@ -259,6 +266,32 @@ class SSLMetaArch(nn.Module):
             gene_mask[token, gene.long()] = True  # a gene with counts was measured, whatever the record says
         # token weights are log1p of normalised counts; the reconstruction target is the composition
         return self.expression_loss(logits, offsets, gene, torch.expm1(teacher.weight[entries]), gene_mask)
+
+    def cls_expression_term(self, out: dict[str, torch.Tensor], batch: SSLBatch) -> torch.Tensor:
+        """Each student global crop's CLS predicts the gene composition of all its crop's transcripts as
+        the teacher sees them (every token's normalised counts summed), whatever the student saw; crops
+        without transcripts are left out, and so are genes outside the crop's sample panel."""
+        logits = out.get("cls_expression_logits")
+        if logits is None:
+            return out["cls_logits"].new_zeros(())
+        teacher = batch.teacher_transcripts
+        if teacher.batch_size != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} global crops' CLS, {teacher.batch_size} teacher crops")
+        lengths = teacher.lengths.to(teacher.offsets.device)
+        token_starts = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        offsets = teacher.offsets[token_starts]  # [crops + 1]: the CSR rows of whole crops
+        gene = teacher.gene[: teacher.offsets[-1]]
+        gene_mask = None
+        if batch.gene_panel is not None:
+            panel = batch.gene_panel.to(logits.device)
+            crop = torch.arange(teacher.batch_size, device=logits.device) % batch.batch_size
+            if panel.shape[1] > logits.shape[1]:
+                raise ValueError(f"the shard vocabulary has {panel.shape[1]} genes, the model {logits.shape[1]}")
+            gene_mask = F.pad(panel[crop], (0, logits.shape[1] - panel.shape[1]))
+            row = torch.repeat_interleave(torch.arange(teacher.batch_size, device=logits.device), offsets.diff())
+            gene_mask[row, gene.long()] = True  # a gene with counts was measured, whatever the record says
+        weight = torch.expm1(teacher.weight[: teacher.offsets[-1]])
+        return self.expression_loss(logits, offsets, gene, weight, gene_mask)
 
     @torch.no_grad()
     def commit(self, targets: TeacherTargets) -> None:

@@ -63,6 +63,10 @@ def _expression(meta: SSLMetaArch, s: StepOutputs) -> torch.Tensor:
     return meta.expression_term(s.out, s.batch)
 
 
+def _cls_expression(meta: SSLMetaArch, s: StepOutputs) -> torch.Tensor:
+    return meta.cls_expression_term(s.out, s.batch)
+
+
 @dataclass(frozen=True)
 class LossTerm:
     name: str  # key in the losses dict and the monitor
@@ -77,5 +81,6 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
     LossTerm("ibot_transcript", "ibot_transcript_weight", "ibot_head", _ibot_transcript),
     LossTerm("koleo", "koleo_weight", None, _koleo),
     LossTerm("expression", "masked_expression_weight", "expression_head", _expression),
+    LossTerm("cls_expression", "cls_expression_weight", "cls_expression_head", _cls_expression),
 )
 TERM_NAMES: tuple[str, ...] = tuple(t.name for t in LOSS_TERMS)

@@ -61,4 +61,6 @@ def step_flops(cfg: FusedViTConfig, ssl: SSLConfig, batch: SSLBatch, lengths: di
         ) + head_flops(cfg.embed_dim, ssl, n_local)
     if ssl.loss.masked_expression_weight > 0:
         student += 2.0 * int(batch.transcript_mask.sum()) * cfg.embed_dim * cfg.vocab_size
+    if ssl.loss.cls_expression_weight > 0:
+        student += 2.0 * n_global * cfg.embed_dim * cfg.vocab_size
     return teacher + 3 * student
