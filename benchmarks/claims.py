@@ -38,7 +38,11 @@ attempt D of benchmarks/ssl_results.md, chosen on the validation split after the
 been seen: 100 steps at 5e-4 left the FM unchanged, so that table is kept beside this one) + FUSION_RECIPE
 (KoLeo off: 32 tiles per rank; teacher momentum sized so the teacher keeps 1 % of its initial weights;
 teacher temperature held at 0.04, which kept the DINO control gap at +0.04-0.07 where warming it to 0.07
-let it decay to +0.02) + a 20-step head warm-up.
+let it decay to +0.02) + a 20-step head warm-up. Re-examined on the validation split against transcript-side changes
+(more transcripts-only student views, masked-expression weight 1, the CLS expression term): none beat D by the rule
+stated beforehand, so D was fixed (ssl_results.md, "Claim (b)") and run once on the test patients with fresh seeds:
+
+    python benchmarks/claims.py --split test --seeds 3 4 5     # the clean test run of the fixed recipe
 
     python benchmarks/claims.py                      # → out/claims/, prints the table
     python benchmarks/claims.py --seeds 0 --steps-fusion 20   # a smoke run
