@@ -8,7 +8,8 @@ Writes inputs in the real formats, at a fixed density so that only the size chan
   zstd; ``experiment.xenium`` (pixel size 0.2125 µm), an H&E at 0.5 µm/px (pyramidal JPEG TIFF) and its
   ``he_imagealignment.csv``. A 300–500 M-transcript section is 75–125 mm². To keep a 500 M-row file within a
   shared disk, the columns no reader decodes are cheap to store: transcript_id delta-encoded, z_location and
-  nucleus_distance on a 0.01 µm grid (dictionary pages); x, y and qv are full float32 (about 16 B a row).
+  nucleus_distance on a 0.01 µm grid (dictionary pages); x, y and qv are full float32 (the file: about 20 B a
+  row, 10 GB at 500 M).
 - Visium HD 2 µm: ``binned_outputs/square_002um`` with ``tissue_positions.parquet`` listing every bin of a
   square capture area (3,350 × 3,350 bins = 11.2 M rows for the full 6.5 mm area), 60 % of them in tissue,
   10 non-zero genes per bin on average (18,085 genes), ``filtered_feature_bc_matrix.h5`` (10x CSC layout),
@@ -22,10 +23,20 @@ temporary folder removed afterwards; printed: wall and CPU time, the child's pea
 bins per wall second), the most sites the banded reader held at once, the size of its scratch bands on disk
 (in ``$TMPDIR``, removed when the sample is done) and of the shards written.
 
-    python benchmarks/shard_memory.py --small                        # a quick check (about a minute)
+    python benchmarks/shard_memory.py --small                        # a quick check (under a minute)
     python benchmarks/shard_memory.py --xenium 4e6,16e6,64e6 --hd 0.25,0.5,1.0   # the slope
-    python benchmarks/shard_memory.py --xenium 500e6 --hd 1.0 --drop-inputs       # full size (see README, Memory)
+    python benchmarks/shard_memory.py --xenium 50e6,500e6 --hd 1.0                # full size (README, Memory)
     PYTHONPATH=/path/to/other/checkout python benchmarks/shard_memory.py ...     # the same inputs, other code
+
+On the 2-core dev machine (shared, load 3–8), one worker, tiling=grid_sites, code at 98afd4b:
+
+    input               size  peak RSS GB  shard s  CPU s  units/s    held at once  bands GB  shards GB
+    xenium        50,000,000         0.54     47.6   40.2  1,049,708     2,621,349      1.17       0.33
+    xenium       500,000,000         0.93    707.1  561.6    707,096     4,774,066     11.66       3.20
+    visium_hd     11,222,500         1.01     39.1   36.8    287,180       524,288      0.73       0.27
+
+The code before (PYTHONPATH at 480b8bf, same inputs): Xenium 50 M 5.16 GB (grid_sites loaded every band at
+once), Visium HD 2.44 GB.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ HD_FULL_SIDE = 3350  # 2 µm bins along each side of the 6.5 mm capture area
 HD_GENES = 18085
 HD_NNZ_PER_BIN = 10
 HD_IN_TISSUE = 0.6
+REPO = Path(__file__).resolve().parents[1]
 
 SHARD = """
 import json, sys
@@ -272,10 +284,18 @@ def measure(cohort: Path, out: Path, tiling: str) -> tuple[float, float, float, 
     """(wall s, CPU s, peak RSS GB, the child's figures) of sharding `cohort` in a fresh process. CPU time
     (user + system) is the figure to compare on a shared machine, where wall time depends on the neighbours."""
     t0 = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the child imports HistoTx from PYTHONPATH when set (other code, same inputs), else from this checkout; it runs
+    # in the output's folder, since `python -c` puts its working directory first on sys.path
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH") or str(REPO)}
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:  # files: no pipe to drain
-        proc = subprocess.Popen([sys.executable, "-c", SHARD, str(cohort), str(out), tiling], stdout=stdout,
-                                stderr=stderr, env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SHARD, str(cohort.resolve()), str(out.resolve()), tiling],
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            cwd=out.parent,
+        )
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (RUSAGE_CHILDREN would keep the max of all)
         wall = time.perf_counter() - t0
         stdout.seek(0), stderr.seek(0)
