@@ -157,3 +157,44 @@ def test_streamed_sharding_bounds_the_sites_in_memory(bundle, tmp_path, monkeypa
     total = sum(sites.band_sites.values())
     assert 0 < sites.peak_loaded <= densest_row < total / 5
     assert rec["sites_kept"] == total  # every on-slide site went to a tile
+
+
+def test_qc_overview_reads_the_input_band_by_band(bundle, tmp_path, monkeypatch):
+    """`histotx shard qc` of a banded sample draws the sites no tile holds without loading the sample whole, and
+    counts the same sites as the manifest."""
+    from histotx.sharding import qc
+
+    monkeypatch.setattr(xenium, "BAND_UM", 9.0)
+    rec = _shard(bundle, tmp_path / "shards", "grid")
+    drawn = {}
+    draw = qc._Overlay.draw
+
+    def counted(self, img, rgb):
+        drawn[rgb] = self.n
+        draw(self, img, rgb)
+
+    def whole(_self):
+        raise AssertionError("every band loaded at once")
+
+    monkeypatch.setattr(qc._Overlay, "draw", counted)
+    monkeypatch.setattr(bands.BandedSites, "_all", whole)
+    (path,) = qc.write_overviews(tmp_path / "shards", tmp_path / "qc")
+    assert path.exists()
+    assert drawn == {qc.KEPT_RGB: rec["sites_kept"], qc.DROPPED_RGB: rec["dropped"]["not_under_a_tile"]}
+
+
+def test_qc_tile_cover_is_any_box():
+    from histotx.sharding.qc import _Boxes
+
+    rng = np.random.default_rng(4)
+    grid = [
+        (c * 10.0, r * 10.0, c * 10.0 + 10, r * 10.0 + 10) for r in range(8) for c in range(8) if rng.random() < 0.6
+    ]
+    spots = [(x, y, x + 12.5, y + 12.5) for x, y in rng.uniform(0, 70, (40, 2))]  # overlapping, any origin
+    x, y = rng.uniform(-5, 90, 20_000), rng.uniform(-5, 90, 20_000)
+    x[:50], y[50:60] = np.nan, np.nan
+    for boxes in (grid, spots, grid + spots, []):
+        want = np.zeros(len(x), bool)
+        for x0, y0, x1, y1 in boxes:
+            want |= (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+        np.testing.assert_array_equal(_Boxes(boxes).cover(x, y), want)

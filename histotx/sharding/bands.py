@@ -19,6 +19,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -173,13 +174,18 @@ class BandedSites:
         dtype = _SITE_ARRAYS[name]
         return np.fromfile(path, dtype=dtype) if path.exists() else np.zeros(0, dtype)
 
+    def positions(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every on-slide site's (x, y) level-0 px, one band at a time (band order; input order within a band)."""
+        for b in sorted(self.band_sites):
+            x, y = self._array(b, "x"), self._array(b, "y")
+            self.peak_loaded = max(self.peak_loaded, len(x))
+            yield x, y
+
     def occupied_tiles(self, size0: float, n_cols: int, n_rows: int) -> np.ndarray:
         """(n_rows × n_cols,) bool, row-major: which tiles of a grid of ``size0`` px squares hold a site
         centre. Reads one band's positions at a time, never the sample."""
         occupied = np.zeros(n_rows * n_cols, dtype=bool)
-        for b in sorted(self.band_sites):
-            x, y = self._array(b, "x"), self._array(b, "y")
-            self.peak_loaded = max(self.peak_loaded, len(x))
+        for x, y in self.positions():
             mark_tiles(occupied, x, y, size0, n_cols, n_rows)
         return occupied
 

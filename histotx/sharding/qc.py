@@ -14,12 +14,20 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from histotx.format import FormatError, decode_grid, decode_image_rgb, decode_sample, output_path, read_manifest
+from histotx.format import (
+    FormatError,
+    TranscriptGrid,
+    decode_grid,
+    decode_image_rgb,
+    decode_sample,
+    output_path,
+    read_manifest,
+)
 from histotx.shard_reader import shard_path
 from histotx.sharding.technologies import IMAGE_ONLY
 from histotx.sharding.verify import iter_shard
@@ -97,10 +105,8 @@ def write_qc(shard_dir: Path, out_dir: Path, per_sample: int = 8, columns: int =
     return written
 
 
-def _tiles_and_sites(shard_dir: Path, manifest: dict, sid: str) -> tuple[list, np.ndarray, float, str, float]:
-    """(tile boxes in level-0 px, kept site centres in level-0 px, footprint µm, footprint shape, its angle) from
-    the shards themselves (metadata and grids; images are not decoded)."""
-    boxes, xy, footprint, shape, angle = [], [], 0.0, "point", 0.0
+def _tile_boxes(shard_dir: Path, manifest: dict, sid: str) -> Iterator[tuple[tuple[float, ...], dict]]:
+    """(tile box in level-0 px, its shard members) of every tile of the sample, read shard by shard."""
     for entry in manifest["shards"]:
         if entry.get("sample_id") != sid:
             continue
@@ -108,12 +114,77 @@ def _tiles_and_sites(shard_dir: Path, manifest: dict, sid: str) -> tuple[list, n
             meta = json.loads(members["json"])
             scale0 = meta["mpp"] / meta["source_mpp"]  # level-0 px per tile px
             ox, oy = meta["origin_level0_px"]
-            boxes.append((ox, oy, ox + meta["tile_px"] * scale0, oy + meta["tile_px"] * scale0))
-            grid = decode_grid(members["tx"])
-            if grid.n_sites:
-                xy.append(grid.xy.astype(np.float64) * scale0 + (ox, oy))
-                footprint, shape, angle = grid.footprint_um, grid.footprint_shape, grid.footprint_angle_deg
-    return boxes, np.concatenate(xy) if xy else np.zeros((0, 2)), footprint, shape, angle
+            yield (ox, oy, ox + meta["tile_px"] * scale0, oy + meta["tile_px"] * scale0), members
+
+
+def _kept_sites(members: dict, box: tuple[float, ...]) -> tuple[np.ndarray, TranscriptGrid]:
+    """A tile's sites in level-0 px (images are not decoded) and its grid."""
+    meta = json.loads(members["json"])
+    grid = decode_grid(members["tx"])
+    scale0 = meta["mpp"] / meta["source_mpp"]
+    return grid.xy.astype(np.float64) * scale0 + (box[0], box[1]), grid
+
+
+class _Boxes:
+    """Which points lie in a kept tile ([x0, x1) × [y0, y1) of any box): boxes grouped by their rows, so a chunk
+    of points is tested against the rows it meets, not against every tile."""
+
+    def __init__(self, boxes: list[tuple[float, ...]]) -> None:
+        rows: dict[tuple[float, float], list[tuple[float, float]]] = {}
+        for x0, y0, x1, y1 in boxes:
+            rows.setdefault((y0, y1), []).append((x0, x1))
+        self.rows = []
+        for (y0, y1), spans in sorted(rows.items()):
+            spans.sort()
+            x0s = np.array([a for a, _ in spans])
+            reach = np.maximum.accumulate(np.array([b for _, b in spans]))  # overlapping spot tiles: union so far
+            self.rows.append((y0, y1, x0s, reach))
+
+    def cover(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        covered = np.zeros(len(x), dtype=bool)
+        if not len(x):
+            return covered
+        finite = y[np.isfinite(y)]
+        lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, -1.0)
+        for y0, y1, x0s, reach in self.rows:
+            if y1 <= lo or y0 > hi:
+                continue
+            row = np.flatnonzero((y >= y0) & (y < y1) & ~covered)
+            at = np.searchsorted(x0s, x[row], side="right") - 1  # the last box starting at or left of x
+            ok = at >= 0
+            covered[row[ok]] = x[row[ok]] < reach[at[ok]]
+        return covered
+
+
+class _Overlay:
+    """Sites at overview scale, added chunk by chunk: outlines of their true size (spots, bins of 2 px or more:
+    few, kept as points), or a density image (molecules, fine bins: counts only, however many)."""
+
+    def __init__(self, size: tuple[int, int], per_px: float, footprint_px: float, shape: str, angle_deg: float):
+        self.size, self.per_px, self.footprint_px, self.shape, self.angle = size, per_px, footprint_px, shape, angle_deg
+        self.outlines = footprint_px >= 2 and shape in ("disk", "square")
+        self.points: list[np.ndarray] = []
+        self.density = np.zeros(size[0] * size[1], dtype=np.int64)
+        self.n = 0
+
+    def add(self, xy: np.ndarray) -> None:
+        self.n += len(xy)
+        if self.outlines:
+            self.points.append(xy)
+            return
+        pts = xy / self.per_px
+        w, h = self.size
+        inside = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
+        ix, iy = pts[inside].astype(np.int64).T
+        self.density += np.bincount(iy * w + ix, minlength=w * h)
+
+    def draw(self, img: Image.Image, rgb: tuple[int, int, int]) -> None:
+        if self.outlines:
+            xy = np.concatenate(self.points) if self.points else np.zeros((0, 2))
+            _draw_sites(img, xy, self.per_px, self.footprint_px, self.shape, rgb, self.angle)
+            return
+        w, h = self.size
+        _paint_density(img, self.density.reshape(h, w).astype(np.float64), rgb)
 
 
 def _input_sites(manifest: dict, sid: str):
@@ -157,7 +228,11 @@ def _draw_sites(
     w, h = img.size
     inside = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
     ix, iy = pts[inside].astype(np.int64).T
-    density = np.bincount(iy * w + ix, minlength=w * h).reshape(h, w).astype(np.float64)
+    _paint_density(img, np.bincount(iy * w + ix, minlength=w * h).reshape(h, w).astype(np.float64), rgb)
+
+
+def _paint_density(img: Image.Image, density: np.ndarray, rgb: tuple[int, int, int]) -> None:
+    """Blend ``rgb`` over the image where sites are, stronger where they are dense."""
     if not density.any():
         return
     alpha = np.clip(density / max(np.percentile(density[density > 0], 95), 1.0), 0, 1) * 0.85
@@ -186,29 +261,43 @@ def write_overview(shard_dir: Path, manifest: dict, sid: str, out_dir: Path, max
 
     rec = manifest["samples"][sid]
     _check_slide_path(shard_dir, sid, rec.get("slide"))
-    boxes, kept, footprint_um, shape, angle = _tiles_and_sites(shard_dir, manifest, sid)
     with Slide(rec["slide"], mpp=rec["slide_mpp"]) as slide:
         target = max(slide.mpp * max(slide.width, slide.height) / max_px, slide.mpp)
         thumb, per_px = slide.thumbnail(target)  # per_px: level-0 px per overview px
-        dropped = np.zeros((0, 2))
-        sites = _input_sites(manifest, sid) if rec.get("technology") != IMAGE_ONLY else None
-        if sites is not None:
-            xy = np.asarray(sites.xy_px, dtype=np.float64)
-            on = (xy[:, 0] >= 0) & (xy[:, 0] < slide.width) & (xy[:, 1] >= 0) & (xy[:, 1] < slide.height)
-            covered = np.zeros(len(xy), dtype=bool)
-            for x0, y0, x1, y1 in boxes:
-                covered |= (xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)
-            dropped = xy[on & ~covered]
-            footprint_um, shape, angle = sites.footprint_um, sites.footprint_shape, sites.footprint_angle_deg
-        footprint_px = footprint_um / (slide.mpp * per_px)
+        width, height, slide_mpp = slide.width, slide.height, slide.mpp
     img = Image.fromarray(thumb).convert("RGB")
+    # Shards and input are read tile by tile and band by band (a 500 M-molecule section never whole in memory).
+    sites = _input_sites(manifest, sid) if rec.get("technology") != IMAGE_ONLY else None
+    footprint = (sites.footprint_um, sites.footprint_shape, sites.footprint_angle_deg) if sites is not None else None
+    boxes: list[tuple[float, ...]] = []
+    kept = None
+    for box, members in _tile_boxes(shard_dir, manifest, sid):
+        boxes.append(box)
+        xy, grid = _kept_sites(members, box)
+        if not grid.n_sites:
+            continue
+        if footprint is None:  # input not readable: the shards say what the sites are
+            footprint = (grid.footprint_um, grid.footprint_shape, grid.footprint_angle_deg)
+        if kept is None:
+            fp_um, shape, angle = footprint
+            kept = _Overlay(img.size, per_px, fp_um / (slide_mpp * per_px), shape, angle)
+        kept.add(xy)
+    fp_um, shape, angle = footprint or (0.0, "point", 0.0)
+    kept = kept or _Overlay(img.size, per_px, fp_um / (slide_mpp * per_px), shape, angle)
+    dropped = _Overlay(img.size, per_px, fp_um / (slide_mpp * per_px), shape, angle)
+    if sites is not None:
+        in_tiles = _Boxes(boxes)
+        for x, y in sites.positions():
+            on = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+            out = on & ~in_tiles.cover(x, y)
+            dropped.add(np.stack([x[out], y[out]], axis=1).astype(np.float64))
     draw = ImageDraw.Draw(img)
     for x0, y0, x1, y1 in boxes:
         draw.rectangle((x0 / per_px, y0 / per_px, x1 / per_px - 1, y1 / per_px - 1), outline=TILE_RGB)
-    _draw_sites(img, kept, per_px, footprint_px, shape, KEPT_RGB, angle)
-    _draw_sites(img, dropped, per_px, footprint_px, shape, DROPPED_RGB, angle)
+    kept.draw(img, KEPT_RGB)
+    dropped.draw(img, DROPPED_RGB)
     legend = (
-        f"{sid}: {len(boxes)} tiles (green), {len(kept)} sites in shards (cyan), {len(dropped)} sites "
+        f"{sid}: {len(boxes)} tiles (green), {kept.n} sites in shards (cyan), {dropped.n} sites "
         f"under no tile (red)"
         + (
             ""

@@ -8,6 +8,7 @@ disk, band by band (Xenium molecules, Visium HD bins), whose size is unbounded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -59,6 +60,10 @@ class Sites:
 
     def count_outside(self, width: int, height: int) -> int:
         return int((~self.on_slide(width, height)).sum())
+
+    def positions(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every site's (x, y) level-0 px (as :meth:`BandedSites.positions`, in one piece: they are in memory)."""
+        yield self.xy_px[:, 0], self.xy_px[:, 1]
 
     def occupied_tiles(self, size0: float, n_cols: int, n_rows: int) -> np.ndarray:
         """(n_rows × n_cols,) bool, row-major: which tiles of a grid of ``size0`` px squares hold a site centre."""
