@@ -44,6 +44,10 @@ stated beforehand, so D was fixed (ssl_results.md, "Claim (b)") and run once on 
 
     python benchmarks/claims.py --split test --seeds 3 4 5     # the clean test run of the fixed recipe
 
+Its result (3 seeds, looked at once): (a) HistoTx image − control image −0.004 ± 0.012, "not worse" SHOWN, not
+better; (b) fused − transcripts −0.002 ± 0.016 and fused − control image +0.011 ± 0.019: NOT SHOWN. Whether the fused
+CLS reads the one transcript token of a spot tile varies by seed (benchmarks/fusion_use.py; ssl_results.md).
+
     python benchmarks/claims.py                      # → out/claims/, prints the table
     python benchmarks/claims.py --seeds 0 --steps-fusion 20   # a smoke run
 """
