@@ -124,15 +124,19 @@ def exit_status(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def run_command(func, args: argparse.Namespace) -> int:
+def run_command(func, args: argparse.Namespace, on_known_error=None) -> int:
     """``func(args)``'s exit status; an exception with a meaning (:func:`exit_status`) is one clear logged line
-    and its status, anything else propagates with its traceback (Python's status 1)."""
+    and its status, anything else propagates with its traceback (Python's status 1). ``on_known_error(exc)`` is
+    called (inside the ``except``) before a meaningful exception becomes its status: the training ranks use it to
+    keep the root cause in torchrun's error file, which only an escaping exception would otherwise fill."""
     try:
         return int(func(args) or 0)
     except Exception as exc:
         known = exit_status(exc)
         if known is None:
             raise
+        if on_known_error is not None:
+            on_known_error(exc)
         logging.getLogger("histotx").error("%s", known[1])
         return known[0]
 

@@ -319,3 +319,19 @@ def test_console_on_a_terminal_draws_a_progress_line_with_the_monitors(monkeypat
     assert "3/10" in line and "loss=5.000" in line and "protos=1/128" in line and "ent=2.00/4.85" in line
     assert "one prototype for 3 logging windows" in caplog.text
     console.close()
+
+
+def test_a_rank_ended_by_a_known_error_leaves_it_in_torchruns_error_file(tmp_path, monkeypatch, caplog):
+    """The per-rank entry returns 2 for a meaningful error, yet torchrun's error file (which slurm/pretrain.sbatch
+    reads to name the root cause among the ranks) still holds it, as it would an escaping exception."""
+    import json
+
+    from histotx.launch.train import main as rank_main
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    with caplog.at_level(logging.INFO):
+        rc = rank_main([str(TINY), f"data.stream.shards={tmp_path / 'nope'}", f"out={tmp_path / 'run'}"])
+    assert rc == 2
+    message = json.loads(error_file.read_text())["message"]["message"]
+    assert message == f"ConfigError: data.stream.shards={tmp_path / 'nope'}: no such folder", message

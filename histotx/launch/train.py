@@ -13,7 +13,7 @@ import functools
 import logging
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from histotx.launch.env import set_distributed_env
 
@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_arguments(parser)
     args = parse_with_overrides(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return run_command(functools.partial(cli.run, checkpoint_hooks=checkpoint_hooks), args)
+    # A full disk or a bad config ends this rank with its status (2) rather than a traceback, but slurm/pretrain.sbatch
+    # names the root cause from the ranks' error files: record it there as an escaping exception would be.
+    run = functools.partial(cli.run, checkpoint_hooks=checkpoint_hooks)
+    return run_command(run, args, on_known_error=get_error_handler().record_exception)
 
 
 if __name__ == "__main__":
