@@ -48,6 +48,12 @@ Its result (3 seeds, looked at once): (a) HistoTx image − control image −0.0
 better; (b) fused − transcripts −0.002 ± 0.016 and fused − control image +0.011 ± 0.019: NOT SHOWN. Whether the fused
 CLS reads the one transcript token of a spot tile varies by seed (benchmarks/fusion_use.py; ssl_results.md).
 
+A longer stage 2 (L600: D with ``--steps-fusion 600``; both stage-2 runs get the steps, so the control stays equal
+length) was pre-registered, adopted on val by the same rule and run once on fresh seeds 6-8 on the test patients:
+fused − transcripts +0.002 ± 0.015, fused − control image +0.016 ± 0.021: NOT SHOWN either (ssl_results.md).
+
+    python benchmarks/claims.py --split test --seeds 6 7 8 --steps-fusion 600 --tag _L600
+
     python benchmarks/claims.py                      # → out/claims/, prints the table
     python benchmarks/claims.py --seeds 0 --steps-fusion 20   # a smoke run
 """
