@@ -118,13 +118,18 @@ def local_slurm(root: Path, port: int = 16817):
             raise RuntimeError(f"SLURM did not come up: {(root / 'slurmctld.log').read_text()[-2000:]}")
         yield env
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(procs)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every daemon, then wait up to 20 s each before killing it."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 @contextmanager
@@ -165,13 +170,7 @@ def two_node_slurm(root: Path, nodes, port: int = 16857):
             pytest.fail(f"the two-node SLURM did not come up (sinfo: {state.stdout.split()}):\n{logs}")
         yield env
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(procs)
 
 
 def wait_for_job(job: str, env: dict, timeout: float = 300) -> None:

@@ -10,43 +10,27 @@ ENOSPC naming the shard file), for machines where a small tmpfs cannot be mounte
 (tests/test_cli_exit_codes.py).
 """
 
+import errno
 import os
+import signal
 
-_AFTER = int(os.environ.get("HISTOTX_FAULT_AFTER_TILES", "0") or 0)
+_KILL_AFTER = int(os.environ.get("HISTOTX_FAULT_AFTER_TILES", "0") or 0)
+_ENOSPC_AT = int(os.environ.get("HISTOTX_FAULT_ENOSPC_AFTER_TILES", "0") or 0)
 
-if _AFTER > 0:
-    import signal
-
+if _KILL_AFTER > 0 or _ENOSPC_AT > 0:
     from histotx.sharding import writer
 
     _write_members = writer.ShardSink._write_members
-    _written = 0
+    _tiles = 0
 
-    def _write_members_then_maybe_die(self, members):
-        global _written
+    def _write_members_with_faults(self, members):
+        global _tiles
+        _tiles += 1
+        if 0 < _ENOSPC_AT <= _tiles:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._tmp))
         _write_members(self, members)
-        _written += 1
-        if _written == _AFTER:
+        if _tiles == _KILL_AFTER:
             self._fh.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    writer.ShardSink._write_members = _write_members_then_maybe_die
-
-_ENOSPC_AFTER = int(os.environ.get("HISTOTX_FAULT_ENOSPC_AFTER_TILES", "0") or 0)
-
-if _ENOSPC_AFTER > 0:
-    import errno
-
-    from histotx.sharding import writer
-
-    _write = writer.ShardSink._write_members
-    _tiles = 0
-
-    def _write_members_until_the_disk_is_full(self, members):
-        global _tiles
-        _tiles += 1
-        if _tiles >= _ENOSPC_AFTER:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._tmp))
-        _write(self, members)
-
-    writer.ShardSink._write_members = _write_members_until_the_disk_is_full
+    writer.ShardSink._write_members = _write_members_with_faults
